@@ -1,0 +1,27 @@
+"""kt_jupyter: run notebook cells on warm remote pod kernels.
+
+``%load_ext kt_jupyter`` registers the ``%%kt`` and ``%kt`` magics. The
+Python API mirrors kubetorch: ``import kt_jupyter as kt; kt.Compute(...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .compute import Compute  # noqa: E402
+from .errors import KtError, RemoteError  # noqa: E402
+
+__all__ = ["Compute", "KtError", "RemoteError", "load_ipython_extension", "__version__"]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register the kt magics (``%load_ext kt_jupyter``)."""
+    from .magics.kt import KtMagics
+
+    ipython.register_magics(KtMagics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Nothing to undo beyond IPython's own bookkeeping."""

@@ -1,0 +1,111 @@
+"""Where pod kernels live: one module per backend, one interface.
+
+A backend launches a pod kernel for a :class:`~kt_jupyter.compute.Compute`,
+finds it again by name (from any process), reports its state and logs, and
+deletes it. It never knows what a cell is: callers get a
+:class:`KernelHandle` and open a :class:`~kt_jupyter.client.Session` on it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    from ..client import Session
+    from ..compute import Compute
+
+BACKENDS = ("local", "kubernetes")
+
+
+def kt_home() -> Path:
+    """The directory of kt state (``KT_HOME`` or ``~/.kt``)."""
+    return Path(os.environ.get("KT_HOME") or Path.home() / ".kt")
+
+
+@dataclass
+class KernelHandle:
+    """How to reach one running pod kernel, and how to tell whether it still lives."""
+
+    name: str
+    backend: str
+    url: str
+    token: str = field(repr=False)
+    pid: int | None = None
+    started: float = 0.0
+    where: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)
+    liveness: Callable[[], str | None] | None = field(default=None, repr=False, compare=False)
+    close_hook: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def session(self, **kw: Any) -> "Session":
+        """A new client session to this kernel (not yet connected)."""
+        from ..client import Session
+
+        return Session(self.url, self.token, name=self.name, liveness=self.liveness, **kw)
+
+
+@dataclass
+class KernelInfo:
+    """What ``list``/``status`` report about a compute."""
+
+    name: str
+    backend: str
+    phase: str  # launching | ready | running | stopped | failed
+    where: str = ""
+    pid: int | None = None
+    started: float = 0.0
+    spec: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""
+
+
+class Backend(Protocol):
+    """The interface every backend implements."""
+
+    name: str
+
+    def launch(self, compute: "Compute", *, keep: bool = False,
+               on_event: Callable[[str], None] | None = None) -> KernelHandle:
+        """Start a pod kernel for ``compute`` (or return the running one of that name)."""
+
+    def find(self, name: str) -> KernelHandle | None:
+        """The running kernel of that name, or None."""
+
+    def list(self) -> list[KernelInfo]:
+        """Every compute this backend knows of."""
+
+    def status(self, name: str) -> KernelInfo:
+        """One compute's state."""
+
+    def logs(self, name: str, tail: int | None = 100) -> str:
+        """The last ``tail`` lines of the kernel's log (all with None)."""
+
+    def delete(self, name: str, grace_period_s: float = 5.0) -> bool:
+        """Stop the kernel and remove everything of it; False if there was none."""
+
+
+_instances: dict[str, Any] = {}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object for ``name`` (``local`` or ``kubernetes``)."""
+    from ..errors import BackendUnavailable, ComputeSpecError
+
+    if name not in BACKENDS:
+        raise ComputeSpecError(f"unknown backend {name!r}; use one of: {', '.join(BACKENDS)}")
+    if name not in _instances:
+        if name == "local":
+            from .local import LocalBackend
+
+            _instances[name] = LocalBackend()
+        else:
+            try:
+                from .kubernetes import KubernetesBackend
+            except ImportError:
+                raise BackendUnavailable(
+                    "the kubernetes backend is not part of this build yet; use --backend local"
+                ) from None
+            _instances[name] = KubernetesBackend()
+    return _instances[name]

@@ -1,0 +1,349 @@
+"""Local backend: pod kernels as subprocesses of this interpreter (the default; no cluster).
+
+Registry: ``$KT_HOME/local/<name>/`` (``~/.kt`` by default, mode 0700) holds
+``token`` (0600), ``kernel.json`` (pid, port, spec) and ``kernel.log`` (the
+kernel's stdout/stderr: server events and cell output). Any process of the
+same user finds a kernel there by name, which is how a restarted notebook
+reattaches to its warm kernel.
+
+A kernel runs in its own process group, so delete stops everything it
+started. It exits by itself when the notebook kernel that launched it exits
+(unless launched with ``keep=True``) and after ``inactivity_ttl``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import psutil
+
+from ..errors import ComputeSpecError, LaunchError, NotFoundError
+from . import KernelHandle, KernelInfo, kt_home
+
+if TYPE_CHECKING:
+    from ..compute import Compute
+
+#: Lines of the kernel log quoted in errors.
+LOG_LINES_IN_ERRORS = 15
+_POD_KERNEL_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def tail_lines(path: Path, n: int | None) -> str:
+    """The last ``n`` lines of a text file (all of it when n is None), '' if missing."""
+    try:
+        with open(path, "rb") as f:
+            if n is None:
+                return f.read().decode(errors="replace")
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            block = min(size, max(8192, n * 200))
+            while True:
+                f.seek(size - block)
+                data = f.read(block)
+                if data.count(b"\n") > n or block == size:
+                    break
+                block = min(size, block * 4)
+    except FileNotFoundError:
+        return ""
+    lines = data.decode(errors="replace").splitlines()
+    return "\n".join(lines[-n:]) if n else ""
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'exited with code 3' / 'was killed by SIGKILL' / 'exited (status unknown)'."""
+    if returncode is None:
+        return "exited (its exit status is unknown: another process started it)"
+    if returncode < 0:
+        try:
+            sig = signal.Signals(-returncode).name
+        except ValueError:
+            sig = f"signal {-returncode}"
+        hint = " (the kernel OOM killer uses SIGKILL: was memory exhausted?)" if sig == "SIGKILL" else ""
+        return f"was killed by {sig}{hint}"
+    return f"exited with code {returncode}"
+
+
+def machine_gpu_count() -> int:
+    """GPUs on this machine, per NVML (0 without a driver)."""
+    from pod_kernel.metrics import gpu_count
+
+    return gpu_count()
+
+
+class LocalBackend:
+    """Pod kernels as local subprocesses."""
+
+    name = "local"
+
+    def __init__(self, root: Path | None = None) -> None:
+        self._root = root
+        self._children: dict[int, subprocess.Popen] = {}
+
+    @property
+    def root(self) -> Path:
+        """Registry directory (``$KT_HOME/local``)."""
+        root = self._root or kt_home() / "local"
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return root
+
+    def _dir(self, name: str) -> Path:
+        return self.root / name
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        lock_path = self.root / f".{name}.lock"
+        with open(lock_path, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ launch / find
+
+    def launch(self, compute: "Compute", *, keep: bool = False,
+               on_event: Callable[[str], None] | None = None) -> KernelHandle:
+        """Start a pod kernel for ``compute``, or return the live one of the same name."""
+        name = compute.name
+        with self._locked(name):
+            handle = self.find(name)
+            if handle is not None:
+                return handle
+            return self._start(compute, keep, on_event or (lambda _msg: None))
+
+    def _start(self, compute: "Compute", keep: bool, on_event: Callable[[str], None]) -> KernelHandle:
+        name = compute.name
+        gpus = int(getattr(compute, "gpu_count", 0) or 0)
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in (getattr(compute, "env_vars", None) or {}).items()})
+        if gpus:
+            have = machine_gpu_count()
+            if gpus > have:
+                raise ComputeSpecError(
+                    f"compute {name!r} asks for {gpus} GPU(s) but this machine has {have}; "
+                    "ask for fewer, or use --backend kubernetes to run on a cluster"
+                )
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+        d = self._dir(name)
+        if d.exists():
+            shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(mode=0o700, parents=True)
+        token = secrets.token_urlsafe(32)
+        token_path = d / "token"
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        env.pop("KT_TOKEN", None)
+        env["KT_TOKEN_FILE"] = str(token_path)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_POD_KERNEL_ROOT, env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        ttl = getattr(compute, "inactivity_ttl_s", None)
+        allowed = list(getattr(compute, "allowed_serialization", None) or ["json", "pickle"])
+        owner = None if keep else os.getpid()
+        argv = [sys.executable, "-Xfrozen_modules=off", "-m", "pod_kernel",
+                "--compute-name", name, "--cells-dir", str(d / "cells"),
+                "--allowed-serialization", ",".join(allowed)]
+        if ttl:
+            argv += ["--inactivity-ttl", str(float(ttl))]
+        if owner:
+            argv += ["--owner-pid", str(owner)]
+        read_fd, write_fd = os.pipe()
+        env["KT_READY_FD"] = str(write_fd)
+        log_path = d / "kernel.log"
+        on_event(f"starting pod kernel {name!r} (local subprocess)")
+        t0 = time.monotonic()
+        with open(log_path, "ab") as log_file:
+            try:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                    env=env, pass_fds=(write_fd,), start_new_session=True,
+                    cwd=getattr(compute, "working_dir", None) or os.getcwd(),
+                )
+            finally:
+                os.close(write_fd)
+        self._children[proc.pid] = proc
+        timeout_s = float(getattr(compute, "launch_timeout_s", None) or 60.0)
+        try:
+            ready = self._wait_ready(read_fd, proc, timeout_s, log_path, name)
+        finally:
+            os.close(read_fd)
+        info = {
+            "name": name,
+            "pid": proc.pid,
+            "host": "127.0.0.1",
+            "port": ready["port"],
+            "started": time.time(),
+            "create_time": psutil.Process(proc.pid).create_time(),
+            "owner_pid": owner,
+            "keep": keep,
+            "spec": compute.to_dict() if hasattr(compute, "to_dict") else {"name": name},
+        }
+        tmp = d / "kernel.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(d / "kernel.json")
+        on_event(f"pod kernel {name!r} ready in {time.monotonic() - t0:.2f} s (pid {proc.pid})")
+        return self._handle(info, token)
+
+    def _wait_ready(self, read_fd: int, proc: subprocess.Popen, timeout_s: float,
+                    log_path: Path, name: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        buf = b""
+        while b"\n" not in buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._kill_group(proc.pid, proc)
+                raise LaunchError(
+                    f"pod kernel {name!r} was not ready within {timeout_s:g} s (launch_timeout). "
+                    f"Last log lines:\n{tail_lines(log_path, LOG_LINES_IN_ERRORS)}"
+                )
+            readable, _, _ = select.select([read_fd], [], [], remaining)
+            if not readable:
+                continue
+            data = os.read(read_fd, 4096)
+            if not data:
+                code = proc.wait(timeout=5)
+                self._children.pop(proc.pid, None)
+                raise LaunchError(
+                    f"pod kernel {name!r} {describe_exit(code)} while starting. "
+                    f"Last log lines:\n{tail_lines(log_path, LOG_LINES_IN_ERRORS)}"
+                )
+            buf += data
+        return json.loads(buf.split(b"\n", 1)[0])
+
+    def _read_info(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self._dir(name) / "kernel.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _alive(self, info: dict[str, Any]) -> bool:
+        pid = info["pid"]
+        proc = self._children.get(pid)
+        if proc is not None:
+            return proc.poll() is None
+        try:
+            p = psutil.Process(pid)
+            return abs(p.create_time() - info["create_time"]) < 1.0 and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def find(self, name: str) -> KernelHandle | None:
+        """The live kernel registered under ``name``, or None (stale entries are removed)."""
+        info = self._read_info(name)
+        if info is None:
+            return None
+        if not self._alive(info):
+            return None
+        try:
+            token = (self._dir(name) / "token").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return self._handle(info, token)
+
+    def _handle(self, info: dict[str, Any], token: str) -> KernelHandle:
+        name = info["name"]
+
+        def liveness() -> str | None:
+            if self._alive(info):
+                return None
+            proc = self._children.get(info["pid"])
+            code = proc.poll() if proc is not None else None
+            return (
+                f"pod kernel {name!r} (pid {info['pid']}) {describe_exit(code)}; its variables are lost. "
+                f"The next %%kt cell starts a new one. Last log lines:\n"
+                f"{tail_lines(self._dir(name) / 'kernel.log', LOG_LINES_IN_ERRORS)}"
+            )
+
+        return KernelHandle(
+            name=name, backend=self.name, url=f"ws://{info['host']}:{info['port']}", token=token,
+            pid=info["pid"], started=info["started"], where=f"local pid {info['pid']}",
+            spec=info.get("spec", {}), liveness=liveness,
+        )
+
+    # ------------------------------------------------------------------ inspect
+
+    def list(self) -> list[KernelInfo]:
+        """Every registered local compute, live or not."""
+        out = []
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir():
+                out.append(self.status(d.name))
+        return out
+
+    def status(self, name: str) -> KernelInfo:
+        """State of one compute: ready (process alive) or stopped."""
+        info = self._read_info(name)
+        if info is None:
+            if self._dir(name).exists():
+                return KernelInfo(name, self.name, "launching")
+            raise NotFoundError(f"no local compute named {name!r}; `%kt list` shows those that exist")
+        alive = self._alive(info)
+        return KernelInfo(
+            name=name, backend=self.name, phase="ready" if alive else "stopped",
+            where=f"local pid {info['pid']}", pid=info["pid"], started=info["started"],
+            spec=info.get("spec", {}), detail="" if alive else "process is gone",
+        )
+
+    def logs(self, name: str, tail: int | None = 100) -> str:
+        """The kernel log's last ``tail`` lines (server events and cell output)."""
+        path = self._dir(name) / "kernel.log"
+        if not path.exists():
+            raise NotFoundError(f"no logs for local compute {name!r}")
+        return tail_lines(path, tail)
+
+    def log_path(self, name: str) -> Path:
+        """Path of the kernel log (for following it)."""
+        return self._dir(name) / "kernel.log"
+
+    # ------------------------------------------------------------------ delete
+
+    def delete(self, name: str, grace_period_s: float = 5.0) -> bool:
+        """Stop the kernel's whole process group (TERM, then KILL after the grace period)."""
+        with self._locked(name):
+            info = self._read_info(name)
+            existed = self._dir(name).exists()
+            if info is not None and self._alive(info):
+                self._stop(info["pid"], grace_period_s)
+            shutil.rmtree(self._dir(name), ignore_errors=True)
+            return existed
+
+    def _stop(self, pid: int, grace_period_s: float) -> None:
+        proc = self._children.get(pid)
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            if proc is not None:
+                proc.wait(timeout=grace_period_s)
+            else:
+                psutil.Process(pid).wait(timeout=grace_period_s)
+        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+            pass
+        except psutil.NoSuchProcess:
+            pass
+        self._kill_group(pid, proc)
+
+    def _kill_group(self, pid: int, proc: subprocess.Popen | None) -> None:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if proc is not None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            self._children.pop(pid, None)

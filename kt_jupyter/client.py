@@ -1,0 +1,583 @@
+"""One WebSocket session to one pod kernel: execute, stream, interrupt, push/pull, reconnect.
+
+The notebook's main thread already runs ipykernel's event loop, so every
+session runs on one shared asyncio loop in a background thread
+(:func:`client_loop`). Each operation exists as a coroutine (``a``-prefixed,
+for asyncio users and the seed API) and as a blocking method for the magic.
+Blocking :meth:`Session.execute` delivers output callbacks in the calling
+thread, so in a notebook they land in the cell that ran them, and turns
+Ctrl-C into a remote interrupt.
+
+A dropped connection is resumed: the session reconnects with the last
+sequence number it saw and the pod kernel replays what came after; requests
+in flight are sent again (executes are deduplicated by id on the pod).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import pickle
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from pod_kernel import protocol as P
+
+from .errors import (
+    AuthError,
+    ConnectionLostError,
+    KernelDiedError,
+    KtError,
+    ProtocolMismatchError,
+    RemoteError,
+    RemoteTimeoutError,
+    TransferError,
+)
+
+log = logging.getLogger("kt_jupyter.client")
+
+#: How long a dropped connection is retried before giving up.
+RECONNECT_TIMEOUT_S = 30.0
+#: Connection attempt timeout (TCP + WebSocket handshake).
+OPEN_TIMEOUT_S = 10.0
+
+OutputCallback = Callable[[dict[str, Any]], None]
+ProgressCallback = Callable[[int, int], None]
+#: Returns None while the kernel lives, else a sentence saying how it ended.
+Liveness = Callable[[], str | None]
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def client_loop() -> asyncio.AbstractEventLoop:
+    """The process-wide asyncio loop all sessions run on (a daemon thread, started once)."""
+    global _loop
+    with _loop_lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            started = threading.Event()
+
+            def _run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(started.set)
+                loop.run_forever()
+
+            threading.Thread(target=_run, name="kt-client-loop", daemon=True).start()
+            started.wait()
+            _loop = loop
+        return _loop
+
+
+@dataclass
+class ExecuteResult:
+    """How a cell ended: its execution count and the mime bundle of its last expression."""
+
+    execution_count: int | None
+    data: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+
+@dataclass
+class _Execution:
+    on_output: OutputCallback | None
+    reply: asyncio.Future
+    data: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    """A value request waiting for its reply (or a bundle being received for it)."""
+
+    reply: asyncio.Future
+    on_progress: ProgressCallback | None = None
+    assembler: P.BundleAssembler | None = None
+    header: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Conn:
+    ws: ClientConnection
+    closed: asyncio.Future
+    welcome: dict[str, Any]
+
+
+def rebuild_exception(reply: Mapping[str, Any], payload: bytes) -> BaseException:
+    """The remote exception as its real type when it unpickles here, else a RemoteError."""
+    tb_text = "\n".join(reply.get("traceback") or [])
+    exc: BaseException | None = None
+    if payload:
+        try:
+            exc = pickle.loads(payload)
+            if not isinstance(exc, BaseException) or type(exc).__module__ in ("__main__", "__mp_main__"):
+                exc = None
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RemoteError(str(reply.get("ename", "Exception")), str(reply.get("evalue", "")), tb_text)
+    lines = list(reply.get("traceback") or [])
+    try:
+        exc.remote_traceback = tb_text  # type: ignore[attr-defined]
+        exc.remote_ename = reply.get("ename")  # type: ignore[attr-defined]
+        # IPython (and so the notebook) shows this instead of a local traceback through our code
+        exc._render_traceback_ = lambda: lines or [f"{reply.get('ename')}: {reply.get('evalue')}"]  # type: ignore
+    except AttributeError:  # an exception type without __dict__
+        exc = RemoteError(str(reply.get("ename", "Exception")), str(reply.get("evalue", "")), tb_text)
+        exc._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
+    return exc
+
+
+class Session:
+    """A client session to one pod kernel at ``url`` (``ws://host:port``)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        name: str = "default",
+        liveness: Liveness | None = None,
+        reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+        on_notice: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self.name = name
+        self.session_id = uuid.uuid4().hex
+        self.liveness = liveness
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.on_notice = on_notice
+        self.last_seq = 0
+        self.reconnects = 0
+        self.pod_pid: int | None = None
+        self.allowed_serialization: list[str] = list(P.SERIALIZATIONS)
+        self._ids = itertools.count(1)
+        self._conn: _Conn | None = None
+        self._connect_lock: asyncio.Lock | None = None
+        self._send_lock: asyncio.Lock | None = None
+        self._executions: dict[str, _Execution] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._closed = False
+        self._dead: KtError | None = None
+
+    def __repr__(self) -> str:
+        return f"<kt Session {self.name!r} {self.url} pid={self.pod_pid}>"
+
+    # ------------------------------------------------------------------ blocking API
+
+    def _run(self, coro, timeout: float | None = None) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(coro, client_loop())
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise RemoteTimeoutError(f"no answer from pod kernel {self.name!r} within {timeout:g} s") from None
+
+    def connect(self, timeout: float | None = OPEN_TIMEOUT_S) -> dict[str, Any]:
+        """Open the connection now; returns the pod kernel's welcome message."""
+        return self._run(self.aconnect(), None if timeout is None else timeout + 1)
+
+    def execute(
+        self,
+        code: str,
+        on_output: OutputCallback | None = None,
+        *,
+        cell_name: str | None = None,
+        cell_label: str | None = None,
+        timeout: float | None = None,
+    ) -> ExecuteResult:
+        """Run ``code``; output messages reach ``on_output`` in this thread as they arrive.
+
+        Ctrl-C while waiting interrupts the remote cell (and keeps waiting for
+        it to end). A remote error is raised as its real type when possible.
+        """
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        done = object()
+        req_id = self.new_id()
+        fut = asyncio.run_coroutine_threadsafe(
+            self._aexecute(code, outputs.put, cell_name=cell_name, cell_label=cell_label, req_id=req_id),
+            client_loop(),
+        )
+        fut.add_done_callback(lambda _f: outputs.put(done))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                item = outputs.get(timeout=remaining)
+            except queue.Empty:
+                self.interrupt(target=req_id)
+                raise RemoteTimeoutError(
+                    f"cell on {self.name!r} did not finish within {timeout:g} s; it was interrupted"
+                ) from None
+            except KeyboardInterrupt:
+                self.interrupt(target=req_id)
+                continue
+            if item is done:
+                result = fut.result()
+                if isinstance(result, BaseException):
+                    raise result  # raised here, in the caller's thread, never on the client loop
+                return result
+            if on_output is not None:
+                on_output(item)
+
+    def push(self, values: Mapping[str, Any], *, serialization: str = "pickle",
+             on_progress: ProgressCallback | None = None) -> list[str]:
+        """Set names in the pod kernel's namespace."""
+        return self._run(self.apush(values, serialization=serialization, on_progress=on_progress))
+
+    def push_bundle(self, bundle: P.Bundle, *, on_progress: ProgressCallback | None = None) -> list[str]:
+        """Send values already serialized with :func:`pod_kernel.protocol.dump_values`."""
+        return self._run(self.apush_bundle(bundle, on_progress=on_progress))
+
+    def pull(self, names: Iterable[str], *, serialization: str = "pickle",
+             on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Fetch named values from the pod kernel's namespace."""
+        return self._run(self.apull(names, serialization=serialization, on_progress=on_progress))
+
+    def inventory(self, names: Iterable[str] | None = None, *, fingerprints: bool = False) -> list[dict[str, Any]]:
+        """Name, type, size (and content fingerprint when asked) of the pod's values."""
+        return self._run(self.ainventory(names, fingerprints=fingerprints))
+
+    def delete(self, names: Iterable[str]) -> list[str]:
+        """Remove names from the pod's namespace; returns those that existed."""
+        return self._run(self.arequest({"type": "delete", "names": list(names)}))["removed"]
+
+    def interrupt(self, target: str | None = None) -> bool:
+        """KeyboardInterrupt in the running remote cell (``target``: only that execute id)."""
+        return self._run(self.ainterrupt(target), timeout=OPEN_TIMEOUT_S)
+
+    def metrics(self) -> dict[str, Any]:
+        """One resource sample from the pod kernel."""
+        return self._run(self.arequest({"type": "metrics"}))["metrics"]
+
+    def ping(self, timeout: float = 5.0) -> float:
+        """Round-trip time of a heartbeat, in seconds."""
+        t0 = time.perf_counter()
+        self._run(self.arequest({"type": "ping"}), timeout)
+        return time.perf_counter() - t0
+
+    def shutdown(self) -> None:
+        """Ask the pod kernel to exit."""
+        self._run(self.arequest({"type": "shutdown"}), timeout=OPEN_TIMEOUT_S)
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (the pod kernel and its state stay)."""
+        if self._closed:
+            return
+        self._run(self.aclose())
+
+    def close_quietly(self) -> None:
+        """Close, ignoring a connection that is already gone."""
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ async API
+
+    def new_id(self) -> str:
+        """A fresh request id."""
+        return f"{self.session_id[:8]}-{next(self._ids)}"
+
+    async def aconnect(self) -> dict[str, Any]:
+        """Connect (or return the live connection's welcome)."""
+        return (await self._ensure_conn()).welcome
+
+    async def aexecute(self, code: str, on_output: OutputCallback | None = None, *,
+                       cell_name: str | None = None, cell_label: str | None = None,
+                       req_id: str | None = None) -> ExecuteResult:
+        """Run ``code``; ``on_output`` is called on the client loop for each output message.
+
+        A remote KeyboardInterrupt (or other non-Exception) arrives as RemoteError,
+        so it cannot stop the caller's event loop.
+        """
+        result = await self._aexecute(code, on_output, cell_name=cell_name, cell_label=cell_label, req_id=req_id)
+        if isinstance(result, Exception):
+            raise result
+        if isinstance(result, BaseException):
+            raise RemoteError(type(result).__name__, str(result), getattr(result, "remote_traceback", ""))
+        return result
+
+    async def _aexecute(self, code: str, on_output: OutputCallback | None = None, *,
+                        cell_name: str | None = None, cell_label: str | None = None,
+                        req_id: str | None = None) -> ExecuteResult | BaseException:
+        """Run ``code``; a remote error is returned (not raised) so the caller raises it where it belongs."""
+        req_id = req_id or self.new_id()
+        t0 = time.perf_counter()
+        ex = _Execution(on_output, asyncio.get_running_loop().create_future())
+        self._executions[req_id] = ex
+        header = {"type": "execute", "id": req_id, "code": code}
+        if cell_name:
+            header["cell_name"] = cell_name
+        if cell_label:
+            header["cell_label"] = cell_label
+        try:
+            reply, payload = await self._until_reply(header, ex.reply)
+        finally:
+            self._executions.pop(req_id, None)
+        if reply.get("status") != "ok":
+            return rebuild_exception(reply, payload)
+        return ExecuteResult(reply.get("execution_count"), ex.data, ex.metadata, time.perf_counter() - t0)
+
+    async def apush(self, values: Mapping[str, Any], *, serialization: str = "pickle",
+                    on_progress: ProgressCallback | None = None) -> list[str]:
+        """Set names remotely; large buffers go out of band, chunked."""
+        try:
+            bundle = await asyncio.to_thread(P.dump_values, dict(values), serialization)
+        except Exception as exc:
+            raise TransferError(f"cannot serialize {', '.join(values)} with {serialization}: {exc}") from exc
+        return await self.apush_bundle(bundle, on_progress=on_progress)
+
+    async def apush_bundle(self, bundle: P.Bundle, *, on_progress: ProgressCallback | None = None) -> list[str]:
+        """Send a serialized bundle of values."""
+        reply = await self.arequest({"type": "push"}, bundle=bundle, on_progress=on_progress)
+        return reply["names"]
+
+    async def apull(self, names: Iterable[str], *, serialization: str = "pickle",
+                    on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Fetch named values."""
+        bundle = await self.arequest({"type": "pull", "names": list(names), "serialization": serialization},
+                                     on_progress=on_progress)
+        return await asyncio.to_thread(P.load_values, bundle)
+
+    async def ainventory(self, names: Iterable[str] | None = None, *, fingerprints: bool = False) -> list[dict]:
+        """Describe the pod's values."""
+        header: dict[str, Any] = {"type": "inventory", "fingerprints": fingerprints}
+        if names is not None:
+            header["names"] = list(names)
+        return (await self.arequest(header))["values"]
+
+    async def ainterrupt(self, target: str | None = None) -> bool:
+        """Interrupt the running cell."""
+        header: dict[str, Any] = {"type": "interrupt"}
+        if target:
+            header["target"] = target
+        return (await self.arequest(header))["interrupted"]
+
+    async def aclose(self) -> None:
+        """Close the connection; pending operations fail with ConnectionLostError."""
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.ws.close()
+
+    async def arequest(self, header: dict[str, Any], *, bundle: P.Bundle | None = None,
+                       on_progress: ProgressCallback | None = None) -> Any:
+        """Send a request (re-sent after a reconnect) and return its reply header or bundle."""
+        req_id = self.new_id()
+        header = dict(header, id=req_id)
+        while True:
+            pending = _Pending(asyncio.get_running_loop().create_future(), on_progress)
+            self._pending[req_id] = pending
+            try:
+                reply, _payload = await self._until_reply(header, pending.reply, bundle, on_progress, once=True)
+                return reply
+            except _Resend:
+                continue
+            finally:
+                self._pending.pop(req_id, None)
+
+    # ------------------------------------------------------------------ internals
+
+    async def _until_reply(self, header: dict[str, Any], reply: asyncio.Future,
+                           bundle: P.Bundle | None = None, on_progress: ProgressCallback | None = None,
+                           once: bool = False) -> tuple[dict[str, Any], bytes]:
+        """Send ``header`` (and bundle) and wait for ``reply``, resending after reconnects."""
+        while True:
+            conn = await self._ensure_conn()
+            try:
+                async with self._send_lock:
+                    if bundle is None:
+                        await conn.ws.send(P.encode_frame(header))
+                    else:
+                        frames = P.bundle_frames(header, bundle)
+                        await conn.ws.send(next(frames))
+                        sent, total = 0, bundle.nbytes
+                        for frame in frames:
+                            await conn.ws.send(frame)
+                            sent = min(total, sent + P.CHUNK_BYTES)
+                            if on_progress is not None:
+                                on_progress(sent, total)
+            except ConnectionClosed:
+                pass
+            await asyncio.wait([reply, conn.closed], return_when=asyncio.FIRST_COMPLETED)
+            if reply.done():
+                return reply.result()
+            if once:
+                raise _Resend()
+
+    async def _ensure_conn(self) -> _Conn:
+        if self._dead is not None:
+            raise self._dead
+        if self._closed:
+            raise ConnectionLostError(f"session to {self.name!r} is closed")
+        conn = self._conn
+        if conn is not None and not conn.closed.done():
+            return conn
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+            self._send_lock = asyncio.Lock()
+        async with self._connect_lock:
+            conn = self._conn
+            if conn is not None and not conn.closed.done():
+                return conn
+            reconnecting = conn is not None
+            self._conn = await self._open(reconnecting)
+            if reconnecting:
+                self.reconnects += 1
+            return self._conn
+
+    def _died(self) -> KtError | None:
+        if self.liveness is None:
+            return None
+        why = self.liveness()
+        return None if why is None else KernelDiedError(why)
+
+    async def _open(self, reconnecting: bool) -> _Conn:
+        deadline = time.monotonic() + (self.reconnect_timeout_s if reconnecting else OPEN_TIMEOUT_S)
+        delay = 0.02
+        last_error: Exception | None = None
+        while True:
+            dead = self._died()
+            if dead is not None:
+                self._fail_all(dead)
+                raise dead
+            try:
+                ws = await connect(
+                    self.url,
+                    additional_headers={
+                        P.HEADER_AUTH: f"Bearer {self._token}",
+                        P.HEADER_PROTOCOL: str(P.PROTOCOL_VERSION),
+                        P.HEADER_SESSION: self.session_id,
+                        P.HEADER_LAST_SEQ: str(self.last_seq),
+                    },
+                    compression=None,
+                    max_size=P.MAX_FRAME_BYTES,
+                    open_timeout=OPEN_TIMEOUT_S,
+                    ping_interval=10,
+                    ping_timeout=30,
+                    user_agent_header=None,
+                )
+                welcome, _ = P.decode_frame(await ws.recv())
+                break
+            except InvalidStatus as exc:
+                body = (exc.response.body or b"").decode(errors="replace").strip()
+                if exc.response.status_code == 401:
+                    raise AuthError(f"pod kernel {self.name!r} rejected the token: {body}") from None
+                if exc.response.status_code == 426:
+                    raise ProtocolMismatchError(body) from None
+                last_error = exc
+            except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError, P.ProtocolError) as exc:
+                last_error = exc
+            if time.monotonic() >= deadline:
+                err = ConnectionLostError(
+                    f"cannot reach pod kernel {self.name!r} at {self.url}: {last_error}. "
+                    "Check it with `%kt status`; `%kt restart` starts it again."
+                )
+                if reconnecting:
+                    self._fail_all(err)
+                raise err
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        self.pod_pid = welcome.get("pid")
+        self.allowed_serialization = welcome.get("allowed_serialization", self.allowed_serialization)
+        closed = asyncio.get_running_loop().create_future()
+        conn = _Conn(ws, closed, welcome)
+        asyncio.create_task(self._read(conn))
+        return conn
+
+    def _fail_all(self, exc: KtError) -> None:
+        self._dead = exc if isinstance(exc, KernelDiedError) else None
+        for item in list(self._executions.values()) + list(self._pending.values()):
+            if not item.reply.done():
+                item.reply.set_exception(exc)
+                item.reply.add_done_callback(lambda f: f.exception())  # retrieved even if nobody awaits
+
+    async def _read(self, conn: _Conn) -> None:
+        """Route every frame of one connection until it closes."""
+        try:
+            async for message in conn.ws:
+                header, payload = P.decode_frame(message)
+                self._route(header, payload)
+        except (ConnectionClosed, P.ProtocolError) as exc:
+            log.debug("connection to %s ended: %s", self.name, exc)
+        finally:
+            if not conn.closed.done():
+                conn.closed.set_result(None)
+            for pending in self._pending.values():
+                pending.assembler = None  # a bundle cut mid-way is requested again
+
+    def _route(self, header: dict[str, Any], payload: memoryview) -> None:
+        kind = header["type"]
+        seq = header.get("seq")
+        if seq is not None:
+            if seq <= self.last_seq:
+                return  # already seen before a reconnect
+            self.last_seq = seq
+        req_id = header.get("id")
+        if kind in ("stream", "display", "clear_output", "execute_result"):
+            ex = self._executions.get(req_id)
+            if ex is None:
+                return
+            if kind == "execute_result":
+                ex.data = header.get("data")
+                ex.metadata = header.get("metadata") or {}
+            if ex.on_output is not None:
+                ex.on_output(header)
+        elif kind == "execute_reply":
+            ex = self._executions.get(req_id)
+            if ex is not None and not ex.reply.done():
+                ex.reply.set_result((header, bytes(payload)))
+        elif kind in ("reply", "error_reply"):
+            pending = self._pending.get(req_id)
+            if pending is None or pending.reply.done():
+                return
+            if kind == "reply":
+                pending.reply.set_result((header, b""))
+            else:
+                pending.reply.set_exception(rebuild_exception(
+                    {"ename": header.get("ename"), "evalue": header.get("evalue"),
+                     "traceback": [header.get("traceback", "")]}, b""))
+        elif kind == "values":
+            pending = self._pending.get(req_id)
+            if pending is not None:
+                pending.header = header
+                pending.assembler = P.BundleAssembler(header["serialization"], header["sizes"])
+                self._bundle_progress(pending)
+        elif kind == "chunk":
+            pending = self._pending.get(req_id)
+            if pending is not None and pending.assembler is not None:
+                pending.assembler.feed(payload)
+                self._bundle_progress(pending)
+        elif kind == "notice":
+            log.warning("pod kernel %s: %s", self.name, header.get("text"))
+            if self.on_notice is not None:
+                self.on_notice(header)
+            for ex in self._executions.values():
+                if ex.on_output is not None:
+                    ex.on_output(header)
+
+    @staticmethod
+    def _bundle_progress(pending: _Pending) -> None:
+        asm = pending.assembler
+        if pending.on_progress is not None:
+            pending.on_progress(asm.received, asm.total)
+        if asm.done and not pending.reply.done():
+            pending.reply.set_result((asm.bundle(), b""))
+            pending.assembler = None
+
+
+class _Resend(Exception):
+    """The connection dropped before a value request was answered: send it again."""

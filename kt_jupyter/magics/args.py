@@ -1,0 +1,116 @@
+"""Reusable option groups of the kt magics (stacked as decorators) and their conversion to API objects."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, argument_group
+
+from ..compute import Compute
+from ..connection import TransferOptions
+from ..errors import ComputeSpecError
+from ..quantities import parse_size
+
+_F = Callable[..., Any]
+
+
+def _stack(*decorators: Callable[[_F], _F]) -> Callable[[_F], _F]:
+    def apply(func: _F) -> _F:
+        for dec in reversed(decorators):
+            func = dec(func)
+        return func
+
+    return apply
+
+
+#: Where a cell runs: the Compute parameters a magic line can set.
+compute_args = _stack(
+    argument_group("compute", "Where the cell runs (unset options keep the default compute's values)"),
+    argument("--name", "-n", help="compute name; the same name reaches the same warm kernel (default: 'default')"),
+    argument("--backend", choices=["local", "kubernetes"], help="local subprocess or Kubernetes pod"),
+    argument("--cpus", help="CPU request, e.g. 2, 0.5, 500m"),
+    argument("--memory", help="memory request, e.g. 4Gi, 512Mi"),
+    argument("--gpus", help="number of GPUs, e.g. 1"),
+    argument("--gpu-type", dest="gpu_type", help="GPU product, e.g. A100 (Kubernetes node selector)"),
+    argument("--image", help="container image for the pod kernel (Kubernetes)"),
+    argument("--namespace", help="Kubernetes namespace"),
+    argument("--env", action="append", metavar="K=V", default=[], help="environment variable; repeatable"),
+    argument("--launch-timeout", dest="launch_timeout", metavar="S", help="seconds to wait for the kernel to start"),
+    argument("--inactivity-ttl", dest="inactivity_ttl", metavar="TTL",
+             help="stop the kernel after this long idle, e.g. 30m, 3600"),
+)
+
+#: Which names move between the notebook and the pod kernel.
+transfer_args = _stack(
+    argument_group("transfer", "Which names move (default: push what the cell reads, pull what it assigns)"),
+    argument("--push", metavar="A,B", help="always send these names, even when unchanged"),
+    argument("--pull", metavar="A,B", help="bring back only these names"),
+    argument("--no-pull", dest="no_pull", action="store_true", help="bring nothing back"),
+    argument("--pull-limit", dest="pull_limit", metavar="SIZE",
+             help="values bigger than this stay remote as RemoteRef (default 256MB)"),
+)
+
+_COMPUTE_KEYS = ("name", "backend", "cpus", "memory", "gpus", "gpu_type", "image", "namespace",
+                 "launch_timeout", "inactivity_ttl")
+
+
+def _names(value: str | None) -> list[str]:
+    return [n.strip() for n in (value or "").split(",") if n.strip()]
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """``["K=V", ...]`` -> dict, with a UsageError naming a malformed item."""
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--env expects KEY=VALUE, got {item!r}")
+        env[key.strip()] = value
+    return env
+
+
+def compute_from_args(args: argparse.Namespace, default: Compute) -> tuple[Compute, bool]:
+    """The compute a magic line asks for: the default with the given options applied.
+
+    Returns the compute and whether any compute option was given.
+    """
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in _COMPUTE_KEYS if getattr(args, k, None) is not None}
+    env = parse_env(getattr(args, "env", []) or [])
+    if env:
+        overrides["env_vars"] = {**(default.env_vars or {}), **env}
+    if not overrides:
+        return default, False
+    try:
+        return default.with_overrides(**overrides), True
+    except ComputeSpecError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def transfer_from_args(args: argparse.Namespace) -> TransferOptions:
+    """TransferOptions from --push/--pull/--no-pull/--pull-limit."""
+    options = TransferOptions(push=_names(args.push), no_pull=args.no_pull)
+    if args.pull is not None:
+        options.pull = _names(args.pull)
+    if args.no_pull and args.pull:
+        raise UsageError("--pull and --no-pull contradict each other; use one")
+    if args.pull_limit is not None:
+        try:
+            options.pull_limit_bytes = parse_size(args.pull_limit)
+        except (ComputeSpecError, ValueError) as exc:
+            raise UsageError(f"--pull-limit: {exc}") from None
+    return options
+
+
+def parse_seconds(value: str | None, option: str) -> float | None:
+    """A positive number of seconds, or a UsageError naming the option."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise UsageError(f"{option} expects seconds, e.g. 60; got {value!r}") from None
+    if seconds <= 0:
+        raise UsageError(f"{option} must be positive; got {value!r}")
+    return seconds

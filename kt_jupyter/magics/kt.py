@@ -1,0 +1,374 @@
+"""``%%kt`` (run a cell on a pod kernel) and ``%kt <subcommand>`` (manage computes).
+
+Thin by design: each magic parses its line, then makes one call into
+:mod:`kt_jupyter.connection` / the backends, in the style of ipyparallel's
+``client/magics.py``. User mistakes are ``UsageError``s; errors from remote
+code are raised as their real type with the remote traceback as what the
+notebook shows.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments, parse_argstring
+
+from .. import connection as conn_mod
+from ..backends import BACKENDS, get_backend
+from ..compute import Compute
+from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError
+from ..render import RemoteResult, TransferProgress, show_output
+from .args import compute_args, compute_from_args, parse_seconds, transfer_args, transfer_from_args
+
+
+class AsyncCell:
+    """A ``%%kt --async`` cell running in the background."""
+
+    def __init__(self, label: str, compute: str) -> None:
+        self.label = label
+        self.compute = compute
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.outcome: conn_mod.CellOutcome | None = None
+        self.done = threading.Event()
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done.is_set() else ("failed" if self.error else "done")
+        return f"<kt async cell {self.label} on {self.compute!r}: {state}>"
+
+
+def _subcommand_parser(prog: str, description: str) -> MagicArgumentParser:
+    p = MagicArgumentParser(prog=f"%kt {prog}", description=description, add_help=False)
+    p.add_argument("-h", "--help", action="store_true", help="show this help")
+    return p
+
+
+@magics_class
+class KtMagics(Magics):
+    """The kt magics."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.async_cells: list[AsyncCell] = []
+        #: what the last %%kt cell moved and how long each step took (for tests and curious users)
+        self.last_outcome: conn_mod.CellOutcome | None = None
+        self._subcommands = self._build_subcommands()
+
+    # ------------------------------------------------------------------ %%kt
+
+    @magic_arguments()
+    @argument("-h", "--help", action="store_true", help="show this help")
+    @compute_args
+    @transfer_args
+    @argument("--timeout", metavar="S", help="interrupt the cell if it runs longer than S seconds")
+    @argument("--async", dest="async_", action="store_true",
+              help="return at once; output keeps arriving here; names are pulled when it ends (%%kt wait)")
+    @argument("--keep", action="store_true", help="keep the kernel running after this notebook's kernel exits")
+    @cell_magic
+    def kt(self, line: str, cell: str) -> Any:
+        """Run this cell on a warm pod kernel (local subprocess or Kubernetes pod).
+
+        The globals the cell reads are sent (unchanged ones only once), its
+        output streams back live, and the names it assigns come back (big
+        ones stay remote as RemoteRef; `%kt pull NAME` fetches them).
+        Without compute options the cell runs on the default compute
+        (`%kt config`, `%kt pick`); out of the box: local backend, name
+        'default'.
+
+        Examples::
+
+            %%kt
+            result = train(data)
+
+            %%kt --gpus 1 --memory 16Gi --name train --backend kubernetes
+            model = fit(data, epochs=3)
+        """
+        args = parse_argstring(self.kt, line)
+        if args.help:
+            print(self.kt.parser.format_help())
+            return None
+        compute, explicit = compute_from_args(args, conn_mod.default_compute())
+        transfer = transfer_from_args(args)
+        timeout_s = parse_seconds(args.timeout, "--timeout")
+        label = f"In[{self.shell.execution_count}]"
+        # the magic line as a comment keeps the notebook's line numbers in remote tracebacks
+        source = f"# %%kt {line}\n{cell}"
+        connection = self._connect(compute, keep=args.keep)
+        progress = TransferProgress()
+
+        def run() -> conn_mod.CellOutcome:
+            return connection.run_cell(
+                source, self.shell.user_ns, transfer=transfer, on_output=show_output, on_progress=progress,
+                cell_name=f"kt-cell-{self.shell.execution_count}.py", cell_label=label, timeout_s=timeout_s,
+            )
+
+        if args.async_:
+            return self._start_async(run, label, compute.name)
+        outcome = self.last_outcome = run()
+        result = outcome.result
+        if result is not None and result.data and not cell.rstrip().endswith(";"):
+            return RemoteResult(result.data, result.metadata)
+        return None
+
+    def _connect(self, compute: Compute, keep: bool = False) -> conn_mod.ComputeConnection:
+        try:
+            return conn_mod.connect(compute, keep=keep, on_event=lambda m: print(f"[kt] {m}", file=sys.stderr))
+        except ComputeSpecError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _start_async(self, run: Callable[[], conn_mod.CellOutcome], label: str, compute: str) -> AsyncCell:
+        job = AsyncCell(label, compute)
+        parent = getattr(self.shell, "parent_header", None)
+
+        def target() -> None:
+            tokens = None
+            if parent is not None and hasattr(self.shell, "set_thread_parent"):
+                tokens = self.shell.set_thread_parent(parent)  # our output goes to the cell that started us
+            try:
+                job.outcome = run()
+                result = job.outcome.result
+                if result is not None and result.data:
+                    show_output({"type": "display", "data": result.data, "metadata": result.metadata})
+            except BaseException as exc:  # shown in the cell that started it; %kt wait re-raises
+                job.error = exc
+                self.shell.showtraceback((type(exc), exc, exc.__traceback__))
+            finally:
+                if tokens is not None:
+                    self.shell.reset_thread_parent(tokens)
+                job.done.set()
+
+        job.thread = threading.Thread(target=target, name=f"kt-async-{label}", daemon=True)
+        self.async_cells.append(job)
+        job.thread.start()
+        print(f"[kt] {label} is running on {compute!r} in the background; `%kt wait` waits for it",
+              file=sys.stderr)
+        return None
+
+    # ------------------------------------------------------------------ %kt
+
+    @line_magic("kt")
+    def kt_line(self, line: str) -> Any:
+        """Manage computes: %kt list | status | logs | down | restart | pull | config | wait | help.
+
+        `%kt SUBCOMMAND --help` explains each.
+        """
+        words = shlex.split(line)
+        if not words or words[0] in ("help", "-h", "--help"):
+            print(self._overview())
+            return None
+        sub = words[0]
+        if sub not in self._subcommands:
+            raise UsageError(f"unknown subcommand %kt {sub}; one of: {', '.join(self._subcommands)}")
+        parser, handler = self._subcommands[sub]
+        args = parser.parse_args(words[1:])
+        if args.help:
+            print(parser.format_help())
+            return None
+        try:
+            return handler(args)
+        except (NotFoundError, ComputeSpecError, BackendUnavailable) as exc:
+            raise UsageError(str(exc)) from None
+
+    def _overview(self) -> str:
+        lines = ["%kt SUBCOMMAND [options]   (each takes --help)", ""]
+        for name, (parser, _h) in self._subcommands.items():
+            lines.append(f"  {name:<9} {parser.description}")
+        lines += ["", "%%kt [options]  runs a cell remotely; %%kt --help lists its options."]
+        return "\n".join(lines)
+
+    def _build_subcommands(self) -> dict[str, tuple[MagicArgumentParser, Callable[[Any], Any]]]:
+        subs: dict[str, tuple[MagicArgumentParser, Callable[[Any], Any]]] = {}
+
+        p = _subcommand_parser("list", "list computes of every backend with their state")
+        p.add_argument("--backend", choices=BACKENDS, help="only this backend")
+        subs["list"] = (p, self._list)
+
+        p = _subcommand_parser("status", "show one compute's state, resources and metrics")
+        p.add_argument("name", nargs="?", help="compute name (default: the default compute)")
+        subs["status"] = (p, self._status)
+
+        p = _subcommand_parser("logs", "show the pod kernel's log (server events and cell output)")
+        p.add_argument("name", nargs="?", help="compute name (default: the default compute)")
+        p.add_argument("--tail", type=int, default=100, help="last N lines (default 100; 0 for all)")
+        p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until interrupted")
+        subs["logs"] = (p, self._logs)
+
+        p = _subcommand_parser("down", "stop a compute and delete everything of it")
+        p.add_argument("name", nargs="?", help="compute name")
+        p.add_argument("--all", action="store_true", help="every compute of every backend")
+        subs["down"] = (p, self._down)
+
+        p = _subcommand_parser("restart", "stop a compute and start it again, empty")
+        p.add_argument("name", nargs="?", help="compute name (default: the default compute)")
+        subs["restart"] = (p, self._restart)
+
+        p = _subcommand_parser("pull", "fetch remote values (e.g. RemoteRefs) into the notebook, whatever their size")
+        p.add_argument("vars", nargs="+", metavar="VAR", help="names to fetch")
+        p.add_argument("--name", "-n", help="compute to fetch from (default: where the RemoteRef lives)")
+        subs["pull"] = (p, self._pull)
+
+        p = _subcommand_parser("config", "show or set the default compute used by %%kt cells without options")
+        p.add_argument("settings", nargs="*", metavar="key=value", help="e.g. name=train gpus=1 backend=kubernetes")
+        p.add_argument("--reset", action="store_true", help="back to local backend, name 'default'")
+        subs["config"] = (p, self._config)
+
+        p = _subcommand_parser("wait", "wait for %%kt --async cells to finish")
+        p.add_argument("--timeout", type=float, default=None, help="give up after S seconds")
+        subs["wait"] = (p, self._wait)
+        return subs
+
+    # ------------------------------------------------------------------ subcommand bodies
+
+    def _named(self, name: str | None) -> Compute:
+        default = conn_mod.default_compute()
+        if name is None or name == default.name:
+            return default
+        for c in conn_mod.connections():
+            if c.name == name:
+                return c.compute
+        return default.with_overrides(name=name)
+
+    def _list(self, args: Any) -> list:
+        rows = []
+        for backend_name in [args.backend] if args.backend else BACKENDS:
+            try:
+                rows += get_backend(backend_name).list()
+            except BackendUnavailable:
+                if args.backend:
+                    raise
+            except KtError as exc:
+                if args.backend:
+                    raise
+                print(f"[kt] {backend_name}: {exc}", file=sys.stderr)
+        if not rows:
+            print("no computes; a %%kt cell starts one")
+            return None
+        now = time.time()
+        print(f"{'NAME':<20} {'BACKEND':<11} {'PHASE':<10} {'AGE':>8}  WHERE")
+        for info in rows:
+            age = f"{now - info.started:.0f}s" if info.started else "-"
+            print(f"{info.name:<20} {info.backend:<11} {info.phase:<10} {age:>8}  {info.where}")
+        return None
+
+    def _status(self, args: Any) -> None:
+        compute = self._named(args.name)
+        info = get_backend(compute.backend).status(compute.name)
+        print(f"compute {info.name!r} ({info.backend}): {info.phase} {info.detail}".rstrip())
+        if info.where:
+            print(f"  where:     {info.where}")
+        spec = info.spec or {}
+        res = {k: spec.get(k) for k in ("cpus", "memory", "gpus", "gpu_type", "image") if spec.get(k)}
+        if res:
+            print("  resources: " + ", ".join(f"{k}={v}" for k, v in res.items()))
+        if info.started:
+            print(f"  age:       {time.time() - info.started:.0f} s")
+        if info.phase in ("ready", "running"):
+            try:
+                m = self._connect(compute).session.metrics()
+                print(f"  cpu:       {m['cpu_percent']:.0f}%   rss: {m['rss_bytes'] / 2**20:.0f} MiB   "
+                      f"idle: {m['idle_s']:.0f} s   cells run: {m['cells_run']}")
+                for g in m.get("gpus", []):
+                    print(f"  gpu {g['index']}:     {g.get('name')} util {g.get('utilization_percent')}% "
+                          f"mem {(g.get('memory_used_bytes') or 0) / 2**20:.0f} MiB")
+            except KtError as exc:
+                print(f"  (metrics unavailable: {exc})")
+
+    def _logs(self, args: Any) -> None:
+        compute = self._named(args.name)
+        backend = get_backend(compute.backend)
+        print(backend.logs(compute.name, tail=args.tail or None))
+        if not args.follow:
+            if args.tail:
+                print(f"[kt] last {args.tail} lines; `%kt logs {compute.name} --tail 0` shows all", file=sys.stderr)
+            return
+        follow = getattr(backend, "follow_logs", None)
+        if follow is None:
+            raise UsageError(f"--follow is not supported by the {compute.backend} backend")
+        try:
+            for chunk in follow(compute.name):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+
+    def _down(self, args: Any) -> None:
+        if args.all:
+            names = [(b, info.name) for b in BACKENDS for info in self._safe_list(b)]
+        elif args.name:
+            names = [(self._named(args.name).backend, args.name)]
+        else:
+            raise UsageError("name a compute (`%kt down NAME`) or use --all")
+        for backend_name, name in names:
+            conn_mod.disconnect(name, backend_name)
+            existed = get_backend(backend_name).delete(name)
+            print(f"[kt] {name} ({backend_name}): {'stopped and deleted' if existed else 'was not running'}")
+
+    @staticmethod
+    def _safe_list(backend_name: str) -> list:
+        try:
+            return get_backend(backend_name).list()
+        except KtError:
+            return []
+
+    def _restart(self, args: Any) -> None:
+        compute = self._named(args.name)
+        conn_mod.disconnect(compute.name, compute.backend)
+        get_backend(compute.backend).delete(compute.name)
+        self._connect(compute)
+        print(f"[kt] {compute.name} restarted: a fresh kernel, no variables")
+
+    def _pull(self, args: Any) -> list[str]:
+        ns = self.shell.user_ns
+        by_compute: dict[str, list[str]] = {}
+        for var in args.vars:
+            value = ns.get(var)
+            where = args.name or (value.compute if isinstance(value, conn_mod.RemoteRef) else None)
+            by_compute.setdefault(where or conn_mod.default_compute().name, []).append(var)
+        pulled = []
+        for name, names in by_compute.items():
+            connection = self._connect(self._named(name))
+            progress = TransferProgress()
+            pulled += connection.pull(names, ns, on_progress=lambda d, t: progress("pull", d, t))
+        print(f"[kt] pulled {', '.join(pulled)}")
+        return None
+
+    def _config(self, args: Any) -> None:
+        if args.reset:
+            conn_mod.set_default_compute(Compute())
+        elif args.settings:
+            overrides: dict[str, Any] = {}
+            for item in args.settings:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise UsageError(f"settings are key=value, got {item!r}")
+                overrides[key.strip().replace("-", "_")] = value
+            if "env" in overrides:
+                from .args import parse_env
+
+                overrides["env_vars"] = parse_env(overrides.pop("env").split(";"))
+            try:
+                conn_mod.set_default_compute(conn_mod.default_compute().with_overrides(**overrides))
+            except (ComputeSpecError, TypeError) as exc:
+                raise UsageError(f"%kt config: {exc}") from None
+        default = conn_mod.default_compute()
+        print(f"default compute: {default!r}")
+        print(f"equivalent cell line: {default.magic_line() if hasattr(default, 'magic_line') else ''}")
+
+    def _wait(self, args: Any) -> None:
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        pending = [j for j in self.async_cells if not j.done.is_set()]
+        for job in pending:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not job.done.wait(remaining):
+                raise UsageError(f"{job.label} still running after {args.timeout:g} s")
+        failed = [j for j in self.async_cells if j.error is not None]
+        self.async_cells = [j for j in self.async_cells if not j.done.is_set()]
+        print(f"[kt] {len(pending)} background cell(s) finished" + (f", {len(failed)} failed" if failed else ""))
+        if failed:
+            raise failed[0].error

@@ -1,0 +1,314 @@
+"""Runs cells in the pod kernel's main thread, through IPython's InteractiveShell.
+
+The network loop (another thread) submits jobs; :meth:`Executor.serve_forever`
+runs them one at a time in the main thread, so signals (interrupts) reach
+user code, and the namespace persists between cells. Output is captured as
+protocol messages: stream text (coalesced by the session's outbox), display
+data and the last expression's value as mime bundles, errors as type, message
+and remote traceback whose line numbers are the cell's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from .outbox import Outbox
+from .protocol import exception_payload, type_name
+
+log = logging.getLogger("pod_kernel.executor")
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass
+class CellJob:
+    """One execute request: where its output goes and what to run."""
+
+    req_id: str
+    code: str
+    outbox: Outbox
+    cell_name: str | None = None
+    cell_label: str | None = None
+
+
+class _Stop:
+    """Sentinel that ends :meth:`Executor.serve_forever`."""
+
+
+def jsonable(value: Any) -> Any:
+    """Make a mime bundle JSON-safe: bytes become base64 text, tuples lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+class CellStream:
+    """sys.stdout / sys.stderr of the pod kernel: a running cell's writes go to its session."""
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def __init__(self, executor: "Executor", name: str, fallback: TextIO) -> None:
+        self._executor = executor
+        self.name = name
+        self._fallback = fallback
+
+    def write(self, text: str) -> int:
+        """Send text to the running cell's output, or to the kernel log when none runs."""
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        job = self._executor.current
+        if job is None:
+            self._fallback.write(text)
+        else:
+            job.outbox.write_stream(job.req_id, self.name, text)
+        return len(text)
+
+    def writelines(self, lines: list[str]) -> None:
+        """Write each line."""
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        """Flush the kernel log; session output is flushed by the outbox."""
+        self._fallback.flush()
+
+    def isatty(self) -> bool:
+        """Cell output is never a terminal."""
+        return False
+
+    def fileno(self) -> int:
+        """The underlying log file descriptor (subprocesses write there)."""
+        return self._fallback.fileno()
+
+    def readable(self) -> bool:  # pragma: no cover - io protocol
+        return False
+
+    def writable(self) -> bool:  # pragma: no cover - io protocol
+        return True
+
+
+def _make_shell(executor: "Executor"):
+    """Build the InteractiveShell subclass whose display paths feed ``executor``."""
+    from IPython.core.compilerop import CachingCompiler
+    from IPython.core.displayhook import DisplayHook
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets import Type
+    from traitlets.config import Config
+
+    class KtDisplayPublisher(DisplayPublisher):
+        def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kw):
+            executor.emit(
+                {
+                    "type": "display",
+                    "data": jsonable(data),
+                    "metadata": jsonable(metadata or {}),
+                    "transient": jsonable(transient or {}),
+                    "update": bool(update),
+                }
+            )
+
+        def clear_output(self, wait=False):
+            executor.emit({"type": "clear_output", "wait": bool(wait)})
+
+    class KtDisplayHook(DisplayHook):
+        _data: dict = {}
+        _md: dict = {}
+
+        def start_displayhook(self):
+            self._data, self._md = {}, {}
+
+        def write_output_prompt(self):
+            pass
+
+        def write_format_data(self, format_dict, md_dict=None):
+            self._data, self._md = format_dict, md_dict or {}
+
+        def finish_displayhook(self):
+            if self._data:
+                executor.emit(
+                    {
+                        "type": "execute_result",
+                        "data": jsonable(self._data),
+                        "metadata": jsonable(self._md),
+                        "execution_count": self.prompt_count,
+                    }
+                )
+
+    class KtCompiler(CachingCompiler):
+        next_name: str | None = None
+        labels: dict[str, str] = {}
+
+        def get_code_name(self, raw_code, transformed_code, number):
+            if self.next_name:
+                return self.next_name
+            return super().get_code_name(raw_code, transformed_code, number)
+
+        def format_code_name(self, name):
+            if name in self.labels:  # tracebacks say "Cell In[7]" with the notebook's own count
+                return "Cell", self.labels[name]
+            return super().format_code_name(name)
+
+    class KtShell(InteractiveShell):
+        displayhook_class = Type(KtDisplayHook)
+        display_pub_class = Type(KtDisplayPublisher)
+        compiler_class = Type(KtCompiler)
+
+        def _showtraceback(self, etype, evalue, stb):
+            executor.last_traceback = list(stb)
+
+        def enable_gui(self, gui=None):
+            pass
+
+    cfg = Config()
+    cfg.HistoryManager.enabled = False
+    cfg.InteractiveShell.colors = "nocolor"
+    cfg.InteractiveShell.xmode = "Context"
+    return KtShell.instance(config=cfg)
+
+
+class Executor:
+    """The main-thread cell runner of one pod kernel."""
+
+    def __init__(self, cells_dir: Path, allow_pickle: bool = True) -> None:
+        self.cells_dir = Path(cells_dir)
+        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        self.allow_pickle = allow_pickle
+        self.main_ident = threading.get_ident()
+        self.jobs: queue.Queue[CellJob | _Stop] = queue.Queue()
+        self.current: CellJob | None = None
+        self.last_traceback: list[str] = []
+        self.cells_run = 0
+        self._cell_counter = 0
+        self._interrupt_lock = threading.Lock()
+        log_out, log_err = sys.stdout, sys.stderr
+        sys.stdout = CellStream(self, "stdout", log_out)  # type: ignore[assignment]
+        sys.stderr = CellStream(self, "stderr", log_err)  # type: ignore[assignment]
+        os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        self.shell = _make_shell(self)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # Only a running cell is interrupted; a late signal after it ended is dropped.
+        if self.current is not None:
+            raise KeyboardInterrupt
+
+    @property
+    def namespace(self) -> dict[str, Any]:
+        """The persistent user namespace cells run in."""
+        return self.shell.user_ns
+
+    def user_names(self) -> list[str]:
+        """Names a user assigned (IPython's own entries hidden)."""
+        hidden = self.shell.user_ns_hidden
+        return [n for n in self.namespace if not n.startswith("_") and n not in hidden]
+
+    # ------------------------------------------------------------------ thread API
+
+    def submit(self, job: CellJob) -> None:
+        """Queue a cell; it runs after those before it (called from any thread)."""
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        """Make serve_forever return after the running cell."""
+        self.jobs.put(_Stop())
+
+    def interrupt(self, req_id: str | None = None) -> bool:
+        """Raise KeyboardInterrupt in the running cell (the one with ``req_id`` if given)."""
+        with self._interrupt_lock:
+            job = self.current
+            if job is None or (req_id is not None and job.req_id != req_id):
+                return False
+            signal.pthread_kill(self.main_ident, signal.SIGINT)
+            return True
+
+    def emit(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        """Append a message for the running cell (ignored when no cell runs)."""
+        job = self.current
+        if job is not None:
+            job.outbox.append(dict(header, id=job.req_id), payload)
+
+    # ------------------------------------------------------------------ main thread
+
+    def serve_forever(self) -> None:
+        """Run queued cells until :meth:`stop`; must be called from the main thread."""
+        while True:
+            job = self.jobs.get()
+            if isinstance(job, _Stop):
+                return
+            self.run(job)
+
+    def cell_path(self, cell_name: str | None, code: str) -> Path:
+        """Where a cell's source is written so tracebacks and debuggers can read it."""
+        self._cell_counter += 1
+        if cell_name:
+            base = _SAFE_NAME.sub("_", os.path.basename(cell_name)) or "cell"
+        else:
+            digest = hashlib.sha1(code.encode()).hexdigest()[:8]
+            base = f"cell-{self._cell_counter}-{digest}"
+        if not base.endswith(".py"):
+            base += ".py"
+        return self.cells_dir / base
+
+    def run(self, job: CellJob) -> None:
+        """Run one cell and append its execute_reply."""
+        path = self.cell_path(job.cell_name, job.code)
+        path.write_text(job.code)
+        self.last_traceback = []
+        self.shell.compile.next_name = str(path)
+        if job.cell_label:
+            self.shell.compile.labels[str(path)] = job.cell_label
+        reply: dict[str, Any]
+        payload = b""
+        try:
+            self.current = job
+            result = self.shell.run_cell(job.code, store_history=True)
+            sys.stdout.flush()
+            exc = result.error_in_exec or result.error_before_exec
+            if exc is None:
+                reply = {"status": "ok"}
+            else:
+                payload = exception_payload(exc, self.allow_pickle)
+                reply = {
+                    "status": "error",
+                    "ename": type_name(exc),
+                    "evalue": str(exc),
+                    "traceback": self.last_traceback or traceback.format_exception(exc),
+                    "exception": bool(payload),
+                }
+        except BaseException as exc:  # our own failure: report it, keep serving
+            log.exception("cell runner failed")
+            reply = {
+                "status": "error",
+                "ename": type_name(exc),
+                "evalue": str(exc),
+                "traceback": traceback.format_exception(exc),
+                "exception": False,
+            }
+        finally:
+            with self._interrupt_lock:
+                self.current = None
+            self.shell.compile.next_name = None
+        self.cells_run += 1
+        reply.update(type="execute_reply", id=job.req_id, execution_count=self.shell.execution_count - 1)
+        job.outbox.append(reply, payload)

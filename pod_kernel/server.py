@@ -1,0 +1,438 @@
+"""The pod kernel's network side: a websockets server with auth, sessions and replay.
+
+It runs an asyncio loop in a background thread; cells run in the main thread
+(:mod:`pod_kernel.executor`). One handler per request type, found through
+:attr:`PodKernelServer.handlers`; a handler's exception becomes an
+``error_reply`` and the connection stays up. A frame that breaks the
+protocol closes its connection (code 1002, with the reason) and nothing
+else: other clients keep being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable
+
+import psutil
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from . import protocol as P
+from .executor import CellJob, Executor
+from .metrics import MetricsSampler
+from .outbox import Outbox
+
+log = logging.getLogger("pod_kernel.server")
+
+#: Execute request ids remembered per session to drop resent duplicates.
+SEEN_IDS_KEPT = 4096
+#: Fraction of available memory one inbound bundle may declare.
+INBOUND_MEMORY_FRACTION = 0.9
+
+
+class RequestRefused(Exception):
+    """A request that cannot be served; becomes an error_reply with this type name."""
+
+    def __init__(self, ename: str, message: str) -> None:
+        super().__init__(message)
+        self.ename = ename
+
+
+@dataclass
+class Session:
+    """State of one client session; it outlives its connections."""
+
+    id: str
+    outbox: Outbox
+    ws: ServerConnection | None = None
+    seen_exec: dict[str, None] = field(default_factory=dict)
+
+
+@dataclass
+class Inbound:
+    """A bundle being received on a connection: header and assembler (or bytes to discard)."""
+
+    header: dict[str, Any]
+    assembler: P.BundleAssembler | None
+    discard_left: int = 0
+    refusal: RequestRefused | None = None
+
+
+class PodKernelServer:
+    """Serves one compute's executor over WebSockets."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        token: str,
+        compute_name: str = "default",
+        allowed_serialization: tuple[str, ...] = P.SERIALIZATIONS,
+        inactivity_ttl_s: float | None = None,
+    ) -> None:
+        self.executor = executor
+        self._token = token.encode()
+        self.compute_name = compute_name
+        self.allowed_serialization = tuple(allowed_serialization)
+        self.inactivity_ttl_s = inactivity_ttl_s
+        self.sessions: dict[str, Session] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port: int | None = None
+        self.started = time.time()
+        self.last_activity = time.monotonic()
+        self.stopping: asyncio.Event | None = None
+        self.stop_reason = ""
+        self._sampler: MetricsSampler | None = None
+        self.handlers: dict[str, Callable[[Session, ServerConnection, dict, memoryview], Awaitable[None]]] = {
+            "execute": self.on_execute,
+            "interrupt": self.on_interrupt,
+            "pull": self.on_pull,
+            "inventory": self.on_inventory,
+            "delete": self.on_delete,
+            "metrics": self.on_metrics,
+            "ping": self.on_ping,
+            "shutdown": self.on_shutdown,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def serve(self, host: str, port: int, on_ready: Callable[[int], None]) -> None:
+        """Listen until stopped; ``on_ready(port)`` is called once bound."""
+        self.loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        self._sampler = await asyncio.to_thread(MetricsSampler)
+        async with serve(
+            self.handle,
+            host,
+            port,
+            process_request=self.check_handshake,
+            compression=None,
+            max_size=P.MAX_FRAME_BYTES,
+            ping_interval=10,
+            ping_timeout=30,
+            server_header=None,
+        ) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            log.info("pod kernel %r serving on %s:%d (pid %d)", self.compute_name, host, self.port, os.getpid())
+            if self.inactivity_ttl_s:
+                self._arm_ttl(self.inactivity_ttl_s)
+            on_ready(self.port)
+            await self.stopping.wait()
+            log.info("stopping: %s", self.stop_reason)
+            for session in self.sessions.values():
+                session.outbox.flush()
+                if session.ws is not None:
+                    await session.ws.close(1001, self.stop_reason[:100])
+
+    def request_stop(self, reason: str) -> None:
+        """Stop serving (thread-safe); the running cell is interrupted first."""
+        def _stop() -> None:
+            if self.stopping is not None and not self.stopping.is_set():
+                self.stop_reason = reason
+                self.executor.interrupt()
+                self.stopping.set()
+
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(_stop)
+
+    def watch_owner(self, pid: int) -> None:
+        """Stop when process ``pid`` (the notebook kernel that launched us) exits."""
+        assert self.loop is not None
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.request_stop(f"owner process {pid} is gone")
+            return
+
+        def _gone() -> None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+            self.request_stop(f"owner process {pid} exited")
+
+        self.loop.add_reader(fd, _gone)
+
+    def _arm_ttl(self, delay_s: float) -> None:
+        assert self.loop is not None
+        self.loop.call_later(max(delay_s, 0.05), self._check_ttl)
+
+    def _check_ttl(self) -> None:
+        ttl = self.inactivity_ttl_s or 0
+        idle = time.monotonic() - self.last_activity
+        if self.executor.current is not None:
+            self.last_activity = time.monotonic()
+            self._arm_ttl(ttl)
+        elif idle >= ttl:
+            self.request_stop(f"inactive for {idle:.0f} s (inactivity_ttl {ttl:g} s)")
+        else:
+            self._arm_ttl(ttl - idle)
+
+    # ------------------------------------------------------------------ handshake
+
+    def check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Reject a wrong token (401) or another protocol version (426) before anything runs."""
+        auth = request.headers.get(P.HEADER_AUTH, "")
+        presented = auth[7:].encode() if auth.startswith("Bearer ") else b""
+        if not hmac.compare_digest(presented, self._token):
+            log.warning("rejected a connection from %s: missing or wrong token", connection.remote_address)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "kt pod kernel: missing or wrong token\n")
+        version = request.headers.get(P.HEADER_PROTOCOL, "")
+        if version != str(P.PROTOCOL_VERSION):
+            log.warning("rejected a client speaking protocol %r (this kernel speaks %d)", version, P.PROTOCOL_VERSION)
+            return connection.respond(
+                HTTPStatus.UPGRADE_REQUIRED,
+                f"kt pod kernel speaks protocol {P.PROTOCOL_VERSION}, the client speaks {version or 'none'}: "
+                "install the same kt_jupyter version on both sides\n",
+            )
+        return None
+
+    # ------------------------------------------------------------------ connections
+
+    async def handle(self, ws: ServerConnection) -> None:
+        """Serve one connection of a session until it closes."""
+        headers = ws.request.headers
+        sid = headers.get(P.HEADER_SESSION) or uuid.uuid4().hex
+        try:
+            last_seq = int(headers.get(P.HEADER_LAST_SEQ, "0"))
+        except ValueError:
+            last_seq = 0
+        session = self.sessions.get(sid)
+        if session is None:
+            session = self.sessions[sid] = Session(sid, Outbox(self.loop, on_text=_tee_to_log))
+        elif session.ws is not None:
+            await session.ws.close(1000, "replaced by a newer connection of the same session")
+        session.ws = ws
+        self.last_activity = time.monotonic()
+        running = self.executor.current
+        await ws.send(
+            P.encode_frame(
+                {
+                    "type": "welcome",
+                    "protocol": P.PROTOCOL_VERSION,
+                    "pid": os.getpid(),
+                    "compute": self.compute_name,
+                    "session": sid,
+                    "last_seq": session.outbox.last_seq,
+                    "running": running.req_id if running and running.outbox is session.outbox else None,
+                    "allowed_serialization": list(self.allowed_serialization),
+                    "started": self.started,
+                }
+            )
+        )
+        pump = asyncio.create_task(self._pump(session, ws, last_seq))
+        inbound: Inbound | None = None
+        try:
+            async for message in ws:
+                try:
+                    header, payload = P.decode_frame(message)
+                    if inbound is not None:
+                        inbound = await self._continue_inbound(session, ws, inbound, header, payload)
+                        continue
+                    P.check_request(header)
+                    if header["type"] == "push":
+                        inbound = await self._start_inbound(session, ws, header, payload)
+                        continue
+                    if header["type"] == "chunk":
+                        raise P.ProtocolError("chunk frame outside a bundle")
+                    self.last_activity = time.monotonic()
+                    await self._dispatch(session, ws, header, payload)
+                except P.ProtocolError as exc:
+                    log.warning("closing a connection that broke the protocol: %s", exc)
+                    await ws.close(1002, str(exc)[:120])
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            pump.cancel()
+            if session.ws is ws:
+                session.ws = None
+
+    async def _dispatch(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        handler = self.handlers[header["type"]]
+        try:
+            await handler(session, ws, header, payload)
+        except ConnectionClosed:
+            raise
+        except Exception as exc:
+            await self._send_error(ws, header["id"], exc)
+
+    async def _send_error(self, ws: ServerConnection, req_id: str, exc: Exception) -> None:
+        if isinstance(exc, RequestRefused):
+            ename, tb = exc.ename, ""
+        else:
+            log.warning("request %s failed: %s", req_id, exc)
+            ename, tb = P.type_name(exc), "".join(traceback.format_exception(exc))
+        await ws.send(P.encode_frame({"type": "error_reply", "id": req_id, "ename": ename,
+                                      "evalue": str(exc), "traceback": tb}))
+
+    async def _pump(self, session: Session, ws: ServerConnection, after_seq: int) -> None:
+        """Send the session's sequenced messages after ``after_seq``, then new ones as they come."""
+        sent = after_seq
+        outbox = session.outbox
+        try:
+            while True:
+                outbox.changed.clear()
+                frames, last, lost = outbox.since(sent)
+                if lost:
+                    await ws.send(P.encode_frame({"type": "notice", "level": "warning", "lost": lost,
+                                                  "text": f"{lost} output messages were dropped "
+                                                          "(replay buffer full) while disconnected"}))
+                for frame in frames:
+                    await ws.send(frame)
+                sent = last
+                await outbox.changed.wait()
+        except (ConnectionClosed, asyncio.CancelledError):
+            pass
+
+    # ------------------------------------------------------------------ bundles in (push)
+
+    async def _start_inbound(self, session: Session, ws: ServerConnection, header: dict,
+                             payload: memoryview) -> Inbound | None:
+        ser = header["serialization"]
+        sizes = header["sizes"]
+        if not all(isinstance(s, int) and s >= 0 for s in sizes):
+            raise P.ProtocolError("bundle sizes must be non-negative integers")
+        total = sum(sizes)
+        refusal = None
+        if ser not in self.allowed_serialization:
+            refusal = RequestRefused("SerializationRefused",
+                                     f"this pod kernel does not accept {ser!r} payloads "
+                                     f"(allowed_serialization={list(self.allowed_serialization)})")
+        elif total > psutil.virtual_memory().available * INBOUND_MEMORY_FRACTION:
+            refusal = RequestRefused("MemoryError",
+                                     f"a push of {total} bytes does not fit in the pod's available memory")
+        if refusal is not None:
+            inbound = Inbound(header, None, discard_left=total, refusal=refusal)
+        else:
+            inbound = Inbound(header, P.BundleAssembler(ser, list(sizes)))
+        return await self._continue_inbound(session, ws, inbound, None, payload)
+
+    async def _continue_inbound(self, session: Session, ws: ServerConnection, inbound: Inbound,
+                                header: dict | None, payload: memoryview) -> Inbound | None:
+        if header is not None and (header.get("type") != "chunk" or header.get("id") != inbound.header["id"]):
+            raise P.ProtocolError("expected the next chunk of the bundle in progress")
+        if inbound.assembler is None:
+            if len(payload) > inbound.discard_left:
+                raise P.ProtocolError("more bundle bytes than its declared sizes")
+            inbound.discard_left -= len(payload)
+            if inbound.discard_left == 0:
+                await self._send_error(ws, inbound.header["id"], inbound.refusal)
+                return None
+            return inbound
+        if len(payload):
+            inbound.assembler.feed(payload)
+        if not inbound.assembler.done:
+            return inbound
+        self.last_activity = time.monotonic()
+        try:
+            values = await asyncio.to_thread(P.load_values, inbound.assembler.bundle())
+            self.executor.namespace.update(values)
+            await ws.send(P.encode_frame({"type": "reply", "id": inbound.header["id"], "names": sorted(values)}))
+        except ConnectionClosed:
+            raise
+        except Exception as exc:
+            await self._send_error(ws, inbound.header["id"], exc)
+        return None
+
+    # ------------------------------------------------------------------ handlers
+
+    async def on_execute(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """Queue a cell; its output and execute_reply arrive through the session's outbox."""
+        req_id = header["id"]
+        if req_id in session.seen_exec:  # a client resending after a reconnect
+            return
+        session.seen_exec[req_id] = None
+        while len(session.seen_exec) > SEEN_IDS_KEPT:
+            session.seen_exec.pop(next(iter(session.seen_exec)))
+        cell_name, label = header.get("cell_name"), header.get("cell_label")
+        self.executor.submit(CellJob(req_id, header["code"], session.outbox,
+                                     cell_name if isinstance(cell_name, str) else None,
+                                     label if isinstance(label, str) else None))
+
+    async def on_interrupt(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """KeyboardInterrupt in the running cell (``target`` names it, else whichever runs)."""
+        target = header.get("target")
+        done = self.executor.interrupt(target if isinstance(target, str) else None)
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "interrupted": done}))
+
+    async def on_pull(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """Send the named values as a bundle."""
+        names = [str(n) for n in header["names"]]
+        ser = header["serialization"]
+        if ser not in self.allowed_serialization:
+            raise RequestRefused("SerializationRefused",
+                                 f"this pod kernel does not send {ser!r} payloads "
+                                 f"(allowed_serialization={list(self.allowed_serialization)})")
+        ns = self.executor.namespace
+        missing = [n for n in names if n not in ns]
+        if missing:
+            raise RequestRefused("NameError", f"not defined on the pod kernel: {', '.join(missing)}")
+        bundle = await asyncio.to_thread(P.dump_values, {n: ns[n] for n in names}, ser)
+        for frame in P.bundle_frames({"type": "values", "id": header["id"]}, bundle):
+            await ws.send(frame)
+
+    async def on_inventory(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """Name, type, size and (when asked) content fingerprint of user values."""
+        names = header.get("names")
+        want_fp = bool(header.get("fingerprints"))
+        ns = self.executor.namespace
+        chosen = [n for n in names if n in ns] if isinstance(names, list) else self.executor.user_names()
+
+        def _describe() -> list[dict[str, Any]]:
+            return [
+                {"name": n, "type": P.type_name(ns[n]), "size": P.approx_size(ns[n]),
+                 "fingerprint": P.fingerprint(ns[n]) if want_fp else None}
+                for n in chosen
+            ]
+
+        items = await asyncio.to_thread(_describe)
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "values": items}))
+
+    async def on_delete(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """Remove names from the namespace."""
+        ns = self.executor.namespace
+        removed = [n for n in map(str, header["names"]) if n in ns]
+        for name in removed:
+            del ns[name]
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "removed": removed}))
+
+    async def on_metrics(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """One resource sample plus the kernel's state."""
+        sample = await asyncio.to_thread(self._sampler.sample)
+        running = self.executor.current
+        sample.update(
+            compute=self.compute_name,
+            running=running.req_id if running else None,
+            cells_run=self.executor.cells_run,
+            idle_s=0.0 if running else time.monotonic() - self.last_activity,
+            uptime_s=time.time() - self.started,
+        )
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "metrics": sample}))
+
+    async def on_ping(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """Answer at once (a heartbeat)."""
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "pid": os.getpid()}))
+
+    async def on_shutdown(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """Acknowledge, then stop the pod kernel."""
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"]}))
+        self.request_stop("shutdown requested by a client")
+
+
+def _tee_to_log(name: str, text: str) -> None:
+    """Cell output also goes to the kernel's log (its real stdout/stderr)."""
+    import sys
+
+    stream = sys.__stdout__ if name == "stdout" else sys.__stderr__
+    if stream is not None:
+        try:
+            stream.write(text)
+        except (OSError, ValueError):
+            pass

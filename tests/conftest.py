@@ -1,0 +1,56 @@
+"""Shared fixtures: an isolated KT_HOME and pod kernels as real local processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(autouse=True)
+def kt_home(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own ~/.kt, so registries never collide."""
+    home = tmp_path_factory.mktemp("kt_home")
+    monkeypatch.setenv("KT_HOME", str(home))
+    monkeypatch.setenv("KT_USERNAME", "tester")
+    return home
+
+
+@pytest.fixture
+def local_backend(kt_home):
+    """A LocalBackend on the test's KT_HOME; deletes whatever the test left running."""
+    from kt_jupyter.backends.local import LocalBackend
+
+    backend = LocalBackend()
+    yield backend
+    for info in backend.list():
+        backend.delete(info.name, grace_period_s=1)
+
+
+@pytest.fixture
+def kernel(local_backend):
+    """A running pod kernel (real process) and a connected session to it."""
+    from kt_jupyter.compute import Compute
+
+    handle = local_backend.launch(Compute(name="t"))
+    session = handle.session()
+    session.connect()
+    yield handle, session
+    session.close()
+
+
+def python_exe() -> str:
+    """The interpreter running the tests (pod kernels run on it too)."""
+    return sys.executable
+
+
+def env_without_token() -> dict[str, str]:
+    """The environment minus any KT_TOKEN."""
+    env = dict(os.environ)
+    env.pop("KT_TOKEN", None)
+    return env

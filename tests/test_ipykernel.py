@@ -1,0 +1,108 @@
+"""%%kt through a real ipykernel (jupyter_client): the iopub messages a notebook would get."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+
+@pytest.fixture(scope="module")
+def kc(tmp_path_factory):
+    """A real IPython kernel (own process) with kt loaded, and its client."""
+    home = tmp_path_factory.mktemp("kt_home_ipk")
+    env = dict(os.environ, KT_HOME=str(home))
+    km, client = start_new_kernel(kernel_name="python3", env=env)
+    run_cell(client, "%load_ext kt_jupyter")
+    yield km, client
+    run_cell(client, "%kt down --all")
+    client.stop_channels()
+    km.shutdown_kernel(now=True)
+
+
+def run_cell(client, code: str, timeout: float = 60, stdin_replies: list[str] | None = None):
+    """Execute; return (reply content, list of iopub messages for it)."""
+    msgs = []
+    reply = client.execute_interactive(code, timeout=timeout, output_hook=msgs.append,
+                                       allow_stdin=stdin_replies is not None)
+    return reply["content"], [m for m in msgs if m["msg_type"] != "status"]
+
+
+def outputs(msgs, kind):
+    return [m["content"] for m in msgs if m["msg_type"] == kind]
+
+
+def test_stream_display_result_and_namespace(kc):
+    _, client = kc
+    reply, msgs = run_cell(
+        client,
+        "%%kt\nimport os\nfrom IPython.display import HTML, display\n"
+        "print('hello from', os.getpid())\ndisplay(HTML('<i>rich</i>'))\nanswer = 6 * 7\nanswer",
+    )
+    assert reply["status"] == "ok"
+    streams = "".join(c["text"] for c in outputs(msgs, "stream") if c["name"] == "stdout")
+    remote_pid = int(streams.split("hello from")[1].split()[0])
+    kernel_pid_reply, kmsgs = run_cell(client, "import os; os.getpid()")
+    kernel_pid = int(outputs(kmsgs, "execute_result")[0]["data"]["text/plain"])
+    assert remote_pid != kernel_pid  # the cell ran in another process
+    assert outputs(msgs, "display_data")[0]["data"]["text/html"] == "<i>rich</i>"
+    assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "42"
+    _, msgs = run_cell(client, "answer + 1")
+    assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "43"
+
+
+def test_remote_error_is_an_error_reply_with_real_type(kc):
+    _, client = kc
+    reply, msgs = run_cell(client, "%%kt\nx = 1\nraise ValueError('bad value')")
+    assert reply["status"] == "error" and reply["ename"] == "ValueError"
+    err = outputs(msgs, "error")[0]
+    tb = "\n".join(err["traceback"])
+    assert "bad value" in tb and "line 3" in tb
+    assert "kt_jupyter" not in tb
+
+
+def test_matplotlib_figure_arrives_as_png(kc):
+    pytest.importorskip("matplotlib")
+    _, client = kc
+    reply, msgs = run_cell(client, "%%kt\nimport matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()")
+    assert reply["status"] == "ok", reply
+    pngs = [c for c in outputs(msgs, "display_data") if "image/png" in c["data"]]
+    assert pngs, msgs
+
+
+def test_pandas_table_arrives_as_html(kc):
+    pytest.importorskip("pandas")
+    _, client = kc
+    _, msgs = run_cell(client, "%%kt\nimport pandas as pd\npd.DataFrame({'a': [1, 2]})")
+    assert "<table" in outputs(msgs, "execute_result")[0]["data"]["text/html"]
+
+
+def test_interrupt_kernel_interrupts_remote_cell_and_state_survives(kc):
+    km, client = kc
+    run_cell(client, "%%kt\nsurvivor = 'alive'")
+    started = threading.Event()
+    result = {}
+
+    def hook(msg):
+        if msg["msg_type"] == "stream" and "start" in msg["content"]["text"]:
+            started.set()
+
+    def execute():
+        result["reply"] = client.execute_interactive(
+            "%%kt\nimport time\nprint('start', flush=True)\ntime.sleep(60)", timeout=60, output_hook=hook
+        )["content"]
+
+    t = threading.Thread(target=execute)
+    t0 = time.perf_counter()
+    t.start()
+    assert started.wait(30), "the remote cell never started"
+    km.interrupt_kernel()  # the notebook's "interrupt kernel" button
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert time.perf_counter() - t0 < 20
+    assert result["reply"]["status"] == "error" and result["reply"]["ename"] == "KeyboardInterrupt"
+    _, msgs = run_cell(client, "%%kt\nsurvivor")
+    assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "'alive'"

@@ -1,0 +1,253 @@
+"""%%kt and %kt driven through IPython's InteractiveShell; pod kernels are real processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+from IPython.core.error import UsageError
+
+from kt_jupyter import connection as conn_mod
+from kt_jupyter.errors import TransferError
+
+
+@pytest.fixture
+def ip(kt_home):
+    """An IPython shell with kt loaded; every compute it started is deleted afterwards."""
+    from IPython.testing.globalipapp import get_ipython
+
+    shell = get_ipython()
+    shell.run_line_magic("load_ext", "kt_jupyter")
+    shell.run_line_magic("kt", "config --reset")
+    saved = dict(shell.user_ns)
+    yield shell
+    shell.run_line_magic("kt", "down --all")
+    for conn in conn_mod.connections():
+        conn_mod.disconnect(conn.name)
+    shell.user_ns.clear()
+    shell.user_ns.update(saved)
+
+
+def run(ip, code: str):
+    """Run a cell; re-raise its error so tests see failures."""
+    result = ip.run_cell(code)
+    if result.error_before_exec is not None:
+        raise result.error_before_exec
+    if result.error_in_exec is not None:
+        raise result.error_in_exec
+    return result.result
+
+
+def magics(ip):
+    return ip.magics_manager.registry["KtMagics"]
+
+
+def test_cell_runs_in_another_process_and_returns_last_value(ip):
+    import os
+
+    out = run(ip, "%%kt\nimport os\npid = os.getpid()\npid")
+    assert ip.user_ns["pid"] != os.getpid()
+    assert psutil.Process(ip.user_ns["pid"]).name().startswith("python")
+    assert repr(out) == str(ip.user_ns["pid"])
+
+
+def test_globals_in_functions_lambdas_closures_classes_and_modules(ip):
+    run(ip, "import numpy as np\n"
+            "data = [1, 2, 3]\n"
+            "scale = 10\n"
+            "def times(x): return x * scale\n"
+            "class Box:\n    def __init__(self, v): self.v = v\n"
+            "def make_adder(n):\n    return lambda x: x + n\n"
+            "add5 = make_adder(5)\n"
+            "sq = lambda x: x * x\n")
+    run(ip, "%%kt\n"
+            "result = [add5(times(sq(x))) for x in data]\n"
+            "box = Box(np.asarray(result).sum())\n"
+            "mod = np.__name__\n")
+    assert ip.user_ns["result"] == [15, 45, 95]
+    assert ip.user_ns["box"].v == 155
+    assert ip.user_ns["mod"] == "numpy"
+    outcome = magics(ip).last_outcome
+    assert set(outcome.pushed) >= {"add5", "times", "sq", "data", "Box", "np"}
+
+
+def test_unchanged_values_are_not_sent_again(ip):
+    ip.user_ns["big"] = np.ones(8 * 2**20 // 8)
+    run(ip, "%%kt\ns = float(big.sum())")
+    first = magics(ip).last_outcome
+    assert "big" in first.pushed and first.bytes_pushed >= 8 * 2**20
+    run(ip, "%%kt\ns = float(big.sum())")
+    second = magics(ip).last_outcome
+    assert "big" in second.skipped_unchanged and second.bytes_pushed == 0
+    ip.user_ns["big"][0] = 5  # changed locally: sent again
+    run(ip, "%%kt\ns = float(big.sum())")
+    assert "big" in magics(ip).last_outcome.pushed and ip.user_ns["s"] == 8 * 2**20 // 8 + 4
+    run(ip, "%%kt --push big\ns = float(big.sum())")  # forced
+    assert "big" in magics(ip).last_outcome.pushed
+
+
+def test_unpicklable_global_is_clear_error_and_nothing_runs(ip):
+    ip.user_ns["lock"] = threading.Lock()
+    run(ip, "%%kt\nran = 0")
+    with pytest.raises(TransferError) as info:
+        run(ip, "%%kt\nran = 1\nprint(lock)")
+    assert "`lock`" in str(info.value) and "_thread.lock" in str(info.value) and "nothing ran" in str(info.value)
+    assert run(ip, "%%kt\nran").data == {"text/plain": "0"}
+
+
+def test_assignment_forms_come_back(ip):
+    run(ip, "%%kt\n"
+            "a = 1\n"
+            "b, (c, *d) = 2, (3, 4, 5)\n"
+            "a += 10\n"
+            "for i in range(3): pass\n"
+            "import json as js\n"
+            "from math import pi\n"
+            "def fn(): return 'fn'\n"
+            "class K: pass\n"
+            "if (w := 7): pass\n"
+            "with open(__file__) if False else __import__('contextlib').nullcontext(9) as ctx: pass\n")
+    ns = ip.user_ns
+    assert (ns["a"], ns["b"], ns["c"], ns["d"], ns["i"], ns["w"], ns["ctx"]) == (11, 2, 3, [4, 5], 2, 7, 9)
+    assert ns["js"].__name__ == "json" and abs(ns["pi"] - 3.14159) < 1e-5
+    assert ns["fn"]() == "fn" and ns["K"].__name__ == "K"
+
+
+def test_del_removes_locally_and_remotely(ip):
+    ip.user_ns["gone"] = 1
+    run(ip, "%%kt\nkeep = gone\ndel gone")
+    assert "gone" not in ip.user_ns and ip.user_ns["keep"] == 1
+
+
+def test_big_values_stay_remote_as_remoteref_and_pull_fetches(ip):
+    run(ip, "%%kt --pull-limit 1MB\nimport numpy as np\nhuge = np.arange(1_000_000)\nsmall = 3")
+    ref = ip.user_ns["huge"]
+    assert isinstance(ref, conn_mod.RemoteRef)
+    assert "huge" in repr(ref) and "7.6 MiB" in repr(ref) and "'default'" in repr(ref) and "%kt pull huge" in repr(ref)
+    assert ip.user_ns["small"] == 3
+    # a later cell uses the real remote value, with no transfer
+    run(ip, "%%kt\ntotal = int(huge.sum())")
+    assert ip.user_ns["total"] == sum(range(1_000_000))
+    assert magics(ip).last_outcome.bytes_pushed == 0
+    run(ip, "%kt pull huge")
+    assert isinstance(ip.user_ns["huge"], np.ndarray) and ip.user_ns["huge"][-1] == 999_999
+
+
+def test_pull_and_no_pull_options(ip):
+    run(ip, "%%kt --pull x\nx = 1\ny = 2")
+    assert ip.user_ns["x"] == 1 and "y" not in ip.user_ns
+    run(ip, "%%kt --no-pull\nz = 3")
+    assert "z" not in ip.user_ns
+    assert run(ip, "%%kt\ny + z").data == {"text/plain": "5"}
+    with pytest.raises(UsageError, match="contradict"):
+        run(ip, "%%kt --pull x --no-pull\nx = 1")
+
+
+def test_remote_exception_real_type_with_cell_lines(ip, capsys):
+    with pytest.raises(ZeroDivisionError) as info:
+        run(ip, "%%kt\nx = 1\n\ndef f():\n    return 1 / 0\nf()")
+    rendered = "".join(info.value._render_traceback_())
+    # lines counted as in the notebook cell, whose line 1 is the %%kt line
+    assert "line 6" in rendered and "line 5" in rendered and "return 1 / 0" in rendered
+    assert "kt_jupyter" not in rendered  # no frames of our own code
+
+
+def test_timeout_interrupts_and_state_survives(ip):
+    from kt_jupyter.errors import RemoteTimeoutError
+
+    run(ip, "%%kt\nalive = 'yes'")
+    t0 = time.perf_counter()
+    with pytest.raises(RemoteTimeoutError, match="did not finish within 1 s"):
+        run(ip, "%%kt --timeout 1\nimport time\ntime.sleep(30)")
+    assert time.perf_counter() - t0 < 10
+    assert run(ip, "%%kt\nalive").data == {"text/plain": "'yes'"}
+
+
+def test_async_cell_and_wait(ip):
+    run(ip, "%%kt --async\nimport time\ntime.sleep(0.5)\nlate = 42")
+    assert "late" not in ip.user_ns  # the notebook was free at once
+    run(ip, "%kt wait --timeout 30")
+    assert ip.user_ns["late"] == 42
+
+
+def test_env_and_name_options(ip):
+    run(ip, "%%kt --name other --env A=1 --env B=x=y\nimport os\nenv = (os.environ['A'], os.environ['B'])")
+    assert ip.user_ns["env"] == ("1", "x=y")
+    names = {c.name for c in conn_mod.connections()}
+    assert "other" in names
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("%%kt --bogus", "unrecognized arguments"),
+        ("%%kt --env NOEQUALS", "KEY=VALUE"),
+        ("%%kt --timeout soon", "--timeout expects seconds"),
+        ("%%kt --timeout -1", "must be positive"),
+        ("%%kt --pull-limit lots", "--pull-limit"),
+        ("%%kt --backend moon", "invalid choice"),
+        ("%%kt --gpus 999", "asks for 999 GPU"),
+    ],
+)
+def test_bad_options_are_usage_errors(ip, line, message):
+    with pytest.raises(UsageError, match=message):
+        run(ip, f"{line}\nx = 1")
+
+
+def test_help(ip, capsys):
+    run(ip, "%%kt --help\npass")
+    out = capsys.readouterr().out
+    for option in ("--name", "--gpus", "--push", "--pull-limit", "--async", "--timeout"):
+        assert option in out
+    run(ip, "%kt help")
+    out = capsys.readouterr().out
+    for sub in ("list", "status", "logs", "down", "restart", "pull", "config", "wait"):
+        assert sub in out
+    run(ip, "%kt logs --help")
+    assert "--tail" in capsys.readouterr().out
+
+
+def test_line_magic_list_status_logs_restart_down(ip, capsys):
+    run(ip, "%%kt\nprint('to the log')\nkept = 1")
+    capsys.readouterr()
+    run(ip, "%kt list")
+    out = capsys.readouterr().out
+    assert "default" in out and "ready" in out and "local pid" in out
+    run(ip, "%kt status")
+    out = capsys.readouterr().out
+    assert "ready" in out and "rss" in out
+    run(ip, "%kt logs --tail 50")
+    assert "to the log" in capsys.readouterr().out
+    run(ip, "%kt restart")
+    assert run(ip, "%%kt\n'kept' in globals()").data == {"text/plain": "False"}
+    run(ip, "%kt down default")
+    assert "stopped and deleted" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="no local compute named 'nothing'"):
+        run(ip, "%kt status nothing")
+    with pytest.raises(UsageError, match="unknown subcommand"):
+        run(ip, "%kt frobnicate")
+
+
+def test_config_sets_default_compute(ip, capsys):
+    run(ip, "%kt config name=cfg")
+    assert conn_mod.default_compute().name == "cfg"
+    run(ip, "%%kt\nwhere = 'cfg'")
+    assert {c.name for c in conn_mod.connections()} >= {"cfg"}
+    with pytest.raises(UsageError):
+        run(ip, "%kt config nonsense")
+    run(ip, "%kt config --reset")
+    assert conn_mod.default_compute().name == "default"
+
+
+def test_dead_kernel_is_relaunched_saying_state_was_lost(ip, capsys):
+    from kt_jupyter.errors import KernelDiedError
+
+    run(ip, "%%kt\nstate = 1")
+    with pytest.raises(KernelDiedError, match="SIGKILL"):
+        run(ip, "%%kt\nimport os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    capsys.readouterr()
+    assert run(ip, "%%kt\n'state' in globals()").data == {"text/plain": "False"}
+    assert "variables are lost" in capsys.readouterr().err

@@ -1,0 +1,385 @@
+"""The pod kernel as a real process on 127.0.0.1, driven through the production client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
+
+from kt_jupyter.client import client_loop
+from kt_jupyter.compute import Compute
+from kt_jupyter.errors import AuthError, KernelDiedError, ProtocolMismatchError, RemoteError
+from pod_kernel import protocol as P
+
+
+def raw_connect(url: str, token: str, **headers: str):
+    """A bare websockets client speaking our handshake (for hostile-input tests)."""
+    hdrs = {P.HEADER_AUTH: f"Bearer {token}", P.HEADER_PROTOCOL: str(P.PROTOCOL_VERSION)}
+    hdrs.update(headers)
+    return ws_connect(url, additional_headers=hdrs, compression=None, max_size=None)
+
+
+def test_execute_streams_output_and_returns_last_value(kernel):
+    _, s = kernel
+    out = []
+    r = s.execute("import sys\nprint('a')\nprint('b', file=sys.stderr)\nx = 41\nx + 1", on_output=out.append)
+    assert r.data == {"text/plain": "42"}
+    streams = [(m["name"], m["text"]) for m in out if m["type"] == "stream"]
+    assert ("stdout", "a\n") in streams and ("stderr", "b\n") in streams
+    assert [m["type"] for m in out][-1] == "execute_result"
+    # the namespace persists between cells
+    assert s.execute("x * 2").data == {"text/plain": "82"}
+
+
+def test_stream_is_coalesced_not_one_message_per_write(kernel):
+    _, s = kernel
+    out = []
+    s.execute("for i in range(2000): print(i)", on_output=out.append)
+    text = "".join(m["text"] for m in out if m["type"] == "stream")
+    assert text == "".join(f"{i}\n" for i in range(2000))
+    assert len(out) < 50, f"{len(out)} messages for 2000 prints"
+
+
+def test_output_is_live_while_the_cell_runs(kernel):
+    _, s = kernel
+    arrivals = []
+    code = "import time\nprint('first', flush=True)\ntime.sleep(0.5)\nprint('second')"
+    t0 = time.perf_counter()
+    s.execute(code, on_output=lambda m: arrivals.append((m.get("text"), time.perf_counter() - t0)))
+    first = [t for text, t in arrivals if text and "first" in text][0]
+    assert first < 0.4, f"first line arrived after {first:.2f} s, not live"
+
+
+def test_display_and_rich_reprs_and_magics_and_shell(kernel):
+    _, s = kernel
+    out = []
+    s.execute(
+        "from IPython.display import HTML, display\n"
+        "display(HTML('<b>bold</b>'))\n"
+        "!echo from-shell\n"
+        "%env KT_TEST_VAR=7\n",
+        on_output=out.append,
+    )
+    displays = [m for m in out if m["type"] == "display"]
+    assert displays and displays[0]["data"]["text/html"] == "<b>bold</b>"
+    text = "".join(m.get("text", "") for m in out if m["type"] == "stream")
+    assert "from-shell" in text
+    assert s.execute("import os; os.environ['KT_TEST_VAR']").data["text/plain"] == "'7'"
+
+
+def test_remote_error_has_real_type_and_cell_line_numbers(kernel):
+    _, s = kernel
+    with pytest.raises(ZeroDivisionError) as info:
+        s.execute("def f():\n    return 1 / 0\n\nf()")
+    tb = info.value.remote_traceback
+    assert "line 4" in tb and "line 2" in tb and "return 1 / 0" in tb
+
+
+def test_remote_error_of_unimportable_type_is_remote_error(kernel):
+    _, s = kernel
+    with pytest.raises(RemoteError) as info:
+        s.execute("class Custom(Exception): pass\nraise Custom('nope')")
+    assert "Custom" in info.value.ename and info.value.evalue == "nope"
+
+
+def test_syntax_error_is_reported(kernel):
+    _, s = kernel
+    with pytest.raises(SyntaxError):
+        s.execute("def (:")
+
+
+def test_interrupt_raises_keyboardinterrupt_and_state_survives(kernel):
+    _, s = kernel
+    s.execute("survivor = 'alive'")
+
+    def on_output(msg):
+        if "sleeping" in msg.get("text", ""):
+            threading.Thread(target=s.interrupt).start()
+
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        s.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(60)", on_output=on_output)
+    assert time.perf_counter() - t0 < 10
+    assert s.execute("survivor").data == {"text/plain": "'alive'"}
+
+
+def test_push_pull_200mb_exact(kernel):
+    _, s = kernel
+    arr = np.random.default_rng(1).integers(0, 2**63, size=200 * 2**20 // 8, dtype=np.int64)
+    progress = []
+    assert s.push({"big": arr}, on_progress=lambda done, total: progress.append((done, total))) == ["big"]
+    done, total = progress[-1]
+    assert done == total and arr.nbytes <= total < arr.nbytes + 4096  # the array plus a small pickle stream
+    assert len(progress) >= 40  # reported chunk by chunk, not once at the end
+    assert s.execute("big.nbytes").data == {"text/plain": str(arr.nbytes)}
+    back = s.pull(["big"])["big"]
+    assert back.dtype == arr.dtype and np.array_equal(back, arr)
+
+
+def test_inventory_fingerprints_change_with_content(kernel):
+    _, s = kernel
+    s.push({"v": np.zeros(100)})
+    inv1 = {i["name"]: i for i in s.inventory(["v"], fingerprints=True)}
+    assert inv1["v"]["type"] == "numpy.ndarray" and inv1["v"]["size"] == 800
+    assert inv1["v"]["fingerprint"] == P.fingerprint(np.zeros(100))
+    s.execute("v[0] = 1")
+    inv2 = {i["name"]: i for i in s.inventory(["v"], fingerprints=True)}
+    assert inv2["v"]["fingerprint"] != inv1["v"]["fingerprint"]
+    assert s.delete(["v", "missing"]) == ["v"]
+    assert s.inventory(["v"]) == []
+
+
+def test_pull_of_missing_name_is_a_clear_error(kernel):
+    _, s = kernel
+    with pytest.raises(RemoteError, match="not defined on the pod kernel: nothere"):
+        s.pull(["nothere"])
+
+
+def test_metrics_sample(kernel):
+    _, s = kernel
+    m = s.metrics()
+    assert m["rss_bytes"] > 10 * 2**20
+    assert 0 <= m["cpu_percent"]
+    assert m["host_memory_total_bytes"] > m["host_memory_used_bytes"] > 0
+    assert m["gpus"] == [] or all("utilization_percent" in g for g in m["gpus"])
+
+
+def test_connection_drop_mid_cell_loses_nothing_and_keeps_order(kernel):
+    _, s = kernel
+    lines = []
+    drops = {40, 120, 260}
+
+    def on_output(msg):
+        if msg["type"] != "stream":
+            return
+        lines.extend(msg["text"].splitlines())
+        if drops and int(lines[-1]) >= min(drops):
+            drops.discard(min(drops))
+            conn = s._conn
+            client_loop().call_soon_threadsafe(conn.ws.transport.abort)
+
+    code = "import time\nfor i in range(400):\n    print(i, flush=True)\n    time.sleep(0.002)\n'done'"
+    r = s.execute(code, on_output=on_output)
+    assert r.data == {"text/plain": "'done'"}
+    assert lines == [str(i) for i in range(400)]
+    assert s.reconnects == 3
+
+
+def test_cell_keeps_running_with_no_client(kernel, local_backend):
+    handle, s = kernel
+    s.execute("import threading, time\nflag = []\n")
+    s.close()
+    s2 = handle.session()
+    out = []
+    # a cell started by one session finishes while that session is gone; a new session sees its result
+    s2.execute("time.sleep(0.2); flag.append(1); len(flag)", on_output=out.append)
+    assert s2.execute("len(flag)").data == {"text/plain": "1"}
+
+
+def test_wrong_or_missing_token_is_rejected_and_nothing_runs(kernel):
+    handle, s = kernel
+    bad = handle.session()
+    bad._token = "wrong"
+    with pytest.raises(AuthError, match="rejected the token"):
+        bad.execute("hacked = True")
+    with pytest.raises(InvalidStatus) as info:
+        ws_connect(handle.url, additional_headers={P.HEADER_PROTOCOL: "1"})
+    assert info.value.response.status_code == 401
+    assert s.inventory(["hacked"]) == []
+
+
+def test_protocol_mismatch_is_clear_on_both_sides(kernel, local_backend, monkeypatch):
+    handle, s = kernel
+    monkeypatch.setattr(P, "PROTOCOL_VERSION", 999)
+    other = handle.session()
+    with pytest.raises(ProtocolMismatchError, match="speaks protocol 1, the client speaks 999"):
+        other.connect()
+    assert "speaking protocol '999'" in local_backend.logs("t")
+
+
+@pytest.mark.parametrize(
+    "bad_frame",
+    [
+        b"\x00",
+        b"\xff\xff\xff\xff{}",
+        P.encode_frame({"type": "nonsense", "id": "1"}),
+        P.encode_frame({"type": "execute", "id": 5, "code": "x=1"}),
+        P.encode_frame({"type": "chunk", "id": "1"}, b"zz"),
+        P.encode_frame({"type": "push", "id": "1", "serialization": "pickle", "sizes": [4]}) ,
+    ],
+)
+def test_malformed_frames_close_that_connection_and_server_keeps_serving(kernel, bad_frame):
+    handle, s = kernel
+    with raw_connect(handle.url, handle.token) as ws:
+        ws.recv()  # welcome
+        ws.send(bad_frame)
+        if bad_frame.startswith(P.encode_frame({"type": "push", "id": "1", "serialization": "pickle", "sizes": [4]})):
+            ws.send(P.encode_frame({"type": "ping", "id": "2"}))  # not the chunk the bundle needs
+        with pytest.raises(Exception):
+            while True:
+                ws.recv(timeout=10)
+        assert ws.close_code == 1002
+    assert s.execute("1 + 1").data == {"text/plain": "2"}
+
+
+def test_text_message_closes_connection(kernel):
+    handle, s = kernel
+    with raw_connect(handle.url, handle.token) as ws:
+        ws.recv()
+        ws.send("text is not our protocol")
+        with pytest.raises(Exception):
+            ws.recv(timeout=10)
+        assert ws.close_code == 1002
+    assert s.ping() < 5
+
+
+def test_registry_reattach_from_second_process(kernel, kt_home):
+    handle, s = kernel
+    s.execute("shared_state = {'answer': 42}")
+    script = textwrap.dedent(
+        """
+        from kt_jupyter.backends.local import LocalBackend
+        h = LocalBackend().find("t")
+        s = h.session()
+        print(h.pid, s.execute("shared_state['answer']").data["text/plain"])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, KT_HOME=str(kt_home)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(handle.pid), "42"]
+
+
+def test_launch_twice_returns_same_kernel(local_backend):
+    h1 = local_backend.launch(Compute(name="same"))
+    h2 = local_backend.launch(Compute(name="same"))
+    assert h1.pid == h2.pid and h1.url == h2.url
+
+
+def test_delete_leaves_no_orphans(local_backend):
+    h = local_backend.launch(Compute(name="orph"))
+    s = h.session()
+    child = int(s.execute("import subprocess\np = subprocess.Popen(['sleep', '300'])\np.pid").data["text/plain"])
+    grandchild_alive = psutil.pid_exists(child)
+    assert grandchild_alive
+    s.close()
+    assert local_backend.delete("orph", grace_period_s=2)
+    for pid in (h.pid, child):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert local_backend.find("orph") is None
+
+
+def test_killed_kernel_is_a_clear_error_with_signal_and_log(local_backend):
+    h = local_backend.launch(Compute(name="doomed"))
+    s = h.session()
+    s.execute("print('last words before dying')")
+    with pytest.raises(KernelDiedError) as info:
+        s.execute("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    msg = str(info.value)
+    assert "SIGKILL" in msg and "doomed" in msg and "last words before dying" in msg
+    assert local_backend.status("doomed").phase == "stopped"
+
+
+def test_token_is_never_in_argv_env_or_log(kernel, local_backend):
+    handle, s = kernel
+    s.execute("print('hello')")
+    proc = psutil.Process(handle.pid)
+    assert handle.token not in " ".join(proc.cmdline())
+    assert all(handle.token not in v for v in proc.environ().values())
+    assert handle.token not in local_backend.logs("t", tail=None)
+    assert handle.token not in repr(handle) and handle.token not in repr(s)
+    token_file = local_backend.root / "t" / "token"
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_json_only_mode_refuses_pickle(local_backend):
+    h = local_backend.launch(Compute(name="jsononly", allowed_serialization=["json"]))
+    s = h.session()
+    with pytest.raises(RemoteError, match="does not accept 'pickle'"):
+        s.push({"a": np.zeros(3)})
+    with pytest.raises(RemoteError, match="does not send 'pickle'"):
+        s.pull(["a"])
+    assert s.push({"j": {"k": [1, 2]}}, serialization="json") == ["j"]
+    assert s.pull(["j"], serialization="json") == {"j": {"k": [1, 2]}}
+    with pytest.raises(RemoteError) as info:  # errors still arrive, as RemoteError (no pickled exception)
+        s.execute("1/0")
+    assert info.value.ename == "ZeroDivisionError"
+
+
+def test_kernel_stops_when_owner_exits(kt_home):
+    script = textwrap.dedent(
+        """
+        from kt_jupyter.backends.local import LocalBackend
+        from kt_jupyter.compute import Compute
+        print(LocalBackend().launch(Compute(name="owned")).pid, flush=True)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, KT_HOME=str(kt_home)))
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.strip())
+    try:
+        psutil.Process(pid).wait(timeout=15)
+    except psutil.NoSuchProcess:
+        pass
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_keep_survives_owner_exit(kt_home, local_backend):
+    script = textwrap.dedent(
+        """
+        from kt_jupyter.backends.local import LocalBackend
+        from kt_jupyter.compute import Compute
+        print(LocalBackend().launch(Compute(name="kept"), keep=True).pid, flush=True)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, KT_HOME=str(kt_home)))
+    pid = int(out.stdout.strip())
+    h = local_backend.find("kept")
+    assert h is not None and h.pid == pid
+    assert h.session().ping() < 5
+
+
+def test_inactivity_ttl_stops_idle_kernel(local_backend):
+    h = local_backend.launch(Compute(name="ttl", inactivity_ttl=1))
+    s = h.session()
+    s.execute("import time; time.sleep(1.5)")  # a running cell is activity, not idleness
+    t0 = time.monotonic()
+    psutil.Process(h.pid).wait(timeout=15)
+    assert time.monotonic() - t0 < 10
+    assert "inactive for" in local_backend.logs("ttl")
+
+
+def test_more_gpus_than_machine_is_clear_error(local_backend):
+    from kt_jupyter.backends.local import machine_gpu_count
+    from kt_jupyter.errors import ComputeSpecError
+
+    have = machine_gpu_count()
+    with pytest.raises(ComputeSpecError, match=f"asks for {have + 1} GPU"):
+        local_backend.launch(Compute(name="gpu", gpus=have + 1))
+
+
+def test_launch_to_ready_is_fast(local_backend):
+    t0 = time.perf_counter()
+    h = local_backend.launch(Compute(name="fast"))
+    h.session().execute("1")
+    assert time.perf_counter() - t0 < 5  # generous bound for a loaded CI box; measured figure goes in the note
+
+
+def test_launch_failure_names_exit_code_and_log(local_backend, monkeypatch):
+    from kt_jupyter.errors import LaunchError
+
+    with pytest.raises(LaunchError, match="exited with code") as info:
+        local_backend.launch(Compute(name="broken", env_vars={"PYTHONPATH": "/nonexistent", "PYTHONHOME": "/nonexistent"}))
+    assert "Last log lines" in str(info.value)

@@ -1,0 +1,138 @@
+"""Pure tests of the wire format: framing, request checks, bundles, chunking."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from pod_kernel import protocol as P
+
+
+def test_frame_round_trip():
+    frame = P.encode_frame({"type": "execute", "id": "1", "code": "x"}, b"payload")
+    header, payload = P.decode_frame(frame)
+    assert header == {"type": "execute", "id": "1", "code": "x"}
+    assert bytes(payload) == b"payload"
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (b"", "shorter than its length prefix"),
+        (b"\x00\x00", "shorter than its length prefix"),
+        (struct.pack(">I", 0xFFFFFFFF) + b"{}", "exceeds"),
+        (struct.pack(">I", 50) + b"{}", "exceeds the frame"),
+        (struct.pack(">I", 2) + b"\xff\xfe", "not valid JSON"),
+        (struct.pack(">I", 2) + b"[]", "JSON object"),
+        (struct.pack(">I", 12) + b'{"type": 3 }', "string 'type'"),
+    ],
+)
+def test_malformed_frames_are_protocol_errors(frame, message):
+    with pytest.raises(P.ProtocolError, match=message):
+        P.decode_frame(frame)
+
+
+def test_text_messages_are_refused():
+    with pytest.raises(P.ProtocolError, match="binary"):
+        P.decode_frame("hello")
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ({"type": "nope", "id": "1"}, "unknown request type"),
+        ({"type": "execute", "id": "1"}, "field 'code'"),
+        ({"type": "execute", "id": 1, "code": "x"}, "field 'id'"),
+        ({"type": "pull", "id": "1", "names": "x", "serialization": "pickle"}, "field 'names'"),
+    ],
+)
+def test_request_checks(header, message):
+    with pytest.raises(P.ProtocolError, match=message):
+        P.check_request(header)
+
+
+def test_pickle_bundle_keeps_arrays_out_of_band_without_copies():
+    arr = np.arange(1_000_000, dtype=np.float64)
+    bundle = P.dump_values({"a": arr, "n": 3})
+    assert bundle.serialization == "pickle"
+    assert len(bundle.parts) == 2  # stream + the array's own buffer
+    assert bundle.parts[0].nbytes < 1000
+    # the out-of-band part is the array's memory itself, not a copy
+    assert np.shares_memory(np.frombuffer(bundle.parts[1], dtype=np.float64), arr)
+    values = P.load_values(bundle)
+    assert values["n"] == 3 and np.array_equal(values["a"], arr)
+
+
+def test_bundle_frames_chunk_and_reassemble():
+    arr = np.random.default_rng(0).integers(0, 255, size=3 * 1024 * 1024 + 17, dtype=np.uint8)
+    bundle = P.dump_values({"a": arr, "s": "text"})
+    frames = list(P.bundle_frames({"type": "push", "id": "7"}, bundle, chunk_bytes=1 << 20))
+    head, payload = P.decode_frame(frames[0])
+    assert head["sizes"] == bundle.sizes and len(payload) == 0
+    asm = P.BundleAssembler(head["serialization"], head["sizes"])
+    for frame in frames[1:]:
+        h, p = P.decode_frame(frame)
+        assert h == {"type": "chunk", "id": "7"}
+        assert len(p) <= 1 << 20
+        asm.feed(p)
+    assert asm.done
+    out = P.load_values(asm.bundle())
+    assert np.array_equal(out["a"], arr) and out["s"] == "text"
+
+
+def test_assembler_rejects_extra_bytes_and_incomplete_bundles():
+    asm = P.BundleAssembler("json", [3])
+    with pytest.raises(P.ProtocolError, match="incomplete"):
+        asm.bundle()
+    with pytest.raises(P.ProtocolError, match="more bundle bytes"):
+        asm.feed(memoryview(b"abcd"))
+
+
+@pytest.mark.parametrize("sizes", [[], [-1], ["3"], [1, 2]])
+def test_assembler_rejects_bad_sizes_for_json(sizes):
+    with pytest.raises(P.ProtocolError):
+        P.BundleAssembler("json", sizes)
+
+
+def test_assembler_enforces_limit():
+    with pytest.raises(P.ProtocolError, match="exceeds the limit"):
+        P.BundleAssembler("pickle", [10, 1 << 40], max_bytes=1 << 30)
+
+
+def test_json_bundle():
+    bundle = P.dump_values({"a": [1, 2], "b": {"c": None}}, "json")
+    assert bundle.serialization == "json"
+    assert json.loads(bytes(bundle.parts[0])) == {"a": [1, 2], "b": {"c": None}}
+    assert P.load_values(bundle) == {"a": [1, 2], "b": {"c": None}}
+
+
+def test_fingerprint_tracks_content():
+    a = np.zeros(1000)
+    f1 = P.fingerprint(a)
+    assert f1 == P.fingerprint(np.zeros(1000))
+    a[3] = 1
+    assert P.fingerprint(a) != f1
+    assert P.fingerprint(lambda: None) != ""
+
+
+def test_exception_payload_round_trips_or_is_empty():
+    import pickle
+
+    data = P.exception_payload(ValueError("bad"), allow_pickle=True)
+    assert isinstance(pickle.loads(data), ValueError)
+    assert P.exception_payload(ValueError("bad"), allow_pickle=False) == b""
+
+
+def test_torch_tensors_travel_out_of_band_and_come_back_on_cpu():
+    torch = pytest.importorskip("torch")
+    t = torch.arange(1_000_000, dtype=torch.float32)
+    g = torch.ones(3, requires_grad=True)
+    bundle = P.dump_values({"t": t, "g": g})
+    assert max(bundle.sizes) == t.numel() * 4  # the tensor's memory is its own part
+    assert np.shares_memory(np.frombuffer(bundle.parts[1], dtype=np.float32), t.numpy())
+    out = P.load_values(bundle)
+    assert torch.equal(out["t"], t) and out["t"].device.type == "cpu"
+    assert out["g"].requires_grad
