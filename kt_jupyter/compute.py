@@ -81,7 +81,25 @@ class Compute:
     ``name`` and ``backend`` are our additions: the same ``name`` reaches the
     same warm kernel; ``backend`` is ``"local"`` (a subprocess here, the
     default) or ``"kubernetes"``. A Compute is immutable; use
-    :meth:`with_overrides` for a changed copy.
+    :meth:`with_overrides` for a changed copy. All parameters are keyword-only:
+
+    - ``cpus`` ``2``/``"0.5"``/``"500m"``; ``memory``, ``disk_size``, ``gpu_memory``,
+      ``shared_memory_limit`` ``"4Gi"``/``"4G"``/bytes; ``gpus`` whole GPUs;
+      ``gpu_type`` -> node selector ``nvidia.com/gpu.product`` (implies one GPU);
+      ``gpu_memory`` shares one GPU through the KAI scheduler.
+    - ``namespace`` (else resolved lazily, see :func:`resolve_namespace`), ``labels``,
+      ``annotations``, ``node_selector``, ``tolerations`` (the GPU toleration is added
+      for GPU pods), ``service_account_name``, ``service_template`` (deep-merged
+      into the Deployment last).
+    - ``image`` an :class:`~kt_jupyter.image.Image` or image name; ``env_vars``;
+      ``secrets`` Secret names or :class:`Secret`; ``volumes`` PVC names or
+      :class:`Volume`; ``working_dir`` absolute.
+    - ``queue`` (KAI scheduler), ``priority_class_name``, ``replicas``, ``freeze``
+      (code and dependencies baked into the image), ``inactivity_ttl`` (``"30m"``,
+      seconds), ``launch_timeout`` (default 900 s or ``KT_LAUNCH_TIMEOUT``),
+      ``image_pull_policy``, ``gpu_anti_affinity`` (or ``KT_GPU_ANTI_AFFINITY``),
+      ``logging_config``, ``kubeconfig_path``, ``allowed_serialization``
+      (``["json", "pickle"]`` or a subset).
     """
 
     def __init__(
@@ -232,7 +250,8 @@ class Compute:
         s(self, "gpu_anti_affinity", anti)
         s(self, "logging_config", as_logging_config(logging_config))
         if kubeconfig_path is not None and (not isinstance(kubeconfig_path, str) or not kubeconfig_path.strip()):
-            raise ComputeSpecError(f"kubeconfig_path must be a file path like '~/.kube/config'; got {kubeconfig_path!r}")
+            raise ComputeSpecError(
+                f"kubeconfig_path must be a file path like '~/.kube/config'; got {kubeconfig_path!r}")
         s(self, "kubeconfig_path", kubeconfig_path)
         s(self, "allowed_serialization", self._check_serialization(allowed_serialization))
         s(self, "_resolved_namespace", None)
@@ -357,14 +376,19 @@ class Compute:
                 raise ComputeSpecError(f"{where}: unknown Compute parameter {key!r}{hint}")
 
     def with_overrides(self, **overrides: Any) -> "Compute":
-        """A new Compute: this one's parameters with ``overrides`` applied (validated again)."""
+        """A new Compute: this one's parameters with ``overrides`` applied (validated again).
+
+        Values may be strings, as magics pass them (``replicas="2"``, ``freeze="yes"``);
+        ``image="name"`` replaces the whole image, setup steps included.
+        """
         self._check_keys(overrides, "with_overrides")
         return Compute(**{**self._params(), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe parameters; :meth:`from_dict` rebuilds an equal Compute."""
         out = self._params()
-        out["image"] = self.image.to_dict()
+        plain = self.image == Image(image_id=self.image.image_id)
+        out["image"] = self.image.image_id if plain else self.image.to_dict()  # a bare name when that says it all
         out["secrets"] = [x.to_dict() for x in self.secrets]
         out["volumes"] = [v.to_dict() for v in self.volumes]
         out["logging_config"] = self.logging_config.to_dict()

@@ -24,9 +24,11 @@ DEFAULT_IMAGE_ID = f"python:{sys.version_info.major}.{sys.version_info.minor}-sl
 #: Kinds of setup step, in the order they may appear.
 STEP_KINDS = ("pip_install", "run_bash", "set_env_vars")
 
-# registry[:port]/path[:tag][@digest]; repository path lowercase, tag anything Docker allows
+# [registry/]path[:tag][@digest]; a registry has a '.', a ':port' or is localhost; the path is lowercase
+_REGISTRY = r"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+)(?::[0-9]+)?/|[a-zA-Z0-9-]+:[0-9]+/)"
+_COMPONENT = r"[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
 _IMAGE_RE = re.compile(
-    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*"
+    rf"^{_REGISTRY}?{_COMPONENT}(?:/{_COMPONENT})*"
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@[a-z0-9]+:[a-f0-9]{32,})?$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 

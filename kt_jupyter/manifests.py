@@ -231,8 +231,9 @@ def startup_script(compute: "Compute") -> str:
     restarts and are skipped when importable; setup steps run once per
     container, keyed by :attr:`~kt_jupyter.image.Image.setup_hash`. With
     ``freeze=True`` nothing is installed: the image must hold the pod kernel.
-    ``KT_SRC_DIR``, ``KT_CACHE_DIR`` and ``KT_MARKER_DIR`` in the environment
-    override where it looks and writes (a test running it outside a pod).
+    ``KT_SRC_DIR``, ``KT_CACHE_DIR``, ``KT_MARKER_DIR`` and ``KT_PORT`` in the
+    environment override where it looks, writes and listens (for a test that
+    runs it outside a pod).
     """
     py = shlex.quote(compute.image.python_path) if compute.image.python_path else \
         '"$(command -v python || command -v python3 || true)"'
@@ -261,10 +262,10 @@ def startup_script(compute: "Compute") -> str:
             "fi",
         ]
     lines += _setup_lines(compute)
-    argv = ["-m", "pod_kernel", "--host", "0.0.0.0", "--port", str(POD_KERNEL_PORT),
-            "--compute-name", compute.name, "--allowed-serialization", ",".join(compute.allowed_serialization),
+    argv = ["--compute-name", compute.name, "--allowed-serialization", ",".join(compute.allowed_serialization),
             "--log-level", compute.logging_config.level.upper()]
-    lines.append('exec "$KT_PY" ' + " ".join(shlex.quote(a) for a in argv))
+    lines.append(f'exec "$KT_PY" -m pod_kernel --host 0.0.0.0 --port "${{KT_PORT:-{POD_KERNEL_PORT}}}" '
+                 + " ".join(shlex.quote(a) for a in argv))
     return "\n".join(lines) + "\n"
 
 
