@@ -113,6 +113,21 @@ class _Conn:
     welcome: dict[str, Any]
 
 
+def _exception_by_name(ename: str, evalue: str) -> BaseException | None:
+    """A builtin (or importable, message-only) exception type rebuilt from its name, else None."""
+    import builtins
+    import importlib
+
+    module, _, name = ename.rpartition(".")
+    try:
+        typ = getattr(importlib.import_module(module), name) if module else getattr(builtins, name)
+        if isinstance(typ, type) and issubclass(typ, BaseException) and module not in ("__main__",):
+            return typ(evalue)
+    except Exception:
+        pass
+    return None
+
+
 def rebuild_exception(reply: Mapping[str, Any], payload: bytes) -> BaseException:
     """The remote exception as its real type when it unpickles here, else a RemoteError."""
     tb_text = "\n".join(reply.get("traceback") or [])
@@ -124,6 +139,8 @@ def rebuild_exception(reply: Mapping[str, Any], payload: bytes) -> BaseException
                 exc = None
         except Exception:
             exc = None
+    if exc is None:
+        exc = _exception_by_name(str(reply.get("ename", "")), str(reply.get("evalue", "")))
     if exc is None:
         exc = RemoteError(str(reply.get("ename", "Exception")), str(reply.get("evalue", "")), tb_text)
     lines = list(reply.get("traceback") or [])
@@ -167,6 +184,7 @@ class Session:
         self._connect_lock: asyncio.Lock | None = None
         self._send_lock: asyncio.Lock | None = None
         self._executions: dict[str, _Execution] = {}
+        self._streams: dict[str, OutputCallback] = {}
         self._pending: dict[str, _Pending] = {}
         self._closed = False
         self._dead: KtError | None = None
@@ -252,6 +270,15 @@ class Session:
     def delete(self, names: Iterable[str]) -> list[str]:
         """Remove names from the pod's namespace; returns those that existed."""
         return self._run(self.arequest({"type": "delete", "names": list(names)}))["removed"]
+
+    def call(self, target: dict[str, Any], args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,
+             **options: Any) -> Any:
+        """Blocking :meth:`acall`."""
+        return self._run(self.acall(target, args, kwargs, **options))
+
+    def sync_code(self, manifest: Mapping[str, str], read: Callable[[str], str]) -> list[str]:
+        """Blocking :meth:`async_code`."""
+        return self._run(self.async_code(manifest, read))
 
     def interrupt(self, target: str | None = None) -> bool:
         """KeyboardInterrupt in the running remote cell (``target``: only that execute id)."""
@@ -359,6 +386,39 @@ class Session:
             header["names"] = list(names)
         return (await self.arequest(header))["values"]
 
+    async def acall(self, target: dict[str, Any], args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                    *, fn: Any = None, serialization: str = "json", stream: bool = False,
+                    on_output: OutputCallback | None = None, keep: bool = False,
+                    construct: dict[str, Any] | None = None) -> Any:
+        """Run a seed-API call on the pod (see pod_kernel.calls for ``target``); return its result."""
+        values: dict[str, Any] = {"args": list(args), "kwargs": dict(kwargs or {})}
+        if fn is not None:
+            values["fn"] = fn
+        try:
+            bundle = P.dump_values(values, serialization)
+        except Exception as exc:
+            raise TransferError(f"cannot serialize the call's arguments with {serialization}: {exc}; "
+                                "pass serialization='pickle' for Python objects") from exc
+        header: dict[str, Any] = {"type": "call", "target": target, "stream": stream, "keep": keep}
+        if construct is not None:
+            header["construct"] = construct
+        req_id = self.new_id()
+        if on_output is not None:
+            self._streams[req_id] = on_output
+        try:
+            result = await self.arequest(header, bundle=bundle, req_id=req_id, resend=False)
+        finally:
+            self._streams.pop(req_id, None)
+        return P.load_values(result)["result"]
+
+    async def async_code(self, manifest: Mapping[str, str], read: Callable[[str], str]) -> list[str]:
+        """Send the files of ``manifest`` (path -> hash) the pod lacks; returns the modules it reloaded."""
+        need = (await self.arequest({"type": "sync", "files": dict(manifest)}))["need"]
+        if not need:
+            return []
+        bundle = P.dump_values({rel: read(rel) for rel in need}, "json")
+        return (await self.arequest({"type": "files"}, bundle=bundle))["reloaded"]
+
     async def ainterrupt(self, target: str | None = None) -> bool:
         """Interrupt the running cell."""
         header: dict[str, Any] = {"type": "interrupt"}
@@ -374,9 +434,14 @@ class Session:
             await conn.ws.close()
 
     async def arequest(self, header: dict[str, Any], *, bundle: P.Bundle | None = None,
-                       on_progress: ProgressCallback | None = None) -> Any:
-        """Send a request (re-sent after a reconnect) and return its reply header or bundle."""
-        req_id = self.new_id()
+                       on_progress: ProgressCallback | None = None, req_id: str | None = None,
+                       resend: bool = True) -> Any:
+        """Send a request and return its reply header or bundle.
+
+        After a reconnect the request is sent again, unless ``resend`` is
+        False (a call that may already have run): then ConnectionLostError.
+        """
+        req_id = req_id or self.new_id()
         header = dict(header, id=req_id)
         while True:
             pending = _Pending(asyncio.get_running_loop().create_future(), on_progress)
@@ -385,6 +450,11 @@ class Session:
                 reply, _payload = await self._until_reply(header, pending.reply, bundle, on_progress, once=True)
                 return reply
             except _Resend:
+                if not resend:
+                    raise ConnectionLostError(
+                        f"the connection to {self.name!r} dropped during {header['type']!r}; "
+                        "it may or may not have run remotely"
+                    ) from None
                 continue
             finally:
                 self._pending.pop(req_id, None)
@@ -530,6 +600,9 @@ class Session:
         if kind in ("stream", "display", "clear_output", "execute_result"):
             ex = self._executions.get(req_id)
             if ex is None:
+                callback = self._streams.get(req_id)
+                if callback is not None:
+                    callback(header)
                 return
             if kind == "execute_result":
                 ex.data = header.get("data")
@@ -549,7 +622,7 @@ class Session:
             else:
                 pending.reply.set_exception(rebuild_exception(
                     {"ename": header.get("ename"), "evalue": header.get("evalue"),
-                     "traceback": [header.get("traceback", "")]}, b""))
+                     "traceback": [header.get("traceback", "")]}, bytes(payload)))
         elif kind == "values":
             pending = self._pending.get(req_id)
             if pending is not None:

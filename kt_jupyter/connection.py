@@ -20,6 +20,7 @@ from pod_kernel import protocol as P
 from .backends import KernelHandle, get_backend
 from .cells import analyze_cell, filter_pushable
 from .client import ExecuteResult, OutputCallback, ProgressCallback, Session
+from .codesync import CodeTree
 from .compute import Compute
 from .errors import KernelDiedError, TransferError
 from .quantities import format_bytes
@@ -82,6 +83,7 @@ class ComputeConnection:
         self.held: dict[str, str] = {}
         self.cells_run = 0
         self.lock = threading.Lock()
+        self.code = CodeTree()
 
     @property
     def name(self) -> str:
@@ -90,6 +92,15 @@ class ComputeConnection:
 
     def __repr__(self) -> str:
         return f"<ComputeConnection {self.compute.backend}:{self.name} {self.handle.where}>"
+
+    def sync_code(self) -> list[str]:
+        """Send changed local source files; the pod reloads their modules. Returns those reloaded."""
+        manifest = self.code.manifest()
+        if manifest == self.code.last_sent:
+            return []
+        reloaded = self.session.sync_code(manifest, self.code.read)
+        self.code.last_sent = manifest
+        return reloaded
 
     # ------------------------------------------------------------------ a cell
 
@@ -109,6 +120,7 @@ class ComputeConnection:
         transfer = transfer or TransferOptions()
         t0 = time.perf_counter()
         analysis = analyze_cell(source)
+        self.sync_code()
         outcome = CellOutcome(None)
         names = list(dict.fromkeys(list(filter_pushable(analysis.reads, user_ns)) + transfer.push))
         missing = [n for n in transfer.push if n not in user_ns]

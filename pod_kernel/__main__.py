@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exit after this many seconds with no request and no running cell")
     p.add_argument("--owner-pid", type=int, default=None, help="exit when this process exits")
     p.add_argument("--cells-dir", default=None, help="where each cell's source is written before it runs")
+    p.add_argument("--code-dir", default=None, help="where the user's synced source files are kept (on sys.path)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cells_dir = Path(args.cells_dir or tempfile.mkdtemp(prefix=f"kt-cells-{os.getpid()}-"))
     executor = Executor(cells_dir, allow_pickle="pickle" in allowed)
-    server = PodKernelServer(executor, token, args.compute_name, allowed, args.inactivity_ttl)
+    server = PodKernelServer(executor, token, args.compute_name, allowed, args.inactivity_ttl,
+                             code_dir=args.code_dir)
     del token
     ready_fd = os.environ.pop("KT_READY_FD", None)
 

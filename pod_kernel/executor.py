@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .calls import call_sink
 from .outbox import Outbox
 from .protocol import exception_payload, type_name
 
@@ -75,8 +76,12 @@ class CellStream:
         """Send text to the running cell's output, or to the kernel log when none runs."""
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        sink = call_sink.get()
+        if sink is not None:  # a seed-API call that streams its logs
+            sink[0].write_stream(sink[1], self.name, text)
+            return len(text)
         job = self._executor.current
-        if job is None:
+        if job is None or threading.current_thread().name.startswith("kt-call"):
             self._fallback.write(text)
         else:
             job.outbox.write_stream(job.req_id, self.name, text)

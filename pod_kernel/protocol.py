@@ -73,7 +73,14 @@ CLIENT_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "ping": {"id": str},
     "chunk": {"id": str},
     "shutdown": {"id": str},
+    "call": {"id": str, "serialization": str, "sizes": list, "target": dict},
+    "sync": {"id": str, "files": dict},
+    "files": {"id": str, "serialization": str, "sizes": list},
+    "release": {"id": str, "refs": list},
 }
+
+#: Requests whose header starts a bundle (its bytes follow in ``chunk`` frames).
+BUNDLE_TYPES = frozenset({"push", "call", "files"})
 
 #: Messages a pod kernel sends.
 SERVER_TYPES = frozenset(

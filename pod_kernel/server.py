@@ -19,7 +19,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable  # noqa: F401
 
 import psutil
 from websockets.asyncio.server import ServerConnection, serve
@@ -27,6 +27,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import protocol as P
+from .calls import CallRunner
+from .codesync import CodeSync
 from .executor import CellJob, Executor
 from .metrics import MetricsSampler
 from .outbox import Outbox
@@ -77,8 +79,11 @@ class PodKernelServer:
         compute_name: str = "default",
         allowed_serialization: tuple[str, ...] = P.SERIALIZATIONS,
         inactivity_ttl_s: float | None = None,
+        code_dir: str | None = None,
     ) -> None:
         self.executor = executor
+        self.calls = CallRunner(executor.namespace)
+        self.code = CodeSync(code_dir or executor.cells_dir.parent / "code")
         self._token = token.encode()
         self.compute_name = compute_name
         self.allowed_serialization = tuple(allowed_serialization)
@@ -100,6 +105,13 @@ class PodKernelServer:
             "metrics": self.on_metrics,
             "ping": self.on_ping,
             "shutdown": self.on_shutdown,
+            "sync": self.on_sync,
+            "release": self.on_release,
+        }
+        self.bundle_handlers: dict[str, Callable[[Session, ServerConnection, dict, dict], Awaitable[None]]] = {
+            "push": self.on_push,
+            "call": self.on_call,
+            "files": self.on_files,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -236,7 +248,7 @@ class PodKernelServer:
                         inbound = await self._continue_inbound(session, ws, inbound, header, payload)
                         continue
                     P.check_request(header)
-                    if header["type"] == "push":
+                    if header["type"] in P.BUNDLE_TYPES:
                         inbound = await self._start_inbound(session, ws, header, payload)
                         continue
                     if header["type"] == "chunk":
@@ -264,13 +276,15 @@ class PodKernelServer:
             await self._send_error(ws, header["id"], exc)
 
     async def _send_error(self, ws: ServerConnection, req_id: str, exc: Exception) -> None:
+        payload = b""
         if isinstance(exc, RequestRefused):
             ename, tb = exc.ename, ""
         else:
-            log.warning("request %s failed: %s", req_id, exc)
+            log.warning("request %s failed: %s: %s", req_id, type(exc).__name__, exc)
             ename, tb = P.type_name(exc), "".join(traceback.format_exception(exc))
+            payload = P.exception_payload(exc, "pickle" in self.allowed_serialization)
         await ws.send(P.encode_frame({"type": "error_reply", "id": req_id, "ename": ename,
-                                      "evalue": str(exc), "traceback": tb}))
+                                      "evalue": str(exc), "traceback": tb}, payload))
 
     async def _pump(self, session: Session, ws: ServerConnection, after_seq: int) -> None:
         """Send the session's sequenced messages after ``after_seq``, then new ones as they come."""
@@ -301,7 +315,9 @@ class PodKernelServer:
             raise P.ProtocolError("bundle sizes must be non-negative integers")
         total = sum(sizes)
         refusal = None
-        if ser not in self.allowed_serialization:
+        if header["type"] == "files" and ser != "json":
+            refusal = RequestRefused("SerializationRefused", "source files travel as json")
+        elif ser not in self.allowed_serialization:
             refusal = RequestRefused("SerializationRefused",
                                      f"this pod kernel does not accept {ser!r} payloads "
                                      f"(allowed_serialization={list(self.allowed_serialization)})")
@@ -331,17 +347,73 @@ class PodKernelServer:
         if not inbound.assembler.done:
             return inbound
         self.last_activity = time.monotonic()
-        try:
-            values = await asyncio.to_thread(P.load_values, inbound.assembler.bundle())
-            self.executor.namespace.update(values)
-            await ws.send(P.encode_frame({"type": "reply", "id": inbound.header["id"], "names": sorted(values)}))
-        except ConnectionClosed:
-            raise
-        except Exception as exc:
-            await self._send_error(ws, inbound.header["id"], exc)
+        handler = self.bundle_handlers[inbound.header["type"]]
+        bundle = inbound.assembler.bundle()
+
+        async def _handle() -> None:
+            try:
+                values = await asyncio.to_thread(P.load_values, bundle)
+                await handler(session, ws, inbound.header, values)
+            except ConnectionClosed:
+                pass
+            except Exception as exc:
+                await self._send_error(ws, inbound.header["id"], exc)
+
+        if inbound.header["type"] == "call":
+            asyncio.create_task(_handle())  # calls overlap each other and a running cell
+        else:
+            await _handle()
         return None
 
+    # ------------------------------------------------------------------ bundle handlers
+
+    async def on_push(self, session: Session, ws: ServerConnection, header: dict, values: dict) -> None:
+        """Set the pushed names in the namespace."""
+        self.executor.namespace.update(values)
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "names": sorted(values)}))
+
+    async def on_call(self, session: Session, ws: ServerConnection, header: dict, values: dict) -> None:
+        """Run a seed-API call (or construct an instance) and send its result as a bundle."""
+        ser = header["serialization"]
+        calls = self.calls
+        args = calls.deref(list(values.get("args") or []))
+        kwargs = calls.deref(dict(values.get("kwargs") or {}))
+        sink = (session.outbox, header["id"]) if header.get("stream") else None
+        construct = header.get("construct")
+        if isinstance(construct, dict):
+            created = await calls.run(
+                lambda: calls.construct(str(construct["instance"]), header["target"], values.get("fn"),
+                                        args, kwargs, bool(construct.get("reuse", True))), [], {}, sink)
+            result: Any = {"created": created}
+        else:
+            func = calls.resolve(header["target"], values.get("fn"))
+            result = await calls.run(func, args, kwargs, sink)
+            if header.get("keep"):
+                result = calls.keep(result)
+        session.outbox.flush()
+        bundle = await asyncio.to_thread(P.dump_values, {"result": result}, ser)
+        for frame in P.bundle_frames({"type": "values", "id": header["id"]}, bundle):
+            await ws.send(frame)
+
+    async def on_files(self, session: Session, ws: ServerConnection, header: dict, values: dict) -> None:
+        """Write synced source files and reload the modules loaded from them."""
+        reloaded = self.code.apply({str(k): str(v) for k, v in values.items()})
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "reloaded": reloaded}))
+
     # ------------------------------------------------------------------ handlers
+
+    async def on_sync(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """Which files of the client's manifest (path -> hash) this kernel needs."""
+        manifest = {str(k): str(v) for k, v in header["files"].items()}
+        need = await asyncio.to_thread(self.code.need, manifest)
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "need": need,
+                                      "root": str(self.code.root)}))
+
+    async def on_release(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """Forget remote references the client no longer holds."""
+        for ref in header["refs"]:
+            self.calls.refs.pop(str(ref), None)
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"]}))
 
     async def on_execute(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         """Queue a cell; its output and execute_reply arrive through the session's outbox."""

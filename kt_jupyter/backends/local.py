@@ -153,7 +153,7 @@ class LocalBackend:
         allowed = list(getattr(compute, "allowed_serialization", None) or ["json", "pickle"])
         owner = None if keep else os.getpid()
         argv = [sys.executable, "-Xfrozen_modules=off", "-m", "pod_kernel",
-                "--compute-name", name, "--cells-dir", str(d / "cells"),
+                "--compute-name", name, "--cells-dir", str(d / "cells"), "--code-dir", str(d / "code"),
                 "--allowed-serialization", ",".join(allowed)]
         if ttl:
             argv += ["--inactivity-ttl", str(float(ttl))]

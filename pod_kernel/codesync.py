@@ -1,0 +1,78 @@
+"""The user's code on the pod kernel: files synced by content hash, changed modules reloaded.
+
+The notebook side sends a manifest (relative path -> content hash); the pod
+answers which files it lacks or holds in another version; the notebook sends
+only those. Written files land under :attr:`CodeSync.root`, first on
+``sys.path``; every module loaded from a changed file is reloaded, so the
+next cell or call runs the new code in the warm kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path, PurePosixPath
+
+
+def content_hash(data: bytes) -> str:
+    """The hash both sides use for file contents."""
+    try:
+        import xxhash
+
+        return "xxh3:" + xxhash.xxh3_128_hexdigest(data)
+    except ImportError:
+        import hashlib
+
+        return "b2:" + hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class CodeSync:
+    """Synced source files under ``root`` and the modules loaded from them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.hashes: dict[str, str] = {}
+        if str(self.root) not in sys.path:
+            sys.path.insert(0, str(self.root))
+        sys.dont_write_bytecode = True  # a same-second, same-size edit must never hit a stale .pyc
+
+    def _path(self, rel: str) -> Path:
+        p = PurePosixPath(rel)
+        if p.is_absolute() or ".." in p.parts or not rel:
+            raise ValueError(f"refusing to write outside the code directory: {rel!r}")
+        return self.root.joinpath(*p.parts)
+
+    def need(self, manifest: dict[str, str]) -> list[str]:
+        """Paths of the manifest whose content differs from what is here."""
+        out = []
+        for rel, digest in manifest.items():
+            if self.hashes.get(rel) != digest:
+                path = self._path(rel)
+                if path.is_file() and content_hash(path.read_bytes()) == digest:
+                    self.hashes[rel] = digest
+                    continue
+                out.append(rel)
+        return out
+
+    def apply(self, files: dict[str, str]) -> list[str]:
+        """Write files, then reload the modules loaded from them; returns the reloaded module names."""
+        changed: set[str] = set()
+        for rel, text in files.items():
+            path = self._path(rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = text.encode()
+            tmp = path.with_name(path.name + ".kt-tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            self.hashes[rel] = content_hash(data)
+            changed.add(str(path))
+        importlib.invalidate_caches()
+        reloaded = []
+        for name, module in sorted(sys.modules.copy().items()):
+            file = getattr(module, "__file__", None)
+            if file and str(Path(file).resolve()) in changed:
+                importlib.reload(module)
+                reloaded.append(name)
+        return reloaded
