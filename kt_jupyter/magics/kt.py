@@ -154,7 +154,7 @@ class KtMagics(Magics):
 
     @line_magic("kt")
     def kt_line(self, line: str) -> Any:
-        """Manage computes: %kt list | status | logs | down | restart | pull | config | wait | help.
+        """Manage computes: %kt list | status | logs | down | restart | pull | config | pick | wait | help.
 
         `%kt SUBCOMMAND --help` explains each.
         """
@@ -218,6 +218,10 @@ class KtMagics(Magics):
         p.add_argument("--reset", action="store_true", help="back to local backend, name 'default'")
         subs["config"] = (p, self._config)
 
+        # --- widgets (kt_jupyter.widgets) ---
+        p = _subcommand_parser("pick", "choose a compute with a form; launch it, make it the default")
+        subs["pick"] = (p, self._pick)
+
         p = _subcommand_parser("wait", "wait for %%kt --async cells to finish")
         p.add_argument("--timeout", type=float, default=None, help="give up after S seconds")
         subs["wait"] = (p, self._wait)
@@ -257,27 +261,15 @@ class KtMagics(Magics):
         return None
 
     def _status(self, args: Any) -> None:
+        from ..widgets import show_status  # a live panel in a notebook, text elsewhere
+
         compute = self._named(args.name)
-        info = get_backend(compute.backend).status(compute.name)
-        print(f"compute {info.name!r} ({info.backend}): {info.phase} {info.detail}".rstrip())
-        if info.where:
-            print(f"  where:     {info.where}")
-        spec = info.spec or {}
-        res = {k: spec.get(k) for k in ("cpus", "memory", "gpus", "gpu_type", "image") if spec.get(k)}
-        if res:
-            print("  resources: " + ", ".join(f"{k}={v}" for k, v in res.items()))
-        if info.started:
-            print(f"  age:       {time.time() - info.started:.0f} s")
-        if info.phase in ("ready", "running"):
-            try:
-                m = self._connect(compute).session.metrics()
-                print(f"  cpu:       {m['cpu_percent']:.0f}%   rss: {m['rss_bytes'] / 2**20:.0f} MiB   "
-                      f"idle: {m['idle_s']:.0f} s   cells run: {m['cells_run']}")
-                for g in m.get("gpus", []):
-                    print(f"  gpu {g['index']}:     {g.get('name')} util {g.get('utilization_percent')}% "
-                          f"mem {(g.get('memory_used_bytes') or 0) / 2**20:.0f} MiB")
-            except KtError as exc:
-                print(f"  (metrics unavailable: {exc})")
+        show_status(compute.name, compute.backend)
+
+    def _pick(self, args: Any) -> None:
+        from ..widgets import show_picker  # the form in a notebook, text elsewhere
+
+        show_picker()
 
     def _logs(self, args: Any) -> None:
         compute = self._named(args.name)

@@ -1,0 +1,82 @@
+"""A live, bounded view of a pod kernel's log with a level filter and a clear button."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+import ipywidgets as W
+from traitlets import link
+
+from .models import LOG_LEVELS, LogModel
+from .status import FG1, FG2, FONT
+
+LEVEL_COLORS = {"WARNING": "#b06000", "ERROR": "#c5221f", "CRITICAL": "#c5221f", "DEBUG": FG2}
+#: Height of the log box.
+LOG_BOX_HEIGHT_PX = 168
+
+
+def log_html(model: LogModel) -> str:
+    """The visible lines in a scroll box that stays at the bottom (newest) as lines arrive.
+
+    ``flex-direction: column-reverse`` makes the browser keep the scroll
+    position at the end, with no JavaScript.
+    """
+    rows = []
+    for level, text in model.visible:
+        color = LEVEL_COLORS.get(level)
+        style = f' style="color:{color}"' if color else ""
+        rows.append(f'<span class="kt-log-line" data-kt-level="{level}"{style}>{escape(text) or " "}</span>')
+    body = "\n".join(rows) if rows else f'<span style="color:{FG2}">no log lines yet</span>'
+    mono = "font-family: var(--jp-code-font-family, ui-monospace, monospace); font-size: 11.5px; line-height: 1.45;"
+    return (f'<div class="kt-log-box" style="display:flex; flex-direction:column-reverse; overflow:auto; '
+            f'max-height:{LOG_BOX_HEIGHT_PX}px; border:1px solid var(--jp-border-color2, #e0e0e0); '
+            f'border-radius:4px; background:var(--jp-layout-color1, #fff)">'
+            f'<pre class="kt-log" style="{mono} color:{FG1}; margin:0; padding:4px 8px; white-space:pre-wrap; '
+            f'word-break:break-all">{body}</pre></div>')
+
+
+class LogView(W.VBox):
+    """Toolbar (level filter, clear, what is shown) over the log box."""
+
+    def __init__(self, model: LogModel, **kw: Any) -> None:
+        self.model = model
+        self.level = W.ToggleButtons(
+            options=list(LOG_LEVELS), value=model.level, tooltips=[f"{lv} and above" for lv in LOG_LEVELS],
+            style={"button_width": "72px"}, layout=W.Layout(width="auto", margin="0 8px 0 0"))
+        self.level.add_class("kt-log-level")
+        self._link = link((model, "level"), (self.level, "value"))
+        self.clear = W.Button(description="Clear", icon="eraser", tooltip="forget the lines shown so far",
+                              layout=W.Layout(width="76px", margin="0 10px 0 0"))
+        self.clear.add_class("kt-log-clear")
+        self.clear.on_click(lambda _b: model.clear())
+        self.hint = W.HTML(self._hint_html())
+        self.box = W.HTML(log_html(model), layout=W.Layout(width="100%"))
+        self.box.add_class("kt-log-view")
+        title = W.HTML(f'<span style="{FONT} color:{FG1}; font-weight:600">Log</span>',
+                       layout=W.Layout(width="34px", margin="0 4px 0 0"))
+        bar = W.HBox([title, self.level, self.clear, self.hint],
+                     layout=W.Layout(align_items="center", flex_flow="row wrap"))
+        super().__init__([bar, self.box], **kw)
+        model.observe(self._redraw, names=["visible", "hint"])
+
+    def _hint_html(self) -> str:
+        return f'<span class="kt-log-hint" style="{FONT} color:{FG2}">{escape(self.model.hint)}</span>'
+
+    def _redraw(self, change: Any) -> None:
+        if change["name"] == "visible":
+            self.box.value = log_html(self.model)
+        else:
+            self.hint.value = self._hint_html()
+
+    def close(self) -> None:
+        """Stop observing the model, then close."""
+        if getattr(self, "_kt_closed", False):
+            return
+        self._kt_closed = True
+        try:
+            self.model.unobserve(self._redraw, names=["visible", "hint"])
+        except ValueError:
+            pass
+        self._link.unlink()
+        super().close()

@@ -1,0 +1,372 @@
+"""The state behind each widget, as traitlets models (no ipywidgets import: the text fallback uses them too).
+
+Views observe these models and only draw; everything that decides something
+(phase, what a log line's level is, what is dropped, rates and ETAs) lives
+here and is tested without a browser. Models may be updated from background
+threads: each mutator holds the model's lock and assigns fresh immutable
+values, so observers always see a consistent state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any, Mapping
+
+from traitlets import Bool, Dict, Enum, Float, HasTraits, Int, TraitError, Tuple, Unicode, validate
+
+from ..quantities import format_bytes
+from .log_model import LOG_LEVELS, LogModel, classify_line, level_passes, new_lines_since  # noqa: F401 (re-exported)
+
+# ---------------------------------------------------------------------- status
+
+#: Phases a compute goes through, in order; the last two end it.
+PHASES = ("launching", "pulling", "ready", "running", "idle", "stopped", "failed")
+TERMINAL_PHASES = ("stopped", "failed")
+#: How each phase reads to a person.
+PHASE_LABELS = {"launching": "launching", "pulling": "pulling image", "ready": "ready",
+                "running": "running cell", "idle": "idle", "stopped": "stopped", "failed": "failed"}
+_PHASE_ALIASES = {"pulling image": "pulling", "running cell": "running", "pending": "launching",
+                  "starting": "launching", "error": "failed", "deleted": "stopped"}
+#: Resource keys shown, in this order.
+RESOURCE_KEYS = ("cpus", "memory", "gpus", "gpu_type", "image", "namespace")
+
+
+def format_age(seconds: float | None) -> str:
+    """A short human duration: ``4 s``, ``3 min 20 s``, ``2 h 5 min``, ``3 d 4 h``; ``-`` when unknown."""
+    if seconds is None or seconds < 0:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s" if s % 60 else f"{s // 60} min"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min" if s % 3600 // 60 else f"{s // 3600} h"
+    return f"{s // 86400} d {s % 86400 // 3600} h" if s % 86400 // 3600 else f"{s // 86400} d"
+
+
+def resources_text(spec: Mapping[str, Any], backend: str = "local") -> str:
+    """``2 cpus · 4Gi · 1 GPU (A100) · image python:3.11``, from a compute spec dict; '' when none set.
+
+    Image and namespace are left out for the local backend, which ignores them.
+    """
+    parts = []
+    if spec.get("cpus"):
+        parts.append(f"{spec['cpus']} cpus")
+    if spec.get("memory"):
+        parts.append(str(spec["memory"]))
+    gpus = spec.get("gpus")
+    if gpus and str(gpus) != "0":
+        gpu = f"{gpus} GPU" + ("s" if str(gpus) != "1" else "")
+        parts.append(gpu + (f" ({spec['gpu_type']})" if spec.get("gpu_type") else ""))
+    if backend == "local":
+        return " · ".join(parts)
+    image = spec.get("image")
+    if isinstance(image, Mapping):
+        image = image.get("image_id") or image.get("name")
+    if image:
+        parts.append(f"image {image}")
+    if spec.get("namespace"):
+        parts.append(f"ns {spec['namespace']}")
+    return " · ".join(parts)
+
+
+def derive_phase(backend_phase: str, metrics: Mapping[str, Any] | None) -> str:
+    """The phase to show, from the backend's phase and (when reachable) a metrics sample."""
+    phase = _PHASE_ALIASES.get(backend_phase, backend_phase)
+    if phase in ("ready", "running", "idle") and metrics is not None:
+        if metrics.get("running"):
+            return "running"
+        return "idle" if metrics.get("cells_run") else "ready"
+    return phase if phase in PHASES else "failed"
+
+
+class StatusModel(HasTraits):
+    """What is known about one compute: where it runs, its phase, its resources, its age."""
+
+    name = Unicode(help="Compute name.")
+    backend = Unicode("local", help="Backend that runs it: local or kubernetes.")
+    phase = Unicode("launching", help="One of PHASES (aliases like 'running cell' are accepted).")
+    detail = Unicode(help="Why the phase is what it is (e.g. 'process is gone'), or the last error.")
+    where = Unicode(help="Pod and node, or 'local pid N'.")
+    resources = Dict(help="Requested resources (cpus, memory, gpus, gpu_type, image, namespace).")
+    started = Float(0.0, help="Epoch seconds the kernel started; 0 when not known yet.")
+    idle_s = Float(None, allow_none=True, help="Seconds since the kernel last ran a cell; None when unknown.")
+    cells_run = Int(0, help="Cells the kernel has run.")
+    now = Float(0.0, help="Epoch seconds of the latest refresh; ages are measured up to it.")
+    events = Tuple(help="Startup events (oldest first, at most max_events).")
+    launch_started = Float(0.0, help="Epoch seconds of the first startup event; 0 when none was seen.")
+    max_events = Int(12, help="How many startup events are kept.")
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._lock = threading.RLock()
+        self._busy_at: float | None = None
+
+    @validate("phase")
+    def _valid_phase(self, proposal: Any) -> str:
+        value = str(proposal["value"]).strip().lower()
+        value = _PHASE_ALIASES.get(value, value)
+        if value not in PHASES:
+            raise TraitError(f"unknown phase {proposal['value']!r}; one of {', '.join(PHASES)}")
+        return value
+
+    @validate("max_events")
+    def _valid_max_events(self, proposal: Any) -> int:
+        if proposal["value"] < 1:
+            raise TraitError("max_events must be at least 1")
+        return proposal["value"]
+
+    @property
+    def phase_label(self) -> str:
+        """The phase as a person reads it ('running cell', 'pulling image')."""
+        return PHASE_LABELS[self.phase]
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the compute has stopped or failed (nothing more will change)."""
+        return self.phase in TERMINAL_PHASES
+
+    def add_event(self, text: str) -> None:
+        """Record a startup event (the ``on_event`` callback of a launch); infers 'pulling image'."""
+        text = text.strip()
+        if not text:
+            return
+        with self._lock:
+            self.events = (self.events + (text.splitlines()[0],))[-self.max_events:]
+            if not self.launch_started:
+                self.launch_started = time.time()
+            low = text.lower()
+            if "pull" in low and "image" in low and self.phase in ("launching", "pulling"):
+                self.phase = "pulling"
+            self.now = time.time()
+
+    def apply_info(self, info: Any) -> None:
+        """Take the backend's view (a KernelInfo): phase, where, spec, start time."""
+        with self._lock, self.hold_trait_notifications():
+            self.backend = info.backend
+            if info.where:
+                self.where = info.where
+            spec = info.spec or {}
+            self.resources = {k: spec[k] for k in RESOURCE_KEYS if spec.get(k) not in (None, "", 0, {})}
+            if info.started:
+                self.started = float(info.started)
+            self.detail = info.detail or ""
+            self.now = time.time()
+            alive = info.phase in ("ready", "running")  # a backend's "running" is the pod, not a cell
+            if not alive or self.phase in ("launching", "pulling") or self.terminal:
+                self.phase = "ready" if alive else derive_phase(info.phase, None)
+
+    def apply_metrics(self, sample: Mapping[str, Any], now: float | None = None) -> None:
+        """Take a metrics sample: running/idle/ready, cells run, idle time."""
+        now = time.time() if now is None else now
+        with self._lock, self.hold_trait_notifications():
+            running = bool(sample.get("running"))
+            cells = int(sample.get("cells_run") or 0)
+            if running:
+                self._busy_at = now
+            elif self._busy_at is None:
+                # first look: before any cell the kernel has been idle since it started
+                base = sample.get("uptime_s") if cells == 0 else sample.get("idle_s")
+                self._busy_at = now - float(base or 0.0)
+            elif cells != self.cells_run:
+                self._busy_at = now  # a cell ran (and ended) since the last sample
+            self.cells_run = cells
+            self.idle_s = 0.0 if running else max(0.0, now - self._busy_at)
+            if not self.started and sample.get("uptime_s") is not None:
+                self.started = now - float(sample["uptime_s"])
+            self.phase = derive_phase("ready", sample)
+            self.now = now
+
+    def fail(self, why: str) -> None:
+        """Mark the compute failed with a reason."""
+        with self._lock, self.hold_trait_notifications():
+            self.detail = why
+            self.phase = "failed"
+            self.now = time.time()
+
+    def fields(self) -> list[tuple[str, str]]:
+        """(label, value) pairs a view shows after the phase, in order; empty values left out."""
+        out = []
+        if self.phase in ("launching", "pulling") and self.launch_started:
+            out.append(("elapsed", format_age(max(self.now, self.launch_started) - self.launch_started)))
+        if self.where:
+            out.append(("where", self.where))
+        res = resources_text(self.resources, self.backend)
+        if res:
+            out.append(("resources", res))
+        if self.started and self.now:
+            out.append(("age", format_age(self.now - self.started)))
+        if self.phase in ("ready", "idle", "running") and self.idle_s is not None:
+            out.append(("idle", "busy" if self.phase == "running" else format_age(self.idle_s)))
+        if self.phase in ("ready", "idle", "running"):
+            out.append(("cells", str(self.cells_run)))
+        return out
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+class MetricsModel(HasTraits):
+    """Recent resource samples of one pod kernel, as series to draw and current values to read."""
+
+    history = Int(60, help="Samples kept per series.")
+    rows = Tuple(help="What to draw, in order: dicts with key, label, values, vmax, current.")
+    samples = Int(0, help="Samples taken so far.")
+    running = Bool(False, help="Whether a cell was running at the latest sample.")
+    interval_s = Float(0.0, help="Current sampling interval (fast while a cell runs, slow when idle).")
+    error = Unicode(help="Why the latest sample failed, or ''.")
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._lock = threading.RLock()
+        self._series: dict[str, deque] = {}
+
+    @validate("history")
+    def _valid_history(self, proposal: Any) -> int:
+        if proposal["value"] < 2:
+            raise TraitError("history must be at least 2 samples")
+        return proposal["value"]
+
+    def _push(self, key: str, value: float | None) -> tuple:
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = deque(maxlen=self.history)
+        series.append(value)
+        return tuple(series)
+
+    def add_sample(self, sample: Mapping[str, Any]) -> None:
+        """Append one ``Session.metrics()`` sample and recompute the rows."""
+        with self._lock:
+            rows = []
+            cpu = sample.get("cpu_percent")
+            cpu_values = self._push("cpu", cpu)
+            cpu_top = max([100.0] + [v for v in cpu_values if v is not None])
+            rows.append(dict(key="cpu", label="CPU", values=cpu_values, vmax=cpu_top,
+                             current="-" if cpu is None else f"{cpu:.0f}%"))
+            rss = sample.get("rss_bytes")
+            rss_values = self._push("rss", rss)
+            host = sample.get("host_memory_total_bytes")
+            cur = "-" if rss is None else format_bytes(rss)
+            rows.append(dict(key="rss", label="Memory", values=rss_values, vmax=None,
+                             current=cur + (f" of {format_bytes(host)}" if host else ""),
+                             ))
+            for gpu in sample.get("gpus") or []:
+                i = gpu.get("index", len(rows))
+                util = gpu.get("utilization_percent")
+                extra = []
+                if gpu.get("temperature_c") is not None:
+                    extra.append(f"{gpu['temperature_c']:.0f}°C")
+                if gpu.get("power_w") is not None:
+                    extra.append(f"{gpu['power_w']:.0f} W")
+                rows.append(dict(key=f"gpu{i}_util", label=f"GPU {i}", values=self._push(f"gpu{i}_util", util),
+                                 vmax=100.0, title=str(gpu.get("name") or ""),
+                                 current=("-" if util is None else f"{util:.0f}%")
+                                 + (f" · {' · '.join(extra)}" if extra else "")))
+                used, total = gpu.get("memory_used_bytes"), gpu.get("memory_total_bytes")
+                rows.append(dict(key=f"gpu{i}_mem", label=f"GPU {i} mem", values=self._push(f"gpu{i}_mem", used),
+                                 vmax=float(total) if total else None, title=str(gpu.get("name") or ""),
+                                 current=("-" if used is None else format_bytes(used))
+                                 + (f" of {format_bytes(total)}" if total else "")))
+            with self.hold_trait_notifications():
+                self.running = bool(sample.get("running"))
+                self.error = ""
+                self.samples += 1
+                self.rows = tuple(rows)
+
+    def current(self, key: str) -> str:
+        """The current value text of a row ('' when there is no such row)."""
+        for row in self.rows:
+            if row["key"] == key:
+                return row["current"]
+        return ""
+
+
+# ---------------------------------------------------------------------- progress
+
+
+class ProgressModel(HasTraits):
+    """One transfer (bytes, rate, ETA) or one launch (events, elapsed time)."""
+
+    kind = Enum(("transfer", "launch"), default_value="transfer", help="What is in progress.")
+    label = Unicode(help="What moves or starts, e.g. 'push' or \"launching 'train'\".")
+    done = Int(0, help="Bytes moved so far (transfers).")
+    total = Int(0, help="Bytes to move; 0 when not known (launches).")
+    rate_bps = Float(0.0, help="Average bytes per second since the start.")
+    eta_s = Float(None, allow_none=True, help="Seconds left at the current rate; None when unknown.")
+    elapsed_s = Float(0.0, help="Seconds since the start.")
+    message = Unicode(help="The latest launch event.")
+    finished = Bool(False, help="Whether it has ended.")
+    failed = Bool(False, help="Whether it ended in an error.")
+    text = Unicode(help="One line that says it all.")
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._lock = threading.RLock()
+        self._t0 = time.monotonic()
+
+    @validate("done", "total")
+    def _not_negative(self, proposal: Any) -> int:
+        if proposal["value"] < 0:
+            raise TraitError(f"{proposal['trait'].name} must not be negative")
+        return proposal["value"]
+
+    @property
+    def fraction(self) -> float | None:
+        """Share done in [0, 1]; None for a launch (no total)."""
+        if not self.total:
+            return 1.0 if self.finished and self.kind == "transfer" else None
+        return min(1.0, self.done / self.total)
+
+    def update(self, done: int, total: int, now: float | None = None) -> None:
+        """A transfer's new position (the ``on_progress`` callback's numbers)."""
+        now = time.monotonic() if now is None else now
+        with self._lock, self.hold_trait_notifications():
+            self.elapsed_s = max(now - self._t0, 1e-6)
+            self.total = max(int(total), 0)
+            self.done = min(max(int(done), 0), self.total) if self.total else max(int(done), 0)
+            self.rate_bps = self.done / self.elapsed_s
+            self.finished = bool(self.total) and self.done >= self.total
+            left = self.total - self.done
+            self.eta_s = 0.0 if self.finished else (left / self.rate_bps if self.rate_bps > 0 else None)
+            self._retext()
+
+    def event(self, message: str, now: float | None = None) -> None:
+        """A launch's new event."""
+        now = time.monotonic() if now is None else now
+        with self._lock, self.hold_trait_notifications():
+            self.elapsed_s = now - self._t0
+            self.message = message.strip().splitlines()[0] if message.strip() else self.message
+            self._retext()
+
+    def finish(self, error: str = "", now: float | None = None) -> None:
+        """Mark it ended (with an error message when it failed)."""
+        now = time.monotonic() if now is None else now
+        with self._lock, self.hold_trait_notifications():
+            self.elapsed_s = now - self._t0
+            self.finished = True
+            self.failed = bool(error)
+            if error:
+                self.message = error.strip().splitlines()[0]
+            if self.kind == "transfer" and self.total:
+                self.done = self.total
+                self.eta_s = 0.0
+            self._retext()
+
+    def _retext(self) -> None:
+        if self.kind == "transfer":
+            text = f"{self.label} {format_bytes(self.done)} / {format_bytes(self.total)}"
+            text += f" · {format_bytes(self.rate_bps)}/s"
+            if not self.finished and self.eta_s is not None:
+                text += f" · ETA {format_age(self.eta_s)}"
+            elif self.finished:
+                text += f" · done in {self.elapsed_s:.1f} s"
+        elif self.failed:
+            text = f"{self.label}: failed after {self.elapsed_s:.1f} s"
+        elif self.finished:
+            text = f"{self.label}: ready in {self.elapsed_s:.1f} s"
+        else:
+            text = f"{self.label} … {self.elapsed_s:.1f} s" + (f" · {self.message}" if self.message else "")
+        self.text = text

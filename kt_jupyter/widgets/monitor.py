@@ -1,0 +1,281 @@
+"""Keeps one compute's status, log and metrics models fresh from a background thread.
+
+One :class:`ComputeMonitor` per compute in this process (:func:`monitor_for`),
+shared by every panel showing it. It polls the backend's status, samples
+``Session.metrics()`` on its own session (fast while a cell runs, slow when
+idle), and follows the kernel log (the file itself for local kernels, else
+``backend.logs(tail=N)``). It stops when the compute stops or fails, or when
+the last panel using it is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..backends import get_backend
+from ..errors import KtError, NotFoundError
+from .models import LogModel, MetricsModel, StatusModel, new_lines_since
+
+log = logging.getLogger("kt_jupyter.widgets")
+
+#: Metrics/status interval while a cell runs or the compute launches.
+FAST_INTERVAL_S = 1.0
+#: Metrics/status interval while idle.
+SLOW_INTERVAL_S = 5.0
+#: How often a local log file is checked for new lines.
+LOG_FILE_INTERVAL_S = 0.5
+#: How often a backend without a log file is asked for its log tail.
+LOG_POLL_INTERVAL_S = 2.0
+#: How much of a log file's end is read when following starts.
+LOG_START_BYTES = 256 << 10
+
+
+class ComputeMonitor:
+    """Polls one compute into a StatusModel, a LogModel and a MetricsModel."""
+
+    def __init__(self, name: str, backend: str = "local", *, fast_s: float = FAST_INTERVAL_S,
+                 slow_s: float = SLOW_INTERVAL_S, log_lines: int = 400) -> None:
+        self.name = name
+        self.backend_name = backend
+        self.fast_s = fast_s
+        self.slow_s = slow_s
+        self.status = StatusModel(name=name, backend=backend)
+        self.logs = LogModel(compute_name=name, max_lines=log_lines)
+        self.metrics = MetricsModel()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._users = 0
+        self._lock = threading.Lock()
+        self._session: Any = None
+        self._session_pid: int | None = None
+        self._log_offset: int | None = None
+        self._log_id: tuple[int, int] | None = None
+        self._log_tail: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"<ComputeMonitor {self.backend_name}:{self.name} {self.status.phase}>"
+
+    @property
+    def backend(self) -> Any:
+        """The backend object."""
+        return get_backend(self.backend_name)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the polling thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> "ComputeMonitor":
+        """Start polling in a daemon thread (once)."""
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._loop, name=f"kt-monitor-{self.name}", daemon=True)
+                self._thread.start()
+        return self
+
+    def acquire(self) -> "ComputeMonitor":
+        """A panel starts using this monitor."""
+        with self._lock:
+            self._users += 1
+        return self.start()
+
+    def release(self) -> None:
+        """A panel is closed; the monitor stops with the last one."""
+        with self._lock:
+            self._users = max(0, self._users - 1)
+            last = self._users == 0
+        if last:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop polling and close the monitor's session (the compute keeps running)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is None or self._thread is threading.current_thread():
+            self._close_session()
+
+    def poke(self) -> None:
+        """Refresh now (e.g. a cell just started here)."""
+        self._wake.set()
+
+    def wait_stopped(self, timeout_s: float | None = None) -> bool:
+        """Wait for the thread to end; True when it has."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        return not self.alive
+
+    # ------------------------------------------------------------------ one refresh
+
+    def refresh(self, *, logs: bool = True) -> None:
+        """One synchronous refresh of status and metrics (and logs); NotFoundError if no such compute."""
+        self.refresh_status(raise_missing=True)
+        if logs:
+            self.refresh_logs()
+
+    def refresh_status(self, raise_missing: bool = False) -> None:
+        """Ask the backend for the compute's state; sample metrics when it is up."""
+        try:
+            info = self.backend.status(self.name)
+        except NotFoundError as exc:
+            if raise_missing:
+                raise
+            self.status.detail = str(exc).split(";")[0]
+            self.status.phase = "stopped"
+            return
+        except KtError as exc:
+            self.status.detail = f"cannot read its state: {exc}"
+            return
+        self.status.apply_info(info)
+        if info.phase not in ("ready", "running"):
+            self._close_session()
+            return
+        self.sample_metrics(info.pid)
+
+    def sample_metrics(self, pid: int | None = None) -> None:
+        """One metrics sample into the status and metrics models."""
+        session = self._ensure_session(pid)
+        if session is None:
+            return
+        try:
+            sample = session.metrics()
+        except KtError as exc:
+            self.metrics.error = str(exc).splitlines()[0]
+            self._close_session()
+            return
+        except Exception as exc:  # a broken sample must not kill the monitor
+            self.metrics.error = f"{type(exc).__name__}: {exc}"
+            log.debug("metrics of %s failed", self.name, exc_info=True)
+            return
+        self.status.apply_metrics(sample)
+        self.metrics.interval_s = self.fast_s if sample.get("running") else self.slow_s
+        self.metrics.add_sample(sample)
+
+    def _ensure_session(self, pid: int | None) -> Any:
+        if self._session is not None and (pid is None or pid == self._session_pid):
+            return self._session
+        self._close_session()
+        handle = self.backend.find(self.name)
+        if handle is None:
+            return None
+        session = handle.session()
+        try:
+            session.connect()
+        except KtError as exc:
+            self.metrics.error = str(exc).splitlines()[0]
+            return None
+        self._session, self._session_pid = session, handle.pid
+        return session
+
+    def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.close_quietly()
+
+    def refresh_logs(self) -> bool:
+        """Read new log lines into the log model; True when some arrived."""
+        path_of = getattr(self.backend, "log_path", None)
+        try:
+            if path_of is not None:
+                return self._follow_file(Path(path_of(self.name)))
+            return self._poll_tail()
+        except (KtError, OSError) as exc:
+            log.debug("logs of %s: %s", self.name, exc)
+            return False
+
+    def _follow_file(self, path: Path) -> bool:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        ident = (st.st_dev, st.st_ino)
+        if self._log_id is not None and (ident != self._log_id or st.st_size < (self._log_offset or 0)):
+            self.logs.append_lines(["----- the kernel log starts again (a new kernel) -----"])
+            self._log_offset = 0
+        self._log_id = ident
+        if self._log_offset is None:  # first look: only the end of it
+            self._log_offset = max(0, st.st_size - LOG_START_BYTES)
+            skip_partial = self._log_offset > 0
+        else:
+            skip_partial = False
+        if st.st_size <= self._log_offset:
+            return False
+        with open(path, "rb") as f:
+            f.seek(self._log_offset)
+            data = f.read(st.st_size - self._log_offset)
+        self._log_offset += len(data)
+        text = data.decode(errors="replace")
+        if skip_partial:
+            text = text.split("\n", 1)[1] if "\n" in text else ""
+            self.logs.older = True
+        self.logs.append_text(text)
+        return bool(text)
+
+    def _poll_tail(self) -> bool:
+        current = self.backend.logs(self.name, tail=self.logs.max_lines).splitlines()
+        new = [] if current == self._log_tail else new_lines_since(self._log_tail, current)
+        if not self._log_tail and len(current) >= self.logs.max_lines:
+            self.logs.older = True
+        self._log_tail = current
+        self.logs.append_lines(new)
+        return bool(new)
+
+    # ------------------------------------------------------------------ the thread
+
+    def _interval(self) -> float:
+        st = self.status
+        return self.fast_s if st.phase in ("launching", "pulling", "running") else self.slow_s
+
+    def _loop(self) -> None:
+        file_logs = getattr(self.backend, "log_path", None) is not None
+        log_every = LOG_FILE_INTERVAL_S if file_logs else LOG_POLL_INTERVAL_S
+        next_status = next_logs = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_logs:
+                    if self.refresh_logs() and self.status.phase in ("ready", "idle"):
+                        next_status = min(next_status, now + 0.2)  # output while idle: a cell may have started
+                    next_logs = now + log_every
+                if now >= next_status or self._wake.is_set():
+                    self._wake.clear()
+                    self.refresh_status()
+                    next_status = time.monotonic() + self._interval()
+                if self.status.terminal:
+                    self.refresh_logs()  # its last words
+                    break
+                self._wake.wait(max(0.01, min(next_status, next_logs) - time.monotonic()))
+        except Exception:  # never a traceback in the notebook from a helper thread
+            log.exception("monitor of %s failed", self.name)
+        finally:
+            self._stop.set()
+            self._close_session()
+
+
+_monitors: dict[tuple[str, str], ComputeMonitor] = {}
+_monitors_lock = threading.Lock()
+
+
+def monitor_for(name: str, backend: str = "local") -> ComputeMonitor:
+    """The live monitor of a compute in this process, or a new (not yet started) one."""
+    with _monitors_lock:
+        mon = _monitors.get((backend, name))
+        if mon is None or mon._stop.is_set():
+            mon = _monitors[(backend, name)] = ComputeMonitor(name, backend)
+        return mon
+
+
+def stop_all() -> None:
+    """Stop every monitor of this process (tests, kernel shutdown)."""
+    with _monitors_lock:
+        monitors = list(_monitors.values())
+        _monitors.clear()
+    for mon in monitors:
+        mon.stop()

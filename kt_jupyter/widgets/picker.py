@@ -1,0 +1,188 @@
+"""The compute picker (``%kt pick``): a form, Launch / Set as default, the equivalent line, running computes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from html import escape
+from typing import Any
+
+import ipywidgets as W
+from traitlets import link
+
+from .frontend import display_widget
+from .models import ProgressModel, format_age
+from .picker_model import FIELDS, GPU_TYPES, PickerModel
+from .progress import progress_view
+from .status import FG1, FG2, FONT, phase_badge
+
+_LABELS = {"name": "Name", "cpus": "CPUs", "memory": "Memory", "gpus": "GPUs", "gpu_type": "GPU type",
+           "image": "Image", "namespace": "Namespace"}
+_PLACEHOLDERS = {"name": "default", "cpus": "e.g. 2 or 500m", "memory": "e.g. 4Gi", "gpus": "0",
+                 "gpu_type": "e.g. A100", "image": "e.g. python:3.11-slim", "namespace": "e.g. ml"}
+_MESSAGE_COLORS = {"info": FG2, "success": "#137333", "error": "#c5221f"}
+_FIELD_STYLE = {"description_width": "74px"}
+
+
+def _field(key: str) -> W.ValueWidget:
+    common = dict(description=_LABELS[key], placeholder=_PLACEHOLDERS[key], style=_FIELD_STYLE,
+                  layout=W.Layout(width="280px"), continuous_update=True)
+    if key == "gpu_type":
+        box = W.Combobox(options=list(GPU_TYPES), ensure_option=False, **common)
+    else:
+        box = W.Text(**common)
+    box.add_class(f"kt-pick-{key.replace('_', '-')}")
+    return box
+
+
+class PickerView(W.VBox):
+    """Draws a PickerModel and turns clicks into its actions (launch and stop run in threads)."""
+
+    def __init__(self, model: PickerModel, **kw: Any) -> None:
+        self.model = model
+        title = W.HTML(f'<span style="{FONT} font-size:13.5px; font-weight:600; color:{FG1}">Pick a compute</span>')
+        self.default = W.HTML()
+        self.backend = W.ToggleButtons(options=["local", "kubernetes"], description="Backend",
+                                       style={**_FIELD_STYLE, "button_width": "100px"})
+        self.backend.add_class("kt-pick-backend")
+        self.fields = {key: _field(key) for key in FIELDS}
+        self._links = [link((model, "backend"), (self.backend, "value"))]
+        self._links += [link((model, key), (box, "value")) for key, box in self.fields.items()]
+        form = W.GridBox(list(self.fields.values()),
+                         layout=W.Layout(grid_template_columns="repeat(2, 280px)", grid_gap="4px 18px"))
+        self.error = W.HTML()
+        self.error.add_class("kt-pick-error")
+        self.line = W.HTML()
+        self.line.add_class("kt-pick-line")
+        self.launch = W.Button(description="Launch", button_style="primary", icon="rocket",
+                               tooltip="start this compute (or reattach to it) and make it the default",
+                               layout=W.Layout(width="110px"))
+        self.launch.add_class("kt-pick-launch")
+        self.set_default = W.Button(description="Set as default", icon="check",
+                                    tooltip="use these settings for %%kt cells without options, without launching",
+                                    layout=W.Layout(width="140px"))
+        self.set_default.add_class("kt-pick-default")
+        self.progress_box = W.Box(layout=W.Layout(margin="0 0 0 8px"))
+        self.message = W.HTML()
+        self.message.add_class("kt-pick-message")
+        self.refresh = W.Button(icon="refresh", tooltip="list again", layout=W.Layout(width="32px"))
+        self.rows = W.VBox()
+        self.rows.add_class("kt-pick-running")
+        self.launch.on_click(lambda _b: self._start_launch())
+        self.set_default.on_click(lambda _b: model.make_default())
+        self.refresh.on_click(lambda _b: model.refresh_running())
+        running_title = W.HTML(f'<span style="{FONT} font-weight:600; color:{FG1}">Computes</span>')
+        super().__init__([
+            W.HBox([title, self.default], layout=W.Layout(justify_content="space-between", align_items="center")),
+            self.backend, form, self.error, self.line,
+            W.HBox([self.launch, self.set_default, self.progress_box], layout=W.Layout(align_items="center")),
+            self.message,
+            W.HBox([running_title, self.refresh], layout=W.Layout(align_items="center", margin="6px 0 0 0")),
+            self.rows,
+        ], layout=W.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="8px 12px",
+                           max_width="660px"), **kw)
+        self.add_class("kt-picker")
+        model.observe(self._redraw)
+        self._redraw()
+
+    # ------------------------------------------------------------------ drawing
+
+    def _redraw(self, change: Any = None) -> None:
+        m = self.model
+        name = change["name"] if change else None
+        if name in (None, "default_label"):
+            current = f'<b class="kt-pick-current" style="color:{FG1}">{escape(m.default_label)}</b>'
+            self.default.value = f'<span style="{FONT} color:{FG2}">default: {current}</span>'
+        if name in (None, "error", "error_field", "line", "compute"):
+            self.error.value = (f'<div style="{FONT} color:#c5221f">⚠ {escape(m.error)}</div>' if m.error else "")
+            for key, box in self.fields.items():
+                box.layout.border = "1px solid #c5221f" if key == m.error_field else None
+            self.line.value = (f'<div style="{FONT} color:{FG2}">equivalent: <code class="kt-line" '
+                               f'style="user-select:all; color:{FG1}; background:var(--jp-layout-color2, #f3f3f3); '
+                               f'padding:1px 6px; border-radius:3px">{escape(m.line)}</code></div>')
+        if name in (None, "disabled_fields"):
+            for key, box in self.fields.items():
+                box.disabled = key in m.disabled_fields
+                box.placeholder = "kubernetes only" if box.disabled else _PLACEHOLDERS[key]
+        if name in (None, "busy", "compute"):
+            self.launch.disabled = m.busy or m.compute is None
+            self.set_default.disabled = m.busy or m.compute is None
+        if name in (None, "message", "message_kind"):
+            color = _MESSAGE_COLORS[m.message_kind]
+            self.message.value = (f'<div style="{FONT} color:{color}; white-space:pre-wrap">{escape(m.message)}</div>'
+                                  if m.message else "")
+        if name in (None, "running", "list_errors", "busy"):
+            self._draw_rows()
+
+    def _draw_rows(self) -> None:
+        m = self.model
+        now = time.time()
+        rows = []
+        for info in m.running:
+            age = format_age(now - info.started) if info.started else "-"
+            alive = info.phase in ("launching", "ready", "running")
+            text = (f'<span style="{FONT} color:{FG1}; white-space:nowrap">{phase_badge(info.phase, info.phase)} '
+                    f'<b>{escape(info.name)}</b> <span style="color:{FG2}">{escape(info.backend)} · '
+                    f'{escape(info.where or "-")} · age {age}</span></span>')
+            use = W.Button(description="Use", tooltip="fill the form from it and make it the default",
+                           layout=W.Layout(width="60px"), disabled=m.busy)
+            stop = W.Button(description="Stop" if alive else "Remove", button_style="danger" if alive else "",
+                            tooltip="stop it and delete everything of it", layout=W.Layout(width="76px"),
+                            disabled=m.busy)
+            stop.add_class("kt-pick-stop")
+            use.on_click(lambda _b, info=info: m.use(info))
+            stop.on_click(lambda _b, info=info: self._start_stop(info.backend, info.name))
+            row = W.HBox([W.HTML(text, layout=W.Layout(flex="1 1 auto")), use, stop],
+                         layout=W.Layout(align_items="center"))
+            row.add_class("kt-pick-row")
+            rows.append(row)
+        if not rows:
+            rows.append(W.HTML(f'<span style="{FONT} color:{FG2}">none yet</span>'))
+        for err in m.list_errors:
+            rows.append(W.HTML(f'<span style="{FONT} font-size:11.5px; color:{FG2}">{escape(err)}</span>'))
+        old = self.rows.children
+        self.rows.children = rows
+        for widget in old:
+            widget.close()
+
+    # ------------------------------------------------------------------ actions (in threads)
+
+    def _start_launch(self) -> None:
+        compute = self.model.compute
+        if compute is None or self.model.busy:
+            return
+        progress = ProgressModel(kind="launch", label=f"launching '{compute.name}'")
+        view = progress_view(progress)
+        old = self.progress_box.children
+        self.progress_box.children = [view]
+        for widget in old:
+            widget.close()
+
+        def run() -> None:
+            conn = self.model.launch(on_event=progress.event)
+            progress.finish("" if conn is not None else (self.model.message or "failed"))
+
+        threading.Thread(target=run, name="kt-pick-launch", daemon=True).start()
+
+    def _start_stop(self, backend: str, name: str) -> None:
+        threading.Thread(target=self.model.stop, args=(backend, name), name="kt-pick-stop", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop observing the model, then close."""
+        if getattr(self, "_kt_closed", False):
+            return
+        self._kt_closed = True
+        try:
+            self.model.unobserve(self._redraw)
+        except ValueError:
+            pass
+        for lk in self._links:
+            lk.unlink()
+        super().close()
+
+
+def show_picker_widget(model: PickerModel, text: str) -> PickerView:
+    """Display a picker on ``model`` (with ``text`` for frontends without widgets)."""
+    view = PickerView(model)
+    display_widget(view, text)
+    return view

@@ -1,0 +1,75 @@
+"""The status line of a compute: phase badge, name, backend, where, resources, age, idle; startup events."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+import ipywidgets as W
+
+from .models import StatusModel
+
+#: Badge colours per phase (background); text is white.
+PHASE_COLORS = {"launching": "#8e6c00", "pulling": "#8e6c00", "ready": "#137333", "running": "#1a73e8",
+                "idle": "#5f6368", "stopped": "#5f6368", "failed": "#c5221f"}
+
+FONT = "font-family: var(--jp-ui-font-family, system-ui, sans-serif); font-size: 12.5px; line-height: 1.6;"
+FG1 = "var(--jp-ui-font-color1, #1f1f1f)"
+FG2 = "var(--jp-ui-font-color2, #5f6368)"
+
+
+def phase_badge(phase: str, label: str) -> str:
+    """An HTML pill for a phase (``data-kt-phase`` lets tests and styles find it)."""
+    color = PHASE_COLORS.get(phase, "#5f6368")
+    dot = "◌" if phase in ("launching", "pulling") else "●"
+    return (f'<span class="kt-phase" data-kt-phase="{escape(phase)}" style="display:inline-block; '
+            f'background:{color}; color:#fff; border-radius:9px; padding:0 8px; font-size:11.5px; '
+            f'font-weight:600; line-height:18px; white-space:nowrap">{dot} {escape(label)}</span>')
+
+
+def status_html(model: StatusModel) -> str:
+    """The status line (and, while launching or after a failure, the startup events) as HTML."""
+    sep = f'<span style="color:{FG2}; padding:0 5px">·</span>'
+    head = [phase_badge(model.phase, model.phase_label),
+            f'<b class="kt-name" style="color:{FG1}; margin-left:6px">{escape(model.name)}</b>',
+            f'<span style="color:{FG2}; margin-left:4px">{escape(model.backend)}</span>']
+    fields = []
+    for label, value in model.fields():
+        fields.append(f'<span class="kt-field" data-kt-field="{label}" style="white-space:nowrap">'
+                      f'<span style="color:{FG2}">{label}</span> '
+                      f'<span style="color:{FG1}">{escape(value)}</span></span>')
+    line = "".join(head) + (sep + sep.join(fields) if fields else "")
+    parts = [f'<div class="kt-status" style="{FONT} color:{FG1}">{line}</div>']
+    if model.detail and model.phase in ("stopped", "failed"):
+        color = PHASE_COLORS["failed"] if model.phase == "failed" else FG2
+        parts.append(f'<div class="kt-detail" style="{FONT} color:{color}; white-space:pre-wrap">'
+                     f'{escape(model.detail)}</div>')
+    if model.events and (model.phase in ("launching", "pulling", "failed")):
+        items = "".join(f"<div>› {escape(e)}</div>" for e in model.events[-6:])
+        parts.append(f'<div class="kt-events" style="{FONT} font-size:11.5px; color:{FG2}; '
+                     f'margin:2px 0 0 4px">{items}</div>')
+    return "".join(parts)
+
+
+class StatusView(W.HTML):
+    """Draws a StatusModel; redraws whenever it changes."""
+
+    def __init__(self, model: StatusModel, **kw: Any) -> None:
+        super().__init__(value=status_html(model), **kw)
+        self.model = model
+        self.add_class("kt-status-view")
+        model.observe(self._redraw)
+
+    def _redraw(self, _change: Any = None) -> None:
+        self.value = status_html(self.model)
+
+    def close(self) -> None:
+        """Stop observing the model, then close."""
+        if getattr(self, "_kt_closed", False):
+            return
+        self._kt_closed = True
+        try:
+            self.model.unobserve(self._redraw)
+        except ValueError:
+            pass
+        super().close()
