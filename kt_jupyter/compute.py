@@ -21,6 +21,7 @@ from pod_kernel.protocol import SERIALIZATIONS
 
 from .errors import BackendUnavailable, ComputeSpecError, NotFoundError
 from .image import Image, as_image, check_env_vars
+from .lifecycle import ComputeLifecycle
 from .k8s_fields import (LoggingConfig, Secret, Volume, as_logging_config, as_secrets, as_volumes, check_abs_path,
                          check_bool,
                          check_dns_label, check_dns_subdomain, check_label_value, check_string_map,
@@ -75,7 +76,7 @@ def _optional(value: Any, check: Any, *args: Any) -> Any:
     return None if value is None else check(value, *args)
 
 
-class Compute:
+class Compute(ComputeLifecycle):
     """The resources and Kubernetes settings of one pod kernel (the seed's ``kt.Compute``).
 
     ``name`` and ``backend`` are our additions: the same ``name`` reaches the

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
+import sysconfig
 import textwrap
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import connection as conn_mod
@@ -61,12 +63,28 @@ def _encode_refs(value: Any) -> Any:
     return value
 
 
+def _importable_on_pod(module: str) -> bool:
+    """Whether the pod can import ``module``: installed (site-packages, stdlib) or synced from the code root."""
+    mod = sys.modules.get(module)
+    file = getattr(mod, "__file__", None)
+    if not file:
+        return False
+    path = Path(file).resolve()
+    installed = {Path(p).resolve() for key in ("purelib", "platlib", "stdlib", "platstdlib")
+                 if (p := sysconfig.get_paths().get(key))}
+    if any(path.is_relative_to(base) for base in installed):
+        return True
+    root = Path.cwd().resolve()  # the code root synced to the pod (kt_jupyter.codesync.CodeTree)
+    rel = Path(*module.split("."))
+    return path in {(root / rel).with_suffix(".py"), root / rel / "__init__.py"}
+
+
 def _target_for(obj: Any, serialization: str) -> tuple[dict[str, Any], Any]:
     """How the pod finds ``obj``: by reference, by source (JSON) or by value (pickle)."""
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", getattr(obj, "__name__", ""))
     if module and module not in ("__main__", "__mp_main__") and "<locals>" not in qualname \
-            and module in sys.modules and getattr(sys.modules[module], "__file__", None):
+            and _importable_on_pod(module):
         return {"kind": "module", "module": module, "qualname": qualname}, None
     if serialization == "pickle":
         return {"kind": "pickled"}, obj

@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import protocol as P
+from . import tensors
 from .calls import CallRunner
 from .codesync import CodeSync
 from .executor import CellJob, Executor
@@ -83,6 +84,7 @@ class PodKernelServer:
     ) -> None:
         self.executor = executor
         self.calls = CallRunner(executor.namespace)
+        tensors.NAMESPACE = executor.namespace
         self.code = CodeSync(code_dir or executor.cells_dir.parent / "code")
         self._token = token.encode()
         self.compute_name = compute_name
