@@ -31,6 +31,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from pod_kernel import protocol as P
+from pod_kernel.bulk import BULK_MIN_BYTES, client_transfer
 
 from .errors import (
     AuthError,
@@ -45,10 +46,30 @@ from .errors import (
 
 log = logging.getLogger("kt_jupyter.client")
 
+
+class _RedactBearer(logging.Filter):
+    """websockets logs handshake headers at DEBUG: the bearer token never reaches a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and a.startswith("Bearer ") for a in record.args):
+            record.args = tuple("Bearer <redacted>" if isinstance(a, str) and a.startswith("Bearer ") else a
+                                for a in record.args)
+        return True
+
+
+#: The logger our websockets connections use (``websockets.client`` would print the token at DEBUG).
+ws_log = logging.getLogger("kt_jupyter.client.websockets")
+ws_log.addFilter(_RedactBearer())
+
 #: How long a dropped connection is retried before giving up.
 RECONNECT_TIMEOUT_S = 30.0
 #: Connection attempt timeout (TCP + WebSocket handshake).
 OPEN_TIMEOUT_S = 10.0
+#: Seconds between heartbeats (WebSocket pings), whether a cell runs or not.
+HEARTBEAT_INTERVAL_S = 10.0
+#: A pod kernel that answers no heartbeat within this many seconds is taken as unreachable. Generous,
+#: because a cell in native code that holds the GIL also keeps the pod's network thread from answering.
+HEARTBEAT_TIMEOUT_S = 30.0
 
 OutputCallback = Callable[[dict[str, Any]], None]
 ProgressCallback = Callable[[int, int], None]
@@ -104,6 +125,7 @@ class _Pending:
     on_progress: ProgressCallback | None = None
     assembler: P.BundleAssembler | None = None
     header: dict[str, Any] = field(default_factory=dict)
+    bulk_ready: asyncio.Future | None = None
 
 
 @dataclass
@@ -167,14 +189,23 @@ class Session:
         liveness: Liveness | None = None,
         reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
         on_notice: Callable[[dict[str, Any]], None] | None = None,
+        heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        bulk_host: str | None = None,
     ) -> None:
         self.url = url
+        #: host of the pod's bulk channel (None: bundles travel over the WebSocket only)
+        self.bulk_host = bulk_host
         self._token = token
         self.name = name
         self.session_id = uuid.uuid4().hex
         self.liveness = liveness
         self.reconnect_timeout_s = reconnect_timeout_s
         self.on_notice = on_notice
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        #: why the last connection dropped, when we know (e.g. no heartbeat answer)
+        self.last_drop: str | None = None
         self.last_seq = 0
         self.reconnects = 0
         self.pod_pid: int | None = None
@@ -374,9 +405,11 @@ class Session:
 
     async def apull(self, names: Iterable[str], *, serialization: str = "pickle",
                     on_progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """Fetch named values."""
-        bundle = await self.arequest({"type": "pull", "names": list(names), "serialization": serialization},
-                                     on_progress=on_progress)
+        """Fetch named values (big ones over the bulk channel when there is one)."""
+        header = {"type": "pull", "names": list(names), "serialization": serialization}
+        if self._bulk_address() is not None:
+            header["bulk"] = True
+        bundle = await self.arequest(header, on_progress=on_progress)
         return await asyncio.to_thread(P.load_values, bundle)
 
     async def ainventory(self, names: Iterable[str] | None = None, *, fingerprints: bool = False) -> list[dict]:
@@ -444,10 +477,12 @@ class Session:
         req_id = req_id or self.new_id()
         header = dict(header, id=req_id)
         while True:
-            pending = _Pending(asyncio.get_running_loop().create_future(), on_progress)
+            loop = asyncio.get_running_loop()
+            pending = _Pending(loop.create_future(), on_progress, bulk_ready=loop.create_future())
             self._pending[req_id] = pending
             try:
-                reply, _payload = await self._until_reply(header, pending.reply, bundle, on_progress, once=True)
+                reply, _payload = await self._until_reply(header, pending.reply, bundle, on_progress, once=True,
+                                                          bulk_ready=pending.bulk_ready)
                 return reply
             except _Resend:
                 if not resend:
@@ -463,13 +498,32 @@ class Session:
 
     async def _until_reply(self, header: dict[str, Any], reply: asyncio.Future,
                            bundle: P.Bundle | None = None, on_progress: ProgressCallback | None = None,
-                           once: bool = False) -> tuple[dict[str, Any], bytes]:
-        """Send ``header`` (and bundle) and wait for ``reply``, resending after reconnects."""
+                           once: bool = False, bulk_ready: asyncio.Future | None = None,
+                           ) -> tuple[dict[str, Any], bytes]:
+        """Send ``header`` (and bundle) and wait for ``reply``, resending after reconnects.
+
+        A big bundle goes over the bulk channel when the pod has one: the
+        header asks for it, the pod answers with a one-time ticket, and the
+        bytes flow over plain TCP from their own memory.
+        """
         while True:
             conn = await self._ensure_conn()
+            address = self._bulk_address() if bundle is not None and bundle.nbytes >= BULK_MIN_BYTES else None
             try:
+                if address is not None and bulk_ready is not None:
+                    await conn.ws.send(P.encode_frame(dict(header, bulk=True, serialization=bundle.serialization,
+                                                           sizes=bundle.sizes)))
+                    await asyncio.wait([bulk_ready, reply, conn.closed], return_when=asyncio.FIRST_COMPLETED)
+                    if bulk_ready.done() and not reply.done():
+                        await asyncio.to_thread(client_transfer, address, bulk_ready.result(),
+                                                send=bundle.parts, progress=on_progress)
+                    bundle_sent = True
+                else:
+                    bundle_sent = False
                 async with self._send_lock:
-                    if bundle is None:
+                    if bundle_sent:
+                        pass
+                    elif bundle is None:
                         await conn.ws.send(P.encode_frame(header))
                     else:
                         frames = P.bundle_frames(header, bundle)
@@ -535,10 +589,12 @@ class Session:
                     },
                     compression=None,
                     max_size=P.MAX_FRAME_BYTES,
-                    open_timeout=OPEN_TIMEOUT_S,
-                    ping_interval=10,
-                    ping_timeout=30,
+                    open_timeout=max(0.05, min(OPEN_TIMEOUT_S, deadline - time.monotonic())),
+                    ping_interval=self.heartbeat_interval_s,
+                    ping_timeout=self.heartbeat_timeout_s,
+                    close_timeout=min(OPEN_TIMEOUT_S, self.heartbeat_timeout_s),
                     user_agent_header=None,
+                    logger=ws_log,
                 )
                 welcome, _ = P.decode_frame(await ws.recv())
                 break
@@ -552,8 +608,9 @@ class Session:
             except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError, P.ProtocolError) as exc:
                 last_error = exc
             if time.monotonic() >= deadline:
+                why = f"{self.last_drop}, and " if reconnecting and self.last_drop else ""
                 err = ConnectionLostError(
-                    f"cannot reach pod kernel {self.name!r} at {self.url}: {last_error}. "
+                    f"cannot reach pod kernel {self.name!r} at {self.url}: {why}{last_error or 'no answer'}. "
                     "Check it with `%kt status`; `%kt restart` starts it again."
                 )
                 if reconnecting:
@@ -561,12 +618,31 @@ class Session:
                 raise err
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
+        self.last_drop = None
         self.pod_pid = welcome.get("pid")
         self.allowed_serialization = welcome.get("allowed_serialization", self.allowed_serialization)
         closed = asyncio.get_running_loop().create_future()
         conn = _Conn(ws, closed, welcome)
         asyncio.create_task(self._read(conn))
         return conn
+
+    def _bulk_address(self) -> tuple[str, int] | None:
+        conn = self._conn
+        port = conn.welcome.get("bulk_port") if conn is not None else None
+        return (self.bulk_host, int(port)) if self.bulk_host and port else None
+
+    async def _bulk_receive(self, pending: _Pending, ticket: str) -> None:
+        asm = pending.assembler
+        try:
+            await asyncio.to_thread(client_transfer, self._bulk_address(), ticket, receive=asm.parts,
+                                    progress=pending.on_progress)
+        except Exception as exc:
+            if not pending.reply.done():
+                pending.reply.set_exception(TransferError(f"bulk transfer from {self.name!r} failed: {exc}"))
+            return
+        asm.received = asm.total
+        if not pending.reply.done():
+            pending.reply.set_result((asm.bundle(), b""))
 
     def _fail_all(self, exc: KtError) -> None:
         self._dead = exc if isinstance(exc, KernelDiedError) else None
@@ -583,6 +659,10 @@ class Session:
                 self._route(header, payload)
         except (ConnectionClosed, P.ProtocolError) as exc:
             log.debug("connection to %s ended: %s", self.name, exc)
+            sent = getattr(exc, "sent", None)
+            if sent is not None and sent.reason == "keepalive ping timeout":
+                self.last_drop = (f"it answered no heartbeat for {self.heartbeat_timeout_s:g} s (stopped, "
+                                  "hung in native code that holds the GIL, or its network is down)")
         finally:
             if not conn.closed.done():
                 conn.closed.set_result(None)
@@ -628,7 +708,14 @@ class Session:
             if pending is not None:
                 pending.header = header
                 pending.assembler = P.BundleAssembler(header["serialization"], header["sizes"])
-                self._bundle_progress(pending)
+                if header.get("bulk"):
+                    asyncio.ensure_future(self._bulk_receive(pending, header["bulk"]))
+                else:
+                    self._bundle_progress(pending)
+        elif kind == "bulk_ready":
+            pending = self._pending.get(req_id)
+            if pending is not None and pending.bulk_ready is not None and not pending.bulk_ready.done():
+                pending.bulk_ready.set_result(header["ticket"])
         elif kind == "chunk":
             pending = self._pending.get(req_id)
             if pending is not None and pending.assembler is not None:

@@ -95,6 +95,7 @@ SERVER_TYPES = frozenset(
         "values",  # a bundle answering pull (followed by chunk frames)
         "chunk",  # more bytes of the bundle before it
         "error_reply",  # a request failed: ename, evalue, traceback
+        "bulk_ready",  # a bulk push may start: its one-time ticket
         "notice",  # something the user should know (output elided, shutting down ...)
     }
 )
@@ -136,7 +137,7 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> tuple[dict[str, Any],
         raise ProtocolError(f"declared header length {head_len} exceeds the frame's {len(view) - 4} bytes")
     try:
         header = json.loads(bytes(view[4 : 4 + head_len]))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise ProtocolError(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError("header must be a JSON object with a string 'type'")
@@ -275,6 +276,26 @@ def bundle_frames(header: Mapping[str, Any], bundle: Bundle, chunk_bytes: int = 
         yield encode_frame(chunk_head, piece)
 
 
+#: Parts at least this big are received into anonymous memory maps, not bytearrays.
+MMAP_MIN_BYTES = 1 << 20
+
+
+def _buffer(size: int) -> Any:
+    """A writable buffer of ``size`` bytes; big ones are anonymous maps populated by the kernel.
+
+    Fresh memory costs page faults on first touch whatever we do. Measured
+    here for 1 GiB: ``bytearray(n)`` (a userspace memset, then the copy)
+    0.58 s; a lazy mmap faulted by the copy 0.58 s; an mmap with
+    MAP_POPULATE (faulted in-kernel, in bulk) 0.35 s.
+    """
+    if size >= MMAP_MIN_BYTES:
+        import mmap
+
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(-1, size, flags=flags)
+    return bytearray(size)
+
+
 @dataclass
 class BundleAssembler:
     """Receives a bundle's bytes chunk by chunk into preallocated part buffers."""
@@ -282,7 +303,7 @@ class BundleAssembler:
     serialization: str
     sizes: list[int]
     max_bytes: int | None = None
-    _parts: list[bytearray] = field(init=False)
+    _parts: list[Any] = field(init=False)
     _index: int = field(init=False, default=0)
     _offset: int = field(init=False, default=0)
     received: int = field(init=False, default=0)
@@ -296,8 +317,13 @@ class BundleAssembler:
             raise ProtocolError("a json bundle has exactly one part")
         if self.max_bytes is not None and self.total > self.max_bytes:
             raise ProtocolError(f"bundle of {self.total} bytes exceeds the limit of {self.max_bytes}")
-        self._parts = [bytearray(s) for s in self.sizes]
+        self._parts = [_buffer(s) for s in self.sizes]
         self._skip_empty()
+
+    @property
+    def parts(self) -> list[Any]:
+        """The preallocated part buffers (filled in place by a bulk transfer)."""
+        return self._parts
 
     @property
     def total(self) -> int:

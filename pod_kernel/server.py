@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 
 from . import protocol as P
 from . import tensors
+from .bulk import BULK_MIN_BYTES, BulkServer
 from .calls import CallRunner
 from .codesync import CodeSync
 from .executor import CellJob, Executor
@@ -123,6 +124,7 @@ class PodKernelServer:
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self._sampler = await asyncio.to_thread(MetricsSampler)
+        self.bulk = BulkServer(host)
         async with serve(
             self.handle,
             host,
@@ -237,6 +239,7 @@ class PodKernelServer:
                     "running": running.req_id if running and running.outbox is session.outbox else None,
                     "allowed_serialization": list(self.allowed_serialization),
                     "started": self.started,
+                    "bulk_port": self.bulk.port,
                 }
             )
         )
@@ -326,11 +329,35 @@ class PodKernelServer:
         elif total > psutil.virtual_memory().available * INBOUND_MEMORY_FRACTION:
             refusal = RequestRefused("MemoryError",
                                      f"a push of {total} bytes does not fit in the pod's available memory")
+        if refusal is not None and header.get("bulk"):
+            await self._send_error(ws, header["id"], refusal)
+            return None
         if refusal is not None:
             inbound = Inbound(header, None, discard_left=total, refusal=refusal)
         else:
             inbound = Inbound(header, P.BundleAssembler(ser, list(sizes)))
+        if header.get("bulk"):
+            await self._start_bulk_inbound(session, ws, inbound)
+            return None
         return await self._continue_inbound(session, ws, inbound, None, payload)
+
+    async def _start_bulk_inbound(self, session: Session, ws: ServerConnection, inbound: Inbound) -> None:
+        """The bundle's bytes come over the bulk channel; the request completes when they are in."""
+        loop = asyncio.get_running_loop()
+        asm = inbound.assembler
+
+        def done(error: BaseException | None) -> None:
+            async def finish() -> None:
+                if error is not None:
+                    await self._send_error(ws, inbound.header["id"], ConnectionError(f"bulk transfer failed: {error}"))
+                    return
+                asm.received = asm.total
+                await self._complete_bundle(session, ws, inbound.header, asm.bundle())
+
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(finish()))
+
+        ticket = self.bulk.issue(True, asm.parts, done)
+        await ws.send(P.encode_frame({"type": "bulk_ready", "id": inbound.header["id"], "ticket": ticket}))
 
     async def _continue_inbound(self, session: Session, ws: ServerConnection, inbound: Inbound,
                                 header: dict | None, payload: memoryview) -> Inbound | None:
@@ -348,24 +375,27 @@ class PodKernelServer:
             inbound.assembler.feed(payload)
         if not inbound.assembler.done:
             return inbound
+        await self._complete_bundle(session, ws, inbound.header, inbound.assembler.bundle())
+        return None
+
+    async def _complete_bundle(self, session: Session, ws: ServerConnection, header: dict, bundle: P.Bundle) -> None:
+        """A request's bundle has fully arrived: hand its values to the request's handler."""
         self.last_activity = time.monotonic()
-        handler = self.bundle_handlers[inbound.header["type"]]
-        bundle = inbound.assembler.bundle()
+        handler = self.bundle_handlers[header["type"]]
 
         async def _handle() -> None:
             try:
                 values = await asyncio.to_thread(P.load_values, bundle)
-                await handler(session, ws, inbound.header, values)
+                await handler(session, ws, header, values)
             except ConnectionClosed:
                 pass
             except Exception as exc:
-                await self._send_error(ws, inbound.header["id"], exc)
+                await self._send_error(ws, header["id"], exc)
 
-        if inbound.header["type"] == "call":
+        if header["type"] == "call":
             asyncio.create_task(_handle())  # calls overlap each other and a running cell
         else:
             await _handle()
-        return None
 
     # ------------------------------------------------------------------ bundle handlers
 
@@ -449,6 +479,11 @@ class PodKernelServer:
         if missing:
             raise RequestRefused("NameError", f"not defined on the pod kernel: {', '.join(missing)}")
         bundle = await asyncio.to_thread(P.dump_values, {n: ns[n] for n in names}, ser)
+        if header.get("bulk") and bundle.nbytes >= BULK_MIN_BYTES:
+            ticket = self.bulk.issue(False, bundle.parts, lambda error: None)
+            await ws.send(P.encode_frame({"type": "values", "id": header["id"], "serialization": bundle.serialization,
+                                          "sizes": bundle.sizes, "bulk": ticket}))
+            return
         for frame in P.bundle_frames({"type": "values", "id": header["id"]}, bundle):
             await ws.send(frame)
 

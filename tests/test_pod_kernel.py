@@ -120,10 +120,33 @@ def test_push_pull_200mb_exact(kernel):
     assert s.push({"big": arr}, on_progress=lambda done, total: progress.append((done, total))) == ["big"]
     done, total = progress[-1]
     assert done == total and arr.nbytes <= total < arr.nbytes + 4096  # the array plus a small pickle stream
-    assert len(progress) >= 40  # reported chunk by chunk, not once at the end
+    assert len(progress) >= 20  # reported piece by piece (8 MiB each on the bulk channel), not once at the end
     assert s.execute("big.nbytes").data == {"text/plain": str(arr.nbytes)}
     back = s.pull(["big"])["big"]
     assert back.dtype == arr.dtype and np.array_equal(back, arr)
+
+
+def test_push_pull_over_websocket_only_exact(kernel):
+    handle, _ = kernel
+    s = handle.session(bulk_host=None)  # no bulk channel: every byte in WebSocket chunk frames
+    arr = np.random.default_rng(2).standard_normal(3 * 2**20)
+    progress = []
+    s.push({"ws": arr}, on_progress=lambda d, t: progress.append(d))
+    assert len(progress) >= 6  # one report per 4 MiB chunk
+    assert np.array_equal(s.pull(["ws"])["ws"], arr)
+
+
+def test_bulk_port_gives_nothing_without_a_valid_ticket(kernel):
+    import socket
+
+    handle, s = kernel
+    port = s._conn.welcome["bulk_port"]
+    s.push({"secret_value": np.arange(2**20)})
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"\x00" * 32)  # a guessed ticket
+        sock.settimeout(10)
+        assert sock.recv(1024) == b""  # closed: nothing sent
+    assert s.execute("int(secret_value[-1])").data == {"text/plain": str(2**20 - 1)}
 
 
 def test_inventory_fingerprints_change_with_content(kernel):

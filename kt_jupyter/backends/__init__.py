@@ -38,12 +38,15 @@ class KernelHandle:
     where: str = ""
     spec: dict[str, Any] = field(default_factory=dict)
     liveness: Callable[[], str | None] | None = field(default=None, repr=False, compare=False)
+    #: host the pod's bulk channel is reachable at from here (None: WebSocket only)
+    bulk_host: str | None = None
     close_hook: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def session(self, **kw: Any) -> "Session":
         """A new client session to this kernel (not yet connected)."""
         from ..client import Session
 
+        kw.setdefault("bulk_host", self.bulk_host)
         return Session(self.url, self.token, name=self.name, liveness=self.liveness, **kw)
 
 

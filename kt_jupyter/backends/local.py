@@ -31,6 +31,7 @@ import psutil
 
 from ..errors import ComputeSpecError, LaunchError, NotFoundError
 from . import KernelHandle, KernelInfo, kt_home
+from .rlimits import apply_memory_limit
 
 if TYPE_CHECKING:
     from ..compute import Compute
@@ -174,6 +175,8 @@ class LocalBackend:
             finally:
                 os.close(write_fd)
         self._children[proc.pid] = proc
+        if getattr(compute, "memory_bytes", None):  # past it, allocations raise MemoryError (rlimits.py)
+            apply_memory_limit(proc.pid, compute.memory_bytes)
         timeout_s = float(getattr(compute, "launch_timeout_s", None) or 60.0)
         try:
             ready = self._wait_ready(read_fd, proc, timeout_s, log_path, name)
@@ -269,7 +272,7 @@ class LocalBackend:
         return KernelHandle(
             name=name, backend=self.name, url=f"ws://{info['host']}:{info['port']}", token=token,
             pid=info["pid"], started=info["started"], where=f"local pid {info['pid']}",
-            spec=info.get("spec", {}), liveness=liveness,
+            spec=info.get("spec", {}), liveness=liveness, bulk_host=info["host"],
         )
 
     # ------------------------------------------------------------------ inspect

@@ -1,0 +1,409 @@
+"""Side-by-side timings of kt_jupyter and its peers, measured in one run on this machine.
+
+    ./dev bench            # full run (1 GB transfers; several minutes)
+    ./dev bench --quick    # small sizes and few repetitions (the test suite's smoke run)
+
+Writes benchmarks/results/<timestamp>.json and prints a Markdown table. Every
+peer figure (ipyparallel, raw loopback TCP, a plain local cell, a restarted
+kernel) is measured in the same run, never copied from elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of values."""
+    data = sorted(values)
+    k = (len(data) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def timings(fn: Callable[[], Any], reps: int, warmup: int = 3) -> dict[str, float]:
+    """p50/p95 in milliseconds of ``reps`` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return {"p50_ms": pct(samples, 50), "p95_ms": pct(samples, 95), "reps": reps}
+
+
+class PeakRSS:
+    """Peak RSS growth of some processes while a block runs (sampled every millisecond)."""
+
+    def __init__(self, *pids: int) -> None:
+        self.procs = [psutil.Process(p) for p in pids]
+        self.base = [p.memory_info().rss for p in self.procs]
+        self.peak = list(self.base)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for i, p in enumerate(self.procs):
+                try:
+                    self.peak[i] = max(self.peak[i], p.memory_info().rss)
+                except psutil.Error:
+                    pass
+            self._stop.wait(0.001)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def extra(self) -> list[int]:
+        """Peak minus starting RSS, per process."""
+        return [pk - b for pk, b in zip(self.peak, self.base)]
+
+
+# ---------------------------------------------------------------------------- peers
+
+
+def raw_tcp_transfer(payload: np.ndarray) -> float:
+    """Seconds to move ``payload`` over loopback TCP into a preallocated buffer (the machine's limit)."""
+    view = memoryview(payload).cast("B")
+    n = view.nbytes
+    dest = bytearray(n)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    done = threading.Event()
+
+    def receive() -> None:
+        conn, _ = srv.accept()
+        got, mv = 0, memoryview(dest)
+        while got < n:
+            got += conn.recv_into(mv[got:], min(n - got, 8 << 20))
+        conn.close()
+        done.set()
+
+    t = threading.Thread(target=receive)
+    t.start()
+    client = socket.create_connection(("127.0.0.1", port))
+    t0 = time.perf_counter()
+    client.sendall(view)
+    done.wait()
+    elapsed = time.perf_counter() - t0
+    client.close()
+    srv.close()
+    t.join()
+    return elapsed
+
+
+class IPP:
+    """An ipyparallel cluster with one local engine."""
+
+    def __init__(self) -> None:
+        import ipyparallel as ipp
+
+        t0 = time.perf_counter()
+        self.cluster = ipp.Cluster(n=1, log_level=40)
+        self.rc = self.cluster.start_and_connect_sync(activate=False)
+        self.rc.wait_for_engines(1, timeout=120)
+        self.cold_start_s = time.perf_counter() - t0
+        self.view = self.rc[0]
+        self.engine_pid = self.view.apply_sync(os.getpid)
+
+    def stop(self) -> None:
+        self.rc.close()
+        self.cluster.stop_cluster_sync()
+
+
+# ---------------------------------------------------------------------------- benchmarks
+
+
+def bench_kernel_round_trips(reps: int, results: dict[str, Any]) -> None:
+    """A trivial cell through a real ipykernel: local, %%kt, %%px."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3", env=dict(os.environ))
+    try:
+        def run(code: str) -> None:
+            reply = kc.execute_interactive(code, timeout=120, output_hook=lambda m: None)
+            if reply["content"]["status"] != "ok":
+                raise RuntimeError(f"{code!r} failed: {reply['content'].get('evalue')}")
+
+        run("%load_ext kt_jupyter")
+        run("%%kt --name bench-rt\npass")
+        run("import ipyparallel as ipp\nrc = ipp.Cluster(n=1, log_level=40).start_and_connect_sync()\n"
+            "rc.wait_for_engines(1, timeout=120)\nrc[:].activate()")
+        results["round_trip"] = {
+            "local cell (same ipykernel)": timings(lambda: run("pass"), reps),
+            "%%kt (kt_jupyter)": timings(lambda: run("%%kt --name bench-rt\npass"), reps),
+            "%%px (ipyparallel, 1 engine)": timings(lambda: run("%%px\npass"), reps),
+        }
+        run("%kt down bench-rt")
+        run("rc.cluster.stop_cluster_sync()")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def bench_transfers(sizes: list[int], ipp: IPP, results: dict[str, Any]) -> None:
+    """Push and pull of numpy arrays: kt vs ipyparallel vs raw loopback TCP."""
+    from kt_jupyter.backends import get_backend
+    from kt_jupyter.compute import Compute
+
+    handle = get_backend("local").launch(Compute(name="bench-xfer"))
+    session = handle.session()
+    session.connect()
+    rows = {}
+    try:
+        for size in sizes:
+            arr = np.random.default_rng(0).integers(0, 255, size=size, dtype=np.uint8)
+            gc.collect()
+            tcp_s = min(raw_tcp_transfer(arr) for _ in range(3 if size < 2**30 else 2))
+            with PeakRSS(os.getpid(), handle.pid) as mem_push:
+                t0 = time.perf_counter()
+                session.push({"a": arr})
+                kt_push_s = time.perf_counter() - t0
+            with PeakRSS(os.getpid(), handle.pid) as mem_pull:
+                t0 = time.perf_counter()
+                back = session.pull(["a"])["a"]
+                kt_pull_s = time.perf_counter() - t0
+            assert back.nbytes == arr.nbytes
+            del back
+            session.delete(["a"])
+            gc.collect()
+            t0 = time.perf_counter()
+            ipp.view.push({"a": arr}, block=True)
+            ipp_push_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            back = ipp.view.pull("a", block=True)
+            ipp_pull_s = time.perf_counter() - t0
+            del back
+            ipp.view.execute("del a", block=True)
+            gc.collect()
+            mb = size / 1e6
+            rows[f"{size / 2**20:g} MiB"] = {
+                "raw_tcp_MBps": mb / tcp_s,
+                "kt_push_MBps": mb / kt_push_s,
+                "kt_pull_MBps": mb / kt_pull_s,
+                "ipp_push_MBps": mb / ipp_push_s,
+                "ipp_pull_MBps": mb / ipp_pull_s,
+                "kt_push_vs_tcp": tcp_s / kt_push_s,
+                "kt_pull_vs_tcp": tcp_s / kt_pull_s,
+                "kt_push_peak_extra_x_payload": {"notebook": mem_push.extra()[0] / size,
+                                                 "pod": mem_push.extra()[1] / size},
+                "kt_pull_peak_extra_x_payload": {"notebook": mem_pull.extra()[0] / size,
+                                                 "pod": mem_pull.extra()[1] / size},
+            }
+    finally:
+        session.close()
+        get_backend("local").delete("bench-xfer")
+    results["transfers"] = rows
+
+
+def bench_unchanged_rerun(size: int, results: dict[str, Any]) -> None:
+    """The same %%kt cell twice with a big unchanged global: the second run must not resend it."""
+    from kt_jupyter import connection as conn_mod
+    from kt_jupyter.backends import get_backend
+    from kt_jupyter.compute import Compute
+
+    conn = conn_mod.connect(Compute(name="bench-rerun"))
+    ns = {"big": np.ones(size // 8)}
+    cell = "s = float(big[:10].sum())"
+    try:
+        t0 = time.perf_counter()
+        first = conn.run_cell(cell, ns)
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        second = conn.run_cell(cell, ns)
+        second_s = time.perf_counter() - t0
+    finally:
+        conn_mod.disconnect("bench-rerun")
+        get_backend("local").delete("bench-rerun")
+    assert second.bytes_pushed == 0 and "big" in second.skipped_unchanged
+    results["unchanged_rerun"] = {"size_bytes": size, "first_s": first_s, "second_s": second_s,
+                                  "ratio": second_s / first_s, "first_bytes_pushed": first.bytes_pushed}
+
+
+def bench_hot_reload(reps: int, results: dict[str, Any]) -> None:
+    """Edit a local module -> the next fn call sees it; vs restarting the kernel."""
+    import importlib
+
+    import kt_jupyter as kt
+    from kt_jupyter import connection as conn_mod
+    from kt_jupyter.backends import get_backend
+
+    old_cwd = os.getcwd()
+    work = Path(tempfile.mkdtemp(prefix="kt-bench-reload-"))
+    os.chdir(work)
+    sys.path.insert(0, str(work))
+    try:
+        mod = work / "benchmod.py"
+        mod.write_text("def f():\n    return 0\n")
+        benchmod = importlib.import_module("benchmod")
+        remote = kt.fn(benchmod.f, name="bench-reload").to(kt.Compute())
+        remote()
+        samples = []
+        for i in range(1, reps + 1):
+            mod.write_text(f"def f():\n    return {i}\n")
+            t0 = time.perf_counter()
+            assert remote() == i
+            samples.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        conn_mod.disconnect("bench-reload")
+        get_backend("local").delete("bench-reload")
+        remote = kt.fn(benchmod.f, name="bench-reload").to(kt.Compute())
+        remote()
+        restart_s = time.perf_counter() - t0
+        results["hot_reload"] = {"edit_to_effect_p50_ms": pct(samples, 50), "edit_to_effect_p95_ms": pct(samples, 95),
+                                 "reps": reps, "restart_kernel_ms": restart_s * 1e3}
+    finally:
+        conn_mod.disconnect("bench-reload")
+        get_backend("local").delete("bench-reload")
+        os.chdir(old_cwd)
+        sys.path.remove(str(work))
+
+
+def bench_cold_start(reps: int, ipp_cold_s: float, results: dict[str, Any]) -> None:
+    """Launch a local pod kernel and get the first result."""
+    from kt_jupyter.backends import get_backend
+    from kt_jupyter.compute import Compute
+
+    backend = get_backend("local")
+    samples = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        handle = backend.launch(Compute(name=f"bench-cold-{i}"))
+        session = handle.session()
+        session.execute("1")
+        samples.append(time.perf_counter() - t0)
+        session.close()
+        backend.delete(f"bench-cold-{i}", grace_period_s=1)
+    results["cold_start"] = {"kt_p50_s": pct(samples, 50), "kt_p95_s": pct(samples, 95), "reps": reps,
+                             "ipyparallel_cluster_s": ipp_cold_s}
+
+
+def _add(x: int, y: int) -> int:
+    return x + y
+
+
+def bench_fn_call(reps: int, ipp: IPP, results: dict[str, Any]) -> None:
+    """Seed-API call overhead vs ipyparallel apply_sync."""
+    import kt_jupyter as kt
+    from kt_jupyter.backends import get_backend
+
+    remote = kt.fn(_add, name="bench-fn").to(kt.Compute())
+    try:
+        results["fn_call"] = {
+            "kt.fn call (json)": timings(lambda: remote(1, 2), reps),
+            "kt.fn call (pickle)": timings(lambda: remote(1, 2, serialization="pickle"), reps),
+            "ipyparallel apply_sync": timings(lambda: ipp.view.apply_sync(_add, 1, 2), reps),
+        }
+    finally:
+        get_backend("local").delete("bench-fn")
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def table(results: dict[str, Any]) -> str:
+    """The Markdown table of a run."""
+    out = [f"Machine: {results['machine']}", ""]
+    if "round_trip" in results:
+        rt = results["round_trip"]
+        kt_ = rt["%%kt (kt_jupyter)"]["p50_ms"]
+        px = rt["%%px (ipyparallel, 1 engine)"]["p50_ms"]
+        out += ["| warm trivial cell via ipykernel | p50 ms | p95 ms | reps |", "|---|---|---|---|"]
+        out += [f"| {k} | {v['p50_ms']:.2f} | {v['p95_ms']:.2f} | {v['reps']} |" for k, v in rt.items()]
+        out += [f"| **%%kt / %%px (target <= 0.5)** | **{kt_ / px:.2f}** | | |", ""]
+    if "transfers" in results:
+        out += ["| array | raw TCP MB/s | kt push MB/s | kt pull MB/s | ipp push MB/s | ipp pull MB/s "
+                "| kt/TCP push, pull (target >= 0.6) | kt peak extra x payload (notebook, pod) |",
+                "|---|---|---|---|---|---|---|---|"]
+        for size, r in results["transfers"].items():
+            pe, pu = r["kt_push_peak_extra_x_payload"], r["kt_pull_peak_extra_x_payload"]
+            out.append(
+                f"| {size} | {r['raw_tcp_MBps']:.0f} | {r['kt_push_MBps']:.0f} | {r['kt_pull_MBps']:.0f} "
+                f"| {r['ipp_push_MBps']:.0f} | {r['ipp_pull_MBps']:.0f} "
+                f"| {r['kt_push_vs_tcp']:.2f}, {r['kt_pull_vs_tcp']:.2f} "
+                f"| push {pe['notebook']:.2f}, {pe['pod']:.2f}; pull {pu['notebook']:.2f}, {pu['pod']:.2f} |")
+        out.append("")
+    if "unchanged_rerun" in results:
+        r = results["unchanged_rerun"]
+        out += ["| unchanged global re-run | first s | second s | second/first (target <= 0.05) |",
+                "|---|---|---|---|",
+                f"| {r['size_bytes'] / 2**20:g} MiB | {r['first_s']:.3f} | {r['second_s']:.3f} | {r['ratio']:.3f} |", ""]
+    if "hot_reload" in results:
+        r = results["hot_reload"]
+        out += ["| edit local module -> effect | p50 ms | p95 ms | restart kernel instead, ms | reps |",
+                "|---|---|---|---|---|",
+                f"| kt.fn call after edit (target <= 50 ms) | {r['edit_to_effect_p50_ms']:.1f} "
+                f"| {r['edit_to_effect_p95_ms']:.1f} | {r['restart_kernel_ms']:.0f} | {r['reps']} |", ""]
+    if "cold_start" in results:
+        r = results["cold_start"]
+        out += ["| cold start to first result | p50 s | p95 s | ipyparallel cluster start s | reps |",
+                "|---|---|---|---|---|",
+                f"| local pod kernel (target <= 1 s) | {r['kt_p50_s']:.3f} | {r['kt_p95_s']:.3f} "
+                f"| {r['ipyparallel_cluster_s']:.2f} | {r['reps']} |", ""]
+    if "fn_call" in results:
+        out += ["| call overhead | p50 ms | p95 ms | reps |", "|---|---|---|---|"]
+        out += [f"| {k} | {v['p50_ms']:.2f} | {v['p95_ms']:.2f} | {v['reps']} |" for k, v in results["fn_call"].items()]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run everything; write JSON; print the table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (smoke run)")
+    p.add_argument("--out", default=None, help="JSON file to write (default benchmarks/results/<time>.json)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("KT_HOME", tempfile.mkdtemp(prefix="kt-bench-home-"))
+    reps = 10 if args.quick else 200
+    sizes = [2**20, 8 * 2**20] if args.quick else [2**20, 100 * 2**20, 2**30]
+    results: dict[str, Any] = {
+        "machine": f"{platform.node()} {platform.machine()}, {psutil.cpu_count()} CPUs, "
+                   f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}",
+        "quick": args.quick,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    ipp = IPP()
+    try:
+        bench_kernel_round_trips(reps, results)
+        bench_transfers(sizes, ipp, results)
+        bench_fn_call(reps, ipp, results)
+    finally:
+        ipp.stop()
+    bench_unchanged_rerun(8 * 2**20 if args.quick else 2**30, results)
+    bench_hot_reload(5 if args.quick else 30, results)
+    bench_cold_start(2 if args.quick else 10, ipp.cold_start_s, results)
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\n[results written to {out}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
