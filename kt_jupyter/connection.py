@@ -22,7 +22,7 @@ from .cells import analyze_cell, filter_pushable
 from .client import ExecuteResult, OutputCallback, ProgressCallback, Session
 from .codesync import CodeTree
 from .compute import Compute
-from .errors import KernelDiedError, TransferError
+from .errors import ComputeSpecError, KernelDiedError, TransferError
 from .quantities import format_bytes
 
 #: Values larger than this stay on the pod as RemoteRefs unless pulled explicitly.
@@ -273,8 +273,13 @@ def set_default_compute(compute: Compute) -> None:
 
 
 def connect(compute: Compute | None = None, *, keep: bool = False,
-            on_event: Callable[[str], None] | None = None) -> ComputeConnection:
+            on_event: Callable[[str], None] | None = None,
+            strict: set[str] | frozenset[str] = frozenset()) -> ComputeConnection:
     """The connection to ``compute``'s pod kernel, launching or reattaching as needed.
+
+    When a kernel of that name already runs with other settings, a difference
+    in a parameter named in ``strict`` (the caller asked for it explicitly) is
+    an error; otherwise ``on_event`` is told and the running kernel is used.
 
     When a kernel this process used has died, a new one is launched and
     ``on_event`` is told that the remote state was lost.
@@ -288,9 +293,17 @@ def connect(compute: Compute | None = None, *, keep: bool = False,
         if conn is not None:
             why = conn.handle.liveness() if conn.handle.liveness else None
             if why is None:
-                if compute != conn.compute and _differs_in_resources(compute, conn.compute):
-                    say(f"compute {compute.name!r} is already running with other settings; "
-                        f"`%kt restart {compute.name}` applies the new ones")
+                asked = [k for k, v in compute.to_dict().items() if v not in (None, {}, [], "")]
+                diff = _resource_diff(compute, conn.compute, asked)
+                if diff and _resource_diff(compute, conn.compute, strict):
+                    raise ComputeSpecError(
+                        f"compute {compute.name!r} is already running with "
+                        f"{_resource_diff(compute, conn.compute, strict)}; "
+                        f"`%kt down {compute.name}` then run this cell again, or pick another --name"
+                    )
+                if diff:
+                    say(f"compute {compute.name!r} is already running with {diff}; "
+                        f"`%kt restart {compute.name}` applies the new settings")
                 return conn
             say(f"{why.splitlines()[0]}\nStarting a new pod kernel: the previous one's variables are lost.")
             conn.session.close_quietly()
@@ -301,9 +314,13 @@ def connect(compute: Compute | None = None, *, keep: bool = False,
         return conn
 
 
-def _differs_in_resources(a: Compute, b: Compute) -> bool:
-    da, db = a.to_dict(), b.to_dict()
-    return any(da.get(k) != db.get(k) for k in ("cpus", "memory", "gpus", "gpu_type", "image", "env_vars"))
+def _resource_diff(wanted: Compute, running: Compute, only: Iterable[str] | None = None) -> str:
+    """'' when alike (in ``only`` if given), else e.g. "gpus=None (not 1)"."""
+    dw, dr = wanted.to_dict(), running.to_dict()
+    keys = ("backend", "cpus", "memory", "gpus", "gpu_type", "image", "env_vars", "namespace")
+    if only is not None:
+        keys = tuple(k for k in keys if k in set(only))
+    return ", ".join(f"{k}={dr.get(k)!r} (not {dw.get(k)!r})" for k in keys if dw.get(k) != dr.get(k))
 
 
 def connections() -> list[ComputeConnection]:

@@ -231,6 +231,16 @@ def test_line_magic_list_status_logs_restart_down(ip, capsys):
         run(ip, "%kt frobnicate")
 
 
+def test_explicit_options_that_differ_from_the_running_kernel_are_an_error(ip):
+    run(ip, "%%kt --name sized --cpus 1\nx = 1")
+    with pytest.raises(UsageError, match=r"already running with cpus='1' \(not '2'\).*%kt down sized"):
+        run(ip, "%%kt --name sized --cpus 2\nx = 2")
+    run(ip, "%%kt --name sized --cpus 1\nx = 3")  # the same options reuse the warm kernel
+    assert ip.user_ns["x"] == 3
+    run(ip, "%%kt --name sized\nx = 4")  # naming it alone asks for no particular resources
+    assert ip.user_ns["x"] == 4
+
+
 def test_config_sets_default_compute(ip, capsys):
     run(ip, "%kt config name=cfg")
     assert conn_mod.default_compute().name == "cfg"

@@ -71,19 +71,19 @@ def parse_env(items: list[str]) -> dict[str, str]:
     return env
 
 
-def compute_from_args(args: argparse.Namespace, default: Compute) -> tuple[Compute, bool]:
+def compute_from_args(args: argparse.Namespace, default: Compute) -> tuple[Compute, set[str]]:
     """The compute a magic line asks for: the default with the given options applied.
 
-    Returns the compute and whether any compute option was given.
+    Returns the compute and the names of the parameters the line set.
     """
     overrides: dict[str, Any] = {k: getattr(args, k) for k in _COMPUTE_KEYS if getattr(args, k, None) is not None}
     env = parse_env(getattr(args, "env", []) or [])
     if env:
         overrides["env_vars"] = {**(default.env_vars or {}), **env}
     if not overrides:
-        return default, False
+        return default, set()
     try:
-        return default.with_overrides(**overrides), True
+        return default.with_overrides(**overrides), set(overrides)
     except ComputeSpecError as exc:
         raise UsageError(str(exc)) from None
 

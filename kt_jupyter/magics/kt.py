@@ -20,6 +20,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments, parse_argstring
 
 from .. import connection as conn_mod
+from .. import oom
 from ..backends import BACKENDS, get_backend
 from ..compute import Compute
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError
@@ -70,6 +71,9 @@ class KtMagics(Magics):
     @argument("--async", dest="async_", action="store_true",
               help="return at once; output keeps arriving here; names are pulled when it ends (%%kt wait)")
     @argument("--keep", action="store_true", help="keep the kernel running after this notebook's kernel exits")
+    @argument("--retry-oom", dest="retry_oom", nargs="?", type=int, const=oom.DEFAULT_OOM_RETRIES, default=0,
+              metavar="N", help="if the cell runs out of memory, run it again on a new kernel with twice the "
+                                "memory, up to N times (default 2; remote variables are lost)")
     @cell_magic
     def kt(self, line: str, cell: str) -> Any:
         """Run this cell on a warm pod kernel (local subprocess or Kubernetes pod).
@@ -99,12 +103,14 @@ class KtMagics(Magics):
         label = f"In[{self.shell.execution_count}]"
         # the magic line as a comment keeps the notebook's line numbers in remote tracebacks
         source = f"# %%kt {line}\n{cell}"
-        connection = self._connect(compute, keep=args.keep)
+        connection = self._connect(compute, keep=args.keep, strict=explicit)
         progress = TransferProgress()
 
         def run() -> conn_mod.CellOutcome:
-            return connection.run_cell(
-                source, self.shell.user_ns, transfer=transfer, on_output=show_output, on_progress=progress,
+            return oom.run_cell(  # connection.run_cell, plus a clear OOM error and the opt-in retry
+                connection, source, self.shell.user_ns, retry_oom=args.retry_oom, keep=args.keep,
+                on_event=lambda m: print(f"[kt] {m}", file=sys.stderr),
+                transfer=transfer, on_output=show_output, on_progress=progress,
                 cell_name=f"kt-cell-{self.shell.execution_count}.py", cell_label=label, timeout_s=timeout_s,
             )
 
@@ -116,9 +122,11 @@ class KtMagics(Magics):
             return RemoteResult(result.data, result.metadata)
         return None
 
-    def _connect(self, compute: Compute, keep: bool = False) -> conn_mod.ComputeConnection:
+    def _connect(self, compute: Compute, keep: bool = False,
+                 strict: set[str] | None = None) -> conn_mod.ComputeConnection:
         try:
-            return conn_mod.connect(compute, keep=keep, on_event=lambda m: print(f"[kt] {m}", file=sys.stderr))
+            return conn_mod.connect(compute, keep=keep, strict=strict or set(),
+                                    on_event=lambda m: print(f"[kt] {m}", file=sys.stderr))
         except ComputeSpecError as exc:
             raise UsageError(str(exc)) from None
 
