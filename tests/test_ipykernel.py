@@ -106,3 +106,23 @@ def test_interrupt_kernel_interrupts_remote_cell_and_state_survives(kc):
     assert result["reply"]["status"] == "error" and result["reply"]["ename"] == "KeyboardInterrupt"
     _, msgs = run_cell(client, "%%kt\nsurvivor")
     assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "'alive'"
+
+
+def test_async_cell_output_lands_in_its_own_cell(kc):
+    _, client = kc
+    msg_id = client.execute("%%kt --async\nimport time\ntime.sleep(0.3)\nprint('late line')\nlate = 1")
+    first_idle = False
+    late_parent = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and late_parent is None:
+        msg = client.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status" \
+                and msg["content"]["execution_state"] == "idle":
+            first_idle = True  # the notebook was free before the remote cell printed
+        if msg["msg_type"] == "stream" and "late line" in msg["content"]["text"]:
+            late_parent = msg["parent_header"].get("msg_id")
+    assert first_idle and late_parent == msg_id
+    reply, _ = run_cell(client, "%kt wait --timeout 30")
+    assert reply["status"] == "ok"
+    _, msgs = run_cell(client, "late")
+    assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "1"
