@@ -27,6 +27,30 @@ class LaunchError(KtError):
     """A compute could not be started or did not become ready in time."""
 
 
+class ImagePullError(LaunchError):
+    """Kubernetes cannot pull the compute's container image (ErrImagePull / ImagePullBackOff)."""
+
+
+class UnschedulableError(LaunchError):
+    """No node can take the pod (too little of a resource, no matching node, taints, quota)."""
+
+
+class CrashLoopError(LaunchError):
+    """The pod kernel's container keeps exiting while starting (CrashLoopBackOff, bad config)."""
+
+
+class OOMKilledError(LaunchError):
+    """The pod kernel's container was killed for exceeding its memory limit while starting."""
+
+
+class LaunchTimeoutError(LaunchError, TimeoutError):
+    """The compute was not ready within its launch_timeout."""
+
+
+class KubernetesAPIError(KtError):
+    """The Kubernetes API refused or failed a request (forbidden, invalid, server error)."""
+
+
 class KernelDiedError(KtError):
     """The pod kernel process exited or was killed; remote state is lost."""
 
@@ -70,3 +94,16 @@ class RemoteError(KtError):
 
     def __reduce__(self):
         return (type(self), (self.ename, self.evalue, self.remote_traceback))
+
+
+class OutOfMemoryError(KtError, MemoryError):
+    """A cell ran out of memory on its pod kernel; the message names the compute's memory limit.
+
+    ``memory`` is the limit the cell ran under (None when none was set) and
+    ``tried`` every limit tried, when ``--retry-oom`` retried with more.
+    """
+
+    def __init__(self, message: str, memory: str | None = None, tried: tuple[str | None, ...] = ()) -> None:
+        super().__init__(message)
+        self.memory = memory
+        self.tried = tried

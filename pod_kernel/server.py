@@ -39,6 +39,8 @@ log = logging.getLogger("pod_kernel.server")
 
 #: Execute request ids remembered per session to drop resent duplicates.
 SEEN_IDS_KEPT = 4096
+#: Requests that do not count as activity for the inactivity TTL.
+PASSIVE_TYPES = frozenset({"metrics", "ping", "inventory"})
 #: Fraction of available memory one inbound bundle may declare.
 INBOUND_MEMORY_FRACTION = 0.9
 
@@ -258,7 +260,8 @@ class PodKernelServer:
                         continue
                     if header["type"] == "chunk":
                         raise P.ProtocolError("chunk frame outside a bundle")
-                    self.last_activity = time.monotonic()
+                    if header["type"] not in PASSIVE_TYPES:  # a status panel polling is not use
+                        self.last_activity = time.monotonic()
                     await self._dispatch(session, ws, header, payload)
                 except P.ProtocolError as exc:
                     log.warning("closing a connection that broke the protocol: %s", exc)

@@ -117,6 +117,8 @@ def test_status_events_are_bounded_and_detect_image_pulls():
     assert m.phase == "launching" and m.launch_started > 0
     m.add_event("Pulling image python:3.11-slim\nmore detail")
     assert m.phase == "pulling"
+    m.add_event('successfully pulled image "python:3.11-slim" in 2s')
+    assert m.phase == "launching"
     for i in range(5):
         m.add_event(f"event {i}")
     assert m.events == ("event 2", "event 3", "event 4")
@@ -356,11 +358,13 @@ def test_picker_launch_list_use_and_stop_real_kernel(local_backend):
     assert conn_mod.default_compute().name == "picked"
     rows = {r.name: r for r in m.running}
     assert rows["picked"].phase == "ready" and rows["picked"].where.startswith("local pid")
-    assert any(e.startswith("kubernetes:") for e in m.list_errors)  # listed per backend, errors kept
+    assert all(e.startswith("kubernetes:") for e in m.list_errors)  # a backend that cannot list says so
     assert conn.session.execute("1 + 1").data == {"text/plain": "2"}
     m2 = PickerModel()
     m2.use(rows["picked"])
     assert m2.name == "picked" and conn_mod.default_compute().name == "picked"
+    m3 = PickerModel(name="picked", cpus="2")  # the same name with other settings: a notice, not a new kernel
+    assert m3.launch() is not None and "`%kt restart picked`" in m3.message
     assert m.stop("local", "picked")
     assert "picked" not in {r.name for r in m.running} and "stopped" in m.message
 
@@ -430,13 +434,48 @@ def test_widget_bundle_carries_the_text_fallback():
     assert frontend.WIDGET_MIME in bundle
 
 
+def test_entry_points_choose_text_or_widgets(monkeypatch, capsys):
+    import kt_jupyter.widgets as kw
+    from kt_jupyter.render import TransferProgress
+    from kt_jupyter.widgets.panel import LaunchReporter
+    from kt_jupyter.widgets.progress import TransferReporter
+
+    monkeypatch.setenv(frontend.FORCE_ENV, "0")
+    assert isinstance(kw.transfer_reporter(), TransferProgress)
+    kw.launch_reporter("x")("starting pod kernel 'x'")
+    assert capsys.readouterr().err == "[kt] starting pod kernel 'x'\n"
+    monkeypatch.setenv(frontend.FORCE_ENV, "1")
+    assert isinstance(kw.transfer_reporter(), TransferReporter)
+    assert isinstance(kw.launch_reporter("x"), LaunchReporter)
+
+
+def test_transfer_reporter_makes_one_bar_per_transfer(monkeypatch):
+    from kt_jupyter.widgets.progress import TransferReporter
+
+    shown = []
+    monkeypatch.setattr("kt_jupyter.widgets.progress.display_widget",
+                        lambda w, text, parent=None: shown.append((w, text)))
+    report = TransferReporter(min_bytes=1000)
+    report("push", 10, 999)  # too small to show
+    assert not shown
+    t = threading.Thread(target=lambda: [report("push", n, 4000) for n in (1000, 2000, 4000)])
+    t.start()
+    t.join()
+    report("pull", 500, 5000)
+    assert [text for _w, text in shown] == ["[kt] push of 4000 bytes", "[kt] pull of 5000 bytes"]
+    push, pull = (w.model for w, _t in shown)
+    assert push.finished and push.done == 4000 and pull.fraction == 0.1
+    report("push", 100, 4000)  # a new push after the finished one: a new bar
+    assert len(shown) == 3
+
+
 # ---------------------------------------------------------------------- views follow their models
 
 
 def test_views_draw_their_models():
     from kt_jupyter.widgets.logs import LogView
     from kt_jupyter.widgets.metrics import MetricsView
-    from kt_jupyter.widgets.progress import progress_view
+    from kt_jupyter.widgets.progress import ProgressView
     from kt_jupyter.widgets.status import StatusView
 
     st = StatusModel(name="v")
@@ -463,7 +502,7 @@ def test_views_draw_their_models():
     assert mv.value.count('class="kt-metric"') == 4 and "<svg" in mv.value and "93% · 61°C" in mv.value
 
     pm = ProgressModel(kind="transfer", label="pull")
-    pv = progress_view(pm)
+    pv = ProgressView(pm)
     pm.update(50, 100)
     assert pv.bar.value == 0.5 and "pull 50 B / 100 B" in pv.label.value
     for view in (sv, lv, mv, pv):
@@ -478,8 +517,9 @@ def test_picker_view_follows_model_and_buttons_act(local_backend):
     v = PickerView(m)
     v.fields["cpus"].value = "abc"
     assert m.cpus == "abc" and "⚠" in v.error.value and v.launch.disabled
-    assert v.fields["cpus"].layout.border == "1px solid #c5221f"
+    assert "kt-invalid" in v.fields["cpus"]._dom_classes
     v.fields["cpus"].value = "1"
+    assert "kt-invalid" not in v.fields["cpus"]._dom_classes
     assert not v.launch.disabled and v.error.value == "" and "--cpus 1" in v.line.value
     assert v.fields["namespace"].disabled and v.fields["namespace"].placeholder == "kubernetes only"
     v.backend.value = "kubernetes"
@@ -489,6 +529,7 @@ def test_picker_view_follows_model_and_buttons_act(local_backend):
     wait_until(lambda: m.message_kind == "success", what="the launch from the button")
     wait_until(lambda: any(r.name == "pv" for r in m.running), what="the running list")
     assert re.search(r"ready in [0-9.]+ s", v.progress_box.children[0].label.value)
+    assert "✓" in v.progress_box.children[0].label.value
     stops = [w for row in v.rows.children for w in getattr(row, "children", ()) if "kt-pick-stop" in w._dom_classes]
     assert len(stops) == 1
     stops[0].click()
@@ -501,7 +542,7 @@ def test_picker_view_follows_model_and_buttons_act(local_backend):
 
 def test_monitor_follows_a_real_kernel_until_it_stops(local_backend):
     from kt_jupyter.widgets.monitor import monitor_for
-    from kt_jupyter.widgets.panel import compute_panel
+    from kt_jupyter.widgets.panel import ComputePanel
 
     conn = conn_mod.connect(Compute(name="mon"))
     mon = monitor_for("mon", "local")
@@ -510,7 +551,7 @@ def test_monitor_follows_a_real_kernel_until_it_stops(local_backend):
     assert mon.status.phase == "ready" and mon.status.where.startswith("local pid")
     assert mon.metrics.samples == 1 and mon.metrics.current("cpu").endswith("%")
     assert any("serving on" in t for _l, t in mon.logs.lines)
-    panel = compute_panel(mon)
+    panel = ComputePanel(mon)
     assert mon.alive
     assert monitor_for("mon", "local") is mon  # one monitor per compute, shared by panels
 
@@ -532,12 +573,12 @@ def test_monitor_follows_a_real_kernel_until_it_stops(local_backend):
 
 def test_monitor_stops_when_its_last_panel_closes(local_backend):
     from kt_jupyter.widgets.monitor import monitor_for
-    from kt_jupyter.widgets.panel import compute_panel
+    from kt_jupyter.widgets.panel import ComputePanel
 
     conn_mod.connect(Compute(name="mon2"))
     mon = monitor_for("mon2", "local")
     mon.refresh()
-    a, b = compute_panel(mon), compute_panel(mon)
+    a, b = ComputePanel(mon), ComputePanel(mon)
     a.close()
     assert mon.alive
     b.close()
@@ -546,12 +587,15 @@ def test_monitor_stops_when_its_last_panel_closes(local_backend):
 
 
 def test_launch_reporter_shows_events_then_follows(local_backend, monkeypatch):
-    from kt_jupyter.widgets.panel import LaunchReporter, is_launch_event
+    from kt_jupyter.widgets.models import is_launch_event
+    from kt_jupyter.widgets.panel import LaunchReporter
 
     shown = []
     monkeypatch.setattr("kt_jupyter.widgets.panel.display_widget", lambda w, text, parent=None: shown.append(w))
     assert is_launch_event("starting pod kernel 'x' (local subprocess)")
+    assert is_launch_event("applying Deployment, Service for 'u-x' in namespace 'ml'")
     assert not is_launch_event("compute 'x' is already running with other settings")
+    assert not is_launch_event("reusing the running pod kernel 'x' (pod x-1 on node n)")
     reporter = LaunchReporter("lr", "local")
     reporter("compute 'lr' is already running with other settings")
     assert not shown  # a notice is not a launch

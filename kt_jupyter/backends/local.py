@@ -122,7 +122,12 @@ class LocalBackend:
             handle = self.find(name)
             if handle is not None:
                 return handle
-            return self._start(compute, keep, on_event or (lambda _msg: None))
+            say = on_event or (lambda _msg: None)
+            gone = self._read_info(name)
+            if gone is not None:  # registered but dead (owner exited, crashed): its state went with it
+                say(f"pod kernel {name!r} (pid {gone['pid']}) is gone; starting a new one: "
+                    "the previous one's variables are lost")
+            return self._start(compute, keep, say)
 
     def _start(self, compute: "Compute", keep: bool, on_event: Callable[[str], None]) -> KernelHandle:
         name = compute.name

@@ -24,7 +24,8 @@ from .. import oom
 from ..backends import BACKENDS, get_backend
 from ..compute import Compute
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError
-from ..render import RemoteResult, TransferProgress, show_output
+from ..render import RemoteResult, show_output
+from ..widgets import launch_reporter, transfer_reporter
 from .args import compute_args, compute_from_args, parse_seconds, transfer_args, transfer_from_args
 
 
@@ -104,7 +105,7 @@ class KtMagics(Magics):
         # the magic line as a comment keeps the notebook's line numbers in remote tracebacks
         source = f"# %%kt {line}\n{cell}"
         connection = self._connect(compute, keep=args.keep, strict=explicit)
-        progress = TransferProgress()
+        progress = transfer_reporter()
 
         def run() -> conn_mod.CellOutcome:
             return oom.run_cell(  # connection.run_cell, plus a clear OOM error and the opt-in retry
@@ -126,7 +127,7 @@ class KtMagics(Magics):
                  strict: set[str] | None = None) -> conn_mod.ComputeConnection:
         try:
             return conn_mod.connect(compute, keep=keep, strict=strict or set(),
-                                    on_event=lambda m: print(f"[kt] {m}", file=sys.stderr))
+                                    on_event=launch_reporter(compute.name, compute.backend))
         except ComputeSpecError as exc:
             raise UsageError(str(exc)) from None
 
@@ -333,7 +334,7 @@ class KtMagics(Magics):
         pulled = []
         for name, names in by_compute.items():
             connection = self._connect(self._named(name))
-            progress = TransferProgress()
+            progress = transfer_reporter()
             pulled += connection.pull(names, ns, on_progress=lambda d, t: progress("pull", d, t))
         print(f"[kt] pulled {', '.join(pulled)}")
         return None

@@ -1,27 +1,47 @@
 """Widgets of kt_jupyter: a live status/metrics/logs panel per compute, a compute picker, progress bars.
 
-Built from stock ipywidgets with traitlets models (``models.py``,
-``picker_model.py``) that views only draw. Every entry point here falls back
-to plain text where widgets cannot show (terminal IPython, no ipywidgets,
-``KT_WIDGETS=0``), and imports ipywidgets only when it will use them.
+Stock ipywidgets drawing traitlets models (``models.py``, ``log_model.py``,
+``picker_model.py``) that hold all the state and logic. The entry points
+below choose for the environment: widgets in JupyterLab, Notebook 7 and VS
+Code; plain text in terminal IPython, without ipywidgets, or with
+``KT_WIDGETS=0``. ipywidgets is imported only when widgets will be shown.
 
-Entry points for the magics:
-
-- :func:`show_status` (``%kt status``)
-- :func:`show_picker` (``%kt pick``)
-- :func:`launch_reporter` (``on_event`` of ``connection.connect``)
-- :func:`transfer_reporter` (``on_progress`` of ``run_cell`` / ``pull``)
+- :func:`show_status` - ``%kt status``
+- :func:`show_picker` - ``%kt pick``
+- :func:`launch_reporter` - ``on_event`` of ``connection.connect`` (a cell that launches a compute)
+- :func:`transfer_reporter` - ``on_progress`` of ``run_cell`` / ``pull``
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, Callable
 
+from ..render import PROGRESS_MIN_BYTES, TransferProgress
 from .frontend import widgets_available
-from .panel import launch_reporter, show_status
-from .progress import transfer_reporter
 
 __all__ = ["launch_reporter", "show_picker", "show_status", "transfer_reporter", "widgets_available"]
+
+
+def show_status(name: str, backend: str = "local") -> Any:
+    """``%kt status``: a live panel (status, metrics, logs) where widgets work, else the status as text.
+
+    Raises NotFoundError when there is no such compute. Returns the panel, or None for text.
+    """
+    from .monitor import monitor_for
+    from .textfallback import status_text
+
+    monitor = monitor_for(name, backend)
+    if not monitor.alive:
+        monitor.refresh()
+    if not widgets_available():
+        print(status_text(monitor.status, monitor.metrics))
+        if not monitor.alive:
+            monitor.stop()
+        return None
+    from .panel import show_panel
+
+    return show_panel(monitor)
 
 
 def show_picker() -> Any:
@@ -42,3 +62,21 @@ def show_picker() -> Any:
     from .picker import show_picker_widget
 
     return show_picker_widget(model, text)
+
+
+def launch_reporter(name: str, backend: str = "local") -> Callable[[str], None]:
+    """``on_event`` for launching compute ``name``: a live panel in the cell, else ``[kt] ...`` lines on stderr."""
+    if widgets_available():
+        from .panel import LaunchReporter
+
+        return LaunchReporter(name, backend)
+    return lambda text: print(f"[kt] {text}", file=sys.stderr)
+
+
+def transfer_reporter(min_bytes: int = PROGRESS_MIN_BYTES) -> Callable[[str, int, int], None]:
+    """``on_progress(direction, done, total)``: progress bars in a notebook, a text line elsewhere."""
+    if widgets_available():
+        from .progress import TransferReporter
+
+        return TransferReporter(min_bytes)
+    return TransferProgress(min_bytes=min_bytes)

@@ -65,9 +65,9 @@ class LogModel(HasTraits):
     hint = Unicode(help="One line saying what is shown and how to see all of it.")
 
     def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
         self._lock = threading.RLock()
         self._partial = ""
+        super().__init__(**kw)
         self._refresh()
 
     @validate("max_lines")
@@ -120,11 +120,12 @@ class LogModel(HasTraits):
         self._refresh()
 
     def _refresh(self) -> None:
-        self.visible = tuple(item for item in self.lines if level_passes(item[0], self.level))
-        shown = len(self.visible)
-        what = f"{shown} line{'s' if shown != 1 else ''}" + ("" if self.level == "INFO" else f" at {self.level}+")
-        if self.dropped or self.older:
-            name = self.compute_name or "NAME"
-            self.hint = f"{what} (keeps the last {self.max_lines}); `%kt logs {name} --tail 0` shows all"
-        else:
-            self.hint = what
+        with self._lock:  # a filter change in one thread and lines from another: the last one wins whole
+            self.visible = tuple(item for item in self.lines if level_passes(item[0], self.level))
+            shown = len(self.visible)
+            what = f"{shown} line{'s' if shown != 1 else ''}" + ("" if self.level == "INFO" else f" at {self.level}+")
+            if self.dropped or self.older:
+                name = self.compute_name or "NAME"
+                self.hint = f"{what} (keeps the last {self.max_lines}); `%kt logs {name} --tail 0` shows all"
+            else:
+                self.hint = what

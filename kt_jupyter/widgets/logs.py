@@ -8,7 +8,7 @@ from typing import Any
 import ipywidgets as W
 from traitlets import link
 
-from .models import LOG_LEVELS, LogModel
+from .log_model import LOG_LEVELS, LogModel
 from .status import FG1, FG2, FONT
 
 LEVEL_COLORS = {"WARNING": "#b06000", "ERROR": "#c5221f", "CRITICAL": "#c5221f", "DEBUG": FG2}
@@ -32,8 +32,8 @@ def log_html(model: LogModel) -> str:
     return (f'<div class="kt-log-box" style="display:flex; flex-direction:column-reverse; overflow:auto; '
             f'max-height:{LOG_BOX_HEIGHT_PX}px; border:1px solid var(--jp-border-color2, #e0e0e0); '
             f'border-radius:4px; background:var(--jp-layout-color1, #fff)">'
-            f'<pre class="kt-log" style="{mono} color:{FG1}; margin:0; padding:4px 8px; white-space:pre-wrap; '
-            f'word-break:break-all">{body}</pre></div>')
+            f'<pre class="kt-log" style="{mono} color:{FG1}; margin:0; padding:4px 8px; flex:none; '
+            f'white-space:pre-wrap; word-break:break-all">{body}</pre></div>')
 
 
 class LogView(W.VBox):
@@ -43,20 +43,21 @@ class LogView(W.VBox):
         self.model = model
         self.level = W.ToggleButtons(
             options=list(LOG_LEVELS), value=model.level, tooltips=[f"{lv} and above" for lv in LOG_LEVELS],
-            style={"button_width": "72px"}, layout=W.Layout(width="auto", margin="0 8px 0 0"))
+            style={"button_width": "78px"}, layout=W.Layout(width="auto", margin="0 8px 0 0"))
         self.level.add_class("kt-log-level")
         self._link = link((model, "level"), (self.level, "value"))
         self.clear = W.Button(description="Clear", icon="eraser", tooltip="forget the lines shown so far",
-                              layout=W.Layout(width="76px", margin="0 10px 0 0"))
+                              layout=W.Layout(width="72px", margin="0 10px 0 0"))
         self.clear.add_class("kt-log-clear")
         self.clear.on_click(lambda _b: model.clear())
         self.hint = W.HTML(self._hint_html())
-        self.box = W.HTML(log_html(model), layout=W.Layout(width="100%"))
+        self.box = W.HTML(log_html(model), layout=W.Layout(width="auto"))
         self.box.add_class("kt-log-view")
         title = W.HTML(f'<span style="{FONT} color:{FG1}; font-weight:600">Log</span>',
                        layout=W.Layout(width="34px", margin="0 4px 0 0"))
         bar = W.HBox([title, self.level, self.clear, self.hint],
-                     layout=W.Layout(align_items="center", flex_flow="row wrap"))
+                     layout=W.Layout(align_items="center", flex_flow="row wrap", margin="0 0 3px 0"))
+        bar.add_class("kt-compact")
         super().__init__([bar, self.box], **kw)
         model.observe(self._redraw, names=["visible", "hint"])
 

@@ -17,7 +17,6 @@ from typing import Any, Mapping
 from traitlets import Bool, Dict, Enum, Float, HasTraits, Int, TraitError, Tuple, Unicode, validate
 
 from ..quantities import format_bytes
-from .log_model import LOG_LEVELS, LogModel, classify_line, level_passes, new_lines_since  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------------- status
 
@@ -71,6 +70,15 @@ def resources_text(spec: Mapping[str, Any], backend: str = "local") -> str:
     if spec.get("namespace"):
         parts.append(f"ns {spec['namespace']}")
     return " · ".join(parts)
+
+
+_LAUNCH_WORDS = ("starting", "launch", "applying", "pulling", "schedul", "creating", " ready in ")
+
+
+def is_launch_event(text: str) -> bool:
+    """Whether an ``on_event`` message is about starting a kernel (not a notice about a running one)."""
+    first = text.strip().splitlines()[0].lower() if text.strip() else ""
+    return any(word in first for word in _LAUNCH_WORDS)
 
 
 def derive_phase(backend_phase: str, metrics: Mapping[str, Any] | None) -> str:
@@ -139,8 +147,11 @@ class StatusModel(HasTraits):
             if not self.launch_started:
                 self.launch_started = time.time()
             low = text.lower()
-            if "pull" in low and "image" in low and self.phase in ("launching", "pulling"):
-                self.phase = "pulling"
+            if self.phase in ("launching", "pulling"):
+                if "pulled" in low:  # the image is there; the container starts next
+                    self.phase = "launching"
+                elif "pull" in low and "image" in low:
+                    self.phase = "pulling"
             self.now = time.time()
 
     def apply_info(self, info: Any) -> None:
@@ -250,7 +261,8 @@ class MetricsModel(HasTraits):
             rss_values = self._push("rss", rss)
             host = sample.get("host_memory_total_bytes")
             cur = "-" if rss is None else format_bytes(rss)
-            rows.append(dict(key="rss", label="Memory", values=rss_values, vmax=None,
+            rss_top = max([v for v in rss_values if v is not None] or [0]) * 1.25 or None  # headroom
+            rows.append(dict(key="rss", label="Memory", values=rss_values, vmax=rss_top,
                              current=cur + (f" of {format_bytes(host)}" if host else ""),
                              ))
             for gpu in sample.get("gpus") or []:

@@ -19,7 +19,8 @@ from typing import Any
 
 from ..backends import get_backend
 from ..errors import KtError, NotFoundError
-from .models import LogModel, MetricsModel, StatusModel, new_lines_since
+from .log_model import LogModel, new_lines_since
+from .models import MetricsModel, StatusModel
 
 log = logging.getLogger("kt_jupyter.widgets")
 
@@ -124,13 +125,13 @@ class ComputeMonitor:
         """Ask the backend for the compute's state; sample metrics when it is up."""
         try:
             info = self.backend.status(self.name)
-        except NotFoundError as exc:
+        except NotFoundError:
             if raise_missing:
                 raise
-            self.status.detail = str(exc).split(";")[0]
+            self.status.detail = "deleted"
             self.status.phase = "stopped"
             return
-        except KtError as exc:
+        except Exception as exc:  # a backend hiccup (API down, timeout) is shown; the next refresh may work
             self.status.detail = f"cannot read its state: {exc}"
             return
         self.status.apply_info(info)
@@ -186,7 +187,7 @@ class ComputeMonitor:
             if path_of is not None:
                 return self._follow_file(Path(path_of(self.name)))
             return self._poll_tail()
-        except (KtError, OSError) as exc:
+        except Exception as exc:  # logs are best effort: the status and metrics go on
             log.debug("logs of %s: %s", self.name, exc)
             return False
 

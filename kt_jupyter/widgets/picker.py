@@ -13,15 +13,15 @@ from traitlets import link
 from .frontend import display_widget
 from .models import ProgressModel, format_age
 from .picker_model import FIELDS, GPU_TYPES, PickerModel
-from .progress import progress_view
-from .status import FG1, FG2, FONT, phase_badge
+from .progress import ProgressView
+from .status import FG1, FG2, FONT, phase_badge, style_widget
 
 _LABELS = {"name": "Name", "cpus": "CPUs", "memory": "Memory", "gpus": "GPUs", "gpu_type": "GPU type",
            "image": "Image", "namespace": "Namespace"}
 _PLACEHOLDERS = {"name": "default", "cpus": "e.g. 2 or 500m", "memory": "e.g. 4Gi", "gpus": "0",
                  "gpu_type": "e.g. A100", "image": "e.g. python:3.11-slim", "namespace": "e.g. ml"}
 _MESSAGE_COLORS = {"info": FG2, "success": "#137333", "error": "#c5221f"}
-_FIELD_STYLE = {"description_width": "74px"}
+_FIELD_STYLE = {"description_width": "84px"}
 
 
 def _field(key: str) -> W.ValueWidget:
@@ -42,9 +42,11 @@ class PickerView(W.VBox):
         self.model = model
         title = W.HTML(f'<span style="{FONT} font-size:13.5px; font-weight:600; color:{FG1}">Pick a compute</span>')
         self.default = W.HTML()
-        self.backend = W.ToggleButtons(options=["local", "kubernetes"], description="Backend",
-                                       style={**_FIELD_STYLE, "button_width": "100px"})
+        self.backend = W.ToggleButtons(options=["local", "kubernetes"], style={"button_width": "100px"},
+                                       tooltips=["a subprocess on this machine", "a pod on a Kubernetes cluster"])
         self.backend.add_class("kt-pick-backend")
+        backend_label = W.HTML(f'<div style="{FONT} color:{FG1}; text-align:right; padding-right:8px">Backend</div>',
+                               layout=W.Layout(width="84px"))
         self.fields = {key: _field(key) for key in FIELDS}
         self._links = [link((model, "backend"), (self.backend, "value"))]
         self._links += [link((model, key), (box, "value")) for key, box in self.fields.items()]
@@ -65,19 +67,25 @@ class PickerView(W.VBox):
         self.progress_box = W.Box(layout=W.Layout(margin="0 0 0 8px"))
         self.message = W.HTML()
         self.message.add_class("kt-pick-message")
-        self.refresh = W.Button(icon="refresh", tooltip="list again", layout=W.Layout(width="32px"))
+        self.refresh = W.Button(description="Refresh", icon="refresh", tooltip="list the computes again",
+                                layout=W.Layout(width="90px", margin="0 0 0 10px"))
         self.rows = W.VBox()
         self.rows.add_class("kt-pick-running")
         self.launch.on_click(lambda _b: self._start_launch())
         self.set_default.on_click(lambda _b: model.make_default())
         self.refresh.on_click(lambda _b: model.refresh_running())
         running_title = W.HTML(f'<span style="{FONT} font-weight:600; color:{FG1}">Computes</span>')
+        refresh_bar = W.HBox([running_title, self.refresh], layout=W.Layout(align_items="center", margin="8px 0 2px 0"))
+        refresh_bar.add_class("kt-compact")
         super().__init__([
-            W.HBox([title, self.default], layout=W.Layout(justify_content="space-between", align_items="center")),
-            self.backend, form, self.error, self.line,
+            style_widget(),
+            W.HBox([title, self.default], layout=W.Layout(justify_content="space-between", align_items="center",
+                                                          margin="0 0 4px 0")),
+            W.HBox([backend_label, self.backend], layout=W.Layout(align_items="center", margin="0 0 4px 0")),
+            form, self.error, self.line,
             W.HBox([self.launch, self.set_default, self.progress_box], layout=W.Layout(align_items="center")),
             self.message,
-            W.HBox([running_title, self.refresh], layout=W.Layout(align_items="center", margin="6px 0 0 0")),
+            refresh_bar,
             self.rows,
         ], layout=W.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="8px 12px",
                            max_width="660px"), **kw)
@@ -96,7 +104,10 @@ class PickerView(W.VBox):
         if name in (None, "error", "error_field", "line", "compute"):
             self.error.value = (f'<div style="{FONT} color:#c5221f">⚠ {escape(m.error)}</div>' if m.error else "")
             for key, box in self.fields.items():
-                box.layout.border = "1px solid #c5221f" if key == m.error_field else None
+                if key == m.error_field:
+                    box.add_class("kt-invalid")
+                else:
+                    box.remove_class("kt-invalid")
             self.line.value = (f'<div style="{FONT} color:{FG2}">equivalent: <code class="kt-line" '
                                f'style="user-select:all; color:{FG1}; background:var(--jp-layout-color2, #f3f3f3); '
                                f'padding:1px 6px; border-radius:3px">{escape(m.line)}</code></div>')
@@ -139,7 +150,8 @@ class PickerView(W.VBox):
         if not rows:
             rows.append(W.HTML(f'<span style="{FONT} color:{FG2}">none yet</span>'))
         for err in m.list_errors:
-            rows.append(W.HTML(f'<span style="{FONT} font-size:11.5px; color:{FG2}">{escape(err)}</span>'))
+            rows.append(W.HTML(f'<div style="{FONT} font-size:11.5px; line-height:1.35; color:{FG2}">'
+                               f'{escape(err)}</div>', layout=W.Layout(margin="4px 2px")))
         old = self.rows.children
         self.rows.children = rows
         for widget in old:
@@ -152,7 +164,7 @@ class PickerView(W.VBox):
         if compute is None or self.model.busy:
             return
         progress = ProgressModel(kind="launch", label=f"launching '{compute.name}'")
-        view = progress_view(progress)
+        view = ProgressView(progress)
         old = self.progress_box.children
         self.progress_box.children = [view]
         for widget in old:

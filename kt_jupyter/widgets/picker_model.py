@@ -17,6 +17,7 @@ from .. import connection as conn_mod
 from ..backends import BACKENDS, get_backend
 from ..compute import Compute
 from ..errors import BackendUnavailable, ComputeSpecError, KtError
+from .models import is_launch_event
 
 #: Form fields, in the order the form shows them, and their magic option names.
 FIELDS = ("name", "cpus", "memory", "gpus", "gpu_type", "image", "namespace")
@@ -29,9 +30,11 @@ GPU_TYPES = ("A100", "H100", "H200", "L4", "L40S", "T4", "V100", "A10G")
 
 
 def magic_line(values: Mapping[str, str], backend: str = "local") -> str:
-    """The ``%%kt ...`` line that asks for these values (empty ones left out, quoted when needed)."""
+    """The ``%%kt ...`` line that asks for these values (empty ones, and those the backend ignores, left out)."""
     parts = ["%%kt"]
     for key in FIELDS:
+        if backend == "local" and key in KUBERNETES_ONLY:
+            continue
         value = str(values.get(key) or "").strip()
         if value and not (key == "gpus" and value == "0"):
             parts += [OPTIONS[key], shlex.quote(value)]
@@ -170,12 +173,21 @@ class PickerModel(HasTraits):
                 return None
             self.busy = True
         self._say(f"launching '{compute.name}' ({compute.backend})…", "info")
+        notices: list[str] = []
+
+        def event(text: str) -> None:
+            if not is_launch_event(text):
+                notices.append(text.strip())  # e.g. "already running with other settings"
+            if on_event is not None:
+                on_event(text)
+
         try:
-            conn = conn_mod.connect(compute, on_event=on_event)
+            conn = conn_mod.connect(compute, on_event=event)
             conn_mod.set_default_compute(compute)
             self._show_default()
             where = getattr(conn.handle, "where", "") or compute.backend
-            self._say(f"'{compute.name}' is ready ({where}) and is now the default for %%kt cells", "success")
+            self._say("\n".join([f"'{compute.name}' is ready ({where}) and is now the default for %%kt cells"]
+                                + notices), "success")
             return conn
         except KtError as exc:
             self._say(f"launch of '{compute.name}' failed: {exc}", "error")

@@ -18,6 +18,20 @@ FG1 = "var(--jp-ui-font-color1, #1f1f1f)"
 FG2 = "var(--jp-ui-font-color2, #5f6368)"
 
 
+#: Styles the views share, scoped to kt classes (a <style> in a hidden HTML widget; no custom JS).
+KT_CSS = """<style>
+.kt-compact .jupyter-button, .kt-compact .jupyter-widget-toggle-button {
+  height: 24px; line-height: 22px; font-size: 12px; padding: 0 8px; }
+.kt-invalid input { border-color: #c5221f !important; box-shadow: 0 0 0 1px #c5221f inset; }
+.kt-nowrap, .kt-nowrap * { white-space: nowrap; }
+</style>"""
+
+
+def style_widget() -> W.HTML:
+    """A hidden widget carrying :data:`KT_CSS` (put one in each top-level view)."""
+    return W.HTML(KT_CSS, layout=W.Layout(display="none"))
+
+
 def phase_badge(phase: str, label: str) -> str:
     """An HTML pill for a phase (``data-kt-phase`` lets tests and styles find it)."""
     color = PHASE_COLORS.get(phase, "#5f6368")
@@ -27,26 +41,34 @@ def phase_badge(phase: str, label: str) -> str:
             f'font-weight:600; line-height:18px; white-space:nowrap">{dot} {escape(label)}</span>')
 
 
+def _field_html(label: str, value: str) -> str:
+    return (f'<span class="kt-field" data-kt-field="{label}" style="white-space:nowrap">'
+            f'<span style="color:{FG2}">{label}</span> <span style="color:{FG1}">{escape(value)}</span></span>')
+
+
 def status_html(model: StatusModel) -> str:
-    """The status line (and, while launching or after a failure, the startup events) as HTML."""
-    sep = f'<span style="color:{FG2}; padding:0 5px">·</span>'
-    head = [phase_badge(model.phase, model.phase_label),
-            f'<b class="kt-name" style="color:{FG1}; margin-left:6px">{escape(model.name)}</b>',
-            f'<span style="color:{FG2}; margin-left:4px">{escape(model.backend)}</span>']
-    fields = []
-    for label, value in model.fields():
-        fields.append(f'<span class="kt-field" data-kt-field="{label}" style="white-space:nowrap">'
-                      f'<span style="color:{FG2}">{label}</span> '
-                      f'<span style="color:{FG1}">{escape(value)}</span></span>')
-    line = "".join(head) + (sep + sep.join(fields) if fields else "")
+    """The status line, the resources under it, and (launching or failed) the startup events, as HTML.
+
+    Fields are separated by spaces so a narrow cell wraps between them, never inside one.
+    """
+    sep = f' <span style="color:{FG2}">·</span> '
+    fields = dict(model.fields())
+    resources = fields.pop("resources", "")
+    head = (f'{phase_badge(model.phase, model.phase_label)} '
+            f'<b class="kt-name" style="color:{FG1}; margin-left:2px">{escape(model.name)}</b> '
+            f'<span style="color:{FG2}">{escape(model.backend)}</span>')
+    line = head + "".join(sep + _field_html(label, value) for label, value in fields.items())
     parts = [f'<div class="kt-status" style="{FONT} color:{FG1}">{line}</div>']
+    if resources:
+        parts.append(f'<div class="kt-resources" style="{FONT} font-size:11.5px; line-height:1.4; color:{FG2}">'
+                     f'<span class="kt-field" data-kt-field="resources">{escape(resources)}</span></div>')
     if model.detail and model.phase in ("stopped", "failed"):
         color = PHASE_COLORS["failed"] if model.phase == "failed" else FG2
         parts.append(f'<div class="kt-detail" style="{FONT} color:{color}; white-space:pre-wrap">'
                      f'{escape(model.detail)}</div>')
     if model.events and (model.phase in ("launching", "pulling", "failed")):
         items = "".join(f"<div>› {escape(e)}</div>" for e in model.events[-6:])
-        parts.append(f'<div class="kt-events" style="{FONT} font-size:11.5px; color:{FG2}; '
+        parts.append(f'<div class="kt-events" style="{FONT} font-size:11.5px; line-height:1.45; color:{FG2}; '
                      f'margin:2px 0 0 4px">{items}</div>')
     return "".join(parts)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
-from .models import LogModel, MetricsModel, StatusModel, format_age
+from .log_model import LogModel
+from .models import MetricsModel, StatusModel, format_age
 
 _LABEL_W = 10
 
