@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import os
+import threading
 import time
 import traceback
 import uuid
@@ -39,6 +40,8 @@ log = logging.getLogger("pod_kernel.server")
 
 #: Execute request ids remembered per session to drop resent duplicates.
 SEEN_IDS_KEPT = 4096
+#: How long a disconnected session's replay buffer waits for the client to resume.
+SESSION_KEEP_S = 600
 #: Requests that do not count as activity for the inactivity TTL.
 PASSIVE_TYPES = frozenset({"metrics", "ping", "inventory"})
 #: Fraction of available memory one inbound bundle may declare.
@@ -112,6 +115,8 @@ class PodKernelServer:
             "shutdown": self.on_shutdown,
             "sync": self.on_sync,
             "release": self.on_release,
+            "input_reply": self.on_input_reply,
+            "debug": self.on_debug,
         }
         self.bundle_handlers: dict[str, Callable[[Session, ServerConnection, dict, dict], Awaitable[None]]] = {
             "push": self.on_push,
@@ -124,6 +129,7 @@ class PodKernelServer:
     async def serve(self, host: str, port: int, on_ready: Callable[[int], None]) -> None:
         """Listen until stopped; ``on_ready(port)`` is called once bound."""
         self.loop = asyncio.get_running_loop()
+        threading.current_thread().pydev_do_not_trace = True  # type: ignore[attr-defined]  # debugpy: not ours
         self.stopping = asyncio.Event()
         self._sampler = await asyncio.to_thread(MetricsSampler)
         self.bulk = BulkServer(host)
@@ -273,6 +279,18 @@ class PodKernelServer:
             pump.cancel()
             if session.ws is ws:
                 session.ws = None
+                self.loop.call_later(SESSION_KEEP_S, self._forget_session, sid)
+
+    def _forget_session(self, sid: str) -> None:
+        """Drop a session (and its replay buffer) nobody resumed within SESSION_KEEP_S."""
+        session = self.sessions.get(sid)
+        running = self.executor.current
+        if session is None or session.ws is not None or (running is not None and running.outbox is session.outbox):
+            if session is not None and session.ws is None:
+                self.loop.call_later(SESSION_KEEP_S, self._forget_session, sid)  # its cell still runs
+            return
+        del self.sessions[sid]
+        log.info("forgot session %s (not resumed within %d s)", sid[:8], SESSION_KEEP_S)
 
     async def _dispatch(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         handler = self.handlers[header["type"]]
@@ -461,7 +479,27 @@ class PodKernelServer:
         cell_name, label = header.get("cell_name"), header.get("cell_label")
         self.executor.submit(CellJob(req_id, header["code"], session.outbox,
                                      cell_name if isinstance(cell_name, str) else None,
-                                     label if isinstance(label, str) else None))
+                                     label if isinstance(label, str) else None,
+                                     debug_wait=bool(header.get("debug_wait"))))
+
+    async def on_input_reply(self, session: Session, ws: ServerConnection, header: dict,
+                             payload: memoryview) -> None:
+        """Answer a running cell's input_request (``input_id``; ``eof`` raises EOFError in the cell)."""
+        input_id = header.get("input_id")
+        accepted = self.executor.relay.answer(input_id if isinstance(input_id, int) else None,
+                                              header["value"], bool(header.get("eof")))
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "accepted": accepted}))
+
+    async def on_debug(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """Start debugpy on the pod's loopback (once) and say where it listens and where cells are written."""
+        debug = self.executor.debug
+        try:
+            port = await asyncio.to_thread(debug.listen)
+        except RuntimeError as exc:
+            raise RequestRefused("DebuggerUnavailable", str(exc)) from None
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "host": "127.0.0.1", "port": port,
+                                      "pid": os.getpid(), "cells_dir": str(self.executor.cells_dir.resolve()),
+                                      "code_dir": str(self.code.root), "attached": debug.connected()}))
 
     async def on_interrupt(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         """KeyboardInterrupt in the running cell (``target`` names it, else whichever runs)."""
