@@ -1,0 +1,214 @@
+"""REST handlers under ``/kt/api/``: one per resource, every method authenticated and authorised.
+
+==========  ======================================================  =====================================
+GET         ``/kt/api/computes``                                    every compute of every backend
+POST        ``/kt/api/computes``                                    launch from a Compute spec (JSON body)
+GET         ``/kt/api/computes/{backend}/{name}``                   one compute
+DELETE      ``/kt/api/computes/{backend}/{name}``                   stop it
+GET         ``/kt/api/computes/{backend}/{name}/logs?tail=N``       the last N log lines
+GET         ``/kt/api/computes/{backend}/{name}/metrics``           one live resource sample
+==========  ======================================================  =====================================
+
+Errors are JSON ``{"message": ...}``: a bad spec or parameter is 400, an
+unknown compute 404, a compute that is not running 409, a kernel that does
+not answer 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Callable
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from tornado import web
+
+from ..backends import BACKENDS
+from ..errors import ComputeSpecError, KtError, NotFoundError, RemoteTimeoutError
+from . import computes
+
+#: The authorisation resource every kt handler checks (``Authorizer.is_authorized(..., resource="kt")``).
+AUTH_RESOURCE = "kt"
+#: Log lines returned when ``?tail=`` is not given.
+DEFAULT_TAIL_LINES = 200
+
+_NAME = r"(?P<backend>[^/]+)/(?P<name>[^/]+)"
+
+
+class ApiError(web.HTTPError):
+    """An HTTP error whose message is sent to the client as ``{"message": ...}``."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(status_code, "%s", message)
+        self.message = message
+
+
+def _status_for(exc: KtError, default: int) -> int:
+    if isinstance(exc, ComputeSpecError):
+        return 400
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, RemoteTimeoutError):
+        return 504
+    return default
+
+
+class KtHandler(ExtensionHandlerMixin, APIHandler):
+    """Base of the kt handlers: JSON errors, and blocking backend calls in the extension's thread pool."""
+
+    auth_resource = AUTH_RESOURCE
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Errors as ``{"message": ...}`` with the message that says what to do."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            message = exc.message
+        elif isinstance(exc, web.HTTPError) and exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        elif isinstance(exc, web.HTTPError):
+            message = exc.reason or f"HTTP {status_code}"
+        else:
+            message = f"internal error in the kt server extension: {type(exc).__name__}: {exc}"
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"message": message}))
+
+    async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the thread pool; kt errors become JSON errors with a fitting status."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.extensionapp.executor, fn, *args)
+        except KtError as exc:
+            raise ApiError(_status_for(exc, 500), str(exc)) from None
+
+    def reply(self, body: Any, status: int = 200) -> None:
+        """Send ``body`` as JSON."""
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+    async def describe(self, info: Any) -> dict[str, Any]:
+        """Summary of one compute, with metrics when its kernel answers in time."""
+        if info.phase not in computes.LIVE_PHASES:
+            return computes.summarize(info)
+        try:
+            handle = await self.blocking(computes.live_handle, info.backend, info.name)
+            if handle is None:
+                return computes.summarize(info, metrics_error="not running")
+            metrics = await self.extensionapp.probe.sample(handle)
+        except ApiError as exc:
+            return computes.summarize(info, metrics_error=exc.message)
+        except KtError as exc:
+            return computes.summarize(info, metrics_error=str(exc))
+        except Exception as exc:  # one compute's metrics never fail a listing
+            self.log.warning("kt: metrics of %s/%s failed", info.backend, info.name, exc_info=True)
+            return computes.summarize(info, metrics_error=f"metrics unavailable: {type(exc).__name__}: {exc}")
+        return computes.summarize(info, metrics)
+
+
+class ComputesHandler(KtHandler):
+    """``/kt/api/computes``: list every compute, or launch one."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        """Every compute of every backend; backends asked concurrently, metrics with a short timeout."""
+        listed = await asyncio.gather(*(self.list_backend(name) for name in BACKENDS))
+        infos = [info for found, _ in listed for info in found]
+        described = await asyncio.gather(*(self.describe(info) for info in infos))
+        self.reply({"computes": list(described), "backends": [status for _, status in listed]})
+
+    async def list_backend(self, name: str) -> tuple[list[Any], dict[str, Any]]:
+        """One backend's listing, bounded by ``list_timeout_s``.
+
+        A slow backend (an unreachable cluster) keeps at most one listing in
+        flight: later requests wait on that one instead of taking more threads.
+        """
+        app = self.extensionapp
+        pending = app.listings.get(name)
+        if pending is None or pending.done():
+            pending = app.listings[name] = asyncio.get_running_loop().run_in_executor(
+                app.executor, computes.list_backend, name)
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), app.list_timeout_s)
+        except asyncio.TimeoutError:
+            return [], {"name": name, "available": False,
+                        "message": f"the {name} backend did not answer within {app.list_timeout_s:g} s"}
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        """Launch a compute from the Compute spec in the body; it outlives this request (and this server)."""
+        try:
+            spec = json.loads(self.request.body or b"")
+        except ValueError as exc:
+            raise ApiError(400, f"the body must be a JSON Compute spec like {{\"name\": \"train\", "
+                                f"\"cpus\": 2, \"memory\": \"4Gi\"}}: {exc}") from None
+        if not isinstance(spec, dict):
+            raise ApiError(400, f"the body must be a JSON object (a Compute spec); got {type(spec).__name__}")
+        info, created = await self.blocking(computes.launch_compute, spec)
+        self.reply(await self.describe(info), status=201 if created else 200)
+
+
+class ComputeHandler(KtHandler):
+    """``/kt/api/computes/{backend}/{name}``: one compute, or stop it."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, backend: str, name: str) -> None:
+        """One compute's state, resources and metrics."""
+        info = await self.blocking(computes.compute_status, backend, name)
+        self.reply(await self.describe(info))
+
+    @web.authenticated
+    @authorized
+    async def delete(self, backend: str, name: str) -> None:
+        """Stop the compute's kernel and remove it."""
+        await self.blocking(computes.stop_compute, backend, name)
+        await self.extensionapp.probe.forget(backend, name)
+        self.reply({"name": name, "backend": backend, "stopped": True})
+
+
+class LogsHandler(KtHandler):
+    """``/kt/api/computes/{backend}/{name}/logs?tail=N``: the end of a compute's log."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, backend: str, name: str) -> None:
+        """The last ``tail`` lines (default 200) as ``{"logs": text}``."""
+        raw = self.get_query_argument("tail", str(DEFAULT_TAIL_LINES))
+        limit = self.extensionapp.max_log_lines
+        try:
+            tail = int(raw)
+        except ValueError:
+            tail = 0
+        if not 1 <= tail <= limit:
+            raise ApiError(400, f"tail must be a whole number of lines from 1 to {limit}, e.g. tail=200; got {raw!r}")
+        text = await self.blocking(computes.compute_logs, backend, name, tail)
+        self.reply({"name": name, "backend": backend, "tail": tail, "logs": text})
+
+
+class MetricsHandler(KtHandler):
+    """``/kt/api/computes/{backend}/{name}/metrics``: one live resource sample."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, backend: str, name: str) -> None:
+        """CPU, memory, GPUs, idle time of a running compute; 409 when it is not running."""
+        handle = await self.blocking(computes.live_handle, backend, name)
+        if handle is None:
+            raise ApiError(409, f"{backend} compute {name!r} is not running; launch it again to see metrics")
+        try:
+            metrics = await self.extensionapp.probe.sample(handle)
+        except KtError as exc:
+            raise ApiError(_status_for(exc, 502), str(exc)) from None
+        self.reply({"name": name, "backend": backend, "metrics": metrics})
+
+
+default_handlers = [
+    (r"/kt/api/computes/?", ComputesHandler),
+    (rf"/kt/api/computes/{_NAME}/?", ComputeHandler),
+    (rf"/kt/api/computes/{_NAME}/logs/?", LogsHandler),
+    (rf"/kt/api/computes/{_NAME}/metrics/?", MetricsHandler),
+]
