@@ -264,8 +264,14 @@ def startup_script(compute: "Compute") -> str:
     lines += _setup_lines(compute)
     argv = ["--compute-name", compute.name, "--allowed-serialization", ",".join(compute.allowed_serialization),
             "--log-level", compute.logging_config.level.upper()]
-    lines.append(f'exec "$KT_PY" -m pod_kernel --host 0.0.0.0 --port "${{KT_PORT:-{POD_KERNEL_PORT}}}" '
-                 + " ".join(shlex.quote(a) for a in argv))
+    kernel = (f'"$KT_PY" -m pod_kernel --host 0.0.0.0 --port "${{KT_PORT:-{POD_KERNEL_PORT}}}" '
+              + " ".join(shlex.quote(a) for a in argv))
+    if compute.inactivity_ttl_s:
+        # on Kubernetes an exited kernel would be restarted: the guard scales the Deployment to 0 instead
+        # (kt_jupyter/backends/pod_guard.py, shipped as kt_pod_guard)
+        kernel = (f'"$KT_PY" -m kt_pod_guard --namespace {shlex.quote(compute.namespace)} --deployment '
+                  f'{shlex.quote(compute.service_name)} -- {kernel} --inactivity-ttl {compute.inactivity_ttl_s:g}')
+    lines.append(f"exec {kernel}")
     return "\n".join(lines) + "\n"
 
 

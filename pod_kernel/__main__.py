@@ -88,11 +88,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.owner_pid:
             server.watch_owner(args.owner_pid)
 
+    failed = threading.Event()
+
     def network() -> None:
         try:
             asyncio.run(server.serve(args.host, args.port, on_ready))
         except BaseException:
             logging.getLogger("pod_kernel").exception("network loop failed")
+            failed.set()
         finally:
             executor.stop()
 
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     thread.join(timeout=5)
     logging.getLogger("pod_kernel").info("pod kernel exited")
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(1 if failed.is_set() else 0)  # 0: asked to stop (TTL, shutdown, owner gone, SIGTERM)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,502 @@
+"""Kubernetes backend: a compute is a Deployment (one pod kernel pod), a Service and a token Secret.
+
+``launch`` applies every object of :func:`kt_jupyter.manifests.build_all`
+with server-side apply (field manager ``kt-jupyter``, force), so running it
+again changes nothing or exactly what changed. The pod gets ``pod_kernel``
+from a ConfigMap (a stock Python image works) or from a prebuilt image
+(``pod_kernel/Dockerfile``, ``freeze=True``). Readiness is a watch on the
+compute's pods (and the namespace's events, for progress lines), bounded by
+``launch_timeout``; what goes wrong becomes one error each
+(:mod:`~kt_jupyter.backends.kubernetes_events`). The notebook reaches the
+pod kernel through a port-forward from outside the cluster or the Service's
+DNS name from inside one (:mod:`~kt_jupyter.backends.portforward`).
+
+The token lives only in the Secret: ``find`` reads it back, so another
+notebook (or this one after a restart) reaches the same warm kernel by name.
+``suspend`` scales to 0 and ``resume`` back; ``delete`` removes everything
+carrying the compute's label (its PersistentVolumeClaims only when asked).
+With ``inactivity_ttl`` the pod kernel runs under
+:mod:`~kt_jupyter.backends.pod_guard`, which scales the Deployment to 0 when
+the kernel stops itself; the backend creates the ServiceAccount, Role and
+RoleBinding that allow exactly that.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import threading
+import time
+from datetime import datetime
+from typing import Any, Callable, Iterator
+
+from ..compute import POD_KERNEL_PORT, Compute
+from ..errors import KubernetesAPIError, LaunchError, NotFoundError
+from ..k8s_fields import dns1123_label
+from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL, SPEC_ANNOTATION,
+                         build_secret, compute_from_deployment, label_selector, token_secret_name)
+from . import KernelHandle, KernelInfo
+from . import kubernetes_events as ev
+from .kubernetes_api import KubeApi, WatchThread, load_api_client
+from .kubernetes_live import LiveKernel
+from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION, backend_objects, stamp_template
+from .portforward import Connector, PodTarget, default_connector
+
+#: Log lines quoted in errors.
+LOG_LINES_IN_ERRORS = 20
+#: Seconds ``delete`` waits for the pods to go, beyond their grace period.
+DELETE_WAIT_S = 60.0
+#: Clock skew tolerated when deciding whether an event belongs to this launch.
+EVENT_SKEW_S = 5.0
+#: Kinds ``delete`` removes besides Deployments and Pods, in order; RBAC kinds may be forbidden to list.
+_OTHER_KINDS = ("Service", "Secret", "ConfigMap")
+_RBAC_KINDS = ("RoleBinding", "Role", "ServiceAccount")
+
+
+def _epoch(timestamp: str | None) -> float:
+    if not timestamp:
+        return 0.0
+    try:
+        return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    return _epoch(event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
+                  or (event.get("metadata") or {}).get("creationTimestamp"))
+
+
+class KubernetesBackend:
+    """Pod kernels as Deployments in a Kubernetes cluster.
+
+    ``api_client`` (a ``kubernetes.client.ApiClient``) and ``connector`` are
+    for callers with their own configuration and for tests; by default the
+    configuration comes from ``compute.kubeconfig_path``, ``$KUBECONFIG``,
+    ``~/.kube/config`` or the pod's service account, and the connector from
+    :func:`~kt_jupyter.backends.portforward.default_connector`.
+    """
+
+    name = "kubernetes"
+
+    def __init__(self, *, api_client: Any = None, connector: Connector | None = None) -> None:
+        self._api_client = api_client
+        self._connector = connector
+        self._apis: dict[str, KubeApi] = {}
+        self._connectors: dict[str, Connector] = {}
+        self._known: dict[str, Compute] = {}
+        self._live: dict[tuple[str, str], LiveKernel] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ clients
+
+    def _kube(self, compute: Compute) -> KubeApi:
+        key = compute.kubeconfig_path or ""
+        with self._lock:
+            if key not in self._apis:
+                client = self._api_client or load_api_client(compute.kubeconfig_path)
+                self._apis[key] = KubeApi(client)
+            return self._apis[key]
+
+    def _connector_for(self, compute: Compute) -> Connector:
+        if self._connector is not None:
+            return self._connector
+        key = compute.kubeconfig_path or ""
+        with self._lock:
+            if key not in self._connectors:
+                self._connectors[key] = default_connector(lambda: load_api_client(compute.kubeconfig_path))
+            return self._connectors[key]
+
+    def _compute_for(self, name: str, namespace: str | None = None) -> Compute:
+        known = self._known.get(name)
+        if known is not None and namespace in (None, known.namespace):
+            return known
+        return Compute(name=name, backend="kubernetes", namespace=namespace)
+
+    # ------------------------------------------------------------------ launch
+
+    def manifests(self, compute: Compute, token: str) -> list[dict[str, Any]]:
+        """Every object :meth:`launch` applies, in order (see :mod:`~kt_jupyter.backends.kubernetes_objects`)."""
+        return backend_objects(compute, token)
+
+    def launch(self, compute: Compute, *, keep: bool = False,
+               on_event: Callable[[str], None] | None = None) -> KernelHandle:
+        """Apply the compute's objects and wait until its pod kernel is ready (or reuse the running one).
+
+        ``keep`` changes nothing here: pods outlive the notebook; ``inactivity_ttl`` stops idle ones.
+        """
+        say = on_event or (lambda _msg: None)
+        ns, svc = compute.namespace, compute.service_name
+        with self._lock:
+            self._known[compute.name] = compute
+        kube = self._kube(compute)
+        running = self._find(kube, compute)
+        if running is not None:
+            say(f"reusing the running pod kernel {compute.name!r} ({running.where})")
+            return running
+        t0, wall0 = time.monotonic(), time.time()
+        token = self._token(kube, compute)
+        objects = self.manifests(compute, token)
+        deployment = objects[-1]
+        say(f"applying {', '.join(o['kind'] for o in objects)} for {svc!r} in namespace {ns!r}")
+        for obj in objects[:-1]:
+            try:
+                kube.apply(obj)
+            except KubernetesAPIError as exc:
+                if obj["kind"] not in _RBAC_KINDS:
+                    raise
+                say(f"inactivity_ttl: cannot create the {obj['kind']} that lets the pod stop itself ({exc}). "
+                    "The pod kernel will restart instead of stopping when idle; see the README for the RBAC")
+                deployment["spec"]["template"]["spec"].pop("serviceAccountName", None)
+                stamp_template(deployment)
+                break
+        kube.apply(deployment)
+        expected = deployment["spec"]["template"]["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
+        try:
+            pod = self._wait_ready(kube, compute, expected, say, t0 + compute.launch_timeout_s, wall0)
+        except LaunchError as exc:
+            try:
+                kube.scale(svc, ns, 0)
+                note = (f"\nIts Deployment was scaled to 0 so it holds no resources; running the cell again "
+                        f"retries, `%kt down {compute.name}` deletes it.")
+            except Exception:  # noqa: BLE001 - the launch error is what matters
+                note = ""
+            raise type(exc)(f"{exc}{note}") from None
+        handle = self._handle(kube, compute, pod, token)
+        say(f"pod kernel {compute.name!r} ready in {time.monotonic() - t0:.1f} s on node {ev.node_of(pod)} "
+            f"({self._live[(ns, svc)].forward.description})")
+        return handle
+
+    def _token(self, kube: KubeApi, compute: Compute) -> str:
+        """The compute's token: the existing Secret's, else a new one created atomically (first writer wins)."""
+        import secrets as random
+
+        name, ns = token_secret_name(compute), compute.namespace
+        for _attempt in range(3):
+            secret = kube.get("Secret", name, ns)
+            if secret is not None:
+                data = (secret.get("data") or {}).get("token")
+                if data:
+                    return base64.b64decode(data).decode()
+                raise KubernetesAPIError(f"Secret {ns}/{name} has no 'token' key; delete it "
+                                         f"(`%kt down {compute.name}`) and run the cell again")
+            kube.create(build_secret(compute, random.token_urlsafe(32)))  # loses to a racing launch: read theirs
+        raise KubernetesAPIError(f"could not create or read the token Secret {ns}/{name}")
+
+    def _wait_ready(self, kube: KubeApi, compute: Compute, expected_hash: str, say: Callable[[str], None],
+                    deadline: float, wall0: float) -> dict[str, Any]:
+        """Watch the compute's pods (and events) until one running our template is Ready, or fail."""
+        ns, svc = compute.namespace, compute.service_name
+        updates: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
+        watches = [WatchThread(kube, "Pod", ns, updates, "pod", label_selector=label_selector(compute)),
+                   WatchThread(kube, "Event", ns, updates, "event")]
+        pods: dict[str, dict[str, Any]] = {}
+        buffered: dict[str, list[dict[str, Any]]] = {}
+        events: list[dict[str, Any]] = []
+        said: set[str] = set()
+        scaling_up: set[str] = set()
+
+        def tell(line: str | None) -> None:
+            if line and line not in said:
+                said.add(line)
+                say(line)
+
+        def take(event: dict[str, Any]) -> None:
+            events.append(event)
+            tell(ev.event_progress(event))
+            obj = event.get("involvedObject") or {}
+            if event.get("reason") == "TriggeredScaleUp":
+                scaling_up.add(obj.get("name", ""))
+
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._timeout(kube, compute, list(pods.values()), events)
+                try:
+                    tag, kind, obj = updates.get(timeout=remaining)
+                except queue.Empty:
+                    continue
+                if kind == "ERROR":
+                    if tag == "event":  # events only add progress lines: go on without them
+                        say(f"(no progress lines: {obj})")
+                        continue
+                    raise obj
+                if tag == "event":
+                    involved = obj.get("involvedObject") or {}
+                    who = involved.get("name", "")
+                    if involved.get("kind") == "Pod" and who.startswith(f"{svc}-"):
+                        if who in pods:
+                            take(obj)
+                        else:
+                            buffered.setdefault(who, []).append(obj)
+                    elif who.startswith(f"{svc}-") and _event_time(obj) >= wall0 - EVENT_SKEW_S:
+                        take(obj)  # ReplicaSet events of this launch: FailedCreate (quota, policy)
+                        failure = ev.refused_failure(compute.name, obj)
+                        if failure is not None:
+                            raise failure.exception()
+                    continue
+                name = ev.name_of(obj)
+                annotations = (obj.get("metadata") or {}).get("annotations") or {}
+                if kind == "DELETED" or ev.is_terminating(obj) or \
+                        annotations.get(TEMPLATE_HASH_ANNOTATION) != expected_hash:
+                    pods.pop(name, None)
+                    continue
+                pods[name] = obj
+                for event in buffered.pop(name, []):
+                    take(event)
+                for line in ev.pod_progress(obj):
+                    tell(line)
+                if ev.is_ready(obj):
+                    return obj
+                failure = ev.diagnose_pod(compute.name, obj, queued=bool(compute.queue),
+                                          scaling_up=name in scaling_up)
+                if failure is not None:
+                    logs = ""
+                    if failure.wants_logs:
+                        logs = kube.pod_log(name, ns, CONTAINER_NAME, LOG_LINES_IN_ERRORS,
+                                            previous=failure.previous_logs) or \
+                            kube.pod_log(name, ns, CONTAINER_NAME, LOG_LINES_IN_ERRORS)
+                    raise failure.exception(logs)
+        finally:
+            for watch in watches:
+                watch.stop()
+
+    def _timeout(self, kube: KubeApi, compute: Compute, pods: list[dict[str, Any]],
+                 events: list[dict[str, Any]]) -> LaunchError:
+        logs = ""
+        for pod in pods:
+            if ((ev.container_status(pod) or {}).get("state") or {}).get("running"):
+                logs = kube.pod_log(ev.name_of(pod), compute.namespace, CONTAINER_NAME, LOG_LINES_IN_ERRORS)
+        return ev.timeout_error(compute.name, compute.launch_timeout_s, pods, events, logs)
+
+    # ------------------------------------------------------------------ handles
+
+    def _handle(self, kube: KubeApi, compute: Compute, pod: dict[str, Any], token: str) -> KernelHandle:
+        key = (compute.namespace, compute.service_name)
+        uid = (pod.get("metadata") or {}).get("uid")
+        with self._lock:
+            live = self._live.get(key)
+            if live is None or live.uid != uid or live.liveness() is not None:
+                if live is not None:
+                    live.close()
+                target = PodTarget(compute.namespace, ev.name_of(pod), compute.service_name, POD_KERNEL_PORT)
+                live = self._live[key] = LiveKernel(kube, compute, pod, self._connector_for(compute).open(target))
+        return KernelHandle(
+            name=compute.name, backend=self.name, url=live.forward.url, token=token, pid=None,
+            started=_epoch((pod.get("status") or {}).get("startTime")),
+            where=f"pod {live.pod} on node {ev.node_of(pod)} (namespace {compute.namespace})",
+            spec=compute.to_dict(), liveness=live.liveness, close_hook=live.close,
+        )
+
+    def _find(self, kube: KubeApi, compute: Compute) -> KernelHandle | None:
+        ns, svc = compute.namespace, compute.service_name
+        dep = kube.get("Deployment", svc, ns)
+        if dep is None or not (dep.get("spec") or {}).get("replicas"):
+            return None
+        ready = [p for p in kube.list("Pod", ns, label_selector=label_selector(compute)) if ev.is_ready(p)]
+        secret = kube.get("Secret", token_secret_name(compute), ns)
+        token = (secret or {}).get("data", {}).get("token")
+        if not ready or not token:
+            return None
+        spec = (dep.get("metadata") or {}).get("annotations", {}).get(SPEC_ANNOTATION)
+        if spec and compute.name not in self._known:
+            try:
+                compute = compute_from_deployment(dep)
+            except Exception:  # noqa: BLE001 - an unreadable annotation: the name is enough
+                pass
+        return self._handle(kube, compute, ready[0], base64.b64decode(token).decode())
+
+    def find(self, name: str, namespace: str | None = None) -> KernelHandle | None:
+        """The running (ready) kernel of that name, reattached by reading its token Secret; else None."""
+        compute = self._compute_for(name, namespace)
+        return self._find(self._kube(compute), compute)
+
+    def get_if_exists(self, compute: Compute) -> KernelHandle | None:
+        """The running kernel of ``compute`` (its name and namespace), or None; launches nothing."""
+        with self._lock:
+            self._known.setdefault(compute.name, compute)
+        return self._find(self._kube(compute), compute)
+
+    # ------------------------------------------------------------------ inspect
+
+    def _namespaces(self) -> list[str]:
+        default = Compute(name="default", backend="kubernetes").namespace
+        return list(dict.fromkeys([default] + [c.namespace for c in self._known.values()]))
+
+    def list(self) -> list[KernelInfo]:
+        """This user's computes in the default namespace and in those this process launched into."""
+        out = []
+        selector = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+        for ns in self._namespaces():
+            compute = Compute(name="default", backend="kubernetes", namespace=ns)
+            kube = self._kube(compute)
+            pods = kube.list("Pod", ns, label_selector=selector)
+            for dep in kube.list("Deployment", ns, label_selector=selector):
+                labels = (dep.get("metadata") or {}).get("labels") or {}
+                name = labels.get(NAME_LABEL, "")
+                if not name or ev.name_of(dep) != dns1123_label(f"{compute.username}-{name}"):
+                    continue  # another user's compute
+                mine = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(COMPUTE_LABEL)
+                        == labels.get(COMPUTE_LABEL)]
+                out.append(self._info(name, ns, dep, mine))
+        return out
+
+    def _info(self, name: str, ns: str, dep: dict[str, Any], pods: list[dict[str, Any]]) -> KernelInfo:
+        spec_json = ((dep.get("metadata") or {}).get("annotations") or {}).get(SPEC_ANNOTATION)
+        try:
+            spec = json.loads(spec_json) if spec_json else {}
+        except ValueError:
+            spec = {}
+        pods = [p for p in pods if not ev.is_terminating(p)]
+        ready = [p for p in pods if ev.is_ready(p)]
+        pod = (ready or pods or [None])[0]
+        where = f"pod {ev.name_of(pod)} on node {ev.node_of(pod) or '(unscheduled)'} (namespace {ns})" if pod \
+            else f"namespace {ns}"
+        started = _epoch((pod.get("status") or {}).get("startTime")) if pod else \
+            _epoch((dep.get("metadata") or {}).get("creationTimestamp"))
+        if not (dep.get("spec") or {}).get("replicas"):
+            phase, detail = "stopped", "suspended: 0 replicas (resume, or run a cell, to start it)"
+        elif ready:
+            phase, detail = "ready", ""
+        else:
+            failure = ev.diagnose_pod(name, pod) if pod else None
+            phase, detail = ("failed", failure.message) if failure else ("launching", "")
+        return KernelInfo(name=name, backend=self.name, phase=phase, where=where, started=started, spec=spec,
+                          detail=detail)
+
+    def status(self, name: str) -> KernelInfo:
+        """One compute's state: ready, launching, failed (with why) or stopped."""
+        compute = self._compute_for(name)
+        kube = self._kube(compute)
+        dep = kube.get("Deployment", compute.service_name, compute.namespace)
+        if dep is None:
+            raise NotFoundError(f"no Kubernetes compute named {name!r} in namespace {compute.namespace!r}; "
+                                "`%kt list` shows those that exist")
+        return self._info(name, compute.namespace, dep,
+                          kube.list("Pod", compute.namespace, label_selector=label_selector(compute)))
+
+    def pods(self, name: str) -> list[dict[str, Any]]:
+        """The compute's pods, as the API returns them."""
+        compute = self._compute_for(name)
+        return self._kube(compute).list("Pod", compute.namespace, label_selector=label_selector(compute))
+
+    def wait_gone(self, name: str, timeout_s: float) -> str | None:
+        """Block until the pod kernel this process reaches for ``name`` is gone; its liveness sentence.
+
+        None when it still runs after ``timeout_s`` (or this process reaches no kernel of that name).
+        """
+        compute = self._compute_for(name)
+        with self._lock:
+            live = self._live.get((compute.namespace, compute.service_name))
+        return None if live is None else live.wait_gone(timeout_s)
+
+    def _current_pod(self, name: str) -> tuple[KubeApi, Compute, dict[str, Any]]:
+        compute = self._compute_for(name)
+        kube = self._kube(compute)
+        pods = [p for p in self.pods(name) if not ev.is_terminating(p)]
+        if not pods:
+            raise NotFoundError(f"compute {name!r} has no pod in namespace {compute.namespace!r} "
+                                "(not launched, suspended, or deleted)")
+        pods.sort(key=lambda p: (ev.is_ready(p), (p.get("metadata") or {}).get("creationTimestamp") or ""))
+        return kube, compute, pods[-1]
+
+    def logs(self, name: str, tail: int | None = 100) -> str:
+        """The pod kernel container's last ``tail`` log lines (its previous run's when it just restarted)."""
+        kube, compute, pod = self._current_pod(name)
+        pod_name = ev.name_of(pod)
+        text = kube.pod_log(pod_name, compute.namespace, CONTAINER_NAME, tail)
+        if not text.strip() and ev.restart_count(pod):
+            text = kube.pod_log(pod_name, compute.namespace, CONTAINER_NAME, tail, previous=True)
+        return text.rstrip("\n")
+
+    def follow_logs(self, name: str) -> Iterator[str]:
+        """New output of the pod kernel's log, as it comes."""
+        kube, compute, pod = self._current_pod(name)
+        return kube.follow_log(ev.name_of(pod), compute.namespace, CONTAINER_NAME)
+
+    # ------------------------------------------------------------------ suspend / resume / delete
+
+    def _forget_live(self, compute: Compute, why: str) -> None:
+        with self._lock:
+            live = self._live.pop((compute.namespace, compute.service_name), None)
+        if live is not None:
+            live.close(why)
+
+    def suspend(self, name: str) -> None:
+        """Scale the compute to 0 replicas: the pod (and its state) goes; the objects and token stay."""
+        compute = self._compute_for(name)
+        kube = self._kube(compute)
+        if kube.get("Deployment", compute.service_name, compute.namespace) is None:
+            raise NotFoundError(f"no Kubernetes compute named {name!r} in namespace {compute.namespace!r}")
+        kube.scale(compute.service_name, compute.namespace, 0)
+        self._forget_live(compute, "was stopped: suspended (its Deployment was scaled to 0)")
+
+    def resume(self, name: str, on_event: Callable[[str], None] | None = None) -> KernelHandle:
+        """Scale a suspended compute back up (re-applying its recorded spec) and wait until it is ready."""
+        compute = self._compute_for(name)
+        dep = self._kube(compute).get("Deployment", compute.service_name, compute.namespace)
+        if dep is None:
+            raise NotFoundError(f"no Kubernetes compute named {name!r} in namespace {compute.namespace!r}")
+        if name not in self._known:
+            compute = compute_from_deployment(dep)
+        return self.launch(compute, on_event=on_event)
+
+    def delete(self, name: str, grace_period_s: float = 5.0, *, volumes: bool = False) -> bool:
+        """Delete everything carrying the compute's label; False if there was nothing.
+
+        Pods get ``grace_period_s`` to stop (SIGTERM, then SIGKILL) and this
+        waits until they are gone, so a new launch of the same name never
+        meets them. PersistentVolumeClaims (your data) stay unless ``volumes``.
+        """
+        compute = self._compute_for(name)
+        kube = self._kube(compute)
+        ns, selector = compute.namespace, label_selector(compute)
+        self._forget_live(compute, "was deleted (delete / `%kt down`)")
+        existed = False
+        pods = kube.list("Pod", ns, label_selector=selector)  # before their Deployment goes, to set their grace
+        for dep in kube.list("Deployment", ns, label_selector=selector):
+            existed |= kube.delete("Deployment", ev.name_of(dep), ns, grace_period_s)
+        for pod in pods:
+            kube.delete("Pod", ev.name_of(pod), ns, grace_period_s)
+        kinds = _OTHER_KINDS + (("PersistentVolumeClaim",) if volumes else ())
+        for kind in kinds + _RBAC_KINDS:
+            try:
+                found = kube.list(kind, ns, label_selector=selector)
+            except KubernetesAPIError:
+                if kind in _RBAC_KINDS:
+                    continue  # not allowed to list RBAC objects: then we could not have created them
+                raise
+            for obj in found:
+                existed |= kube.delete(kind, ev.name_of(obj), ns)
+        if pods:
+            self._wait_pods_gone(kube, compute, grace_period_s + DELETE_WAIT_S)
+        return existed
+
+    def _wait_pods_gone(self, kube: KubeApi, compute: Compute, timeout_s: float) -> None:
+        updates: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
+        reply = kube.list_reply("Pod", compute.namespace, label_selector=label_selector(compute))
+        left = {ev.name_of(p) for p in reply.get("items") or []}
+        if not left:
+            return
+        watch = WatchThread(kube, "Pod", compute.namespace, updates, "delete",
+                            resource_version=(reply.get("metadata") or {}).get("resourceVersion"),
+                            label_selector=label_selector(compute))
+        deadline = time.monotonic() + timeout_s
+        try:
+            while left:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise KubernetesAPIError(f"pods {', '.join(sorted(left))} of compute {compute.name!r} were "
+                                             f"still terminating after {timeout_s:g} s")
+                try:
+                    _tag, kind, obj = updates.get(timeout=remaining)
+                except queue.Empty:
+                    continue
+                if kind == "ERROR":
+                    raise obj
+                if kind == "DELETED":  # pods created after our deletes (a racing launch) are not waited for
+                    left.discard(ev.name_of(obj))
+        finally:
+            watch.stop()

@@ -1,0 +1,395 @@
+"""FakeKubeApiServer: a fake of the Kubernetes API server, over real HTTP on 127.0.0.1 (a test double).
+
+It implements what the kt_jupyter backend (through the official client) and
+the pod's TTL guard call, with the API's URL layout, verbs and JSON shapes:
+
+* server-side apply (``PATCH`` ``application/apply-patch+yaml``, ``fieldManager``
+  required, ``force`` recorded) — simplified: one applier owns the whole object;
+* create (409 when it exists), get, list with ``labelSelector`` / ``fieldSelector``;
+* watch streams (chunked JSON lines, ``resourceVersion``, ``timeoutSeconds``);
+* merge patches, the Deployment ``scale`` subresource;
+* delete (pods get a ``deletionTimestamp`` and go when :class:`FakeKubelet` has stopped them);
+* pod logs (``tailLines``, ``previous``, ``follow``), from files the fake kubelet writes;
+* port-forward over the WebSocket protocol the client speaks (``v4.channel.k8s.io``:
+  a data and an error channel per port), relayed to the fake pod's local port;
+* bearer-token auth: an admin token for the kubeconfig, and service-account
+  tokens checked against the Roles and RoleBindings stored here (minimal RBAC).
+
+State lives in :class:`FakeStore`, which the fake kubelet also uses directly
+(in-process, as the controllers and kubelet of a real cluster would through
+the API). Every request is recorded in :attr:`FakeStore.requests` so tests can
+assert how the backend talked to the API.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import queue
+import re
+import socket
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
+
+from .store import ADMIN_TOKEN, RESOURCES, SA_TOKEN_PREFIX, FakeApiError, FakeStore, _Watcher
+
+#: Longest a watch stays open when the client asks for no timeout.
+MAX_WATCH_S = 300.0
+
+
+# ---------------------------------------------------------------------- HTTP
+
+_PATH_RE = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)/"
+                      r"(?P<plural>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "FakeKubeApiServer"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    # -- plumbing
+
+    def _send_json(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_bytes(self, data: bytes, content_type: str = "text/plain") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _read_body(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self._raw_body = self.rfile.read(length) if length else b""
+
+    def _body(self) -> Any:
+        raw = self._raw_body
+        if not raw:
+            return None
+        ctype = self.headers.get("Content-Type", "")
+        return yaml.safe_load(raw) if "yaml" in ctype else json.loads(raw)
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _user(self) -> tuple[str, str]:
+        auth = self.headers.get("Authorization", "")
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        if token == ADMIN_TOKEN:
+            return "admin", ""
+        if token.startswith(SA_TOKEN_PREFIX):
+            return "serviceaccount", token[len(SA_TOKEN_PREFIX):]
+        raise FakeApiError(401, "Unauthorized", "Unauthorized")
+
+    def _dispatch(self, method: str) -> None:
+        store = self.server.store
+        self._read_body()  # always, so an error reply leaves the keep-alive connection usable
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        record = {"method": method, "path": url.path, "query": query,
+                  "content_type": self.headers.get("Content-Type", "")}
+        with store.lock:
+            store.requests.append(record)
+        try:
+            kind, subject = self._user()
+            record["user"] = subject or kind
+            m = _PATH_RE.match(url.path)
+            if not m or m.group("plural") not in RESOURCES:
+                raise FakeApiError(404, "NotFound", f"the fake API server does not serve {url.path}")
+            ns, plural, name, sub = m.group("ns"), m.group("plural"), m.group("name"), m.group("sub")
+            group = RESOURCES[plural][0]
+            if sub == "portforward":
+                method = "POST"  # RBAC: port-forward is "create" on pods/portforward
+            verb = {"GET": "get" if name else ("watch" if query.get("watch") in ("true", "1") else "list"),
+                    "PATCH": "patch", "PUT": "update", "POST": "create", "DELETE": "delete"}[method]
+            resource = f"{plural}/{sub}" if sub else plural
+            if kind == "serviceaccount" and not store.allowed(subject, verb, group, resource, ns, name):
+                sa_ns, _, sa_name = subject.partition(":")
+                raise FakeApiError(403, "Forbidden", (
+                    f'{plural}{"." + group if group else ""} "{name}" is forbidden: User '
+                    f'"system:serviceaccount:{sa_ns}:{sa_name}" cannot {verb} resource "{resource}" in API group '
+                    f'"{group}" in the namespace "{ns}"'))
+            if kind == "admin" and (verb, plural) in store.denied:
+                raise FakeApiError(403, "Forbidden", (
+                    f'{plural}{"." + group if group else ""} is forbidden: User "fake-user" cannot {verb} resource '
+                    f'"{plural}" in API group "{group}" in the namespace "{ns}"'))
+            self._serve(method, verb, query, ns, plural, name, sub, record)
+        except FakeApiError as exc:
+            self._send_json(exc.code, exc.status())
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _serve(self, method: str, verb: str, query: dict[str, str], ns: str, plural: str, name: str | None,
+               sub: str | None, record: dict[str, Any]) -> None:
+        store = self.server.store
+        if sub == "log" and plural == "pods" and method in ("GET",):
+            return self._log(ns, name or "", query)
+        if sub == "portforward" and plural == "pods":
+            return self._portforward(ns, name or "", query)
+        if sub == "scale" and plural == "deployments":
+            return self._scale(method, ns, name or "")
+        if sub is not None:
+            raise FakeApiError(404, "NotFound", f"the fake API server has no {plural}/{sub}")
+        if verb == "watch":
+            return self._watch(plural, ns, query)
+        if verb == "list":
+            items = store.list(plural, ns, query.get("labelSelector"), query.get("fieldSelector"))
+            group, version, kind = RESOURCES[plural]
+            return self._send_json(200, {"apiVersion": f"{group}/{version}" if group else version,
+                                         "kind": f"{kind}List", "items": items,
+                                         "metadata": {"resourceVersion": str(store.version)}})
+        if verb == "get":
+            obj = store.get(plural, ns, name or "")
+            if obj is None:
+                raise FakeApiError(404, "NotFound", f'{plural} "{name}" not found')
+            return self._send_json(200, obj)
+        if verb == "create":
+            return self._send_json(201, store.create(plural, ns, self._body() or {}))
+        if verb == "patch":
+            ctype = self.headers.get("Content-Type", "")
+            body = self._body() or {}
+            if ctype.startswith("application/apply-patch"):
+                if not query.get("fieldManager"):
+                    raise FakeApiError(422, "Invalid", "PatchOptions.meta.k8s.io is invalid: fieldManager: "
+                                                       "Required value: is required for apply patch")
+                record["field_manager"], record["force"] = query["fieldManager"], query.get("force")
+                return self._send_json(200, store.apply(plural, ns, name or "", body, query["fieldManager"]))
+            if ctype.startswith(("application/merge-patch", "application/strategic-merge-patch")):
+                return self._send_json(200, store.merge_patch(plural, ns, name or "", body))
+            raise FakeApiError(415, "UnsupportedMediaType", f"the fake API server does not take {ctype} patches")
+        if verb == "delete":
+            body = record["body"] = self._body() or {}
+            grace = query.get("gracePeriodSeconds", body.get("gracePeriodSeconds"))
+            return self._send_json(200, store.delete(plural, ns, name or "", None if grace is None else int(grace)))
+        raise FakeApiError(405, "MethodNotAllowed", f"{method} is not supported on {plural}")
+
+    def _scale(self, method: str, ns: str, name: str) -> None:
+        store = self.server.store
+        if method in ("PATCH", "PUT"):
+            body = self._body() or {}
+            replicas = (body.get("spec") or {}).get("replicas")
+            if replicas is not None:
+                store.merge_patch("deployments", ns, name, {"spec": {"replicas": int(replicas)}})
+        dep = store.get("deployments", ns, name)
+        if dep is None:
+            raise FakeApiError(404, "NotFound", f'deployments.apps "{name}" not found')
+        self._send_json(200, {"apiVersion": "autoscaling/v1", "kind": "Scale",
+                              "metadata": {"name": name, "namespace": ns},
+                              "spec": {"replicas": dep["spec"].get("replicas", 1)},
+                              "status": {"replicas": (dep.get("status") or {}).get("replicas", 0)}})
+
+    def _log(self, ns: str, name: str, query: dict[str, str]) -> None:
+        store = self.server.store
+        pod = store.get("pods", ns, name)
+        if pod is None:
+            raise FakeApiError(404, "NotFound", f'pods "{name}" not found')
+        container = query.get("container") or pod["spec"]["containers"][0]["name"]
+        previous = query.get("previous") in ("true", "True", "1")
+        if query.get("follow") in ("true", "True", "1") and store.log_follower is not None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for data in store.log_follower(ns, name, container):
+                self._chunk(data)
+            self._chunk(b"")
+            return
+        data = store.log_source(ns, name, container, previous) if store.log_source else None
+        if data is None:
+            what = "previous terminated container" if previous else "container"
+            raise FakeApiError(400, "BadRequest", f'{what} "{container}" in pod "{name}" not found')
+        tail = query.get("tailLines")
+        if tail is not None:
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[-int(tail):]) if int(tail) > 0 else b""
+        self._send_bytes(data)
+
+    # -- port-forward: the API's WebSocket protocol (v4.channel.k8s.io), relayed to the fake pod's local port
+
+    def _portforward(self, ns: str, name: str, query: dict[str, str]) -> None:
+        store = self.server.store
+        if store.get("pods", ns, name) is None:
+            raise FakeApiError(404, "NotFound", f'pods "{name}" not found')
+        if self.headers.get("Upgrade", "").lower() != "websocket":
+            raise FakeApiError(400, "BadRequest", "port-forward needs a WebSocket upgrade")
+        port = int(query.get("ports", "0").split(",")[0])
+        protocols = [p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        if "v4.channel.k8s.io" not in protocols:
+            raise FakeApiError(400, "BadRequest", f"unsupported WebSocket subprotocols {protocols}")
+        try:
+            local = store.port_resolver(ns, name, port) if store.port_resolver else None
+            upstream = socket.create_connection(("127.0.0.1", local), timeout=5) if local else None
+        except OSError:
+            upstream = None
+        accept = base64.b64encode(hashlib.sha1(
+            self.headers["Sec-WebSocket-Key"].encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.send_header("Sec-WebSocket-Protocol", "v4.channel.k8s.io")
+        self.end_headers()
+        self.close_connection = True
+        send_lock = threading.Lock()
+        port_bytes = struct.pack("<H", port)
+
+        def send(opcode: int, payload: bytes) -> None:
+            n = len(payload)
+            head = bytes([0x80 | opcode]) + (bytes([n]) if n < 126 else
+                                             b"\x7e" + struct.pack(">H", n) if n < 1 << 16 else
+                                             b"\x7f" + struct.pack(">Q", n))
+            with send_lock:
+                self.wfile.write(head + payload)
+
+        send(0x2, b"\x00" + port_bytes)  # data channel: which port
+        send(0x2, b"\x01" + port_bytes)  # error channel: which port
+        if upstream is None:
+            send(0x2, b"\x01" + f"error forwarding port {port} to pod {name}: nothing listens".encode())
+            send(0x8, b"")
+            return
+
+        def from_pod() -> None:
+            try:
+                while True:
+                    data = upstream.recv(1 << 16)
+                    if not data:
+                        break
+                    send(0x2, b"\x00" + data)
+            except OSError:
+                pass
+            try:
+                send(0x8, b"")
+            except OSError:
+                pass
+
+        pump = threading.Thread(target=from_pod, name=f"fake-pf-{name}", daemon=True)
+        pump.start()
+        try:
+            while True:
+                head = self.rfile.read(2)
+                if len(head) < 2:
+                    break
+                opcode, n = head[0] & 0x0F, head[1] & 0x7F
+                if n == 126:
+                    n = struct.unpack(">H", self.rfile.read(2))[0]
+                elif n == 127:
+                    n = struct.unpack(">Q", self.rfile.read(8))[0]
+                mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+                data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(n)))
+                if opcode == 0x8:
+                    break
+                if opcode == 0x9:
+                    send(0xA, data)
+                elif opcode == 0x2 and data[:1] == b"\x00" and len(data) > 1:
+                    upstream.sendall(data[1:])
+        except OSError:
+            pass
+        finally:
+            try:
+                upstream.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            upstream.close()
+            pump.join(timeout=5)
+
+    def _watch(self, plural: str, ns: str, query: dict[str, str]) -> None:
+        store = self.server.store
+        watcher = store.watch(plural, ns, query.get("labelSelector"), query.get("fieldSelector"),
+                              query.get("resourceVersion"))
+        timeout_s = min(float(query.get("timeoutSeconds") or MAX_WATCH_S), MAX_WATCH_S)
+        deadline = time.monotonic() + timeout_s
+        self.server.open_watches.add(watcher)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    event = watcher.events.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if event is None:  # the server is shutting down
+                    break
+                self._chunk(json.dumps(event).encode() + b"\n")
+            self._chunk(b"")
+        finally:
+            self.server.open_watches.discard(watcher)
+            store.unwatch(watcher)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's names
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._dispatch("PATCH")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._dispatch("DELETE")
+
+
+class FakeKubeApiServer(ThreadingHTTPServer):
+    """The fake API server: ``with FakeKubeApiServer() as api: api.url``; state in ``api.store``."""
+
+    daemon_threads = True
+
+    def __init__(self, store: FakeStore | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.store = store or FakeStore()
+        self.open_watches: set[_Watcher] = set()
+        self._thread = threading.Thread(target=self.serve_forever, name="fake-kube-api", daemon=True)
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def kubeconfig(self, namespace: str = "default") -> dict[str, Any]:
+        """A kubeconfig pointing at this server with the admin token."""
+        return {
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake-user", "user": {"token": ADMIN_TOKEN}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake-user",
+                                                      "namespace": namespace}}],
+        }
+
+    def __enter__(self) -> "FakeKubeApiServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End open watches, stop serving."""
+        for watcher in list(self.open_watches):
+            watcher.events.put(None)
+        self.shutdown()
+        self.server_close()

@@ -1,0 +1,335 @@
+"""FakeStore: the state of the fake cluster behind FakeKubeApiServer (a test double).
+
+Objects by (resource, namespace, name), a resourceVersion counter and the
+history of changes (so a watch can start from any version), the watchers of
+open watch streams, and listeners (the fake kubelet) told of every change.
+Also the API's label and field selectors, and a minimal RBAC check for
+service-account tokens against the Roles and RoleBindings stored here.
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
+
+ADMIN_TOKEN = "fake-admin-token"
+SA_TOKEN_PREFIX = "fake-sa:"
+#: plural -> (API group, version, kind)
+RESOURCES: dict[str, tuple[str, str, str]] = {
+    "pods": ("", "v1", "Pod"),
+    "services": ("", "v1", "Service"),
+    "secrets": ("", "v1", "Secret"),
+    "configmaps": ("", "v1", "ConfigMap"),
+    "persistentvolumeclaims": ("", "v1", "PersistentVolumeClaim"),
+    "serviceaccounts": ("", "v1", "ServiceAccount"),
+    "events": ("", "v1", "Event"),
+    "deployments": ("apps", "v1", "Deployment"),
+    "roles": ("rbac.authorization.k8s.io", "v1", "Role"),
+    "rolebindings": ("rbac.authorization.k8s.io", "v1", "RoleBinding"),
+}
+
+
+def now_rfc3339() -> str:
+    """The current time as the API writes it."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FakeApiError(Exception):
+    """An API failure: HTTP status, reason and message, sent as a Status object."""
+
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+    def status(self) -> dict[str, Any]:
+        """The ``Status`` object the API answers with."""
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": self.message, "reason": self.reason, "code": self.code}
+
+
+# ---------------------------------------------------------------------- selectors
+
+def _split_selector(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        parts.append(cur.strip())
+    return parts
+
+
+def label_matches(selector: str | None, labels: dict[str, str]) -> bool:
+    """Whether ``labels`` satisfy a label selector (=, ==, !=, in, notin, exists, !exists)."""
+    for term in _split_selector(selector or ""):
+        m = re.fullmatch(r"(\S+)\s+(in|notin)\s+\((.*)\)", term)
+        if m:
+            values = {v.strip() for v in m.group(3).split(",")}
+            inside = labels.get(m.group(1)) in values
+            if inside != (m.group(2) == "in"):
+                return False
+        elif "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in term:
+            key, value = re.split(r"==?", term, maxsplit=1)
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+def field_matches(selector: str | None, obj: dict[str, Any]) -> bool:
+    """Whether ``obj`` satisfies an equality field selector (``metadata.name=x,involvedObject.kind!=Pod``)."""
+    for term in _split_selector(selector or ""):
+        negate = "!=" in term
+        path, value = term.split("!=" if negate else "=", 1)
+        cur: Any = obj
+        for part in path.strip().lstrip("=").split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if (str(cur if cur is not None else "") == value.strip().lstrip("=")) == negate:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------- the store
+
+@dataclass(eq=False)
+class _Watcher:
+    plural: str
+    namespace: str
+    labels: str | None
+    fields: str | None
+    events: "queue.Queue[dict[str, Any] | None]" = field(default_factory=queue.Queue)
+
+    def wants(self, plural: str, obj: dict[str, Any]) -> bool:
+        meta = obj.get("metadata") or {}
+        return (plural == self.plural and meta.get("namespace") == self.namespace
+                and label_matches(self.labels, meta.get("labels") or {}) and field_matches(self.fields, obj))
+
+
+class FakeStore:
+    """The fake cluster's objects, their history (for watches from a resourceVersion) and listeners."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.version = 0
+        self.history: list[tuple[int, str, str, dict[str, Any]]] = []
+        self.watchers: list[_Watcher] = []
+        self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
+        self.requests: list[dict[str, Any]] = []
+        #: (verb, plural) pairs the admin user is refused (403), to test how the backend copes.
+        self.denied: set[tuple[str, str]] = set()
+        #: pod logs: (namespace, pod, container, previous) -> bytes, provided by the fake kubelet
+        self.log_source: Callable[[str, str, str, bool], bytes | None] | None = None
+        self.log_follower: Callable[[str, str, str], Iterator[bytes]] | None = None
+        #: (namespace, pod, port) -> the 127.0.0.1 port the fake pod listens on, provided by the fake kubelet
+        self.port_resolver: Callable[[str, str, int], int] | None = None
+
+    # -- changes
+
+    def _commit(self, kind: str, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
+        self.version += 1
+        meta = obj["metadata"]
+        meta["resourceVersion"] = str(self.version)
+        key = (plural, meta["namespace"], meta["name"])
+        if kind == "DELETED":
+            self.objects.pop(key, None)
+        else:
+            self.objects[key] = obj
+        snapshot = copy.deepcopy(obj)
+        self.history.append((self.version, kind, plural, snapshot))
+        for watcher in list(self.watchers):
+            if watcher.wants(plural, snapshot):
+                watcher.events.put({"type": kind, "object": copy.deepcopy(snapshot)})
+        for listener in list(self.listeners):
+            listener(kind, plural, copy.deepcopy(snapshot))
+        self.changed.notify_all()
+        return copy.deepcopy(obj)
+
+    def create(self, plural: str, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create an object (409 AlreadyExists when its name is taken)."""
+        with self.lock:
+            obj = copy.deepcopy(obj)
+            meta = obj.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+            meta["namespace"] = namespace
+            if (plural, namespace, meta["name"]) in self.objects:
+                raise FakeApiError(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists')
+            group, version, kind = RESOURCES[plural]
+            obj.setdefault("apiVersion", f"{group}/{version}" if group else version)
+            obj.setdefault("kind", kind)
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
+            return self._commit("ADDED", plural, obj)
+
+    def apply(self, plural: str, namespace: str, name: str, body: dict[str, Any], manager: str) -> dict[str, Any]:
+        """Server-side apply, simplified: the applied object replaces all but status and server-set metadata."""
+        group, version, kind = RESOURCES[plural]
+        want_api = f"{group}/{version}" if group else version
+        if body.get("apiVersion") != want_api or body.get("kind") != kind:
+            raise FakeApiError(400, "BadRequest", f"apply body is {body.get('apiVersion')}/{body.get('kind')}, "
+                                                  f"the URL names {want_api}/{kind}")
+        meta = body.get("metadata") or {}
+        if meta.get("name") != name or meta.get("namespace", namespace) != namespace:
+            raise FakeApiError(400, "BadRequest", "the name or namespace of the body does not match the URL")
+        with self.lock:
+            cur = self.objects.get((plural, namespace, name))
+            if cur is None:
+                self.create(plural, namespace, body)
+                return self._set_manager(plural, namespace, name, manager)
+            new = copy.deepcopy(body)
+            new_meta = new["metadata"]
+            for key in ("uid", "creationTimestamp", "generation", "resourceVersion", "managedFields"):
+                if key in cur["metadata"]:
+                    new_meta[key] = cur["metadata"][key]
+            if "status" in cur:
+                new["status"] = cur["status"]
+            new_meta["namespace"] = namespace
+            if new == cur:
+                return copy.deepcopy(cur)  # nothing changed: no new resourceVersion, no watch event
+            if new.get("spec") != cur.get("spec"):
+                new_meta["generation"] = int(cur["metadata"].get("generation", 1)) + 1
+            self._commit("MODIFIED", plural, new)
+            return self._set_manager(plural, namespace, name, manager)
+
+    def _set_manager(self, plural: str, namespace: str, name: str, manager: str) -> dict[str, Any]:
+        obj = self.objects[(plural, namespace, name)]
+        obj["metadata"]["managedFields"] = [{"manager": manager, "operation": "Apply"}]
+        return copy.deepcopy(obj)
+
+    def update(self, plural: str, namespace: str, name: str,
+               mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+        """Change a stored object in place (status updates of the fake kubelet); None if it is gone."""
+        with self.lock:
+            cur = self.objects.get((plural, namespace, name))
+            if cur is None:
+                return None
+            new = copy.deepcopy(cur)
+            mutate(new)
+            if new == cur:
+                return copy.deepcopy(cur)
+            return self._commit("MODIFIED", plural, new)
+
+    def merge_patch(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch (RFC 7386); 404 when the object does not exist."""
+        def merge(target: dict[str, Any], change: dict[str, Any]) -> None:
+            for key, value in change.items():
+                if value is None:
+                    target.pop(key, None)
+                elif isinstance(value, dict) and isinstance(target.get(key), dict):
+                    merge(target[key], value)
+                else:
+                    target[key] = copy.deepcopy(value)
+
+        result = self.update(plural, namespace, name, lambda obj: merge(obj, patch))
+        if result is None:
+            raise FakeApiError(404, "NotFound", f'{plural} "{name}" not found')
+        return result
+
+    def delete(self, plural: str, namespace: str, name: str, grace_period_s: int | None = None) -> dict[str, Any]:
+        """Delete; a pod only gets a deletionTimestamp and goes once the fake kubelet has stopped it."""
+        with self.lock:
+            cur = self.objects.get((plural, namespace, name))
+            if cur is None:
+                raise FakeApiError(404, "NotFound", f'{plural} "{name}" not found')
+            if plural == "pods" and self.listeners:
+                def mark(pod: dict[str, Any]) -> None:
+                    meta = pod["metadata"]
+                    meta.setdefault("deletionTimestamp", now_rfc3339())
+                    grace = grace_period_s if grace_period_s is not None else \
+                        (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+                    meta["deletionGracePeriodSeconds"] = min(int(grace), meta.get("deletionGracePeriodSeconds", 10**9))
+                return self.update(plural, namespace, name, mark) or cur
+            return self._commit("DELETED", plural, copy.deepcopy(cur))
+
+    def remove(self, plural: str, namespace: str, name: str) -> None:
+        """Drop an object for good (the fake kubelet, once a pod's process has ended)."""
+        with self.lock:
+            cur = self.objects.get((plural, namespace, name))
+            if cur is not None:
+                self._commit("DELETED", plural, copy.deepcopy(cur))
+
+    # -- reads
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A copy of the object, or None."""
+        with self.lock:
+            obj = self.objects.get((plural, namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    def list(self, plural: str, namespace: str, labels: str | None = None,
+             fields: str | None = None) -> list[dict[str, Any]]:
+        """Copies of the matching objects, oldest first."""
+        with self.lock:
+            probe = _Watcher(plural, namespace, labels, fields)
+            return [copy.deepcopy(o) for (p, _ns, _n), o in self.objects.items() if probe.wants(p, o)]
+
+    def watch(self, plural: str, namespace: str, labels: str | None, fields: str | None,
+              since: str | None) -> _Watcher:
+        """Register a watcher primed with the current objects (no ``since``) or the changes after ``since``."""
+        with self.lock:
+            watcher = _Watcher(plural, namespace, labels, fields)
+            if since in (None, "", "0"):
+                for obj in self.list(plural, namespace, labels, fields):
+                    watcher.events.put({"type": "ADDED", "object": obj})
+            else:
+                for version, kind, p, obj in self.history:
+                    if version > int(since) and watcher.wants(p, obj):
+                        watcher.events.put({"type": kind, "object": copy.deepcopy(obj)})
+            self.watchers.append(watcher)
+            return watcher
+
+    def unwatch(self, watcher: _Watcher) -> None:
+        """Forget a watcher."""
+        with self.lock:
+            if watcher in self.watchers:
+                self.watchers.remove(watcher)
+
+    def wait_for(self, predicate: Callable[[], Any], timeout_s: float) -> Any:
+        """Block until ``predicate()`` is truthy (checked on every change); raise after ``timeout_s``."""
+        with self.changed:
+            result = self.changed.wait_for(predicate, timeout=timeout_s)
+        if not result:
+            raise TimeoutError(f"fake cluster: condition not met within {timeout_s:g} s")
+        return result
+
+    # -- minimal RBAC for service-account tokens
+
+    def allowed(self, subject: str, verb: str, group: str, resource: str, namespace: str, name: str | None) -> bool:
+        """Whether a service account (``ns:name``) may do ``verb`` on ``resource`` per the stored RBAC."""
+        sa_ns, _, sa_name = subject.partition(":")
+        if sa_ns != namespace:
+            return False
+        with self.lock:
+            for binding in self.list("rolebindings", namespace):
+                if not any(s.get("kind") == "ServiceAccount" and s.get("name") == sa_name
+                           and s.get("namespace", namespace) == sa_ns for s in binding.get("subjects") or []):
+                    continue
+                role = self.get("roles", namespace, (binding.get("roleRef") or {}).get("name", ""))
+                for rule in (role or {}).get("rules") or []:
+                    if group in rule.get("apiGroups", []) and resource in rule.get("resources", []) \
+                            and verb in rule.get("verbs", []) \
+                            and (not rule.get("resourceNames") or name in rule["resourceNames"]):
+                        return True
+        return False

@@ -1,0 +1,608 @@
+"""The Kubernetes backend, unchanged, against a fake cluster over real HTTP on 127.0.0.1.
+
+:class:`~k8s_fake.FakeKubeApiServer` answers the official client;
+:class:`~k8s_fake.FakeKubelet` turns Deployments into Pods whose
+container command (the real startup script, the real ``python -m pod_kernel``
+from the ConfigMap) runs as a local process; the only part swapped in the
+backend is the connector (:class:`~k8s_fake.FakePortForwardConnector`),
+because the fake API server has no port-forward. Failures come from the fake
+cluster itself: a GPU the node lacks, an image its registry lacks, a memory
+limit its cgroup enforces, a setup step that fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from IPython.core.error import UsageError
+
+from kt_jupyter import backends as backends_mod
+from kt_jupyter import connection as conn_mod
+from kt_jupyter.backends import kubernetes_events as ev
+from kt_jupyter.backends.kubernetes import KubernetesBackend
+from kt_jupyter.backends.kubernetes_objects import GUARD_MODULE, TEMPLATE_HASH_ANNOTATION
+from kt_jupyter.backends.portforward import (PodTarget, PortForwardConnector, ServiceDNSConnector,
+                                             default_connector)
+from kt_jupyter.compute import Compute, Image, Volume
+from kt_jupyter.errors import (BackendUnavailable, CrashLoopError, ImagePullError, KernelDiedError,
+                               KubernetesAPIError, LaunchTimeoutError, NotFoundError, OOMKilledError,
+                               UnschedulableError)
+from kt_jupyter.manifests import label_selector
+from k8s_fake import FakeKubeApiServer, FakeKubelet, FakePortForwardConnector
+
+NS = "kt-test"
+MISSING_IMAGE = "ghcr.io/example/does-not-exist:1.0"
+SLOW_IMAGE = "ghcr.io/example/huge-image:1.0"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeCluster:
+    """The fake API server, its fake kubelet, and the real backend pointed at them."""
+
+    def __init__(self, api: FakeKubeApiServer, kubelet: FakeKubelet, backend: KubernetesBackend) -> None:
+        self.api, self.kubelet, self.backend = api, kubelet, backend
+        self.store = api.store
+
+    def objects(self, plural: str, selector: str | None = None) -> list[dict]:
+        return self.store.list(plural, NS, selector)
+
+    def deployment(self, compute: Compute) -> dict | None:
+        return self.store.get("deployments", NS, compute.service_name)
+
+    def pods(self, compute: Compute, live_only: bool = True) -> list[dict]:
+        pods = self.objects("pods", label_selector(compute))
+        return [p for p in pods if not (live_only and p["metadata"].get("deletionTimestamp"))]
+
+    def process(self, compute: Compute) -> psutil.Process:
+        pod = self.pods(compute)[0]
+        return psutil.Process(self.kubelet.pid(NS, pod["metadata"]["name"]))
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch, kt_home):
+    """A fake cluster; the `kubernetes` backend of this process (get_backend) uses it."""
+    with FakeKubeApiServer() as api:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump(api.kubeconfig(NS)))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        for var in ("KUBERNETES_SERVICE_HOST", "KT_NAMESPACE", "KT_LAUNCH_TIMEOUT"):
+            monkeypatch.delenv(var, raising=False)
+        kubelet = FakeKubelet(api, tmp_path / "node", missing_images={MISSING_IMAGE}, slow_images={SLOW_IMAGE},
+                              restart_backoff_s=0.2).start()
+        backend = KubernetesBackend(connector=FakePortForwardConnector(kubelet))
+        monkeypatch.setitem(backends_mod._instances, "kubernetes", backend)
+        try:
+            yield FakeCluster(api, kubelet, backend)
+        finally:
+            for conn in conn_mod.connections():
+                conn_mod.disconnect(conn.name)
+            for live in list(backend._live.values()):
+                live.close()
+            kubelet.stop()
+
+
+def k8s(name: str = "k", **kw) -> Compute:
+    return Compute(name=name, backend="kubernetes", **kw)
+
+
+def events_of(messages: list[str]):
+    return lambda m: messages.append(m)
+
+
+# ---------------------------------------------------------------------- launch, cells, reuse
+
+
+def test_launch_applies_everything_server_side_and_runs_a_cell(cluster):
+    messages: list[str] = []
+    compute = k8s(env_vars={"GREETING": "hi"})
+    handle = cluster.backend.launch(compute, on_event=events_of(messages))
+
+    # every object went through server-side apply as kt-jupyter, forced
+    applies = [r for r in cluster.store.requests if r["method"] == "PATCH" and r["path"].startswith(
+        ("/api/v1/namespaces/kt-test/", "/apis/apps/v1/namespaces/kt-test/"))]
+    assert {r["path"].rsplit("/", 2)[-2] for r in applies} == {"secrets", "configmaps", "services", "deployments"}
+    assert all(r["content_type"] == "application/apply-patch+yaml" and r["field_manager"] == "kt-jupyter"
+               and r["force"] == "true" for r in applies)
+    # readiness came from a watch, and the watch's progress reached on_event
+    assert any(r["query"].get("watch") == "true" and r["path"].endswith("/pods") for r in cluster.store.requests)
+    text = "\n".join(messages)
+    assert "scheduled on node fake-node-1" in text and 'pulling image "python:3.11-slim"' in text
+    assert "pod kernel 'k' ready in" in messages[-1]
+    assert handle.where.startswith(f"pod {compute.service_name}-") and "namespace kt-test" in handle.where
+
+    # a real cell round trip to the pod kernel, which runs from the ConfigMap's copy of pod_kernel
+    session = handle.session()
+    session.connect()
+    out: list[dict] = []
+    result = session.execute("import os, pod_kernel\nprint(os.environ['GREETING'], pod_kernel.__file__)\n6 * 7",
+                             out.append)
+    session.close()
+    assert result.data == {"text/plain": "42"}
+    printed = "".join(o.get("text", "") for o in out)
+    assert printed.startswith("hi ") and "/volumes/kt-src/pod_kernel/__init__.py" in printed
+
+    # the token reached the pod through the Secret only: not in argv, not in any other object
+    secret = cluster.store.get("secrets", NS, f"{compute.service_name}-token")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert token == handle.token
+    proc = cluster.process(compute)
+    assert all(token not in " ".join(p.cmdline()) for p in [proc] + proc.children(recursive=True))
+    for plural in ("deployments", "configmaps", "services"):
+        assert token not in json.dumps(cluster.objects(plural))
+    assert token not in text
+
+
+def test_launch_again_reuses_the_running_kernel_and_another_process_finds_it(cluster):
+    compute = k8s("shared")
+    first = cluster.backend.launch(compute)
+    conn = conn_mod.connect(compute)
+    ns: dict = {}
+    conn.run_cell("state = 41", ns)
+    pod = cluster.pods(compute)[0]["metadata"]["name"]
+    version = cluster.store.version
+
+    messages: list[str] = []
+    again = cluster.backend.launch(compute, on_event=events_of(messages))
+    assert again.url == first.url and "reusing the running pod kernel 'shared'" in messages[0]
+    assert cluster.store.version == version  # nothing applied, nothing changed
+
+    # "another notebook": a new backend object finds the kernel by name and reads the token back
+    other = KubernetesBackend(connector=FakePortForwardConnector(cluster.kubelet))
+    found = other.find("shared")
+    assert found is not None and found.token == first.token and pod in found.where
+    session = found.session()
+    session.connect()
+    assert session.execute("state + 1").data == {"text/plain": "42"}
+    session.close()
+    assert other.find("nothing-here") is None
+    assert other.get_if_exists(k8s("shared")).url == found.url
+
+
+def test_reapplying_the_same_objects_changes_nothing(cluster):
+    compute = k8s("idem", inactivity_ttl="1h")
+    handle = cluster.backend.launch(compute)
+    kube = cluster.backend._kube(compute)
+    before = {(o["kind"], o["metadata"]["name"]): o["metadata"]["resourceVersion"]
+              for plural in ("deployments", "services", "secrets", "configmaps", "serviceaccounts", "roles",
+                             "rolebindings") for o in cluster.objects(plural)}
+    for obj in cluster.backend.manifests(compute, handle.token):
+        kube.apply(obj)
+    after = {(o["kind"], o["metadata"]["name"]): o["metadata"]["resourceVersion"]
+             for plural in ("deployments", "services", "secrets", "configmaps", "serviceaccounts", "roles",
+                            "rolebindings") for o in cluster.objects(plural)}
+    assert after == before and len(before) == 7
+    assert len(cluster.pods(compute)) == 1
+
+
+def test_magic_runs_cells_on_the_kubernetes_backend(cluster, ip, capsys):
+    run(ip, "%%kt --backend kubernetes --name nb\nimport os\nhost = os.uname().nodename\nvalues = [1, 2, 3]")
+    assert ip.user_ns["values"] == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert "[kt] scheduled on node fake-node-1" in err and "ready in" in err
+    ip.user_ns["factor"] = 10
+    out = run(ip, "%%kt --backend kubernetes --name nb\nscaled = [v * factor for v in values]\nsum(scaled)")
+    assert ip.user_ns["scaled"] == [10, 20, 30] and repr(out) == "60"
+
+    run(ip, "%kt list --backend kubernetes")
+    listing = capsys.readouterr().out
+    assert "nb" in listing and "kubernetes" in listing and "ready" in listing and "fake-node-1" in listing
+    run(ip, "%kt logs nb --tail 50")
+    assert "serving on 127.0.0.1" in capsys.readouterr().out
+    run(ip, "%kt status nb")
+    status = capsys.readouterr().out
+    assert "compute 'nb' (kubernetes)" in status and "on node fake-node-1" in status and "cells:     2" in status
+
+
+def test_magic_down_deletes_the_compute(cluster, ip, capsys):
+    run(ip, "%kt config backend=kubernetes")
+    run(ip, "%%kt --name gone\nx = 1")
+    compute = k8s("gone")
+    assert cluster.deployment(compute) is not None
+    run(ip, "%kt logs gone --tail 5")
+    assert "last 5 lines" in capsys.readouterr().err
+    run(ip, "%kt down gone")
+    assert "gone (kubernetes): stopped and deleted" in capsys.readouterr().out
+    assert cluster.deployment(compute) is None and not cluster.pods(compute, live_only=False)
+    with pytest.raises(UsageError, match="no Kubernetes compute named 'gone'"):
+        run(ip, "%kt status gone")
+
+
+# ---------------------------------------------------------------------- failures, one clear error each
+
+
+def test_unschedulable_gpu_names_the_missing_resource(cluster):
+    compute = k8s("gpu", gpus=1)
+    with pytest.raises(UnschedulableError) as info:
+        cluster.backend.launch(compute)
+    text = str(info.value)
+    assert "cannot be scheduled: no node has enough nvidia.com/gpu (asked for 1)" in text
+    assert "NVIDIA device plugin" in text and "Insufficient nvidia.com/gpu" in text
+    assert "scaled to 0" in text and cluster.deployment(compute)["spec"]["replicas"] == 0
+
+
+def test_unschedulable_through_the_magic_is_one_line(cluster, ip):
+    result = ip.run_cell("%%kt --backend kubernetes --name gpu2 --gpus 1\nx = 1")
+    assert isinstance(result.error_in_exec, UnschedulableError)
+    rendered = result.error_in_exec._render_traceback_()
+    assert len(rendered) == 1 and "nvidia.com/gpu" in rendered[0]
+
+
+def test_node_selector_mismatch_names_the_selector(cluster):
+    with pytest.raises(UnschedulableError, match=r"no node matches its node selector \{'nvidia.com/gpu.product'"):
+        cluster.backend.launch(k8s("a100", gpu_type="A100", gpus=1, launch_timeout=30))
+
+
+def test_image_pull_failure_names_the_image(cluster):
+    with pytest.raises(ImagePullError) as info:
+        cluster.backend.launch(k8s("img", image=MISSING_IMAGE))
+    text = str(info.value)
+    assert f"cannot pull the image {MISSING_IMAGE!r}" in text
+    assert "ErrImagePull" in text or "ImagePullBackOff" in text
+    assert "not found" in text and "imagePullSecrets" in text
+
+
+def test_crash_loop_shows_the_container_last_log_lines(cluster):
+    image = Image().run_bash("echo 'cannot reach the dataset bucket' >&2; exit 3")
+    with pytest.raises(CrashLoopError) as info:
+        cluster.backend.launch(k8s("crash", image=image))
+    text = str(info.value)
+    assert "CrashLoopBackOff" in text and "exit code 3" in text
+    assert "Last log lines of the container:\n" in text and "cannot reach the dataset bucket" in text
+
+
+def test_oom_at_start_names_the_memory_limit(cluster):
+    with pytest.raises(OOMKilledError) as info:
+        cluster.backend.launch(k8s("tiny", memory="24Mi"))
+    text = str(info.value)
+    assert "killed while starting for using more memory than its limit (24Mi) (OOMKilled)" in text
+    assert "memory='48Mi'" in text
+
+
+def test_launch_timeout_lists_the_last_events(cluster):
+    compute = k8s("slow", image=SLOW_IMAGE, launch_timeout=1.5)
+    with pytest.raises(LaunchTimeoutError) as info:
+        cluster.backend.launch(compute)
+    text = str(info.value)
+    assert "was not ready within 1.5 s (launch_timeout" in text and "KT_LAUNCH_TIMEOUT" in text
+    assert "on node fake-node-1, container waiting (ContainerCreating)" in text
+    assert f'Normal Pulling pod/{compute.service_name}-' in text and f'Pulling image "{SLOW_IMAGE}"' in text
+    assert cluster.deployment(compute)["spec"]["replicas"] == 0
+
+
+def test_missing_secret_is_a_clear_config_error(cluster):
+    with pytest.raises(CrashLoopError, match=r'CreateContainerConfigError: secret "db-creds" not found.*secrets='):
+        cluster.backend.launch(k8s("sec", secrets=["db-creds"]))
+
+
+def test_forbidden_request_is_one_clear_error(cluster):
+    cluster.store.denied.add(("patch", "deployments"))
+    with pytest.raises(KubernetesAPIError) as info:
+        cluster.backend.launch(k8s("denied"))
+    text = str(info.value)
+    assert text.startswith("Kubernetes forbids applying Deployment kt-test/tester-denied")
+    assert 'cannot patch resource "deployments"' in text and "Ask your cluster admin" in text
+
+
+def test_no_cluster_configured_is_backend_unavailable(tmp_path, monkeypatch, kt_home):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    backend = KubernetesBackend()
+    with pytest.raises(BackendUnavailable, match="no Kubernetes cluster is configured.*--backend local"):
+        backend.list()
+
+
+def test_unreachable_api_server_is_backend_unavailable(tmp_path, monkeypatch, kt_home):
+    with FakeKubeApiServer() as api:
+        config = api.kubeconfig(NS)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))  # the server is gone: connection refused
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    backend = KubernetesBackend()
+    backend._kube(k8s()).api_client.configuration.retries = 0
+    with pytest.raises(BackendUnavailable, match="cannot reach the Kubernetes API at http://127.0.0.1"):
+        backend.status("k")
+
+
+# ---------------------------------------------------------------------- a pod kernel that dies
+
+
+def test_oom_during_a_cell_is_reported_and_the_next_cell_starts_fresh(cluster, ip, capsys):
+    run(ip, "%kt config backend=kubernetes")
+    run(ip, "%%kt --name big --memory 300Mi\nstate = 1")
+    with pytest.raises(KernelDiedError) as info:
+        run(ip, "%%kt --name big --memory 300Mi\nblob = b'x' * (600 << 20)")
+    text = str(info.value)
+    assert "was killed for exceeding its memory limit (300Mi) and was restarted by Kubernetes" in text
+    assert "its variables are lost" in text
+    capsys.readouterr()
+    assert run(ip, "%%kt --name big --memory 300Mi\n'state' in globals()").data == {"text/plain": "False"}
+    assert "variables are lost" in capsys.readouterr().err
+
+
+def test_deleted_pod_is_reported_by_liveness(cluster):
+    compute = k8s("vanish")
+    handle = cluster.backend.launch(compute)
+    assert handle.liveness() is None
+    pod = cluster.pods(compute)[0]["metadata"]["name"]
+    cluster.store.delete("pods", NS, pod, grace_period_s=0)
+    cluster.store.wait_for(lambda: not cluster.store.get("pods", NS, pod), 10)
+    why = cluster.backend.wait_gone("vanish", 10)
+    assert why == handle.liveness() and f"pod kernel 'vanish' (pod {pod}) was deleted or evicted" in why
+
+
+# ---------------------------------------------------------------------- suspend, resume, delete, TTL
+
+
+def test_suspend_scales_to_zero_and_resume_brings_it_back(cluster):
+    compute = k8s("nap")
+    handle = cluster.backend.launch(compute)
+    cluster.backend.suspend("nap")
+    assert cluster.deployment(compute)["spec"]["replicas"] == 0
+    cluster.store.wait_for(lambda: not cluster.pods(compute, live_only=False), 15)
+    assert "was stopped: suspended (its Deployment was scaled to 0)" in handle.liveness()
+    info = cluster.backend.status("nap")
+    assert info.phase == "stopped" and "suspended" in info.detail
+    assert cluster.backend.find("nap") is None
+
+    resumed = cluster.backend.resume("nap")
+    assert cluster.deployment(compute)["spec"]["replicas"] == 1 and resumed.token == handle.token
+    session = resumed.session()
+    session.connect()
+    assert session.execute("'fresh'").data == {"text/plain": "'fresh'"}
+    session.close()
+
+
+def test_delete_removes_everything_labelled_and_keeps_volumes_unless_asked(cluster):
+    compute = k8s("bye", volumes=[Volume("data", size="1Gi")], inactivity_ttl="1h")
+    cluster.backend.launch(compute)
+    selector = label_selector(compute)
+    kinds = ("deployments", "pods", "services", "secrets", "configmaps", "serviceaccounts", "roles", "rolebindings")
+    assert all(cluster.objects(k, selector) for k in kinds + ("persistentvolumeclaims",))
+    assert cluster.backend.delete("bye", grace_period_s=1) is True
+    assert not any(cluster.objects(k, selector) for k in kinds)  # pods included: delete waited for them
+    assert [c["metadata"]["name"] for c in cluster.objects("persistentvolumeclaims", selector)] == ["data"]
+    deletes = [r for r in cluster.store.requests if r["method"] == "DELETE" and "/pods/" in r["path"]]
+    assert deletes and all(r["body"]["gracePeriodSeconds"] == 1 for r in deletes)
+    cluster.backend.delete("bye", volumes=True)
+    assert not cluster.objects("persistentvolumeclaims", selector)
+    assert cluster.backend.delete("bye") is False
+    with pytest.raises(NotFoundError):
+        cluster.backend.status("bye")
+
+
+def test_inactivity_ttl_scales_the_deployment_to_zero_with_its_own_rbac(cluster):
+    compute = k8s("idle", inactivity_ttl=1)
+    handle = cluster.backend.launch(compute)
+    sa = f"{compute.service_name}-kt"
+    assert cluster.pods(compute)[0]["spec"]["serviceAccountName"] == sa
+    role = cluster.store.get("roles", NS, sa)
+    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["deployments/scale"],
+                              "resourceNames": [compute.service_name], "verbs": ["get", "patch", "update"]}]
+    # the pod kernel stops itself after 1 s idle; its guard scales the Deployment to 0 as the service account
+    cluster.store.wait_for(lambda: cluster.deployment(compute)["spec"]["replicas"] == 0, 30)
+    scale = [r for r in cluster.store.requests if r["path"].endswith(f"/deployments/{compute.service_name}/scale")]
+    assert [(r["method"], r["user"]) for r in scale] == [("PATCH", f"{NS}:{sa}")]
+    cluster.store.wait_for(lambda: not cluster.pods(compute, live_only=False), 15)
+    why = cluster.backend.wait_gone("idle", 10)
+    assert "was stopped: its Deployment was scaled to 0" in why and handle.liveness() == why
+    log = (cluster.kubelet.workdir / NS).rglob("pod-kernel-0.log")
+    assert "the pod kernel stopped itself; scaling deployment" in next(log).read_text()
+
+
+def test_inactivity_ttl_without_rbac_rights_warns_and_still_launches(cluster):
+    cluster.store.denied.add(("patch", "roles"))
+    messages: list[str] = []
+    compute = k8s("norbac", inactivity_ttl="1h")
+    cluster.backend.launch(compute, on_event=events_of(messages))
+    assert any("inactivity_ttl: cannot create the Role" in m and "restart instead of stopping" in m
+               for m in messages)
+    assert "serviceAccountName" not in cluster.pods(compute)[0]["spec"]
+
+
+def test_guard_passes_on_crashes_without_scaling(cluster, tmp_path):
+    env = {"PYTHONPATH": str(ROOT / "kt_jupyter" / "backends"), "PATH": "/usr/bin:/bin",
+           "KT_KUBE_API": cluster.api.url, "KT_KUBE_TOKEN_FILE": str(tmp_path / "none")}
+    guard = [sys.executable, "-c", "import pod_guard, sys; sys.exit(pod_guard.main())",
+             "--namespace", NS, "--deployment", "x", "--"]
+    assert subprocess.run(guard + [sys.executable, "-c", "raise SystemExit(3)"], env=env).returncode == 3
+    done = subprocess.run(guard + [sys.executable, "-c", "pass"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "could not scale deployment kt-test/x to 0" in done.stderr
+    assert not [r for r in cluster.store.requests if r["path"].endswith("/deployments/x/scale")]
+
+
+# ---------------------------------------------------------------------- list, status, ownership
+
+
+def test_list_shows_only_this_users_computes(cluster, monkeypatch):
+    cluster.backend.launch(k8s("mine"))
+    monkeypatch.setenv("KT_USERNAME", "someone-else")
+    theirs = KubernetesBackend(connector=FakePortForwardConnector(cluster.kubelet))
+    assert [i.name for i in theirs.list()] == []
+    monkeypatch.setenv("KT_USERNAME", "tester")
+    [info] = cluster.backend.list()
+    assert (info.name, info.phase, info.backend) == ("mine", "ready", "kubernetes")
+    assert info.spec["name"] == "mine" and info.started > 0
+
+
+def test_status_of_a_failing_compute_says_why(cluster):
+    compute = k8s("fails", image=MISSING_IMAGE, launch_timeout=30)
+    kube = cluster.backend._kube(compute)
+    token = cluster.backend._token(kube, compute)
+    for obj in cluster.backend.manifests(compute, token):
+        kube.apply(obj)  # applied but not waited for, as after a notebook restart
+    cluster.store.wait_for(lambda: "ImagePullBackOff" in json.dumps(cluster.pods(compute)), 15)
+    info = cluster.backend.status("fails")
+    assert info.phase == "failed" and MISSING_IMAGE in info.detail
+
+
+# ---------------------------------------------------------------------- connectors and pure parts
+
+
+def test_production_port_forward_connector_through_the_fake_api_server(cluster):
+    """The real PortForwardConnector and kubernetes.stream.portforward, against the fake API's WebSocket relay."""
+    backend = KubernetesBackend()  # outside a cluster: the default connector is the port-forward
+    compute = k8s("pf")
+    handle = backend.launch(compute)
+    assert handle.url.startswith("ws://127.0.0.1:") and "port-forward 127.0.0.1:" in \
+        backend._live[(NS, compute.service_name)].forward.description
+    conn = conn_mod.ComputeConnection(compute, handle)
+    ns = {"blob": bytes(range(256)) * (32 << 10)}  # 8 MiB each way through the forward
+    conn.run_cell("echo = blob[::-1]\nn = len(blob)", ns)
+    assert ns["n"] == 8 << 20 and ns["echo"] == ns["blob"][::-1]
+    conn.session.close()
+    again = handle.session()  # a second connection through the same local listener
+    again.connect()
+    assert again.execute("n").data == {"text/plain": str(8 << 20)}
+    again.close()
+    forwards = [r for r in cluster.store.requests if r["path"].endswith("/portforward")]
+    assert len(forwards) >= 2 and all(r["query"]["ports"] == "32300" for r in forwards)
+    backend.delete("pf", grace_period_s=0)
+    assert "was deleted" in handle.liveness()
+
+
+
+def test_connector_choice_in_and_out_of_the_cluster(monkeypatch):
+    target = PodTarget("ns1", "pod-1", "alice-train", 32300)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.delenv("KT_K8S_CONNECT", raising=False)
+    connector = default_connector(lambda: None)
+    assert isinstance(connector, ServiceDNSConnector)
+    assert connector.open(target).url == "ws://alice-train.ns1.svc.cluster.local:32300"
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    assert isinstance(default_connector(lambda: None), PortForwardConnector)
+    monkeypatch.setenv("KT_K8S_CONNECT", "service")
+    assert isinstance(default_connector(lambda: None), ServiceDNSConnector)
+
+
+def test_the_configmap_ships_pod_kernel_and_the_guard(cluster):
+    compute = k8s("src", inactivity_ttl="30m")
+    objects = cluster.backend.manifests(compute, "t0ken")
+    cm = next(o for o in objects if o["kind"] == "ConfigMap")
+    assert f"{GUARD_MODULE}.py" in cm["data"] and "pod_kernel____main__.py" in cm["data"]
+    dep = objects[-1]
+    script = dep["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert f"-m {GUARD_MODULE} --namespace kt-test --deployment tester-src -- " in script
+    assert script.rstrip().endswith("--inactivity-ttl 1800")
+    assert TEMPLATE_HASH_ANNOTATION in dep["spec"]["template"]["metadata"]["annotations"]
+    assert [o["kind"] for o in objects] == ["Secret", "ConfigMap", "Service", "ServiceAccount", "Role",
+                                            "RoleBinding", "Deployment"]
+
+
+@pytest.mark.parametrize("params", [{}, {"inactivity_ttl": "30m"}, {"inactivity_ttl": 60, "gpus": 1, "freeze": True},
+                                    {"inactivity_ttl": 60, "service_account_name": "mine"}],
+                         ids=["plain", "ttl", "ttl-gpu-frozen", "ttl-own-sa"])
+def test_what_the_backend_applies_validates_against_the_kubernetes_schema(params, kt_home):
+    from kubernetes_validate.utils import latest_version, validate
+
+    version = latest_version()
+    objects = KubernetesBackend().manifests(k8s("v", namespace=NS, **params), "t0ken")
+    for obj in objects:
+        assert validate(obj, version, strict=True), obj["kind"]
+    kinds = [o["kind"] for o in objects]
+    assert ("Role" in kinds) == (bool(params.get("inactivity_ttl")) and "service_account_name" not in params)
+
+
+def test_frozen_compute_runs_the_image_s_pod_kernel(cluster):
+    """freeze=True: no source ConfigMap; the "image" (here: this interpreter) holds pod_kernel."""
+    compute = k8s("frozen", freeze=True)
+    handle = cluster.backend.launch(compute)
+    assert not cluster.objects("configmaps", label_selector(compute))
+    session = handle.session()
+    session.connect()
+    where = session.execute("import pod_kernel\npod_kernel.__file__").data["text/plain"]
+    session.close()
+    assert "/volumes/" not in where and where.strip("'").endswith("pod_kernel/__init__.py")
+
+
+def test_dockerfile_bakes_in_what_the_startup_script_checks(tmp_path):
+    from kt_jupyter.manifests import POD_KERNEL_DEPS
+
+    text = (ROOT / "pod_kernel" / "Dockerfile").read_text()
+    install = next(line for line in text.splitlines() if "pip install" in line)
+    install += next(line for line in text.splitlines()[text.splitlines().index(install) + 1:])
+    assert all(f'"{dep}"' in install for dep in POD_KERNEL_DEPS)
+    copies = [line.split()[1:] for line in text.splitlines() if line.startswith("COPY ")]
+    assert copies == [["pod_kernel/*.py", "/opt/kt/lib/pod_kernel/"],
+                      ["kt_jupyter/backends/pod_guard.py", f"/opt/kt/lib/{GUARD_MODULE}.py"]]
+    assert "ENV PYTHONPATH=/opt/kt/lib" in text
+    # the layout the COPY lines make imports on its own (what the RUN check does in the build)
+    lib = tmp_path / "lib"
+    (lib / "pod_kernel").mkdir(parents=True)
+    for src in (ROOT / "pod_kernel").glob("*.py"):
+        (lib / "pod_kernel" / src.name).write_text(src.read_text())
+    (lib / f"{GUARD_MODULE}.py").write_text((ROOT / "kt_jupyter/backends/pod_guard.py").read_text())
+    check = subprocess.run([sys.executable, "-c", "import pod_kernel.__main__, pod_kernel.server, "
+                            f"pod_kernel.executor, {GUARD_MODULE}; print(pod_kernel.__file__)"],
+                           env={"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == str(lib / "pod_kernel" / "__init__.py")
+
+
+def _pod(waiting=None, last=None, terminated=None, conditions=None, memory=None, node="n1") -> dict:
+    state = {"waiting": waiting} if waiting else ({"terminated": terminated} if terminated else {"running": {}})
+    container = {"name": "pod-kernel", "image": "img:1"}
+    if memory:
+        container["resources"] = {"limits": {"memory": memory}}
+    return {"metadata": {"name": "p-1"}, "spec": {"containers": [container], "nodeName": node},
+            "status": {"conditions": conditions or [],
+                       "containerStatuses": [{"name": "pod-kernel", "state": state, "restartCount": 1,
+                                              "lastState": {"terminated": last} if last else {}}]}}
+
+
+def test_diagnosis_of_pod_states():
+    unsched = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient memory."}]
+    assert ev.diagnose_pod("c", _pod(conditions=unsched, node="")).error is UnschedulableError
+    assert ev.diagnose_pod("c", _pod(conditions=unsched, node=""), queued=True) is None
+    assert ev.diagnose_pod("c", _pod(conditions=unsched, node=""), scaling_up=True) is None
+    taint = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+              "message": "0/1 nodes are available: 1 node(s) had untolerated taint {dedicated: ml}."}]
+    assert "add tolerations" in ev.diagnose_pod("c", _pod(conditions=taint, node="")).message
+    oom = ev.diagnose_pod("c", _pod(waiting={"reason": "CrashLoopBackOff"}, memory="1Gi",
+                                    last={"reason": "OOMKilled", "exitCode": 137}))
+    assert oom.error is OOMKilledError and "(1Gi)" in oom.message and "memory='2Gi'" in oom.message
+    crash = ev.diagnose_pod("c", _pod(waiting={"reason": "CrashLoopBackOff"}, last={"reason": "Error", "exitCode": 1}))
+    assert crash.error is CrashLoopError and crash.wants_logs and crash.previous_logs
+    assert ev.diagnose_pod("c", _pod()) is None  # running, not ready yet: keep waiting
+    refused = ev.refused_failure("c", {"type": "Warning", "reason": "FailedCreate", "involvedObject": {"name": "rs"},
+                                       "message": 'pods "x" is forbidden: exceeded quota: gpu-quota'})
+    assert refused.error is UnschedulableError and "ResourceQuota" in refused.message
+    assert ev.restart_reason(_pod(last={"reason": "Error", "exitCode": 139})) == \
+        "exited (Error, exit code 139 (signal 11))"
+
+
+# ---------------------------------------------------------------------- IPython
+
+
+@pytest.fixture
+def ip(cluster):
+    """An IPython shell with kt loaded, on the fake cluster; computes it started are deleted afterwards."""
+    from IPython.testing.globalipapp import get_ipython
+
+    shell = get_ipython()
+    shell.run_line_magic("load_ext", "kt_jupyter")
+    shell.run_line_magic("kt", "config --reset")
+    saved = dict(shell.user_ns)
+    yield shell
+    shell.run_line_magic("kt", "config --reset")
+    shell.run_line_magic("kt", "down --all")
+    shell.user_ns.clear()
+    shell.user_ns.update(saved)
+
+
+def run(ip, code: str):
+    """Run a cell; re-raise its error so tests see failures."""
+    result = ip.run_cell(code)
+    if result.error_before_exec is not None:
+        raise result.error_before_exec
+    if result.error_in_exec is not None:
+        raise result.error_in_exec
+    return result.result
