@@ -72,6 +72,8 @@ HEARTBEAT_INTERVAL_S = 10.0
 HEARTBEAT_TIMEOUT_S = 30.0
 
 OutputCallback = Callable[[dict[str, Any]], None]
+#: Answers a remote ``input()`` / pdb prompt: (prompt, password) -> the line typed. EOFError: no answer.
+InputCallback = Callable[[str, bool], str]
 ProgressCallback = Callable[[int, int], None]
 #: Returns None while the kernel lives, else a sentence saying how it ended.
 Liveness = Callable[[], str | None]
@@ -109,10 +111,21 @@ class ExecuteResult:
     duration_s: float = 0.0
 
 
+#: What pdb's prompt contains (a prompt nothing can answer gets "c": the cell goes on).
+PDB_PROMPT = "(Pdb)"
+
+
+def fallback_answer(prompt: str) -> str | None:
+    """The answer when nothing can answer a remote prompt: continue pdb; None (EOFError) for input()."""
+    return "c" if PDB_PROMPT in prompt else None
+
+
 @dataclass
 class _Execution:
     on_output: OutputCallback | None
     reply: asyncio.Future
+    #: input_request messages go to on_output, whose caller answers them (Session.execute); else automatic
+    answers_input: bool = False
     data: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -245,17 +258,25 @@ class Session:
         cell_name: str | None = None,
         cell_label: str | None = None,
         timeout: float | None = None,
+        on_input: InputCallback | None = None,
+        debug_wait: bool = False,
     ) -> ExecuteResult:
         """Run ``code``; output messages reach ``on_output`` in this thread as they arrive.
 
         Ctrl-C while waiting interrupts the remote cell (and keeps waiting for
         it to end). A remote error is raised as its real type when possible.
+        When the cell reads input (``input()``, a pdb prompt), ``on_input(prompt,
+        password)`` is called in this thread and its answer sent back (EOFError
+        from it: EOFError remotely); without ``on_input`` a pdb prompt is
+        answered "c" and ``input()`` gets EOFError. ``debug_wait``: the pod
+        waits for a debugger to attach before running the cell.
         """
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         done = object()
         req_id = self.new_id()
         fut = asyncio.run_coroutine_threadsafe(
-            self._aexecute(code, outputs.put, cell_name=cell_name, cell_label=cell_label, req_id=req_id),
+            self._aexecute(code, outputs.put, cell_name=cell_name, cell_label=cell_label, req_id=req_id,
+                           answers_input=True, debug_wait=debug_wait),
             client_loop(),
         )
         fut.add_done_callback(lambda _f: outputs.put(done))
@@ -277,8 +298,23 @@ class Session:
                 if isinstance(result, BaseException):
                     raise result  # raised here, in the caller's thread, never on the client loop
                 return result
+            if item.get("type") == "input_request":
+                self._answer_input(req_id, item, on_input)
+                continue
             if on_output is not None:
                 on_output(item)
+
+    def _answer_input(self, req_id: str, request: dict[str, Any], on_input: InputCallback | None) -> None:
+        """Ask ``on_input`` (in this thread) and send the answer; Ctrl-C there interrupts the remote cell."""
+        prompt, password = str(request.get("prompt", "")), bool(request.get("password"))
+        try:
+            value = on_input(prompt, password) if on_input is not None else fallback_answer(prompt)
+        except EOFError:
+            value = None
+        except KeyboardInterrupt:
+            self.interrupt(target=req_id)  # breaks the pod's wait: pdb quits, input() raises KeyboardInterrupt
+            return
+        self._run(self.areply_input(request.get("input_id"), value), timeout=OPEN_TIMEOUT_S)
 
     def push(self, values: Mapping[str, Any], *, serialization: str = "pickle",
              on_progress: ProgressCallback | None = None) -> list[str]:
@@ -370,17 +406,21 @@ class Session:
 
     async def _aexecute(self, code: str, on_output: OutputCallback | None = None, *,
                         cell_name: str | None = None, cell_label: str | None = None,
-                        req_id: str | None = None) -> ExecuteResult | BaseException:
+                        req_id: str | None = None, answers_input: bool = False,
+                        debug_wait: bool = False) -> ExecuteResult | BaseException:
         """Run ``code``; a remote error is returned (not raised) so the caller raises it where it belongs."""
         req_id = req_id or self.new_id()
         t0 = time.perf_counter()
-        ex = _Execution(on_output, asyncio.get_running_loop().create_future())
+        ex = _Execution(on_output, asyncio.get_running_loop().create_future(),
+                        answers_input=answers_input and on_output is not None)
         self._executions[req_id] = ex
         header = {"type": "execute", "id": req_id, "code": code}
         if cell_name:
             header["cell_name"] = cell_name
         if cell_label:
             header["cell_label"] = cell_label
+        if debug_wait:
+            header["debug_wait"] = True
         try:
             reply, payload = await self._until_reply(header, ex.reply)
         finally:
@@ -451,6 +491,21 @@ class Session:
             return []
         bundle = P.dump_values({rel: read(rel) for rel in need}, "json")
         return (await self.arequest({"type": "files"}, bundle=bundle))["reloaded"]
+
+    async def areply_input(self, input_id: Any, value: str | None) -> bool:
+        """Answer a cell's input_request; ``value`` None raises EOFError in the cell. False if none waited."""
+        header: dict[str, Any] = {"type": "input_reply", "value": value or "", "eof": value is None}
+        if isinstance(input_id, int):
+            header["input_id"] = input_id
+        return (await self.arequest(header))["accepted"]
+
+    async def adebug(self) -> dict[str, Any]:
+        """Start debugpy in the pod kernel (once): its port there, pid, and where cells and code live."""
+        return await self.arequest({"type": "debug"})
+
+    def debug(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Blocking :meth:`adebug`."""
+        return self._run(self.adebug(), timeout)
 
     async def ainterrupt(self, target: str | None = None) -> bool:
         """Interrupt the running cell."""
@@ -689,6 +744,14 @@ class Session:
                 ex.metadata = header.get("metadata") or {}
             if ex.on_output is not None:
                 ex.on_output(header)
+        elif kind == "input_request":
+            ex = self._executions.get(req_id)
+            if ex is not None and ex.answers_input:
+                ex.on_output(header)  # Session.execute answers it in the caller's thread
+            elif ex is not None:  # nobody here can type: continue pdb, EOFError for input()
+                task = asyncio.ensure_future(self.areply_input(header.get("input_id"),
+                                                               fallback_answer(str(header.get("prompt", "")))))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
         elif kind == "execute_reply":
             ex = self._executions.get(req_id)
             if ex is not None and not ex.reply.done():

@@ -17,12 +17,13 @@ from typing import Any, Callable, Iterable, MutableMapping
 
 from pod_kernel import protocol as P
 
-from .backends import KernelHandle, get_backend
+from .backends import KernelHandle, get_backend, kt_home
 from .cells import analyze_cell, filter_pushable
-from .client import ExecuteResult, OutputCallback, ProgressCallback, Session
+from .client import ExecuteResult, InputCallback, OutputCallback, ProgressCallback, Session
 from .codesync import CodeTree
 from .compute import Compute
-from .errors import ComputeSpecError, KernelDiedError, TransferError
+from .debugging import DebugEndpoint
+from .errors import ComputeSpecError, KernelDiedError, KtError, TransferError
 from .quantities import format_bytes
 
 #: Values larger than this stay on the pod as RemoteRefs unless pulled explicitly.
@@ -115,8 +116,15 @@ class ComputeConnection:
         cell_name: str | None = None,
         cell_label: str | None = None,
         timeout_s: float | None = None,
+        on_input: InputCallback | None = None,
+        debug_wait: bool = False,
     ) -> CellOutcome:
-        """Push what the cell reads, run it, pull what it assigns; raise the remote error if any."""
+        """Push what the cell reads, run it, pull what it assigns; raise the remote error if any.
+
+        ``on_input(prompt, password)`` answers the cell's ``input()`` and pdb
+        prompts (see :meth:`Session.execute`); ``debug_wait``: the pod waits
+        for a debugger to attach (:meth:`debug`) before running the cell.
+        """
         transfer = transfer or TransferOptions()
         t0 = time.perf_counter()
         analysis = analyze_cell(source)
@@ -132,7 +140,7 @@ class ComputeConnection:
         t1 = time.perf_counter()
         try:
             outcome.result = self.session.execute(source, on_output, cell_name=cell_name, cell_label=cell_label,
-                                                  timeout=timeout_s)
+                                                  timeout=timeout_s, on_input=on_input, debug_wait=debug_wait)
         finally:
             outcome.timings_s["execute"] = time.perf_counter() - t1
             self.cells_run += 1
@@ -151,6 +159,26 @@ class ComputeConnection:
         outcome.timings_s["pull"] = time.perf_counter() - t2
         outcome.timings_s["total"] = time.perf_counter() - t0
         return outcome
+
+    # ------------------------------------------------------------------ debugger
+
+    def debug(self) -> DebugEndpoint:
+        """Start debugpy in the pod kernel (once) and make it reachable from here (the backend forwards it)."""
+        info = self.session.debug()
+        backend = get_backend(self.compute.backend)
+        forward = getattr(backend, "forward_port", None)
+        if forward is None:
+            raise KtError(f"the {self.compute.backend} backend cannot forward the debugger's port yet; "
+                          "use breakpoint() in the cell (pdb in the notebook) instead")
+        local_port = int(forward(self.name, int(info["port"])))
+        same_host = self.compute.backend == "local"  # the pod's files are this machine's files
+        return DebugEndpoint(
+            compute=self.name, host="127.0.0.1", port=local_port, remote_port=int(info["port"]),
+            pid=int(info.get("pid") or 0), cells_dir=str(info["cells_dir"]),
+            local_cells_dir=str(info["cells_dir"]) if same_host else str(kt_home() / "debug-cells" / self.name),
+            code_dir=str(info.get("code_dir") or ""), local_code_dir=str(self.code.root),
+            attached=bool(info.get("attached")),
+        )
 
     # ------------------------------------------------------------------ moving values
 

@@ -209,8 +209,8 @@ class Module:
 
     def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         opts = {k: kwargs.pop(k) for k in CALL_OPTIONS if k in kwargs}
-        if opts.get("debug"):
-            raise KtError("debug=True is not supported by this build yet; use %%kt cells with breakpoint()")
+        if opts.get("debug"):  # debugpy in the pod kernel (once): say how to attach, then call
+            print(self._connection().debug().describe(), flush=True)
         return opts
 
     async def _acall(self, target: dict[str, Any], fn: Any, args: tuple, kwargs: dict[str, Any],

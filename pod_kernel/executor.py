@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .calls import call_sink
+from .debugging import DEBUG_SERVER, QUIT_MESSAGE, InputRelay, is_quit
 from .outbox import Outbox
 from .protocol import exception_payload, type_name
 
@@ -42,6 +43,8 @@ class CellJob:
     outbox: Outbox
     cell_name: str | None = None
     cell_label: str | None = None
+    #: wait for a debugger (debugpy) to attach after writing the cell's file, before running it
+    debug_wait: bool = False
 
 
 class _Stop:
@@ -210,8 +213,38 @@ class Executor:
         sys.stderr = CellStream(self, "stderr", log_err)  # type: ignore[assignment]
         os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
         self.shell = _make_shell(self)
+        self.relay = InputRelay(self)  # input() / pdb in a cell ask the notebook
+        self.relay.install()
+        self.debug = DEBUG_SERVER
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _wait_for_debugger(self, path: Path) -> BaseException | None:
+        """Block until an IDE attached (the cell's file is written already); the interrupt if one came."""
+        try:
+            port = self.debug.listen()
+            sys.stdout.write(f"[kt] waiting for a debugger to attach (debugpy, port {port} on the pod); "
+                             f"breakpoints go in {path}\n")
+            sys.stdout.flush()
+            self.debug.wait_for_client()
+        except KeyboardInterrupt as exc:
+            self.last_traceback = ["KeyboardInterrupt: interrupted while waiting for a debugger to attach; "
+                                   "the cell did not run"]
+            return exc
+        except RuntimeError as exc:  # debugpy missing or failing: say so, do not run the cell
+            self.last_traceback = [f"RuntimeError: {exc}; the cell did not run"]
+            return exc
+        sys.stdout.write("[kt] debugger attached; running the cell\n")
+        return None
+
+    def _restore_sigint(self) -> None:
+        # pdb's `continue` installs its own SIGINT handler; the next cell gets ours back
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) != self._on_sigint:
+            signal.signal(signal.SIGINT, self._on_sigint)
+            import pdb
+
+            pdb.Pdb._previous_sigint_handler = None
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # Only a running cell is interrupted; a late signal after it ended is dropped.
@@ -287,11 +320,25 @@ class Executor:
         payload = b""
         try:
             self.current = job
-            result = self.shell.run_cell(job.code, store_history=True)
-            sys.stdout.flush()
-            exc = result.error_in_exec or result.error_before_exec
+            exc = self._wait_for_debugger(path) if job.debug_wait else None
+            if exc is None:
+                self.debug.trace_this_thread()
+                result = self.shell.run_cell(job.code, store_history=True)
+                sys.stdout.flush()
+                exc = result.error_in_exec or result.error_before_exec
             if exc is None:
                 reply = {"status": "ok"}
+            elif is_quit(exc):  # `q` at a pdb prompt: a short message, not a traceback through pdb
+                # said as output too: IPython shows nothing for a BdbQuit, by design
+                sys.stderr.write(f"{QUIT_MESSAGE}\n")
+                sys.stderr.flush()
+                reply = {
+                    "status": "error",
+                    "ename": type_name(exc),
+                    "evalue": "debugger quit",
+                    "traceback": [QUIT_MESSAGE],
+                    "exception": False,
+                }
             else:
                 payload = exception_payload(exc, self.allow_pickle)
                 reply = {
@@ -314,6 +361,7 @@ class Executor:
             with self._interrupt_lock:
                 self.current = None
             self.shell.compile.next_name = None
+            self._restore_sigint()
         self.cells_run += 1
         reply.update(type="execute_reply", id=job.req_id, execution_count=self.shell.execution_count - 1)
         job.outbox.append(reply, payload)

@@ -209,8 +209,11 @@ class Outbox:
         if len(text) <= room:
             self._streamed[req_id] = sent + len(text)
             return text
-        live, rest = text[: max(room, 0)], text[max(room, 0):]
-        self._streamed[req_id] = sent + len(live)
+        cut = text.rfind("\n", 0, max(room, 0)) + 1  # the live part ends at a line boundary ...
+        if cut == 0 and sent == 0:
+            cut = max(room, 0)  # ... unless one huge line is all there is
+        live, rest = text[:cut], text[cut:]
+        self._streamed[req_id] = self._stream_limit_chars  # from here on, everything is elided
         elided = self._elided.get(req_id)
         if elided is None:
             elided = self._elided[req_id] = _Elided()
@@ -231,16 +234,24 @@ class Outbox:
         return live
 
     def _add_elided_locked(self, req_id: str, elided: _Elided) -> None:
-        tail = list(elided.tail)
+        runs: list[tuple[str, list[str]]] = []  # consecutive pieces of one stream, joined once
+        for name, text in elided.tail:
+            if runs and runs[-1][0] == name:
+                runs[-1][1].append(text)
+            else:
+                runs.append((name, [text]))
+        tail = [(name, "".join(texts)) for name, texts in runs]
         if elided.cut and tail:  # start the tail at a line boundary
             name, text = tail[0]
             cut = text.find("\n")
-            tail[0] = (name, text[cut + 1:] if 0 <= cut < len(text) - 1 else text)
+            if 0 <= cut < len(text) - 1:
+                tail[0] = (name, text[cut + 1:])
         shown = sum(len(t) for _n, t in tail)
+        lines = elided.lines - sum(t.count("\n") for _n, t in tail)
         self._add_locked({"type": "notice", "id": req_id, "level": "warning",
-                          "elided_chars": elided.chars - shown, "elided_lines": elided.lines,
+                          "elided_chars": elided.chars - shown, "elided_lines": lines,
                           "text": f"elided {elided.chars - shown:,} characters of output "
-                                  f"(about {elided.lines:,} lines); the last {shown:,} follow; "
+                                  f"(about {lines:,} lines); the last {shown:,} follow; "
                                   "`%kt logs` has all of it"})
         for name, text in tail:
             self._add_stream_locked(req_id, name, text)

@@ -77,6 +77,8 @@ CLIENT_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "sync": {"id": str, "files": dict},
     "files": {"id": str, "serialization": str, "sizes": list},
     "release": {"id": str, "refs": list},
+    "input_reply": {"id": str, "value": str},  # answers an input_request (``input_id``; ``eof``: raise EOFError)
+    "debug": {"id": str},  # start debugpy on the pod's loopback (once); the reply says its port
 }
 
 #: Requests whose header starts a bundle (its bytes follow in ``chunk`` frames).
@@ -97,12 +99,13 @@ SERVER_TYPES = frozenset(
         "error_reply",  # a request failed: ename, evalue, traceback
         "bulk_ready",  # a bulk push may start: its one-time ticket
         "notice",  # something the user should know (output elided, shutting down ...)
+        "input_request",  # a running cell reads input (pdb, input()): prompt, password, input_id
     }
 )
 
 #: Server messages that carry a sequence number and are replayed on resume.
 SEQUENCED_TYPES = frozenset(
-    {"stream", "display", "clear_output", "execute_result", "execute_reply", "notice"}
+    {"stream", "display", "clear_output", "execute_result", "execute_reply", "notice", "input_request"}
 )
 
 

@@ -54,3 +54,24 @@ def env_without_token() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("KT_TOKEN", None)
     return env
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the reliability figures this run measured (also in test-artifacts/reliability.json)."""
+    try:
+        from figures import REPORT, summary_lines
+    except ImportError:  # tests/ not on sys.path (another import mode): nothing was recorded either
+        return
+
+    lines = summary_lines()
+    if lines:
+        terminalreporter.section("reliability figures")
+        for line in lines:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(f"(written to {REPORT})")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the real-browser tests last: playwright's sync API leaves an event loop in the main thread,
+    which breaks later tests that call asyncio.run() (and jupyter_server's fixtures)."""
+    items.sort(key=lambda item: "/browser/" in str(item.path).replace("\\", "/"))

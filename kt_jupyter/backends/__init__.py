@@ -88,6 +88,12 @@ class Backend(Protocol):
     def delete(self, name: str, grace_period_s: float = 5.0) -> bool:
         """Stop the kernel and remove everything of it; False if there was none."""
 
+    def forward_port(self, name: str, remote_port: int) -> int:
+        """A local port that reaches ``remote_port`` on the pod kernel's loopback (the debugger's).
+
+        Local: the same port (same host). Kubernetes: a port-forward to the pod.
+        """
+
 
 _instances: dict[str, Any] = {}
 

@@ -311,6 +311,10 @@ class LocalBackend:
             raise NotFoundError(f"no logs for local compute {name!r}")
         return tail_lines(path, tail)
 
+    def forward_port(self, name: str, remote_port: int) -> int:
+        """The pod kernel runs on this host: its loopback port is reachable as it is."""
+        return remote_port
+
     def log_path(self, name: str) -> Path:
         """Path of the kernel log (for following it)."""
         return self._dir(name) / "kernel.log"

@@ -9,6 +9,8 @@ notebook shows.
 
 from __future__ import annotations
 
+import os
+import posixpath
 import shlex
 import sys
 import threading
@@ -23,7 +25,8 @@ from .. import connection as conn_mod
 from .. import oom
 from ..backends import BACKENDS, get_backend
 from ..compute import Compute
-from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError
+from ..debugging import NotebookInput
+from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError, RemoteError
 from ..render import RemoteResult, show_output
 from ..widgets import launch_reporter, transfer_reporter
 from .args import compute_args, compute_from_args, parse_seconds, transfer_args, transfer_from_args
@@ -72,6 +75,9 @@ class KtMagics(Magics):
     @argument("--async", dest="async_", action="store_true",
               help="return at once; output keeps arriving here; names are pulled when it ends (%%kt wait)")
     @argument("--keep", action="store_true", help="keep the kernel running after this notebook's kernel exits")
+    @argument("--debug", nargs="?", const="attach", metavar="wait",
+              help="start debugpy in the pod kernel and print how an IDE attaches (VS Code launch.json); "
+                   "`--debug wait` waits for the IDE to attach before running the cell")
     @argument("--retry-oom", dest="retry_oom", nargs="?", type=int, const=oom.DEFAULT_OOM_RETRIES, default=0,
               metavar="N", help="if the cell runs out of memory, run it again on a new kernel with twice the "
                                 "memory, up to N times (default 2; remote variables are lost)")
@@ -101,10 +107,17 @@ class KtMagics(Magics):
         compute, explicit = compute_from_args(args, conn_mod.default_compute())
         transfer = transfer_from_args(args)
         timeout_s = parse_seconds(args.timeout, "--timeout")
+        if args.debug not in (None, "attach", "wait"):
+            raise UsageError(f"--debug takes nothing or 'wait' (--debug wait), got {args.debug!r}")
         label = f"In[{self.shell.execution_count}]"
+        cell_name = f"kt-cell-{self.shell.execution_count}.py"
         # the magic line as a comment keeps the notebook's line numbers in remote tracebacks
         source = f"# %%kt {line}\n{cell}"
         connection = self._connect(compute, keep=args.keep, strict=explicit)
+        if args.debug:
+            self._announce_debugger(connection, cell_name, source, wait=args.debug == "wait")
+        # pdb / input() in the cell ask here; a background cell has no input box
+        on_input = NotebookInput(allowed=not args.async_)
         progress = transfer_reporter()
 
         def run() -> conn_mod.CellOutcome:
@@ -112,7 +125,8 @@ class KtMagics(Magics):
                 connection, source, self.shell.user_ns, retry_oom=args.retry_oom, keep=args.keep,
                 on_event=lambda m: print(f"[kt] {m}", file=sys.stderr),
                 transfer=transfer, on_output=show_output, on_progress=progress,
-                cell_name=f"kt-cell-{self.shell.execution_count}.py", cell_label=label, timeout_s=timeout_s,
+                cell_name=cell_name, cell_label=label, timeout_s=timeout_s,
+                on_input=on_input, debug_wait=args.debug == "wait",
             )
 
         if args.async_:
@@ -122,6 +136,21 @@ class KtMagics(Magics):
         if result is not None and result.data and not cell.rstrip().endswith(";"):
             return RemoteResult(result.data, result.metadata)
         return None
+
+    def _announce_debugger(self, connection: conn_mod.ComputeConnection, cell_name: str, source: str,
+                           wait: bool) -> None:
+        """Start debugpy in the pod kernel and print how to attach, and which file this cell runs from."""
+        try:
+            endpoint = connection.debug()
+        except (KtError, RemoteError) as exc:
+            raise UsageError(f"--debug: {exc}") from None
+        cell_file = posixpath.join(endpoint.cells_dir, cell_name)
+        local_file = os.path.join(endpoint.local_cells_dir, cell_name)
+        if local_file != cell_file:  # the IDE opens (and sets breakpoints in) a local copy of the cell
+            os.makedirs(endpoint.local_cells_dir, exist_ok=True)
+            with open(local_file, "w") as f:
+                f.write(source)
+        print(endpoint.describe(cell_file, local_file, waiting=wait), flush=True)
 
     def _connect(self, compute: Compute, keep: bool = False,
                  strict: set[str] | None = None) -> conn_mod.ComputeConnection:
