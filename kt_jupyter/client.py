@@ -232,6 +232,8 @@ class Session:
         self._pending: dict[str, _Pending] = {}
         self._closed = False
         self._dead: KtError | None = None
+        #: name -> id() of the object the pod bound, for the last push (tells a rebinding apart)
+        self.last_push_ids: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<kt Session {self.name!r} {self.url} pid={self.pod_pid}>"
@@ -441,6 +443,7 @@ class Session:
     async def apush_bundle(self, bundle: P.Bundle, *, on_progress: ProgressCallback | None = None) -> list[str]:
         """Send a serialized bundle of values."""
         reply = await self.arequest({"type": "push"}, bundle=bundle, on_progress=on_progress)
+        self.last_push_ids = dict(reply.get("ids") or {})
         return reply["names"]
 
     async def apull(self, names: Iterable[str], *, serialization: str = "pickle",

@@ -81,7 +81,10 @@ class ComputeConnection:
         self.handle = handle
         self.session: Session = handle.session()
         #: name -> fingerprint of the value the pod holds under that name (as last sent or pulled)
-        self.held: dict[str, str] = {}
+        #: name -> (fingerprint of the value, id() of the object the pod bound), as last sent or pulled.
+        #: Before skipping a push the pod is asked for the ids: another notebook sharing this compute
+        #: may have rebound the name.
+        self.held: dict[str, tuple[str, int | None]] = {}
         self.cells_run = 0
         self.lock = threading.Lock()
         self.code = CodeTree()
@@ -186,6 +189,7 @@ class ComputeConnection:
               force: set[str], on_progress: Callable[[str, int, int], None] | None) -> None:
         send: dict[str, Any] = {}
         prints: dict[str, str] = {}
+        maybe_held: list[str] = []
         for name in names:
             value = user_ns[name]
             if isinstance(value, RemoteRef):
@@ -196,17 +200,26 @@ class ComputeConnection:
                     )
                 continue  # the pod holds the real value already
             fp = P.fingerprint(value)
-            if fp and name not in force and self.held.get(name) == fp:
-                outcome.skipped_unchanged.append(name)
-                continue
-            send[name] = value
             prints[name] = fp
+            held = self.held.get(name)
+            if fp and name not in force and held is not None and held[0] == fp and held[1] is not None:
+                maybe_held.append(name)
+            else:
+                send[name] = value
+        if maybe_held:  # one round trip: does the pod still hold the very objects we left there?
+            pod_ids = {d["name"]: d.get("id") for d in self.session.inventory(maybe_held)}
+            for name in maybe_held:
+                if pod_ids.get(name) == self.held[name][1]:
+                    outcome.skipped_unchanged.append(name)
+                else:
+                    send[name] = user_ns[name]
         if not send:
             return
         bundle = self._dump(send)
         progress = None if on_progress is None else (lambda done, total: on_progress("push", done, total))
         self.session.push_bundle(bundle, on_progress=progress)
-        self.held.update({n: fp for n, fp in prints.items() if fp})
+        ids = self.session.last_push_ids
+        self.held.update({n: (prints[n], ids.get(n)) for n in send if prints.get(n)})
         outcome.pushed = list(send)
         outcome.bytes_pushed = bundle.nbytes
 
@@ -262,7 +275,7 @@ class ComputeConnection:
             user_ns[name] = value
             fp = P.fingerprint(value)
             if fp:
-                self.held[name] = fp
+                self.held[name] = (fp, described[name].get("id"))
             outcome.pulled.append(name)
 
     def pull(self, names: Iterable[str], user_ns: MutableMapping[str, Any],
@@ -274,7 +287,7 @@ class ComputeConnection:
             user_ns[name] = value
             fp = P.fingerprint(value)
             if fp:
-                self.held[name] = fp
+                self.held[name] = (fp, None)  # not known to be the pod's object: sent again when read
         return list(values)
 
     def forget_state(self) -> None:

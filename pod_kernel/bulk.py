@@ -14,6 +14,7 @@ authenticated session: the bulk port alone grants nothing.
 from __future__ import annotations
 
 import secrets
+import selectors
 import socket
 import threading
 import time
@@ -25,6 +26,12 @@ BULK_MIN_BYTES = 1 << 20
 #: A ticket not used within this long is dropped.
 TICKET_TTL_S = 60.0
 TICKET_BYTES = 32
+#: A connection must present its ticket within this long.
+HANDSHAKE_TIMEOUT_S = 5.0
+#: Connections waiting to present a ticket at once; more are closed at once.
+MAX_PENDING_HANDSHAKES = 64
+#: A bulk transfer that moves no byte for this long fails.
+IDLE_TIMEOUT_S = 120.0
 #: Largest recv/send call.
 IO_BYTES = 8 << 20
 
@@ -85,39 +92,91 @@ class BulkServer:
     def issue(self, receive: bool, parts: list, on_done: Callable[[BaseException | None], None]) -> str:
         """A one-time ticket (hex) for a transfer of ``parts``."""
         ticket = secrets.token_bytes(TICKET_BYTES)
-        now = time.monotonic()
+        self.expire()
         with self._lock:
-            for key in [k for k, t in self._tickets.items() if t.expires < now]:
-                expired = self._tickets.pop(key)
-                expired.on_done(TimeoutError("bulk transfer ticket expired unused"))
-            self._tickets[ticket] = Ticket(receive, parts, on_done, now + TICKET_TTL_S)
+            self._tickets[ticket] = Ticket(receive, parts, on_done, time.monotonic() + TICKET_TTL_S)
         return ticket.hex()
 
+    def expire(self) -> None:
+        """Drop tickets past their time (their buffers are freed; their requests fail)."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [self._tickets.pop(k) for k, t in list(self._tickets.items()) if t.expires < now]
+        for ticket in expired:
+            ticket.on_done(TimeoutError("bulk transfer ticket expired unused"))
+
     def _accept(self) -> None:
+        """Accept connections and read their tickets in this one thread (non-blocking, with a deadline);
+        only a connection that presented a valid ticket gets a transfer thread."""
+        sel = selectors.DefaultSelector()
+        self._sock.setblocking(False)
+        sel.register(self._sock, selectors.EVENT_READ, None)
+        pending: dict[socket.socket, list] = {}  # conn -> [ticket bytes so far, deadline]
+
+        def drop(conn: socket.socket) -> None:
+            pending.pop(conn, None)
+            try:
+                sel.unregister(conn)
+            except (KeyError, ValueError):
+                pass
+            conn.close()
+
         while True:
             try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), name="kt-bulk", daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(30)
-            try:
-                raw = b""
-                while len(raw) < TICKET_BYTES:
-                    chunk = conn.recv(TICKET_BYTES - len(raw))
-                    if not chunk:
+                events = sel.select(1.0)
+            except (OSError, ValueError):
+                return  # the listener was closed
+            now = time.monotonic()
+            for key, _ in events:
+                if key.data is None:
+                    try:
+                        conn, _ = self._sock.accept()
+                    except BlockingIOError:
+                        continue
+                    except OSError:
                         return
-                    raw += chunk
-            except OSError:
-                return
-            with self._lock:
-                ticket = self._tickets.pop(raw, None)
-            if ticket is None:
-                return  # unknown or reused ticket: nothing is read or sent
-            conn.settimeout(None)
+                    if len(pending) >= MAX_PENDING_HANDSHAKES:
+                        # the oldest silent connection goes: a real client sends its ticket at once,
+                        # so a flood of idle connections cannot starve real transfers
+                        drop(min(pending, key=lambda c: pending[c][1]))
+                    conn.setblocking(False)
+                    pending[conn] = [b"", now + HANDSHAKE_TIMEOUT_S]
+                    sel.register(conn, selectors.EVENT_READ, "conn")
+                    continue
+                conn = key.fileobj
+                state = pending.get(conn)
+                if state is None:
+                    continue
+                try:
+                    chunk = conn.recv(TICKET_BYTES - len(state[0]))
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    drop(conn)
+                    continue
+                state[0] += chunk
+                if len(state[0]) < TICKET_BYTES:
+                    continue
+                pending.pop(conn)
+                sel.unregister(conn)
+                with self._lock:
+                    ticket = self._tickets.pop(state[0], None)
+                if ticket is None:
+                    conn.close()  # unknown or reused ticket: nothing is read or sent
+                    continue
+                conn.settimeout(IDLE_TIMEOUT_S)
+                try:
+                    threading.Thread(target=self._transfer, args=(conn, ticket), name="kt-bulk", daemon=True).start()
+                except RuntimeError as exc:  # cannot start a thread: fail this transfer, keep serving
+                    conn.close()
+                    ticket.on_done(exc)
+            for conn in [c for c, st in pending.items() if st[1] < now]:
+                drop(conn)  # no ticket within the handshake deadline
+
+    def _transfer(self, conn: socket.socket, ticket: Ticket) -> None:
+        with conn:
             try:
                 if ticket.receive:
                     recv_parts(conn, ticket.parts)
@@ -139,7 +198,7 @@ def client_transfer(address: tuple[str, int], ticket: str, *, send: list[memoryv
                     receive: list[bytearray] | None = None, progress: ProgressFn | None = None) -> None:
     """The client side of one bulk transfer (blocking; run it in a thread)."""
     with socket.create_connection(address, timeout=30) as sock:
-        sock.settimeout(None)
+        sock.settimeout(IDLE_TIMEOUT_S)  # a transfer that stalls this long fails instead of hanging
         sock.sendall(bytes.fromhex(ticket))
         if send is not None:
             send_parts(sock, send, progress)

@@ -191,7 +191,24 @@ def _make_shell(executor: "Executor"):
     cfg.HistoryManager.enabled = False
     cfg.InteractiveShell.colors = "nocolor"
     cfg.InteractiveShell.xmode = "Context"
-    return KtShell.instance(config=cfg)
+    shell = KtShell.instance(config=cfg)
+    # IPython keeps every cell's output in history_manager.outputs, forever: a kernel that lives
+    # for days (or one 100 MB print) must not; Out[] / _ still work through the display hook.
+    shell.history_manager.outputs = _NoOutputs()
+    return shell
+
+
+class _NoOutputs(dict):
+    """A history-outputs mapping that keeps nothing."""
+
+    def __contains__(self, key: object) -> bool:
+        return False
+
+    def __getitem__(self, key: object) -> list:
+        return []
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
 
 
 class Executor:

@@ -283,7 +283,7 @@ def bundle_frames(header: Mapping[str, Any], bundle: Bundle, chunk_bytes: int = 
 MMAP_MIN_BYTES = 1 << 20
 
 
-def _buffer(size: int) -> Any:
+def _buffer(size: int, populate: bool = False) -> Any:
     """A writable buffer of ``size`` bytes; big ones are anonymous maps populated by the kernel.
 
     Fresh memory costs page faults on first touch whatever we do. Measured
@@ -294,7 +294,9 @@ def _buffer(size: int) -> Any:
     if size >= MMAP_MIN_BYTES:
         import mmap
 
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if populate:  # only where the bytes are sure to follow at once (the bulk channel)
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
         return mmap.mmap(-1, size, flags=flags)
     return bytearray(size)
 
@@ -306,6 +308,7 @@ class BundleAssembler:
     serialization: str
     sizes: list[int]
     max_bytes: int | None = None
+    populate: bool = False
     _parts: list[Any] = field(init=False)
     _index: int = field(init=False, default=0)
     _offset: int = field(init=False, default=0)
@@ -320,7 +323,7 @@ class BundleAssembler:
             raise ProtocolError("a json bundle has exactly one part")
         if self.max_bytes is not None and self.total > self.max_bytes:
             raise ProtocolError(f"bundle of {self.total} bytes exceeds the limit of {self.max_bytes}")
-        self._parts = [_buffer(s) for s in self.sizes]
+        self._parts = [_buffer(s, self.populate) for s in self.sizes]
         self._skip_empty()
 
     @property

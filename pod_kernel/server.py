@@ -29,7 +29,7 @@ from websockets.http11 import Request, Response
 
 from . import protocol as P
 from . import tensors
-from .bulk import BULK_MIN_BYTES, BulkServer
+from .bulk import BULK_MIN_BYTES, TICKET_TTL_S, BulkServer
 from .calls import CallRunner
 from .codesync import CodeSync
 from .executor import CellJob, Executor
@@ -55,6 +55,8 @@ logging.getLogger("websockets.server").addFilter(_RedactBearer())
 SEEN_IDS_KEPT = 4096
 #: How long a disconnected session's replay buffer waits for the client to resume.
 SESSION_KEEP_S = 600
+#: Disconnected sessions kept for resuming at most; the oldest are dropped first.
+SESSIONS_DETACHED_MAX = 64
 #: Requests that do not count as activity for the inactivity TTL.
 PASSIVE_TYPES = frozenset({"metrics", "ping", "inventory"})
 #: Fraction of available memory one inbound bundle may declare.
@@ -292,7 +294,19 @@ class PodKernelServer:
             pump.cancel()
             if session.ws is ws:
                 session.ws = None
-                self.loop.call_later(SESSION_KEEP_S, self._forget_session, sid)
+                if session.outbox.last_seq == 0 and not session.seen_exec:
+                    self.sessions.pop(sid, None)  # nothing to replay: nothing to keep
+                else:
+                    self.loop.call_later(SESSION_KEEP_S, self._forget_session, sid)
+                    self._cap_detached_sessions()
+
+    def _cap_detached_sessions(self) -> None:
+        """Keep at most SESSIONS_DETACHED_MAX disconnected sessions (the oldest go first)."""
+        running = self.executor.current
+        detached = [sid for sid, s in self.sessions.items()
+                    if s.ws is None and not (running is not None and running.outbox is s.outbox)]
+        for sid in detached[:max(0, len(detached) - SESSIONS_DETACHED_MAX)]:
+            del self.sessions[sid]
 
     def _forget_session(self, sid: str) -> None:
         """Drop a session (and its replay buffer) nobody resumed within SESSION_KEEP_S."""
@@ -363,13 +377,22 @@ class PodKernelServer:
         elif total > psutil.virtual_memory().available * INBOUND_MEMORY_FRACTION:
             refusal = RequestRefused("MemoryError",
                                      f"a push of {total} bytes does not fit in the pod's available memory")
+        assembler = None
+        if refusal is None:
+            try:
+                # memory is committed up front only for the bulk channel, whose bytes follow at once;
+                # over the WebSocket a header alone must not cost its declared size
+                assembler = P.BundleAssembler(ser, list(sizes), populate=bool(header.get("bulk")))
+            except (MemoryError, OSError) as exc:  # e.g. past the kernel's memory limit
+                refusal = RequestRefused("MemoryError", f"a push of {total} bytes does not fit in the pod "
+                                                        f"kernel's memory ({type(exc).__name__}: {exc})")
         if refusal is not None and header.get("bulk"):
             await self._send_error(ws, header["id"], refusal)
             return None
         if refusal is not None:
             inbound = Inbound(header, None, discard_left=total, refusal=refusal)
         else:
-            inbound = Inbound(header, P.BundleAssembler(ser, list(sizes)))
+            inbound = Inbound(header, assembler)
         if header.get("bulk"):
             await self._start_bulk_inbound(session, ws, inbound)
             return None
@@ -391,6 +414,7 @@ class PodKernelServer:
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(finish()))
 
         ticket = self.bulk.issue(True, asm.parts, done)
+        self.loop.call_later(TICKET_TTL_S + 1, self.bulk.expire)  # an unused ticket frees its buffers
         await ws.send(P.encode_frame({"type": "bulk_ready", "id": inbound.header["id"], "ticket": ticket}))
 
     async def _continue_inbound(self, session: Session, ws: ServerConnection, inbound: Inbound,
@@ -436,7 +460,8 @@ class PodKernelServer:
     async def on_push(self, session: Session, ws: ServerConnection, header: dict, values: dict) -> None:
         """Set the pushed names in the namespace."""
         self.executor.namespace.update(values)
-        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "names": sorted(values)}))
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "names": sorted(values),
+                                      "ids": {n: id(v) for n, v in values.items()}}))
 
     async def on_call(self, session: Session, ws: ServerConnection, header: dict, values: dict) -> None:
         """Run a seed-API call (or construct an instance) and send its result as a bundle."""
@@ -550,7 +575,7 @@ class PodKernelServer:
 
         def _describe() -> list[dict[str, Any]]:
             return [
-                {"name": n, "type": P.type_name(ns[n]), "size": P.approx_size(ns[n]),
+                {"name": n, "type": P.type_name(ns[n]), "size": P.approx_size(ns[n]), "id": id(ns[n]),
                  "fingerprint": P.fingerprint(ns[n]) if want_fp else None}
                 for n in chosen
             ]

@@ -1,0 +1,300 @@
+"""Who may do what to a pod kernel: the token, JSON-only mode, loopback, and where the token never goes.
+
+See SECURITY.md for the threat model these tests check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from figures import bump, record
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
+
+from kt_jupyter import connection as conn_mod
+from kt_jupyter.backends import get_backend
+from kt_jupyter.compute import Compute
+from kt_jupyter.errors import AuthError, ConnectionLostError, KernelDiedError, RemoteError
+from pod_kernel import protocol as P
+
+MiB = 1 << 20
+
+
+def handshake(url: str, headers: dict[str, str]):
+    return ws_connect(url, additional_headers=headers, compression=None, max_size=None, open_timeout=10)
+
+
+def bad_authorizations(token: str) -> list[dict[str, str]]:
+    """Upgrade headers that must all be refused: no token, wrong ones, near misses.
+
+    (Spaces around a header value are not part of it in HTTP, so ``"Bearer <token> "`` is the token.)
+    """
+    version = {P.HEADER_PROTOCOL: str(P.PROTOCOL_VERSION)}
+    near = token[:-1] + ("A" if token[-1] != "A" else "B")
+    return [dict(version)] + [
+        dict(version, **{P.HEADER_AUTH: value})
+        for value in (
+            "", "Bearer", "Bearer ", "Bearer wrong", f"bearer {token}", f"Basic {token}", f"Bearer {near}",
+            f"Bearer {token[:-1]}", f"Bearer {token}x", f"Bearer  {token}", f"{token}",
+            f"Bearer {token.upper()}", "Bearer " + "A" * 4000,
+        )
+    ]
+
+
+def test_missing_or_wrong_token_is_refused_and_nothing_executes(kernel, local_backend):
+    handle, s = kernel
+    marker = Path(os.environ["KT_HOME"]) / "executed"
+    refused = 0
+    for headers in bad_authorizations(handle.token):
+        with pytest.raises(InvalidStatus) as info:
+            with handshake(handle.url, headers) as ws:  # pragma: no cover - must not open
+                ws.send(P.encode_frame({"type": "execute", "id": "x", "code": f"open({str(marker)!r}, 'w')"}))
+        assert info.value.response.status_code == 401
+        assert b"missing or wrong token" in info.value.response.body
+        refused += 1
+    # the client API says so in words, and never echoes either token
+    bad = handle.session()
+    bad._token = "not-the-token"
+    with pytest.raises(AuthError, match="rejected the token") as info:
+        bad.execute(f"open({str(marker)!r}, 'w')")
+    assert handle.token not in str(info.value) and "not-the-token" not in str(info.value)
+    assert not marker.exists()
+    log = local_backend.logs("t", tail=None)
+    assert log.count("missing or wrong token") >= refused
+    assert handle.token not in log and "not-the-token" not in log
+    record("security", "bad_tokens_refused", refused + 1)
+
+
+def test_right_token_wrong_protocol_is_refused_before_anything_runs(kernel):
+    handle, _ = kernel
+    for version in ("", "0", "2", "1.0", "x" * 100):
+        with pytest.raises(InvalidStatus) as info:
+            with handshake(handle.url, {P.HEADER_AUTH: f"Bearer {handle.token}", P.HEADER_PROTOCOL: version}):
+                pass  # pragma: no cover
+        assert info.value.response.status_code == 426
+
+
+class EvilReduce:
+    """Unpickling this touches a file: proof that a pod unpickled it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_json_only_mode_refuses_pickle_and_unpickles_nothing(local_backend, tmp_path):
+    h = local_backend.launch(Compute(name="jsononly", allowed_serialization=["json"]))
+    s = h.session()
+    assert s.connect()["allowed_serialization"] == ["json"]
+    marker = tmp_path / "unpickled"
+    evil = P.dump_values({"evil": EvilReduce(str(marker))})
+    with pytest.raises(RemoteError, match="does not accept 'pickle'"):
+        s.push_bundle(evil)  # small: over the WebSocket
+    big = P.dump_values({"evil": EvilReduce(str(marker)), "pad": np.zeros(2 * MiB)})
+    with pytest.raises(RemoteError, match="does not accept 'pickle'"):
+        s.push_bundle(big)  # >= 1 MiB: over the bulk channel when there is one
+    with pytest.raises(RemoteError, match="does not send 'pickle'"):
+        s.pull(["anything"])
+    with pytest.raises(RemoteError, match="pickle"):
+        s.call({"kind": "module", "module": "builtins", "qualname": "len"}, [[1, 2]], serialization="pickle")
+    assert not marker.exists()
+    # json still works, calls included, and errors arrive as names and text (no pickled exception)
+    assert s.push({"j": {"k": [1, 2]}}, serialization="json") == ["j"]
+    assert s.pull(["j"], serialization="json") == {"j": {"k": [1, 2]}}
+    assert s.call({"kind": "module", "module": "builtins", "qualname": "len"}, [[1, 2]]) == 2
+    with pytest.raises(ZeroDivisionError):
+        s.execute("1/0")
+    with handshake(h.url, {P.HEADER_AUTH: f"Bearer {h.token}", P.HEADER_PROTOCOL: str(P.PROTOCOL_VERSION)}) as ws:
+        ws.recv(timeout=10)
+        ws.send(P.encode_frame({"type": "execute", "id": "e1", "code": "raise KeyError('k')"}))
+        while True:
+            reply, payload = P.decode_frame(ws.recv(timeout=30))
+            if reply["type"] == "execute_reply":
+                break
+        assert reply["ename"] == "KeyError" and reply["exception"] is False and len(payload) == 0
+    assert not marker.exists()
+    s.close()
+    bump("security", "pickle_payloads_refused", 4)
+
+
+def test_pod_kernel_listens_on_loopback_only(kernel):
+    handle, s = kernel
+    s.execute("x = 1")
+    listening = [c.laddr for c in psutil.Process(handle.pid).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening, "no listening socket found"
+    assert all(addr.ip == "127.0.0.1" for addr in listening), listening
+    record("security", "listening_sockets_all_loopback", len(listening))
+
+
+def test_token_and_registry_files_are_private(kernel, local_backend):
+    assert oct(local_backend.root.stat().st_mode & 0o777) == "0o700"
+    token_file = local_backend.root / "t" / "token"
+    assert oct(token_file.stat().st_mode & 0o077) == "0o0"
+
+
+def test_pod_kernel_refuses_a_token_file_others_can_read(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-value")
+    token_file.chmod(0o644)
+    out = subprocess.run([sys.executable, "-m", "pod_kernel", "--token-file", str(token_file)],
+                         capture_output=True, text=True, timeout=60, env=_env_without_token())
+    assert out.returncode != 0 and "readable by others" in out.stderr
+    assert "s3cret-token-value" not in out.stderr + out.stdout
+
+
+def _env_without_token() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("KT_TOKEN", None)
+    env.pop("KT_TOKEN_FILE", None)
+    return env
+
+
+def test_token_never_in_argv_environ_logs_errors_or_reprs(ip_shell, kt_home, capsys, caplog):
+    """Grep everything a token could leak into, after good, bad, failed and dead connections."""
+    caplog.set_level(logging.DEBUG)  # websockets logs handshake headers at DEBUG: ours must be redacted
+    ip = ip_shell
+    ip.run_cell("%%kt --name secret\nimport subprocess, os\nchild = subprocess.Popen(['sleep', '60'])\n"
+                "child_pid = child.pid\nenv_seen = dict(os.environ)")
+    conn = [c for c in conn_mod.connections() if c.name == "secret"][0]
+    handle = conn.handle
+    token = handle.token
+    places: dict[str, str] = {}
+    pod = psutil.Process(handle.pid)
+    places["pod argv"] = " ".join(pod.cmdline())
+    places["pod environ"] = json.dumps(pod.environ())
+    child = psutil.Process(ip.user_ns["child_pid"])
+    places["child argv"] = " ".join(child.cmdline())
+    places["child environ"] = json.dumps(child.environ())
+    places["cell's os.environ"] = json.dumps(ip.user_ns["env_seen"])
+    places["notebook argv"] = " ".join(psutil.Process().cmdline())
+    places["reprs"] = " ".join(repr(x) for x in (handle, conn, conn.session, conn.compute))
+    # a wrong token and a dead kernel: the errors
+    bad = handle.session()
+    bad._token = token[::-1]
+    with pytest.raises(AuthError) as auth:
+        bad.connect()
+    places["auth error"] = str(auth.value) + repr(auth.value)
+    ip.run_cell("%kt status secret")
+    ip.run_cell("%kt list")
+    ip.run_cell("%kt logs secret --tail 0")
+    psutil.Process(ip.user_ns["child_pid"]).kill()
+    os.kill(handle.pid, 9)
+    with pytest.raises(KernelDiedError) as died:
+        conn.session.execute("1")
+    places["death error"] = str(died.value)
+    lost = handle.session(reconnect_timeout_s=0.5)
+    with pytest.raises((ConnectionLostError, KernelDiedError)) as gone:
+        lost.connect()
+    places["lost error"] = str(gone.value)
+    out = capsys.readouterr()
+    places["notebook stdout"] = out.out
+    places["notebook stderr"] = out.err
+    places["client logs (DEBUG)"] = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Bearer <redacted>" in places["client logs (DEBUG)"]  # the handshake was logged, without it
+    backend = get_backend("local")
+    home_files = [p for p in Path(kt_home).rglob("*") if p.is_file() and p.name != "token"]
+    places["KT_HOME files"] = "\n".join(p.read_text(errors="replace") for p in home_files)
+    places["kernel log"] = (backend.root / "secret" / "kernel.log").read_text(errors="replace") \
+        if (backend.root / "secret" / "kernel.log").exists() else ""
+    leaks = [where for where, text in places.items() if token in text or token[::-1] in text]
+    assert not leaks, f"the token appears in: {leaks}"
+    record("security", "places_grepped_for_the_token", len(places))
+
+
+@pytest.fixture
+def ip_shell(kt_home):
+    from IPython.testing.globalipapp import get_ipython
+
+    shell = get_ipython()
+    shell.run_line_magic("load_ext", "kt_jupyter")
+    shell.run_line_magic("kt", "config --reset")
+    saved = dict(shell.user_ns)
+    yield shell
+    for conn in conn_mod.connections():
+        conn_mod.disconnect(conn.name)
+    backend = get_backend("local")
+    for info in backend.list():
+        backend.delete(info.name, grace_period_s=1)
+    shell.user_ns.clear()
+    shell.user_ns.update(saved)
+
+
+def test_pod_kernel_at_debug_log_level_logs_no_token(tmp_path):
+    """Run a pod kernel by hand with --log-level DEBUG; connect right and wrong; grep its log."""
+    token = "tok-" + os.urandom(24).hex()
+    token_file = tmp_path / "token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, token.encode())
+    os.close(fd)
+    read_fd, write_fd = os.pipe()
+    log_path = tmp_path / "kernel.log"
+    env = dict(_env_without_token(), KT_READY_FD=str(write_fd))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pod_kernel", "--token-file", str(token_file),
+                                 "--log-level", "DEBUG", "--cells-dir", str(tmp_path / "cells")],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,))
+    os.close(write_fd)
+    try:
+        readable, _, _ = select.select([read_fd], [], [], 60)
+        assert readable, "pod kernel not ready within 60 s"
+        port = json.loads(os.read(read_fd, 4096).split(b"\n")[0])["port"]
+        url = f"ws://127.0.0.1:{port}"
+        version = {P.HEADER_PROTOCOL: str(P.PROTOCOL_VERSION)}
+        with handshake(url, dict(version, **{P.HEADER_AUTH: f"Bearer {token}"})) as ws:
+            ws.recv(timeout=10)
+            ws.send(P.encode_frame({"type": "ping", "id": "1"}))
+            ws.recv(timeout=10)
+        with pytest.raises(InvalidStatus):
+            with handshake(url, dict(version, **{P.HEADER_AUTH: f"Bearer {token}-wrong"})):
+                pass  # pragma: no cover
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        os.close(read_fd)
+    log = log_path.read_text(errors="replace")
+    assert "DEBUG" in log and "missing or wrong token" in log
+    assert token not in log
+
+
+def test_idle_unauthenticated_bulk_connections_do_not_stop_real_transfers(local_backend):
+    h = local_backend.launch(Compute(name="bulkdos", memory="512Mi"))
+    s = h.session()
+    port = s.connect().get("bulk_port")
+    if not port:
+        pytest.skip("no bulk channel")
+    idle = []
+    try:
+        for _ in range(100):  # anyone on the machine can open these: the bulk port has no token
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                break
+        result: dict = {}
+
+        def push():
+            try:
+                result["names"] = s.push({"x": np.arange(MiB // 2)})
+            except BaseException as exc:  # noqa: BLE001
+                result["error"] = exc
+
+        t = threading.Thread(target=push, daemon=True)
+        t.start()
+        t.join(5)
+        assert result.get("names") == ["x"], result
+    finally:
+        for sock in idle:
+            sock.close()
