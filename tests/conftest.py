@@ -75,3 +75,39 @@ def pytest_collection_modifyitems(session, config, items):
     """Run the real-browser tests last: playwright's sync API leaves an event loop in the main thread,
     which breaks later tests that call asyncio.run() (and jupyter_server's fixtures)."""
     items.sort(key=lambda item: "/browser/" in str(item.path).replace("\\", "/"))
+
+
+def _forget_and_stop_local_computes() -> None:
+    from kt_jupyter import connection as conn_mod
+    from kt_jupyter.backends import get_backend
+
+    for conn in conn_mod.connections():
+        conn_mod.disconnect(conn.name)
+    backend = get_backend("local")
+    for info in backend.list():
+        backend.delete(info.name, grace_period_s=1)
+
+
+@pytest.fixture
+def cleanup_connections(kt_home):
+    """Forget this process's connections and stop every local compute afterwards."""
+    yield
+    _forget_and_stop_local_computes()
+
+
+@pytest.fixture
+def ip(kt_home):
+    """IPython's test shell with kt loaded and the default compute reset; every compute it started
+    is stopped afterwards and the namespace restored."""
+    from IPython.testing.globalipapp import get_ipython
+
+    shell = get_ipython()
+    shell.run_line_magic("load_ext", "kt_jupyter")
+    shell.run_line_magic("kt", "config --reset")
+    saved = dict(shell.user_ns)
+    yield shell
+    shell.run_line_magic("kt", "config --reset")
+    shell.run_line_magic("kt", "down --all")
+    _forget_and_stop_local_computes()
+    shell.user_ns.clear()
+    shell.user_ns.update(saved)

@@ -35,6 +35,7 @@ from kt_jupyter.errors import (BackendUnavailable, CrashLoopError, ImagePullErro
                                KubernetesAPIError, LaunchTimeoutError, NotFoundError, OOMKilledError,
                                UnschedulableError)
 from kt_jupyter.manifests import label_selector
+from ipshell import run
 from k8s_fake import FakeKubeApiServer, FakeKubelet, FakePortForwardConnector
 
 NS = "kt-test"
@@ -583,26 +584,7 @@ def test_diagnosis_of_pod_states():
 
 
 @pytest.fixture
-def ip(cluster):
-    """An IPython shell with kt loaded, on the fake cluster; computes it started are deleted afterwards."""
-    from IPython.testing.globalipapp import get_ipython
+def ip(cluster, ip):
+    """conftest's IPython shell, on the fake cluster (which outlives the shell's `%kt down --all`)."""
+    yield ip
 
-    shell = get_ipython()
-    shell.run_line_magic("load_ext", "kt_jupyter")
-    shell.run_line_magic("kt", "config --reset")
-    saved = dict(shell.user_ns)
-    yield shell
-    shell.run_line_magic("kt", "config --reset")
-    shell.run_line_magic("kt", "down --all")
-    shell.user_ns.clear()
-    shell.user_ns.update(saved)
-
-
-def run(ip, code: str):
-    """Run a cell; re-raise its error so tests see failures."""
-    result = ip.run_cell(code)
-    if result.error_before_exec is not None:
-        raise result.error_before_exec
-    if result.error_in_exec is not None:
-        raise result.error_in_exec
-    return result.result

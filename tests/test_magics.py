@@ -12,33 +12,7 @@ from IPython.core.error import UsageError
 
 from kt_jupyter import connection as conn_mod
 from kt_jupyter.errors import TransferError
-
-
-@pytest.fixture
-def ip(kt_home):
-    """An IPython shell with kt loaded; every compute it started is deleted afterwards."""
-    from IPython.testing.globalipapp import get_ipython
-
-    shell = get_ipython()
-    shell.run_line_magic("load_ext", "kt_jupyter")
-    shell.run_line_magic("kt", "config --reset")
-    saved = dict(shell.user_ns)
-    yield shell
-    shell.run_line_magic("kt", "down --all")
-    for conn in conn_mod.connections():
-        conn_mod.disconnect(conn.name)
-    shell.user_ns.clear()
-    shell.user_ns.update(saved)
-
-
-def run(ip, code: str):
-    """Run a cell; re-raise its error so tests see failures."""
-    result = ip.run_cell(code)
-    if result.error_before_exec is not None:
-        raise result.error_before_exec
-    if result.error_in_exec is not None:
-        raise result.error_in_exec
-    return result.result
+from ipshell import run
 
 
 def magics(ip):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from ipshell import run
 import pytest
 from figures import bump, record
 from tcp_proxy import DropProxy
@@ -43,39 +44,6 @@ def rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
-@pytest.fixture
-def cleanup_connections(kt_home):
-    """Forget this process's connections and stop every local compute afterwards."""
-    yield
-    for conn in conn_mod.connections():
-        conn_mod.disconnect(conn.name)
-    backend = get_backend("local")
-    for info in backend.list():
-        backend.delete(info.name, grace_period_s=1)
-
-
-@pytest.fixture
-def ip(kt_home, cleanup_connections):
-    """An IPython shell with kt loaded (as tests/test_magics.py), default compute reset."""
-    from IPython.testing.globalipapp import get_ipython
-
-    shell = get_ipython()
-    shell.run_line_magic("load_ext", "kt_jupyter")
-    shell.run_line_magic("kt", "config --reset")
-    saved = dict(shell.user_ns)
-    yield shell
-    shell.user_ns.clear()
-    shell.user_ns.update(saved)
-
-
-def run(ip, code: str):
-    """Run a cell in the shell; re-raise its error."""
-    result = ip.run_cell(code)
-    if result.error_before_exec is not None:
-        raise result.error_before_exec
-    if result.error_in_exec is not None:
-        raise result.error_in_exec
-    return result.result
 
 
 class Fifo:

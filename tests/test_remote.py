@@ -21,13 +21,8 @@ from kt_jupyter.errors import KtError, RemoteError
 
 
 @pytest.fixture(autouse=True)
-def cleanup(kt_home):
+def cleanup(cleanup_connections):
     yield
-    for conn in conn_mod.connections():
-        conn_mod.disconnect(conn.name)
-    backend = get_backend("local")
-    for info in backend.list():
-        backend.delete(info.name, grace_period_s=1)
 
 
 def my_function(x, y):
