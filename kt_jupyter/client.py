@@ -47,19 +47,9 @@ from .errors import (
 log = logging.getLogger("kt_jupyter.client")
 
 
-class _RedactBearer(logging.Filter):
-    """websockets logs handshake headers at DEBUG: the bearer token never reaches a log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(isinstance(a, str) and a.startswith("Bearer ") for a in record.args):
-            record.args = tuple("Bearer <redacted>" if isinstance(a, str) and a.startswith("Bearer ") else a
-                                for a in record.args)
-        return True
-
-
 #: The logger our websockets connections use (``websockets.client`` would print the token at DEBUG).
 ws_log = logging.getLogger("kt_jupyter.client.websockets")
-ws_log.addFilter(_RedactBearer())
+ws_log.addFilter(P.RedactBearer())
 
 #: How long a dropped connection is retried before giving up.
 RECONNECT_TIMEOUT_S = 30.0

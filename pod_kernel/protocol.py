@@ -40,6 +40,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import pickle
 import struct
 from dataclasses import dataclass, field
@@ -107,6 +108,16 @@ SERVER_TYPES = frozenset(
 SEQUENCED_TYPES = frozenset(
     {"stream", "display", "clear_output", "execute_result", "execute_reply", "notice", "input_request"}
 )
+
+
+class RedactBearer(logging.Filter):
+    """websockets logs handshake headers at DEBUG: a bearer token never reaches a log (either side)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and a.startswith("Bearer ") for a in record.args):
+            record.args = tuple("Bearer <redacted>" if isinstance(a, str) and a.startswith("Bearer ") else a
+                                for a in record.args)
+        return True
 
 
 class ProtocolError(Exception):

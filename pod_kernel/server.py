@@ -39,17 +39,7 @@ from .outbox import Outbox
 log = logging.getLogger("pod_kernel.server")
 
 
-class _RedactBearer(logging.Filter):
-    """websockets logs request headers at DEBUG: the bearer token never reaches the kernel log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(isinstance(a, str) and a.startswith("Bearer ") for a in record.args):
-            record.args = tuple("Bearer <redacted>" if isinstance(a, str) and a.startswith("Bearer ") else a
-                                for a in record.args)
-        return True
-
-
-logging.getLogger("websockets.server").addFilter(_RedactBearer())
+logging.getLogger("websockets.server").addFilter(P.RedactBearer())
 
 #: Execute request ids remembered per session to drop resent duplicates.
 SEEN_IDS_KEPT = 4096
