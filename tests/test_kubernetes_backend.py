@@ -30,7 +30,7 @@ from kt_jupyter.backends.kubernetes import KubernetesBackend
 from kt_jupyter.backends.kubernetes_objects import GUARD_MODULE, TEMPLATE_HASH_ANNOTATION
 from kt_jupyter.backends.portforward import (PodTarget, PortForwardConnector, ServiceDNSConnector,
                                              default_connector)
-from kt_jupyter.compute import Compute, Image, Volume
+from kt_jupyter.compute import POD_KERNEL_PORT, Compute, Image, Volume
 from kt_jupyter.errors import (BackendUnavailable, CrashLoopError, ImagePullError, KernelDiedError,
                                KubernetesAPIError, LaunchTimeoutError, NotFoundError, OOMKilledError,
                                UnschedulableError)
@@ -170,14 +170,18 @@ def test_reapplying_the_same_objects_changes_nothing(cluster):
     compute = k8s("idem", inactivity_ttl="1h")
     handle = cluster.backend.launch(compute)
     kube = cluster.backend._kube(compute)
-    before = {(o["kind"], o["metadata"]["name"]): o["metadata"]["resourceVersion"]
-              for plural in ("deployments", "services", "secrets", "configmaps", "serviceaccounts", "roles",
-                             "rolebindings") for o in cluster.objects(plural)}
+    def versions() -> dict:
+        # the Deployment's status is written by the (fake) kubelet at any time, which bumps its
+        # resourceVersion as in a real cluster: for it, the spec's generation is what apply may change
+        return {(o["kind"], o["metadata"]["name"]):
+                (o["metadata"]["generation"], o["spec"]) if o["kind"] == "Deployment" else o["metadata"]["resourceVersion"]
+                for plural in ("deployments", "services", "secrets", "configmaps", "serviceaccounts", "roles",
+                               "rolebindings") for o in cluster.objects(plural)}
+
+    before = versions()
     for obj in cluster.backend.manifests(compute, handle.token):
         kube.apply(obj)
-    after = {(o["kind"], o["metadata"]["name"]): o["metadata"]["resourceVersion"]
-             for plural in ("deployments", "services", "secrets", "configmaps", "serviceaccounts", "roles",
-                            "rolebindings") for o in cluster.objects(plural)}
+    after = versions()
     assert after == before and len(before) == 7
     assert len(cluster.pods(compute)) == 1
 
@@ -588,3 +592,76 @@ def ip(cluster, ip):
     """conftest's IPython shell, on the fake cluster (which outlives the shell's `%kt down --all`)."""
     yield ip
 
+
+
+# ---------------------------------------------------------------------- debugger (%%kt --debug)
+
+
+def _stdout_until(capsys, pattern: str, seen: list[str], timeout_s: float = 60.0):
+    """Poll the captured stdout (the cell prints from another thread) until ``pattern`` matches it."""
+    import re
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen.append(capsys.readouterr().out)
+        found = re.search(pattern, "".join(seen), re.DOTALL)
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"no {pattern!r} in the cell's output within {timeout_s} s:\n{''.join(seen)}")
+
+
+def test_debug_wait_cell_attaches_an_ide_through_the_forwarded_port(cluster, ip, capsys):
+    """`%%kt --debug wait` on Kubernetes: debugpy on the pod's loopback, reached through the connector."""
+    import threading
+
+    from dap import DapClient
+
+    cell = ("%%kt --backend kubernetes --name kdbg --debug wait\n"
+            "x = 41\n"                 # line 2
+            "y = x + 1\n"              # 3  <- breakpoint
+            "print('y is', y)\n")
+    outcome: dict = {}
+
+    def run_cell() -> None:
+        try:
+            run(ip, cell)
+        except BaseException as exc:  # noqa: BLE001 - the test thread reports it
+            outcome["error"] = exc
+        outcome["done"] = True
+
+    cell_thread = threading.Thread(target=run_cell, daemon=True)
+    cell_thread.start()
+    seen: list[str] = []
+    found = _stdout_until(capsys, r"attach to ([\d.]+):(\d+).*?this cell runs from (\S+?\.py).*"
+                                  r"waiting for a debugger to attach", seen)
+    host, port, cell_file = found.group(1), int(found.group(2)), found.group(3)
+    remote_port = next(t.port for t in cluster.backend._connector.opened if t.port != POD_KERNEL_PORT)
+    assert host == "127.0.0.1" and remote_port == port  # the fake pod's loopback is this machine's
+    assert not outcome  # the cell waits for the debugger
+
+    dap = DapClient(host, port)
+    try:
+        verified = dap.attach({cell_file: [3]})[cell_file]
+        assert [b["verified"] for b in verified] == [True]
+        stop = dap.stopped()
+        assert stop["reason"] == "breakpoint"
+        frame = dap.top_frame(stop["threadId"])
+        assert frame["line"] == 3 and frame["source"]["path"] == cell_file
+        assert dap.locals(frame["id"])["x"] == "41"
+        dap.request("continue", threadId=stop["threadId"])
+        cell_thread.join(60)
+    finally:
+        dap.disconnect()
+    assert outcome.get("done") and "error" not in outcome, outcome
+    assert ip.user_ns["y"] == 42
+    assert cluster.backend.forward_port("kdbg", remote_port) == port  # one forward per pod and port
+
+
+def test_forward_port_from_inside_the_cluster_says_what_to_do():
+    from kt_jupyter.errors import KtError
+
+    backend = KubernetesBackend(connector=ServiceDNSConnector())
+    with pytest.raises(KtError, match=r"loopback.*kubectl port-forward .*:5678"):
+        backend.forward_port("k", 5678)

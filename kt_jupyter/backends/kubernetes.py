@@ -30,9 +30,10 @@ import threading
 import time
 from datetime import datetime
 from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
 
 from ..compute import POD_KERNEL_PORT, Compute
-from ..errors import KubernetesAPIError, LaunchError, NotFoundError
+from ..errors import KtError, KubernetesAPIError, LaunchError, NotFoundError
 from ..k8s_fields import dns1123_label
 from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL, SPEC_ANNOTATION,
                          build_secret, compute_from_deployment, label_selector, token_secret_name)
@@ -415,6 +416,41 @@ class KubernetesBackend:
         """New output of the pod kernel's log, as it comes."""
         kube, compute, pod = self._current_pod(name)
         return kube.follow_log(ev.name_of(pod), compute.namespace, CONTAINER_NAME)
+
+    def forward_port(self, name: str, remote_port: int) -> int:
+        """A local 127.0.0.1 port that reaches ``remote_port`` on the pod kernel's loopback (debugpy's).
+
+        The same connector as the kernel's own port opens it (a port-forward
+        outside the cluster), once per pod and port; it closes with the pod's
+        forward. The Service DNS connector cannot reach a pod's loopback.
+        """
+        compute = self._compute_for(name)
+        connector = self._connector_for(compute)
+        if not getattr(connector, "reaches_pod_loopback", True):
+            raise KtError(
+                f"debugpy listens on the pod's loopback (port {remote_port}), which this notebook reaches only "
+                "through a port-forward, not through the Service it uses inside the cluster; run "
+                f"`kubectl port-forward -n {compute.namespace} pod/<pod> <local>:{remote_port}` from a machine "
+                "that can, or run the notebook outside the cluster, or set KT_K8S_CONNECT=port-forward "
+                "(its service account must be allowed pods/portforward); "
+"or use breakpoint() in the cell (pdb in the notebook)")
+        key = (compute.namespace, compute.service_name)
+        with self._lock:
+            live = self._live.get(key)
+        if live is None or live.liveness() is not None:
+            if self.find(name, compute.namespace) is None:
+                raise NotFoundError(f"compute {name!r} has no ready pod in namespace {compute.namespace!r}")
+            with self._lock:
+                live = self._live[key]
+        with self._lock:
+            forward = live.extra_forwards.get(remote_port)
+            if forward is None:
+                target = PodTarget(compute.namespace, live.pod, compute.service_name, remote_port)
+                forward = live.extra_forwards[remote_port] = connector.open(target)
+        where = urlsplit(forward.url)
+        if where.hostname != "127.0.0.1" or not where.port:
+            raise KtError(f"the connector reaches pod port {remote_port} at {forward.url}, not on 127.0.0.1")
+        return where.port
 
     # ------------------------------------------------------------------ suspend / resume / delete
 

@@ -35,6 +35,8 @@ class LiveKernel:
         self.uid = (pod.get("metadata") or {}).get("uid")
         self.restarts = ev.restart_count(pod)
         self.forward = forward
+        #: Other pod ports reached for this pod (the debugger's), by port; closed with the pod's forward.
+        self.extra_forwards: dict[int, Forward] = {}
         self.gone: str | None = None
         self._events: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
         self._lock = threading.Lock()
@@ -108,3 +110,6 @@ class LiveKernel:
                 self.gone = ev.gone_sentence(self.compute.name, self.pod, why)
         self._watch.stop()
         self.forward.close()
+        for extra in list(self.extra_forwards.values()):
+            extra.close()
+        self.extra_forwards.clear()

@@ -66,6 +66,9 @@ def in_cluster() -> bool:
 class ServiceDNSConnector:
     """Inside the cluster: ``ws://{service}.{namespace}.svc.cluster.local:{port}``."""
 
+    #: A Service reaches the pod's network interface, never its loopback (where debugpy listens).
+    reaches_pod_loopback = False
+
     def __init__(self, cluster_domain: str = "cluster.local") -> None:
         self.cluster_domain = cluster_domain
 
@@ -83,6 +86,9 @@ class PortForwardConnector:
     given while it opens the stream, so port-forwards get their own client
     (never the one the watches use) and open one at a time.
     """
+
+    #: A port-forward connects inside the pod's network namespace: its loopback ports are reachable.
+    reaches_pod_loopback = True
 
     def __init__(self, api_client_factory: Callable[[], Any]) -> None:
         self._factory = api_client_factory

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kt_jupyter.backends.portforward import Forward, PodTarget
+from kt_jupyter.compute import POD_KERNEL_PORT
 
 from .api_server import FakeKubeApiServer
 from .pod_runtime import FakeNode, FakePodRuntime, quantity
@@ -268,7 +269,14 @@ class FakePortForwardConnector:
         self.opened: list[PodTarget] = []
 
     def open(self, target: PodTarget) -> Forward:
-        """``ws://127.0.0.1:<the fake pod's port>``; nothing to close."""
+        """``ws://127.0.0.1:<the fake pod's port>``; nothing to close.
+
+        The pod kernel's own port maps to where the fake pod's process listens;
+        any other port (debugpy's) is the pod's loopback port, and the fake
+        pod's loopback is this machine's: 127.0.0.1 and the same port, as a
+        real port-forward reaches it.
+        """
         self.opened.append(target)
-        port = self.kubelet.local_port(target.namespace, target.pod)
+        port = (self.kubelet.local_port(target.namespace, target.pod) if target.port == POD_KERNEL_PORT
+                else target.port)
         return Forward(f"ws://127.0.0.1:{port}", f"fake port-forward -> pod {target.pod} at 127.0.0.1:{port}")
