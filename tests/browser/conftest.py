@@ -85,9 +85,10 @@ def _free_port() -> int:
 
 
 class LabServer:
-    """A running ``jupyter lab`` process: its URL, token, root dir and KT_HOME."""
+    """A running ``jupyter lab`` process (or ``app``: ``notebook`` for Notebook 7): its URL, token, root dir and KT_HOME."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, app: str = "jupyterlab") -> None:
+        self.app = app
         self.root = base / "root"
         self.kt_home = base / "kt_home"
         self.settings = base / "settings"
@@ -107,7 +108,7 @@ class LabServer:
         self.log_path = base / "jupyter.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", f"--port={self.port}",
+            [sys.executable, "-m", app, "--allow-root", "--no-browser", f"--port={self.port}",
              "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={self.token}",
              f"--ServerApp.root_dir={self.root}", "--ServerApp.port_retries=0"],
             cwd=self.root, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -117,13 +118,13 @@ class LabServer:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"jupyter lab exited: {self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"{self.app} exited: {self.log_path.read_text()[-2000:]}")
             try:
                 self.api("GET", "/api/status")
                 return
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.2)  # polling a server that is starting: no event to wait on
-        raise RuntimeError(f"jupyter lab not ready in {SERVER_START_TIMEOUT_S} s: {self.log_path.read_text()[-2000:]}")
+        raise RuntimeError(f"{self.app} not ready in {SERVER_START_TIMEOUT_S} s: {self.log_path.read_text()[-2000:]}")
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         """Call the server's REST API."""
@@ -176,6 +177,17 @@ def lab(tmp_path_factory) -> LabServer:
     if missing_parts():
         pytest.skip("browser tests need " + ", ".join(missing_parts()))
     server = LabServer(tmp_path_factory.mktemp("lab"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def notebook7(tmp_path_factory) -> LabServer:
+    """Notebook 7 (``jupyter notebook``) for the whole browser session, set up like ``lab``."""
+    if missing_parts():
+        pytest.skip("browser tests need " + ", ".join(missing_parts()))
+    pytest.importorskip("notebook", minversion="7", reason="Notebook 7 tests need notebook>=7 (pip install notebook)")
+    server = LabServer(tmp_path_factory.mktemp("notebook7"), app="notebook")
     yield server
     server.stop()
 
