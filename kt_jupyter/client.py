@@ -500,6 +500,10 @@ class Session:
         """Blocking :meth:`adebug`."""
         return self._run(self.adebug(), timeout)
 
+    def adopt(self, pid: int, timeout: float = OPEN_TIMEOUT_S) -> bool:
+        """Tell a local pod kernel that process ``pid`` uses it; False if it lives regardless (``--keep``)."""
+        return bool(self._run(self.arequest({"type": "adopt", "pid": pid}), timeout)["adopted"])
+
     async def ainterrupt(self, target: str | None = None) -> bool:
         """Interrupt the running cell."""
         header: dict[str, Any] = {"type": "interrupt"}

@@ -34,7 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated formats accepted for values: json, pickle (default both)")
     p.add_argument("--inactivity-ttl", type=float, default=None,
                    help="exit after this many seconds with no request and no running cell")
-    p.add_argument("--owner-pid", type=int, default=None, help="exit when this process exits")
+    p.add_argument("--owner-pid", type=int, default=None,
+                   help="exit when this process (and every process that adopted the kernel since) has exited")
+    p.add_argument("--owner-grace", type=float, default=0.0,
+                   help="seconds to wait after the last owner exits for a restarted notebook to adopt the kernel")
     p.add_argument("--cells-dir", default=None, help="where each cell's source is written before it runs")
     p.add_argument("--code-dir", default=None, help="where the user's synced source files are kept (on sys.path)")
     p.add_argument("--log-level", default="INFO")
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             except OSError:
                 pass
         if args.owner_pid:
-            server.watch_owner(args.owner_pid)
+            server.watch_owner(args.owner_pid, args.owner_grace)  # on_ready runs on the server's loop
 
     failed = threading.Event()
 

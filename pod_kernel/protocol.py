@@ -80,6 +80,7 @@ CLIENT_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "release": {"id": str, "refs": list},
     "input_reply": {"id": str, "value": str},  # answers an input_request (``input_id``; ``eof``: raise EOFError)
     "debug": {"id": str},  # start debugpy on the pod's loopback (once); the reply says its port
+    "adopt": {"id": str, "pid": int},  # a notebook kernel on the pod's host uses it: live while one does
 }
 
 #: Requests whose header starts a bundle (its bytes follow in ``chunk`` frames).

@@ -108,6 +108,10 @@ class PodKernelServer:
         self.last_activity = time.monotonic()
         self.stopping: asyncio.Event | None = None
         self.stop_reason = ""
+        #: notebook kernels (pids) this kernel lives for; None: it was asked to stay (--keep, Kubernetes)
+        self.owners: dict[int, int] | None = None  # pid -> pidfd
+        self.owner_grace_s = 0.0
+        self._orphan_timer: asyncio.TimerHandle | None = None
         self._sampler: MetricsSampler | None = None
         self.handlers: dict[str, Callable[[Session, ServerConnection, dict, memoryview], Awaitable[None]]] = {
             "execute": self.on_execute,
@@ -122,6 +126,7 @@ class PodKernelServer:
             "release": self.on_release,
             "input_reply": self.on_input_reply,
             "debug": self.on_debug,
+            "adopt": self.on_adopt,
         }
         self.bundle_handlers: dict[str, Callable[[Session, ServerConnection, dict, dict], Awaitable[None]]] = {
             "push": self.on_push,
@@ -172,21 +177,48 @@ class PodKernelServer:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(_stop)
 
-    def watch_owner(self, pid: int) -> None:
-        """Stop when process ``pid`` (the notebook kernel that launched us) exits."""
+    def watch_owner(self, pid: int, grace_s: float = 0.0) -> None:
+        """Live for process ``pid`` (a notebook kernel); stop ``grace_s`` after the last such owner exits.
+
+        Within the grace period a notebook that reattaches (a restarted notebook
+        kernel running its next %%kt cell) sends ``adopt`` and becomes an owner,
+        so a restart keeps the kernel and its variables while a closed notebook
+        still stops it. Runs on the event loop.
+        """
         assert self.loop is not None
+        if self.owners is None:
+            self.owners = {}
+            self.owner_grace_s = max(grace_s, 0.0)
+        if pid in self.owners:
+            return
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
-            self.request_stop(f"owner process {pid} is gone")
+            if not self.owners:
+                self._orphaned(f"owner process {pid} is gone")
             return
+        self.owners[pid] = fd
+        if self._orphan_timer is not None:
+            self._orphan_timer.cancel()
+            self._orphan_timer = None
+            log.info("process %d reattached and owns this kernel now", pid)
 
         def _gone() -> None:
             self.loop.remove_reader(fd)
             os.close(fd)
-            self.request_stop(f"owner process {pid} exited")
+            if self.owners is not None and self.owners.pop(pid, None) is not None and not self.owners:
+                self._orphaned(f"owner process {pid} exited")
 
         self.loop.add_reader(fd, _gone)
+
+    def _orphaned(self, why: str) -> None:
+        grace = self.owner_grace_s
+        if grace <= 0:
+            self.request_stop(why)
+            return
+        log.info("%s; stopping in %g s unless a notebook reattaches", why, grace)
+        self._orphan_timer = self.loop.call_later(
+            grace, self.request_stop, f"{why} and no notebook reattached within {grace:g} s")
 
     def _arm_ttl(self, delay_s: float) -> None:
         assert self.loop is not None
@@ -597,6 +629,14 @@ class PodKernelServer:
     async def on_ping(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         """Answer at once (a heartbeat)."""
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "pid": os.getpid()}))
+
+    async def on_adopt(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """A notebook kernel on this host (``pid``) uses this kernel: it lives while any owner does."""
+        owned = self.owners is not None
+        if owned:
+            self.watch_owner(header["pid"])
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "adopted": owned,
+                                      "owners": sorted(self.owners or ())}))
 
     async def on_shutdown(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         """Acknowledge, then stop the pod kernel."""

@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The suite's notebook kernels (ipykernel, nbval, browser tests) come and go by the dozen: their pod kernels
+# stop as soon as they exit, instead of waiting out the restart grace period. Tests of that grace period
+# (test_pod_kernel.py, test_reliability.py) set their own value for the processes they start.
+os.environ.setdefault("KT_OWNER_GRACE_S", "0")
 ARTIFACTS = ROOT / "test-artifacts"
 
 

@@ -350,7 +350,7 @@ def test_kernel_stops_when_owner_exits(kt_home):
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                         env=dict(os.environ, KT_HOME=str(kt_home)))
+                         env=dict(os.environ, KT_HOME=str(kt_home), KT_OWNER_GRACE_S="0"))
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.strip())
     try:
@@ -358,6 +358,107 @@ def test_kernel_stops_when_owner_exits(kt_home):
     except psutil.NoSuchProcess:
         pass
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+class NotebookStandIn:
+    """A separate process using a compute the way a notebook kernel does (launch-or-find, then cells).
+
+    It starts, imports everything, and then waits for commands on stdin, so a test
+    can make it reattach at a precise moment (e.g. right after another owner exits).
+    """
+
+    SCRIPT = textwrap.dedent(
+        """
+        import sys
+        from kt_jupyter.backends.local import LocalBackend
+        from kt_jupyter.compute import Compute
+        backend, session = LocalBackend(), None
+        print("ready", flush=True)
+        for line in sys.stdin:
+            cmd, _, arg = line.strip().partition(" ")
+            if cmd == "attach":
+                said = []
+                handle = backend.launch(Compute(name=arg), on_event=said.append)
+                session = handle.session()
+                print(repr((handle.pid, said)), flush=True)
+            elif cmd == "run":
+                print(repr(session.execute(arg).data.get("text/plain")), flush=True)
+            elif cmd == "exit":
+                break
+        """
+    )
+
+    def __init__(self, kt_home, grace_s: float) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self.SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, KT_HOME=str(kt_home), KT_OWNER_GRACE_S=str(grace_s)))
+        assert self.read() == "ready"
+
+    def read(self, timeout: float = 60) -> str:
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, "the stand-in notebook said nothing in time"
+        return self.proc.stdout.readline().strip()
+
+    def ask(self, line: str):
+        import ast
+
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return ast.literal_eval(self.read())
+
+    def exit(self) -> None:
+        self.proc.stdin.write("exit\n")
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=30) == 0
+
+
+def wait_gone(pid: int, timeout: float) -> float:
+    """Seconds until ``pid`` exits (fails past ``timeout``)."""
+    t0 = time.monotonic()
+    try:
+        psutil.Process(pid).wait(timeout=timeout)
+    except psutil.NoSuchProcess:
+        pass
+    return time.monotonic() - t0
+
+
+def test_restarted_notebook_adopts_its_kernel_within_the_grace_period(kt_home, local_backend):
+    """A notebook kernel restart: the old process exits, the new one reattaches in time and keeps the state.
+
+    Once the adopter exits too, the kernel stops after the grace period (it is not kept for ever).
+    """
+    grace = 3.0
+    old, new = NotebookStandIn(kt_home, grace), NotebookStandIn(kt_home, grace)
+    pid, said = old.ask("attach restarted")
+    assert said[0].startswith("starting pod kernel")
+    assert old.ask("run model = {'w': 41}; 'set'") == "'set'"
+    old.exit()
+    time.sleep(0.5)  # the kernel has noticed (pidfd) and is in its grace period
+    assert psutil.pid_exists(pid)
+    adopted_pid, said = new.ask("attach restarted")
+    assert adopted_pid == pid
+    assert any("reattached to pod kernel 'restarted'" in m and "variables are still there" in m for m in said), said
+    time.sleep(grace + 1)  # past the first grace period: the new owner keeps it alive
+    assert new.ask("run model['w'] + 1") == "42"
+    new.exit()
+    assert wait_gone(pid, timeout=grace + 20) >= grace - 0.5
+    assert "no notebook reattached within 3 s" in local_backend.logs("restarted")
+
+
+def test_kernel_lives_while_any_notebook_using_it_does(kt_home, local_backend):
+    """Two notebooks share a compute; the one that launched it exits first: the other keeps it."""
+    grace = 2.0
+    first, second = NotebookStandIn(kt_home, grace), NotebookStandIn(kt_home, grace)
+    pid, _ = first.ask("attach shared")
+    assert first.ask("run x = 7; x") == "7"
+    assert second.ask("attach shared") == (pid, [])  # joins as a second owner, nothing to tell
+    first.exit()
+    time.sleep(grace + 1.5)
+    assert second.ask("run x * 6") == "42"
+    second.exit()
+    wait_gone(pid, timeout=grace + 20)
 
 
 def test_keep_survives_owner_exit(kt_home, local_backend):

@@ -247,11 +247,11 @@ def test_frozen_kernel_is_noticed_by_the_heartbeat_within_bound(kernel):
 
 
 @contextmanager
-def notebook_kernel(kt_home: Path):
+def notebook_kernel(kt_home: Path, **env: str):
     """A real ipykernel (jupyter_client) with kt loaded."""
     from jupyter_client.manager import start_new_kernel
 
-    km, kc = start_new_kernel(kernel_name="python3", env=dict(os.environ, KT_HOME=str(kt_home)))
+    km, kc = start_new_kernel(kernel_name="python3", env=dict(os.environ, KT_HOME=str(kt_home), **env))
     try:
         yield km, kc
     finally:
@@ -287,13 +287,14 @@ def nb_said(msgs: list[dict]) -> str:
     return "\n".join(texts)
 
 
-def test_notebook_kernel_restart_reattaches_kept_compute_with_its_state(kt_home, cleanup_connections):
-    """--keep: the pod kernel outlives a notebook kernel restart; the same name reaches it and its state.
+def test_notebook_kernel_restart_reattaches_computes_with_their_state(kt_home, cleanup_connections, local_backend):
+    """A notebook kernel restart: the same names reach the warm pod kernels and their state.
 
-    Without --keep a pod kernel stops with the notebook kernel that launched it
-    (documented in backends/local.py), and the next cell says its state is lost.
+    With --keep the pod kernel outlives the notebook kernel for good; without, it
+    waits out the grace period (KT_OWNER_GRACE_S) for the restarted kernel to
+    reattach, and says so. The next cell on a kernel that is gone says its state is lost.
     """
-    with notebook_kernel(kt_home) as (km, kc):
+    with notebook_kernel(kt_home, KT_OWNER_GRACE_S="120") as (km, kc):
         nb_run(kc, "%load_ext kt_jupyter")
         assert nb_result(kc, "%%kt --keep --name kept\nimport os\nmodel = {'w': 41}\nos.getpid()")
         kept_pid = int(nb_result(kc, "%%kt --name kept\nos.getpid()"))
@@ -303,12 +304,19 @@ def test_notebook_kernel_restart_reattaches_kept_compute_with_its_state(kt_home,
         km.restart_kernel(now=True)
         kc.wait_for_ready(timeout=60)
         assert int(nb_result(kc, "import os; os.getpid()")) != old_notebook_pid
-        psutil.Process(fleeting_pid).wait(timeout=30)  # went with its notebook kernel
         nb_run(kc, "%load_ext kt_jupyter")
 
         assert nb_result(kc, "%%kt --name kept\nmodel['w'] + 1") == "42"
         assert int(nb_result(kc, "%%kt --name kept\nos.getpid()")) == kept_pid
 
+        reply, msgs = nb_run(kc, "%%kt --name fleeting\n(scratch, os.getpid())")
+        assert reply["status"] == "ok", reply
+        assert [m["content"]["data"]["text/plain"] for m in msgs if m["msg_type"] == "execute_result"] == [
+            f"(1, {fleeting_pid})"]
+        assert "reattached to pod kernel 'fleeting'" in nb_said(msgs)
+
+        # a pod kernel that is gone: the next cell starts a new one and says the state went with it
+        local_backend.delete("fleeting", grace_period_s=1)
         reply, msgs = nb_run(kc, "%%kt --name fleeting\n'scratch' in globals()")
         assert reply["status"] == "ok"
         assert [m["content"]["data"]["text/plain"] for m in msgs if m["msg_type"] == "execute_result"] == ["False"]

@@ -38,6 +38,20 @@ if TYPE_CHECKING:
 
 #: Lines of the kernel log quoted in errors.
 LOG_LINES_IN_ERRORS = 15
+#: Seconds a pod kernel waits, after the notebook kernel that launched it exits, for a restarted
+#: notebook to reattach (``KT_OWNER_GRACE_S`` overrides); then it stops. ``--keep`` kernels never wait.
+OWNER_GRACE_S = 120.0
+
+
+def owner_grace_s() -> float:
+    """The grace period for new local kernels: ``KT_OWNER_GRACE_S`` or :data:`OWNER_GRACE_S`."""
+    raw = os.environ.get("KT_OWNER_GRACE_S")
+    if raw is None:
+        return OWNER_GRACE_S
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        raise ComputeSpecError(f"KT_OWNER_GRACE_S must be a number of seconds, got {raw!r}") from None
 _POD_KERNEL_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -118,16 +132,47 @@ class LocalBackend:
                on_event: Callable[[str], None] | None = None) -> KernelHandle:
         """Start a pod kernel for ``compute``, or return the live one of the same name."""
         name = compute.name
+        say = on_event or (lambda _msg: None)
         with self._locked(name):
             handle = self.find(name)
             if handle is not None:
+                if not keep:
+                    self._adopt(name, handle, say)
                 return handle
-            say = on_event or (lambda _msg: None)
             gone = self._read_info(name)
             if gone is not None:  # registered but dead (owner exited, crashed): its state went with it
                 say(f"pod kernel {name!r} (pid {gone['pid']}) is gone; starting a new one: "
                     "the previous one's variables are lost")
             return self._start(compute, keep, say)
+
+    def _adopt(self, name: str, handle: KernelHandle, say: Callable[[str], None]) -> None:
+        """This process uses a kernel another one launched: it lives while any of them does.
+
+        That is how a restarted notebook keeps its kernel: the old notebook kernel's
+        exit starts the grace period (``KT_OWNER_GRACE_S``), and this ``adopt`` ends it.
+        """
+        info = self._read_info(name) or {}
+        owners = [int(p) for p in info.get("owners") or ([info["owner_pid"]] if info.get("owner_pid") else [])]
+        if info.get("keep") or os.getpid() in owners:
+            return
+        orphaned = not any(psutil.pid_exists(p) for p in owners)
+        session = handle.session()
+        try:
+            adopted = session.adopt(os.getpid())
+        finally:
+            session.close_quietly()
+        if not adopted:
+            return
+        info["owners"] = [p for p in owners if psutil.pid_exists(p)] + [os.getpid()]
+        self._write_info(name, info)
+        if orphaned:
+            say(f"reattached to pod kernel {name!r} (pid {info['pid']}), left running by a notebook kernel "
+                "that exited: its variables are still there")
+
+    def _write_info(self, name: str, info: dict[str, Any]) -> None:
+        tmp = self._dir(name) / "kernel.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self._dir(name) / "kernel.json")
 
     def _start(self, compute: "Compute", keep: bool, on_event: Callable[[str], None]) -> KernelHandle:
         name = compute.name
@@ -164,7 +209,7 @@ class LocalBackend:
         if ttl:
             argv += ["--inactivity-ttl", str(float(ttl))]
         if owner:
-            argv += ["--owner-pid", str(owner)]
+            argv += ["--owner-pid", str(owner), "--owner-grace", str(owner_grace_s())]
         read_fd, write_fd = os.pipe()
         env["KT_READY_FD"] = str(write_fd)
         log_path = d / "kernel.log"
@@ -194,13 +239,11 @@ class LocalBackend:
             "port": ready["port"],
             "started": time.time(),
             "create_time": psutil.Process(proc.pid).create_time(),
-            "owner_pid": owner,
+            "owners": [owner] if owner else [],
             "keep": keep,
             "spec": compute.to_dict() if hasattr(compute, "to_dict") else {"name": name},
         }
-        tmp = d / "kernel.json.tmp"
-        tmp.write_text(json.dumps(info))
-        tmp.replace(d / "kernel.json")
+        self._write_info(name, info)
         on_event(f"pod kernel {name!r} ready in {time.monotonic() - t0:.2f} s (pid {proc.pid})")
         return self._handle(info, token)
 
