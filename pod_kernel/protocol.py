@@ -209,14 +209,35 @@ def _tensor_from_numpy(array: Any, requires_grad: bool) -> Any:
     return tensor.requires_grad_() if requires_grad else tensor
 
 
+def _code_reduce_keeping_filename(code: Any) -> Any:
+    """cloudpickle's reduction of a code object, with its real ``co_filename``.
+
+    cloudpickle 3.1.3 writes every by-value function's file as "<dynamic-code>"
+    (for byte-identical pickles). A notebook function then loses what names it:
+    tracebacks, pdb's listing and an attached IDE (debugpy skips "<...>" files
+    as not the user's code, so its breakpoints never stop) need the cell's file.
+    """
+    import cloudpickle
+
+    rebuild, args = cloudpickle.cloudpickle._code_reduce(code)
+    if code.co_filename not in args:
+        args = tuple(code.co_filename if type(a) is str and a == "<dynamic-code>" else a for a in args)
+    return rebuild, args
+
+
 @functools.lru_cache(maxsize=1)
 def _pickler_class() -> type:
+    import collections
+    import types
+
     import cloudpickle
 
     class TensorPickler(cloudpickle.Pickler):
         """cloudpickle, plus torch tensors as numpy arrays (out of band, no copy) on the CPU."""
 
         to_cpu = True
+        dispatch_table = collections.ChainMap({types.CodeType: _code_reduce_keeping_filename},
+                                              cloudpickle.Pickler.dispatch_table)
 
         def reducer_override(self, obj: Any) -> Any:
             if type(obj).__module__.startswith("torch") and type(obj).__name__ in ("Tensor", "Parameter"):

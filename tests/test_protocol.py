@@ -109,6 +109,20 @@ def test_json_bundle():
     assert P.load_values(bundle) == {"a": [1, 2], "b": {"c": None}}
 
 
+def test_functions_by_value_keep_their_file_for_tracebacks_and_debuggers():
+    """A notebook function sent by value still names its cell file and line (cloudpickle 3.1.3 blanks it)."""
+    import traceback
+
+    ns = {"__name__": "kt_not_importable_module"}  # not importable: cloudpickle sends it by value
+    exec(compile("def f(x):\n    y = x\n    return 1 / y\n", "/cells/cell-7.py", "exec"), ns)
+    g = P.load_values(P.dump_values({"f": ns["f"]}))["f"]
+    assert g is not ns["f"] and g.__code__.co_filename == "/cells/cell-7.py"
+    with pytest.raises(ZeroDivisionError) as info:
+        g(0)
+    last = traceback.extract_tb(info.value.__traceback__)[-1]
+    assert (last.filename, last.lineno, last.name) == ("/cells/cell-7.py", 3, "f")
+
+
 def test_fingerprint_tracks_content():
     a = np.zeros(1000)
     f1 = P.fingerprint(a)
