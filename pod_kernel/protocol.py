@@ -316,22 +316,41 @@ def bundle_frames(header: Mapping[str, Any], bundle: Bundle, chunk_bytes: int = 
 MMAP_MIN_BYTES = 1 << 20
 
 
+#: madvise(2) advice Python's mmap module does not name: fault the whole range in now, writable (Linux 5.14+).
+_MADV_POPULATE_WRITE = 23
+
+
 def _buffer(size: int, populate: bool = False) -> Any:
-    """A writable buffer of ``size`` bytes; big ones are anonymous maps populated by the kernel.
+    """A writable buffer of ``size`` bytes; big ones are anonymous maps backed by huge pages where the kernel allows.
 
-    Fresh memory costs page faults on first touch whatever we do. Measured
-    here for 1 GiB: ``bytearray(n)`` (a userspace memset, then the copy)
-    0.58 s; a lazy mmap faulted by the copy 0.58 s; an mmap with
-    MAP_POPULATE (faulted in-kernel, in bulk) 0.35 s.
+    Fresh memory costs page faults on first touch, and for a new 1 GiB value that
+    fault cost, not the copy, is what bounds a transfer. Measured here for 1 GiB:
+    ``bytearray(n)`` 0.58 s; a lazy mmap faulted by the copy 0.58 s; an mmap with
+    MAP_POPULATE (4 KiB pages faulted in-kernel) 0.29 s; the same map advised
+    MADV_HUGEPAGE and then populated (MADV_POPULATE_WRITE, 2 MiB pages) 0.044 s.
+    Transparent huge pages in "madvise" or "always" mode give the fast path; with
+    THP off, or a kernel without MADV_POPULATE_WRITE, it falls back to MAP_POPULATE.
     """
-    if size >= MMAP_MIN_BYTES:
-        import mmap
+    if size < MMAP_MIN_BYTES:
+        return bytearray(size)
+    import mmap
 
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        if populate:  # only where the bytes are sure to follow at once (the bulk channel)
-            flags |= getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(-1, size, flags=flags)
-    return bytearray(size)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    buf = mmap.mmap(-1, size, flags=flags)
+    huge = getattr(mmap, "MADV_HUGEPAGE", None)
+    if huge is not None:
+        try:
+            buf.madvise(huge)
+        except OSError:  # THP compiled out: 4 KiB pages it is
+            pass
+    if not populate:  # the copy faults pages as chunks arrive (huge pages make that 512x fewer faults)
+        return buf
+    try:  # only where the bytes are sure to follow at once (the bulk channel)
+        buf.madvise(_MADV_POPULATE_WRITE)
+        return buf
+    except OSError:  # kernel before 5.14
+        buf.close()
+        return mmap.mmap(-1, size, flags=flags | getattr(mmap, "MAP_POPULATE", 0))
 
 
 @dataclass
