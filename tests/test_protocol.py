@@ -132,6 +132,20 @@ def test_fingerprint_tracks_content():
     assert P.fingerprint(lambda: None) != ""
 
 
+def test_fingerprint_of_big_buffers_hashes_pieces_in_parallel_and_tracks_every_byte():
+    n = P.HASH_PARALLEL_MIN_BYTES + P.HASH_CHUNK_BYTES // 2  # a partial last piece too
+    a = np.zeros(n, dtype=np.uint8)
+    f1 = P.fingerprint(a)
+    assert f1 == P.fingerprint(np.zeros(n, dtype=np.uint8))
+    for where in (0, P.HASH_CHUNK_BYTES - 1, P.HASH_CHUNK_BYTES, n - 1):  # each piece, and its edges
+        a[where] = 1
+        assert P.fingerprint(a) != f1, where
+        a[where] = 0
+    assert P.fingerprint(a) == f1
+    assert P.fingerprint(np.zeros(n + 1, dtype=np.uint8)) != f1  # the length counts
+    assert P.fingerprint(a.view(np.uint16)) != f1  # so does the type (in the pickle stream)
+
+
 def test_exception_payload_round_trips_or_is_empty():
     import pickle
 
