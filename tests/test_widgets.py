@@ -159,6 +159,23 @@ def test_status_from_backend_info_and_metrics():
     assert m.phase == "stopped" and m.terminal and m.detail == "process is gone"
 
 
+def test_status_clock_ticks_between_samples():
+    m = StatusModel(name="t")
+    m.tick(now=999.0)
+    assert m.now == 0.0  # nothing known yet: nothing to count
+    m.apply_info(KernelInfo("t", "local", "ready", where="local pid 42", started=1000.0))
+    m.apply_metrics({"running": None, "cells_run": 1, "idle_s": 2.0}, now=1010.0)
+    m.tick(now=1013.0)
+    assert dict(m.fields())["age"] == "13 s" and dict(m.fields())["idle"] == "5 s"
+    m.apply_metrics({"running": "r-2", "cells_run": 1}, now=1014.0)
+    m.tick(now=1016.0)
+    assert dict(m.fields())["age"] == "16 s" and dict(m.fields())["idle"] == "busy"
+    m.apply_info(KernelInfo("t", "local", "stopped", detail="process is gone"))
+    frozen = m.now
+    m.tick(now=2000.0)
+    assert m.now == frozen  # a stopped compute's age stops counting
+
+
 # ---------------------------------------------------------------------- logs
 
 

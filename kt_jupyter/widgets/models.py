@@ -191,6 +191,16 @@ class StatusModel(HasTraits):
             self.phase = derive_phase("ready", sample)
             self.now = now
 
+    def tick(self, now: float | None = None) -> None:
+        """Advance the clock between samples, so age and idle time count by the second (no pod request)."""
+        now = time.time() if now is None else now
+        with self._lock, self.hold_trait_notifications():
+            if not self.now or self.terminal or self.phase in ("launching", "pulling"):
+                return
+            if self.phase != "running" and self._busy_at is not None:
+                self.idle_s = max(0.0, now - self._busy_at)
+            self.now = now
+
     def fail(self, why: str) -> None:
         """Mark the compute failed with a reason."""
         with self._lock, self.hold_trait_notifications():

@@ -28,6 +28,8 @@ log = logging.getLogger("kt_jupyter.widgets")
 FAST_INTERVAL_S = 1.0
 #: Metrics/status interval while idle.
 SLOW_INTERVAL_S = 5.0
+#: How often the status panel's age and idle time advance between samples (local clock only).
+CLOCK_INTERVAL_S = 1.0
 #: How often a local log file is checked for new lines.
 LOG_FILE_INTERVAL_S = 0.5
 #: How often a backend without a log file is asked for its log tail.
@@ -237,10 +239,13 @@ class ComputeMonitor:
     def _loop(self) -> None:
         file_logs = getattr(self.backend, "log_path", None) is not None
         log_every = LOG_FILE_INTERVAL_S if file_logs else LOG_POLL_INTERVAL_S
-        next_status = next_logs = time.monotonic()
+        next_status = next_logs = next_tick = time.monotonic()
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
+                if now >= next_tick:  # age and idle time count by the second between (slower) samples
+                    self.status.tick()
+                    next_tick = now + CLOCK_INTERVAL_S
                 if now >= next_logs:
                     if self.refresh_logs() and self.status.phase in ("ready", "idle"):
                         next_status = min(next_status, now + 0.2)  # output while idle: a cell may have started
@@ -252,7 +257,7 @@ class ComputeMonitor:
                 if self.status.terminal:
                     self.refresh_logs()  # its last words
                     break
-                self._wake.wait(max(0.01, min(next_status, next_logs) - time.monotonic()))
+                self._wake.wait(max(0.01, min(next_status, next_logs, next_tick) - time.monotonic()))
         except Exception:  # never a traceback in the notebook from a helper thread
             log.exception("monitor of %s failed", self.name)
         finally:
