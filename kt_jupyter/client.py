@@ -153,11 +153,15 @@ def _exception_by_name(ename: str, evalue: str) -> BaseException | None:
     return None
 
 
-def rebuild_exception(reply: Mapping[str, Any], payload: bytes) -> BaseException:
-    """The remote exception as its real type when it unpickles here, else a RemoteError."""
+def rebuild_exception(reply: Mapping[str, Any], payload: bytes, accept_pickle: bool = True) -> BaseException:
+    """The remote exception as its real type when it unpickles here, else a RemoteError.
+
+    With ``accept_pickle`` false (a JSON-only compute) the pickled payload is never
+    loaded: the type is rebuilt by name when it is a builtin, else a RemoteError.
+    """
     tb_text = "\n".join(reply.get("traceback") or [])
     exc: BaseException | None = None
-    if payload:
+    if payload and accept_pickle:
         try:
             exc = pickle.loads(payload)
             if not isinstance(exc, BaseException) or type(exc).__module__ in ("__main__", "__mp_main__"):
@@ -195,8 +199,12 @@ class Session:
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
         bulk_host: str | None = None,
+        accept_pickle: bool = True,
     ) -> None:
         self.url = url
+        #: whether pickled payloads from the pod are loaded here; False for a JSON-only compute, so a
+        #: misbehaving pod cannot make the notebook unpickle anything (False too once the pod says it is)
+        self.accept_pickle = accept_pickle
         #: host of the pod's bulk channel (None: bundles travel over the WebSocket only)
         self.bulk_host = bulk_host
         self._token = token
@@ -418,7 +426,7 @@ class Session:
         finally:
             self._executions.pop(req_id, None)
         if reply.get("status") != "ok":
-            return rebuild_exception(reply, payload)
+            return rebuild_exception(reply, payload, self.accept_pickle)
         return ExecuteResult(reply.get("execution_count"), ex.data, ex.metadata, time.perf_counter() - t0)
 
     async def apush(self, values: Mapping[str, Any], *, serialization: str = "pickle",
@@ -443,7 +451,7 @@ class Session:
         if self._bulk_address() is not None:
             header["bulk"] = True
         bundle = await self.arequest(header, on_progress=on_progress)
-        return await asyncio.to_thread(P.load_values, bundle)
+        return await asyncio.to_thread(self._load, bundle)
 
     async def ainventory(self, names: Iterable[str] | None = None, *, fingerprints: bool = False) -> list[dict]:
         """Describe the pod's values."""
@@ -475,7 +483,16 @@ class Session:
             result = await self.arequest(header, bundle=bundle, req_id=req_id, resend=False)
         finally:
             self._streams.pop(req_id, None)
-        return P.load_values(result)["result"]
+        return self._load(result)["result"]
+
+    def _load(self, bundle: P.Bundle) -> dict[str, Any]:
+        """Values of a bundle from the pod; a pickle is refused, unread, when pickle is not accepted."""
+        if bundle.serialization == "pickle" and not self.accept_pickle:
+            raise TransferError(
+                f"pod kernel {self.name!r} sent a pickled payload to a JSON-only compute "
+                "(allowed_serialization=['json']); it was refused without being unpickled"
+            )
+        return P.load_values(bundle)
 
     async def async_code(self, manifest: Mapping[str, str], read: Callable[[str], str]) -> list[str]:
         """Send the files of ``manifest`` (path -> hash) the pod lacks; returns the modules it reloaded."""
@@ -673,6 +690,8 @@ class Session:
         self.last_drop = None
         self.pod_pid = welcome.get("pid")
         self.allowed_serialization = welcome.get("allowed_serialization", self.allowed_serialization)
+        if "pickle" not in self.allowed_serialization:
+            self.accept_pickle = False
         closed = asyncio.get_running_loop().create_future()
         conn = _Conn(ws, closed, welcome)
         asyncio.create_task(self._read(conn))
@@ -762,7 +781,7 @@ class Session:
             else:
                 pending.reply.set_exception(rebuild_exception(
                     {"ename": header.get("ename"), "evalue": header.get("evalue"),
-                     "traceback": [header.get("traceback", "")]}, bytes(payload)))
+                     "traceback": [header.get("traceback", "")]}, bytes(payload), self.accept_pickle))
         elif kind == "values":
             pending = self._pending.get(req_id)
             if pending is not None:

@@ -79,7 +79,8 @@ class ComputeConnection:
     def __init__(self, compute: Compute, handle: KernelHandle) -> None:
         self.compute = compute
         self.handle = handle
-        self.session: Session = handle.session()
+        # a JSON-only compute's pod is never trusted to send a pickle: refused here too, unread
+        self.session: Session = handle.session(accept_pickle="pickle" in compute.allowed_serialization)
         #: name -> fingerprint of the value the pod holds under that name (as last sent or pulled)
         #: name -> (fingerprint of the value, id() of the object the pod bound), as last sent or pulled.
         #: Before skipping a push the pod is asked for the ids: another notebook sharing this compute

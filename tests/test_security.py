@@ -25,7 +25,7 @@ from websockets.sync.client import connect as ws_connect
 from kt_jupyter import connection as conn_mod
 from kt_jupyter.backends import get_backend
 from kt_jupyter.compute import Compute
-from kt_jupyter.errors import AuthError, ConnectionLostError, KernelDiedError, RemoteError
+from kt_jupyter.errors import AuthError, ConnectionLostError, KernelDiedError, RemoteError, TransferError
 from pod_kernel import protocol as P
 
 MiB = 1 << 20
@@ -127,6 +127,51 @@ def test_json_only_mode_refuses_pickle_and_unpickles_nothing(local_backend, tmp_
         assert reply["ename"] == "KeyError" and reply["exception"] is False and len(payload) == 0
     assert not marker.exists()
     s.close()
+    bump("security", "pickle_payloads_refused", 4)
+
+
+def test_notebook_of_a_json_only_compute_never_unpickles_what_a_pod_sends(local_backend, tmp_path):
+    """The notebook side keeps to JSON-only too: a misbehaving pod's pickles are refused unread.
+
+    The stand-in for a misbehaving JSON-only pod is a real pod kernel that allows
+    pickle, reached by a session for a JSON-only compute. Unpickling any of its
+    payloads would create ``marker.<pid of the process that unpickled it>``.
+    """
+    h = local_backend.launch(Compute(name="misbehaving"))
+    marker = tmp_path / "marker"
+    mine = Path(f"{marker}.{os.getpid()}")
+    s = h.session(accept_pickle=False)
+    s.execute(
+        "import os\n"
+        f"ACTION = 'import os; open(\"{marker}.\" + str(os.getpid()), \"w\")'\n"
+        "class Evil:\n    def __reduce__(self):\n        return (exec, (ACTION,))\n"
+        "class EvilError(Exception):\n    def __reduce__(self):\n        return (exec, (ACTION,))\n"
+        "evil = Evil()\n"
+        "big = {'evil': Evil(), 'pad': bytes(2 << 20)}\n"
+    )
+    with pytest.raises(TransferError, match="refused without being unpickled"):
+        s.pull(["evil"])  # small: over the WebSocket
+    with pytest.raises(TransferError, match="refused without being unpickled"):
+        s.pull(["big"])  # over 1 MiB: over the bulk channel
+    with pytest.raises(TransferError, match="refused without being unpickled"):
+        s.call({"kind": "source", "name": "make_evil", "source": "def make_evil():\n    return Evil()\n"},
+               serialization="pickle")
+    with pytest.raises(RemoteError) as info:  # the pod sends the exception pickled; it is rebuilt by name
+        s.execute("raise EvilError('boom')")
+    assert info.value.ename.endswith("EvilError") and "boom" in str(info.value)
+    assert not mine.exists()
+    assert s.pull(["ACTION"], serialization="json")["ACTION"].startswith("import os")  # JSON still flows
+    s.close()
+
+    # the same pod through a session that accepts pickle: the payload really is a live one
+    trusting = h.session()
+    trusting.pull(["evil"])
+    assert mine.exists()
+    trusting.close()
+    # %%kt and the seed API reach a compute through a ComputeConnection: JSON-only there means no pickle in
+    json_only = conn_mod.ComputeConnection(Compute(name="misbehaving", allowed_serialization=["json"]), h)
+    assert json_only.session.accept_pickle is False
+    assert conn_mod.ComputeConnection(Compute(name="misbehaving"), h).session.accept_pickle is True
     bump("security", "pickle_payloads_refused", 4)
 
 
