@@ -344,14 +344,22 @@ def _buffer(size: int, populate: bool = False) -> Any:
             buf.madvise(huge)
         except OSError:  # THP compiled out: 4 KiB pages it is
             pass
-    if not populate:  # the copy faults pages as chunks arrive (huge pages make that 512x fewer faults)
-        return buf
-    try:  # only where the bytes are sure to follow at once (the bulk channel)
+    if populate:  # only where the bytes are sure to follow at once (the bulk channel)
+        _prefault(buf)
+    return buf  # else the copy faults pages as chunks arrive (huge pages: 512x fewer faults)
+
+
+def _prefault(buf: Any) -> None:
+    """Fault a big receive buffer's pages in now, in bulk (no-op for small bytearrays)."""
+    import mmap
+
+    if not isinstance(buf, mmap.mmap):
+        return
+    try:
         buf.madvise(_MADV_POPULATE_WRITE)
-        return buf
-    except OSError:  # kernel before 5.14
-        buf.close()
-        return mmap.mmap(-1, size, flags=flags | getattr(mmap, "MAP_POPULATE", 0))
+    except OSError:  # kernel before 5.14: touch a byte per page instead
+        for offset in range(0, len(buf), mmap.PAGESIZE):
+            buf[offset] = 0
 
 
 @dataclass
@@ -383,6 +391,11 @@ class BundleAssembler:
     def parts(self) -> list[Any]:
         """The preallocated part buffers (filled in place by a bulk transfer)."""
         return self._parts
+
+    def prefault(self) -> None:
+        """Fault the big parts' memory in now (blocking), before a bulk transfer fills them."""
+        for part in self._parts:
+            _prefault(part)
 
     @property
     def total(self) -> int:
