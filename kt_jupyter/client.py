@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import json
 import logging
 import pickle
 import queue
@@ -751,6 +752,8 @@ class Session:
                 return  # already seen before a reconnect
             self.last_seq = seq
         req_id = header.get("id")
+        if kind in ("display", "execute_result") and header.pop("data_in_payload", False):
+            header["data"] = json.loads(bytes(payload))  # a mime bundle too big for a header (up to 4 MiB)
         if kind in ("stream", "display", "clear_output", "execute_result"):
             ex = self._executions.get(req_id)
             if ex is None:

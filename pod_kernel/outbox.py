@@ -95,6 +95,26 @@ def fit_header(header: dict[str, Any]) -> dict[str, Any]:
     return small
 
 
+def data_in_payload(header: dict[str, Any], seq: int, payload: bytes) -> bytes | None:
+    """A display or result too big for a header, with its mime bundle as the frame's payload.
+
+    The bundle's JSON goes in the payload (``data_in_payload``), which may hold up
+    to :data:`CHUNK_BYTES`: a 3 MB plotly figure or HTML table arrives whole. None
+    when it does not fit there either (then :func:`fit_header` says what was cut).
+    """
+    data = header.get("data")
+    if payload or not isinstance(data, dict) or header.get("type") not in ("display", "execute_result"):
+        return None
+    body = json.dumps(data, separators=(",", ":")).encode()
+    if len(body) > CHUNK_BYTES:
+        return None
+    rest = {k: v for k, v in header.items() if k != "data"}
+    try:
+        return encode_frame(dict(rest, seq=seq, data_in_payload=True), body)
+    except ProtocolError:  # its metadata alone is too big
+        return None
+
+
 class _Elided:
     """What one request's output lost past its limit: counts, and the tail kept to show."""
 
@@ -282,8 +302,9 @@ class Outbox:
             header, payload = dict(header, exception=False), b""
         try:
             frame = encode_frame(dict(header, seq=seq), payload)
-        except ProtocolError:  # too big for one header: cut it down and say so, never fail the cell
-            frame = encode_frame(dict(fit_header(header), seq=seq), payload)
+        except ProtocolError:  # too big for one header: the output's data in the payload, else cut down
+            frame = data_in_payload(header, seq, payload) \
+                or encode_frame(dict(fit_header(header), seq=seq), payload)
         self._entries.append((seq, frame))
         self._kept_bytes += len(frame)
         while self._kept_bytes > self._replay_bytes and len(self._entries) > 1:

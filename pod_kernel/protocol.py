@@ -92,7 +92,7 @@ SERVER_TYPES = frozenset(
     {
         "welcome",  # first message on every connection: pid, compute, protocol, next seq
         "stream",  # stdout/stderr text of a running cell (coalesced)
-        "display",  # display_data / update_display_data mime bundle
+        "display",  # display_data / update_display_data mime bundle (in the payload when ``data_in_payload``)
         "clear_output",
         "execute_result",  # the value of a cell's last expression, as a mime bundle
         "execute_reply",  # the end of a cell: status ok | error | aborted

@@ -531,10 +531,18 @@ def test_one_huge_write_display_and_error_never_break_the_session(kernel):
     assert all(len(m.get("text", "")) <= outbox_mod.STREAM_FLUSH_BYTES for m in out)
     assert sum(len(m.get("text", "")) for m in out if m["type"] == "stream") == 3_000_001
     out.clear()
+    # a 3 MB display (a big plotly figure or table) travels whole, its bundle in the frame's payload
     s.execute("from IPython.display import HTML, display\ndisplay(HTML('<p>' + 'h' * 3_000_000))",
               on_output=out.append)
     (shown,) = [m for m in out if m["type"] == "display"]
-    assert "was not sent" in shown["data"]["text/plain"] and shown["elided_mime"]["text/html"] > 3_000_000
+    assert shown["data"]["text/html"] == "<p>" + "h" * 3_000_000 and "data_in_payload" not in shown
+    r = s.execute("HTML('<b>' + 'r' * 2_000_000)")  # the same for a cell's value
+    assert r.data["text/html"] == "<b>" + "r" * 2_000_000
+    out.clear()
+    # past what one frame carries (4 MiB): a note with the sizes instead of a broken session
+    s.execute("display(HTML('<p>' + 'h' * 6_000_000))", on_output=out.append)
+    (shown,) = [m for m in out if m["type"] == "display"]
+    assert "was not sent" in shown["data"]["text/plain"] and shown["elided_mime"]["text/html"] > 6_000_000
     with pytest.raises(ValueError):
         s.execute("raise ValueError('v' * 6_000_000)")
     assert s.execute("'alive'").data == {"text/plain": "'alive'"}
