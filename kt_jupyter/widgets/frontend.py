@@ -87,3 +87,39 @@ def _shell() -> Any:
     except ImportError:
         return None
     return get_ipython()
+
+
+class ModelView:
+    """Mixin of a widget drawn from a model: it redraws on the model's changes and, closed, lets go of it.
+
+    A subclass sets :attr:`redraw_on` (the model traits that redraw it; empty: all)
+    and calls :meth:`watch` once built; ``close()`` (once) stops observing, undoes
+    the trait links, then closes the widget.
+    """
+
+    redraw_on: tuple[str, ...] = ()
+
+    def watch(self, model: Any, links: list[Any] | None = None) -> None:
+        """Redraw on ``model``'s changes; ``links`` (traitlets links) are undone on close."""
+        from traitlets import All
+
+        self.model = model
+        self._kt_links = list(links or [])
+        self._kt_names = list(self.redraw_on) or All
+        model.observe(self._redraw, names=self._kt_names)
+
+    def _redraw(self, _change: Any = None) -> None:  # pragma: no cover - every view defines it
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop observing the model and undo the links, then close (a second call does nothing)."""
+        if getattr(self, "_kt_closed", False):
+            return
+        self._kt_closed = True
+        try:
+            self.model.unobserve(self._redraw, names=self._kt_names)
+        except (AttributeError, ValueError):  # never watched, or already unobserved
+            pass
+        for lk in getattr(self, "_kt_links", ()):
+            lk.unlink()
+        super().close()  # type: ignore[misc]

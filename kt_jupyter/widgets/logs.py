@@ -8,6 +8,7 @@ from typing import Any
 import ipywidgets as W
 from traitlets import link
 
+from .frontend import ModelView
 from .log_model import LOG_LEVELS, LogModel
 from .status import FG1, FG2, FONT
 
@@ -36,8 +37,10 @@ def log_html(model: LogModel) -> str:
             f'white-space:pre-wrap; word-break:break-all">{body}</pre></div>')
 
 
-class LogView(W.VBox):
+class LogView(ModelView, W.VBox):
     """Toolbar (level filter, clear, what is shown) over the log box."""
+
+    redraw_on = ("visible", "hint")
 
     def __init__(self, model: LogModel, **kw: Any) -> None:
         self.model = model
@@ -45,7 +48,7 @@ class LogView(W.VBox):
             options=list(LOG_LEVELS), value=model.level, tooltips=[f"{lv} and above" for lv in LOG_LEVELS],
             style={"button_width": "78px"}, layout=W.Layout(width="auto", margin="0 8px 0 0"))
         self.level.add_class("kt-log-level")
-        self._link = link((model, "level"), (self.level, "value"))
+        level_link = link((model, "level"), (self.level, "value"))
         self.clear = W.Button(description="Clear", icon="eraser", tooltip="forget the lines shown so far",
                               layout=W.Layout(width="72px", margin="0 10px 0 0"))
         self.clear.add_class("kt-log-clear")
@@ -59,7 +62,7 @@ class LogView(W.VBox):
                      layout=W.Layout(align_items="center", flex_flow="row wrap", margin="0 0 3px 0"))
         bar.add_class("kt-compact")
         super().__init__([bar, self.box], **kw)
-        model.observe(self._redraw, names=["visible", "hint"])
+        self.watch(model, [level_link])
 
     def _hint_html(self) -> str:
         return f'<span class="kt-log-hint" style="{FONT} color:{FG2}">{escape(self.model.hint)}</span>'
@@ -69,15 +72,3 @@ class LogView(W.VBox):
             self.box.value = log_html(self.model)
         else:
             self.hint.value = self._hint_html()
-
-    def close(self) -> None:
-        """Stop observing the model, then close."""
-        if getattr(self, "_kt_closed", False):
-            return
-        self._kt_closed = True
-        try:
-            self.model.unobserve(self._redraw, names=["visible", "hint"])
-        except ValueError:
-            pass
-        self._link.unlink()
-        super().close()

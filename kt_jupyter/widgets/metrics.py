@@ -7,6 +7,7 @@ from typing import Any
 
 import ipywidgets as W
 
+from .frontend import ModelView
 from .models import MetricsModel
 from .sparkline import sparkline_svg
 from .status import FG1, FG2, FONT
@@ -50,25 +51,15 @@ def samples_title(model: MetricsModel) -> str:
     return f"{model.samples} sample{'s' if model.samples != 1 else ''}"
 
 
-class MetricsView(W.HTML):
+class MetricsView(ModelView, W.HTML):
     """Draws a MetricsModel; redraws on each sample."""
+
+    redraw_on = ("rows", "error")
 
     def __init__(self, model: MetricsModel, **kw: Any) -> None:
         super().__init__(value=metrics_html(model), **kw)
-        self.model = model
         self.add_class("kt-metrics-view")
-        model.observe(self._redraw, names=["rows", "error"])
+        self.watch(model)
 
     def _redraw(self, _change: Any = None) -> None:
         self.value = metrics_html(self.model)
-
-    def close(self) -> None:
-        """Stop observing the model, then close."""
-        if getattr(self, "_kt_closed", False):
-            return
-        self._kt_closed = True
-        try:
-            self.model.unobserve(self._redraw, names=["rows", "error"])
-        except ValueError:
-            pass
-        super().close()

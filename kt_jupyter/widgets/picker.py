@@ -10,7 +10,7 @@ from typing import Any
 import ipywidgets as W
 from traitlets import link
 
-from .frontend import display_widget
+from .frontend import ModelView, display_widget
 from .models import ProgressModel, format_age
 from .picker_model import FIELDS, GPU_TYPES, PickerModel
 from .progress import ProgressView
@@ -35,7 +35,7 @@ def _field(key: str) -> W.ValueWidget:
     return box
 
 
-class PickerView(W.VBox):
+class PickerView(ModelView, W.VBox):
     """Draws a PickerModel and turns clicks into its actions (launch and stop run in threads)."""
 
     def __init__(self, model: PickerModel, **kw: Any) -> None:
@@ -48,8 +48,8 @@ class PickerView(W.VBox):
         backend_label = W.HTML(f'<div style="{FONT} color:{FG1}; text-align:right; padding-right:8px">Backend</div>',
                                layout=W.Layout(width="84px"))
         self.fields = {key: _field(key) for key in FIELDS}
-        self._links = [link((model, "backend"), (self.backend, "value"))]
-        self._links += [link((model, key), (box, "value")) for key, box in self.fields.items()]
+        links = [link((model, "backend"), (self.backend, "value"))]
+        links += [link((model, key), (box, "value")) for key, box in self.fields.items()]
         form = W.GridBox(list(self.fields.values()),
                          layout=W.Layout(grid_template_columns="repeat(2, 280px)", grid_gap="4px 18px"))
         self.error = W.HTML()
@@ -90,7 +90,7 @@ class PickerView(W.VBox):
         ], layout=W.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="8px 12px",
                            max_width="660px"), **kw)
         self.add_class("kt-picker")
-        model.observe(self._redraw)
+        self.watch(model, links)
         self._redraw()
 
     # ------------------------------------------------------------------ drawing
@@ -179,18 +179,6 @@ class PickerView(W.VBox):
     def _start_stop(self, backend: str, name: str) -> None:
         threading.Thread(target=self.model.stop, args=(backend, name), name="kt-pick-stop", daemon=True).start()
 
-    def close(self) -> None:
-        """Stop observing the model, then close."""
-        if getattr(self, "_kt_closed", False):
-            return
-        self._kt_closed = True
-        try:
-            self.model.unobserve(self._redraw)
-        except ValueError:
-            pass
-        for lk in self._links:
-            lk.unlink()
-        super().close()
 
 
 def show_picker_widget(model: PickerModel, text: str) -> PickerView:

@@ -16,13 +16,15 @@ from typing import Any
 import ipywidgets as W
 
 from ..render import PROGRESS_MIN_BYTES
-from .frontend import current_parent, display_widget
+from .frontend import ModelView, current_parent, display_widget
 from .models import ProgressModel
 from .status import FG1, FONT
 
 
-class ProgressView(W.HBox):
+class ProgressView(ModelView, W.HBox):
     """A bar and one line of text (bytes, rate, ETA; or a launch's spinner and events) drawn from a ProgressModel."""
+
+    redraw_on = ("text", "finished", "failed")
 
     def __init__(self, model: ProgressModel, **kw: Any) -> None:
         self.model = model
@@ -33,7 +35,7 @@ class ProgressView(W.HBox):
         self.label.add_class("kt-progress-text")
         super().__init__([self.bar, self.label], layout=W.Layout(align_items="center"), **kw)
         self.add_class("kt-progress")
-        model.observe(self._redraw, names=["text", "finished", "failed"])
+        self.watch(model)
         self._redraw()
 
     def _redraw(self, _change: Any = None) -> None:
@@ -53,16 +55,6 @@ class ProgressView(W.HBox):
         self.label.value = (f'<span style="{FONT} color:{color}; font-variant-numeric:tabular-nums; '
                             f'white-space:nowrap">{mark}{escape(m.text)}</span>')
 
-    def close(self) -> None:
-        """Stop observing the model, then close."""
-        if getattr(self, "_kt_closed", False):
-            return
-        self._kt_closed = True
-        try:
-            self.model.unobserve(self._redraw, names=["text", "finished", "failed"])
-        except ValueError:
-            pass
-        super().close()
 
 
 class TransferReporter:

@@ -7,6 +7,7 @@ from typing import Any
 
 import ipywidgets as W
 
+from .frontend import ModelView
 from .models import StatusModel
 
 #: Badge colours per phase (background); text is white.
@@ -73,25 +74,13 @@ def status_html(model: StatusModel) -> str:
     return "".join(parts)
 
 
-class StatusView(W.HTML):
+class StatusView(ModelView, W.HTML):
     """Draws a StatusModel; redraws whenever it changes."""
 
     def __init__(self, model: StatusModel, **kw: Any) -> None:
         super().__init__(value=status_html(model), **kw)
-        self.model = model
         self.add_class("kt-status-view")
-        model.observe(self._redraw)
+        self.watch(model)
 
     def _redraw(self, _change: Any = None) -> None:
         self.value = status_html(self.model)
-
-    def close(self) -> None:
-        """Stop observing the model, then close."""
-        if getattr(self, "_kt_closed", False):
-            return
-        self._kt_closed = True
-        try:
-            self.model.unobserve(self._redraw)
-        except ValueError:
-            pass
-        super().close()
