@@ -23,9 +23,11 @@ __all__ = ["Cls", "Compute", "Fn", "deep_breakpoint", "Image", "KtError", "Loggi
 
 def load_ipython_extension(ipython: Any) -> None:
     """Register the kt magics (``%load_ext kt_jupyter``)."""
+    from . import debug_panel
     from .magics.kt import KtMagics
 
     ipython.register_magics(KtMagics)
+    debug_panel.install(ipython)  # JupyterLab's debugger panel reaches %%kt cells' pod kernels too
 
 
 def unload_ipython_extension(ipython: Any) -> None:

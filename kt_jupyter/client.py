@@ -518,6 +518,10 @@ class Session:
         """Blocking :meth:`adebug`."""
         return self._run(self.adebug(), timeout)
 
+    def write_cell_file(self, path: str, text: str, timeout: float = OPEN_TIMEOUT_S) -> bool:
+        """Have the pod write a cell's file at ``path`` unless it exists (debugpy needs it for breakpoints)."""
+        return bool(self._run(self.arequest({"type": "cell_file", "path": path, "text": text}), timeout)["written"])
+
     def adopt(self, pid: int, timeout: float = OPEN_TIMEOUT_S) -> bool:
         """Tell a local pod kernel that process ``pid`` uses it; False if it lives regardless (``--keep``)."""
         return bool(self._run(self.arequest({"type": "adopt", "pid": pid}), timeout)["adopted"])

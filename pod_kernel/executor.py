@@ -34,6 +34,22 @@ log = logging.getLogger("pod_kernel.executor")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+def write_cell_file(path: str, text: str) -> bool:
+    """Write a cell's file at an absolute ``path`` unless it exists (a debugger's breakpoints need it).
+
+    The ``cell_file`` request: the notebook's debugger panel writes a cell this
+    way before it sets breakpoints in it, when the cell has not run here yet.
+    """
+    target = Path(path)
+    if not target.is_absolute():
+        raise ValueError(f"a cell file path must be absolute, got {path!r}")
+    if target.exists():
+        return False
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target.write_text(text)
+    return True
+
+
 @dataclass
 class CellJob:
     """One execute request: where its output goes and what to run."""
@@ -314,8 +330,14 @@ class Executor:
             self.run(job)
 
     def cell_path(self, cell_name: str | None, code: str) -> Path:
-        """Where a cell's source is written so tracebacks and debuggers can read it."""
+        """Where a cell's source is written so tracebacks and debuggers can read it.
+
+        An absolute ``cell_name`` is used as it is: the path JupyterLab's debugger
+        derives from the notebook cell, so its breakpoints there hit in this kernel.
+        """
         self._cell_counter += 1
+        if cell_name and os.path.isabs(cell_name):
+            return Path(cell_name)
         if cell_name:
             base = _SAFE_NAME.sub("_", os.path.basename(cell_name)) or "cell"
         else:
@@ -328,7 +350,11 @@ class Executor:
     def run(self, job: CellJob) -> None:
         """Run one cell and append its execute_reply."""
         path = self.cell_path(job.cell_name, job.code)
-        path.write_text(job.code)
+        if path.parent == self.cells_dir:
+            path.write_text(job.code)
+        elif not path.exists():  # a debugger's path for this cell (kept if the notebook side wrote it already)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.write_text(job.code)
         self.last_traceback = []
         self.shell.compile.next_name = str(path)
         if job.cell_label:

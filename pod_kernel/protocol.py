@@ -82,6 +82,7 @@ CLIENT_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "input_reply": {"id": str, "value": str},  # answers an input_request (``input_id``; ``eof``: raise EOFError)
     "debug": {"id": str},  # start debugpy on the pod's loopback (once); the reply says its port
     "adopt": {"id": str, "pid": int},  # a notebook kernel on the pod's host uses it: live while one does
+    "cell_file": {"id": str, "path": str, "text": str},  # write a cell's file (absolute path) unless it exists
 }
 
 #: Requests whose header starts a bundle (its bytes follow in ``chunk`` frames).

@@ -32,7 +32,7 @@ from . import tensors
 from .bulk import BULK_MIN_BYTES, TICKET_TTL_S, BulkServer
 from .calls import CallRunner
 from .codesync import CodeSync
-from .executor import CellJob, Executor
+from .executor import CellJob, Executor, write_cell_file
 from .metrics import MetricsSampler
 from .outbox import Outbox
 
@@ -127,6 +127,7 @@ class PodKernelServer:
             "input_reply": self.on_input_reply,
             "debug": self.on_debug,
             "adopt": self.on_adopt,
+            "cell_file": self.on_cell_file,
         }
         self.bundle_handlers: dict[str, Callable[[Session, ServerConnection, dict, dict], Awaitable[None]]] = {
             "push": self.on_push,
@@ -637,6 +638,14 @@ class PodKernelServer:
             self.watch_owner(header["pid"])
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "adopted": owned,
                                       "owners": sorted(self.owners or ())}))
+
+    async def on_cell_file(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
+        """Write a cell's file for a debugger's breakpoints (here on the loop: threads may be stopped in one)."""
+        try:
+            written = write_cell_file(header["path"], header["text"])
+        except (OSError, ValueError) as exc:
+            raise RequestRefused("CellFileError", str(exc)) from None
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "written": written}))
 
     async def on_shutdown(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         """Acknowledge, then stop the pod kernel."""

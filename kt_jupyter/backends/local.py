@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -41,6 +42,18 @@ LOG_LINES_IN_ERRORS = 15
 #: Seconds a pod kernel waits, after the notebook kernel that launched it exits, for a restarted
 #: notebook to reattach (``KT_OWNER_GRACE_S`` overrides); then it stops. ``--keep`` kernels never wait.
 OWNER_GRACE_S = 120.0
+
+
+def _no_debugger_hooks() -> Any:
+    """A context where starting a Python child process is not rewritten by a debugger in this process.
+
+    debugpy (JupyterLab's debugger panel, an IDE attached to the notebook kernel)
+    rewrites the command line of Python children so they start under it and wait
+    for its session: a pod kernel would never become ready. It must start as itself.
+    """
+    monkey = sys.modules.get("_pydev_bundle.pydev_monkey")
+    skip = getattr(monkey, "skip_subprocess_arg_patch", None)
+    return skip() if callable(skip) else contextlib.nullcontext()
 
 
 def owner_grace_s() -> float:
@@ -215,7 +228,7 @@ class LocalBackend:
         log_path = d / "kernel.log"
         on_event(f"starting pod kernel {name!r} (local subprocess)")
         t0 = time.monotonic()
-        with open(log_path, "ab") as log_file:
+        with open(log_path, "ab") as log_file, _no_debugger_hooks():
             try:
                 proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,

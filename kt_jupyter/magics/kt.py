@@ -22,7 +22,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments, parse_argstring
 
 from .. import connection as conn_mod
-from .. import oom
+from .. import debug_panel, oom
 from ..backends import BACKENDS, get_backend
 from ..compute import Compute
 from ..debugging import NotebookInput
@@ -64,6 +64,12 @@ class KtMagics(Magics):
         #: what the last %%kt cell moved and how long each step took (for tests and curious users)
         self.last_outcome: conn_mod.CellOutcome | None = None
         self._subcommands = self._build_subcommands()
+        #: the exact text of the cell running now (JupyterLab's debugger names cell files by hashing it)
+        self._raw_cell: str | None = None
+        shell.events.register("pre_run_cell", self._remember_cell)
+
+    def _remember_cell(self, info: Any) -> None:
+        self._raw_cell = getattr(info, "raw_cell", None)
 
     # ------------------------------------------------------------------ %%kt
 
@@ -116,6 +122,8 @@ class KtMagics(Magics):
         connection = self._connect(compute, keep=args.keep, strict=explicit)
         if args.debug:
             self._announce_debugger(connection, cell_name, source, wait=args.debug == "wait")
+        elif not args.async_:
+            cell_name = self._debug_panel_file(connection) or cell_name
         # pdb / input() in the cell ask here; a background cell has no input box
         on_input = NotebookInput(allowed=not args.async_)
         progress = transfer_reporter()
@@ -136,6 +144,29 @@ class KtMagics(Magics):
         if result is not None and result.data and not cell.rstrip().endswith(";"):
             return RemoteResult(result.data, result.metadata)
         return None
+
+    def _debug_panel_file(self, connection: conn_mod.ComputeConnection) -> str | None:
+        """With JupyterLab's debugger on and breakpoints in this cell: link the pod's debugpy to the panel.
+
+        Returns the cell's file as JupyterLab names it, for the pod to run the cell under.
+        """
+        panel = debug_panel.active_debugger(self.shell)
+        raw = self._raw_cell
+        if panel is None or raw is None or not raw.lstrip().startswith("%%kt"):
+            return None
+        from ipykernel.compiler import get_file_name
+
+        path = get_file_name(raw)
+        if not panel.wants(path):
+            return None
+        try:
+            endpoint = connection.debug()
+            panel.link_pod(connection.name, endpoint.host, endpoint.port, write_file=connection.session.write_cell_file)
+        except (KtError, RemoteError, debug_panel.DapError, OSError) as exc:
+            print(f"[kt] JupyterLab's debugger cannot reach pod kernel {connection.name!r} ({exc}); "
+                  "this cell runs without its breakpoints", file=sys.stderr)
+            return None
+        return path
 
     def _announce_debugger(self, connection: conn_mod.ComputeConnection, cell_name: str, source: str,
                            wait: bool) -> None:

@@ -1,0 +1,189 @@
+"""JupyterLab's debugger panel on %%kt cells, driven as JupyterLab drives it: debug_request on the control channel.
+
+A real notebook kernel (ipykernel, own process, kt loaded) gets the messages
+JupyterLab 4's debugger sends: debugInfo, initialize, attach, configurationDone,
+dumpCell, setBreakpoints, then an execute_request of the cell; stopped events
+arrive as iopub debug_event, and stackTrace / scopes / variables / evaluate /
+continue follow. The pod kernel is a real local one; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+from kt_jupyter.debug_panel import ID_SPAN
+
+TIMEOUT_S = 60
+
+
+class Frontend:
+    """The part of JupyterLab's debugger this test needs: DAP over debug_request, and iopub events."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.seq = 0
+        self.events: queue.Queue = queue.Queue()
+        self.iopub: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.client.get_iopub_msg(timeout=0.1)
+            except queue.Empty:
+                continue
+            if msg["msg_type"] == "debug_event":
+                self.events.put(msg["content"])
+            else:
+                self.iopub.append(msg)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def request(self, command: str, **arguments) -> dict:
+        self.seq += 1
+        msg = self.client.session.msg("debug_request", {"type": "request", "seq": self.seq, "command": command,
+                                                        "arguments": arguments})
+        self.client.control_channel.send(msg)
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                reply = self.client.control_channel.get_msg(timeout=1)
+            except queue.Empty:
+                continue
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return reply["content"]
+        raise AssertionError(f"no reply to debug request {command!r} in {TIMEOUT_S} s")
+
+    def event(self, name: str, timeout: float = TIMEOUT_S) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ev = self.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if ev.get("event") == name:
+                return ev
+        raise AssertionError(f"no {name!r} debug event in {timeout} s")
+
+    def reply_of(self, msg_id: str, timeout: float = TIMEOUT_S) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                reply = self.client.get_shell_msg(timeout=0.5)
+            except queue.Empty:
+                continue
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply["content"]
+        raise AssertionError(f"no execute_reply in {timeout} s")
+
+    def stdout_of(self, msg_id: str) -> str:
+        return "".join(m["content"]["text"] for m in list(self.iopub)
+                       if m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == msg_id)
+
+    def start(self) -> dict:
+        """What JupyterLab does when the debugger is switched on for a notebook."""
+        info = self.request("debugInfo")
+        assert info["success"] and info["body"]["hashMethod"] == "Murmur2"
+        init = self.request("initialize", clientID="jupyterlab", clientName="JupyterLab", adapterID="python",
+                            pathFormat="path", linesStartAt1=True, columnsStartAt1=True,
+                            supportsVariableType=True, supportsVariablePaging=True,
+                            supportsRunInTerminalRequest=True, locale="en")
+        assert init["success"], init
+        assert self.request("attach")["success"]
+        assert self.request("configurationDone")["success"]
+        return info["body"]
+
+
+@pytest.fixture(scope="module")
+def nb(tmp_path_factory):
+    home = tmp_path_factory.mktemp("kt_home_panel")
+    env = dict(os.environ, KT_HOME=str(home), KT_USERNAME="tester")
+    km, client = start_new_kernel(kernel_name="python3", env=env)
+    reply = client.execute_interactive("%load_ext kt_jupyter", timeout=TIMEOUT_S)
+    assert reply["content"]["status"] == "ok"
+    front = Frontend(client)
+    yield front
+    assert front.reply_of(client.execute("%kt down --all"))["status"] == "ok"
+    front.close()
+    client.stop_channels()
+    km.shutdown_kernel(now=True)
+
+
+CELL = (
+    "%%kt --name panel\n"
+    "import os\n"
+    "def scale(v):\n"
+    "    doubled = v * 2\n"
+    "    return doubled + 1\n"
+    "total = 0\n"
+    "for i in range(3):\n"
+    "    total += scale(i)\n"
+    "print('total', total, 'pid', os.getpid())\n"
+)
+
+
+def test_breakpoints_in_a_kt_cell_stop_in_the_pod_and_show_its_frames_and_variables(nb):
+    nb.start()
+    path = nb.request("dumpCell", code=CELL)["body"]["sourcePath"]
+    bps = nb.request("setBreakpoints", source={"path": path}, breakpoints=[{"line": 4}], sourceModified=False)
+    assert bps["success"] and [b["line"] for b in bps["body"]["breakpoints"]] == [4]
+
+    msg_id = nb.client.execute(CELL)
+    stopped = nb.event("stopped")
+    thread = stopped["body"]["threadId"]
+    assert thread >= ID_SPAN  # a pod thread, in the pod's id range
+    frames = nb.request("stackTrace", threadId=thread)["body"]["stackFrames"]
+    top = frames[0]
+    assert top["id"] >= ID_SPAN and top["name"] == "scale"
+    assert (top["source"]["path"], top["line"]) == (path, 4)  # the notebook cell's own file and line
+    scopes = nb.request("scopes", frameId=top["id"])["body"]["scopes"]
+    local_ref = next(s["variablesReference"] for s in scopes if s["name"].lower().startswith("local"))
+    assert local_ref >= ID_SPAN
+    names = {v["name"]: v["value"] for v in nb.request("variables", variablesReference=local_ref)["body"]["variables"]}
+    assert names["v"] == "0"
+    assert nb.request("evaluate", expression="v + 40", frameId=top["id"], context="repl")["body"]["result"] == "40"
+    rich = nb.request("richInspectVariables", variableName="v", frameId=top["id"])
+    assert rich["success"] and rich["body"]["data"].get("text/plain") == "0"
+    assert thread in nb.request("debugInfo")["body"]["stoppedThreads"]
+
+    assert nb.request("next", threadId=thread)["success"]  # a step: line 5 of the cell
+    nb.event("stopped")
+    top = nb.request("stackTrace", threadId=thread)["body"]["stackFrames"][0]
+    assert (top["source"]["path"], top["line"]) == (path, 5)
+
+    # the loop comes back to the breakpoint with the next value, then runs to the end
+    assert nb.request("continue", threadId=thread)["success"]
+    nb.event("stopped")
+    top = nb.request("stackTrace", threadId=thread)["body"]["stackFrames"][0]
+    local_ref = next(s["variablesReference"] for s in nb.request("scopes", frameId=top["id"])["body"]["scopes"]
+                     if s["name"].lower().startswith("local"))
+    values = {v["name"]: v["value"] for v in nb.request("variables", variablesReference=local_ref)["body"]["variables"]}
+    assert values["v"] == "1"
+    assert nb.request("setBreakpoints", source={"path": path}, breakpoints=[], sourceModified=False)["success"]
+    assert nb.request("continue", threadId=thread)["success"]
+    reply = nb.reply_of(msg_id)
+    assert reply["status"] == "ok", reply
+    out = nb.stdout_of(msg_id)
+    assert "total 9 pid" in out
+    pod_pid = int(out.split("pid")[-1])
+
+    # plain notebook cells still run in the notebook kernel as before (another process than the pod)
+    local = nb.client.execute("import os\nx_local = 41 + 1\nprint('local', x_local, os.getpid())")
+    assert nb.reply_of(local)["status"] == "ok"
+    said = nb.stdout_of(local).split()
+    assert said[:2] == ["local", "42"] and int(said[2]) != pod_pid
+
+    # switching the debugger off detaches from the pod; the pod kernel and its state stay
+    assert nb.request("disconnect", restart=False, terminateDebuggee=False)["success"]  # as JupyterLab sends it
+    again = nb.client.execute("%%kt --name panel\nprint('still', total)")
+    assert nb.reply_of(again)["status"] == "ok" and "still 9" in nb.stdout_of(again)
