@@ -22,6 +22,19 @@ from kt_jupyter.debug_panel import ID_SPAN
 TIMEOUT_S = 60
 
 
+def _first(get, matches, timeout: float, what: str):
+    """The first item ``get(timeout=...)`` returns that ``matches``, within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            item = get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if matches(item):
+            return item
+    raise AssertionError(f"no {what} in {timeout} s")
+
+
 class Frontend:
     """The part of JupyterLab's debugger this test needs: DAP over debug_request, and iopub events."""
 
@@ -54,37 +67,15 @@ class Frontend:
         msg = self.client.session.msg("debug_request", {"type": "request", "seq": self.seq, "command": command,
                                                         "arguments": arguments})
         self.client.control_channel.send(msg)
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                reply = self.client.control_channel.get_msg(timeout=1)
-            except queue.Empty:
-                continue
-            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
-                return reply["content"]
-        raise AssertionError(f"no reply to debug request {command!r} in {TIMEOUT_S} s")
+        return _first(self.client.control_channel.get_msg, lambda r: r["parent_header"].get("msg_id") ==
+                      msg["header"]["msg_id"], TIMEOUT_S, f"reply to debug request {command!r}")["content"]
 
     def event(self, name: str, timeout: float = TIMEOUT_S) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                ev = self.events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if ev.get("event") == name:
-                return ev
-        raise AssertionError(f"no {name!r} debug event in {timeout} s")
+        return _first(self.events.get, lambda ev: ev.get("event") == name, timeout, f"{name!r} debug event")
 
     def reply_of(self, msg_id: str, timeout: float = TIMEOUT_S) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                reply = self.client.get_shell_msg(timeout=0.5)
-            except queue.Empty:
-                continue
-            if reply["parent_header"].get("msg_id") == msg_id:
-                return reply["content"]
-        raise AssertionError(f"no execute_reply in {timeout} s")
+        return _first(self.client.get_shell_msg, lambda r: r["parent_header"].get("msg_id") == msg_id, timeout,
+                      "execute_reply")["content"]
 
     def stdout_of(self, msg_id: str) -> str:
         return "".join(m["content"]["text"] for m in list(self.iopub)
