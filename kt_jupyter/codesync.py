@@ -32,33 +32,39 @@ class CodeTree:
         self._cache: dict[str, tuple[int, int, str]] = {}
         self.last_sent: dict[str, str] | None = None
 
-    def _files(self) -> Iterable[tuple[str, Path]]:
-        yield from self._walk(self.root, self.root, top=True)
+    def _files(self) -> Iterable[tuple[str, os.DirEntry]]:
+        root = str(self.root)
+        yield from self._walk(root, root, top=True)
         for pkg in self.packages:
-            yield from self._walk(pkg.parent, pkg, top=False)
+            yield from self._walk(str(pkg.parent), str(pkg), top=False)
 
-    def _walk(self, base: Path, directory: Path, top: bool) -> Iterable[tuple[str, Path]]:
+    def _walk(self, base: str, directory: str, top: bool) -> Iterable[tuple[str, os.DirEntry]]:
+        # plain strings and DirEntry: this runs before every %%kt cell, so it must cost microseconds per file
         try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except OSError:
             return
-        is_package = (directory / "__init__.py").exists()
+        is_package = any(e.name == "__init__.py" for e in entries)
+        cut = len(base.rstrip(os.sep)) + 1
         for entry in entries:
-            if entry.name.startswith("."):
+            name = entry.name
+            if name.startswith("."):
                 continue
-            if entry.is_file() and entry.name.endswith(".py") and (top or is_package or directory != base):
-                yield Path(entry.path).relative_to(base).as_posix(), Path(entry.path)
-            elif entry.is_dir() and entry.name not in SKIP_DIRS and (Path(entry.path) / "__init__.py").exists():
-                yield from self._walk(base, Path(entry.path), top=False)
+            if name.endswith(".py") and entry.is_file():
+                if top or is_package or directory != base:
+                    yield entry.path[cut:].replace(os.sep, "/"), entry
+            elif entry.is_dir() and name not in SKIP_DIRS and os.path.exists(os.path.join(entry.path, "__init__.py")):
+                yield from self._walk(base, entry.path, top=False)
 
     def manifest(self) -> dict[str, str]:
         """Relative path -> content hash of every file to sync."""
         out: dict[str, str] = {}
-        for rel, path in self._files():
+        for rel, entry in self._files():
             if len(out) >= MAX_FILES:
                 break
             try:
-                st = path.stat()
+                st = entry.stat()
             except OSError:
                 continue
             if st.st_size > MAX_FILE_BYTES:
@@ -67,7 +73,11 @@ class CodeTree:
             if cached and cached[0] == st.st_mtime_ns and cached[1] == st.st_size:
                 out[rel] = cached[2]
                 continue
-            digest = content_hash(path.read_bytes())
+            try:
+                with open(entry.path, "rb") as f:
+                    digest = content_hash(f.read())
+            except OSError:
+                continue
             self._cache[rel] = (st.st_mtime_ns, st.st_size, digest)
             out[rel] = digest
         return out
