@@ -181,6 +181,9 @@ class PodDapLink:
             self._sock.close()
         except OSError:
             pass
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
 
 
 # ---------------------------------------------------------------------- id translation
@@ -277,6 +280,7 @@ class KtDebuggerMixin:
             for msg_type in list(table):
                 table[msg_type] = getattr(self, msg_type)
         self.kt_cells: dict[str, str] = {}  # cell file -> compute name (from dumpCell)
+        self.kt_code: dict[str, str] = {}  # cell file -> the cell's text (from dumpCell)
         self.kt_breakpoints: dict[str, list[dict[str, Any]]] = {}  # cell file -> breakpoints asked
         self.kt_links: list[PodDapLink] = []  # index i owns ids [(i + 1) * ID_SPAN, (i + 2) * ID_SPAN)
         self.kt_lock = threading.Lock()
@@ -289,6 +293,7 @@ class KtDebuggerMixin:
         code = message["arguments"]["code"]
         if code.lstrip().startswith("%%kt"):
             self.kt_cells[reply["body"]["sourcePath"]] = compute_of_cell(code)
+            self.kt_code[reply["body"]["sourcePath"]] = code
         return reply
 
     async def setBreakpoints(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -303,7 +308,7 @@ class KtDebuggerMixin:
         link = self._link_for(compute)
         if link is not None:
             if path not in link.written:
-                link.write_file(path, pod_source(self._cell_text(path)))
+                link.write_file(path, pod_source(self.kt_code.get(path, "")))
                 link.written.add(path)
             reply = link.request("setBreakpoints", {"source": {"path": path}, "breakpoints": asked})
             return dict(reply, request_seq=message["seq"], seq=message["seq"])
@@ -388,21 +393,13 @@ class KtDebuggerMixin:
             self.kt_links.append(link)
         mine = {path: bps for path, bps in self.kt_breakpoints.items() if self.kt_cells.get(path) == compute}
         for path in mine:
-            write_file(path, pod_source(self._cell_text(path)))
+            write_file(path, pod_source(self.kt_code.get(path, "")))
             link.written.add(path)
         try:
             link.attach(mine, just_my_code=bool(getattr(self, "just_my_code", True)))
         except DapError:
             link.close()
             raise
-
-    @staticmethod
-    def _cell_text(path: str) -> str:
-        try:
-            with open(path, encoding="utf-8") as f:  # dumpCell wrote it here, in the notebook kernel
-                return f.read()
-        except OSError:
-            return ""
 
     def _link_for(self, compute: str) -> PodDapLink | None:
         return next((lk for lk in self.kt_links if lk.compute == compute and not lk.closed), None)

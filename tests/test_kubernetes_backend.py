@@ -16,6 +16,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -657,6 +658,66 @@ def test_debug_wait_cell_attaches_an_ide_through_the_forwarded_port(cluster, ip,
     assert outcome.get("done") and "error" not in outcome, outcome
     assert ip.user_ns["y"] == 42
     assert cluster.backend.forward_port("kdbg", remote_port) == port  # one forward per pod and port
+
+
+def test_jupyterlab_debugger_panel_stops_a_kubernetes_cell_in_its_pod(cluster, ip, monkeypatch, tmp_path):
+    """The debugger panel's path on Kubernetes: port-forwarded debugpy, the cell's file written in the pod.
+
+    The notebook kernel's debugger is ipykernel's real Debugger class turned KtDebugger, standing alone
+    (no local debugpy: only %%kt cells are debugged here); requests are what JupyterLab sends.
+    """
+    import asyncio
+    import logging
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    from ipykernel.compiler import get_tmp_directory
+
+    from kt_jupyter import debug_panel
+
+    events: list[dict] = []
+    dbg = debug_panel._debugger_class()(logging.getLogger("test"), None, events.append, None, None, [])
+    dbg._kt_init()
+    dbg.is_started = True  # as after JupyterLab's initialize/attach
+    monkeypatch.setattr(ip, "kernel", SimpleNamespace(debugger=dbg), raising=False)
+    os.makedirs(get_tmp_directory(), exist_ok=True)
+
+    def ask(command: str, **arguments):
+        return asyncio.run(dbg.process_request({"type": "request", "seq": 1, "command": command,
+                                                "arguments": arguments}))
+
+    cell = ("%%kt --backend kubernetes --name kpanel\n"
+            "x = 41\n"
+            "y = x + 1\n"              # line 3 <- breakpoint
+            "print('y is', y)\n")
+    path = ask("dumpCell", code=cell)["body"]["sourcePath"]
+    assert ask("setBreakpoints", source={"path": path}, breakpoints=[{"line": 3}])["success"]
+    os.remove(path)  # as on a real cluster, the pod has no copy: the panel must write it there first
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", run(ip, cell)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not any(e.get("event") == "stopped" for e in events) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopped = next(e for e in events if e.get("event") == "stopped")
+    thread_id = stopped["body"]["threadId"]
+    assert thread_id >= debug_panel.ID_SPAN
+    with open(path) as f:
+        assert f.read() == "# " + cell  # written by the pod kernel (cell_file), line for line
+    frame = ask("stackTrace", threadId=thread_id)["body"]["stackFrames"][0]
+    assert (frame["source"]["path"], frame["line"]) == (path, 3)
+    scopes = ask("scopes", frameId=frame["id"])["body"]["scopes"]
+    ref = next(s["variablesReference"] for s in scopes if s["name"].lower().startswith(("local", "global")))
+    assert {v["name"]: v["value"] for v in ask("variables", variablesReference=ref)["body"]["variables"]}["x"] == "41"
+    assert ask("continue", threadId=thread_id)["success"]
+    thread.join(60)
+    assert not thread.is_alive() and ip.user_ns["y"] == 42
+    remote_port = next(t.port for t in cluster.backend._connector.opened if t.port != POD_KERNEL_PORT)
+    assert remote_port  # debugpy was reached through the backend's forward
+    link = dbg.kt_links[0]
+    dbg.detach_pods()  # what the panel's disconnect does for the pods (tests/test_debug_panel.py sends it)
+    assert not dbg.kt_links and link.closed
 
 
 def test_forward_port_from_inside_the_cluster_says_what_to_do():
