@@ -16,7 +16,8 @@ pytest.importorskip("playwright", reason="browser tests need playwright (pip ins
 pytest.importorskip("notebook", minversion="7", reason="Notebook 7 tests need notebook>=7 (pip install notebook)")
 
 from playwright.sync_api import Page, expect  # noqa: E402
-from test_widgets_browser import KERNEL_TIMEOUT_MS, WIDGET_TIMEOUT_MS, Notebook  # noqa: E402
+from test_widgets_browser import (  # noqa: E402
+    KERNEL_TIMEOUT_MS, WIDGET_TIMEOUT_MS, Notebook, expect_settled_status_panel)
 
 
 class Notebook7(Notebook):
@@ -65,17 +66,7 @@ def test_status_panel_and_picker_render_in_notebook7(page: Page, clean_notebook7
     # %kt status: the live panel, with phase pill, compute name and memory
     nb.run(2)
     panel = nb.output(2).locator(".kt-panel")
-    expect(panel).to_be_visible(timeout=WIDGET_TIMEOUT_MS)
-    badge = panel.locator(".kt-phase")
-    expect(badge).to_have_attribute("data-kt-phase", re.compile(r"^(idle|ready)$"), timeout=WIDGET_TIMEOUT_MS)
-    expect(badge).to_have_text(re.compile(r"idle|ready"))
-    expect(panel.locator(".kt-name")).to_have_text("default")
-    expect(panel.locator('[data-kt-field="where"]')).to_contain_text("local pid")
-    expect(panel.locator('.kt-metric[data-kt-key="rss"] .kt-metric-value')).to_contain_text(
-        "MiB", timeout=WIDGET_TIMEOUT_MS)
-    # the panel's first paint can predate the kernel's reply: wait for the settled state (the cell and its print)
-    expect(panel.locator('[data-kt-field="cells"]')).to_contain_text("1", timeout=WIDGET_TIMEOUT_MS)
-    expect(panel.locator(".kt-log")).to_contain_text("hello from notebook 7, pid", timeout=WIDGET_TIMEOUT_MS)
+    expect_settled_status_panel(panel, "hello from notebook 7, pid")
     panel.screenshot(path=str(artifacts / "notebook7-status.png"))
 
     # %kt pick: the picker form, with the default compute current and its fields

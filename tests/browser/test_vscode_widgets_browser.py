@@ -58,7 +58,7 @@ pytest.importorskip("playwright", reason="browser tests need playwright (pip ins
 
 from playwright.sync_api import Error as PlaywrightError  # noqa: E402
 from playwright.sync_api import Locator, Page, Route, expect  # noqa: E402
-from test_widgets_browser import KERNEL_TIMEOUT_MS, WIDGET_TIMEOUT_MS  # noqa: E402
+from test_widgets_browser import KERNEL_TIMEOUT_MS, WIDGET_TIMEOUT_MS, expect_settled_status_panel  # noqa: E402
 
 HOST_DIR = Path(__file__).resolve().parent / "vscode_host"
 BUILD_ROOT = HOST_DIR / ".build"
@@ -258,17 +258,8 @@ def test_status_panel_and_picker_under_vscode_widget_manager(page: Page, vscode_
     # %kt status: the live panel, drawn by VS Code's manager into VS Code's widget output node
     cell = host.run("%kt status")
     panel = cell.locator(".cell-output-ipywidget-background .kt-panel")
-    expect(panel).to_be_visible(timeout=WIDGET_TIMEOUT_MS)
-    badge = panel.locator(".kt-phase")
-    expect(badge).to_have_attribute("data-kt-phase", re.compile(r"^(idle|ready)$"), timeout=WIDGET_TIMEOUT_MS)
-    expect(badge).to_have_text(re.compile(r"idle|ready"))
-    expect(panel.locator(".kt-name")).to_have_text("default")
-    expect(panel.locator('[data-kt-field="where"]')).to_contain_text("local pid")
-    expect(panel.locator('.kt-metric[data-kt-key="rss"] .kt-metric-value')).to_contain_text(
-        "MiB", timeout=WIDGET_TIMEOUT_MS)
-    # updates pushed later from kt_jupyter's threads (monitor: cell count, log lines) reach the rendered views
-    expect(panel.locator('[data-kt-field="cells"]')).to_contain_text("1", timeout=WIDGET_TIMEOUT_MS)
-    expect(panel.locator(".kt-log")).to_contain_text("hello from vs code, pid", timeout=WIDGET_TIMEOUT_MS)
+    # includes updates pushed later from kt_jupyter's threads (cell count, log lines) reaching the rendered views
+    expect_settled_status_panel(panel, "hello from vs code, pid")
 
     # %kt pick: the picker form, with the default compute current and its fields
     cell = host.run("%kt pick")

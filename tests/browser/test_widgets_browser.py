@@ -21,6 +21,24 @@ KERNEL_TIMEOUT_MS = 60_000
 WIDGET_TIMEOUT_MS = 20_000
 
 
+def expect_settled_status_panel(panel: Locator, printed: str) -> None:
+    """``%kt status`` on the default local compute after one cell that printed ``printed``: every part there.
+
+    The panel's first paint can predate the kernel's reply, so the last checks wait for the settled
+    state (the cell counted, its print in the log), which background threads push after the first render.
+    """
+    expect(panel).to_be_visible(timeout=WIDGET_TIMEOUT_MS)
+    badge = panel.locator(".kt-phase")
+    expect(badge).to_have_attribute("data-kt-phase", re.compile(r"^(idle|ready)$"), timeout=WIDGET_TIMEOUT_MS)
+    expect(badge).to_have_text(re.compile(r"idle|ready"))
+    expect(panel.locator(".kt-name")).to_have_text("default")
+    expect(panel.locator('[data-kt-field="where"]')).to_contain_text("local pid")
+    expect(panel.locator('.kt-metric[data-kt-key="rss"] .kt-metric-value')).to_contain_text(
+        "MiB", timeout=WIDGET_TIMEOUT_MS)
+    expect(panel.locator('[data-kt-field="cells"]')).to_contain_text("1", timeout=WIDGET_TIMEOUT_MS)
+    expect(panel.locator(".kt-log")).to_contain_text(printed, timeout=WIDGET_TIMEOUT_MS)
+
+
 class Notebook:
     """One open notebook in JupyterLab, driven like a person would (click a cell, Shift+Enter)."""
 
