@@ -40,6 +40,8 @@ log = logging.getLogger("kt_jupyter.debug_panel")
 ID_SPAN = 1 << 28
 #: Seconds to wait for a pod's debugpy to answer one request.
 DAP_TIMEOUT_S = 30.0
+#: Modules whose frames a pod's stack traces leave out: what runs a cell, not the cell.
+HIDDEN_MODULES = ("IPython", "pod_kernel", "asyncio", "concurrent", "threading", "runpy", "traitlets", "contextlib")
 #: Requests whose ``threadId`` argument names the thread they act on.
 THREAD_REQUESTS = frozenset({"stackTrace", "continue", "next", "stepIn", "stepOut", "pause", "stepBack",
                              "reverseContinue", "goto", "restartFrame"})
@@ -159,7 +161,10 @@ class PodDapLink:
                                            "supportsVariableType": True})
         if not init.get("success"):
             raise DapError(f"debugpy in {self.compute!r} refused initialize: {init.get('message')}")
-        attach_seq = self.send("attach", {"justMyCode": just_my_code})
+        # the panel shows the user's frames, not the pod kernel's machinery (as ipykernel hides its own)
+        rules = [{"module": name, "include": False} for name in HIDDEN_MODULES]
+        rules.append({"path": "**/pod_kernel/**", "include": False})  # its __main__ too, wherever it lives
+        attach_seq = self.send("attach", {"justMyCode": just_my_code, "rules": rules})
         self._wait_event("initialized")
         verified = {path: self.request("setBreakpoints", {"source": {"path": path}, "breakpoints": bps})
                     for path, bps in breakpoints.items()}
@@ -312,8 +317,8 @@ class KtDebuggerMixin:
                 link.written.add(path)
             reply = link.request("setBreakpoints", {"source": {"path": path}, "breakpoints": asked})
             return dict(reply, request_seq=message["seq"], seq=message["seq"])
-        pending = [{"verified": True, "line": b["line"], "message": f"set in pod kernel {compute!r} when the cell runs"}
-                   for b in asked]
+        pending = [{"verified": True, "line": b["line"], "source": {"path": path},
+                    "message": f"set in pod kernel {compute!r} when the cell runs"} for b in asked]
         return {"type": "response", "request_seq": message["seq"], "seq": message["seq"], "success": True,
                 "command": "setBreakpoints", "body": {"breakpoints": pending}}
 
@@ -322,6 +327,15 @@ class KtDebuggerMixin:
         command = message.get("command")
         arguments = message.get("arguments") or {}
         target = unshift_arguments(command, arguments)
+        if (self.is_started and command == "continue" and isinstance(target, int) and target < ID_SPAN
+                and target not in self.stopped_threads):
+            # JupyterLab 4's continue() drops the stopped thread from its model before it reads the thread id,
+            # so it asks for thread 1; a local debugpy answers a continue of a running thread only once that
+            # thread resumes (never): send it to the stopped pod thread instead
+            pod_thread = next((t for t in sorted(self.stopped_threads) if t >= ID_SPAN), None)
+            if pod_thread is not None:
+                message = dict(message, arguments=dict(arguments, threadId=pod_thread))
+                target = pod_thread
         if self.is_started and isinstance(target, int) and target >= ID_SPAN:
             return self._to_pod(message, target)
         reply = await super().process_request(message)
@@ -396,7 +410,7 @@ class KtDebuggerMixin:
             write_file(path, pod_source(self.kt_code.get(path, "")))
             link.written.add(path)
         try:
-            link.attach(mine, just_my_code=bool(getattr(self, "just_my_code", True)))
+            link.attach(mine, just_my_code=True)  # the cell and the user's code: not IPython's or the pod kernel's
         except DapError:
             link.close()
             raise

@@ -7,6 +7,7 @@ Without them every browser test is skipped, saying which part is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -154,6 +155,23 @@ class LabServer:
             except urllib.error.URLError:
                 pass
 
+    @property
+    def backend(self) -> Any:
+        """The local backend on this server's KT_HOME: its notebooks' pod kernels."""
+        from kt_jupyter.backends.local import LocalBackend
+
+        return LocalBackend(root=self.kt_home / "local")
+
+    def reset(self) -> None:
+        """No notebook kernels (with a session or without) and no pod kernels left."""
+        self.shutdown_sessions()
+        for kernel in self.api("GET", "/api/kernels") or []:
+            with contextlib.suppress(urllib.error.URLError):
+                self.api("DELETE", f"/api/kernels/{kernel['id']}")
+        backend = self.backend
+        for info in backend.list():
+            backend.delete(info.name, grace_period_s=1)
+
     def stop(self) -> None:
         """Stop the server and everything it started."""
         try:
@@ -190,6 +208,14 @@ def notebook7(tmp_path_factory) -> LabServer:
     server = LabServer(tmp_path_factory.mktemp("notebook7"), app="notebook")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def clean_lab(lab: LabServer):
+    """The lab server with no kernels or pod kernels left from other tests, and none after this one."""
+    lab.reset()
+    yield lab
+    lab.reset()
 
 
 @pytest.fixture

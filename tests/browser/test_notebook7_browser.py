@@ -37,14 +37,9 @@ class Notebook7(Notebook):
 @pytest.fixture
 def clean_notebook7(notebook7):
     """The Notebook 7 server with no kernels left from other tests, and no pod kernels after this one."""
-    notebook7.shutdown_sessions()
+    notebook7.reset()
     yield notebook7
-    notebook7.shutdown_sessions()
-    from kt_jupyter.backends.local import LocalBackend
-
-    backend = LocalBackend(root=notebook7.kt_home / "local")
-    for info in backend.list():
-        backend.delete(info.name, grace_period_s=1)
+    notebook7.reset()
 
 
 def test_status_panel_and_picker_render_in_notebook7(page: Page, clean_notebook7, artifacts: Path):

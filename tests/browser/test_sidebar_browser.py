@@ -25,20 +25,9 @@ SIDEBAR_TIMEOUT_MS = 20_000
 
 
 @pytest.fixture
-def sidebar_lab(lab):
+def sidebar_lab(clean_lab):
     """The lab server with no kernels or computes left from other tests, and none after this one."""
-    from kt_jupyter.backends.local import LocalBackend
-
-    backend = LocalBackend(root=lab.kt_home / "local")
-
-    def clean() -> None:
-        lab.shutdown_sessions()
-        for info in backend.list():
-            backend.delete(info.name, grace_period_s=1)
-
-    clean()
-    yield lab, backend
-    clean()
+    yield clean_lab, clean_lab.backend
 
 
 def run_cell(page: Page, panel: Locator, index: int) -> None:

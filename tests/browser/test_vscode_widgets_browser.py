@@ -48,7 +48,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
 from pathlib import Path
 
@@ -173,27 +172,6 @@ def vscode_host() -> Path:
     return build_host()
 
 
-def _stop_kernels(server) -> None:
-    """Stop every session and kernel of the server (the host starts a kernel without a session)."""
-    server.shutdown_sessions()
-    for kernel in server.api("GET", "/api/kernels") or []:
-        with contextlib.suppress(urllib.error.URLError):
-            server.api("DELETE", f"/api/kernels/{kernel['id']}")
-
-
-@pytest.fixture
-def clean_server(lab):
-    """The lab fixture's jupyter_server with no kernels from other tests; no kernels or pod kernels after."""
-    _stop_kernels(lab)
-    yield lab
-    _stop_kernels(lab)
-    from kt_jupyter.backends.local import LocalBackend
-
-    backend = LocalBackend(root=lab.kt_home / "local")
-    for info in backend.list():
-        backend.delete(info.name, grace_period_s=1)
-
-
 class VSCodeHost:
     """The host page on the server's origin: cells run on a live kernel, widgets drawn by VS Code's manager."""
 
@@ -244,9 +222,9 @@ class VSCodeHost:
         return cell
 
 
-def test_status_panel_and_picker_under_vscode_widget_manager(page: Page, vscode_host: Path, clean_server,
+def test_status_panel_and_picker_under_vscode_widget_manager(page: Page, vscode_host: Path, clean_lab,
                                                              artifacts: Path):
-    server = clean_server
+    server = clean_lab
     host = VSCodeHost(page, server, vscode_host)
     host.run("%load_ext kt_jupyter")
 

@@ -75,19 +75,6 @@ class Notebook:
             expect(prompt).to_have_text(re.compile(r"^\[\d+\]:$"), timeout=KERNEL_TIMEOUT_MS)
 
 
-@pytest.fixture
-def clean_lab(lab):
-    """The lab server with no kernels left from other tests, and no pod kernels after this one."""
-    lab.shutdown_sessions()
-    yield lab
-    lab.shutdown_sessions()
-    from kt_jupyter.backends.local import LocalBackend
-
-    backend = LocalBackend(root=lab.kt_home / "local")
-    for info in backend.list():
-        backend.delete(info.name, grace_period_s=1)
-
-
 def test_status_panel_logs_and_metrics_follow_a_running_cell(page: Page, clean_lab, artifacts: Path):
     lab = clean_lab
     lab.write_notebook("status.ipynb", [
