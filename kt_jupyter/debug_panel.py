@@ -289,6 +289,7 @@ class KtDebuggerMixin:
         self.kt_breakpoints: dict[str, list[dict[str, Any]]] = {}  # cell file -> breakpoints asked
         self.kt_links: list[PodDapLink] = []  # index i owns ids [(i + 1) * ID_SPAN, (i + 2) * ID_SPAN)
         self.kt_lock = threading.Lock()
+        self.kt_stops: dict[int, int] = {}  # pod thread -> how many times it stopped (orders events and replies)
 
     # ------------------------------------------------------------------ JupyterLab's requests
 
@@ -373,6 +374,8 @@ class KtDebuggerMixin:
                     data, metadata = {}, {}
             return dict(fail, success=True, body={"data": data,
                                                   "metadata": {k: v for k, v in metadata.items() if k in data}})
+        with self.kt_lock:
+            stops_before = self.kt_stops.get(target, 0)
         try:
             reply = link.request(command, args)
         except DapError as exc:
@@ -381,7 +384,9 @@ class KtDebuggerMixin:
         if isinstance(body, dict):
             shift_body(command, body, offset)
         if command == "continue" and reply.get("success"):
-            self.stopped_threads.discard(target)
+            with self.kt_lock:  # unless it has stopped again already (its event can beat this response here)
+                if self.kt_stops.get(target, 0) == stops_before:
+                    self.stopped_threads.discard(target)
         return dict(reply, request_seq=message["seq"], seq=message["seq"])
 
     # ------------------------------------------------------------------ the magic's side
@@ -424,7 +429,9 @@ class KtDebuggerMixin:
             shift_body(msg.get("event", ""), body, offset)
         event = msg.get("event")
         if event == "stopped" and isinstance((body or {}).get("threadId"), int):
-            self.stopped_threads.add(body["threadId"])
+            with self.kt_lock:
+                self.stopped_threads.add(body["threadId"])
+                self.kt_stops[body["threadId"]] = self.kt_stops.get(body["threadId"], 0) + 1
             body["allThreadsStopped"] = False  # JupyterLab asks for this thread; ipykernel's queue is local-only
         elif event == "continued":
             if (body or {}).get("allThreadsContinued"):

@@ -180,3 +180,44 @@ def test_breakpoints_in_a_kt_cell_stop_in_the_pod_and_show_its_frames_and_variab
     assert nb.request("disconnect", restart=False, terminateDebuggee=False)["success"]  # as JupyterLab sends it
     again = nb.client.execute("%%kt --name panel\nprint('still', total)")
     assert nb.reply_of(again)["status"] == "ok" and "still 9" in nb.stdout_of(again)
+
+
+class FakeLinkStoppingAgain:
+    """A fake pod link (test double of PodDapLink): answers continue only after the thread's next
+    stopped event has arrived, as a fast loop on the pod can make it happen on the wire."""
+
+    compute = "fake"
+    closed = False
+
+    def __init__(self, debugger, offset: int) -> None:
+        self.debugger = debugger
+        self.offset = offset
+
+    def request(self, command: str, arguments: dict) -> dict:
+        assert (command, arguments) == ("continue", {"threadId": 1})
+        self.debugger._pod_event({"type": "event", "event": "stopped",
+                                  "body": {"reason": "breakpoint", "threadId": 1, "allThreadsStopped": True}},
+                                 self.offset)
+        return {"type": "response", "command": command, "success": True, "body": {"allThreadsContinued": False}}
+
+
+def test_a_stop_that_beats_the_continue_reply_keeps_the_thread_stopped():
+    """Regression (seen in the browser): the pod thread stops again before continue's reply is handled;
+    it must stay listed as stopped, or the next Continue (threadId 1) goes to the notebook's own debugpy."""
+    import asyncio
+    import logging
+
+    from kt_jupyter import debug_panel
+
+    events: list[dict] = []
+    dbg = debug_panel._debugger_class()(logging.getLogger("test"), None, events.append, None, None, [])
+    dbg._kt_init()
+    dbg.is_started = True
+    dbg.kt_links.append(FakeLinkStoppingAgain(dbg, ID_SPAN))
+    dbg._pod_event({"type": "event", "event": "stopped", "body": {"threadId": 1, "allThreadsStopped": True}}, ID_SPAN)
+    assert dbg.stopped_threads == {ID_SPAN + 1}
+    reply = asyncio.run(dbg.process_request({"type": "request", "seq": 7, "command": "continue",
+                                             "arguments": {"threadId": 1}}))  # as JupyterLab 4.6 sends it
+    assert reply["success"] and reply["request_seq"] == 7
+    assert dbg.stopped_threads == {ID_SPAN + 1}  # stopped again, and still known to be
+    assert [e["body"]["threadId"] for e in events if e["event"] == "stopped"] == [ID_SPAN + 1, ID_SPAN + 1]
