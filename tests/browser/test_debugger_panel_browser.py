@@ -189,7 +189,7 @@ class DebuggerNotebook(Notebook):
         return self.output(1).locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stdout"]')
 
 
-def open_and_stop_at_breakpoint(page: Page, lab, name: str) -> DebuggerNotebook:
+def open_and_stop_at_breakpoint(page: Page, lab, backend, name: str) -> tuple[DebuggerNotebook, object]:
     """Debugger on, a breakpoint clicked on line 4 of the %%kt cell, the cell run: it stops in ``scale(0)``."""
     lab.write_notebook(name, ["%load_ext kt_jupyter", CELL])
     nb = DebuggerNotebook(page, lab, name)
@@ -204,15 +204,14 @@ def open_and_stop_at_breakpoint(page: Page, lab, name: str) -> DebuggerNotebook:
     expect(nb.cell(1).locator(".jp-InputPrompt")).to_have_text("[*]:")
     nb.expect_stopped_at("scale", BREAKPOINT_LINE)
     expect(nb.variable("v")).to_have_text("0", timeout=PANEL_TIMEOUT_MS)
-    return nb
+    pod = backend.find("panel")
+    assert pod is not None
+    return nb, pod
 
 
 def test_breakpoint_in_a_kt_cell_stops_in_the_pod_and_the_panel_shows_its_frame(page: Page, debug_lab, dap_log,
                                                                                   artifacts: Path):
-    lab, backend = debug_lab
-    nb = open_and_stop_at_breakpoint(page, lab, "debug_panel.ipynb")
-    pod = backend.find("panel")
-    assert pod is not None
+    nb, pod = open_and_stop_at_breakpoint(page, *debug_lab, "debug_panel.ipynb")
 
     # the pod's frames are the cell's own (justMyCode: not IPython's or the pod kernel's machinery)
     frames = nb.sidebar.locator(".jp-DebuggerCallstackFrame")
@@ -240,7 +239,7 @@ def test_breakpoint_in_a_kt_cell_stops_in_the_pod_and_the_panel_shows_its_frame(
     expect(nb.stdout()).to_have_text(f"total 9 pid {pod.pid}", timeout=KERNEL_TIMEOUT_MS)
     expect(nb.cell(1).locator(".jp-InputPrompt")).to_have_text(re.compile(r"^\[\d+\]:$"), timeout=KERNEL_TIMEOUT_MS)
     expect(nb.highlighted_line()).to_have_count(0)
-    assert backend.find("panel").pid == pod.pid
+    assert debug_lab[1].find("panel").pid == pod.pid  # the pod kernel stays
     page.screenshot(path=str(artifacts / "debugger-panel-finished.png"))
 
 
@@ -267,10 +266,7 @@ def test_breakpoints_panel_lists_the_kt_cells_breakpoint(page: Page, debug_lab, 
 
 def test_continue_stops_again_on_the_next_call_and_runs_to_the_end(page: Page, debug_lab, dap_log,
                                                                    artifacts: Path):
-    lab, backend = debug_lab
-    nb = open_and_stop_at_breakpoint(page, lab, "debug_continue.ipynb")
-    pod = backend.find("panel")
-    assert pod is not None
+    nb, pod = open_and_stop_at_breakpoint(page, *debug_lab, "debug_continue.ipynb")
 
     # Continue: the loop calls scale(1), which stops on the breakpoint again
     nb.toolbar_button("debugger:continue").click()

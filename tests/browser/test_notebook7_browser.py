@@ -17,7 +17,7 @@ pytest.importorskip("notebook", minversion="7", reason="Notebook 7 tests need no
 
 from playwright.sync_api import Page, expect  # noqa: E402
 from test_widgets_browser import (  # noqa: E402
-    KERNEL_TIMEOUT_MS, WIDGET_TIMEOUT_MS, Notebook, expect_settled_status_panel)
+    KERNEL_TIMEOUT_MS, Notebook, expect_picker_form, expect_settled_status_panel)
 
 
 class Notebook7(Notebook):
@@ -67,11 +67,6 @@ def test_status_panel_and_picker_render_in_notebook7(page: Page, clean_notebook7
     # %kt pick: the picker form, with the default compute current and its fields
     nb.run(3)
     picker = nb.output(3).locator(".kt-picker")
-    expect(picker).to_be_visible(timeout=WIDGET_TIMEOUT_MS)
-    expect(picker.locator(".kt-pick-current")).to_have_text("default (local)")
-    for field in ("name", "cpus", "memory"):
-        expect(picker.locator(f".kt-pick-{field} input")).to_be_visible()
-    expect(picker.locator(".kt-pick-launch")).to_be_visible()
-    expect(picker.locator(".kt-pick-row", has_text="default")).to_be_visible(timeout=WIDGET_TIMEOUT_MS)
+    expect_picker_form(picker)
     picker.screenshot(path=str(artifacts / "notebook7-picker.png"))
     page.screenshot(path=str(artifacts / "notebook7-page.png"), full_page=True)

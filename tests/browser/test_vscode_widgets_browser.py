@@ -57,7 +57,8 @@ pytest.importorskip("playwright", reason="browser tests need playwright (pip ins
 
 from playwright.sync_api import Error as PlaywrightError  # noqa: E402
 from playwright.sync_api import Locator, Page, Route, expect  # noqa: E402
-from test_widgets_browser import KERNEL_TIMEOUT_MS, WIDGET_TIMEOUT_MS, expect_settled_status_panel  # noqa: E402
+from test_widgets_browser import (  # noqa: E402
+    KERNEL_TIMEOUT_MS, WIDGET_TIMEOUT_MS, expect_picker_form, expect_settled_status_panel)
 
 HOST_DIR = Path(__file__).resolve().parent / "vscode_host"
 BUILD_ROOT = HOST_DIR / ".build"
@@ -242,12 +243,7 @@ def test_status_panel_and_picker_under_vscode_widget_manager(page: Page, vscode_
     # %kt pick: the picker form, with the default compute current and its fields
     cell = host.run("%kt pick")
     picker = cell.locator(".cell-output-ipywidget-background .kt-picker")
-    expect(picker).to_be_visible(timeout=WIDGET_TIMEOUT_MS)
-    expect(picker.locator(".kt-pick-current")).to_have_text("default (local)")
-    for field in ("name", "cpus", "memory"):
-        expect(picker.locator(f".kt-pick-{field} input")).to_be_visible()
-    expect(picker.locator(".kt-pick-launch")).to_be_visible()
-    expect(picker.locator(".kt-pick-row", has_text="default")).to_be_visible(timeout=WIDGET_TIMEOUT_MS)
+    expect_picker_form(picker)
 
     # a round trip through VS Code's manager: typing syncs to the kernel, whose answer redraws the line
     picker.locator(".kt-pick-name input").fill("vsc")

@@ -39,6 +39,16 @@ def expect_settled_status_panel(panel: Locator, printed: str) -> None:
     expect(panel.locator(".kt-log")).to_contain_text(printed, timeout=WIDGET_TIMEOUT_MS)
 
 
+def expect_picker_form(picker: Locator) -> None:
+    """``%kt pick`` with the default local compute current: the form, its fields, Launch, and the compute's row."""
+    expect(picker).to_be_visible(timeout=WIDGET_TIMEOUT_MS)
+    expect(picker.locator(".kt-pick-current")).to_have_text("default (local)")
+    for field in ("name", "cpus", "memory"):
+        expect(picker.locator(f".kt-pick-{field} input")).to_be_visible()
+    expect(picker.locator(".kt-pick-launch")).to_be_visible()
+    expect(picker.locator(".kt-pick-row", has_text="default")).to_be_visible(timeout=WIDGET_TIMEOUT_MS)
+
+
 class Notebook:
     """One open notebook in JupyterLab, driven like a person would (click a cell, Shift+Enter)."""
 
