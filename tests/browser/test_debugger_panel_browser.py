@@ -25,22 +25,12 @@ import pytest
 pytest.importorskip("playwright", reason="browser tests need playwright (pip install playwright pytest-playwright)")
 
 from playwright.sync_api import Locator, Page, expect  # noqa: E402
+from test_debug_panel import CELL  # noqa: E402  (the cell tests/test_debug_panel.py debugs over the wire)
 from test_widgets_browser import KERNEL_TIMEOUT_MS, Notebook  # noqa: E402
 
 #: Deadline for the debugger panel to show a change (a DAP round trip through the notebook kernel to the pod).
 PANEL_TIMEOUT_MS = 20_000
 
-CELL = (
-    "%%kt --name panel\n"
-    "import os\n"
-    "def scale(v):\n"
-    "    doubled = v * 2\n"
-    "    return doubled + 1\n"
-    "total = 0\n"
-    "for i in range(3):\n"
-    "    total += scale(i)\n"
-    "print('total', total, 'pid', os.getpid())"
-)
 #: ``doubled = v * 2``, counting the ``%%kt`` line as line 1 (as the editor's gutter does).
 BREAKPOINT_LINE = 4
 
