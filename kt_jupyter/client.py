@@ -709,6 +709,7 @@ class Session:
 
     async def _bulk_receive(self, pending: _Pending, ticket: str) -> None:
         asm = pending.assembler
+
         def receive() -> None:
             asm.prefault()  # here, off the event loop: faulting 1 GiB in bulk takes 40-300 ms
             client_transfer(self._bulk_address(), ticket, receive=asm.parts, progress=pending.on_progress)
