@@ -13,6 +13,7 @@ started. It exits by itself when the notebook kernel that launched it exits
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -23,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -65,6 +65,8 @@ def owner_grace_s() -> float:
         return max(float(raw), 0.0)
     except ValueError:
         raise ComputeSpecError(f"KT_OWNER_GRACE_S must be a number of seconds, got {raw!r}") from None
+
+
 _POD_KERNEL_ROOT = str(Path(__file__).resolve().parents[2])
 
 
