@@ -27,6 +27,7 @@ kernel and its variables stay.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -38,6 +39,8 @@ log = logging.getLogger("kt_jupyter.debug_panel")
 
 #: Ids of a pod's debugpy are shifted into their own range of this size.
 ID_SPAN = 1 << 28
+#: Events of a pod's debugpy kept for :meth:`PodDapLink._wait_event`.
+EVENTS_KEPT = 256
 #: Seconds to wait for a pod's debugpy to answer one request.
 DAP_TIMEOUT_S = 30.0
 #: Modules whose frames a pod's stack traces leave out: what runs a cell, not the cell.
@@ -67,7 +70,8 @@ class PodDapLink:
         self._lock = threading.Lock()
         self._cond = threading.Condition()
         self._responses: dict[int, dict[str, Any]] = {}
-        self._events: list[dict[str, Any]] = []
+        #: recent events (attach waits on 'initialized'); bounded: a debug session's output events never stop
+        self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
         self.closed = False
         #: puts a cell's file in the pod (set by KtDebugger.link_pod), and the files it put there
         self.write_file: Callable[[str, str], Any] = lambda path, text: None
@@ -213,8 +217,8 @@ def shift_body(command: str, body: dict[str, Any], offset: int) -> None:
     ref(body, "threadId")
 
 
-def unshift_arguments(command: str, arguments: dict[str, Any]) -> int | None:
-    """The id in a request's arguments that decides its target, or None when it has none."""
+def routing_id(command: str, arguments: dict[str, Any]) -> int | None:
+    """The thread, frame or variable id in a request's arguments that decides which debugpy gets it, or None."""
     if command in THREAD_REQUESTS:
         return arguments.get("threadId")
     if command in FRAME_REQUESTS:
@@ -327,7 +331,7 @@ class KtDebuggerMixin:
         """Requests about a pod's thread, frame or variable go to that pod's debugpy; the rest as before."""
         command = message.get("command")
         arguments = message.get("arguments") or {}
-        target = unshift_arguments(command, arguments)
+        target = routing_id(command, arguments)
         if (self.is_started and command == "continue" and isinstance(target, int) and target < ID_SPAN
                 and target not in self.stopped_threads):
             # JupyterLab 4's continue() drops the stopped thread from its model before it reads the thread id,

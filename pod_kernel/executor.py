@@ -352,9 +352,8 @@ class Executor:
         path = self.cell_path(job.cell_name, job.code)
         if path.parent == self.cells_dir:
             path.write_text(job.code)
-        elif not path.exists():  # a debugger's path for this cell (kept if the notebook side wrote it already)
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path.write_text(job.code)
+        else:  # a debugger's path for this cell (kept if the notebook side wrote it already)
+            write_cell_file(str(path), job.code)
         self.last_traceback = []
         self.shell.compile.next_name = str(path)
         if job.cell_label:
