@@ -35,12 +35,6 @@ PANEL_TIMEOUT_MS = 20_000
 BREAKPOINT_LINE = 4
 
 
-@pytest.fixture
-def debug_lab(clean_lab):
-    """The lab server with no kernels left from other tests, and no kernels or pod kernels after this one."""
-    yield clean_lab, clean_lab.backend
-
-
 def _kernel_message(payload: str | bytes) -> dict | None:
     """A kernel message from a frame of JupyterLab's kernel websocket (v1 binary protocol, or legacy JSON)."""
     try:
@@ -199,9 +193,9 @@ def open_and_stop_at_breakpoint(page: Page, lab, backend, name: str) -> tuple[De
     return nb, pod
 
 
-def test_breakpoint_in_a_kt_cell_stops_in_the_pod_and_the_panel_shows_its_frame(page: Page, debug_lab, dap_log,
+def test_breakpoint_in_a_kt_cell_stops_in_the_pod_and_the_panel_shows_its_frame(page: Page, clean_lab, dap_log,
                                                                                   artifacts: Path):
-    nb, pod = open_and_stop_at_breakpoint(page, *debug_lab, "debug_panel.ipynb")
+    nb, pod = open_and_stop_at_breakpoint(page, clean_lab, clean_lab.backend, "debug_panel.ipynb")
 
     # the pod's frames are the cell's own (justMyCode: not IPython's or the pod kernel's machinery)
     frames = nb.sidebar.locator(".jp-DebuggerCallstackFrame")
@@ -229,12 +223,12 @@ def test_breakpoint_in_a_kt_cell_stops_in_the_pod_and_the_panel_shows_its_frame(
     expect(nb.stdout()).to_have_text(f"total 9 pid {pod.pid}", timeout=KERNEL_TIMEOUT_MS)
     expect(nb.cell(1).locator(".jp-InputPrompt")).to_have_text(re.compile(r"^\[\d+\]:$"), timeout=KERNEL_TIMEOUT_MS)
     expect(nb.highlighted_line()).to_have_count(0)
-    assert debug_lab[1].find("panel").pid == pod.pid  # the pod kernel stays
+    assert clean_lab.backend.find("panel").pid == pod.pid  # the pod kernel stays
     page.screenshot(path=str(artifacts / "debugger-panel-finished.png"))
 
 
-def test_breakpoints_panel_lists_the_kt_cells_breakpoint(page: Page, debug_lab, dap_log, artifacts: Path):
-    lab, _backend = debug_lab
+def test_breakpoints_panel_lists_the_kt_cells_breakpoint(page: Page, clean_lab, dap_log, artifacts: Path):
+    lab = clean_lab
     lab.write_notebook("debug_bps.ipynb", ["%load_ext kt_jupyter", CELL])
     nb = DebuggerNotebook(page, lab, "debug_bps.ipynb")
     errors: list[str] = []
@@ -254,9 +248,9 @@ def test_breakpoints_panel_lists_the_kt_cells_breakpoint(page: Page, debug_lab, 
     assert not errors, errors
 
 
-def test_continue_stops_again_on_the_next_call_and_runs_to_the_end(page: Page, debug_lab, dap_log,
+def test_continue_stops_again_on_the_next_call_and_runs_to_the_end(page: Page, clean_lab, dap_log,
                                                                    artifacts: Path):
-    nb, pod = open_and_stop_at_breakpoint(page, *debug_lab, "debug_continue.ipynb")
+    nb, pod = open_and_stop_at_breakpoint(page, clean_lab, clean_lab.backend, "debug_continue.ipynb")
 
     # Continue: the loop calls scale(1), which stops on the breakpoint again
     nb.toolbar_button("debugger:continue").click()

@@ -24,12 +24,6 @@ KERNEL_TIMEOUT_MS = 60_000
 SIDEBAR_TIMEOUT_MS = 20_000
 
 
-@pytest.fixture
-def sidebar_lab(clean_lab):
-    """The lab server with no kernels or computes left from other tests, and none after this one."""
-    yield clean_lab, clean_lab.backend
-
-
 def run_cell(page: Page, panel: Locator, index: int) -> None:
     """Run a cell like a person (click it, Shift+Enter) and wait for its execution count."""
     cell = panel.locator(".jp-Cell").nth(index)
@@ -58,8 +52,8 @@ def open_sidebar(page: Page) -> Locator:
     return sidebar
 
 
-def test_sidebar_lists_a_kt_cell_compute_shows_logs_launches_and_stops(page: Page, sidebar_lab, artifacts: Path):
-    lab, backend = sidebar_lab
+def test_sidebar_lists_a_kt_cell_compute_shows_logs_launches_and_stops(page: Page, clean_lab, artifacts: Path):
+    lab, backend = clean_lab, clean_lab.backend
     name = lab.write_notebook("sidebar.ipynb", [
         "%load_ext kt_jupyter",
         "%%kt --name nb-compute --memory 1Gi\nimport os\nprint('hello from pod', os.getpid())",
