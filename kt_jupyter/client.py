@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hmac
 import itertools
 import json
 import logging
 import pickle
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -652,6 +654,7 @@ class Session:
             if dead is not None:
                 self._fail_all(dead)
                 raise dead
+            nonce = secrets.token_hex(P.NONCE_BYTES)
             try:
                 ws = await connect(
                     self.url,
@@ -660,6 +663,7 @@ class Session:
                         P.HEADER_PROTOCOL: str(P.PROTOCOL_VERSION),
                         P.HEADER_SESSION: self.session_id,
                         P.HEADER_LAST_SEQ: str(self.last_seq),
+                        P.HEADER_NONCE: nonce,
                     },
                     compression=None,
                     max_size=P.MAX_FRAME_BYTES,
@@ -671,6 +675,7 @@ class Session:
                     logger=ws_log,
                 )
                 welcome, _ = P.decode_frame(await ws.recv())
+                await self._check_proof(ws, welcome, nonce)
                 break
             except InvalidStatus as exc:
                 body = (exc.response.body or b"").decode(errors="replace").strip()
@@ -701,6 +706,25 @@ class Session:
         conn = _Conn(ws, closed, welcome)
         asyncio.create_task(self._read(conn))
         return conn
+
+    async def _check_proof(self, ws: Any, welcome: dict[str, Any], nonce: str) -> None:
+        """The pod proves it holds our token before anything it sends is used (mutual authentication).
+
+        A process that took a dead kernel's port accepts any bearer token; without
+        this check the notebook would load its pickles.
+        """
+        proof = welcome.get("proof")
+        expected = P.pod_proof(self._token.encode(), nonce, self.session_id)
+        if welcome.get("type") == "welcome" and isinstance(proof, str) and hmac.compare_digest(proof, expected):
+            return
+        try:
+            await ws.close(1008, "the pod kernel did not prove it holds the token")
+        except ConnectionClosed:
+            pass
+        raise AuthError(
+            f"the process answering at {self.url} did not prove that it holds compute {self.name!r}'s token, "
+            "so it is not your pod kernel (another process may have taken its port after it stopped): "
+            "nothing it sent was used. `%kt status` shows the compute; `%kt restart` starts a new kernel.")
 
     def _bulk_address(self) -> tuple[str, int] | None:
         conn = self._conn

@@ -14,8 +14,17 @@ reply names the ``id`` it answers.
 
 Authentication and versioning happen on the HTTP upgrade: the client sends
 ``Authorization: Bearer <token>``, ``X-KT-Protocol: <version>``,
-``X-KT-Session: <session id>`` and ``X-KT-Last-Seq: <n>``. A wrong token is
-answered 401, another protocol version 426, both with a plain-text reason.
+``X-KT-Session: <session id>``, ``X-KT-Last-Seq: <n>`` and ``X-KT-Nonce: <64
+hex digits, fresh per connection>``. A missing or wrong token (or more than one
+``Authorization`` header) is answered 401, another protocol version 426,
+malformed kt headers 400, all with a plain-text reason. ``GET /healthz``
+answers 200 ``ok`` without a token (probes; it reveals nothing).
+
+Authentication is mutual: the first frame, ``welcome``, carries ``proof``,
+:func:`pod_proof` of the client's nonce, which only a process holding the
+compute's token can compute. A client checks it before it reads anything
+else from the connection, so a process that took a dead kernel's port (or a
+planted registry entry's) never gets a pickle loaded by the notebook.
 
 Ordering: messages the pod kernel sends about cells (``stream``, ``display``,
 ``execute_result``, ``execute_reply`` ...) carry ``seq``, increasing by one per
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -47,7 +57,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: Largest JSON header a peer accepts; a frame declaring more is malformed.
 MAX_HEADER_BYTES = 1 << 20
@@ -60,6 +70,11 @@ HEADER_AUTH = "Authorization"
 HEADER_PROTOCOL = "X-KT-Protocol"
 HEADER_SESSION = "X-KT-Session"
 HEADER_LAST_SEQ = "X-KT-Last-Seq"
+HEADER_NONCE = "X-KT-Nonce"
+#: Path of the unauthenticated health endpoint on the WebSocket port (probes).
+HEALTH_PATH = "/healthz"
+#: Bytes of randomness in a client's handshake nonce (sent as hex).
+NONCE_BYTES = 32
 
 SERIALIZATIONS = ("json", "pickle")
 
@@ -125,6 +140,16 @@ class RedactBearer(logging.Filter):
 
 class ProtocolError(Exception):
     """A frame or message that does not follow this protocol."""
+
+
+def pod_proof(token: bytes, nonce: str, session: str) -> str:
+    """What a pod kernel sends in its welcome to prove it holds ``token``: HMAC-SHA256 of the client's nonce.
+
+    The session id is bound in too, so a proof seen on one connection is
+    worth nothing on another (each connection has its own nonce anyway).
+    """
+    message = b"kt-pod-proof\0" + nonce.encode("ascii") + b"\0" + session.encode("ascii")
+    return hmac.new(token, message, hashlib.sha256).hexdigest()
 
 
 # --------------------------------------------------------------------------- framing

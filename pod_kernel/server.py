@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import threading
 import time
 import traceback
@@ -35,6 +36,7 @@ from .codesync import CodeSync
 from .executor import CellJob, Executor, write_cell_file
 from .metrics import MetricsSampler
 from .outbox import Outbox
+from .rejections import RejectionLog
 
 log = logging.getLogger("pod_kernel.server")
 
@@ -113,6 +115,7 @@ class PodKernelServer:
         self.owner_grace_s = 0.0
         self._orphan_timer: asyncio.TimerHandle | None = None
         self._sampler: MetricsSampler | None = None
+        self.rejections = RejectionLog()
         self.handlers: dict[str, Callable[[Session, ServerConnection, dict, memoryview], Awaitable[None]]] = {
             "execute": self.on_execute,
             "interrupt": self.on_interrupt,
@@ -144,6 +147,8 @@ class PodKernelServer:
         self.stopping = asyncio.Event()
         self._sampler = await asyncio.to_thread(MetricsSampler)
         self.bulk = BulkServer(host)
+        _quiet_websockets_log()
+        self._flush_rejections()
         async with serve(
             self.handle,
             host,
@@ -221,6 +226,11 @@ class PodKernelServer:
         self._orphan_timer = self.loop.call_later(
             grace, self.request_stop, f"{why} and no notebook reattached within {grace:g} s")
 
+    def _flush_rejections(self) -> None:
+        """Log the refused-connections summary of each window, also when no more refusals come."""
+        self.rejections.flush()
+        self.loop.call_later(self.rejections.window_s, self._flush_rejections)
+
     def _arm_ttl(self, delay_s: float) -> None:
         assert self.loop is not None
         self.loop.call_later(max(delay_s, 0.05), self._check_ttl)
@@ -239,32 +249,44 @@ class PodKernelServer:
     # ------------------------------------------------------------------ handshake
 
     def check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Reject a wrong token (401) or another protocol version (426) before anything runs."""
-        auth = request.headers.get(P.HEADER_AUTH, "")
+        """Answer probes, reject a bad handshake before anything runs; the one place the upgrade is validated.
+
+        ``GET /healthz`` -> 200 (no token: probes cannot hold one, and it tells
+        nothing). Otherwise exactly one ``Authorization: Bearer`` header with the
+        token (else 401), our protocol version (else 426), and well-formed kt
+        headers (else 400). :meth:`handle` relies on what is checked here.
+        """
+        if request.path == P.HEALTH_PATH:
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        auths = request.headers.get_all(P.HEADER_AUTH)
+        auth = auths[0] if len(auths) == 1 else ""
         presented = auth[7:].encode() if auth.startswith("Bearer ") else b""
         if not hmac.compare_digest(presented, self._token):
-            log.warning("rejected a connection from %s: missing or wrong token", connection.remote_address)
+            self.rejections.refused("missing or wrong token", connection.remote_address)
             return connection.respond(HTTPStatus.UNAUTHORIZED, "kt pod kernel: missing or wrong token\n")
-        version = request.headers.get(P.HEADER_PROTOCOL, "")
+        versions = request.headers.get_all(P.HEADER_PROTOCOL)
+        version = versions[0] if len(versions) == 1 else ""
         if version != str(P.PROTOCOL_VERSION):
-            log.warning("rejected a client speaking protocol %r (this kernel speaks %d)", version, P.PROTOCOL_VERSION)
+            self.rejections.refused(f"client speaks protocol {version[:16]!r}, not {P.PROTOCOL_VERSION}",
+                                    connection.remote_address)
             return connection.respond(
                 HTTPStatus.UPGRADE_REQUIRED,
-                f"kt pod kernel speaks protocol {P.PROTOCOL_VERSION}, the client speaks {version or 'none'}: "
-                "install the same kt_jupyter version on both sides\n",
+                f"kt pod kernel speaks protocol {P.PROTOCOL_VERSION}, the client speaks "
+                f"{version[:16] or 'none'}: install the same kt_jupyter version on both sides\n",
             )
+        problem = _header_problem(request)
+        if problem:
+            self.rejections.refused(f"malformed kt headers ({problem})", connection.remote_address)
+            return connection.respond(HTTPStatus.BAD_REQUEST, f"kt pod kernel: {problem}\n")
         return None
 
     # ------------------------------------------------------------------ connections
 
     async def handle(self, ws: ServerConnection) -> None:
         """Serve one connection of a session until it closes."""
-        headers = ws.request.headers
+        headers = ws.request.headers  # validated by check_handshake
         sid = headers.get(P.HEADER_SESSION) or uuid.uuid4().hex
-        try:
-            last_seq = int(headers.get(P.HEADER_LAST_SEQ, "0"))
-        except ValueError:
-            last_seq = 0
+        last_seq = int(headers.get(P.HEADER_LAST_SEQ, "0"))
         session = self.sessions.get(sid)
         if session is None:
             session = self.sessions[sid] = Session(sid, Outbox(self.loop, on_text=_tee_to_log))
@@ -278,6 +300,7 @@ class PodKernelServer:
                 {
                     "type": "welcome",
                     "protocol": P.PROTOCOL_VERSION,
+                    "proof": P.pod_proof(self._token, headers[P.HEADER_NONCE], sid),
                     "pid": os.getpid(),
                     "compute": self.compute_name,
                     "session": sid,
@@ -651,6 +674,36 @@ class PodKernelServer:
         """Acknowledge, then stop the pod kernel."""
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"]}))
         self.request_stop("shutdown requested by a client")
+
+
+def _quiet_websockets_log() -> None:
+    """websockets logs every connection opened, closed and refused at INFO: probes, reconnects and
+    floods would fill the kernel log. Refusals are logged by :class:`RejectionLog` instead; with
+    ``--log-level DEBUG`` everything stays (tokens redacted)."""
+    ws_log = logging.getLogger("websockets.server")
+    if not ws_log.isEnabledFor(logging.DEBUG):
+        ws_log.setLevel(logging.WARNING)
+
+
+def _header_problem(request: Request) -> str:
+    """What is wrong with the kt headers of an upgrade request ('' when nothing)."""
+    headers = request.headers
+    for name in (P.HEADER_SESSION, P.HEADER_LAST_SEQ, P.HEADER_NONCE):
+        if len(headers.get_all(name)) > 1:
+            return f"more than one {name} header"
+    nonce = headers.get(P.HEADER_NONCE, "")
+    if not _HEX_RE.fullmatch(nonce) or len(nonce) != 2 * P.NONCE_BYTES:
+        return f"{P.HEADER_NONCE} must be {2 * P.NONCE_BYTES} hex digits (this client does not authenticate the pod)"
+    if not _SESSION_RE.fullmatch(headers.get(P.HEADER_SESSION, "x")):
+        return f"{P.HEADER_SESSION} must be 1 to 64 letters, digits, '-' or '_'"
+    if not _SEQ_RE.fullmatch(headers.get(P.HEADER_LAST_SEQ, "0")):
+        return f"{P.HEADER_LAST_SEQ} must be a whole number"
+    return ""
+
+
+_HEX_RE = re.compile(r"[0-9a-f]+")
+_SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SEQ_RE = re.compile(r"[0-9]{1,18}")
 
 
 def _tee_to_log(name: str, text: str) -> None:

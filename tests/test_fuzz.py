@@ -23,9 +23,9 @@ import psutil
 import pytest
 from figures import record
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect as ws_connect
 
 from pod_kernel import protocol as P
+from wire import raw_connect
 
 MiB = 1 << 20
 SEED = 20261124
@@ -39,11 +39,6 @@ SAFE_TYPES = ("ping", "inventory", "metrics", "pull", "delete", "release", "sync
 ALL_TYPES = tuple(P.CLIENT_TYPES) + ("nonsense", "", "PING", "welcome", "reply")
 
 
-def raw_connect(url: str, token: str, **headers: str):
-    """A bare websockets client speaking our handshake."""
-    hdrs = {P.HEADER_AUTH: f"Bearer {token}", P.HEADER_PROTOCOL: str(P.PROTOCOL_VERSION)}
-    hdrs.update(headers)
-    return ws_connect(url, additional_headers=hdrs, compression=None, max_size=None, open_timeout=10)
 
 
 def rss(pid: int) -> int:

@@ -14,19 +14,14 @@ import numpy as np
 import psutil
 import pytest
 from websockets.exceptions import InvalidStatus
-from websockets.sync.client import connect as ws_connect
 
 from kt_jupyter.client import client_loop
 from kt_jupyter.compute import Compute
 from kt_jupyter.errors import AuthError, KernelDiedError, ProtocolMismatchError, RemoteError
 from pod_kernel import protocol as P
+from wire import handshake, raw_connect, upgrade_headers
 
 
-def raw_connect(url: str, token: str, **headers: str):
-    """A bare websockets client speaking our handshake (for hostile-input tests)."""
-    hdrs = {P.HEADER_AUTH: f"Bearer {token}", P.HEADER_PROTOCOL: str(P.PROTOCOL_VERSION)}
-    hdrs.update(headers)
-    return ws_connect(url, additional_headers=hdrs, compression=None, max_size=None)
 
 
 def test_execute_streams_output_and_returns_last_value(kernel):
@@ -216,18 +211,19 @@ def test_wrong_or_missing_token_is_rejected_and_nothing_runs(kernel):
     with pytest.raises(AuthError, match="rejected the token"):
         bad.execute("hacked = True")
     with pytest.raises(InvalidStatus) as info:
-        ws_connect(handle.url, additional_headers={P.HEADER_PROTOCOL: "1"})
+        handshake(handle.url, upgrade_headers())
     assert info.value.response.status_code == 401
     assert s.inventory(["hacked"]) == []
 
 
 def test_protocol_mismatch_is_clear_on_both_sides(kernel, local_backend, monkeypatch):
     handle, s = kernel
+    pod_version = P.PROTOCOL_VERSION
     monkeypatch.setattr(P, "PROTOCOL_VERSION", 999)
     other = handle.session()
-    with pytest.raises(ProtocolMismatchError, match="speaks protocol 1, the client speaks 999"):
+    with pytest.raises(ProtocolMismatchError, match=f"speaks protocol {pod_version}, the client speaks 999"):
         other.connect()
-    assert "speaking protocol '999'" in local_backend.logs("t")
+    assert f"client speaks protocol '999', not {pod_version}" in local_backend.logs("t")
 
 
 @pytest.mark.parametrize(
