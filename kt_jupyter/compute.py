@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 from pod_kernel.protocol import SERIALIZATIONS
 
 from .errors import BackendUnavailable, ComputeSpecError, NotFoundError
+from .gpus import check_gpu_node_selector, check_gpu_type
 from .image import Image, as_image, check_env_vars
 from .lifecycle import ComputeLifecycle
+from .names import check_compute_name
 from .k8s_fields import (LoggingConfig, Secret, Volume, as_logging_config, as_secrets, as_volumes, check_abs_path,
                          check_bool,
                          check_dns_label, check_dns_subdomain, check_label_value, check_string_map,
@@ -45,20 +47,6 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 RESERVED_LABELS = ("app.kubernetes.io/managed-by", "kt.dev/compute", "kt.dev/name", "kt.dev/component")
 #: Environment variables kt_jupyter sets in the pod itself.
 RESERVED_ENV = ("KT_TOKEN", "KT_TOKEN_FILE", "KT_READY_FD")
-
-_NAME_EXAMPLE = "train"
-
-
-def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not name:
-        raise ComputeSpecError(f"name must be a non-empty string like {_NAME_EXAMPLE!r}; got {name!r}")
-    try:
-        return check_label_value(name, "name")
-    except ComputeSpecError:
-        raise ComputeSpecError(
-            f"name {name!r} is not a valid compute name: use up to 63 letters, digits, '-', '_' or '.', "
-            f"starting and ending with a letter or digit, e.g. {_NAME_EXAMPLE!r}") from None
-
 
 def _check_int(value: object, param: str, minimum: int, example: int) -> int:
     if isinstance(value, bool):
@@ -86,7 +74,8 @@ class Compute(ComputeLifecycle):
 
     - ``cpus`` ``2``/``"0.5"``/``"500m"``; ``memory``, ``disk_size``, ``gpu_memory``,
       ``shared_memory_limit`` ``"4Gi"``/``"4G"``/bytes; ``gpus`` whole GPUs;
-      ``gpu_type`` -> node selector ``nvidia.com/gpu.product`` (implies one GPU);
+      ``gpu_type`` ``"A100"``/``"L4"``/``"nvidia.com/gpu.product: NVIDIA-A100-SXM4-80GB"`` -> node
+      affinity over the GPU labels of GPU Feature Discovery, GKE and Karpenter (implies one GPU);
       ``gpu_memory`` shares one GPU through the KAI scheduler.
     - ``namespace`` (else resolved lazily, see :func:`resolve_namespace`), ``labels``,
       ``annotations``, ``node_selector``, ``tolerations`` (the GPU toleration is added
@@ -95,7 +84,8 @@ class Compute(ComputeLifecycle):
     - ``image`` an :class:`~kt_jupyter.image.Image` or image name; ``env_vars``;
       ``secrets`` Secret names or :class:`Secret`; ``volumes`` PVC names or
       :class:`Volume`; ``working_dir`` absolute.
-    - ``queue`` (KAI scheduler), ``priority_class_name``, ``replicas``, ``freeze``
+    - ``queue`` (Kueue's ``kueue.x-k8s.io/queue-name``; KAI's queue with ``gpu_memory`` or a
+      ``kai-scheduler`` schedulerName in ``service_template``), ``priority_class_name``, ``replicas``, ``freeze``
       (code and dependencies baked into the image), ``inactivity_ttl`` (``"30m"``,
       seconds), ``launch_timeout`` (default 900 s or ``KT_LAUNCH_TIMEOUT``),
       ``image_pull_policy``, ``gpu_anti_affinity`` (or ``KT_GPU_ANTI_AFFINITY``),
@@ -141,7 +131,7 @@ class Compute(ComputeLifecycle):
     ) -> None:
         """Validate and normalise every parameter; see the seed reference for their meaning."""
         s = object.__setattr__
-        s(self, "name", _check_name(name))
+        s(self, "name", check_compute_name(name))
         if backend not in BACKENDS:
             raise ComputeSpecError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
         s(self, "backend", backend)
@@ -166,9 +156,7 @@ class Compute(ComputeLifecycle):
             raise ComputeSpecError(
                 f"shared_memory_limit ({shm[1]}) is larger than memory ({mem[1]}); /dev/shm counts against the "
                 f"memory limit, so raise memory or lower shared_memory_limit, e.g. shared_memory_limit='{mem[1]}'")
-        s(self, "gpu_type", _optional(gpu_type, check_label_value, "gpu_type"))
-        if gpu_type is not None and not self.gpu_type:
-            raise ComputeSpecError("gpu_type must name a GPU product like 'A100'; got ''")
+        s(self, "gpu_type", _optional(gpu_type, check_gpu_type, "gpu_type"))
         count = parse_gpus(gpus)
         wants_gpu = [p for p, v in (("gpu_type", gpu_type), ("gpu_memory", gpu_memory)) if v is not None]
         if wants_gpu and gpus is not None and count == 0:
@@ -187,10 +175,7 @@ class Compute(ComputeLifecycle):
         s(self, "labels", check_string_map(labels, "labels", values="label", reserved=RESERVED_LABELS))
         s(self, "annotations", check_string_map(annotations, "annotations", values="any"))
         s(self, "node_selector", check_string_map(node_selector, "node_selector", values="label"))
-        if self.gpu_type and self.node_selector.get("nvidia.com/gpu.product", self.gpu_type) != self.gpu_type:
-            raise ComputeSpecError(
-                f"gpu_type={self.gpu_type!r} and node_selector['nvidia.com/gpu.product']="
-                f"{self.node_selector['nvidia.com/gpu.product']!r} contradict each other; set only gpu_type")
+        check_gpu_node_selector(self.gpu_type, self.node_selector)
         s(self, "tolerations", check_tolerations(tolerations))
         s(self, "service_account_name", _optional(service_account_name, check_dns_subdomain, "service_account_name"))
         if service_template is not None and not isinstance(service_template, dict):

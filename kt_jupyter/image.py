@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import ComputeSpecError
 
-#: The base image when none is named: the notebook's own Python minor version,
-#: so that functions and classes pickled by value load on the other side.
+#: The base image when none is named and ``KT_POD_IMAGE`` is unset: the notebook's own Python
+#: minor version, so that functions and classes pickled by value load on the other side.
 DEFAULT_IMAGE_ID = f"python:{sys.version_info.major}.{sys.version_info.minor}-slim"
+#: The setting that makes an image (typically a prebuilt pod-kernel image, see pod_kernel/Dockerfile) the default.
+POD_IMAGE_ENV = "KT_POD_IMAGE"
 
 #: Kinds of setup step, in the order they may appear.
 STEP_KINDS = ("pip_install", "run_bash", "set_env_vars")
@@ -44,6 +47,13 @@ def check_image_id(image_id: object, param: str = "image") -> str:
             f"{param}: {image_id!r} is not a valid image reference (lowercase repository, optional "
             f"registry, :tag or @sha256:digest), e.g. {example!r} or 'ghcr.io/org/pod:1.0'")
     return text
+
+
+def default_image_id(environ: Mapping[str, str] | None = None) -> str:
+    """``KT_POD_IMAGE`` if set (validated), else :data:`DEFAULT_IMAGE_ID`."""
+    env = os.environ if environ is None else environ
+    value = env.get(POD_IMAGE_ENV, "").strip()
+    return check_image_id(value, f"{POD_IMAGE_ENV} (environment variable)") if value else DEFAULT_IMAGE_ID
 
 
 def check_env_vars(env: object, param: str = "env_vars") -> dict[str, str]:
@@ -92,11 +102,11 @@ class Image:
 
     def __init__(self, name: str | None = None, image_id: str | None = None,
                  python_path: str | None = None, install_cmd: str | None = None) -> None:
-        """``image_id`` defaults to :data:`DEFAULT_IMAGE_ID`; ``python_path`` is the
+        """``image_id`` defaults to :func:`default_image_id`; ``python_path`` is the
         interpreter inside it (default ``python``); ``install_cmd`` replaces
         ``python -m pip install`` for :meth:`pip_install` steps."""
         self.name = name if name is None else str(name)
-        self.image_id = check_image_id(image_id) if image_id is not None else DEFAULT_IMAGE_ID
+        self.image_id = check_image_id(image_id) if image_id is not None else default_image_id()
         if python_path is not None and (not isinstance(python_path, str) or not python_path.strip()):
             raise ComputeSpecError(f"image python_path must be a path like '/usr/bin/python3'; got {python_path!r}")
         self.python_path = python_path

@@ -1,15 +1,19 @@
-"""Compute -> Kubernetes objects, as plain dicts. Pure and deterministic.
+"""Compute -> Kubernetes objects, as plain dicts. Deterministic; pure but for one read of the
+notebook's environment (its package index and proxy settings, :func:`~kt_jupyter.startup.notebook_install_env`).
 
 One compute is a token Secret, a ConfigMap carrying the ``pod_kernel``
 source (so a stock Python image works), PersistentVolumeClaims for volumes
-with a size, a ClusterIP Service and a Deployment. Every object carries
-``app.kubernetes.io/managed-by: kt-jupyter`` and ``kt.dev/compute: <service
-name>``, so ``label_selector(compute)`` finds all of them, and
-``kt.dev/component`` says which part each is.
+with a size, a ClusterIP Service, optionally a NetworkPolicy, and a
+Deployment. Every object carries ``app.kubernetes.io/managed-by: kt-jupyter``
+and ``kt.dev/compute: <service name>``, so ``label_selector(compute)`` finds
+all of them, and ``kt.dev/component`` says which part each is.
 
-The container runs :func:`startup_script`: it installs the pod kernel's
-dependencies unless the image has them, runs the image's setup steps once
-per container, then ``exec``s ``python -m pod_kernel``.
+The pod is one a namespace enforcing Pod Security ``restricted`` admits
+(:mod:`kt_jupyter.pod_security`); a GPU pod asks for its GPU by the labels
+real clusters give GPU nodes (:mod:`kt_jupyter.gpus`), with CPU and memory
+requests and a sized ``/dev/shm``; startup and readiness probe the pod
+kernel's quiet ``GET /healthz``. The container runs
+:func:`~kt_jupyter.startup.startup_script`.
 """
 
 from __future__ import annotations
@@ -18,12 +22,26 @@ import base64
 import copy
 import hashlib
 import json
+import math
 import re
-import shlex
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .compute import POD_KERNEL_PORT
 from .errors import ComputeSpecError
+from .gpus import (
+    GFD_PRODUCT_LABEL,
+    gpu_node_selector_terms,
+    gpu_type_from_terms,
+    no_gpu_node_selector_term,
+)
+from .pod_security import (
+    NotebookPeer,
+    build_network_policy,
+    container_security_context,
+    pod_security_context,
+)
+from .startup import CACHE_DIR, SRC_DIR, notebook_install_env, split_env, startup_script
+from .startup import POD_KERNEL_DEPS  # noqa: F401  (re-exported: tests import it from here)
 
 if TYPE_CHECKING:
     from .compute import Compute
@@ -38,26 +56,27 @@ SPEC_ANNOTATION = "kt.dev/spec"
 SETUP_HASH_ANNOTATION = "kt.dev/setup-hash"
 SOURCE_HASH_ANNOTATION = "kt.dev/source-hash"
 INACTIVITY_TTL_ANNOTATION = "kt.dev/inactivity-ttl-seconds"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 KAI_SCHEDULER = "kai-scheduler"
 KAI_QUEUE_LABEL = "kai.scheduler/queue"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONTAINER_NAME = "pod-kernel"
 PORT_NAME = "kernel"
-#: Where the ConfigMap's source is mounted (first on PYTHONPATH).
-SRC_DIR = "/opt/kt/src"
-#: An emptyDir that survives container restarts: dependencies (``site``) and pip's cache (``pip``).
-CACHE_DIR = "/opt/kt/cache"
-#: What the pod kernel needs besides the standard library.
-POD_KERNEL_DEPS = ("websockets>=14", "cloudpickle>=3.0", "ipython>=8.20", "psutil>=5.9")
+#: The pod kernel's health endpoint on its WebSocket port: 200 ``ok``, no auth, no log line.
+HEALTH_PATH = "/healthz"
+#: How often the startup and readiness probes ask.
+STARTUP_PROBE_PERIOD_S = 2
+READINESS_PROBE_PERIOD_S = 5
+#: Requests a GPU pod gets per GPU when it names no cpus or memory (so it is not BestEffort).
+DEFAULT_GPU_POD_CPUS_PER_GPU = 1
+DEFAULT_GPU_POD_MEMORY_GI_PER_GPU = 4
+#: /dev/shm of a pod that names no memory and no shared_memory_limit, and is not a GPU pod.
+DEFAULT_SHM_SIZE = "1Gi"
 #: ConfigMaps hold at most 1 MiB; leave room for metadata.
 MAX_SOURCE_BYTES = 900 * 1024
 
 _SOURCE_PATH_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
-_DEPS_CHECK = ('import sys, websockets, cloudpickle, IPython, psutil; '
-               'sys.exit(int(websockets.__version__.split(".")[0]) < 14)')
 
 
 # ---------------------------------------------------------------------- names and labels
@@ -99,15 +118,19 @@ def _metadata(compute: "Compute", name: str, component: str,
 
 # ---------------------------------------------------------------------- Secret, ConfigMap, Service, PVCs
 
-def build_secret(compute: "Compute", token: str) -> dict[str, Any]:
-    """The Secret holding the token (key ``token``) the pod kernel reads as ``KT_TOKEN``."""
+def build_secret(compute: "Compute", token: str, install_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The Secret holding the token (key ``token``) the pod kernel reads as ``KT_TOKEN``, and the
+    notebook's package index and proxy settings (``install_env``, default: from the environment;
+    an index URL may carry credentials, so they stay out of the Deployment)."""
     if not isinstance(token, str) or not token:
         raise ComputeSpecError("build_secret needs a non-empty token string")
+    env = notebook_install_env(compute) if install_env is None else dict(install_env)
+    data = {"token": token, **env}
     return {
         "apiVersion": "v1", "kind": "Secret",
         "metadata": _metadata(compute, token_secret_name(compute), "token"),
         "type": "Opaque",
-        "data": {"token": base64.b64encode(token.encode()).decode()},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
     }
 
 
@@ -179,110 +202,11 @@ def build_volume_claims(compute: "Compute") -> list[dict[str, Any]]:
     return claims
 
 
-# ---------------------------------------------------------------------- the startup script
-
-def _env_split(compute: "Compute") -> tuple[dict[str, str], dict[str, str]]:
-    """(plain env for the container spec, env with ``$`` references the shell must expand)."""
-    env = {**compute.image.env_vars, **compute.env_vars}
-    expand = {k: v for k, v in env.items() if "$" in v}
-    return {k: v for k, v in sorted(env.items()) if k not in expand}, dict(sorted(expand.items()))
-
-
-def _shell_expandable(value: str) -> str:
-    """Double-quoted so ``$VAR`` expands, but no command substitution runs."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`").replace("$(", "\\$(")
-    return f'"{escaped}"'
-
-
-def _setup_lines(compute: "Compute") -> list[str]:
-    image = compute.image
-    if not image.steps:
-        return []
-    install = image.install_cmd or '"$KT_PY" -m pip install --disable-pip-version-check --no-input'
-    lines = [
-        "# image setup steps: once per container (marker next to site-packages, so it goes when they go)",
-        '[ -n "${KT_MARKER_DIR:-}" ] || KT_MARKER_DIR="$("$KT_PY" -c '
-        '\'import sysconfig; print(sysconfig.get_paths()["purelib"])\' 2>/dev/null || echo /tmp)"',
-        '[ -w "$KT_MARKER_DIR" ] || KT_MARKER_DIR="${HOME:-/tmp}"',
-        f'KT_SETUP_MARKER="$KT_MARKER_DIR/.kt-setup-{image.setup_hash}"',
-        'if [ -f "$KT_SETUP_MARKER" ]; then KT_SETUP_DONE=1; else KT_SETUP_DONE=0; '
-        f'echo "[kt] running {len(image.steps)} image setup step(s)" >&2; fi',
-    ]
-    if any(s.kind == "run_bash" for s in image.steps):
-        lines.append('KT_SH="$(command -v bash || echo sh)"')
-    for step in image.steps:
-        if step.kind == "pip_install":
-            reqs, force = step.args
-            cmd = f"{install} {' '.join(shlex.quote(r) for r in reqs)}"
-        elif step.kind == "run_bash":
-            command, force = step.args
-            cmd = f'"$KT_SH" -c {shlex.quote(command)}'
-        else:  # set_env_vars: in the container's env already
-            continue
-        lines.append(cmd if force else f'[ "$KT_SETUP_DONE" = 1 ] || {cmd}')
-    lines.append('touch "$KT_SETUP_MARKER"')
-    return lines
-
-
-def startup_script(compute: "Compute") -> str:
-    """The container's ``/bin/sh -c`` script: dependencies, image setup, then ``exec python -m pod_kernel``.
-
-    Idempotent: dependencies go to an emptyDir that outlives container
-    restarts and are skipped when importable; setup steps run once per
-    container, keyed by :attr:`~kt_jupyter.image.Image.setup_hash`. With
-    ``freeze=True`` nothing is installed: the image must hold the pod kernel.
-    ``KT_SRC_DIR``, ``KT_CACHE_DIR``, ``KT_MARKER_DIR`` and ``KT_PORT`` in the
-    environment override where it looks, writes and listens (for a test that
-    runs it outside a pod).
-    """
-    py = shlex.quote(compute.image.python_path) if compute.image.python_path else \
-        '"$(command -v python || command -v python3 || true)"'
-    lines = [
-        "set -e",  # not -u: user env values may name unset variables ("$LD_LIBRARY_PATH:/x")
-        f"KT_PY={py}",
-        '[ -n "$KT_PY" ] || { echo "[kt] no python or python3 in the image; use a Python image" >&2; exit 1; }',
-        f'KT_SRC_DIR="${{KT_SRC_DIR:-{SRC_DIR}}}"',
-        f'KT_CACHE_DIR="${{KT_CACHE_DIR:-{CACHE_DIR}}}"',
-        'export PYTHONPATH="$KT_SRC_DIR:$KT_CACHE_DIR/site${PYTHONPATH:+:$PYTHONPATH}"',
-        'export PIP_CACHE_DIR="$KT_CACHE_DIR/pip"',
-    ]
-    _, expand = _env_split(compute)
-    lines += [f"export {k}={_shell_expandable(v)}" for k, v in expand.items()]
-    check = f'"$KT_PY" -c {shlex.quote(_DEPS_CHECK)} 2>/dev/null'
-    if compute.freeze:
-        lines.append(f'{check} || {{ echo "[kt] freeze=True but the image lacks the pod kernel dependencies '
-                     f'({", ".join(POD_KERNEL_DEPS)}); bake them in or drop freeze" >&2; exit 1; }}')
-    else:
-        deps = " ".join(shlex.quote(d) for d in POD_KERNEL_DEPS)
-        lines += [
-            f"if ! {check}; then",
-            '  echo "[kt] installing pod kernel dependencies (cached for container restarts)" >&2',
-            f'  "$KT_PY" -m pip install --quiet --disable-pip-version-check --no-input --upgrade '
-            f'--target "$KT_CACHE_DIR/site" {deps}',
-            "fi",
-        ]
-    lines += _setup_lines(compute)
-    argv = ["--compute-name", compute.name, "--allowed-serialization", ",".join(compute.allowed_serialization),
-            "--log-level", compute.logging_config.level.upper()]
-    kernel = (f'"$KT_PY" -m pod_kernel --host 0.0.0.0 --port "${{KT_PORT:-{POD_KERNEL_PORT}}}" '
-              + " ".join(shlex.quote(a) for a in argv))
-    if compute.inactivity_ttl_s:
-        # on Kubernetes an exited kernel would be restarted: the guard scales the Deployment to 0 instead
-        # (kt_jupyter/backends/pod_guard.py, shipped as kt_pod_guard)
-        kernel = (f'"$KT_PY" -m kt_pod_guard --namespace {shlex.quote(compute.namespace)} --deployment '
-                  f'{shlex.quote(compute.service_name)} -- {kernel} --inactivity-ttl {compute.inactivity_ttl_s:g}')
-    lines.append(f"exec {kernel}")
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------------- the Deployment
 
 def pod_node_selector(compute: "Compute") -> dict[str, str]:
-    """Node selector: the compute's, plus ``nvidia.com/gpu.product`` for ``gpu_type``."""
-    selector = dict(compute.node_selector)
-    if compute.gpu_type:
-        selector[GPU_PRODUCT_LABEL] = compute.gpu_type
-    return dict(sorted(selector.items()))
+    """Node selector: the compute's (``gpu_type`` is a node affinity, see :func:`pod_affinity`)."""
+    return dict(sorted(compute.node_selector.items()))
 
 
 def pod_tolerations(compute: "Compute") -> list[dict[str, Any]]:
@@ -294,21 +218,59 @@ def pod_tolerations(compute: "Compute") -> list[dict[str, Any]]:
 
 
 def pod_affinity(compute: "Compute") -> dict[str, Any] | None:
-    """Node affinity keeping a GPU-less pod off GPU nodes when ``gpu_anti_affinity`` is set."""
-    if not compute.gpu_anti_affinity or compute.gpu_count:
+    """Required node affinity: nodes with ``gpu_type`` (any labelling scheme), or, with
+    ``gpu_anti_affinity`` and no GPU asked for, nodes without a GPU under every scheme."""
+    if compute.gpu_type:
+        terms = gpu_node_selector_terms(compute.gpu_type)
+    elif compute.gpu_anti_affinity and not compute.gpu_count:
+        terms = [no_gpu_node_selector_term()]
+    else:
         return None
-    term = {"matchExpressions": [{"key": GPU_PRESENT_LABEL, "operator": "NotIn", "values": ["true"]}]}
-    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
 
 
-def _container_env(compute: "Compute") -> list[dict[str, Any]]:
+def container_resources(compute: "Compute") -> dict[str, dict[str, str]]:
+    """The compute's resources; a GPU pod that names no cpus or memory requests some per GPU (Burstable, not
+    BestEffort: the first evicted and OOM-killed)."""
+    resources = copy.deepcopy(compute.resources)
+    if compute.gpu_count:
+        requests = resources.setdefault("requests", {})
+        requests.setdefault("cpu", str(DEFAULT_GPU_POD_CPUS_PER_GPU * compute.gpu_count))
+        requests.setdefault("memory", f"{DEFAULT_GPU_POD_MEMORY_GI_PER_GPU * compute.gpu_count}Gi")
+        resources = {"requests": dict(sorted(requests.items())), **resources}
+    return resources
+
+
+def _probes(compute: "Compute") -> dict[str, dict[str, Any]]:
+    """Startup (covering launch_timeout, so a slow first install is not killed) and readiness, on /healthz."""
+    get = {"path": HEALTH_PATH, "port": PORT_NAME}
+    startup_failures = max(1, math.ceil(compute.launch_timeout_s / STARTUP_PROBE_PERIOD_S))
+    return {
+        "startupProbe": {"httpGet": dict(get), "periodSeconds": STARTUP_PROBE_PERIOD_S, "timeoutSeconds": 2,
+                         "failureThreshold": startup_failures},
+        "readinessProbe": {"httpGet": dict(get), "periodSeconds": READINESS_PROBE_PERIOD_S, "timeoutSeconds": 2,
+                           "failureThreshold": 3},
+    }
+
+
+def _scheduler(compute: "Compute") -> tuple[str | None, str | None]:
+    """(schedulerName we set, the label key for ``queue``): KAI for gpu_memory or a kai-scheduler
+    schedulerName in service_template, else Kueue's queue label and the default scheduler."""
+    template = ((compute.service_template.get("spec") or {}).get("template") or {}).get("spec") or {}
+    kai = bool(compute.gpu_memory) or template.get("schedulerName") == KAI_SCHEDULER
+    return (KAI_SCHEDULER if compute.gpu_memory else None), (KAI_QUEUE_LABEL if kai else KUEUE_QUEUE_LABEL)
+
+
+def _container_env(compute: "Compute", install_env: Mapping[str, str]) -> list[dict[str, Any]]:
+    own = token_secret_name(compute)
     env: list[dict[str, Any]] = [
-        {"name": "KT_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret_name(compute), "key": "token"}}},
+        {"name": "KT_TOKEN", "valueFrom": {"secretKeyRef": {"name": own, "key": "token"}}},
         {"name": "KT_SERVICE_NAME", "value": compute.service_name},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    plain, _ = _env_split(compute)
+    plain, _ = split_env(compute)
     env += [{"name": k, "value": v} for k, v in plain.items()]
+    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": own, "key": k}}} for k in install_env]
     for secret in compute.secrets:
         env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}}
                 for var, key in secret.env_vars.items()]
@@ -316,10 +278,9 @@ def _container_env(compute: "Compute") -> list[dict[str, Any]]:
 
 
 def _volumes(compute: "Compute", with_source: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    shm: dict[str, Any] = {"medium": "Memory"}
-    limit = compute.shared_memory_limit or compute.memory
-    if limit:
-        shm["sizeLimit"] = limit
+    gpu_memory = f"{DEFAULT_GPU_POD_MEMORY_GI_PER_GPU * compute.gpu_count}Gi" if compute.gpu_count else None
+    shm = {"medium": "Memory",
+           "sizeLimit": compute.shared_memory_limit or compute.memory or gpu_memory or DEFAULT_SHM_SIZE}
     volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": shm}, {"name": "kt-cache", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"},
                                     {"name": "kt-cache", "mountPath": CACHE_DIR}]
@@ -341,13 +302,16 @@ def _source_items(files: dict[str, str]) -> list[dict[str, str]]:
 
 
 def build_deployment(compute: "Compute", *, source_files: dict[str, str] | None = None,
-                     suspended: bool = False) -> dict[str, Any]:
+                     suspended: bool = False, install_env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The Deployment running the pod kernel; ``suspended`` sets replicas to 0.
 
     With ``source_files`` the ConfigMap's items are listed and their hash
-    annotates the pod template (a change rolls the pod). ``service_template``
+    annotates the pod template (a change rolls the pod). ``install_env`` (default:
+    from the environment) names the Secret's keys passed on as env. ``service_template``
     is deep-merged last.
     """
+    if install_env is None:
+        install_env = notebook_install_env(compute)
     with_source = not compute.freeze
     volumes, mounts = _volumes(compute, with_source)
     pod_annotations = dict(compute.annotations)
@@ -359,36 +323,40 @@ def build_deployment(compute: "Compute", *, source_files: dict[str, str] | None 
     if compute.gpu_memory:
         pod_annotations["gpu-memory"] = str(-(-compute.gpu_memory_bytes // 2**20))  # KAI: MiB, rounded up
     pod_labels = object_labels(compute, "pod-kernel")
-    if compute.queue:
-        pod_labels = dict(sorted({**pod_labels, KAI_QUEUE_LABEL: compute.queue}.items()))
+    scheduler_name, queue_label = _scheduler(compute)
+    queue_labels = {queue_label: compute.queue} if compute.queue else {}
+    pod_labels = dict(sorted({**pod_labels, **queue_labels}.items()))
 
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": compute.image.image_id,
         "command": ["/bin/sh", "-c", startup_script(compute)],
         "ports": [{"name": PORT_NAME, "containerPort": POD_KERNEL_PORT, "protocol": "TCP"}],
-        "env": _container_env(compute),
+        "env": _container_env(compute, install_env),
         "volumeMounts": mounts,
-        "readinessProbe": {"tcpSocket": {"port": PORT_NAME}, "periodSeconds": 2, "failureThreshold": 3},
+        **_probes(compute),
+        "securityContext": container_security_context(),
     }
     env_from = [{"secretRef": {"name": s.name}} for s in compute.secrets if not s.mount_path and not s.env_vars]
     if env_from:
         container["envFrom"] = env_from
-    if compute.resources:
-        container["resources"] = compute.resources
+    resources = container_resources(compute)
+    if resources:
+        container["resources"] = resources
     if compute.image_pull_policy:
         container["imagePullPolicy"] = compute.image_pull_policy
     if compute.working_dir:
         container["workingDir"] = compute.working_dir
 
-    pod: dict[str, Any] = {"containers": [container], "volumes": volumes, "enableServiceLinks": False}
+    pod: dict[str, Any] = {"containers": [container], "volumes": volumes, "enableServiceLinks": False,
+                           "securityContext": pod_security_context()}
     optional = {
         "nodeSelector": pod_node_selector(compute),
         "tolerations": pod_tolerations(compute),
         "affinity": pod_affinity(compute),
         "priorityClassName": compute.priority_class_name,
         "serviceAccountName": compute.service_account_name,
-        "schedulerName": KAI_SCHEDULER if compute.queue or compute.gpu_memory else None,
+        "schedulerName": scheduler_name,
     }
     pod.update({k: v for k, v in optional.items() if v})
 
@@ -399,9 +367,12 @@ def build_deployment(compute: "Compute", *, source_files: dict[str, str] | None 
                                                                       separators=(",", ":"))}
     if compute.inactivity_ttl_s:
         annotations[INACTIVITY_TTL_ANNOTATION] = f"{compute.inactivity_ttl_s:g}"
+    metadata = _metadata(compute, compute.service_name, "deployment", annotations)
+    if queue_labels.get(KUEUE_QUEUE_LABEL):  # Kueue's Deployment integration reads the Deployment's own label
+        metadata["labels"] = dict(sorted({**metadata["labels"], **queue_labels}.items()))
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": _metadata(compute, compute.service_name, "deployment", annotations),
+        "metadata": metadata,
         "spec": {
             "replicas": 0 if suspended else compute.replicas,
             "selector": {"matchLabels": selector_labels(compute)},
@@ -440,15 +411,28 @@ def _named_items(items: list[Any]) -> bool:
     return bool(items) and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items)
 
 
+def network_policy(compute: "Compute", peer: NotebookPeer) -> dict[str, Any]:
+    """The NetworkPolicy letting only the notebook (``peer``) reach this compute's pods."""
+    return build_network_policy(compute, peer, _metadata(compute, compute.service_name, "network-policy"),
+                                selector_labels(compute))
+
+
 def build_all(compute: "Compute", token: str, source_files: dict[str, str] | None = None, *,
-              suspended: bool = False) -> list[dict[str, Any]]:
-    """Every object of a compute, in apply order: Secret, ConfigMap, PVCs, Service, Deployment."""
-    objects = [build_secret(compute, token)]
+              suspended: bool = False, install_env: Mapping[str, str] | None = None,
+              peer: NotebookPeer | None = None) -> list[dict[str, Any]]:
+    """Every object of a compute, in apply order: Secret, ConfigMap, PVCs, Service, NetworkPolicy
+    (with ``peer``, see :func:`kt_jupyter.pod_security.notebook_peer`), Deployment."""
+    if install_env is None:
+        install_env = notebook_install_env(compute)
+    objects = [build_secret(compute, token, install_env)]
     if source_files and not compute.freeze:
         objects.append(build_source_configmap(compute, source_files))
     objects += build_volume_claims(compute)
     objects.append(build_service(compute))
-    objects.append(build_deployment(compute, source_files=source_files, suspended=suspended))
+    if peer is not None:
+        objects.append(network_policy(compute, peer))
+    objects.append(build_deployment(compute, source_files=source_files, suspended=suspended,
+                                    install_env=install_env))
     return objects
 
 
@@ -474,6 +458,9 @@ def compute_from_deployment(manifest: dict[str, Any]) -> "Compute":
     requests = (container.get("resources") or {}).get("requests") or {}
     limits = (container.get("resources") or {}).get("limits") or {}
     selector = dict(pod.get("nodeSelector") or {})
+    terms = (((pod.get("affinity") or {}).get("nodeAffinity") or {})
+             .get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or []
+    gpu_type = selector.pop(GFD_PRODUCT_LABEL, None) or (gpu_type_from_terms(terms) if terms else None)
     labels = {k: v for k, v in (meta.get("labels") or {}).items()
               if k not in (MANAGED_BY_LABEL, COMPUTE_LABEL, NAME_LABEL, COMPONENT_LABEL)}
     ours = ("KT_TOKEN", "KT_SERVICE_NAME", "PYTHONUNBUFFERED")
@@ -482,7 +469,7 @@ def compute_from_deployment(manifest: dict[str, Any]) -> "Compute":
         backend="kubernetes",
         cpus=requests.get("cpu"), memory=requests.get("memory") or limits.get("memory"),
         disk_size=requests.get("ephemeral-storage"), gpus=limits.get(GPU_RESOURCE),
-        gpu_type=selector.pop(GPU_PRODUCT_LABEL, None), node_selector=selector,
+        gpu_type=gpu_type, node_selector=selector,
         namespace=meta.get("namespace"), labels=labels,
         tolerations=[t for t in pod.get("tolerations") or [] if t != GPU_TOLERATION],
         service_account_name=pod.get("serviceAccountName"), priority_class_name=pod.get("priorityClassName"),

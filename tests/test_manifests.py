@@ -17,9 +17,10 @@ from kt_jupyter.errors import ComputeSpecError
 from kt_jupyter.image import Image
 from kt_jupyter.k8s_fields import Secret, Volume
 from kt_jupyter.manifests import (CACHE_DIR, COMPUTE_LABEL, GPU_TOLERATION, MANAGED_BY_LABEL, MAX_SOURCE_BYTES,
-                                  POD_KERNEL_DEPS, SPEC_ANNOTATION, SRC_DIR, build_all, build_deployment,
-                                  build_secret, build_service, build_source_configmap, build_volume_claims,
-                                  deep_merge, label_selector, source_hash, startup_script)
+                                  SPEC_ANNOTATION, SRC_DIR, build_all, build_deployment, build_secret, build_service,
+                                  build_source_configmap, build_volume_claims, deep_merge, label_selector,
+                                  source_hash)
+from kt_jupyter.startup import INSTALL_ENV_VARS, pinned_deps, startup_script
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The newest Kubernetes version the installed kubernetes-validate has schemas for.
@@ -35,7 +36,8 @@ def no_real_cluster_config(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KT_HOME", str(tmp_path / "home" / ".kt"))
     monkeypatch.setenv("KT_USERNAME", "tester")
-    for var in ("KUBECONFIG", "KT_NAMESPACE", "KT_LAUNCH_TIMEOUT", "KT_GPU_ANTI_AFFINITY"):
+    for var in ("KUBECONFIG", "KT_NAMESPACE", "KT_LAUNCH_TIMEOUT", "KT_GPU_ANTI_AFFINITY", "KT_POD_IMAGE",
+                "KUBERNETES_SERVICE_HOST", *INSTALL_ENV_VARS):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(k8s_fields, "SERVICE_ACCOUNT_NAMESPACE_PATH", tmp_path / "no-serviceaccount")
 
@@ -169,7 +171,8 @@ def test_container_runs_the_pod_kernel_with_the_token_from_the_secret():
     assert c["ports"] == [{"name": "kernel", "containerPort": 32300, "protocol": "TCP"}]
     assert c["env"][0] == {"name": "KT_TOKEN", "valueFrom": {"secretKeyRef": {"name": "tester-t-token",
                                                                                "key": "token"}}}
-    assert c["readinessProbe"]["tcpSocket"] == {"port": "kernel"}
+    assert c["readinessProbe"]["httpGet"] == c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "kernel"}
+    assert "tcpSocket" not in json.dumps(c)
     assert dep["spec"]["strategy"] == {"type": "Recreate"}
     secret = objects[0]
     assert secret["metadata"]["name"] == "tester-t-token"
@@ -190,9 +193,12 @@ def test_resources_and_gpu_scheduling():
     assert container_of(dep)["resources"] == {
         "requests": {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "1"},
         "limits": {"memory": "32Gi", "nvidia.com/gpu": "1"}}
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "A100"}
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert [t["matchExpressions"][0]["key"] for t in terms] == [
+        "nvidia.com/gpu.product", "cloud.google.com/gke-accelerator", "karpenter.k8s.aws/instance-gpu-name"]
+    assert "NVIDIA-A100-SXM4-80GB" in terms[0]["matchExpressions"][0]["values"]
     assert pod["tolerations"] == [GPU_TOLERATION]
-    assert "schedulerName" not in pod and "affinity" not in pod
+    assert "schedulerName" not in pod and "nodeSelector" not in pod
 
 
 def test_cpu_only_pod_has_no_gpu_bits():
@@ -230,7 +236,8 @@ def test_shared_memory_volume():
 
     assert shm(shared_memory_limit="2Gi", memory="8Gi") == {"medium": "Memory", "sizeLimit": "2Gi"}
     assert shm(memory="8Gi") == {"medium": "Memory", "sizeLimit": "8Gi"}
-    assert shm() == {"medium": "Memory"}
+    assert shm() == {"medium": "Memory", "sizeLimit": "1Gi"}
+    assert shm(gpus=2) == {"medium": "Memory", "sizeLimit": "8Gi"}  # the GPU pod's default memory request
 
 
 def test_volumes_and_claims():
@@ -264,14 +271,18 @@ def test_scheduling_fields():
     pod = build_deployment(k8s(**MATRIX["scheduling"]))["spec"]["template"]
     assert pod["spec"]["priorityClassName"] == "critical"
     assert pod["spec"]["serviceAccountName"] == "runner"
-    assert pod["spec"]["schedulerName"] == "kai-scheduler"
-    assert pod["metadata"]["labels"]["kai.scheduler/queue"] == "batch"
+    assert "schedulerName" not in pod["spec"]  # queue alone: Kueue, with the default scheduler
+    assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "batch"
 
 
 def test_gpu_anti_affinity():
     pod = build_deployment(k8s(**MATRIX["anti-affinity"]))["spec"]["template"]["spec"]
     term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
-    assert term == {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "NotIn", "values": ["true"]}]}
+    assert term == {"matchExpressions": [
+        {"key": "nvidia.com/gpu.present", "operator": "NotIn", "values": ["true"]},
+        {"key": "nvidia.com/gpu.product", "operator": "DoesNotExist"},
+        {"key": "cloud.google.com/gke-accelerator", "operator": "DoesNotExist"},
+        {"key": "karpenter.k8s.aws/instance-gpu-name", "operator": "DoesNotExist"}]}
 
 
 def test_gpu_anti_affinity_from_environment_skips_gpu_pods(monkeypatch):
@@ -351,7 +362,7 @@ def test_startup_script_installs_dependencies_idempotently():
     assert 'export PYTHONPATH="$KT_SRC_DIR:$KT_CACHE_DIR/site${PYTHONPATH:+:$PYTHONPATH}"' in script
     assert 'export PIP_CACHE_DIR="$KT_CACHE_DIR/pip"' in script
     check = "if ! \"$KT_PY\" -c 'import sys, websockets, cloudpickle, IPython, psutil;"
-    install = '--upgrade --target "$KT_CACHE_DIR/site" ' + " ".join(f"'{d}'" for d in POD_KERNEL_DEPS)
+    install = '--upgrade --target "$KT_CACHE_DIR/site" ' + " ".join(pinned_deps())
     assert check in script and install in script
     assert script.index(check) < script.index(install) < script.index("exec ")
     assert "KT_SETUP_MARKER" not in script  # no image steps, no setup block
@@ -361,9 +372,8 @@ def test_startup_script_runs_image_steps_once_per_container():
     compute = k8s(**MATRIX["image+steps+env"])
     script = startup_script(compute)
     h = compute.image.setup_hash
-    assert f'KT_SETUP_MARKER="$KT_MARKER_DIR/.kt-setup-{h}"' in script
-    assert ('[ "$KT_SETUP_DONE" = 1 ] || "$KT_PY" -m pip install --disable-pip-version-check --no-input '
-            "'numpy>=2' torch==2.4.0") in script
+    assert f'KT_SETUP_MARKER="${{KT_MARKER_DIR:-${{TMPDIR:-/tmp}}}}/.kt-setup-{h}"' in script
+    assert "[ \"$KT_SETUP_DONE\" = 1 ] || kt_pip_install 'numpy>=2' torch==2.4.0" in script
     assert """[ "$KT_SETUP_DONE" = 1 ] || "$KT_SH" -c 'apt-get update && apt-get install -y git'""" in script
     assert '\n"$KT_SH" -c \'echo every start\'\n' in script  # force=True: every start, unguarded
     assert script.index("touch \"$KT_SETUP_MARKER\"") < script.index("exec ")
@@ -430,7 +440,9 @@ def test_service_template_is_merged_last():
     pod = dep["spec"]["template"]["spec"]
     assert dep["spec"]["revisionHistoryLimit"] == 2 and pod["hostIPC"] is True
     assert dep["metadata"]["annotations"]["extra"] == "yes" and SPEC_ANNOTATION in dep["metadata"]["annotations"]
-    assert pod["nodeSelector"] == {"custom": "value", "nvidia.com/gpu.product": "L4"}
+    assert pod["nodeSelector"] == {"custom": "value"}
+    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0] \
+        == {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-L4"]}]}
     assert [c["name"] for c in pod["containers"]] == ["pod-kernel", "sidecar"]
     main = pod["containers"][0]
     assert main["env"][-1] == {"name": "EXTRA", "value": "1"} and main["env"][0]["name"] == "KT_TOKEN"
