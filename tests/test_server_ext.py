@@ -252,7 +252,8 @@ def hung_kernel(kt_home):
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     d = kt_home / "local" / "hung"
-    d.mkdir(parents=True)
+    d.parent.mkdir(mode=0o700)
+    d.mkdir(mode=0o700)  # private, as the local backend makes its registry (it trusts no other)
     (d / "token").write_text("t" * 32)
     (d / "kernel.log").write_text("")
     me = psutil.Process()
@@ -261,6 +262,8 @@ def hung_kernel(kt_home):
         "started": time.time(), "create_time": me.create_time(), "owner_pid": None, "keep": True,
         "spec": {"name": "hung"},
     }))
+    for path in d.iterdir():
+        path.chmod(0o600)
     yield "hung"
     for path in d.iterdir():
         path.unlink()

@@ -1,10 +1,11 @@
 """Local backend: pod kernels as subprocesses of this interpreter (the default; no cluster).
 
 Registry: ``$KT_HOME/local/<name>/`` (``~/.kt`` by default, mode 0700) holds
-``token`` (0600), ``kernel.json`` (pid, port, spec) and ``kernel.log`` (the
-kernel's stdout/stderr: server events and cell output). Any process of the
-same user finds a kernel there by name, which is how a restarted notebook
-reattaches to its warm kernel.
+``token``, ``kernel.json`` (pid, port, spec without env values) and
+``kernel.log`` (the kernel's stdout/stderr: server events and cell output),
+all 0600. Any process of the same user finds a kernel there by name, which is
+how a restarted notebook reattaches to its warm kernel; entries that are not
+that user's own are never trusted (:mod:`.local_registry`).
 
 A kernel runs in its own process group, so delete stops everything it
 started. It exits by itself when the notebook kernel that launched it exits
@@ -19,19 +20,19 @@ import json
 import os
 import secrets
 import select
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import psutil
 
 from ..errors import ComputeSpecError, LaunchError, NotFoundError
 from . import KernelHandle, KernelInfo, kt_home
+from . import local_registry as registry
 from .rlimits import apply_memory_limit
 
 if TYPE_CHECKING:
@@ -70,25 +71,54 @@ def owner_grace_s() -> float:
 _POD_KERNEL_ROOT = str(Path(__file__).resolve().parents[2])
 
 
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
 def tail_lines(path: Path, n: int | None) -> str:
-    """The last ``n`` lines of a text file (all of it when n is None), '' if missing."""
+    """The last ``n`` lines of a text file (all of it when n is None), '' if missing; never through a symlink."""
     try:
-        with open(path, "rb") as f:
-            if n is None:
-                return f.read().decode(errors="replace")
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            block = min(size, max(8192, n * 200))
-            while True:
-                f.seek(size - block)
-                data = f.read(block)
-                if data.count(b"\n") > n or block == size:
-                    break
-                block = min(size, block * 4)
+        with open(path, "rb", opener=_no_follow) as f:
+            return tail_of(f, n)
     except FileNotFoundError:
         return ""
+
+
+def tail_of(f: BinaryIO, n: int | None) -> str:
+    """The last ``n`` lines of an open binary file (all of it when n is None)."""
+    if n is None:
+        return f.read().decode(errors="replace")
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    block = min(size, max(8192, n * 200))
+    while True:
+        f.seek(size - block)
+        data = f.read(block)
+        if data.count(b"\n") > n or block == size:
+            break
+        block = min(size, block * 4)
     lines = data.decode(errors="replace").splitlines()
     return "\n".join(lines[-n:]) if n else ""
+
+
+def _spec_at_rest(compute: "Compute") -> dict[str, Any]:
+    """The spec kept in kernel.json: the Compute's parameters, with env var names but never their values."""
+    spec = compute.to_dict() if hasattr(compute, "to_dict") else {"name": compute.name}
+    env = spec.pop("env_vars", None) or {}
+    if env:
+        spec["env_var_names"] = sorted(env)
+    return spec
+
+
+def _valid_info(info: object) -> bool:
+    """Whether a kernel.json holds what the backend relies on, with the right types."""
+    if not isinstance(info, dict):
+        return False
+    ints = [info.get(k) for k in ("pid", "port")]
+    numbers = [info.get(k) for k in ("started", "create_time")]
+    return (all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ints) and info["port"] < 65536
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
+            and isinstance(info.get("host"), str) and isinstance(info.get("name"), str))
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -123,23 +153,25 @@ class LocalBackend:
 
     @property
     def root(self) -> Path:
-        """Registry directory (``$KT_HOME/local``)."""
-        root = self._root or kt_home() / "local"
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return root
+        """Registry directory (``$KT_HOME/local``), created 0700; BackendUnavailable if it is not private to us."""
+        return registry.checked_root(self._root or kt_home() / "local")
 
     def _dir(self, name: str) -> Path:
-        return self.root / name
+        """The entry of ``name``: a checked name, inside the registry (it may not exist)."""
+        return registry.entry_path(self.root, name)
+
+    def _entry(self, name: str) -> Path | None:
+        """The entry of ``name`` when there is one and it is ours (NotFoundError when it is not ours)."""
+        return registry.trusted_entry(self.root, name)
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[None]:
-        lock_path = self.root / f".{name}.lock"
-        with open(lock_path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        fd = registry.open_lock(registry.lock_path(self.root, name))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # ------------------------------------------------------------------ launch / find
 
@@ -185,9 +217,7 @@ class LocalBackend:
                 "that exited: its variables are still there")
 
     def _write_info(self, name: str, info: dict[str, Any]) -> None:
-        tmp = self._dir(name) / "kernel.json.tmp"
-        tmp.write_text(json.dumps(info))
-        tmp.replace(self._dir(name) / "kernel.json")
+        registry.write_private(self._dir(name) / "kernel.json", json.dumps(info).encode())
 
     def _start(self, compute: "Compute", keep: bool, on_event: Callable[[str], None]) -> KernelHandle:
         name = compute.name
@@ -202,14 +232,10 @@ class LocalBackend:
                     "ask for fewer, or use --backend kubernetes to run on a cluster"
                 )
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
-        d = self._dir(name)
-        if d.exists():
-            shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(mode=0o700, parents=True)
+        d = registry.fresh_entry(self.root, name)
         token = secrets.token_urlsafe(32)
         token_path = d / "token"
-        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(registry.create_private(token_path), "w") as f:
             f.write(token)
         env.pop("KT_TOKEN", None)
         env["KT_TOKEN_FILE"] = str(token_path)
@@ -230,7 +256,7 @@ class LocalBackend:
         log_path = d / "kernel.log"
         on_event(f"starting pod kernel {name!r} (local subprocess)")
         t0 = time.monotonic()
-        with open(log_path, "ab") as log_file, _no_debugger_hooks():
+        with os.fdopen(registry.create_private(log_path, append=True), "ab") as log_file, _no_debugger_hooks():
             try:
                 proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
@@ -256,7 +282,7 @@ class LocalBackend:
             "create_time": psutil.Process(proc.pid).create_time(),
             "owners": [owner] if owner else [],
             "keep": keep,
-            "spec": compute.to_dict() if hasattr(compute, "to_dict") else {"name": name},
+            "spec": _spec_at_rest(compute),
         }
         self._write_info(name, info)
         on_event(f"pod kernel {name!r} ready in {time.monotonic() - t0:.2f} s (pid {proc.pid})")
@@ -289,10 +315,14 @@ class LocalBackend:
         return json.loads(buf.split(b"\n", 1)[0])
 
     def _read_info(self, name: str) -> dict[str, Any] | None:
+        """The entry's kernel.json (None if there is none, or it is unreadable); NotFoundError if not ours."""
+        entry = self._entry(name)
+        raw = None if entry is None else registry.read_private(name, entry / "kernel.json")
         try:
-            return json.loads((self._dir(name) / "kernel.json").read_text())
-        except (FileNotFoundError, ValueError):
+            info = json.loads(raw) if raw else None
+        except ValueError:
             return None
+        return info if _valid_info(info) else None
 
     def _alive(self, info: dict[str, Any]) -> bool:
         pid = info["pid"]
@@ -312,11 +342,10 @@ class LocalBackend:
             return None
         if not self._alive(info):
             return None
-        try:
-            token = (self._dir(name) / "token").read_text().strip()
-        except FileNotFoundError:
+        raw = registry.read_private(name, self._dir(name) / "token")
+        if raw is None:
             return None
-        return self._handle(info, token)
+        return self._handle(info, raw.decode(errors="replace").strip())
 
     def _handle(self, info: dict[str, Any], token: str) -> KernelHandle:
         name = info["name"]
@@ -343,16 +372,18 @@ class LocalBackend:
     def list(self) -> list[KernelInfo]:
         """Every registered local compute, live or not."""
         out = []
-        for d in sorted(self.root.iterdir()):
-            if d.is_dir():
-                out.append(self.status(d.name))
+        for name in registry.entry_names(self.root):
+            try:
+                out.append(self.status(name))
+            except NotFoundError:  # removed meanwhile, or its files are not ours: not a compute of ours
+                continue
         return out
 
     def status(self, name: str) -> KernelInfo:
         """State of one compute: ready (process alive) or stopped."""
         info = self._read_info(name)
         if info is None:
-            if self._dir(name).exists():
+            if self._entry(name) is not None:
                 return KernelInfo(name, self.name, "launching")
             raise NotFoundError(f"no local compute named {name!r}; `%kt list` shows those that exist")
         alive = self._alive(info)
@@ -364,17 +395,21 @@ class LocalBackend:
 
     def logs(self, name: str, tail: int | None = 100) -> str:
         """The kernel log's last ``tail`` lines (server events and cell output)."""
-        path = self._dir(name) / "kernel.log"
-        if not path.exists():
+        self._read_info(name)  # an entry (or kernel.json) that is not ours is refused, not shown
+        entry = self._entry(name)
+        fd = None if entry is None else registry.open_file(name, entry / "kernel.log", private=False)
+        if fd is None:
             raise NotFoundError(f"no logs for local compute {name!r}")
-        return tail_lines(path, tail)
+        with os.fdopen(fd, "rb") as f:
+            return tail_of(f, tail)
 
     def forward_port(self, name: str, remote_port: int) -> int:
         """The pod kernel runs on this host: its loopback port is reachable as it is."""
         return remote_port
 
     def log_path(self, name: str) -> Path:
-        """Path of the kernel log (for following it)."""
+        """Path of the kernel log (for following it); NotFoundError if the entry is not ours."""
+        self._read_info(name)
         return self._dir(name) / "kernel.log"
 
     # ------------------------------------------------------------------ delete
@@ -382,12 +417,15 @@ class LocalBackend:
     def delete(self, name: str, grace_period_s: float = 5.0) -> bool:
         """Stop the kernel's whole process group (TERM, then KILL after the grace period)."""
         with self._locked(name):
-            info = self._read_info(name)
-            existed = self._dir(name).exists()
+            if self._entry(name) is None:  # NotFoundError for an entry that is not ours: left alone
+                return False
+            try:
+                info = self._read_info(name)
+            except NotFoundError:  # our entry, files we do not trust: remove it, stop nothing they name
+                info = None
             if info is not None and self._alive(info):
                 self._stop(info["pid"], grace_period_s)
-            shutil.rmtree(self._dir(name), ignore_errors=True)
-            return existed
+            return registry.remove_entry(self.root, name) is not None
 
     def _stop(self, pid: int, grace_period_s: float) -> None:
         proc = self._children.get(pid)
