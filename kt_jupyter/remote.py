@@ -3,42 +3,118 @@
 ``kt.fn(f).to(compute)`` returns a callable that runs ``f`` on the pod kernel
 named after the function (``name=`` overrides; two modules named alike share
 one kernel, and ``%%kt --name NAME`` cells reach it too). Calls run
-concurrently on the pod. Arguments and results travel as JSON by default or
-pickle on request; the pod kernel enforces its ``allowed_serialization``.
+concurrently on the pod.
 
-Functions from importable modules are called by reference (module + name),
-after the working directory's code is synced, so an edit to a local ``.py``
-file is in effect on the next call. Notebook-defined functions travel by
-value (pickle) or as source (JSON).
+Code travels as :mod:`kt_jupyter.codetravel` says: functions of modules are
+imported by name on the pod (the user's modules synced as source first, so an
+edit is in effect on the next call); functions from a script's ``__main__``,
+a notebook cell or another function travel by value (cloudpickle) once per
+version. ``serialization`` (``json`` by default, ``pickle`` on request) is how
+arguments and results travel; the pod kernel enforces its
+``allowed_serialization``.
+
+Ctrl-C while waiting for a call (or a map) cancels it: the local wait and
+upload stop, and the pod interrupts the call (best effort: Python code stops
+at once, a call blocked in native code when that returns). A ``.remote()``
+result dropped here is released on the pod (in batches, on the client loop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import sys
-import sysconfig
-import textwrap
-from pathlib import Path
+import threading
+import uuid
+import weakref
 from typing import Any, Callable, Iterable
 
+from pod_kernel.calls import UnknownFunction
+
 from . import connection as conn_mod
-from .client import client_loop
+from .client import OPEN_TIMEOUT_S, Session, client_loop
+from .codetravel import Shipment, ship
 from .compute import Compute
 from .errors import KtError
 
+log = logging.getLogger("kt_jupyter.remote")
+
 #: kubetorch's per-call options, popped from a call's keyword arguments.
 CALL_OPTIONS = ("async_", "stream_logs", "stream_metrics", "debug", "serialization")
+#: How long Ctrl-C waits for the pod to hear that its calls are cancelled.
+CANCEL_TIMEOUT_S = OPEN_TIMEOUT_S
+
+
+class _Releases:
+    """Remote refs dropped and calls cancelled, sent to their pods in one ``release`` request per
+    session and turn of the client loop (a finalizer may run in any thread, during any GC)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[Session, tuple[list[str], list[str]]] = {}
+        self._scheduled = False
+        self._sending: set[asyncio.Task] = set()
+
+    def add(self, session: Session, refs: Iterable[str] = (), calls: Iterable[str] = ()) -> None:
+        """Queue refs to release and calls to cancel on ``session``'s pod."""
+        with self._lock:
+            entry = self._pending.setdefault(session, ([], []))
+            entry[0].extend(refs)
+            entry[1].extend(calls)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            client_loop().call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the interpreter is shutting down: the pod goes with the notebook
+            pass
+
+    def _flush(self) -> None:
+        with self._lock:
+            batch, self._pending, self._scheduled = self._pending, {}, False
+        for session, (refs, calls) in batch.items():
+            task = asyncio.ensure_future(self._send(session, refs, calls))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    @staticmethod
+    async def _send(session: Session, refs: list[str], calls: list[str]) -> None:
+        try:
+            await session.arequest({"type": "release", "refs": refs, "calls": calls})
+        except Exception as exc:  # a pod that is gone holds nothing any more
+            log.debug("release on %s failed: %s", session.name, exc)
+
+    async def _drain(self) -> None:
+        self._flush()
+        while self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+
+    def drain(self, timeout_s: float) -> None:
+        """Send what is queued now and wait (from outside the client loop) until the pods answered."""
+        fut = asyncio.run_coroutine_threadsafe(self._drain(), client_loop())
+        try:
+            fut.result(timeout_s)
+        except Exception:
+            fut.cancel()
+
+
+releases = _Releases()
 
 
 class RemoteObjectRef:
-    """A call result kept on the pod (``.remote(...)``); passing it to later calls costs no transfer."""
+    """A call result kept on the pod (``.remote(...)``); passing it to later calls costs no transfer.
+
+    When the last reference to it here goes, the pod's copy is released.
+    """
 
     def __init__(self, module: "Module", ref: str, type_name: str, size: int) -> None:
         self._module = module
         self.ref = ref
         self.type = type_name
         self.size = size
+        finalizer = weakref.finalize(self, releases.add, module._connection().session, [ref])
+        finalizer.atexit = False
 
     def __repr__(self) -> str:
         return f"<RemoteObjectRef {self.ref}: {self.type} on {self._module.service_name!r}>"
@@ -63,38 +139,17 @@ def _encode_refs(value: Any) -> Any:
     return value
 
 
-def _importable_on_pod(module: str) -> bool:
-    """Whether the pod can import ``module``: installed (site-packages, stdlib) or synced from the code root."""
-    mod = sys.modules.get(module)
-    file = getattr(mod, "__file__", None)
-    if not file:
-        return False
-    path = Path(file).resolve()
-    installed = {Path(p).resolve() for key in ("purelib", "platlib", "stdlib", "platstdlib")
-                 if (p := sysconfig.get_paths().get(key))}
-    if any(path.is_relative_to(base) for base in installed):
-        return True
-    root = Path.cwd().resolve()  # the code root synced to the pod (kt_jupyter.codesync.CodeTree)
-    rel = Path(*module.split("."))
-    return path in {(root / rel).with_suffix(".py"), root / rel / "__init__.py"}
+#: Per session: the keys of the code by value its pod was given (it may have lost them: then again).
+_defined: "weakref.WeakKeyDictionary[Session, set[str]]" = weakref.WeakKeyDictionary()
 
 
-def _target_for(obj: Any, serialization: str) -> tuple[dict[str, Any], Any]:
-    """How the pod finds ``obj``: by reference, by source (JSON) or by value (pickle)."""
-    module = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", getattr(obj, "__name__", ""))
-    if module and module not in ("__main__", "__mp_main__") and "<locals>" not in qualname \
-            and _importable_on_pod(module):
-        return {"kind": "module", "module": module, "qualname": qualname}, None
-    if serialization == "pickle":
-        return {"kind": "pickled"}, obj
-    try:
-        source = textwrap.dedent(inspect.getsource(obj))
-    except (OSError, TypeError) as exc:
-        raise KtError(f"cannot send {qualname!r} as JSON (its source is unavailable: {exc}); "
-                      "use serialization='pickle'") from None
-    lines = [ln for ln in source.splitlines() if not ln.lstrip().startswith("@")]
-    return {"kind": "source", "name": obj.__name__, "source": "\n".join(lines) + "\n"}, None
+async def _define(session: Session, shipment: Shipment, force: bool = False) -> None:
+    """Give the pod the code shipped by value, unless this session already did."""
+    known = _defined.setdefault(session, set())
+    if shipment.blob is None or (shipment.key in known and not force):
+        return
+    await session.acall({"kind": "define", "key": shipment.key}, fn=shipment.blob, serialization="pickle")
+    known.add(shipment.key)
 
 
 class Module:
@@ -105,7 +160,7 @@ class Module:
         if obj is None and name is None:
             raise KtError("give the function/class, or name= of an existing service to reload it")
         self._obj = obj
-        self._name = name or obj.__name__
+        self._name = self._given_name = name or obj.__name__
         self.get_if_exists = get_if_exists
         self.reload_prefixes = list(reload_prefixes or [])
         self._compute: Compute | None = None
@@ -171,8 +226,11 @@ class Module:
     def to(self, compute: Compute, init_args: dict[str, Any] | None = None, stream_logs: bool | None = None,
            get_if_exists: bool | None = None, reload_prefixes: list[str] | None = None,
            dryrun: bool = False) -> "Module":
-        """Deploy to ``compute`` (launch or reuse the kernel named after this module)."""
-        self._compute = compute.with_overrides(name=self._name)
+        """Deploy to ``compute`` (launch or reuse the kernel named after this module).
+
+        With ``get_if_exists`` and ``reload_prefixes``, a running service named
+        ``{prefix}-{name}`` (the first prefix that has one) is used instead.
+        """
         if stream_logs is not None:
             self._stream_logs = stream_logs
         if get_if_exists is not None:
@@ -181,8 +239,22 @@ class Module:
             self.reload_prefixes = list(reload_prefixes)
         self.dryrun = dryrun
         if not dryrun:
+            self._name = self._existing_name(compute)
+        self._compute = compute.with_overrides(name=self._name)
+        if not dryrun:
             self._deploy(init_args)
         return self
+
+    def _existing_name(self, compute: Compute) -> str:
+        """The first ``{prefix}-{name}`` of ``reload_prefixes`` that runs, else the name as given."""
+        if self.get_if_exists and self.reload_prefixes:
+            from .backends import get_backend
+
+            backend = get_backend(compute.backend)
+            for prefix in self.reload_prefixes:
+                if backend.find(f"{prefix}-{self._given_name}") is not None:
+                    return f"{prefix}-{self._given_name}"
+        return self._given_name
 
     def deploy(self) -> "Module":
         """Deploy with the settings given so far."""
@@ -193,10 +265,17 @@ class Module:
         conn = self._connection()
         if not self.get_if_exists:
             conn.forget_state()
+        self._ship(conn)  # code that cannot travel to this compute is an error here, before any call
         conn.sync_code()
 
     def _connection(self) -> conn_mod.ComputeConnection:
         return conn_mod.connect(self.compute, keep=True)
+
+    def _ship(self, conn: conn_mod.ComputeConnection) -> Shipment:
+        """How the wrapped function or class reaches the pod (syncing the user's modules it needs)."""
+        if self._obj is None:
+            return Shipment({"kind": "name", "name": self._name})
+        return ship(self._obj, conn.code, conn.session.accept_pickle)
 
     def teardown(self) -> None:
         """Delete the service and its kernel."""
@@ -213,32 +292,73 @@ class Module:
             print(self._connection().debug().describe(), flush=True)
         return opts
 
-    async def _acall(self, target: dict[str, Any], fn: Any, args: tuple, kwargs: dict[str, Any],
-                     opts: dict[str, Any], keep: bool = False, construct: dict | None = None) -> Any:
+    async def _acall(self, shipment: Shipment, args: tuple, kwargs: dict[str, Any], opts: dict[str, Any],
+                     keep: bool = False, construct: dict | None = None) -> Any:
         conn = await asyncio.to_thread(self._connection)
         await asyncio.to_thread(conn.sync_code)
+        session = conn.session
         stream = opts.get("stream_logs", self.stream_logs)
-        on_output = _print_output if stream else None
-        return await conn.session.acall(
-            target, _encode_refs(list(args)), _encode_refs(kwargs), fn=fn,
-            serialization=opts.get("serialization", self.serialization), stream=bool(stream),
-            on_output=on_output, keep=keep, construct=construct,
-        )
+        cancel_key = uuid.uuid4().hex
+        target = dict(shipment.target, cancel_key=cancel_key)
+        if target["kind"] != "method":
+            target["service"] = self._name
+        try:
+            for attempt in range(2):
+                await _define(session, shipment, force=attempt > 0)
+                try:
+                    return await session.acall(
+                        target, _encode_refs(list(args)), _encode_refs(kwargs),
+                        serialization=opts.get("serialization", self.serialization), stream=bool(stream),
+                        on_output=_print_output if stream else None, keep=keep, construct=construct,
+                    )
+                except UnknownFunction:  # the pod restarted or evicted it: define it again, once
+                    if attempt or shipment.blob is None:
+                        raise
+        except asyncio.CancelledError:  # Ctrl-C here, or the caller's task cancelled: stop it on the pod
+            releases.add(session, calls=[cancel_key])
+            raise
 
-    def _dispatch(self, target: dict[str, Any], fn: Any, args: tuple, kwargs: dict[str, Any],
-                  keep: bool = False) -> Any:
+    def _dispatch(self, shipment: Shipment, args: tuple, kwargs: dict[str, Any], keep: bool = False) -> Any:
         opts = self._options(kwargs)
-        coro_factory = lambda: self._acall(target, fn, args, kwargs, opts, keep)  # noqa: E731
+        coro_factory = lambda: self._acall(shipment, args, kwargs, opts, keep)  # noqa: E731
         if opts.get("async_", self.async_):
             return _awaitable(coro_factory)
-        return asyncio.run_coroutine_threadsafe(coro_factory(), client_loop()).result()
+        return _wait(coro_factory)
 
     def _wrap_ref(self, marker: dict[str, Any]) -> RemoteObjectRef:
         return RemoteObjectRef(self, marker["__kt_ref__"], marker.get("type", ""), marker.get("size", 0))
 
 
+def _wait(factory: Callable[[], Any]) -> Any:
+    """Run a call on the client loop and wait for it here; Ctrl-C cancels it there and on the pod."""
+    loop = client_loop()
+    running: list[asyncio.Task] = []
+
+    async def run() -> Any:
+        running.append(asyncio.current_task())
+        return await factory()
+
+    fut = asyncio.run_coroutine_threadsafe(run(), loop)
+    try:
+        return fut.result()
+    except KeyboardInterrupt:
+        fut.cancel()
+
+        async def stop() -> None:  # the call's task unwound (its cancels queued), then they are sent
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            await releases._drain()
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), loop).result(CANCEL_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("could not tell the pod to cancel: %s", exc)
+        raise
+
+
 async def _awaitable(factory: Callable[[], Any]) -> Any:
-    """Run a call on the client loop; awaitable from the caller's loop."""
+    """Run a call on the client loop; awaitable from the caller's loop (cancelling it cancels the call)."""
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(factory(), client_loop()))
 
 
@@ -250,22 +370,12 @@ def _print_output(msg: dict[str, Any]) -> None:
 class Fn(Module):
     """A function on a pod kernel (``kt.fn``)."""
 
-    def _target(self, serialization: str) -> tuple[dict[str, Any], Any]:
-        if self._obj is None:
-            return {"kind": "source", "name": self._name, "source": ""}, None
-        return _target_for(self._obj, serialization)
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        ser = kwargs.get("serialization", self.serialization)
-        target, fn = self._target(ser)
-        return self._dispatch(target, fn, args, kwargs)
+        return self._dispatch(self._ship(self._connection()), args, kwargs)
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        """Call, keeping the result on the pod; returns a RemoteObjectRef."""
-        ser = kwargs.get("serialization", self.serialization)
-        target, fn = self._target(ser)
-        kwargs.setdefault("serialization", "pickle" if fn is not None else ser)
-        result = self._dispatch(target, fn, args, kwargs, keep=True)
+        """Call, keeping the result on the pod; returns a RemoteObjectRef (released there when dropped here)."""
+        result = self._dispatch(self._ship(self._connection()), args, kwargs, keep=True)
         if inspect.isawaitable(result):
             async def _wrap() -> RemoteObjectRef:
                 return self._wrap_ref(await result)
@@ -278,15 +388,15 @@ class Fn(Module):
         return self.starmap(list(zip(iterable, *iterables)), **kwargs)
 
     def starmap(self, arg_tuples: Iterable[tuple], **kwargs: Any) -> list[Any]:
-        """``[f(*args) for args in arg_tuples]``, concurrently."""
+        """``[f(*args) for args in arg_tuples]``, concurrently; Ctrl-C cancels them all."""
         opts = self._options(kwargs)
-        target, fn = self._target(opts.get("serialization", self.serialization))
+        shipment = self._ship(self._connection())
 
         async def _all() -> list[Any]:
-            return list(await asyncio.gather(*(self._acall(target, fn, tuple(a), dict(kwargs), opts)
+            return list(await asyncio.gather(*(self._acall(shipment, tuple(a), dict(kwargs), opts)
                                                for a in arg_tuples)))
 
-        return asyncio.run_coroutine_threadsafe(_all(), client_loop()).result()
+        return _wait(_all)
 
 
 class Cls(Module):
@@ -296,19 +406,19 @@ class Cls(Module):
         super()._deploy(init_args)
         if self._obj is None:
             return  # reloading an existing service by name: its instance lives there already
-        ser = "pickle" if "pickle" in self.compute.allowed_serialization else "json"
-        target, obj = _target_for(self._obj, ser)
         conn = self._connection()
-        conn.session.call(target, [], dict(init_args or {}), fn=obj, serialization=ser,
-                          construct={"instance": self._name, "reuse": self.get_if_exists})
+        ser = "pickle" if conn.session.accept_pickle else "json"
+        construct = {"instance": self._name, "reuse": self.get_if_exists}
+        _wait(lambda: self._acall(self._ship(conn), (), dict(init_args or {}), {"serialization": ser},
+                                  construct=construct))
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("_"):
             raise AttributeError(method)
-        target = {"kind": "method", "instance": self._name, "method": method}
+        shipment = Shipment({"kind": "method", "instance": self._name, "method": method})
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return self._dispatch(target, None, args, kwargs)
+            return self._dispatch(shipment, args, kwargs)
 
         call.__name__ = method
         return call

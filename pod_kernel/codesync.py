@@ -5,6 +5,12 @@ answers which files it lacks or holds in another version; the notebook sends
 only those. Written files land under :attr:`CodeSync.root`, first on
 ``sys.path``; every module loaded from a changed file is reloaded, so the
 next cell or call runs the new code in the warm kernel.
+
+Code from outside the notebook's working directory (the project a
+function's module lives in) lands under ``_kt_projects/<id>/``; the
+project's ``_kt_projects/<id>.pth`` lists, one per line, the directories
+under ``_kt_projects/`` to put on ``sys.path`` (its import roots, as a
+``.pth`` file in site-packages does).
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ import importlib
 import os
 import sys
 from pathlib import Path, PurePosixPath
+
+#: Where projects outside the working directory are synced, under the code root.
+PROJECTS_DIR = "_kt_projects"
 
 
 def content_hash(data: bytes) -> str:
@@ -52,9 +61,23 @@ class CodeSync:
                 path = self._path(rel)
                 if path.is_file() and content_hash(path.read_bytes()) == digest:
                     self.hashes[rel] = digest
+                    self._add_paths(rel)
                     continue
                 out.append(rel)
         return out
+
+    def _add_paths(self, rel: str) -> None:
+        """Put the directories a project's ``.pth`` names on ``sys.path`` (after the code root)."""
+        p = PurePosixPath(rel)
+        if len(p.parts) != 2 or p.parts[0] != PROJECTS_DIR or p.suffix != ".pth":
+            return
+        for line in self._path(rel).read_text().splitlines():
+            if not line.strip():
+                continue
+            entry = str(self._path(f"{PROJECTS_DIR}/{line.strip()}"))
+            if entry not in sys.path:
+                at = sys.path.index(str(self.root)) + 1 if str(self.root) in sys.path else len(sys.path)
+                sys.path.insert(at, entry)
 
     def apply(self, files: dict[str, str]) -> list[str]:
         """Write files, then reload the modules loaded from them; returns the reloaded module names."""
@@ -68,6 +91,8 @@ class CodeSync:
             os.replace(tmp, path)
             self.hashes[rel] = content_hash(data)
             changed.add(str(path))
+        for rel in files:
+            self._add_paths(rel)
         importlib.invalidate_caches()
         reloaded = []
         for name, module in sorted(sys.modules.copy().items()):

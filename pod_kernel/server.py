@@ -510,31 +510,43 @@ class PodKernelServer:
                                       "ids": {n: id(v) for n, v in values.items()}}))
 
     async def on_call(self, session: Session, ws: ServerConnection, header: dict, values: dict) -> None:
-        """Run a seed-API call (or construct an instance) and send its result as a bundle."""
+        """Run a seed-API call (or define a function shipped by value, or construct an instance); reply a bundle.
+
+        Nothing user-defined runs on this loop: imports, unpickling and the call itself run in threads
+        (coroutine functions on the calls' own loop), so heartbeats go on.
+        """
         ser = header["serialization"]
         calls = self.calls
-        args = calls.deref(list(values.get("args") or []))
-        kwargs = calls.deref(dict(values.get("kwargs") or {}))
+        target = header["target"]
+        cancel_key = target.get("cancel_key") if isinstance(target.get("cancel_key"), str) else None
         sink = (session.outbox, header["id"]) if header.get("stream") else None
         construct = header.get("construct")
-        if isinstance(construct, dict):
-            created = await calls.run(
-                lambda: calls.construct(str(construct["instance"]), header["target"], values.get("fn"),
-                                        args, kwargs, bool(construct.get("reuse", True))), [], {}, sink)
-            result: Any = {"created": created}
+        if target.get("kind") == "define":
+            blob = values.get("fn")
+            if not isinstance(blob, bytes):
+                raise RequestRefused("CallError", "a define call carries the function's cloudpickle as bytes in 'fn'")
+            await asyncio.to_thread(calls.define, str(target["key"]), blob)
+            result: Any = True
         else:
-            func = calls.resolve(header["target"], values.get("fn"))
-            result = await calls.run(func, args, kwargs, sink)
-            if header.get("keep"):
-                result = calls.keep(result)
+            args = calls.deref(list(values.get("args") or []))
+            kwargs = calls.deref(dict(values.get("kwargs") or {}))
+            if isinstance(construct, dict):
+                result = {"created": await calls.run(
+                    lambda: calls.construct(str(construct["instance"]), target, args, kwargs,
+                                            bool(construct.get("reuse", True))), [], {}, sink, cancel_key)}
+            else:
+                func = await asyncio.to_thread(calls.resolve, target)
+                result = await calls.run(func, args, kwargs, sink, cancel_key)
+                if header.get("keep"):
+                    result = calls.keep(result)
         session.outbox.flush()
         bundle = await asyncio.to_thread(P.dump_values, {"result": result}, ser)
         for frame in P.bundle_frames({"type": "values", "id": header["id"]}, bundle):
             await ws.send(frame)
 
     async def on_files(self, session: Session, ws: ServerConnection, header: dict, values: dict) -> None:
-        """Write synced source files and reload the modules loaded from them."""
-        reloaded = self.code.apply({str(k): str(v) for k, v in values.items()})
+        """Write synced source files and reload the modules loaded from them (in a thread: imports run code)."""
+        reloaded = await asyncio.to_thread(self.code.apply, {str(k): str(v) for k, v in values.items()})
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "reloaded": reloaded}))
 
     # ------------------------------------------------------------------ handlers
@@ -547,10 +559,13 @@ class PodKernelServer:
                                       "root": str(self.code.root)}))
 
     async def on_release(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
-        """Forget remote references the client no longer holds."""
+        """Forget remote references the client no longer holds (``refs``), and cancel the calls whose
+        ``cancel_key`` is in ``calls``: the client no longer waits for them (Ctrl-C)."""
         for ref in header["refs"]:
             self.calls.refs.pop(str(ref), None)
-        await ws.send(P.encode_frame({"type": "reply", "id": header["id"]}))
+        keys = header.get("calls")
+        cancelled = [k for k in keys if isinstance(k, str) and self.calls.cancel(k)] if isinstance(keys, list) else []
+        await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "cancelled": cancelled}))
 
     async def on_execute(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         """Queue a cell; its output and execute_reply arrive through the session's outbox."""
