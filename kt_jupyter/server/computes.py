@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 RESOURCE_KEYS = ("cpus", "memory", "gpus", "gpu_type", "gpu_memory", "disk_size")
 #: Phases in which a pod kernel answers requests.
 LIVE_PHASES = ("ready", "running")
+#: Characters of an unexpected error kept in the message about a bad spec.
+MAX_REASON_CHARS = 200
+#: An example Compute spec for error messages.
+SPEC_EXAMPLE = '{"name": "train", "cpus": 2, "memory": "4Gi"}'
 
 
 def resources_of(spec: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +115,13 @@ def launch_compute(spec: Any) -> tuple[KernelInfo, bool]:
     """Start a compute from a Compute spec dict (kept after this server exits); (state, created)."""
     from ..compute import Compute
 
-    compute = Compute.from_dict(spec)
+    try:
+        compute = Compute.from_dict(spec)
+    except KtError:
+        raise
+    except (TypeError, ValueError, RecursionError) as exc:  # a hostile spec the checks did not foresee
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:MAX_REASON_CHARS]
+        raise ComputeSpecError(f"the Compute spec is not valid: {reason}; send one like {SPEC_EXAMPLE}") from None
     try:
         b = get_backend(compute.backend)
         existed = b.find(compute.name) is not None

@@ -9,9 +9,12 @@ GET         ``/kt/api/computes/{backend}/{name}/logs?tail=N``       the last N l
 GET         ``/kt/api/computes/{backend}/{name}/metrics``           one live resource sample
 ==========  ======================================================  =====================================
 
-Errors are JSON ``{"message": ...}``: a bad spec or parameter is 400, an
-unknown compute 404, a compute that is not running 409, a kernel that does
-not answer 504.
+Errors are JSON ``{"message": ...}`` of at most :data:`MAX_MESSAGE_CHARS`: a
+bad spec, compute name or parameter is 400, an unknown compute 404, a
+compute that is not running 409, a request body over :data:`MAX_BODY_BYTES`
+413, a kernel that does not answer 504. Backend and compute name of a URL
+are checked before any backend sees them; bodies are read in chunks and
+never held beyond the limit.
 """
 
 from __future__ import annotations
@@ -27,12 +30,18 @@ from tornado import web
 
 from ..backends import BACKENDS
 from ..errors import ComputeSpecError, KtError, NotFoundError, RemoteTimeoutError
+from ..names import check_compute_name, shown
 from . import computes
+from .computes import SPEC_EXAMPLE
 
 #: The authorisation resource every kt handler checks (``Authorizer.is_authorized(..., resource="kt")``).
 AUTH_RESOURCE = "kt"
 #: Log lines returned when ``?tail=`` is not given.
 DEFAULT_TAIL_LINES = 200
+#: Largest request body (a Compute spec), in bytes; a bigger one is refused from its headers.
+MAX_BODY_BYTES = 64 * 1024
+#: Longest error message sent back, in characters.
+MAX_MESSAGE_CHARS = 800
 
 _NAME = r"(?P<backend>[^/]+)/(?P<name>[^/]+)"
 
@@ -41,8 +50,26 @@ class ApiError(web.HTTPError):
     """An HTTP error whose message is sent to the client as ``{"message": ...}``."""
 
     def __init__(self, status_code: int, message: str) -> None:
+        message = capped(message)
         super().__init__(status_code, "%s", message)
         self.message = message
+
+
+def capped(message: str) -> str:
+    """``message`` cut to :data:`MAX_MESSAGE_CHARS` (saying so), so no request echoes a huge value."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS - 40]}... ({len(message)} characters, cut)"
+
+
+def checked_target(backend: str, name: str) -> tuple[str, str]:
+    """The backend and compute name from a URL, checked before anything uses them (404 / 400)."""
+    if backend not in BACKENDS:
+        raise ApiError(404, f"no backend {shown(backend)}: use one of {', '.join(BACKENDS)}")
+    try:
+        return backend, check_compute_name(name)
+    except ComputeSpecError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def _status_for(exc: KtError, default: int) -> int:
@@ -55,10 +82,30 @@ def _status_for(exc: KtError, default: int) -> int:
     return default
 
 
+@web.stream_request_body
 class KtHandler(ExtensionHandlerMixin, APIHandler):
-    """Base of the kt handlers: JSON errors, and blocking backend calls in the extension's thread pool."""
+    """Base of the kt handlers: bounded bodies, JSON errors, blocking backend calls in the extension's threads."""
 
     auth_resource = AUTH_RESOURCE
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        """Refuse a body over :data:`MAX_BODY_BYTES` from its headers, before any of it is read."""
+        self._body_chunks: list[bytes] = []
+        await super().prepare()
+        length = self.request.headers.get("Content-Length")
+        if length is not None and (not length.strip().isdigit() or int(length) > MAX_BODY_BYTES):
+            raise ApiError(413, f"the request body is {shown(length)} bytes; at most {MAX_BODY_BYTES // 1024} KiB "
+                                f"is accepted (a Compute spec like {SPEC_EXAMPLE})")
+        self.request.connection.set_max_body_size(MAX_BODY_BYTES)  # a chunked body is cut off there too
+
+    def data_received(self, chunk: bytes) -> None:
+        """Keep the body's chunks (the connection stops at :data:`MAX_BODY_BYTES`)."""
+        self._body_chunks.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        """The request body as received."""
+        return b"".join(self._body_chunks)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Errors as ``{"message": ...}`` with the message that says what to do."""
@@ -72,7 +119,7 @@ class KtHandler(ExtensionHandlerMixin, APIHandler):
         else:
             message = f"internal error in the kt server extension: {type(exc).__name__}: {exc}"
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"message": message}))
+        self.finish(json.dumps({"message": capped(message)}))
 
     async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in the thread pool; kt errors become JSON errors with a fitting status."""
@@ -141,10 +188,12 @@ class ComputesHandler(KtHandler):
     async def post(self) -> None:
         """Launch a compute from the Compute spec in the body; it outlives this request (and this server)."""
         try:
-            spec = json.loads(self.request.body or b"")
+            spec = json.loads(self.body)
         except ValueError as exc:
-            raise ApiError(400, f"the body must be a JSON Compute spec like {{\"name\": \"train\", "
-                                f"\"cpus\": 2, \"memory\": \"4Gi\"}}: {exc}") from None
+            raise ApiError(400, f"the body must be a JSON Compute spec like {SPEC_EXAMPLE}: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, f"the body is nested too deeply; send a flat JSON Compute spec like {SPEC_EXAMPLE}"
+                           ) from None
         if not isinstance(spec, dict):
             raise ApiError(400, f"the body must be a JSON object (a Compute spec); got {type(spec).__name__}")
         info, created = await self.blocking(computes.launch_compute, spec)
@@ -158,6 +207,7 @@ class ComputeHandler(KtHandler):
     @authorized
     async def get(self, backend: str, name: str) -> None:
         """One compute's state, resources and metrics."""
+        backend, name = checked_target(backend, name)
         info = await self.blocking(computes.compute_status, backend, name)
         self.reply(await self.describe(info))
 
@@ -165,6 +215,7 @@ class ComputeHandler(KtHandler):
     @authorized
     async def delete(self, backend: str, name: str) -> None:
         """Stop the compute's kernel and remove it."""
+        backend, name = checked_target(backend, name)
         await self.blocking(computes.stop_compute, backend, name)
         await self.extensionapp.probe.forget(backend, name)
         self.reply({"name": name, "backend": backend, "stopped": True})
@@ -177,6 +228,7 @@ class LogsHandler(KtHandler):
     @authorized
     async def get(self, backend: str, name: str) -> None:
         """The last ``tail`` lines (default 200) as ``{"logs": text}``."""
+        backend, name = checked_target(backend, name)
         raw = self.get_query_argument("tail", str(DEFAULT_TAIL_LINES))
         limit = self.extensionapp.max_log_lines
         try:
@@ -184,7 +236,8 @@ class LogsHandler(KtHandler):
         except ValueError:
             tail = 0
         if not 1 <= tail <= limit:
-            raise ApiError(400, f"tail must be a whole number of lines from 1 to {limit}, e.g. tail=200; got {raw!r}")
+            raise ApiError(400, f"tail must be a whole number of lines from 1 to {limit}, e.g. tail=200; "
+                                f"got {shown(raw)}")
         text = await self.blocking(computes.compute_logs, backend, name, tail)
         self.reply({"name": name, "backend": backend, "tail": tail, "logs": text})
 
@@ -196,6 +249,7 @@ class MetricsHandler(KtHandler):
     @authorized
     async def get(self, backend: str, name: str) -> None:
         """CPU, memory, GPUs, idle time of a running compute; 409 when it is not running."""
+        backend, name = checked_target(backend, name)
         handle = await self.blocking(computes.live_handle, backend, name)
         if handle is None:
             raise ApiError(409, f"{backend} compute {name!r} is not running; launch it again to see metrics")
