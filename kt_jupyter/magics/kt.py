@@ -27,6 +27,7 @@ from ..backends import BACKENDS, get_backend
 from ..compute import Compute
 from ..debugging import NotebookInput
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError, RemoteError
+from ..names import check_compute_name
 from ..render import RemoteResult, show_output
 from ..widgets import launch_reporter, transfer_reporter
 from .args import compute_args, compute_from_args, parse_seconds, transfer_args, transfer_from_args
@@ -299,7 +300,10 @@ class KtMagics(Magics):
     # ------------------------------------------------------------------ subcommand bodies
 
     def _named(self, name: str | None) -> Compute:
+        """The compute a subcommand names (checked), or the default one."""
         default = conn_mod.default_compute()
+        if name is not None:
+            check_compute_name(name)
         if name is None or name == default.name:
             return default
         for c in conn_mod.connections():
