@@ -19,12 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from IPython.core.error import UsageError
 
-from kt_jupyter import backends as backends_mod
 from kt_jupyter import connection as conn_mod
 from kt_jupyter.backends import kubernetes_events as ev
 from kt_jupyter.backends.kubernetes import KubernetesBackend
@@ -37,57 +35,17 @@ from kt_jupyter.errors import (BackendUnavailable, CrashLoopError, ImagePullErro
                                UnschedulableError)
 from kt_jupyter.manifests import label_selector
 from ipshell import run
-from k8s_fake import FakeKubeApiServer, FakeKubelet, FakePortForwardConnector
+from k8s_fake import FakeKubeApiServer, FakePortForwardConnector
+from k8s_fake.cluster import MISSING_IMAGE, NS, SLOW_IMAGE, fake_cluster
 
-NS = "kt-test"
-MISSING_IMAGE = "ghcr.io/example/does-not-exist:1.0"
-SLOW_IMAGE = "ghcr.io/example/huge-image:1.0"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class FakeCluster:
-    """The fake API server, its fake kubelet, and the real backend pointed at them."""
-
-    def __init__(self, api: FakeKubeApiServer, kubelet: FakeKubelet, backend: KubernetesBackend) -> None:
-        self.api, self.kubelet, self.backend = api, kubelet, backend
-        self.store = api.store
-
-    def objects(self, plural: str, selector: str | None = None) -> list[dict]:
-        return self.store.list(plural, NS, selector)
-
-    def deployment(self, compute: Compute) -> dict | None:
-        return self.store.get("deployments", NS, compute.service_name)
-
-    def pods(self, compute: Compute, live_only: bool = True) -> list[dict]:
-        pods = self.objects("pods", label_selector(compute))
-        return [p for p in pods if not (live_only and p["metadata"].get("deletionTimestamp"))]
-
-    def process(self, compute: Compute) -> psutil.Process:
-        pod = self.pods(compute)[0]
-        return psutil.Process(self.kubelet.pid(NS, pod["metadata"]["name"]))
 
 
 @pytest.fixture
 def cluster(tmp_path, monkeypatch, kt_home):
     """A fake cluster; the `kubernetes` backend of this process (get_backend) uses it."""
-    with FakeKubeApiServer() as api:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump(api.kubeconfig(NS)))
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        for var in ("KUBERNETES_SERVICE_HOST", "KT_NAMESPACE", "KT_LAUNCH_TIMEOUT"):
-            monkeypatch.delenv(var, raising=False)
-        kubelet = FakeKubelet(api, tmp_path / "node", missing_images={MISSING_IMAGE}, slow_images={SLOW_IMAGE},
-                              restart_backoff_s=0.2).start()
-        backend = KubernetesBackend(connector=FakePortForwardConnector(kubelet))
-        monkeypatch.setitem(backends_mod._instances, "kubernetes", backend)
-        try:
-            yield FakeCluster(api, kubelet, backend)
-        finally:
-            for conn in conn_mod.connections():
-                conn_mod.disconnect(conn.name)
-            for live in list(backend._live.values()):
-                live.close()
-            kubelet.stop()
+    with fake_cluster(tmp_path, monkeypatch) as cluster:
+        yield cluster
 
 
 def k8s(name: str = "k", **kw) -> Compute:
@@ -241,7 +199,8 @@ def test_unschedulable_through_the_magic_is_one_line(cluster, ip):
 
 
 def test_node_selector_mismatch_names_the_selector(cluster):
-    with pytest.raises(UnschedulableError, match=r"no node matches its node selector \{'nvidia.com/gpu.product'"):
+    with pytest.raises(UnschedulableError, match=r"no node matches its node selector \(nvidia.com/gpu.product in "
+                                                 r"\(NVIDIA-A100-SXM4-40GB, .*cloud.google.com/gke-accelerator"):
         cluster.backend.launch(k8s("a100", gpu_type="A100", gpus=1, launch_timeout=30))
 
 
@@ -566,12 +525,17 @@ def _pod(waiting=None, last=None, terminated=None, conditions=None, memory=None,
 def test_diagnosis_of_pod_states():
     unsched = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                 "message": "0/3 nodes are available: 3 Insufficient memory."}]
-    assert ev.diagnose_pod("c", _pod(conditions=unsched, node="")).error is UnschedulableError
-    assert ev.diagnose_pod("c", _pod(conditions=unsched, node=""), queued=True) is None
-    assert ev.diagnose_pod("c", _pod(conditions=unsched, node=""), scaling_up=True) is None
+    # Unschedulable is a state (autoscalers add nodes), not a failure; the error, when the wait ends, quotes it
+    assert ev.diagnose_pod("c", _pod(conditions=unsched, node="")) is None
+    assert ev.unschedulable_message(_pod(conditions=unsched, node="")) == unsched[0]["message"]
+    gave_up = ev.unschedulable_failure("c", _pod(conditions=unsched, node=""), unsched[0]["message"], "waited")
+    assert gave_up.error is UnschedulableError and "no node has enough memory" in gave_up.message
     taint = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
               "message": "0/1 nodes are available: 1 node(s) had untolerated taint {dedicated: ml}."}]
-    assert "add tolerations" in ev.diagnose_pod("c", _pod(conditions=taint, node="")).message
+    assert "add tolerations" in ev.unschedulable_failure("c", _pod(conditions=taint, node=""),
+                                                         taint[0]["message"]).message
+    assert ev.scale_up_hopeless("pod didn't trigger scale-up: 1 node(s) didn't match Pod's node affinity/selector")
+    assert not ev.scale_up_hopeless("pod didn't trigger scale-up: 1 max node group size reached")
     oom = ev.diagnose_pod("c", _pod(waiting={"reason": "CrashLoopBackOff"}, memory="1Gi",
                                     last={"reason": "OOMKilled", "exitCode": 137}))
     assert oom.error is OOMKilledError and "(1Gi)" in oom.message and "memory='2Gi'" in oom.message

@@ -39,17 +39,15 @@ from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, MANAGED_BY, MANAGED_BY_L
                          build_secret, compute_from_deployment, label_selector, token_secret_name)
 from . import KernelHandle, KernelInfo
 from . import kubernetes_events as ev
-from .kubernetes_api import KubeApi, WatchThread, load_api_client
+from .kubernetes_api import ApiStatusError, KubeApi, load_api_client
+from .kubernetes_launch import LaunchWaiter
 from .kubernetes_live import LiveKernel
+from .kubernetes_watch import WatchThread
 from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION, backend_objects, stamp_template
 from .portforward import Connector, PodTarget, default_connector
 
-#: Log lines quoted in errors.
-LOG_LINES_IN_ERRORS = 20
 #: Seconds ``delete`` waits for the pods to go, beyond their grace period.
 DELETE_WAIT_S = 60.0
-#: Clock skew tolerated when deciding whether an event belongs to this launch.
-EVENT_SKEW_S = 5.0
 #: Kinds ``delete`` removes besides Deployments and Pods, in order; RBAC kinds may be forbidden to list.
 _OTHER_KINDS = ("Service", "Secret", "ConfigMap")
 _RBAC_KINDS = ("RoleBinding", "Role", "ServiceAccount")
@@ -62,11 +60,6 @@ def _epoch(timestamp: str | None) -> float:
         return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return 0.0
-
-
-def _event_time(event: dict[str, Any]) -> float:
-    return _epoch(event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
-                  or (event.get("metadata") or {}).get("creationTimestamp"))
 
 
 class KubernetesBackend:
@@ -136,7 +129,7 @@ class KubernetesBackend:
         if running is not None:
             say(f"reusing the running pod kernel {compute.name!r} ({running.where})")
             return running
-        t0, wall0 = time.monotonic(), time.time()
+        t0 = time.monotonic()
         token = self._token(kube, compute)
         objects = self.manifests(compute, token)
         deployment = objects[-1]
@@ -146,28 +139,50 @@ class KubernetesBackend:
                 kube.apply(obj)
             except KubernetesAPIError as exc:
                 if obj["kind"] not in _RBAC_KINDS:
-                    raise
+                    raise KubernetesAPIError(f"{exc}\nThe objects applied before it stay (labelled as this "
+                                             f"compute's): `%kt down {compute.name}` deletes them.") from None
                 say(f"inactivity_ttl: cannot create the {obj['kind']} that lets the pod stop itself ({exc}). "
                     "The pod kernel will restart instead of stopping when idle; see the README for the RBAC")
                 deployment["spec"]["template"]["spec"].pop("serviceAccountName", None)
                 stamp_template(deployment)
                 break
-        kube.apply(deployment)
+        waiter = LaunchWaiter(kube, compute, say)  # events from now on: none of an earlier attempt
         expected = deployment["spec"]["template"]["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
         try:
-            pod = self._wait_ready(kube, compute, expected, say, t0 + compute.launch_timeout_s, wall0)
-        except LaunchError as exc:
             try:
-                kube.scale(svc, ns, 0)
-                note = (f"\nIts Deployment was scaled to 0 so it holds no resources; running the cell again "
-                        f"retries, `%kt down {compute.name}` deletes it.")
-            except Exception:  # noqa: BLE001 - the launch error is what matters
-                note = ""
-            raise type(exc)(f"{exc}{note}") from None
+                applied = kube.apply(deployment)
+            except KubernetesAPIError as exc:
+                raise KubernetesAPIError(f"{exc}\nThe objects applied before it stay (labelled as this "
+                                         f"compute's): `%kt down {compute.name}` deletes them.") from None
+            try:
+                pod = waiter.wait(applied, expected, t0 + compute.launch_timeout_s)
+            except BaseException as exc:
+                raise self._launch_failed(kube, compute, exc, say) from None
+        finally:
+            waiter.stop()
         handle = self._handle(kube, compute, pod, token)
         say(f"pod kernel {compute.name!r} ready in {time.monotonic() - t0:.1f} s on node {ev.node_of(pod)} "
             f"({self._live[(ns, svc)].forward.description})")
         return handle
+
+    def _launch_failed(self, kube: KubeApi, compute: Compute, exc: BaseException,
+                       say: Callable[[str], None]) -> BaseException:
+        """Scale the compute to 0 after any failure while waiting; the error to raise, saying so."""
+        try:
+            kube.scale(compute.service_name, compute.namespace, 0)
+            note = (f"\nIts Deployment was scaled to 0 so it holds no resources; running the cell again "
+                    f"retries, `%kt down {compute.name}` deletes it.")
+        except Exception as scale_exc:  # noqa: BLE001 - the launch error is what matters
+            note = (f"\nIts Deployment could not be scaled to 0 ({scale_exc}); `%kt down {compute.name}` "
+                    "deletes it.")
+        if not isinstance(exc, Exception):  # KeyboardInterrupt: the user stopped the wait
+            say(f"launch of {compute.name!r} interrupted.{note}")
+            return exc
+        if isinstance(exc, ApiStatusError):
+            return KubernetesAPIError(f"{exc}{note}")
+        if isinstance(exc, KtError):
+            return type(exc)(f"{exc}{note}")
+        return LaunchError(f"waiting for compute {compute.name!r} failed: {type(exc).__name__}: {exc}{note}")
 
     def _token(self, kube: KubeApi, compute: Compute) -> str:
         """The compute's token: the existing Secret's, else a new one created atomically (first writer wins)."""
@@ -184,93 +199,6 @@ class KubernetesBackend:
                                          f"(`%kt down {compute.name}`) and run the cell again")
             kube.create(build_secret(compute, random.token_urlsafe(32)))  # loses to a racing launch: read theirs
         raise KubernetesAPIError(f"could not create or read the token Secret {ns}/{name}")
-
-    def _wait_ready(self, kube: KubeApi, compute: Compute, expected_hash: str, say: Callable[[str], None],
-                    deadline: float, wall0: float) -> dict[str, Any]:
-        """Watch the compute's pods (and events) until one running our template is Ready, or fail."""
-        ns, svc = compute.namespace, compute.service_name
-        updates: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
-        watches = [WatchThread(kube, "Pod", ns, updates, "pod", label_selector=label_selector(compute)),
-                   WatchThread(kube, "Event", ns, updates, "event")]
-        pods: dict[str, dict[str, Any]] = {}
-        buffered: dict[str, list[dict[str, Any]]] = {}
-        events: list[dict[str, Any]] = []
-        said: set[str] = set()
-        scaling_up: set[str] = set()
-
-        def tell(line: str | None) -> None:
-            if line and line not in said:
-                said.add(line)
-                say(line)
-
-        def take(event: dict[str, Any]) -> None:
-            events.append(event)
-            tell(ev.event_progress(event))
-            obj = event.get("involvedObject") or {}
-            if event.get("reason") == "TriggeredScaleUp":
-                scaling_up.add(obj.get("name", ""))
-
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise self._timeout(kube, compute, list(pods.values()), events)
-                try:
-                    tag, kind, obj = updates.get(timeout=remaining)
-                except queue.Empty:
-                    continue
-                if kind == "ERROR":
-                    if tag == "event":  # events only add progress lines: go on without them
-                        say(f"(no progress lines: {obj})")
-                        continue
-                    raise obj
-                if tag == "event":
-                    involved = obj.get("involvedObject") or {}
-                    who = involved.get("name", "")
-                    if involved.get("kind") == "Pod" and who.startswith(f"{svc}-"):
-                        if who in pods:
-                            take(obj)
-                        else:
-                            buffered.setdefault(who, []).append(obj)
-                    elif who.startswith(f"{svc}-") and _event_time(obj) >= wall0 - EVENT_SKEW_S:
-                        take(obj)  # ReplicaSet events of this launch: FailedCreate (quota, policy)
-                        failure = ev.refused_failure(compute.name, obj)
-                        if failure is not None:
-                            raise failure.exception()
-                    continue
-                name = ev.name_of(obj)
-                annotations = (obj.get("metadata") or {}).get("annotations") or {}
-                if kind == "DELETED" or ev.is_terminating(obj) or \
-                        annotations.get(TEMPLATE_HASH_ANNOTATION) != expected_hash:
-                    pods.pop(name, None)
-                    continue
-                pods[name] = obj
-                for event in buffered.pop(name, []):
-                    take(event)
-                for line in ev.pod_progress(obj):
-                    tell(line)
-                if ev.is_ready(obj):
-                    return obj
-                failure = ev.diagnose_pod(compute.name, obj, queued=bool(compute.queue),
-                                          scaling_up=name in scaling_up)
-                if failure is not None:
-                    logs = ""
-                    if failure.wants_logs:
-                        logs = kube.pod_log(name, ns, CONTAINER_NAME, LOG_LINES_IN_ERRORS,
-                                            previous=failure.previous_logs) or \
-                            kube.pod_log(name, ns, CONTAINER_NAME, LOG_LINES_IN_ERRORS)
-                    raise failure.exception(logs)
-        finally:
-            for watch in watches:
-                watch.stop()
-
-    def _timeout(self, kube: KubeApi, compute: Compute, pods: list[dict[str, Any]],
-                 events: list[dict[str, Any]]) -> LaunchError:
-        logs = ""
-        for pod in pods:
-            if ((ev.container_status(pod) or {}).get("state") or {}).get("running"):
-                logs = kube.pod_log(ev.name_of(pod), compute.namespace, CONTAINER_NAME, LOG_LINES_IN_ERRORS)
-        return ev.timeout_error(compute.name, compute.launch_timeout_s, pods, events, logs)
 
     # ------------------------------------------------------------------ handles
 
@@ -341,10 +269,10 @@ class KubernetesBackend:
                     continue  # another user's compute
                 mine = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(COMPUTE_LABEL)
                         == labels.get(COMPUTE_LABEL)]
-                out.append(self._info(name, ns, dep, mine))
+                out.append(self._info(kube, name, ns, dep, mine))
         return out
 
-    def _info(self, name: str, ns: str, dep: dict[str, Any], pods: list[dict[str, Any]]) -> KernelInfo:
+    def _info(self, kube: KubeApi, name: str, ns: str, dep: dict[str, Any], pods: list[dict[str, Any]]) -> KernelInfo:
         spec_json = ((dep.get("metadata") or {}).get("annotations") or {}).get(SPEC_ANNOTATION)
         try:
             spec = json.loads(spec_json) if spec_json else {}
@@ -362,10 +290,27 @@ class KubernetesBackend:
         elif ready:
             phase, detail = "ready", ""
         else:
-            failure = ev.diagnose_pod(name, pod) if pod else None
-            phase, detail = ("failed", failure.message) if failure else ("launching", "")
+            failure = ev.diagnose_pod(name, pod, pull_detail=self._pull_detail(kube, pod)) if pod else None
+            waiting = ev.unschedulable_message(pod) if pod else None
+            phase, detail = ("failed", failure.message) if failure else \
+                ("launching", f"waiting for a node: {waiting}" if waiting else "")
         return KernelInfo(name=name, backend=self.name, phase=phase, where=where, started=started, spec=spec,
                           detail=detail)
+
+    @staticmethod
+    def _pull_detail(kube: KubeApi, pod: dict[str, Any]) -> str:
+        """The registry's answer to the pod's last failed pull (from its events), '' when it is not failing one."""
+        waiting = ((ev.container_status(pod) or {}).get("state") or {}).get("waiting") or {}
+        uid = (pod.get("metadata") or {}).get("uid")
+        if waiting.get("reason") not in ev.IMAGE_PULL_REASONS or not uid:
+            return ""
+        try:
+            events = kube.list("Event", ev.namespace_of(pod), field_selector=f"involvedObject.uid={uid}")
+        except KtError:
+            return ""  # events only add detail
+        events.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        details = [d for d in map(ev.pull_failure_detail, events) if d]
+        return details[-1] if details else ""
 
     def status(self, name: str) -> KernelInfo:
         """One compute's state: ready, launching, failed (with why) or stopped."""
@@ -375,7 +320,7 @@ class KubernetesBackend:
         if dep is None:
             raise NotFoundError(f"no Kubernetes compute named {name!r} in namespace {compute.namespace!r}; "
                                 "`%kt list` shows those that exist")
-        return self._info(name, compute.namespace, dep,
+        return self._info(kube, name, compute.namespace, dep,
                           kube.list("Pod", compute.namespace, label_selector=label_selector(compute)))
 
     def pods(self, name: str) -> list[dict[str, Any]]:
@@ -518,7 +463,7 @@ class KubernetesBackend:
             return
         watch = WatchThread(kube, "Pod", compute.namespace, updates, "delete",
                             resource_version=(reply.get("metadata") or {}).get("resourceVersion"),
-                            label_selector=label_selector(compute))
+                            known=reply.get("items") or [], label_selector=label_selector(compute))
         deadline = time.monotonic() + timeout_s
         try:
             while left:

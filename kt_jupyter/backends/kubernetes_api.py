@@ -1,10 +1,17 @@
-"""The slice of the Kubernetes API the backend uses, on the official ``kubernetes`` client.
+"""The slice of the Kubernetes API the backend uses: plain HTTP over the official client's connection pool.
 
-Loads a configuration (a kubeconfig, or the pod's service account inside a
-cluster), applies manifests with server-side apply, reads objects as plain
-JSON dicts (``_preload_content=False``: the same shapes as the manifests and
-the API docs), runs watches in background threads feeding a queue, and turns
-API failures into :mod:`kt_jupyter.errors` with a sentence that says what to do.
+The ``kubernetes`` package loads the configuration (a kubeconfig with any of
+its auth plugins, or the pod's service account inside a cluster) and owns the
+connection pool (TLS, client certificates, proxy). Requests themselves are
+made here, as the API documents them, through that pool: the generated typed
+methods changed their keyword arguments from one client release to the next
+(``_content_type`` exists only from 36 on, ``deserialize=False`` on watches
+from 34, 37 rewrote them all), while the configuration, the pool and the
+auth settings stayed put. So every client version ``pyproject`` allows sends
+server-side apply as ``application/apply-patch+yaml`` and reads objects as
+the JSON the API docs show. API failures become :mod:`kt_jupyter.errors`
+with a sentence that says what to do. Watches live in
+:mod:`~kt_jupyter.backends.kubernetes_watch`.
 """
 
 from __future__ import annotations
@@ -12,12 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
+from urllib.parse import quote, urlencode
 
-from ..errors import BackendUnavailable, KubernetesAPIError, NotFoundError
+from ..errors import BackendUnavailable, KtError, KubernetesAPIError, NotFoundError
 
 log = logging.getLogger("kt_jupyter.kubernetes")
 
@@ -25,23 +31,24 @@ log = logging.getLogger("kt_jupyter.kubernetes")
 FIELD_MANAGER = "kt-jupyter"
 #: Seconds one API request may take.
 API_TIMEOUT_S = 30.0
-#: Seconds one watch request stays open (server side); watches are re-opened until their owner stops them.
-WATCH_CHUNK_S = 60
 #: Connections kept per API client (watches hold one each).
 POOL_SIZE = 32
+#: Bytes of an error reply kept for the message.
+ERROR_BODY_BYTES = 4096
 
-# kind -> (API group attribute, snake-case resource name for the generated methods, plural)
-KINDS: dict[str, tuple[str, str, str]] = {
-    "Secret": ("core", "secret", "secrets"),
-    "ConfigMap": ("core", "config_map", "configmaps"),
-    "PersistentVolumeClaim": ("core", "persistent_volume_claim", "persistentvolumeclaims"),
-    "Service": ("core", "service", "services"),
-    "ServiceAccount": ("core", "service_account", "serviceaccounts"),
-    "Pod": ("core", "pod", "pods"),
-    "Event": ("core", "event", "events"),
-    "Deployment": ("apps", "deployment", "deployments"),
-    "Role": ("rbac", "role", "roles"),
-    "RoleBinding": ("rbac", "role_binding", "rolebindings"),
+# kind -> (API path prefix, plural)
+KINDS: dict[str, tuple[str, str]] = {
+    "Secret": ("/api/v1", "secrets"),
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
+    "Service": ("/api/v1", "services"),
+    "ServiceAccount": ("/api/v1", "serviceaccounts"),
+    "Pod": ("/api/v1", "pods"),
+    "Event": ("/api/v1", "events"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "ReplicaSet": ("/apis/apps/v1", "replicasets"),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
 }
 
 
@@ -76,34 +83,31 @@ def load_api_client(kubeconfig_path: str | None = None) -> Any:
 
 @contextmanager
 def api_errors(action: str, host: str = "") -> Iterator[None]:
-    """Turn what the client raises into one clear kt error about ``action``."""
-    from kubernetes.client.exceptions import ApiException
+    """Turn what the transport raises into one clear kt error about ``action``."""
     from urllib3.exceptions import HTTPError
 
     try:
         yield
-    except ApiException as exc:
-        raise translate(exc, action, host) from None
+    except KtError:
+        raise
     except (HTTPError, OSError) as exc:
         raise BackendUnavailable(f"cannot reach the Kubernetes API{' at ' + host if host else ''} while "
                                  f"{action}: {exc}. Check the cluster is up and your kubeconfig context "
                                  "points at it") from None
 
 
-def api_message(exc: Any) -> str:
-    """The ``message`` of the API's Status reply, else the HTTP reason."""
-    body = getattr(exc, "body", None)
-    if body:
-        try:
-            return json.loads(body).get("message") or str(body)
-        except (ValueError, AttributeError):
-            return str(body)[:500]
-    return str(getattr(exc, "reason", "") or exc)
+def api_message(body: bytes | str, reason: str = "") -> str:
+    """The ``message`` of the API's Status reply, else the body (or the HTTP reason)."""
+    text = body.decode(errors="replace") if isinstance(body, bytes) else body
+    try:
+        message = json.loads(text).get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return message or text.strip()[:500] or reason
 
 
-def translate(exc: Any, action: str, host: str = "") -> Exception:
-    """An ApiException as NotFoundError / BackendUnavailable / KubernetesAPIError."""
-    status, message = getattr(exc, "status", 0), api_message(exc)
+def translate(status: int, message: str, action: str, host: str = "") -> KtError:
+    """An HTTP failure as NotFoundError / BackendUnavailable / KubernetesAPIError."""
     if status == 404:
         return NotFoundError(f"not found while {action}: {message}")
     if status == 401:
@@ -120,60 +124,121 @@ def translate(exc: Any, action: str, host: str = "") -> Exception:
     return KubernetesAPIError(f"Kubernetes refused {action} ({status}): {message}")
 
 
+class ApiStatusError(KubernetesAPIError):
+    """A request the API answered with an error status; ``status`` and the API's ``message`` kept."""
+
+    def __init__(self, text: str, status: int, message: str) -> None:
+        super().__init__(text)
+        self.status, self.message = status, message
+
+
+def object_path(kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+    """``/apis/apps/v1/namespaces/NS/deployments[/NAME[/SUB]]`` (names URL-quoted)."""
+    prefix, plural = KINDS[kind]
+    path = f"{prefix}/namespaces/{quote(namespace, safe='')}/{plural}"
+    if name is not None:
+        path += f"/{quote(name, safe='')}"
+    if sub is not None:
+        path += f"/{sub}"
+    return path
+
+
 class KubeApi:
-    """The typed APIs of one ApiClient, with JSON-in/JSON-out helpers."""
+    """JSON-in/JSON-out requests to the API server of one ``ApiClient`` (its configuration and pool)."""
 
     def __init__(self, api_client: Any) -> None:
-        from kubernetes import client
-
         self.api_client = api_client
-        self.host = getattr(api_client.configuration, "host", "")
-        self.core = client.CoreV1Api(api_client)
-        self.apps = client.AppsV1Api(api_client)
-        self.rbac = client.RbacAuthorizationV1Api(api_client)
+        self.configuration = api_client.configuration
+        self.host = (getattr(self.configuration, "host", "") or "").rstrip("/")
 
-    def _method(self, kind: str, verb: str) -> Callable[..., Any]:
-        group, resource, _plural = KINDS[kind]
-        return getattr(getattr(self, group), f"{verb}_namespaced_{resource}")
+    # ------------------------------------------------------------------ transport
 
-    @staticmethod
-    def _json(response: Any) -> Any:
-        data = response.data
-        return json.loads(data) if data else {}
+    def _headers(self, content_type: str | None, accept: str) -> dict[str, str]:
+        headers = dict(getattr(self.api_client, "default_headers", None) or {})
+        headers["Accept"] = accept
+        if content_type:
+            headers["Content-Type"] = content_type
+        for auth in (self.configuration.auth_settings() or {}).values():  # refreshes exec/OIDC tokens
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        return headers
 
-    def call(self, kind: str, verb: str, *args: Any, action: str, **kwargs: Any) -> Any:
-        """``{verb}_namespaced_{kind}(*args)``, the reply as JSON; errors translated for ``action``."""
+    def open(self, method: str, path: str, *, action: str, query: dict[str, Any] | None = None,
+             body: Any = None, content_type: str | None = None, accept: str = "application/json",
+             timeout_s: float | tuple[float, float | None] = API_TIMEOUT_S) -> Any:
+        """Send one request; the urllib3 response, unread (2xx only; errors raised as kt errors)."""
+        import urllib3
+
+        url = self.host + path
+        params = {k: ("true" if v is True else "false" if v is False else v)
+                  for k, v in (query or {}).items() if v is not None}
+        if params:
+            url += "?" + urlencode(params)
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            content_type = content_type or "application/json"
+        connect_s, read_s = timeout_s if isinstance(timeout_s, tuple) else (timeout_s, timeout_s)
+        extra: dict[str, Any] = {}
+        if getattr(self.configuration, "retries", None) is not None:
+            extra["retries"] = self.configuration.retries
         with api_errors(action, self.host):
-            return self._json(self._method(kind, verb)(*args, _preload_content=False,
-                                                     _request_timeout=API_TIMEOUT_S, **kwargs))
+            response = self.api_client.rest_client.pool_manager.request(
+                method, url, body=data, headers=self._headers(content_type, accept), preload_content=False,
+                timeout=urllib3.Timeout(connect=connect_s, read=read_s), **extra)
+            if response.status >= 400:
+                try:
+                    raw = response.read(ERROR_BODY_BYTES)
+                finally:
+                    response.release_conn()
+                message = api_message(raw, response.reason or "")
+                error = translate(response.status, message, action, self.host)
+                raise ApiStatusError(str(error), response.status, message) if type(error) is KubernetesAPIError \
+                    else error
+        return response
+
+    def request(self, method: str, path: str, *, action: str, **kwargs: Any) -> Any:
+        """One request, its JSON reply parsed (``{}`` when empty)."""
+        response = self.open(method, path, action=action, **kwargs)
+        with api_errors(action, self.host):
+            try:
+                data = response.read()
+            finally:
+                response.release_conn()
+        try:
+            return json.loads(data) if data else {}
+        except ValueError:
+            raise KubernetesAPIError(f"the Kubernetes API answered {action} with something that is not "
+                                     f"JSON: {data[:200]!r}") from None
+
+    # ------------------------------------------------------------------ verbs
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply of ``obj`` (field manager ``kt-jupyter``, force): creates or updates it."""
         meta = obj["metadata"]
-        return self.call(obj["kind"], "patch", meta["name"], meta["namespace"], obj,
-                         action=f"applying {obj['kind']} {meta['namespace']}/{meta['name']}",
-                         field_manager=FIELD_MANAGER, force=True, _content_type="application/apply-patch+yaml")
+        return self.request("PATCH", object_path(obj["kind"], meta["namespace"], meta["name"]),
+                            action=f"applying {obj['kind']} {meta['namespace']}/{meta['name']}",
+                            query={"fieldManager": FIELD_MANAGER, "force": True},
+                            body=json.dumps(obj).encode(),  # JSON is YAML: the apply content type takes it
+                            content_type="application/apply-patch+yaml")
 
     def create(self, obj: dict[str, Any]) -> bool:
         """Create ``obj``; False when an object of that name exists already (nothing changed)."""
-        from kubernetes.client.exceptions import ApiException
-
         meta = obj["metadata"]
-        action = f"creating {obj['kind']} {meta['namespace']}/{meta['name']}"
-        with api_errors(action, self.host):
-            try:
-                self._method(obj["kind"], "create")(meta["namespace"], obj, field_manager=FIELD_MANAGER,
-                                                    _preload_content=False, _request_timeout=API_TIMEOUT_S).data
-            except ApiException as exc:
-                if exc.status == 409:
-                    return False
-                raise
+        try:
+            self.request("POST", object_path(obj["kind"], meta["namespace"]),
+                         action=f"creating {obj['kind']} {meta['namespace']}/{meta['name']}",
+                         query={"fieldManager": FIELD_MANAGER}, body=obj)
+        except ApiStatusError as exc:
+            if exc.status == 409:
+                return False
+            raise
         return True
 
     def get(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         try:
-            return self.call(kind, "read", name, namespace, action=f"reading {kind} {namespace}/{name}")
+            return self.request("GET", object_path(kind, namespace, name), action=f"reading {kind} {namespace}/{name}")
         except NotFoundError:
             return None
 
@@ -181,10 +246,12 @@ class KubeApi:
         """Objects of ``kind`` in ``namespace`` matching ``label_selector`` / ``field_selector``."""
         return self.list_reply(kind, namespace, **selectors).get("items") or []
 
-    def list_reply(self, kind: str, namespace: str, **selectors: Any) -> dict[str, Any]:
+    def list_reply(self, kind: str, namespace: str, *, label_selector: str | None = None,
+                   field_selector: str | None = None) -> dict[str, Any]:
         """The whole list reply: ``items`` and ``metadata.resourceVersion`` (to watch from)."""
-        return self.call(kind, "list", namespace, action=f"listing {KINDS[kind][2]} in namespace {namespace}",
-                         **selectors)
+        return self.request("GET", object_path(kind, namespace),
+                            action=f"listing {KINDS[kind][1]} in namespace {namespace}",
+                            query={"labelSelector": label_selector, "fieldSelector": field_selector})
 
     def delete(self, kind: str, name: str, namespace: str, grace_period_s: float | None = None) -> bool:
         """Delete one object; False when it was already gone."""
@@ -192,123 +259,58 @@ class KubeApi:
         if grace_period_s is not None:
             body["gracePeriodSeconds"] = max(0, int(round(grace_period_s)))
         try:
-            self.call(kind, "delete", name, namespace, action=f"deleting {kind} {namespace}/{name}", body=body)
+            self.request("DELETE", object_path(kind, namespace, name), action=f"deleting {kind} {namespace}/{name}",
+                         body=body)
             return True
         except NotFoundError:
             return False
 
     def scale(self, name: str, namespace: str, replicas: int) -> None:
         """Set a Deployment's replicas through its scale subresource."""
-        with api_errors(f"scaling Deployment {namespace}/{name} to {replicas}", self.host):
-            self.apps.patch_namespaced_deployment_scale(
-                name, namespace, {"spec": {"replicas": replicas}}, _preload_content=False,
-                _request_timeout=API_TIMEOUT_S, _content_type="application/merge-patch+json").data
+        self.request("PATCH", object_path("Deployment", namespace, name, "scale"),
+                     action=f"scaling Deployment {namespace}/{name} to {replicas}",
+                     body={"spec": {"replicas": replicas}}, content_type="application/merge-patch+json")
 
     def pod_log(self, pod: str, namespace: str, container: str, tail: int | None = None,
                 previous: bool = False) -> str:
-        """The container's log (its previous run's with ``previous``), '' when there is none."""
-        from kubernetes.client.exceptions import ApiException
+        """The container's log (its previous run's with ``previous``), '' when there is none.
 
-        kwargs: dict[str, Any] = {"container": container, "previous": previous}
-        if tail:
-            kwargs["tail_lines"] = tail
+        Raises when the API refuses the log (403 without ``pods/log``, 500 when
+        no kubelet answers); :meth:`pod_log_or_why` says why instead.
+        """
         try:
-            with api_errors(f"reading the log of pod {namespace}/{pod}", self.host):
-                try:
-                    response = self.core.read_namespaced_pod_log(pod, namespace, _preload_content=False,
-                                                                 _request_timeout=API_TIMEOUT_S, **kwargs)
-                except ApiException as exc:
-                    if exc.status == 400:  # no previous run, or the container is not created yet
-                        return ""
-                    raise
-                return response.data.decode(errors="replace")
+            response = self.open("GET", object_path("Pod", namespace, pod, "log"),
+                                 action=f"reading the log of pod {namespace}/{pod}", accept="*/*",
+                                 query={"container": container, "previous": previous, "tailLines": tail or None})
         except NotFoundError:
             return ""
+        except ApiStatusError as exc:
+            if exc.status == 400:  # no previous run, or the container is not created yet
+                return ""
+            raise
+        try:
+            return response.read().decode(errors="replace")
+        finally:
+            response.release_conn()
+
+    def pod_log_or_why(self, pod: str, namespace: str, container: str, tail: int | None = None,
+                       previous: bool = False) -> tuple[str, str]:
+        """``(log, "")``, or ``("", why)`` when the API cannot give the log (refused, kubelet unreachable)."""
+        try:
+            return self.pod_log(pod, namespace, container, tail, previous), ""
+        except ApiStatusError as exc:
+            return "", f"HTTP {exc.status}: {exc.message}"
+        except KtError as exc:
+            return "", str(exc)
 
     def follow_log(self, pod: str, namespace: str, container: str) -> Iterator[str]:
         """New log output of the container as it comes (until the container ends)."""
-        with api_errors(f"following the log of pod {namespace}/{pod}", self.host):
-            response = self.core.read_namespaced_pod_log(pod, namespace, container=container, follow=True,
-                                                         tail_lines=0, _preload_content=False)
+        response = self.open("GET", object_path("Pod", namespace, pod, "log"), accept="*/*",
+                             action=f"following the log of pod {namespace}/{pod}",
+                             query={"container": container, "follow": True, "tailLines": 0},
+                             timeout_s=(API_TIMEOUT_S, None))  # no read timeout: it waits for output
         try:
             for chunk in response.stream(4096, decode_content=False):
                 yield chunk.decode(errors="replace")
         finally:
             response.release_conn()
-
-
-class WatchThread:
-    """A watch on one kind in one namespace, in a daemon thread, feeding ``(tag, type, object)`` to a queue.
-
-    Re-opened when the server ends it, from the last resourceVersion seen
-    (from scratch after a 410 Gone); an error that persists is put on the
-    queue as ``(tag, "ERROR", exception)``. :meth:`stop` ends it.
-    """
-
-    def __init__(self, kube: KubeApi, kind: str, namespace: str, out: "queue.Queue[tuple[str, str, Any]]",
-                 tag: str, resource_version: str | None = None, **selectors: Any) -> None:
-        self.kube, self.kind, self.namespace, self.out, self.tag = kube, kind, namespace, out, tag
-        self.selectors = selectors
-        self._start_version = resource_version
-        self._stopped = threading.Event()
-        self._watch: Any = None
-        self.thread = threading.Thread(target=self._run, name=f"kt-watch-{kind.lower()}-{tag}", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        from kubernetes import watch
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        list_fn = getattr(getattr(self.kube, KINDS[self.kind][0]), f"list_namespaced_{KINDS[self.kind][1]}")
-        version: str | None = self._start_version
-        failures = 0
-        while not self._stopped.is_set():
-            self._watch = watch.Watch()
-            kwargs = dict(self.selectors, timeout_seconds=WATCH_CHUNK_S,
-                          _request_timeout=(API_TIMEOUT_S, WATCH_CHUNK_S + API_TIMEOUT_S), deserialize=False)
-            if version:
-                kwargs["resource_version"] = version
-            try:
-                for event in self._watch.stream(list_fn, self.namespace, **kwargs):
-                    if self._stopped.is_set():
-                        return
-                    obj = event.get("raw_object") or event.get("object") or {}
-                    if event.get("type") == "ERROR":
-                        if obj.get("code") == 410:
-                            version = None
-                            break
-                        raise KubernetesAPIError(f"watching {self.kind}s failed: {obj.get('message', obj)}")
-                    version = (obj.get("metadata") or {}).get("resourceVersion") or version
-                    failures = 0
-                    self.out.put((self.tag, event["type"], obj))
-            except ApiException as exc:
-                if exc.status == 410:
-                    version = None
-                    continue
-                failures += 1
-                if self._stopped.is_set():
-                    return
-                if failures >= 3:
-                    self.out.put((self.tag, "ERROR", translate(exc, f"watching {self.kind}s", self.kube.host)))
-                    return
-                self._stopped.wait(0.5 * failures)  # back off before retrying; stop() ends the wait
-            except (HTTPError, OSError, ValueError) as exc:
-                if self._stopped.is_set():
-                    return
-                failures += 1
-                if failures >= 3:
-                    self.out.put((self.tag, "ERROR", BackendUnavailable(
-                        f"lost the watch on {self.kind}s at {self.kube.host}: {exc}")))
-                    return
-                self._stopped.wait(0.5 * failures)
-            except Exception as exc:  # noqa: BLE001 - reported to the waiting thread, not lost
-                if not self._stopped.is_set():
-                    self.out.put((self.tag, "ERROR", exc))
-                return
-
-    def stop(self) -> None:
-        """End the watch (unblocks a read in progress)."""
-        self._stopped.set()
-        if self._watch is not None:
-            self._watch.stop()

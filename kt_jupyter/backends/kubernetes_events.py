@@ -16,9 +16,23 @@ from ..errors import (CrashLoopError, ImagePullError, LaunchError, LaunchTimeout
                       UnschedulableError)
 from ..manifests import CONTAINER_NAME
 
-#: Waiting reasons that mean the image cannot be pulled.
+#: Waiting reasons that mean the image cannot be pulled (yet: the kubelet retries ErrImagePull).
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
                       "RegistryUnavailable")
+#: Pull failures no retry cures: the image name itself is refused.
+IMAGE_PULL_FINAL_REASONS = ("InvalidImageName", "ErrImageNeverPull")
+#: What a registry says when the image is not there or not ours to pull: final.
+_PULL_FINAL_RE = re.compile(r"not found|manifest unknown|NotFound|unauthorized|Unauthorized|authorization failed|"
+                            r"access denied|denied:|repository does not exist|401|403 Forbidden|forbidden", re.I)
+#: Seconds a pull may keep failing for a reason we cannot call final before we call it lasting.
+PULL_BACKOFF_GRACE_S = 120.0
+#: What an autoscaler's NotTriggerScaleUp says when a scale-up may still come (capacity, back-off, limits).
+_SCALE_UP_HOPE_RE = re.compile(r"max node group size reached|max cluster|backoff|back-off|in backoff|"
+                               r"limit reached|quota|not ready for scale-up|failed scale-up", re.I)
+#: FailedCreate messages of transient causes: the ReplicaSet controller retries them.
+_CREATE_TRANSIENT_RE = re.compile(r"Operation cannot be fulfilled|deadline exceeded|Timeout|timed out|"
+                                  r"connection refused|try again|unavailable|TooManyRequests|"
+                                  r"Internal error occurred: failed calling webhook", re.I)
 #: Waiting reasons that mean the container cannot be created as specified.
 CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 #: Events quoted in a timeout message.
@@ -38,12 +52,21 @@ class Failure:
     previous_logs: bool = False
     reasons: list[str] = field(default_factory=list)
 
-    def exception(self, logs: str = "") -> LaunchError:
-        """The error to raise, with the container's last log lines when there are some."""
+    def exception(self, logs: str = "", logs_unavailable: str = "") -> LaunchError:
+        """The error to raise, with the container's last log lines (or why there are none)."""
         text = self.message
         if self.wants_logs:
-            text += f"\nLast log lines of the container:\n{indent(logs) if logs.strip() else '  (no output)'}"
+            text += "\n" + log_section(logs, logs_unavailable)
         return self.error(text)
+
+
+def log_section(logs: str, unavailable: str = "") -> str:
+    """``Last log lines of the container:`` and the lines, or ``(logs unavailable: why)``."""
+    if logs.strip():
+        return f"Last log lines of the container:\n{indent(logs)}"
+    if unavailable:
+        return f"Last log lines of the container: (logs unavailable: {unavailable})"
+    return "Last log lines of the container:\n  (no output)"
 
 
 # ---------------------------------------------------------------------- reading a pod
@@ -51,6 +74,11 @@ class Failure:
 def name_of(obj: dict[str, Any]) -> str:
     """``metadata.name`` of an API object."""
     return (obj.get("metadata") or {}).get("name", "")
+
+
+def namespace_of(obj: dict[str, Any]) -> str:
+    """``metadata.namespace`` of an API object."""
+    return (obj.get("metadata") or {}).get("namespace", "")
 
 
 def container_status(pod: dict[str, Any], name: str = CONTAINER_NAME) -> dict[str, Any] | None:
@@ -140,9 +168,31 @@ def event_progress(event: dict[str, Any]) -> str | None:
         return message[:1].lower() + message[1:] if message else "image pulled"
     if reason == "TriggeredScaleUp":
         return f"the cluster autoscaler is adding a node: {message}"
-    if reason in ("FailedScheduling", "NotTriggerScaleUp", "BackOff", "Failed", "FailedMount",
-                  "FailedAttachVolume", "Evicted", "Preempted"):
+    if reason == "Nominated":
+        return f"a node is being started for it (Karpenter): {message}"
+    if reason == "FailedScheduling":
+        return f"waiting for a node: {message}"
+    if reason in ("NotTriggerScaleUp", "BackOff", "Failed", "FailedMount", "FailedAttachVolume", "Evicted",
+                  "Preempted", "FailedCreate"):
         return f"{reason}: {message}"
+    return None
+
+
+def is_scale_up_signal(event: dict[str, Any]) -> bool:
+    """Whether an event says a node is on its way for the pod (cluster autoscaler, Karpenter)."""
+    return event.get("reason") in ("TriggeredScaleUp", "Nominated")
+
+
+def scale_up_hopeless(message: str) -> bool:
+    """Whether a NotTriggerScaleUp says no node group could ever take the pod (not just: not now)."""
+    return not _SCALE_UP_HOPE_RE.search(message)
+
+
+def pull_failure_detail(event: dict[str, Any]) -> str | None:
+    """The registry's answer in a kubelet ``Failed`` event about a pull, else None."""
+    message = (event.get("message") or "").strip()
+    if event.get("reason") == "Failed" and message.startswith("Failed to pull image"):
+        return message
     return None
 
 
@@ -175,8 +225,29 @@ def _describe_termination(term: dict[str, Any]) -> str:
     return text
 
 
-def unschedulable_failure(compute: str, pod: dict[str, Any], message: str) -> Failure:
-    """The scheduler's message turned into the resource or rule that is missing."""
+def node_rules(pod: dict[str, Any]) -> str:
+    """The pod's node selector and required node affinity, readably: ``{'a': 'b'} and (k in (v1, v2) or ...)``."""
+    spec = pod.get("spec") or {}
+    parts = [str(spec["nodeSelector"])] if spec.get("nodeSelector") else []
+    required = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    terms = [" and ".join(f"{e.get('key')} {e.get('operator', '').lower()} ({', '.join(e.get('values') or [])})"
+                          for e in t.get("matchExpressions") or []) for t in required.get("nodeSelectorTerms") or []]
+    if terms:
+        parts.append("(" + " or ".join(terms) + ")")
+    return " and ".join(parts) or "(none)"
+
+
+def unschedulable_message(pod: dict[str, Any]) -> str | None:
+    """The scheduler's message while the pod is Unschedulable (a state: autoscalers may still add a node)."""
+    sched = condition(pod, "PodScheduled")
+    if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable" and not node_of(pod):
+        return (sched.get("message") or "").strip() or "Unschedulable"
+    return None
+
+
+def unschedulable_failure(compute: str, pod: dict[str, Any], message: str, why: str = "") -> Failure:
+    """The scheduler's message turned into the resource or rule that is missing; ``why`` we stopped waiting."""
     missing = list(dict.fromkeys(r.rstrip(".,;") for r in _INSUFFICIENT_RE.findall(message)))
     name = name_of(pod)
     if missing:
@@ -187,9 +258,8 @@ def unschedulable_failure(compute: str, pod: dict[str, Any], message: str) -> Fa
         text = (f"compute {compute!r} cannot be scheduled: no node has enough {asks}. {hint}. "
                 f"The scheduler said: {message}")
     elif "node affinity/selector" in message or "didn't match Pod's node affinity" in message:
-        selector = (pod.get("spec") or {}).get("nodeSelector") or {}
         text = (f"compute {compute!r} cannot be scheduled: no node matches its node selector "
-                f"{selector or '(node affinity)'}; check gpu_type / node_selector against "
+                f"{node_rules(pod)}; check gpu_type / node_selector against "
                 f"`kubectl get nodes --show-labels`. The scheduler said: {message}")
     elif "untolerated taint" in message or "had taint" in message:
         text = (f"compute {compute!r} cannot be scheduled: the nodes have taints it does not tolerate; "
@@ -199,67 +269,87 @@ def unschedulable_failure(compute: str, pod: dict[str, Any], message: str) -> Fa
                 f"check volumes=[...] with `kubectl get pvc`. The scheduler said: {message}")
     else:
         text = f"compute {compute!r} cannot be scheduled: {message}"
+    if why:
+        text += f" ({why})"
     return Failure(UnschedulableError, text + f" (pod {name})", name, reasons=missing)
 
 
-def diagnose_pod(compute: str, pod: dict[str, Any], *, queued: bool = False,
-                 scaling_up: bool = False) -> Failure | None:
+def diagnose_pod(compute: str, pod: dict[str, Any], *, pull_detail: str = "",
+                 pull_failing_s: float = 0.0) -> Failure | None:
     """A failure this pod shows that waiting will not cure, or None.
 
-    ``queued``: the compute waits in a scheduler queue, so Unschedulable is
-    normal; ``scaling_up``: the cluster autoscaler is adding a node for it.
+    Unschedulable is not one (see :func:`unschedulable_message`), nor is a
+    pull failure the kubelet may still get past: a registry 429 or timeout.
+    A pull fails for good when the registry says the image is not there or
+    not ours (in the waiting message or in ``pull_detail``, the kubelet's
+    last ``Failed`` event), or after ``pull_failing_s`` of failing reaches
+    :data:`PULL_BACKOFF_GRACE_S`.
     """
     if is_terminating(pod) or is_ready(pod):
         return None
     name = name_of(pod)
     status = container_status(pod)
     image = pod_container(pod).get("image", "?")
-    if status:
-        waiting = (status.get("state") or {}).get("waiting") or {}
-        reason, message = waiting.get("reason") or "", (waiting.get("message") or "").strip()
-        terminated = (status.get("state") or {}).get("terminated") or {}
-        last = (status.get("lastState") or {}).get("terminated") or {}
-        if reason in IMAGE_PULL_REASONS:
+    if not status:
+        return None
+    waiting = (status.get("state") or {}).get("waiting") or {}
+    reason, message = waiting.get("reason") or "", (waiting.get("message") or "").strip()
+    terminated = (status.get("state") or {}).get("terminated") or {}
+    last = (status.get("lastState") or {}).get("terminated") or {}
+    if reason in IMAGE_PULL_REASONS:
+        detail = message if _PULL_FINAL_RE.search(message) else (pull_detail or message)
+        lasting = pull_failing_s >= PULL_BACKOFF_GRACE_S
+        if reason in IMAGE_PULL_FINAL_REASONS or _PULL_FINAL_RE.search(detail) or lasting:
+            still = f" It was still failing after {pull_failing_s:.0f} s of retries." if lasting else ""
             return Failure(ImagePullError, (
                 f"compute {compute!r}: Kubernetes cannot pull the image {image!r} ({reason}: "
-                f"{message or 'no detail'}). Check the image name and tag; a private registry needs "
+                f"{detail or 'no detail'}).{still} Check the image name and tag; a private registry needs "
                 f"imagePullSecrets (service_template) or a service_account_name that has them. "
                 f"Fix the image and run the cell again (pod {name})."), name)
-        if "OOMKilled" in (terminated.get("reason"), last.get("reason")):
-            limit = memory_limit(pod)
-            how = (f"using more memory than its limit ({limit})" if limit
-                   else "the node running out of memory (no memory limit was set)")
-            bigger = f" (e.g. memory='{_double(limit)}')" if limit else ""
-            return Failure(OOMKilledError, (
-                f"compute {compute!r}: the pod kernel was killed while starting for {how} (OOMKilled). "
-                f"Ask for more memory{bigger}, or load less at start (pod {name})."), name,
-                wants_logs=True, previous_logs=not terminated)
-        if reason == "CrashLoopBackOff":
-            how = _describe_termination(last) if last else "exited"
-            return Failure(CrashLoopError, (
-                f"compute {compute!r}: the pod kernel's container keeps exiting while starting "
-                f"(CrashLoopBackOff; last run: {how}). Fix what its log below shows (a failing image "
-                f"setup step, a missing dependency, a bad command or env) and run the cell again "
-                f"(pod {name})."), name, wants_logs=True, previous_logs=True)
-        if reason in CONFIG_REASONS:
-            return Failure(CrashLoopError, (
-                f"compute {compute!r}: Kubernetes cannot create the container ({reason}: {message}). "
-                f"A Secret or ConfigMap it names may be missing: check secrets=[...] / env_vars "
-                f"(pod {name})."), name)
-    sched = condition(pod, "PodScheduled")
-    if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable" \
-            and not queued and not scaling_up:
-        return unschedulable_failure(compute, pod, (sched.get("message") or "").strip())
+        return None
+    if "OOMKilled" in (terminated.get("reason"), last.get("reason")):
+        limit = memory_limit(pod)
+        how = (f"using more memory than its limit ({limit})" if limit
+               else "the node running out of memory (no memory limit was set)")
+        bigger = f" (e.g. memory='{_double(limit)}')" if limit else ""
+        code = (terminated or last).get("exitCode")
+        return Failure(OOMKilledError, (
+            f"compute {compute!r}: the pod kernel was killed while starting for {how} (OOMKilled). Exit code "
+            f"{code if code is not None else 137}. Ask for more memory{bigger}, or load less at start "
+            f"(pod {name})."), name, wants_logs=True, previous_logs=not terminated)
+    if reason == "CrashLoopBackOff":
+        how = _describe_termination(last) if last else "exited"
+        return Failure(CrashLoopError, (
+            f"compute {compute!r}: the pod kernel's container keeps exiting while starting "
+            f"(CrashLoopBackOff; last run: {how}). Fix what its log below shows (a failing image "
+            f"setup step, a missing dependency, a bad command or env) and run the cell again "
+            f"(pod {name})."), name, wants_logs=True, previous_logs=True)
+    if reason in CONFIG_REASONS:
+        return Failure(CrashLoopError, (
+            f"compute {compute!r}: Kubernetes cannot create the container ({reason}: {message}). "
+            f"A Secret or ConfigMap it names may be missing: check secrets=[...] / env_vars "
+            f"(pod {name})."), name)
     return None
 
 
 def refused_failure(compute: str, event: dict[str, Any]) -> Failure | None:
-    """A ReplicaSet's FailedCreate (quota, admission policy): the pod was never created."""
+    """A ReplicaSet's FailedCreate that retries will not cure (PodSecurity, forbidden, quota), else None.
+
+    Webhook timeouts and quota update races are transient: the ReplicaSet
+    controller retries them, so they are progress, not failures.
+    """
     if event.get("reason") != "FailedCreate" or event.get("type") != "Warning":
         return None
     message = (event.get("message") or "").strip()
-    what = ("a ResourceQuota of the namespace is exhausted: ask for less or free some"
-            if "quota" in message else "an admission policy of the cluster refused it")
+    if _CREATE_TRANSIENT_RE.search(message):
+        return None
+    if "PodSecurity" in message:
+        what = ("the namespace enforces a Pod Security level the pod does not meet; ask your cluster admin, "
+                "or use a namespace that admits it")
+    elif "quota" in message:
+        what = "a ResourceQuota of the namespace is exhausted: ask for less or free some"
+    else:
+        what = "an admission policy of the cluster refused it"
     return Failure(UnschedulableError, f"compute {compute!r}: Kubernetes refused to create its pod "
                                        f"({what}). It said: {message}", (event.get("involvedObject") or {})
                    .get("name", ""))
@@ -274,7 +364,7 @@ def _double(quantity: str) -> str:
 
 
 def timeout_error(compute: str, timeout_s: float, pods: list[dict[str, Any]], events: list[dict[str, Any]],
-                  logs: str = "") -> LaunchTimeoutError:
+                  logs: str = "", logs_unavailable: str = "") -> LaunchTimeoutError:
     """Launch timeout, with where each pod got to, the last events and log lines."""
     if pods:
         states = []
@@ -295,16 +385,18 @@ def timeout_error(compute: str, timeout_s: float, pods: list[dict[str, Any]], ev
     text = (f"compute {compute!r} was not ready within {timeout_s:g} s (launch_timeout; raise it with "
             f"launch_timeout= / --launch-timeout or KT_LAUNCH_TIMEOUT).\n{where_text}\n"
             f"Last events:\n{format_events(events)}")
-    if logs.strip():
-        text += f"\nLast log lines of the container:\n{indent(logs)}"
+    if logs.strip() or logs_unavailable:
+        text += "\n" + log_section(logs, logs_unavailable)
     return LaunchTimeoutError(text)
 
 
-def gone_sentence(compute: str, pod: str, why: str, logs: str = "") -> str:
+def gone_sentence(compute: str, pod: str, why: str, logs: str = "", logs_unavailable: str = "") -> str:
     """The liveness sentence when the pod kernel the notebook used is gone."""
     text = f"pod kernel {compute!r} (pod {pod}) {why}; its variables are lost. The next %%kt cell starts a new one."
     if logs.strip():
         text += f" Last log lines:\n{indent(logs)}"
+    elif logs_unavailable:
+        text += f" (logs unavailable: {logs_unavailable})"
     return text
 
 

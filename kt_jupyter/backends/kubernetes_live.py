@@ -18,7 +18,8 @@ from typing import Any
 from ..compute import Compute
 from ..manifests import CONTAINER_NAME
 from . import kubernetes_events as ev
-from .kubernetes_api import KubeApi, WatchThread
+from .kubernetes_api import KubeApi
+from .kubernetes_watch import WatchThread
 from .portforward import Forward
 
 #: Log lines quoted in the liveness sentence of a restarted container.
@@ -43,7 +44,7 @@ class LiveKernel:
         self._watch_failed = False
         self._watch = WatchThread(kube, "Pod", compute.namespace, self._events, "live",
                                   resource_version=(pod.get("metadata") or {}).get("resourceVersion"),
-                                  field_selector=f"metadata.name={self.pod}")
+                                  known=[pod], field_selector=f"metadata.name={self.pod}")
 
     def liveness(self) -> str | None:
         """None while the pod kernel lives; else a sentence saying how it ended (no I/O while it lives)."""
@@ -87,10 +88,10 @@ class LiveKernel:
             self.gone = ev.gone_sentence(name, self.pod, f"failed ({status.get('reason') or 'Failed'}: "
                                                          f"{status.get('message') or 'no detail'})")
         elif ev.restart_count(pod) > self.restarts:
-            logs = self.kube.pod_log(self.pod, self.compute.namespace, CONTAINER_NAME, LOG_LINES_IN_ERRORS,
-                                     previous=True)
+            logs, why = self.kube.pod_log_or_why(self.pod, self.compute.namespace, CONTAINER_NAME,
+                                                 LOG_LINES_IN_ERRORS, previous=True)
             self.gone = ev.gone_sentence(name, self.pod, f"{ev.restart_reason(pod)} and was restarted by "
-                                                         "Kubernetes", logs)
+                                                         "Kubernetes", logs, why)
 
     def _why_deleted(self) -> str:
         try:

@@ -10,5 +10,7 @@ containers as real local processes.
 from .api_server import FakeKubeApiServer
 from .store import FakeStore
 from .kubelet import FakeKubelet, FakeNode, FakePortForwardConnector
+from .autoscaler import FakeClusterAutoscaler, FakeNodeGroup
 
-__all__ = ["FakeKubeApiServer", "FakeKubelet", "FakeNode", "FakePortForwardConnector", "FakeStore"]
+__all__ = ["FakeClusterAutoscaler", "FakeKubeApiServer", "FakeKubelet", "FakeNode", "FakeNodeGroup",
+           "FakePortForwardConnector", "FakeStore"]

@@ -6,10 +6,15 @@ the pod's TTL guard call, with the API's URL layout, verbs and JSON shapes:
 * server-side apply (``PATCH`` ``application/apply-patch+yaml``, ``fieldManager``
   required, ``force`` recorded) — simplified: one applier owns the whole object;
 * create (409 when it exists), get, list with ``labelSelector`` / ``fieldSelector``;
-* watch streams (chunked JSON lines, ``resourceVersion``, ``timeoutSeconds``);
+* watch streams (chunked JSON lines, ``resourceVersion``, ``timeoutSeconds``), from a bounded
+  history: a version older than it is answered, as by a real API server, with HTTP 200 and one
+  in-stream ``ERROR`` event (Status 410 ``Expired``); ``allowWatchBookmarks`` gets ``BOOKMARK``
+  events every :attr:`FakeKubeApiServer.bookmark_interval_s` and when the server ends the watch;
+  :meth:`FakeKubeApiServer.end_watches` ends every open watch at once (an API server restart);
 * merge patches, the Deployment ``scale`` subresource;
 * delete (pods get a ``deletionTimestamp`` and go when :class:`FakeKubelet` has stopped them);
-* pod logs (``tailLines``, ``previous``, ``follow``), from files the fake kubelet writes;
+* pod logs (``tailLines``, ``previous``, ``follow``), from files the fake kubelet writes; a 500
+  "no preferred addresses found" when :attr:`FakeStore.kubelet_unreachable`;
 * port-forward over the WebSocket protocol the client speaks (``v4.channel.k8s.io``:
   a data and an error channel per port), relayed to the fake pod's local port;
 * bearer-token auth: an admin token for the kubeconfig, and service-account
@@ -126,10 +131,11 @@ class _Handler(BaseHTTPRequestHandler):
                     f'{plural}{"." + group if group else ""} "{name}" is forbidden: User '
                     f'"system:serviceaccount:{sa_ns}:{sa_name}" cannot {verb} resource "{resource}" in API group '
                     f'"{group}" in the namespace "{ns}"'))
-            if kind == "admin" and (verb, plural) in store.denied:
+            if kind == "admin" and ((verb, plural) in store.denied or (verb, resource) in store.denied):
+                named = f' "{name}"' if name else ""
                 raise FakeApiError(403, "Forbidden", (
-                    f'{plural}{"." + group if group else ""} is forbidden: User "fake-user" cannot {verb} resource '
-                    f'"{plural}" in API group "{group}" in the namespace "{ns}"'))
+                    f'{plural}{"." + group if group else ""}{named} is forbidden: User "fake-user" cannot {verb} '
+                    f'resource "{resource}" in API group "{group}" in the namespace "{ns}"'))
             self._serve(method, verb, query, ns, plural, name, sub, record)
         except FakeApiError as exc:
             self._send_json(exc.code, exc.status())
@@ -148,7 +154,7 @@ class _Handler(BaseHTTPRequestHandler):
         if sub is not None:
             raise FakeApiError(404, "NotFound", f"the fake API server has no {plural}/{sub}")
         if verb == "watch":
-            return self._watch(plural, ns, query)
+            return self._watch(plural, ns, query, record)
         if verb == "list":
             items = store.list(plural, ns, query.get("labelSelector"), query.get("fieldSelector"))
             group, version, kind = RESOURCES[plural]
@@ -202,6 +208,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise FakeApiError(404, "NotFound", f'pods "{name}" not found')
         container = query.get("container") or pod["spec"]["containers"][0]["name"]
         previous = query.get("previous") in ("true", "True", "1")
+        if store.kubelet_unreachable:  # what the API server answers when it cannot reach the node's kubelet
+            raise FakeApiError(500, "InternalError", (
+                f'Get "https://10.0.0.5:10250/containerLogs/{ns}/{name}/{container}": no preferred addresses '
+                'found; known addresses: []'))
         if query.get("follow") in ("true", "True", "1") and store.log_follower is not None:
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
@@ -309,33 +319,54 @@ class _Handler(BaseHTTPRequestHandler):
             upstream.close()
             pump.join(timeout=5)
 
-    def _watch(self, plural: str, ns: str, query: dict[str, str]) -> None:
-        store = self.server.store
+    def _watch(self, plural: str, ns: str, query: dict[str, str], record: dict[str, Any]) -> None:
+        store, server = self.server.store, self.server
         watcher = store.watch(plural, ns, query.get("labelSelector"), query.get("fieldSelector"),
                               query.get("resourceVersion"))
         timeout_s = min(float(query.get("timeoutSeconds") or MAX_WATCH_S), MAX_WATCH_S)
         deadline = time.monotonic() + timeout_s
-        self.server.open_watches.add(watcher)
+        bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        server.open_watches.add(watcher)
+        group, version, kind = RESOURCES[plural]
+
+        def bookmark() -> None:
+            self._chunk(json.dumps({"type": "BOOKMARK", "object": {
+                "kind": kind, "apiVersion": f"{group}/{version}" if group else version,
+                "metadata": {"resourceVersion": str(store.version)}}}).encode() + b"\n")
+
         try:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             self.wfile.flush()
-            while True:
+            if watcher.expired is not None:  # the real API server: 200, then the error in the stream
+                record["expired"] = True
+                self._chunk(json.dumps({"type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": watcher.expired, "reason": "Expired", "code": 410}}).encode() + b"\n")
+            while watcher.expired is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    if bookmarks:
+                        bookmark()  # as the real server does before it ends a watch on time
                     break
                 try:
-                    event = watcher.events.get(timeout=remaining)
+                    event = watcher.events.get(timeout=min(remaining, server.bookmark_interval_s))
                 except queue.Empty:
+                    if bookmarks and time.monotonic() < deadline:
+                        bookmark()
+                    continue
+                if event is None:  # the server is shutting down, or ends every watch (end_watches)
                     break
-                if event is None:  # the server is shutting down
+                if event == "bookmark-and-end":
+                    if bookmarks:
+                        bookmark()
                     break
                 self._chunk(json.dumps(event).encode() + b"\n")
             self._chunk(b"")
         finally:
-            self.server.open_watches.discard(watcher)
+            server.open_watches.discard(watcher)
             store.unwatch(watcher)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's names
@@ -363,6 +394,8 @@ class FakeKubeApiServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.store = store or FakeStore()
         self.open_watches: set[_Watcher] = set()
+        #: Seconds between BOOKMARK events on a quiet watch that asked for them (a real server: about 60).
+        self.bookmark_interval_s = 60.0
         self._thread = threading.Thread(target=self.serve_forever, name="fake-kube-api", daemon=True)
 
     @property
@@ -386,6 +419,17 @@ class FakeKubeApiServer(ThreadingHTTPServer):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def end_watches(self, bookmark: bool = False) -> int:
+        """End every open watch now, as an API server restart or a load balancer's idle cut does.
+
+        With ``bookmark``, each watch that allows bookmarks gets one first (a
+        graceful end). Returns how many watches were ended.
+        """
+        watchers = list(self.open_watches)
+        for watcher in watchers:
+            watcher.events.put("bookmark-and-end" if bookmark else None)
+        return len(watchers)
 
     def close(self) -> None:
         """End open watches, stop serving."""

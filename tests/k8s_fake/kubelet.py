@@ -1,17 +1,23 @@
-"""FakeKubelet: the deployment controller, scheduler and kubelet of a one-node fake cluster (a test double).
+"""FakeKubelet: the controllers, scheduler and kubelet of a small fake cluster (a test double).
 
 It watches :class:`~k8s_fake.api_server.FakeStore` in-process. For a
-Deployment it creates the Pods (Recreate strategy, owner references, a
-``pod-template-hash`` label); it "schedules" a pod against one
-:class:`FakeNode`'s allocatable resources and labels (so asking for a GPU on
-the GPU-less node is Unschedulable, with the scheduler's wording); it "pulls"
-the image (names in ``missing_images`` fail with ErrImagePull then
-ImagePullBackOff, names in ``slow_images`` never finish); then it runs the
-container's real command as a **local process** — for kt_jupyter that is the
-startup script from the manifests, which ``exec``s the real
-``python -m pod_kernel`` from the ConfigMap's files — with the container's
-env (the token comes from the Secret through ``secretKeyRef``), and reports
-the pod Ready once the process is listening.
+Deployment it keeps one ReplicaSet per pod template (``{deployment}-{hash}``,
+Recreate strategy, owner references), and the ReplicaSet creates the Pods
+(``generateName``, as the real controller does, so the API's admission —
+Pod Security — sees them; a refused or failed create is a ``FailedCreate``
+Warning event on the ReplicaSet with the API's message, retried after
+``restart_backoff_s``; ``create_failures`` injects transient ones such as a
+webhook timeout). It "schedules" a pod on the first of its
+:class:`FakeNode` s whose labels and allocatable resources fit, else marks it
+Unschedulable with the scheduler's wording over all nodes and tries again
+when a node is added (see :mod:`k8s_fake.autoscaler`); it "pulls" the image
+(names in ``missing_images`` fail with ErrImagePull then ImagePullBackOff,
+names in ``flaky_images`` fail once with a registry 429 then succeed, names in
+``slow_images`` never finish); then it runs the container's real command as a
+**local process** — for kt_jupyter that is the startup script from the
+manifests, which ``exec``s the real ``python -m pod_kernel`` from the
+ConfigMap's files — with the container's env (the token comes from the Secret
+through ``secretKeyRef``), and reports the pod Ready once the process is listening.
 
 Where no real part can run here, the fake stands in, and says so:
 
@@ -39,33 +45,49 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from kt_jupyter.backends.portforward import Forward, PodTarget
 from kt_jupyter.compute import POD_KERNEL_PORT
 
 from .api_server import FakeKubeApiServer
 from .pod_runtime import FakeNode, FakePodRuntime, quantity
-from .store import now_rfc3339
+from .store import FakeApiError, now_rfc3339
 
 __all__ = ["FakeKubelet", "FakeNode", "FakePodRuntime", "FakePortForwardConnector"]
 
 
 class FakeKubelet:
-    """Deployment controller + scheduler + kubelet of the fake cluster; pods are local processes."""
+    """Deployment and ReplicaSet controllers + scheduler + kubelet of the fake cluster; pods are local processes."""
 
     def __init__(self, api: FakeKubeApiServer, workdir: Path, *, node: FakeNode | None = None,
-                 missing_images: set[str] | None = None, slow_images: set[str] | None = None,
+                 nodes: list[FakeNode] | None = None, missing_images: set[str] | None = None,
+                 slow_images: set[str] | None = None, flaky_images: set[str] | None = None,
                  restart_backoff_s: float = 0.3) -> None:
         self.api, self.store, self.workdir = api, api.store, workdir
-        self.node = node or FakeNode()
+        self.nodes: list[FakeNode] = list(nodes or [node or FakeNode()])
         self.missing_images = set(missing_images or ())
         self.slow_images = set(slow_images or ())
+        self.flaky_images = set(flaky_images or ())
+        #: Pulls of these images finish only once their event is set (a big image, under the test's control).
+        self.pull_gates: dict[str, threading.Event] = {}
         self.restart_backoff_s = restart_backoff_s
+        #: Messages the next pod creations fail with, one each (a webhook timeout, a quota race).
+        self.create_failures: list[str] = []
+        #: Told of every pod that turns Unschedulable (:class:`~k8s_fake.autoscaler.FakeClusterAutoscaler`).
+        self.autoscaler: Any = None
         self.pods: dict[tuple[str, str], FakePodRuntime] = {}
+        self.sched_lock = threading.RLock()
         self._changes: "queue.Queue[tuple[str, str, dict[str, Any]] | None]" = queue.Queue()
         self._ids = itertools.count(1)
+        self._timers: list[threading.Timer] = []
+        self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="fake-kubelet", daemon=True)
+
+    @property
+    def node(self) -> FakeNode:
+        """The first node."""
+        return self.nodes[0]
 
     # -- lifecycle
 
@@ -80,6 +102,9 @@ class FakeKubelet:
 
     def stop(self) -> None:
         """Stop reacting; kill every container process."""
+        self._stopped = True
+        for timer in self._timers:
+            timer.cancel()
         if self._on_change in self.store.listeners:
             self.store.listeners.remove(self._on_change)
         self._changes.put(None)
@@ -88,6 +113,22 @@ class FakeKubelet:
             pod.kill_all()
         for pod in list(self.pods.values()):
             pod.thread.join(timeout=10)
+
+    def later(self, delay_s: float, action: Callable[[], None]) -> None:
+        """Run ``action`` after ``delay_s`` (a controller's requeue or back-off), unless stopped first."""
+        if self._stopped:
+            return
+        timer = threading.Timer(delay_s, lambda: None if self._stopped else action())
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def add_node(self, node: FakeNode) -> None:
+        """A node joins (an autoscaler's, or a person's): Unschedulable pods are tried again."""
+        with self.sched_lock:
+            self.nodes.append(node)
+        for pod in list(self.pods.values()):
+            pod.reschedule.set()
 
     def _on_change(self, kind: str, plural: str, obj: dict[str, Any]) -> None:
         if plural in ("deployments", "pods"):
@@ -114,107 +155,171 @@ class FakeKubelet:
                 if owner is not None:
                     self._reconcile(owner)
 
-    # -- the deployment controller's part
+    # -- the deployment and replicaset controllers' part
+
+    @staticmethod
+    def _owned_by(obj: dict[str, Any], uid: str) -> bool:
+        return any(r.get("uid") == uid for r in obj["metadata"].get("ownerReferences") or [])
 
     def _owner(self, pod: dict[str, Any]) -> dict[str, Any] | None:
+        """The Deployment above a pod (through its ReplicaSet)."""
+        ns = pod["metadata"]["namespace"]
         for ref in pod["metadata"].get("ownerReferences") or []:
-            if ref.get("kind") == "Deployment":
-                dep = self.store.get("deployments", pod["metadata"]["namespace"], ref["name"])
-                if dep is not None and dep["metadata"]["uid"] == ref["uid"]:
-                    return dep
+            if ref.get("kind") == "ReplicaSet":
+                rs = self.store.get("replicasets", ns, ref["name"])
+                if rs is not None and rs["metadata"]["uid"] == ref["uid"]:
+                    for dref in rs["metadata"].get("ownerReferences") or []:
+                        dep = self.store.get("deployments", ns, dref["name"])
+                        if dep is not None and dep["metadata"]["uid"] == dref["uid"]:
+                            return dep
         return None
 
-    def _owned(self, dep: dict[str, Any]) -> list[dict[str, Any]]:
+    def _replicasets(self, dep: dict[str, Any]) -> list[dict[str, Any]]:
         ns, uid = dep["metadata"]["namespace"], dep["metadata"]["uid"]
-        return [p for p in self.store.list("pods", ns)
-                if any(r.get("uid") == uid for r in p["metadata"].get("ownerReferences") or [])]
+        return [r for r in self.store.list("replicasets", ns) if self._owned_by(r, uid)]
+
+    def _pods_of(self, rs: dict[str, Any]) -> list[dict[str, Any]]:
+        return [p for p in self.store.list("pods", rs["metadata"]["namespace"])
+                if self._owned_by(p, rs["metadata"]["uid"])]
 
     def _reconcile(self, dep: dict[str, Any]) -> None:
         dep = self.store.get("deployments", dep["metadata"]["namespace"], dep["metadata"]["name"])
-        if dep is None:
+        if dep is None or self._stopped:
             return
         ns = dep["metadata"]["namespace"]
         template = dep["spec"]["template"]
         thash = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
         desired = int(dep["spec"].get("replicas", 1))
-        pods = self._owned(dep)
-        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-        old = [p for p in pods if p["metadata"]["labels"].get("pod-template-hash") != thash]
-        current = [p for p in live if p["metadata"]["labels"].get("pod-template-hash") == thash]
-        for pod in old:  # Recreate: every old pod goes before a new one starts
+        rs = self._replicaset(dep, template, thash)
+        old_pods = []
+        for other in self._replicasets(dep):
+            if other["metadata"]["uid"] == rs["metadata"]["uid"]:
+                continue
+            if other["spec"].get("replicas"):
+                self.store.merge_patch("replicasets", ns, other["metadata"]["name"], {"spec": {"replicas": 0}})
+            old_pods += self._pods_of(other)
+        for pod in old_pods:  # Recreate: every old pod goes before a new one starts
             if not pod["metadata"].get("deletionTimestamp"):
                 self.store.delete("pods", ns, pod["metadata"]["name"])
-        if not old:
-            for _ in range(desired - len(current)):
-                self._create_pod(dep, template, thash)
-        for pod in sorted(current, key=lambda p: p["metadata"]["creationTimestamp"])[desired:]:
-            self.store.delete("pods", ns, pod["metadata"]["name"])
+        pods = self._pods_of(rs)
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        if not old_pods:
+            if rs["spec"].get("replicas") != desired:
+                self.store.merge_patch("replicasets", ns, rs["metadata"]["name"], {"spec": {"replicas": desired}})
+            for _ in range(desired - len(live)):
+                if not self._create_pod(dep, rs, thash):
+                    break
+            for pod in sorted(live, key=lambda p: p["metadata"]["creationTimestamp"])[desired:]:
+                self.store.delete("pods", ns, pod["metadata"]["name"])
         ready = sum(1 for p in live if any(c["type"] == "Ready" and c["status"] == "True"
                                            for c in (p.get("status") or {}).get("conditions") or []))
 
         def status(obj: dict[str, Any]) -> None:
-            obj["status"] = {"observedGeneration": obj["metadata"].get("generation", 1), "replicas": len(live),
-                             "updatedReplicas": len(current), "readyReplicas": ready, "availableReplicas": ready}
+            obj["status"] = {"observedGeneration": obj["metadata"].get("generation", 1),
+                             "replicas": len(live) + len(old_pods), "updatedReplicas": len(live),
+                             "readyReplicas": ready, "availableReplicas": ready}
         self.store.update("deployments", ns, dep["metadata"]["name"], status)
 
-    def _create_pod(self, dep: dict[str, Any], template: dict[str, Any], thash: str) -> None:
-        ns = dep["metadata"]["namespace"]
-        suffix = hashlib.sha256(f"{next(self._ids)}".encode()).hexdigest()[:5]
+    def _replicaset(self, dep: dict[str, Any], template: dict[str, Any], thash: str) -> dict[str, Any]:
+        """The Deployment's ReplicaSet for this template, created (replicas 0) the first time."""
+        ns, name = dep["metadata"]["namespace"], f"{dep['metadata']['name']}-{thash}"
+        rs = self.store.get("replicasets", ns, name)
+        if rs is not None:
+            return rs
+        spec_template = copy.deepcopy(template)
+        labels = dict((spec_template.get("metadata") or {}).get("labels") or {}, **{"pod-template-hash": thash})
+        spec_template.setdefault("metadata", {})["labels"] = labels
+        return self.store.create("replicasets", ns, {
+            "apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": name, "labels": labels,
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                                              "name": dep["metadata"]["name"], "uid": dep["metadata"]["uid"],
+                                              "controller": True}]},
+            "spec": {"replicas": 0, "selector": {"matchLabels": labels}, "template": spec_template}})
+
+    def _create_pod(self, dep: dict[str, Any], rs: dict[str, Any], thash: str) -> bool:
+        """The ReplicaSet controller creates one pod; a refusal is a FailedCreate event, retried later."""
+        ns, rs_name = rs["metadata"]["namespace"], rs["metadata"]["name"]
+        template = rs["spec"]["template"]
         meta = copy.deepcopy(template.get("metadata") or {})
-        meta["name"] = f"{dep['metadata']['name']}-{thash}-{suffix}"
-        meta.setdefault("labels", {})["pod-template-hash"] = thash
-        meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "Deployment", "name": dep["metadata"]["name"],
-                                    "uid": dep["metadata"]["uid"], "controller": True}]
-        pod = self.store.create("pods", ns, {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-                                             "spec": copy.deepcopy(template["spec"]),
-                                             "status": {"phase": "Pending"}})
+        meta["generateName"] = f"{rs_name}-"
+        meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs_name,
+                                    "uid": rs["metadata"]["uid"], "controller": True}]
+        try:
+            if self.create_failures:
+                raise FakeApiError(500, "InternalError", self.create_failures.pop(0))
+            pod = self.store.create("pods", ns, {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+                                                 "spec": copy.deepcopy(template["spec"]),
+                                                 "status": {"phase": "Pending"}})
+        except FakeApiError as exc:
+            self.event(ns, "ReplicaSet", rs_name, rs["metadata"]["uid"], "FailedCreate",
+                       f"Error creating: {exc.message}", "Warning", component="replicaset-controller")
+            self.later(self.restart_backoff_s, lambda: self._changes.put(("MODIFIED", "deployments", dep)))
+            return False
         runtime = FakePodRuntime(self, pod)
-        self.pods[(ns, meta["name"])] = runtime
+        self.pods[(ns, pod["metadata"]["name"])] = runtime
         runtime.thread.start()
+        return True
 
     def _collect_garbage(self, dep: dict[str, Any]) -> None:
-        uid = dep["metadata"]["uid"]
-        for pod in self.store.list("pods", dep["metadata"]["namespace"]):
-            if any(r.get("uid") == uid for r in pod["metadata"].get("ownerReferences") or []) \
-                    and not pod["metadata"].get("deletionTimestamp"):
-                self.store.delete("pods", pod["metadata"]["namespace"], pod["metadata"]["name"])
+        """The garbage collector: a deleted Deployment's ReplicaSets and their pods go too."""
+        ns, uid = dep["metadata"]["namespace"], dep["metadata"]["uid"]
+        for rs in [r for r in self.store.list("replicasets", ns) if self._owned_by(r, uid)]:
+            for pod in self._pods_of(rs):
+                if not pod["metadata"].get("deletionTimestamp"):
+                    self.store.delete("pods", ns, pod["metadata"]["name"])
+            self.store.remove("replicasets", ns, rs["metadata"]["name"])
 
     # -- the scheduler's part
 
-    def unschedulable_reason(self, pod: FakePodRuntime) -> str | None:
-        """The scheduler's message when the pod does not fit the node, else None."""
+    def misfit(self, node: FakeNode, pod: FakePodRuntime, *, empty: bool = False) -> list[str]:
+        """Why ``pod`` does not fit ``node`` (the scheduler's per-node reasons); [] when it fits."""
         selector = pod.spec.get("nodeSelector") or {}
-        if any(self.node.labels.get(k) != v for k, v in selector.items()):
-            return ("0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. preemption: "
-                    "0/1 nodes are available: 1 Preemption is not helpful for scheduling.")
+        if any(node.labels.get(k) != v for k, v in selector.items()) or not affinity_matches(pod.spec, node.labels):
+            return ["node(s) didn't match Pod's node affinity/selector"]
         used: dict[str, float] = {}
-        for other in self.pods.values():
-            if other is pod or other.stopping.is_set() or not other.runs:
+        for other in [] if empty else self.pods.values():
+            if other is pod or other.stopping.is_set() or other.node_name != node.name:
                 continue
             for res, qty in ((other.container.get("resources") or {}).get("requests") or {}).items():
                 used[res] = used.get(res, 0) + quantity(qty)
-        asks = {**((pod.container.get("resources") or {}).get("requests") or {}),
-                **{k: v for k, v in ((pod.container.get("resources") or {}).get("limits") or {}).items()
+        resources = pod.container.get("resources") or {}
+        asks = {**(resources.get("requests") or {}),
+                **{k: v for k, v in (resources.get("limits") or {}).items()
                    if k not in ("memory", "cpu", "ephemeral-storage")}}
-        short = [res for res, qty in sorted(asks.items())
-                 if quantity(qty) + used.get(res, 0) > quantity(self.node.allocatable.get(res, "0"))]
-        if short:
-            return ("0/1 nodes are available: " + ", ".join(f"1 Insufficient {r}" for r in short) +
-                    ". preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.")
-        return None
+        return [f"Insufficient {res}" for res, qty in sorted(asks.items())
+                if quantity(qty) + used.get(res, 0) > quantity(node.allocatable.get(res, "0"))]
+
+    def place(self, pod: FakePodRuntime) -> tuple[FakeNode | None, str]:
+        """The first node the pod fits, or None and the scheduler's message over every node."""
+        with self.sched_lock:
+            counts: dict[str, int] = {}
+            for node in self.nodes:
+                reasons = self.misfit(node, pod)
+                if not reasons:
+                    pod.node_name = node.name
+                    return node, ""
+                for reason in reasons:
+                    counts[reason] = counts.get(reason, 0) + 1
+            n = len(self.nodes)
+            why = ", ".join(f"{c} {r}" for r, c in sorted(counts.items()))
+            resources_only = all(r.startswith("Insufficient") for r in counts)
+            preemption = (f"{n} No preemption victims found for incoming pod." if resources_only
+                          else f"{n} Preemption is not helpful for scheduling.")
+            return None, f"0/{n} nodes are available: {why}. preemption: 0/{n} nodes are available: {preemption}"
 
     # -- events, logs, ports
 
     def event(self, ns: str, kind: str, name: str, uid: str, reason: str, message: str,
-              type_: str = "Normal") -> None:
-        """Record an Event about an object, as the kubelet and scheduler do."""
+              type_: str = "Normal", component: str = "kubelet") -> None:
+        """Record an Event about an object, as the kubelet, the scheduler and the controllers do."""
         stamp = now_rfc3339()
         self.store.create("events", ns, {
             "apiVersion": "v1", "kind": "Event", "metadata": {"name": f"{name}.{next(self._ids):x}"},
             "involvedObject": {"kind": kind, "name": name, "namespace": ns, "uid": uid},
             "reason": reason, "message": message, "type": type_, "count": 1,
             "firstTimestamp": stamp, "lastTimestamp": stamp,
-            "source": {"component": "kubelet", "host": self.node.name}})
+            "source": {"component": component, **({"host": self.node.name} if component == "kubelet" else {})}})
 
     def log(self, ns: str, pod: str, container: str, previous: bool) -> bytes | None:
         """A container run's log: the current run's, or the one before with ``previous``."""
@@ -254,6 +359,20 @@ class FakeKubelet:
     def pid(self, ns: str, pod: str) -> int:
         """The process id of the pod's current container run."""
         return self.pods[(ns, pod)].runs[-1].proc.pid
+
+
+def affinity_matches(spec: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether node ``labels`` meet the pod's required node affinity (terms ORed, expressions ANDed)."""
+    required = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    terms = required.get("nodeSelectorTerms") or []
+
+    def holds(expr: dict[str, Any]) -> bool:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        return {"In": lambda: labels.get(key) in values, "NotIn": lambda: labels.get(key) not in values,
+                "Exists": lambda: key in labels, "DoesNotExist": lambda: key not in labels}[op]()
+
+    return not terms or any(all(holds(e) for e in t.get("matchExpressions") or []) for t in terms)
 
 
 class FakePortForwardConnector:

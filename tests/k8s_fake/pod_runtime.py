@@ -9,6 +9,7 @@ period — see :mod:`k8s_fake.kubelet` for what stands in for what.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -80,6 +81,11 @@ class FakePodRuntime:
         self.kill_at = float("inf")
         self._stop_lock = threading.Lock()
         self.restarts = 0
+        #: The node the scheduler bound the pod to ('' while unscheduled).
+        self.node_name = ""
+        #: Set when scheduling may now succeed (a node was added) or the pod is stopping.
+        self.reschedule = threading.Event()
+        self._pulled = False
         self.thread = threading.Thread(target=self._live, name=f"fake-pod-{self.name}", daemon=True)
 
     # -- status helpers
@@ -91,9 +97,15 @@ class FakePodRuntime:
         def mutate(pod: dict[str, Any]) -> None:
             status = pod.setdefault("status", {})
             prev = (status.get("containerStatuses") or [{}])[0]
-            cs = {"name": self.container["name"], "image": self.container["image"], "ready": ready,
-                  "restartCount": self.restarts, "state": state,
+            image = self.container["image"]
+            digest = hashlib.sha256(image.encode()).hexdigest()
+            cs = {"name": self.container["name"], "image": image, "ready": ready,
+                  "restartCount": self.restarts, "started": "running" in state, "state": state,
+                  # the typed client models require imageID; the kubelet sets it once the image is pulled
+                  "imageID": f"{image.rsplit(':', 1)[0]}@sha256:{digest}" if self._pulled else "",
                   "lastState": last if last is not None else prev.get("lastState", {})}
+            if "running" in state or "terminated" in state:
+                cs["containerID"] = f"containerd://{hashlib.sha256(f'{self.uid}{len(self.runs)}'.encode()).hexdigest()}"
             status["containerStatuses"] = [cs]
             if "running" in state:
                 status["phase"] = "Running"
@@ -122,24 +134,34 @@ class FakePodRuntime:
             self._finish()
 
     def _schedule(self) -> bool:
-        why = self.kubelet.unschedulable_reason(self)
-        if why:
-            def pending(pod: dict[str, Any]) -> None:
-                pod.setdefault("status", {}).update(phase="Pending", conditions=[
-                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": why}])
-            self._update(pending)
-            self._event("FailedScheduling", why, "Warning")
-            self.stopping.wait()
-            return False
-        node = self.kubelet.node.name
+        """Bind to the first node that fits; else Unschedulable (with the scheduler's message) until one does."""
+        said = None
+        while not self.stopping.is_set():
+            self.reschedule.clear()
+            node, why = self.kubelet.place(self)
+            if node is not None:
+                def bind(pod: dict[str, Any], node: FakeNode = node) -> None:
+                    pod["spec"]["nodeName"] = node.name
+                    pod.setdefault("status", {}).update(phase="Pending", hostIP="127.0.0.1", startTime=now_rfc3339(),
+                                                        conditions=[{"type": "PodScheduled", "status": "True"}])
+                self._update(bind)
+                self.kubelet.event(self.ns, "Pod", self.name, self.uid, "Scheduled",
+                                   f"Successfully assigned {self.ns}/{self.name} to {node.name}",
+                                   component="default-scheduler")
+                return True
+            if why != said:
+                said = why
 
-        def bind(pod: dict[str, Any]) -> None:
-            pod["spec"]["nodeName"] = node
-            pod.setdefault("status", {}).update(phase="Pending", hostIP="127.0.0.1", startTime=now_rfc3339(),
-                                                conditions=[{"type": "PodScheduled", "status": "True"}])
-        self._update(bind)
-        self._event("Scheduled", f"Successfully assigned {self.ns}/{self.name} to {node}")
-        return True
+                def pending(pod: dict[str, Any], why: str = why) -> None:
+                    pod.setdefault("status", {}).update(phase="Pending", conditions=[
+                        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": why}])
+                self._update(pending)
+                self.kubelet.event(self.ns, "Pod", self.name, self.uid, "FailedScheduling", why, "Warning",
+                                   component="default-scheduler")
+                if self.kubelet.autoscaler is not None:
+                    self.kubelet.autoscaler.unschedulable(self)
+            self.reschedule.wait()
+        return False
 
     def _pull(self) -> bool:
         image = self.container["image"]
@@ -148,6 +170,27 @@ class FakePodRuntime:
         if image in self.kubelet.slow_images:
             self.stopping.wait()
             return False
+        gate = self.kubelet.pull_gates.get(image)
+        while gate is not None and not gate.wait(OOM_SAMPLE_S * 5):  # a pull that ends when the test says so
+            if self.stopping.is_set():
+                return False
+        if image in self.kubelet.flaky_images and not self.runs:  # a registry's rate limit: the kubelet retries
+            ref = image if "/" in image else f"docker.io/library/{image}"
+            detail = (f'failed to pull and unpack image "{ref}": failed to copy: httpReadSeeker: failed open: '
+                      f'unexpected status code https://registry.example.com/v2/{ref.split("/", 1)[-1].split(":")[0]}'
+                      f'/manifests/sha256:0f3c: 429 Too Many Requests - Server message: toomanyrequests: You have '
+                      f'reached your pull rate limit.')
+            self._event("Failed", f'Failed to pull image "{image}": {detail}', "Warning")
+            self._event("Failed", "Error: ErrImagePull", "Warning")
+            self._set_container({"waiting": {"reason": "ErrImagePull", "message": detail}})
+            if self.stopping.wait(self.kubelet.restart_backoff_s):
+                return False
+            self._event("BackOff", f'Back-off pulling image "{image}"', "Normal")
+            self._set_container({"waiting": {"reason": "ImagePullBackOff",
+                                             "message": f'Back-off pulling image "{image}"'}})
+            if self.stopping.wait(self.kubelet.restart_backoff_s):
+                return False
+            self._event("Pulling", f'Pulling image "{image}"')
         if image in self.kubelet.missing_images:
             ref = image if "/" in image else f"docker.io/library/{image}"
             detail = (f'rpc error: code = NotFound desc = failed to pull and unpack image "{ref}": failed to '
@@ -163,6 +206,7 @@ class FakePodRuntime:
             self.stopping.wait()
             return False
         self._event("Pulled", f'Successfully pulled image "{image}" in 0s (fake registry)')
+        self._pulled = True
         return True
 
     def _secret_value(self, name: str, key: str | None) -> dict[str, str] | None:
@@ -350,6 +394,7 @@ class FakePodRuntime:
             first = not self.stopping.is_set()
             self.kill_at = min(self.kill_at, time.monotonic() + grace_s)
             self.stopping.set()
+        self.reschedule.set()
         if first:
             threading.Thread(target=self._terminate, name=f"fake-kill-{self.name}", daemon=True).start()
 
@@ -389,6 +434,7 @@ class FakePodRuntime:
             self.kill_at = 0.0
             self.stopping.set()
             runs = list(self.runs)
+        self.reschedule.set()
         for run in runs:
             try:
                 os.killpg(run.proc.pid, signal.SIGKILL)

@@ -1,10 +1,14 @@
 """FakeStore: the state of the fake cluster behind FakeKubeApiServer (a test double).
 
-Objects by (resource, namespace, name), a resourceVersion counter and the
-history of changes (so a watch can start from any version), the watchers of
-open watch streams, and listeners (the fake kubelet) told of every change.
-Also the API's label and field selectors, and a minimal RBAC check for
-service-account tokens against the Roles and RoleBindings stored here.
+Objects by (resource, namespace, name), a resourceVersion counter and a
+bounded history of changes, as the real API server's watch cache: a watch can
+start from any version still in the window, and from an older one it gets the
+in-stream 410 ``Expired`` error. The watchers of open watch streams, and
+listeners (the fake kubelet) told of every change. Also the API's label and
+field selectors, Pod Security admission (:mod:`k8s_fake.admission`, for
+namespaces labelled ``pod-security.kubernetes.io/enforce``) with the real
+message shape, and a minimal RBAC check for service-account tokens against
+the Roles and RoleBindings stored here.
 """
 
 from __future__ import annotations
@@ -14,11 +18,18 @@ import queue
 import re
 import threading
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
+from .admission import forbidden_message, pod_security_violations
+
 ADMIN_TOKEN = "fake-admin-token"
+#: Changes the watch cache keeps by default (the real one keeps a time window; tests shrink it).
+HISTORY_WINDOW = 100_000
+#: The namespace label Pod Security admission enforces.
+POD_SECURITY_LABEL = "pod-security.kubernetes.io/enforce"
 SA_TOKEN_PREFIX = "fake-sa:"
 #: plural -> (API group, version, kind)
 RESOURCES: dict[str, tuple[str, str, str]] = {
@@ -30,6 +41,7 @@ RESOURCES: dict[str, tuple[str, str, str]] = {
     "serviceaccounts": ("", "v1", "ServiceAccount"),
     "events": ("", "v1", "Event"),
     "deployments": ("apps", "v1", "Deployment"),
+    "replicasets": ("apps", "v1", "ReplicaSet"),
     "roles": ("rbac.authorization.k8s.io", "v1", "Role"),
     "rolebindings": ("rbac.authorization.k8s.io", "v1", "RoleBinding"),
 }
@@ -118,7 +130,9 @@ class _Watcher:
     namespace: str
     labels: str | None
     fields: str | None
-    events: "queue.Queue[dict[str, Any] | None]" = field(default_factory=queue.Queue)
+    events: "queue.Queue[dict[str, Any] | str | None]" = field(default_factory=queue.Queue)
+    #: Set when the watch asked for a version older than the history window: the 410 message.
+    expired: str | None = None
 
     def wants(self, plural: str, obj: dict[str, Any]) -> bool:
         meta = obj.get("metadata") or {}
@@ -134,11 +148,20 @@ class FakeStore:
         self.changed = threading.Condition(self.lock)
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.version = 0
-        self.history: list[tuple[int, str, str, dict[str, Any]]] = []
+        self.history: deque[tuple[int, str, str, dict[str, Any]]] = deque()
+        #: How many changes the history (watch cache) keeps; older versions are answered 410 Expired.
+        self.history_window = HISTORY_WINDOW
+        #: The newest version no longer in the history.
+        self.compacted_to = 0
+        #: Namespace labels (the fake serves no Namespace objects): Pod Security admission reads them.
+        self.namespace_labels: dict[str, dict[str, str]] = {}
+        #: Whether no kubelet answers the API server (``pods/log`` then fails with 500, as for real).
+        self.kubelet_unreachable = False
         self.watchers: list[_Watcher] = []
         self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
         self.requests: list[dict[str, Any]] = []
-        #: (verb, plural) pairs the admin user is refused (403), to test how the backend copes.
+        #: (verb, resource) pairs the admin user is refused (403), to test how the backend copes;
+        #: the resource is a plural or plural/subresource: ("get", "pods/log") is an edit-less user.
         self.denied: set[tuple[str, str]] = set()
         #: pod logs: (namespace, pod, container, previous) -> bytes, provided by the fake kubelet
         self.log_source: Callable[[str, str, str, bool], bytes | None] | None = None
@@ -159,6 +182,8 @@ class FakeStore:
             self.objects[key] = obj
         snapshot = copy.deepcopy(obj)
         self.history.append((self.version, kind, plural, snapshot))
+        while len(self.history) > self.history_window:
+            self.compacted_to = self.history.popleft()[0]
         for watcher in list(self.watchers):
             if watcher.wants(plural, snapshot):
                 watcher.events.put({"type": kind, "object": copy.deepcopy(snapshot)})
@@ -172,14 +197,16 @@ class FakeStore:
         with self.lock:
             obj = copy.deepcopy(obj)
             meta = obj.setdefault("metadata", {})
-            if not meta.get("name") and meta.get("generateName"):
-                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             meta["namespace"] = namespace
-            if (plural, namespace, meta["name"]) in self.objects:
+            if (plural, namespace, meta.get("name")) in self.objects:
                 raise FakeApiError(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists')
             group, version, kind = RESOURCES[plural]
             obj.setdefault("apiVersion", f"{group}/{version}" if group else version)
             obj.setdefault("kind", kind)
+            if plural == "pods":
+                self._admit_pod(namespace, meta.get("generateName") or meta["name"], obj)
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
             return self._commit("ADDED", plural, obj)
 
@@ -287,9 +314,16 @@ class FakeStore:
 
     def watch(self, plural: str, namespace: str, labels: str | None, fields: str | None,
               since: str | None) -> _Watcher:
-        """Register a watcher primed with the current objects (no ``since``) or the changes after ``since``."""
+        """Register a watcher primed with the current objects (no ``since``) or the changes after ``since``.
+
+        A ``since`` older than the history window gives a watcher whose
+        ``expired`` says why (the API server answers with the in-stream 410).
+        """
         with self.lock:
             watcher = _Watcher(plural, namespace, labels, fields)
+            if since not in (None, "", "0") and int(since) < self.compacted_to:
+                watcher.expired = f"too old resource version: {since} ({self.compacted_to + 1})"
+                return watcher
             if since in (None, "", "0"):
                 for obj in self.list(plural, namespace, labels, fields):
                     watcher.events.put({"type": "ADDED", "object": obj})
@@ -314,6 +348,17 @@ class FakeStore:
             raise TimeoutError(f"fake cluster: condition not met within {timeout_s:g} s")
         return result
 
+    # -- Pod Security admission
+
+    def _admit_pod(self, namespace: str, name: str, pod: dict[str, Any]) -> None:
+        """Reject a pod that violates the namespace's enforced Pod Security level, as the API server does."""
+        level = self.namespace_labels.get(namespace, {}).get(POD_SECURITY_LABEL)
+        if level in (None, "privileged"):
+            return
+        violations = pod_security_violations(pod, level)
+        if violations:
+            raise FakeApiError(403, "Forbidden", forbidden_message(name, violations, level))
+
     # -- minimal RBAC for service-account tokens
 
     def allowed(self, subject: str, verb: str, group: str, resource: str, namespace: str, name: str | None) -> bool:
@@ -333,3 +378,4 @@ class FakeStore:
                             and (not rule.get("resourceNames") or name in rule["resourceNames"]):
                         return True
         return False
+

@@ -1,0 +1,257 @@
+"""Waiting for one launch attempt of a Kubernetes compute: its objects only, from now on, as a cluster behaves.
+
+:class:`LaunchWaiter` starts watching the namespace's events *before* the
+Deployment is applied (so nothing of this attempt is missed and nothing of an
+earlier one is replayed), then the compute's ReplicaSets and pods. An event
+counts only when it is about one of this Deployment's objects, by UID (not by
+name: ``alice-train`` must not take ``alice-train-big``'s events).
+
+What a real cluster still resolves is waited for, with the reason shown live:
+an Unschedulable pod (autoscalers add nodes; ``KT_UNSCHEDULABLE_GRACE``
+bounds it), a pull failure the kubelet retries (a registry's 429), a
+FailedCreate the ReplicaSet controller retries (a webhook timeout). What no
+waiting cures ends the wait at once, as one error from
+:mod:`~kt_jupyter.backends.kubernetes_events`, with the container's log lines
+when they help, or why there are none.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from typing import Any, Callable
+
+from ..compute import Compute
+from ..errors import ComputeSpecError, LaunchError
+from ..manifests import CONTAINER_NAME, label_selector
+from . import kubernetes_events as ev
+from .kubernetes_api import KubeApi
+from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION
+from .kubernetes_watch import WatchThread
+
+#: ``KT_UNSCHEDULABLE_GRACE``: seconds a pod may stay Unschedulable before the launch gives up.
+UNSCHEDULABLE_GRACE_ENV = "KT_UNSCHEDULABLE_GRACE"
+#: Its default: long enough for a cluster autoscaler to add a GPU node (never beyond launch_timeout).
+UNSCHEDULABLE_GRACE_S = 600.0
+#: Log lines quoted in errors.
+LOG_LINES_IN_ERRORS = 20
+#: Events kept for objects not known yet (an event may arrive before its pod does).
+PENDING_EVENTS_MAX = 500
+#: Seconds between checks of the clocks (grace, lasting pull failures) while nothing arrives.
+CLOCK_CHECK_S = 1.0
+
+
+def unschedulable_grace_s(launch_timeout_s: float) -> float:
+    """``KT_UNSCHEDULABLE_GRACE`` (or its default), never beyond ``launch_timeout_s``."""
+    raw = os.environ.get(UNSCHEDULABLE_GRACE_ENV, "").strip()
+    grace = UNSCHEDULABLE_GRACE_S
+    if raw:
+        try:
+            grace = float(raw)
+        except ValueError:
+            grace = -1.0
+        if not grace >= 0 or grace == float("inf"):
+            raise ComputeSpecError(f"{UNSCHEDULABLE_GRACE_ENV} must be a number of seconds >= 0, not {raw!r}")
+    return min(grace, launch_timeout_s)
+
+
+def _uid(obj: dict[str, Any]) -> str:
+    return (obj.get("metadata") or {}).get("uid") or ""
+
+
+def _owners(obj: dict[str, Any]) -> set[str]:
+    return {r.get("uid", "") for r in (obj.get("metadata") or {}).get("ownerReferences") or []}
+
+
+class LaunchWaiter:
+    """The watches and the state of one launch attempt; :meth:`wait` returns the Ready pod or raises."""
+
+    def __init__(self, kube: KubeApi, compute: Compute, say: Callable[[str], None]) -> None:
+        self.kube, self.compute, self._say = kube, compute, say
+        self.updates: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
+        self.grace_s = unschedulable_grace_s(compute.launch_timeout_s)
+        self.watches = [WatchThread(kube, "Event", compute.namespace, self.updates, "event", replay=False)]
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self._uids: set[str] = set()
+        self._rs_uids: set[str] = set()
+        self._pending: dict[str, list[dict[str, Any]]] = {}
+        self._said: set[str] = set()
+        self._scaling_up: set[str] = set()
+        self._not_triggered: dict[str, str] = {}
+        self._pull_detail: dict[str, str] = {}
+        self._pull_since: dict[str, float] = {}
+        self._unschedulable_since: dict[str, float] = {}
+
+    def tell(self, line: str | None) -> None:
+        """Say a progress line once."""
+        if line and line not in self._said:
+            self._said.add(line)
+            self._say(line)
+
+    def stop(self) -> None:
+        """Stop every watch."""
+        for watch in self.watches:
+            watch.stop()
+
+    # ------------------------------------------------------------------ the wait
+
+    def wait(self, deployment: dict[str, Any], expected_hash: str, deadline: float) -> dict[str, Any]:
+        """Watch the applied ``deployment``'s ReplicaSets and pods until a pod of ``expected_hash`` is Ready."""
+        ns, selector = self.compute.namespace, label_selector(self.compute)
+        self._deployment_uid = _uid(deployment)
+        self._expected = expected_hash
+        self._known(self._deployment_uid)
+        self.watches += [WatchThread(self.kube, "ReplicaSet", ns, self.updates, "rs", label_selector=selector),
+                         WatchThread(self.kube, "Pod", ns, self.updates, "pod", label_selector=selector)]
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._timeout()
+            self._check_clocks(now)
+            try:
+                tag, kind, obj = self.updates.get(timeout=min(deadline - now, CLOCK_CHECK_S))
+            except queue.Empty:
+                continue
+            if kind == "ERROR":
+                if tag == "pod":
+                    raise obj
+                self._say(f"(fewer progress lines: {obj})")  # events and ReplicaSets only add detail
+                continue
+            if tag == "event":
+                self._on_event(obj)
+            elif tag == "rs":
+                if kind != "DELETED" and self._deployment_uid in _owners(obj):
+                    self._rs_uids.add(_uid(obj))
+                    self._known(_uid(obj))
+            else:
+                ready = self._on_pod(kind, obj)
+                if ready is not None:
+                    return ready
+
+    def _known(self, uid: str) -> None:
+        """``uid`` is one of this attempt's objects: take the events that waited for it."""
+        if uid and uid not in self._uids:
+            self._uids.add(uid)
+            for event in self._pending.pop(uid, []):
+                self._take(event)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        uid = (event.get("involvedObject") or {}).get("uid") or ""
+        if uid in self._uids:
+            self._take(event)
+        elif uid and sum(len(v) for v in self._pending.values()) < PENDING_EVENTS_MAX:
+            self._pending.setdefault(uid, []).append(event)
+
+    def _take(self, event: dict[str, Any]) -> None:
+        """An event of this attempt: a progress line, and maybe the end of the wait."""
+        self.events.append(event)
+        self.tell(ev.event_progress(event))
+        involved = event.get("involvedObject") or {}
+        uid, reason = involved.get("uid") or "", event.get("reason")
+        if involved.get("kind") != "Pod":
+            failure = ev.refused_failure(self.compute.name, event)
+            if failure is not None:
+                raise failure.exception()
+            return
+        if ev.is_scale_up_signal(event):
+            self._scaling_up.add(uid)
+            self._not_triggered.pop(uid, None)
+        elif reason == "NotTriggerScaleUp":
+            self._not_triggered[uid] = (event.get("message") or "").strip()
+        detail = ev.pull_failure_detail(event)
+        if detail:
+            self._pull_detail[uid] = detail
+        pod = next((p for p in self.pods.values() if _uid(p) == uid), None)
+        if pod is not None:
+            self._judge(pod)
+
+    def _on_pod(self, kind: str, pod: dict[str, Any]) -> dict[str, Any] | None:
+        name = ev.name_of(pod)
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        if kind == "DELETED" or ev.is_terminating(pod) or annotations.get(TEMPLATE_HASH_ANNOTATION) != self._expected:
+            self.pods.pop(name, None)
+            return None
+        self.pods[name] = pod
+        self._known(_uid(pod))
+        for line in ev.pod_progress(pod):
+            self.tell(line)
+        if ev.is_ready(pod):
+            return pod
+        self._judge(pod)
+        return None
+
+    # ------------------------------------------------------------------ judging
+
+    def _judge(self, pod: dict[str, Any]) -> None:
+        """Raise the pod's failure when waiting cannot cure it."""
+        uid, now = _uid(pod), time.monotonic()
+        waiting = ((ev.container_status(pod) or {}).get("state") or {}).get("waiting") or {}
+        pulling = waiting.get("reason") in ev.IMAGE_PULL_REASONS
+        if pulling:
+            failing_s = now - self._pull_since.setdefault(uid, now)
+        else:
+            self._pull_since.pop(uid, None)
+            failing_s = 0.0
+        failure = ev.diagnose_pod(self.compute.name, pod, pull_detail=self._pull_detail.get(uid, ""),
+                                  pull_failing_s=failing_s)
+        if failure is not None:
+            raise self._with_logs(failure, pod)
+        if pulling:
+            detail = self._pull_detail.get(uid) or waiting.get("message") or "no detail"
+            self.tell(f"image pull failed; the kubelet retries it ({waiting['reason']}: {detail})")
+        message = ev.unschedulable_message(pod)
+        if message is None:
+            self._unschedulable_since.pop(uid, None)
+            return
+        self._unschedulable_since.setdefault(uid, now)
+        self.tell(f"waiting for a node: {message}")
+        said = self._not_triggered.get(uid)
+        if said is not None and uid not in self._scaling_up and ev.scale_up_hopeless(said) \
+                and not self.compute.queue:
+            raise ev.unschedulable_failure(self.compute.name, pod, message,
+                                           f"no node group of the cluster autoscaler can take it: {said}").exception()
+
+    def _check_clocks(self, now: float) -> None:
+        """Grace of an Unschedulable pod, lasting pull failures: the limits that pass while nothing happens."""
+        for pod in list(self.pods.values()):
+            uid = _uid(pod)
+            since = self._unschedulable_since.get(uid)
+            if since is not None and not self.compute.queue and now - since >= self.grace_s:
+                message = ev.unschedulable_message(pod) or "Unschedulable"
+                raise ev.unschedulable_failure(self.compute.name, pod, message, self._gave_up(now - since)).exception()
+            if uid in self._pull_since:
+                self._judge(pod)
+
+    def _gave_up(self, waited_s: float) -> str:
+        hint = (f"raise {UNSCHEDULABLE_GRACE_ENV} (seconds) and launch_timeout to wait longer for a node"
+                if self.grace_s < self.compute.launch_timeout_s else
+                "raise launch_timeout to wait longer for a node")
+        return f"still unschedulable after {waited_s:.0f} s; {hint}"
+
+    def _with_logs(self, failure: ev.Failure, pod: dict[str, Any]) -> LaunchError:
+        if not failure.wants_logs:
+            return failure.exception()
+        ns, name = self.compute.namespace, ev.name_of(pod)
+        logs, why = self.kube.pod_log_or_why(name, ns, CONTAINER_NAME, LOG_LINES_IN_ERRORS,
+                                             previous=failure.previous_logs)
+        if not logs.strip() and not why and failure.previous_logs:
+            logs, why = self.kube.pod_log_or_why(name, ns, CONTAINER_NAME, LOG_LINES_IN_ERRORS)
+        return failure.exception(logs, why)
+
+    def _timeout(self) -> LaunchError:
+        pods = list(self.pods.values())
+        if not self.compute.queue:
+            for pod in pods:
+                message = ev.unschedulable_message(pod)
+                if message is not None:
+                    since = self._unschedulable_since.get(_uid(pod), time.monotonic())
+                    return ev.unschedulable_failure(self.compute.name, pod, message,
+                                                    self._gave_up(time.monotonic() - since)).exception()
+        logs, why = "", ""
+        for pod in pods:
+            if ((ev.container_status(pod) or {}).get("state") or {}).get("running"):
+                logs, why = self.kube.pod_log_or_why(ev.name_of(pod), self.compute.namespace, CONTAINER_NAME,
+                                                     LOG_LINES_IN_ERRORS)
+        return ev.timeout_error(self.compute.name, self.compute.launch_timeout_s, pods, self.events, logs, why)
