@@ -39,5 +39,5 @@ def check_compute_name(name: object) -> str:
     if isinstance(name, str) and len(name) <= MAX_NAME_CHARS and _NAME_RE.fullmatch(name):
         return name
     raise ComputeSpecError(
-        f"{shown(name)} is not a valid compute name: use up to {MAX_NAME_CHARS} letters, digits, '-', '_' or '.', "
-        f"starting and ending with a letter or digit, e.g. {NAME_EXAMPLE!r}")
+        f"name {shown(name)} is not a valid compute name: use up to {MAX_NAME_CHARS} letters, digits, '-', '_' "
+        f"or '.', starting and ending with a letter or digit, e.g. {NAME_EXAMPLE!r}")
