@@ -135,9 +135,11 @@ def gpu_type_from_terms(terms: list[dict[str, Any]]) -> str | None:
     for gpu_type in list(GPU_MODELS) + list(_KNOWN_VALUES):
         if gpu_node_selector_terms(gpu_type) == terms:
             return gpu_type
-    exprs = terms[0].get("matchExpressions") or [] if len(terms) == 1 else []
-    if len(exprs) == 1 and exprs[0].get("operator") == "In" and len(exprs[0].get("values") or []) == 1:
-        return f"{exprs[0]['key']}={exprs[0]['values'][0]}"
+    exprs = (terms[0].get("matchExpressions") or []) if len(terms) == 1 and isinstance(terms[0], dict) else []
+    one = exprs[0] if len(exprs) == 1 and isinstance(exprs[0], dict) else {}
+    values = one.get("values")
+    if one.get("operator") == "In" and isinstance(values, list) and len(values) == 1:
+        return f"{one.get('key')}={values[0]}"  # checked again by check_gpu_type when the Compute is built
     return None
 
 

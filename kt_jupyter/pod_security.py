@@ -82,7 +82,8 @@ def notebook_peer(environ: Mapping[str, str] | None = None,
         namespace = check_dns_label(namespace, "KT_NOTEBOOK_NAMESPACE (environment variable)")
     else:
         sa = Path(service_account_path) if service_account_path is not None else SERVICE_ACCOUNT_NAMESPACE_PATH
-        namespace = (sa.read_text().strip() or None) if sa.is_file() else None
+        text = sa.read_text().strip() if sa.is_file() else ""
+        namespace = check_dns_label(text, f"namespace in {sa}") if text else None
     return NotebookPeer(in_cluster=True, labels=labels, namespace=namespace)
 
 

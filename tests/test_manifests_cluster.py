@@ -273,3 +273,16 @@ def test_kt_pod_image_makes_a_prebuilt_image_the_default(monkeypatch):
     monkeypatch.setenv("KT_POD_IMAGE", "Not An Image")
     with pytest.raises(ComputeSpecError, match=r"KT_POD_IMAGE \(environment variable\): 'Not An Image' is not"):
         k8s()
+
+
+def test_hostile_node_affinity_read_back_is_checked_not_trusted():
+    dep = build_deployment(k8s(cpus=1))
+    del dep["metadata"]["annotations"][SPEC_ANNOTATION]
+    pod = dep["spec"]["template"]["spec"]
+    pod["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": ["junk"]}}}
+    assert compute_from_deployment(dep).gpu_type is None
+    pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] = [
+        {"matchExpressions": [{"key": GFD_PRODUCT_LABEL, "operator": "In", "values": ["$(id); x"]}]}]
+    with pytest.raises(ComputeSpecError, match="is not a valid label value"):
+        compute_from_deployment(dep)
