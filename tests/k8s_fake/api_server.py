@@ -326,7 +326,9 @@ class _Handler(BaseHTTPRequestHandler):
         timeout_s = min(float(query.get("timeoutSeconds") or MAX_WATCH_S), MAX_WATCH_S)
         deadline = time.monotonic() + timeout_s
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
-        server.open_watches.add(watcher)
+        with store.changed:  # tests wait for watches to be open
+            server.open_watches.add(watcher)
+            store.changed.notify_all()
         group, version, kind = RESOURCES[plural]
 
         def bookmark() -> None:
@@ -341,7 +343,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.flush()
             if watcher.expired is not None:  # the real API server: 200, then the error in the stream
-                record["expired"] = True
+                with store.changed:
+                    record["expired"] = True
+                    store.changed.notify_all()
                 self._chunk(json.dumps({"type": "ERROR", "object": {
                     "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                     "message": watcher.expired, "reason": "Expired", "code": 410}}).encode() + b"\n")
@@ -366,7 +370,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._chunk(json.dumps(event).encode() + b"\n")
             self._chunk(b"")
         finally:
-            server.open_watches.discard(watcher)
+            with store.changed:
+                server.open_watches.discard(watcher)
+                store.changed.notify_all()
             store.unwatch(watcher)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's names
