@@ -235,6 +235,9 @@ class Session:
         self._dead: KtError | None = None
         #: name -> id() of the object the pod bound, for the last push (tells a rebinding apart)
         self.last_push_ids: dict[str, int] = {}
+        #: called (on the client loop) with sequenced messages of requests this session did not send:
+        #: a follower of a detached session (:meth:`follow`) shows them
+        self.on_unsolicited: Callable[[dict[str, Any]], None] | None = None
 
     def __repr__(self) -> str:
         return f"<kt Session {self.name!r} {self.url} pid={self.pod_pid}>"
@@ -306,6 +309,52 @@ class Session:
                 continue
             if on_output is not None:
                 on_output(item)
+
+    def follow(self, detached: Mapping[str, Any], on_output: OutputCallback,
+               check_s: float = 5.0) -> dict[str, Any] | None:
+        """Show, in this thread, what a session that lost its client printed since, and follow its running cell.
+
+        ``detached`` is one entry of the welcome's ``detached`` list (a notebook
+        that restarted or closed mid-cell). Its unseen messages are replayed to
+        ``on_output``; when its cell still runs, this waits for the cell's end,
+        passing its live output on (Ctrl-C interrupts that cell). Returns that
+        cell's execute_reply, or None when none ran. Nothing it sends is unpickled.
+        """
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        follower = Session(self.url, self._token, name=self.name, liveness=self.liveness, accept_pickle=False,
+                           heartbeat_interval_s=self.heartbeat_interval_s,
+                           heartbeat_timeout_s=self.heartbeat_timeout_s)
+        follower.session_id = str(detached["session"])
+        follower.last_seq = int(detached.get("after_seq") or 0)
+        follower.on_unsolicited = outputs.put
+        running = detached.get("running")
+        reply: dict[str, Any] | None = None
+        shown = follower.last_seq
+        try:
+            end_seq = int(follower.connect().get("last_seq") or 0)
+            while True:
+                if shown >= end_seq and (not running or reply is not None):
+                    return reply
+                try:
+                    item = outputs.get(timeout=check_s)
+                except queue.Empty:
+                    follower.ping()  # a kernel that died meanwhile raises here instead of a silent wait
+                    continue
+                except KeyboardInterrupt:
+                    if running:
+                        follower.interrupt(target=running)
+                    continue
+                shown = max(shown, int(item.get("seq") or 0))
+                if item["type"] == "execute_reply":
+                    if item.get("id") == running:
+                        reply = item
+                    if item.get("status") == "error":
+                        on_output({"type": "stream", "name": "stderr",
+                                   "text": "\n".join(map(str, item.get("traceback") or [])) + "\n"})
+                elif item["type"] != "input_request":  # nobody here can answer that cell's prompts
+                    on_output(item)
+        finally:
+            follower.close_quietly()
 
     def _answer_input(self, req_id: str, request: dict[str, Any], on_input: InputCallback | None) -> None:
         """Ask ``on_input`` (in this thread) and send the answer; Ctrl-C there interrupts the remote cell."""
@@ -786,7 +835,7 @@ class Session:
         if kind in ("stream", "display", "clear_output", "execute_result"):
             ex = self._executions.get(req_id)
             if ex is None:
-                callback = self._streams.get(req_id)
+                callback = self._streams.get(req_id) or self.on_unsolicited
                 if callback is not None:
                     callback(header)
                 return
@@ -807,6 +856,8 @@ class Session:
             ex = self._executions.get(req_id)
             if ex is not None and not ex.reply.done():
                 ex.reply.set_result((header, bytes(payload)))
+            elif ex is None and self.on_unsolicited is not None:
+                self.on_unsolicited(header)
         elif kind in ("reply", "error_reply"):
             pending = self._pending.get(req_id)
             if pending is None or pending.reply.done():

@@ -89,6 +89,8 @@ class ComputeConnection:
         self.cells_run = 0
         self.lock = threading.Lock()
         self.code = CodeTree()
+        #: whether output left behind by earlier notebook sessions was shown (done by the first cell)
+        self.caught_up = False
 
     @property
     def name(self) -> str:
@@ -132,6 +134,8 @@ class ComputeConnection:
         transfer = transfer or TransferOptions()
         t0 = time.perf_counter()
         analysis = analyze_cell(source)
+        if not self.caught_up:
+            self.catch_up(on_output or (lambda _msg: None))
         self.sync_code()
         outcome = CellOutcome(None)
         names = list(dict.fromkeys(list(filter_pushable(analysis.reads, user_ns)) + transfer.push))
@@ -163,6 +167,32 @@ class ComputeConnection:
         outcome.timings_s["pull"] = time.perf_counter() - t2
         outcome.timings_s["total"] = time.perf_counter() - t0
         return outcome
+
+    def catch_up(self, on_output: OutputCallback) -> None:
+        """Show what the pod printed for notebook sessions that lost their client, and wait for their cells.
+
+        A notebook restarted (or closed) mid-cell leaves that cell running on the
+        pod, printing to a session nobody reads. The first cell of the notebook
+        that reattaches shows that output (with a note saying where it comes
+        from) and, when such a cell still runs, says so and follows it to its
+        end before its own cell runs (Ctrl-C stops it).
+        """
+        self.caught_up = True
+        for entry in self.session.connect().get("detached") or []:
+            who = f"an earlier notebook session ({str(entry.get('session'))[:8]}, no client for " \
+                  f"{float(entry.get('detached_s') or 0):.0f} s)"
+            queued = int(entry.get("queued") or 0)
+            more = f", then {queued} more of its queued cell(s)" if queued else ""
+            if entry.get("running"):
+                text = (f"a cell started by {who} is still running on compute {self.name!r}; its output follows, "
+                        f"and this cell runs when it ends{more} (interrupt to stop it)")
+            else:
+                text = f"output of {who} on compute {self.name!r}, printed while no notebook was connected:"
+            on_output({"type": "notice", "level": "info", "text": text})
+            self.session.follow(entry, on_output)
+            on_output({"type": "notice", "level": "info",
+                       "text": f"end of {who}'s output" + (f"; {queued} queued cell(s) of it run first" if queued
+                                                          else "")})
 
     # ------------------------------------------------------------------ debugger
 

@@ -50,6 +50,8 @@ SESSION_KEEP_S = 600
 #: Disconnected sessions kept for resuming at most; the oldest are dropped first.
 SESSIONS_DETACHED_MAX = 64
 #: Requests that do not count as activity for the inactivity TTL.
+#: Detached sessions a welcome reports at most (the most recent).
+DETACHED_REPORTED_MAX = 8
 PASSIVE_TYPES = frozenset({"metrics", "ping", "inventory"})
 #: Fraction of available memory one inbound bundle may declare.
 INBOUND_MEMORY_FRACTION = 0.9
@@ -72,6 +74,10 @@ class Session:
     ws: ServerConnection | None = None
     seen_exec: dict[str, None] = field(default_factory=dict)
 
+    #: the last seq sent to a client, and its value when the last connection dropped (after it: unseen)
+    sent_seq: int = 0
+    detached_seq: int = 0
+    detached_at: float = 0.0
 
 @dataclass
 class Inbound:
@@ -310,6 +316,7 @@ class PodKernelServer:
                     "started": self.started,
                     "bulk_port": self.bulk.port,
                 }
+                    "detached": self._detached_report(session),
             )
         )
         pump = asyncio.create_task(self._pump(session, ws, last_seq))
@@ -342,12 +349,30 @@ class PodKernelServer:
                 session.ws = None
                 if session.outbox.last_seq == 0 and not session.seen_exec:
                     self.sessions.pop(sid, None)  # nothing to replay: nothing to keep
+                session.detached_seq, session.detached_at = session.sent_seq, time.time()
                 else:
                     self.loop.call_later(SESSION_KEEP_S, self._forget_session, sid)
                     self._cap_detached_sessions()
 
     def _cap_detached_sessions(self) -> None:
         """Keep at most SESSIONS_DETACHED_MAX disconnected sessions (the oldest go first)."""
+    def _detached_report(self, joining: Session) -> list[dict[str, Any]]:
+        """Sessions with no client whose output nobody saw, or whose cell still runs (a notebook that
+        restarted, or closed, mid-cell): a reattaching notebook shows that output and announces the cell."""
+        running = self.executor.current
+        queued = [job for job in list(self.executor.jobs.queue) if isinstance(job, CellJob)]
+        report = []
+        for sid, s in self.sessions.items():
+            if s is joining or s.ws is not None:
+                continue
+            cell = running.req_id if running is not None and running.outbox is s.outbox else None
+            unseen = s.outbox.last_seq - s.detached_seq
+            waiting = sum(1 for job in queued if job.outbox is s.outbox)
+            if unseen > 0 or cell or waiting:
+                report.append({"session": sid, "after_seq": s.detached_seq, "unseen": unseen, "running": cell,
+                               "queued": waiting, "detached_s": round(time.time() - s.detached_at, 1)})
+        return report[-DETACHED_REPORTED_MAX:]
+
         running = self.executor.current
         detached = [sid for sid, s in self.sessions.items()
                     if s.ws is None and not (running is not None and running.outbox is s.outbox)]
@@ -399,7 +424,7 @@ class PodKernelServer:
                                                           "(replay buffer full) while disconnected"}))
                 for frame in frames:
                     await ws.send(frame)
-                sent = last
+                sent = session.sent_seq = last
                 await outbox.changed.wait()
         except (ConnectionClosed, asyncio.CancelledError):
             pass
