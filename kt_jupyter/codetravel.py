@@ -20,13 +20,12 @@ do it, whatever ``serialization`` says (that is for arguments and results):
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import types
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import cloudpickle
+from pod_kernel import protocol as P
 
 from .cells import classify_value
 from .codesync import CodeTree
@@ -38,10 +37,10 @@ _ALWAYS_THERE = frozenset({"builtins", "__main__", "__mp_main__"})
 
 @dataclass(frozen=True)
 class Shipment:
-    """A call target for the pod and, for code by value, the cloudpickle to define it with first."""
+    """A call target for the pod and, for code by value, the object to define there first (pickled)."""
 
     target: dict[str, Any]
-    blob: bytes | None = None
+    by_value: Any = None
 
     @property
     def key(self) -> str | None:
@@ -85,13 +84,16 @@ def ship(obj: Any, code: CodeTree, allow_pickle: bool) -> Shipment:
         )
     for module in sorted(modules_used(obj)):
         code.provide(module)
-    try:
-        blob = cloudpickle.dumps(obj, protocol=5)
-    except Exception as exc:
-        raise KtError(f"cannot ship {name!r} to the pod by value: {type(exc).__name__}: {exc}. Move it (and "
-                      "what it uses) to a module, which the pod then imports by name.") from None
-    key = hashlib.blake2b(blob, digest_size=16).hexdigest()
-    return Shipment({"kind": "defined", "key": key}, blob)
+    key = P.fingerprint(obj)  # of its pickle: a changed global it carries is a new version
+    if not key:
+        try:
+            P.dump_values({"fn": obj})
+            why = "it cannot be pickled"
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        raise KtError(f"cannot ship {name!r} to the pod by value ({why}). Move it (and what it uses) to a "
+                      "module, which the pod then imports by name.") from None
+    return Shipment({"kind": "defined", "key": key}, obj)
 
 
 def _code_names(code: types.CodeType) -> Iterator[str]:

@@ -139,17 +139,37 @@ def _encode_refs(value: Any) -> Any:
     return value
 
 
-#: Per session: the keys of the code by value its pod was given (it may have lost them: then again).
-_defined: "weakref.WeakKeyDictionary[Session, set[str]]" = weakref.WeakKeyDictionary()
+#: Per session: the code by value given to its pod, by key (done, or under way: concurrent calls share one).
+_defined: "weakref.WeakKeyDictionary[Session, dict[str, asyncio.Future]]" = weakref.WeakKeyDictionary()
 
 
 async def _define(session: Session, shipment: Shipment, force: bool = False) -> None:
-    """Give the pod the code shipped by value, unless this session already did."""
-    known = _defined.setdefault(session, set())
-    if shipment.blob is None or (shipment.key in known and not force):
+    """Give the pod the code shipped by value, unless this session already did (or is doing it)."""
+    if shipment.by_value is None:
         return
-    await session.acall({"kind": "define", "key": shipment.key}, fn=shipment.blob, serialization="pickle")
-    known.add(shipment.key)
+    known = _defined.setdefault(session, {})
+    key = str(shipment.key)
+    while key in known and not (force and known[key].done()):
+        pending = known[key]
+        try:
+            await asyncio.shield(pending)
+            return
+        except asyncio.CancelledError:
+            if not pending.cancelled():
+                raise  # this caller was cancelled
+            # the call that was defining it was cancelled: define it here
+    known[key] = done = asyncio.get_running_loop().create_future()
+    try:
+        await session.acall({"kind": "define", "key": key}, fn=shipment.by_value, serialization="pickle")
+    except BaseException as exc:
+        known.pop(key, None)
+        if isinstance(exc, asyncio.CancelledError):
+            done.cancel()
+        else:
+            done.set_exception(exc)
+            done.exception()  # retrieved: the waiters (if any) raise it themselves
+        raise
+    done.set_result(None)
 
 
 class Module:
@@ -312,7 +332,7 @@ class Module:
                         on_output=_print_output if stream else None, keep=keep, construct=construct,
                     )
                 except UnknownFunction:  # the pod restarted or evicted it: define it again, once
-                    if attempt or shipment.blob is None:
+                    if attempt or shipment.by_value is None:
                         raise
         except asyncio.CancelledError:  # Ctrl-C here, or the caller's task cancelled: stop it on the pod
             releases.add(session, calls=[cancel_key])

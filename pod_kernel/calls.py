@@ -14,7 +14,7 @@ too):
   function (installed, or the user's synced code) called by reference;
 - ``{"kind": "defined", "key": K}``: a function or class shipped by value
   (cloudpickle) once, by a call to ``{"kind": "define", "key": K}`` whose
-  bundle holds its cloudpickle (bytes) as ``fn``; only pickle-allowing kernels accept that;
+  bundle holds it as ``fn``; only pickle-allowing kernels accept that;
 - ``{"kind": "name", "name": "svc"}``: what service ``svc`` last called here,
   else a callable of that name in the pod namespace (``fn(name=...)``);
 - ``{"kind": "method", "instance": "svc", "method": "predict"}``: a method of
@@ -36,7 +36,6 @@ import ctypes
 import importlib
 import inspect
 import itertools
-import pickle
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -132,10 +131,9 @@ class CallRunner:
             self.services[target["service"]] = obj
         return obj
 
-    def define(self, key: str, blob: bytes) -> None:
-        """Keep a function or class shipped by value (its cloudpickle) under ``key``."""
-        if key not in self._defined:
-            self._defined[key] = pickle.loads(blob)
+    def define(self, key: str, obj: Callable[..., Any]) -> None:
+        """Keep a function or class shipped by value under ``key`` (the client's content hash of it)."""
+        self._defined.setdefault(key, obj)
         self._defined.move_to_end(key)
         while len(self._defined) > DEFINED_MAX:
             self._defined.popitem(last=False)

@@ -547,10 +547,9 @@ class PodKernelServer:
         sink = (session.outbox, header["id"]) if header.get("stream") else None
         construct = header.get("construct")
         if target.get("kind") == "define":
-            blob = values.get("fn")
-            if not isinstance(blob, bytes):
-                raise RequestRefused("CallError", "a define call carries the function's cloudpickle as bytes in 'fn'")
-            await asyncio.to_thread(calls.define, str(target["key"]), blob)
+            if not callable(values.get("fn")):
+                raise RequestRefused("CallError", "a define call carries the function or class as 'fn'")
+            calls.define(str(target["key"]), values["fn"])
             result: Any = True
         else:
             args = calls.deref(list(values.get("args") or []))
