@@ -30,7 +30,7 @@ def no_real_cluster_config(tmp_path, monkeypatch):
     """Namespace lookups see only files under tmp_path; no KT_* settings leak in from the environment."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KT_HOME", str(tmp_path / "home" / ".kt"))
-    for var in ("KUBECONFIG", "KT_NAMESPACE", "KT_LAUNCH_TIMEOUT", "KT_GPU_ANTI_AFFINITY"):
+    for var in ("KUBECONFIG", "KT_NAMESPACE", "KT_LAUNCH_TIMEOUT", "KT_GPU_ANTI_AFFINITY", "KT_POD_IMAGE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(k8s_fields, "SERVICE_ACCOUNT_NAMESPACE_PATH", tmp_path / "no-serviceaccount")
     return tmp_path
