@@ -21,6 +21,7 @@ import hmac
 import itertools
 import json
 import logging
+import os
 import pickle
 import queue
 import secrets
@@ -111,6 +112,18 @@ PDB_PROMPT = "(Pdb)"
 def fallback_answer(prompt: str) -> str | None:
     """The answer when nothing can answer a remote prompt: continue pdb; None (EOFError) for input()."""
     return "c" if PDB_PROMPT in prompt else None
+
+
+class KtClientConnection(ClientConnection):
+    """A client connection whose heartbeat pings never touch the user's ``random`` state.
+
+    websockets draws ping payloads from the global :mod:`random` module: every
+    heartbeat would shift the numbers of a notebook that called ``random.seed``.
+    """
+
+    async def ping(self, data: Any = None) -> Any:
+        """Send a ping; its payload comes from ``os.urandom`` when none is given."""
+        return await super().ping(os.urandom(8) if data is None else data)
 
 
 @dataclass
@@ -722,6 +735,7 @@ class Session:
                     close_timeout=min(OPEN_TIMEOUT_S, self.heartbeat_timeout_s),
                     user_agent_header=None,
                     logger=ws_log,
+                    create_connection=KtClientConnection,
                 )
                 welcome, _ = P.decode_frame(await ws.recv())
                 await self._check_proof(ws, welcome, nonce)

@@ -66,6 +66,18 @@ class RequestRefused(Exception):
 
 
 @dataclass
+class KtServerConnection(ServerConnection):
+    """A server connection whose heartbeat pings never touch the user's ``random`` state.
+
+    websockets draws ping payloads from the global :mod:`random` module: the
+    pod's keepalive pings would shift a seeded notebook's numbers.
+    """
+
+    async def ping(self, data: Any = None) -> Any:
+        """Send a ping; its payload comes from ``os.urandom`` when none is given."""
+        return await super().ping(os.urandom(8) if data is None else data)
+
+
 class Session:
     """State of one client session; it outlives its connections."""
 
@@ -161,6 +173,7 @@ class PodKernelServer:
             port,
             process_request=self.check_handshake,
             compression=None,
+            create_connection=KtServerConnection,
             max_size=P.MAX_FRAME_BYTES,
             ping_interval=10,
             ping_timeout=30,

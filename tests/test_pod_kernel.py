@@ -505,3 +505,26 @@ def test_launch_failure_names_exit_code_and_log(local_backend, monkeypatch):
     with pytest.raises(LaunchError, match="exited with code") as info:
         local_backend.launch(Compute(name="broken", env_vars={"PYTHONPATH": "/nonexistent", "PYTHONHOME": "/nonexistent"}))
     assert "Last log lines" in str(info.value)
+
+
+def test_heartbeats_never_touch_the_users_random_state(kernel):
+    """Seeded notebooks reproduce: neither side's keepalive pings draw from the global ``random``."""
+    import asyncio
+    import random
+
+    handle, s = kernel
+    random.seed(0)
+    state = random.getstate()
+    asyncio.run_coroutine_threadsafe(s._conn.ws.ping(), client_loop()).result(10)  # what a heartbeat does
+    assert random.getstate() == state
+    # the pod's own keepalive pings, sent by its server on its loop
+    r = s.execute(
+        "import asyncio, gc, random\n"
+        "from pod_kernel.server import PodKernelServer\n"
+        "random.seed(0)\n"
+        "before = random.getstate()\n"
+        "server = next(o for o in gc.get_objects() if isinstance(o, PodKernelServer))\n"
+        "ws = next(x.ws for x in server.sessions.values() if x.ws is not None)\n"
+        "asyncio.run_coroutine_threadsafe(ws.ping(), server.loop).result(10)\n"
+        "random.getstate() == before")
+    assert r.data == {"text/plain": "True"}
