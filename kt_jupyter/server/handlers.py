@@ -13,8 +13,10 @@ Errors are JSON ``{"message": ...}`` of at most :data:`MAX_MESSAGE_CHARS`: a
 bad spec, compute name or parameter is 400, an unknown compute 404, a
 compute that is not running 409, a request body over :data:`MAX_BODY_BYTES`
 413, a kernel that does not answer 504. Backend and compute name of a URL
-are checked before any backend sees them; bodies are read in chunks and
-never held beyond the limit.
+are checked before any backend sees them. Bodies are read in chunks and
+never held beyond :data:`MAX_BODY_BYTES`: a bigger one is read and dropped
+(so the client, still sending, gets the 413), or, past
+:data:`MAX_DISCARD_BYTES` by its Content-Length, refused unread.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from .computes import SPEC_EXAMPLE
 AUTH_RESOURCE = "kt"
 #: Log lines returned when ``?tail=`` is not given.
 DEFAULT_TAIL_LINES = 200
-#: Largest request body (a Compute spec), in bytes; a bigger one is refused from its headers.
+#: Largest request body (a Compute spec), in bytes; a bigger one is refused with 413.
 MAX_BODY_BYTES = 64 * 1024
+#: Largest body read (and dropped) to answer 413 in order; past it the connection is closed after the answer.
+MAX_DISCARD_BYTES = 16 * 1024 * 1024
 #: Longest error message sent back, in characters.
 MAX_MESSAGE_CHARS = 800
 
@@ -89,23 +93,35 @@ class KtHandler(ExtensionHandlerMixin, APIHandler):
     auth_resource = AUTH_RESOURCE
 
     async def prepare(self) -> None:  # type: ignore[override]
-        """Refuse a body over :data:`MAX_BODY_BYTES` from its headers, before any of it is read."""
+        """Bound the body: one declared past :data:`MAX_DISCARD_BYTES` is refused before any of it is read."""
         self._body_chunks: list[bytes] = []
+        self._declared_bytes = self._received_bytes = 0
         await super().prepare()
-        length = self.request.headers.get("Content-Length")
-        if length is not None and (not length.strip().isdigit() or int(length) > MAX_BODY_BYTES):
-            raise ApiError(413, f"the request body is {shown(length)} bytes; at most {MAX_BODY_BYTES // 1024} KiB "
-                                f"is accepted (a Compute spec like {SPEC_EXAMPLE})")
-        self.request.connection.set_max_body_size(MAX_BODY_BYTES)  # a chunked body is cut off there too
+        length = self.request.headers.get("Content-Length", "0").strip()
+        if not length.isdigit():
+            raise ApiError(400, f"Content-Length must be a number of bytes; got {shown(length)}")
+        self._declared_bytes = int(length)
+        if self._declared_bytes > MAX_DISCARD_BYTES:
+            raise ApiError(413, self._too_big_message())
+        self.request.connection.set_max_body_size(MAX_DISCARD_BYTES)
 
     def data_received(self, chunk: bytes) -> None:
-        """Keep the body's chunks (the connection stops at :data:`MAX_BODY_BYTES`)."""
-        self._body_chunks.append(chunk)
+        """Keep the body's chunks up to :data:`MAX_BODY_BYTES`; drop the rest (the request gets a 413)."""
+        self._received_bytes += len(chunk)
+        if self._received_bytes <= MAX_BODY_BYTES:
+            self._body_chunks.append(chunk)
 
     @property
     def body(self) -> bytes:
-        """The request body as received."""
+        """The request body; 413 when it is over :data:`MAX_BODY_BYTES` (then none of it was kept)."""
+        if max(self._declared_bytes, self._received_bytes) > MAX_BODY_BYTES:
+            raise ApiError(413, self._too_big_message())
         return b"".join(self._body_chunks)
+
+    def _too_big_message(self) -> str:
+        size = max(self._declared_bytes, self._received_bytes)
+        return (f"the request body is {size} bytes; at most {MAX_BODY_BYTES // 1024} KiB is accepted "
+                f"(a Compute spec like {SPEC_EXAMPLE})")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Errors as ``{"message": ...}`` with the message that says what to do."""
