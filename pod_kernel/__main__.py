@@ -20,6 +20,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from . import logfile
 from .protocol import SERIALIZATIONS
 
 
@@ -41,7 +42,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cells-dir", default=None, help="where each cell's source is written before it runs")
     p.add_argument("--code-dir", default=None, help="where the user's synced source files are kept (on sys.path)")
     p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    p.add_argument("--log-file", default=None,
+                   help="point stdout/stderr at this file (append) and rotate it past --log-max-bytes")
+    p.add_argument("--log-max-bytes", type=int, default=_env_int("KT_LOG_MAX_BYTES", logfile.LOG_MAX_BYTES),
+                   help=f"rotate the log file past this size (default {logfile.LOG_MAX_BYTES}; env KT_LOG_MAX_BYTES)")
+    p.add_argument("--log-backups", type=int, default=_env_int("KT_LOG_BACKUPS", logfile.LOG_BACKUPS),
+                   help=f"rotated copies kept: FILE.1 ... (default {logfile.LOG_BACKUPS}; env KT_LOG_BACKUPS)")
+    args = p.parse_args(argv)
+    if args.log_max_bytes < logfile.LOG_MIN_BYTES:
+        p.error(f"--log-max-bytes must be at least {logfile.LOG_MIN_BYTES}")
+    if not 0 <= args.log_backups <= logfile.LOG_MAX_BACKUPS:
+        p.error(f"--log-backups must be between 0 and {logfile.LOG_MAX_BACKUPS}")
+    return args
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer setting from the environment; ``default`` when unset or not a number."""
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw.isdigit() else default
 
 
 def read_token(args: argparse.Namespace) -> str:
@@ -61,6 +79,12 @@ def read_token(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Serve until stopped; cells run in this (the main) thread."""
     args = parse_args(argv)
+    if args.log_file:
+        try:
+            logfile.install(args.log_file, args.log_max_bytes, args.log_backups)
+        except OSError as exc:  # keep serving with the inherited stdout/stderr rather than not at all
+            print(f"pod_kernel: cannot use --log-file {args.log_file} ({exc.strerror or exc}); "
+                  "logging to the inherited stdout/stderr, not rotated", file=sys.stderr)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = read_token(args)

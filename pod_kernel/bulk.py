@@ -13,17 +13,23 @@ authenticated session: the bulk port alone grants nothing.
 
 from __future__ import annotations
 
+import errno
+import logging
+import mmap
+import os
 import secrets
 import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+
+log = logging.getLogger("pod_kernel.bulk")
 
 #: Bundles at least this big use the bulk channel when one is available.
 BULK_MIN_BYTES = 1 << 20
-#: A ticket not used within this long is dropped.
+#: A ticket not used within this long is dropped, its buffers freed (``KT_BULK_TICKET_TTL_S`` overrides).
 TICKET_TTL_S = 60.0
 TICKET_BYTES = 32
 #: A connection must present its ticket within this long.
@@ -34,8 +40,26 @@ MAX_PENDING_HANDSHAKES = 64
 IDLE_TIMEOUT_S = 120.0
 #: Largest recv/send call.
 IO_BYTES = 8 << 20
+#: How often the accept thread wakes with nothing to do (expiring tickets and silent connections).
+TICK_S = 0.5
+#: After accept() fails for lack of resources, the listener rests this long, doubling up to the max.
+ACCEPT_BACKOFF_S = 0.05
+ACCEPT_BACKOFF_MAX_S = 1.0
+#: The log says the listener is short of resources at most this often.
+ACCEPT_WARN_INTERVAL_S = 60.0
+#: accept() errors that mean "out of resources for now" (file descriptors, buffers, memory).
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 ProgressFn = Callable[[int, int], None]
+
+
+def ticket_ttl_s() -> float:
+    """The ticket lifetime: ``KT_BULK_TICKET_TTL_S`` when it is a number in (0, 3600], else :data:`TICKET_TTL_S`."""
+    try:
+        ttl = float(os.environ.get("KT_BULK_TICKET_TTL_S", ""))
+    except ValueError:
+        return TICKET_TTL_S
+    return ttl if 0 < ttl <= 3600 else TICKET_TTL_S
 
 
 def send_parts(sock: socket.socket, parts: list[memoryview], progress: ProgressFn | None = None) -> None:
@@ -57,15 +81,15 @@ def recv_parts(sock: socket.socket, parts: list[bytearray], progress: ProgressFn
     total = sum(len(p) for p in parts)
     done = 0
     for part in parts:
-        view = memoryview(part)
-        got = 0
-        while got < len(part):
-            n = sock.recv_into(view[got:], min(len(part) - got, IO_BYTES))
-            if n == 0:
-                raise ConnectionError(f"bulk connection closed after {done + got} of {total} bytes")
-            got += n
-            if progress is not None:
-                progress(done + got, total)
+        with memoryview(part) as view:  # released even on failure, so the buffer can be unmapped at once
+            got = 0
+            while got < len(part):
+                n = sock.recv_into(view[got:], min(len(part) - got, IO_BYTES))
+                if n == 0:
+                    raise ConnectionError(f"bulk connection closed after {done + got} of {total} bytes")
+                got += n
+                if progress is not None:
+                    progress(done + got, total)
         done += got
 
 
@@ -77,24 +101,50 @@ class Ticket:
     parts: list
     on_done: Callable[[BaseException | None], None]
     expires: float
+    #: the connection that asked for it: the ticket is revoked when that connection closes
+    owner: object = None
+    #: run in the transfer thread once the ticket is presented (e.g. fault receive buffers in)
+    prepare: Callable[[], None] | None = None
+
+    def release(self) -> None:
+        """Give the parts' memory back now: maps unmapped, views released (a failed or dropped transfer)."""
+        for part in self.parts:
+            try:
+                if isinstance(part, mmap.mmap):
+                    part.close()
+                elif isinstance(part, memoryview):
+                    part.release()
+            except BufferError:  # still exported somewhere: freed when that goes
+                pass
+        self.parts.clear()
 
 
 class BulkServer:
-    """The pod kernel's bulk listener; one thread per transfer."""
+    """The pod kernel's bulk listener; one thread per transfer.
 
-    def __init__(self, host: str) -> None:
+    The accept thread never dies of a hostile peer: accept() failing for lack
+    of file descriptors (EMFILE, ENFILE) or memory rests the listener for a
+    moment (backing off, not spinning) and drops the oldest connection that has
+    not presented a ticket; it also expires tickets and silent connections.
+    """
+
+    def __init__(self, host: str, ticket_ttl: float | None = None) -> None:
         self._sock = socket.create_server((host, 0))
         self.port = self._sock.getsockname()[1]
+        self.ticket_ttl_s = ticket_ttl or ticket_ttl_s()
         self._tickets: dict[bytes, Ticket] = {}
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         threading.Thread(target=self._accept, name="kt-bulk-accept", daemon=True).start()
 
-    def issue(self, receive: bool, parts: list, on_done: Callable[[BaseException | None], None]) -> str:
-        """A one-time ticket (hex) for a transfer of ``parts``."""
+    def issue(self, receive: bool, parts: list, on_done: Callable[[BaseException | None], None],
+              owner: object = None, prepare: Callable[[], None] | None = None) -> str:
+        """A one-time ticket (hex) for a transfer of ``parts``, revoked when ``owner`` closes (see :meth:`revoke`)."""
         ticket = secrets.token_bytes(TICKET_BYTES)
         self.expire()
         with self._lock:
-            self._tickets[ticket] = Ticket(receive, parts, on_done, time.monotonic() + TICKET_TTL_S)
+            self._tickets[ticket] = Ticket(receive, parts, on_done, time.monotonic() + self.ticket_ttl_s,
+                                           owner, prepare)
         return ticket.hex()
 
     def expire(self) -> None:
@@ -102,8 +152,20 @@ class BulkServer:
         now = time.monotonic()
         with self._lock:
             expired = [self._tickets.pop(k) for k, t in list(self._tickets.items()) if t.expires < now]
-        for ticket in expired:
-            ticket.on_done(TimeoutError("bulk transfer ticket expired unused"))
+        self._end(expired, TimeoutError("bulk transfer ticket expired unused"))
+
+    def revoke(self, owner: object) -> int:
+        """Drop the unused tickets ``owner`` asked for (its connection closed); how many there were."""
+        with self._lock:
+            revoked = [self._tickets.pop(k) for k, t in list(self._tickets.items()) if t.owner is owner]
+        self._end(revoked, ConnectionError("bulk transfer ticket revoked: the connection that asked for it closed"))
+        return len(revoked)
+
+    @staticmethod
+    def _end(tickets: list[Ticket], error: BaseException) -> None:
+        for ticket in tickets:
+            ticket.release()
+            ticket.on_done(error)
 
     def _accept(self) -> None:
         """Accept connections and read their tickets in this one thread (non-blocking, with a deadline);
@@ -112,6 +174,7 @@ class BulkServer:
         self._sock.setblocking(False)
         sel.register(self._sock, selectors.EVENT_READ, None)
         pending: dict[socket.socket, list] = {}  # conn -> [ticket bytes so far, deadline]
+        rest = _Backoff()
 
         def drop(conn: socket.socket) -> None:
             pending.pop(conn, None)
@@ -121,77 +184,140 @@ class BulkServer:
                 pass
             conn.close()
 
-        while True:
+        while not self._closed.is_set():
             try:
-                events = sel.select(1.0)
-            except (OSError, ValueError):
-                return  # the listener was closed
-            now = time.monotonic()
-            for key, _ in events:
-                if key.data is None:
-                    try:
-                        conn, _ = self._sock.accept()
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        return
-                    if len(pending) >= MAX_PENDING_HANDSHAKES:
-                        # the oldest silent connection goes: a real client sends its ticket at once,
-                        # so a flood of idle connections cannot starve real transfers
-                        drop(min(pending, key=lambda c: pending[c][1]))
-                    conn.setblocking(False)
-                    pending[conn] = [b"", now + HANDSHAKE_TIMEOUT_S]
-                    sel.register(conn, selectors.EVENT_READ, "conn")
-                    continue
-                conn = key.fileobj
-                state = pending.get(conn)
-                if state is None:
-                    continue
-                try:
-                    chunk = conn.recv(TICKET_BYTES - len(state[0]))
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    drop(conn)
-                    continue
-                state[0] += chunk
-                if len(state[0]) < TICKET_BYTES:
-                    continue
-                pending.pop(conn)
-                sel.unregister(conn)
-                with self._lock:
-                    ticket = self._tickets.pop(state[0], None)
-                if ticket is None:
-                    conn.close()  # unknown or reused ticket: nothing is read or sent
-                    continue
-                conn.settimeout(IDLE_TIMEOUT_S)
-                try:
-                    threading.Thread(target=self._transfer, args=(conn, ticket), name="kt-bulk", daemon=True).start()
-                except RuntimeError as exc:  # cannot start a thread: fail this transfer, keep serving
-                    conn.close()
-                    ticket.on_done(exc)
-            for conn in [c for c, st in pending.items() if st[1] < now]:
-                drop(conn)  # no ticket within the handshake deadline
+                if rest.resting and rest.over():
+                    sel.register(self._sock, selectors.EVENT_READ, None)
+                    rest.resting = False
+                events = sel.select(rest.timeout())
+                now = time.monotonic()
+                for key, _ in events:
+                    if key.data is None:
+                        self._accept_one(sel, pending, drop, rest, now)
+                    else:
+                        self._read_ticket(sel, key.fileobj, pending, drop)
+                for conn in [c for c, st in pending.items() if st[1] < now]:
+                    drop(conn)  # no ticket within the handshake deadline
+                self.expire()
+            except Exception:  # never die: a bulk channel that stopped accepting hangs every later transfer
+                if self._closed.is_set():
+                    return
+                log.exception("bulk channel: unexpected error in the accept loop; carrying on")
+                self._closed.wait(ACCEPT_BACKOFF_MAX_S)
+
+    def _accept_one(self, sel: selectors.BaseSelector, pending: dict, drop: Callable[[socket.socket], None],
+                    rest: _Backoff, now: float) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                return  # ECONNABORTED and the like: that peer gave up; the next one is served
+            if pending:  # an fd for the next accept: the oldest connection that has not presented a ticket
+                drop(min(pending, key=lambda c: pending[c][1]))
+            sel.unregister(self._sock)  # level-triggered: resting, not spinning on a listener that stays ready
+            rest.start(now)
+            if now - rest.warned_at >= ACCEPT_WARN_INTERVAL_S:  # one line a minute, however long it lasts
+                log.warning("bulk channel: cannot accept a connection (%s; %d time(s) since the last warning); "
+                            "retrying, backing off up to %g s", exc.strerror or exc, rest.failures,
+                            ACCEPT_BACKOFF_MAX_S)
+                rest.warned_at, rest.failures = now, 0
+            return
+        rest.reset()
+        if len(pending) >= MAX_PENDING_HANDSHAKES:
+            # the oldest silent connection goes: a real client sends its ticket at once,
+            # so a flood of idle connections cannot starve real transfers
+            drop(min(pending, key=lambda c: pending[c][1]))
+        conn.setblocking(False)
+        pending[conn] = [b"", now + HANDSHAKE_TIMEOUT_S]
+        sel.register(conn, selectors.EVENT_READ, "conn")
+
+    def _read_ticket(self, sel: selectors.BaseSelector, conn: socket.socket, pending: dict,
+                     drop: Callable[[socket.socket], None]) -> None:
+        state = pending.get(conn)
+        if state is None:
+            return
+        try:
+            chunk = conn.recv(TICKET_BYTES - len(state[0]))
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            drop(conn)
+            return
+        state[0] += chunk
+        if len(state[0]) < TICKET_BYTES:
+            return
+        pending.pop(conn)
+        sel.unregister(conn)
+        with self._lock:
+            ticket = self._tickets.pop(state[0], None)
+        if ticket is None:
+            conn.close()  # unknown, reused, expired or revoked ticket: nothing is read or sent
+            return
+        conn.settimeout(IDLE_TIMEOUT_S)
+        try:
+            threading.Thread(target=self._transfer, args=(conn, ticket), name="kt-bulk", daemon=True).start()
+        except RuntimeError as exc:  # cannot start a thread: fail this transfer, keep serving
+            conn.close()
+            self._end([ticket], exc)
 
     def _transfer(self, conn: socket.socket, ticket: Ticket) -> None:
+        error: BaseException | None = None
         with conn:
             try:
                 if ticket.receive:
+                    if ticket.prepare is not None:
+                        ticket.prepare()  # memory committed now that the bytes are coming, not at the header
                     recv_parts(conn, ticket.parts)
                 else:
                     send_parts(conn, ticket.parts)
                     conn.shutdown(socket.SHUT_WR)
                     conn.recv(1)  # wait until the client has read everything
             except BaseException as exc:  # reported to the request that issued the ticket
-                ticket.on_done(exc)
-                return
-            ticket.on_done(None)
+                # its traceback's frames hold views of the buffers: drop them so the memory goes now
+                error = exc.with_traceback(None)
+                error.__context__ = error.__cause__ = None
+        if error is not None or not ticket.receive:
+            ticket.release()  # a failed receive's buffers, or a sent bundle's views: nothing keeps them
+        ticket.on_done(error)
 
     def close(self) -> None:
         """Stop listening."""
+        self._closed.set()
         self._sock.close()
+
+
+class _Backoff:
+    """The accept thread's rest after running out of resources: doubling delays, reset by a success."""
+
+    def __init__(self) -> None:
+        self.resting = False
+        self.until = 0.0
+        self.delay_s = 0.0
+        self.failures = 0
+        self.warned_at = -ACCEPT_WARN_INTERVAL_S
+
+    def start(self, now: float) -> None:
+        """Rest from ``now``, twice as long as the last time (up to the max)."""
+        self.delay_s = min(ACCEPT_BACKOFF_MAX_S, self.delay_s * 2) if self.delay_s else ACCEPT_BACKOFF_S
+        self.until = now + self.delay_s
+        self.resting = True
+        self.failures += 1
+
+    def reset(self) -> None:
+        """An accept succeeded: the next shortage starts from the shortest delay."""
+        self.delay_s = 0.0
+
+    def over(self) -> bool:
+        """Whether the rest is over."""
+        return time.monotonic() >= self.until
+
+    def timeout(self) -> float:
+        """How long the selector may wait now."""
+        return max(0.0, min(TICK_S, self.until - time.monotonic())) if self.resting else TICK_S
 
 
 def client_transfer(address: tuple[str, int], ticket: str, *, send: list[memoryview] | None = None,

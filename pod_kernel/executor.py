@@ -11,11 +11,9 @@ and remote traceback whose line numbers are the cell's own.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import os
 import queue
-import re
 import signal
 import sys
 import threading
@@ -25,29 +23,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .calls import call_sink
+from .cellfiles import CellFileError, CellFiles, write_cell_file  # noqa: F401  (server.py imports it here)
 from .debugging import DEBUG_SERVER, QUIT_MESSAGE, InputRelay, is_quit
 from .outbox import Outbox
 from .protocol import exception_payload, type_name
 
 log = logging.getLogger("pod_kernel.executor")
-
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def write_cell_file(path: str, text: str) -> bool:
-    """Write a cell's file at an absolute ``path`` unless it exists (a debugger's breakpoints need it).
-
-    The ``cell_file`` request: the notebook's debugger panel writes a cell this
-    way before it sets breakpoints in it, when the cell has not run here yet.
-    """
-    target = Path(path)
-    if not target.is_absolute():
-        raise ValueError(f"a cell file path must be absolute, got {path!r}")
-    if target.exists():
-        return False
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target.write_text(text)
-    return True
 
 
 @dataclass
@@ -231,16 +212,17 @@ class Executor:
     """The main-thread cell runner of one pod kernel."""
 
     def __init__(self, cells_dir: Path, allow_pickle: bool = True) -> None:
-        self.cells_dir = Path(cells_dir)
-        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        self.cell_files = CellFiles(Path(cells_dir))
+        self.cells_dir = self.cell_files.dir
         self.allow_pickle = allow_pickle
         self.main_ident = threading.get_ident()
         self.jobs: queue.Queue[CellJob | _Stop] = queue.Queue()
         self.current: CellJob | None = None
         self.last_traceback: list[str] = []
         self.cells_run = 0
-        self._cell_counter = 0
         self._interrupt_lock = threading.Lock()
+        #: a SIGINT came for the current cell before its code started: it stops the cell before it starts
+        self._interrupt_pending = False
         log_out, log_err = sys.stdout, sys.stderr
         sys.stdout = CellStream(self, "stdout", log_out)  # type: ignore[assignment]
         sys.stderr = CellStream(self, "stderr", log_err)  # type: ignore[assignment]
@@ -280,9 +262,27 @@ class Executor:
             pdb.Pdb._previous_sigint_handler = None
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        # Only a running cell is interrupted; a late signal after it ended is dropped.
-        if self.current is not None:
-            raise KeyboardInterrupt
+        """Raise KeyboardInterrupt only inside the running cell's code, never in our own bookkeeping.
+
+        The interrupted frame's callers are walked: under :meth:`_user_code` it is
+        the cell (or the wait for a debugger), so it raises; reaching :meth:`run`
+        or :meth:`serve_forever` first, it is the kernel's own code (writing the
+        cell file, building the reply, taking a lock), where a KeyboardInterrupt
+        would escape and kill the kernel: the interrupt is remembered instead, and
+        stops the cell before it starts if it has not started yet. With no cell
+        running, a late signal is dropped.
+        """
+        if self.current is None:
+            return
+        f = frame if frame is not None else sys._getframe(1)
+        while f is not None:
+            code = f.f_code
+            if code is _USER_CODE:
+                raise KeyboardInterrupt
+            if code is _RUN or code is _SERVE:
+                break
+            f = f.f_back
+        self._interrupt_pending = True
 
     @property
     def namespace(self) -> dict[str, Any]:
@@ -329,67 +329,30 @@ class Executor:
                 return
             self.run(job)
 
-    def cell_path(self, cell_name: str | None, code: str) -> Path:
-        """Where a cell's source is written so tracebacks and debuggers can read it.
-
-        An absolute ``cell_name`` is used as it is: the path JupyterLab's debugger
-        derives from the notebook cell, so its breakpoints there hit in this kernel.
-        """
-        self._cell_counter += 1
-        if cell_name and os.path.isabs(cell_name):
-            return Path(cell_name)
-        if cell_name:
-            base = _SAFE_NAME.sub("_", os.path.basename(cell_name)) or "cell"
-        else:
-            digest = hashlib.sha1(code.encode()).hexdigest()[:8]
-            base = f"cell-{self._cell_counter}-{digest}"
-        if not base.endswith(".py"):
-            base += ".py"
-        return self.cells_dir / base
-
     def run(self, job: CellJob) -> None:
-        """Run one cell and append its execute_reply."""
-        path = self.cell_path(job.cell_name, job.code)
-        if path.parent == self.cells_dir:
-            path.write_text(job.code)
-        else:  # a debugger's path for this cell (kept if the notebook side wrote it already)
-            write_cell_file(str(path), job.code)
+        """Run one cell and append its execute_reply: exactly one, whatever interrupts arrive and whenever."""
+        self._interrupt_pending = False
         self.last_traceback = []
-        self.shell.compile.next_name = str(path)
-        if job.cell_label:
-            self.shell.compile.labels[str(path)] = job.cell_label
-        reply: dict[str, Any]
         payload = b""
         try:
             self.current = job
-            exc = self._wait_for_debugger(path) if job.debug_wait else None
-            if exc is None:
-                self.debug.trace_this_thread()
-                result = self.shell.run_cell(job.code, store_history=True)
-                sys.stdout.flush()
-                exc = result.error_in_exec or result.error_before_exec
-            if exc is None:
-                reply = {"status": "ok"}
-            elif is_quit(exc):  # `q` at a pdb prompt: a short message, not a traceback through pdb
-                # said as output too: IPython shows nothing for a BdbQuit, by design
-                sys.stderr.write(f"{QUIT_MESSAGE}\n")
-                sys.stderr.flush()
-                reply = {
-                    "status": "error",
-                    "ename": type_name(exc),
-                    "evalue": "debugger quit",
-                    "traceback": [QUIT_MESSAGE],
-                    "exception": False,
-                }
-            else:
-                payload = exception_payload(exc, self.allow_pickle)
-                reply = {
-                    "status": "error",
-                    "ename": type_name(exc),
-                    "evalue": str(exc),
-                    "traceback": self.last_traceback or traceback.format_exception(exc),
-                    "exception": bool(payload),
-                }
+            path = self.cell_files.path(job.cell_name, job.code)
+            warning = self.cell_files.write(path, job.code, required=job.debug_wait)
+            if warning:
+                job.outbox.write_stream(job.req_id, "stderr", warning)
+            self.shell.compile.next_name = str(path)
+            if job.cell_label:
+                self.shell.compile.labels[str(path)] = job.cell_label
+            try:
+                exc = self._user_code(job, path)
+            except KeyboardInterrupt as interrupted:  # before the cell started, or outside IPython's own handling
+                exc = interrupted
+                self.last_traceback = self.last_traceback or ["KeyboardInterrupt: interrupted"]
+            sys.stdout.flush()
+            reply, payload = self._reply(exc)
+        except CellFileError as exc:  # a file a debugger needs cannot be written, or a refused path
+            reply = {"status": "error", "ename": "CellFileError", "evalue": str(exc),
+                     "traceback": [f"CellFileError: {exc}"], "exception": False}
         except BaseException as exc:  # our own failure: report it, keep serving
             log.exception("cell runner failed")
             reply = {
@@ -407,3 +370,40 @@ class Executor:
         self.cells_run += 1
         reply.update(type="execute_reply", id=job.req_id, execution_count=self.shell.execution_count - 1)
         job.outbox.append(reply, payload)
+
+    def _user_code(self, job: CellJob, path: Path) -> BaseException | None:
+        """The cell itself (after waiting for a debugger if asked): the only frames a SIGINT interrupts."""
+        if self._interrupt_pending:
+            raise KeyboardInterrupt
+        if job.debug_wait:
+            exc = self._wait_for_debugger(path)
+            if exc is not None:
+                return exc
+        self.debug.trace_this_thread()
+        result = self.shell.run_cell(job.code, store_history=True)
+        return result.error_in_exec or result.error_before_exec
+
+    def _reply(self, exc: BaseException | None) -> tuple[dict[str, Any], bytes]:
+        """The execute_reply fields (and pickled exception) for a cell that ended with ``exc``."""
+        if exc is None:
+            return {"status": "ok"}, b""
+        if is_quit(exc):  # `q` at a pdb prompt: a short message, not a traceback through pdb
+            # said as output too: IPython shows nothing for a BdbQuit, by design
+            sys.stderr.write(f"{QUIT_MESSAGE}\n")
+            sys.stderr.flush()
+            return {"status": "error", "ename": type_name(exc), "evalue": "debugger quit",
+                    "traceback": [QUIT_MESSAGE], "exception": False}, b""
+        payload = exception_payload(exc, self.allow_pickle)
+        return {
+            "status": "error",
+            "ename": type_name(exc),
+            "evalue": str(exc),
+            "traceback": self.last_traceback or traceback.format_exception(exc),
+            "exception": bool(payload),
+        }, payload
+
+
+#: Code objects the SIGINT handler recognizes on the main thread's stack.
+_USER_CODE = Executor._user_code.__code__
+_RUN = Executor.run.__code__
+_SERVE = Executor.serve_forever.__code__

@@ -347,7 +347,7 @@ MMAP_MIN_BYTES = 1 << 20
 _MADV_POPULATE_WRITE = 23
 
 
-def _buffer(size: int, populate: bool = False) -> Any:
+def _buffer(size: int) -> Any:
     """A writable buffer of ``size`` bytes; big ones are anonymous maps backed by huge pages where the kernel allows.
 
     Fresh memory costs page faults on first touch, and for a new 1 GiB value that
@@ -356,7 +356,9 @@ def _buffer(size: int, populate: bool = False) -> Any:
     MAP_POPULATE (4 KiB pages faulted in-kernel) 0.29 s; the same map advised
     MADV_HUGEPAGE and then populated (MADV_POPULATE_WRITE, 2 MiB pages) 0.044 s.
     Transparent huge pages in "madvise" or "always" mode give the fast path; with
-    THP off, or a kernel without MADV_POPULATE_WRITE, it falls back to MAP_POPULATE.
+    THP off, or a kernel without MADV_POPULATE_WRITE, pages are touched one by one.
+    The map is only reserved here (no memory committed); :func:`_prefault` faults
+    it in where the bytes are sure to follow at once (a presented bulk ticket).
     """
     if size < MMAP_MIN_BYTES:
         return bytearray(size)
@@ -370,8 +372,6 @@ def _buffer(size: int, populate: bool = False) -> Any:
             buf.madvise(huge)
         except OSError:  # THP compiled out: 4 KiB pages it is
             pass
-    if populate:  # only where the bytes are sure to follow at once (the bulk channel)
-        _prefault(buf)
     return buf  # else the copy faults pages as chunks arrive (huge pages: 512x fewer faults)
 
 
@@ -395,7 +395,6 @@ class BundleAssembler:
     serialization: str
     sizes: list[int]
     max_bytes: int | None = None
-    populate: bool = False
     _parts: list[Any] = field(init=False)
     _index: int = field(init=False, default=0)
     _offset: int = field(init=False, default=0)
@@ -410,7 +409,7 @@ class BundleAssembler:
             raise ProtocolError("a json bundle has exactly one part")
         if self.max_bytes is not None and self.total > self.max_bytes:
             raise ProtocolError(f"bundle of {self.total} bytes exceeds the limit of {self.max_bytes}")
-        self._parts = [_buffer(s, self.populate) for s in self.sizes]
+        self._parts = [_buffer(s) for s in self.sizes]
         self._skip_empty()
 
     @property

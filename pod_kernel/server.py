@@ -28,9 +28,10 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from . import logfile
 from . import protocol as P
 from . import tensors
-from .bulk import BULK_MIN_BYTES, TICKET_TTL_S, BulkServer
+from .bulk import BULK_MIN_BYTES, BulkServer
 from .calls import CallRunner
 from .codesync import CodeSync
 from .executor import CellJob, Executor, write_cell_file
@@ -358,6 +359,7 @@ class PodKernelServer:
             pass
         finally:
             pump.cancel()
+            self.bulk.revoke(ws)  # its unused tickets: nobody can present them now; their buffers go at once
             if session.ws is ws:
                 session.ws = None
                 if session.outbox.last_seq == 0 and not session.seen_exec:
@@ -464,9 +466,9 @@ class PodKernelServer:
         assembler = None
         if refusal is None:
             try:
-                # memory is committed up front only for the bulk channel, whose bytes follow at once;
-                # over the WebSocket a header alone must not cost its declared size
-                assembler = P.BundleAssembler(ser, list(sizes), populate=bool(header.get("bulk")))
+                # address space only: a header alone commits no memory; the bulk channel faults the
+                # buffers in once the ticket is presented, the WebSocket as chunks arrive
+                assembler = P.BundleAssembler(ser, list(sizes))
             except (MemoryError, OSError) as exc:  # e.g. past the kernel's memory limit
                 refusal = RequestRefused("MemoryError", f"a push of {total} bytes does not fit in the pod "
                                                         f"kernel's memory ({type(exc).__name__}: {exc})")
@@ -489,16 +491,24 @@ class PodKernelServer:
 
         def done(error: BaseException | None) -> None:
             async def finish() -> None:
-                if error is not None:
-                    await self._send_error(ws, inbound.header["id"], ConnectionError(f"bulk transfer failed: {error}"))
+                if error is None:
+                    asm.received = asm.total
+                    await self._complete_bundle(session, ws, inbound.header, asm.bundle())
                     return
-                asm.received = asm.total
-                await self._complete_bundle(session, ws, inbound.header, asm.bundle())
+                if isinstance(error, MemoryError):
+                    failure: Exception = RequestRefused(
+                        "MemoryError", f"a push of {asm.total} bytes does not fit in the pod kernel's memory")
+                else:
+                    failure = ConnectionError(f"bulk transfer failed: {error}")
+                try:
+                    await self._send_error(ws, inbound.header["id"], failure)
+                except ConnectionClosed:
+                    pass  # the client went; its ticket was revoked and the buffers freed already
 
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(finish()))
 
-        ticket = self.bulk.issue(True, asm.parts, done)
-        self.loop.call_later(TICKET_TTL_S + 1, self.bulk.expire)  # an unused ticket frees its buffers
+        # expired (bulk.TICKET_TTL_S) or revoked with this connection; buffers faulted in once presented
+        ticket = self.bulk.issue(True, asm.parts, done, owner=ws, prepare=asm.prefault)
         await ws.send(P.encode_frame({"type": "bulk_ready", "id": inbound.header["id"], "ticket": ticket}))
 
     async def _continue_inbound(self, session: Session, ws: ServerConnection, inbound: Inbound,
@@ -657,7 +667,7 @@ class PodKernelServer:
             raise RequestRefused("NameError", f"not defined on the pod kernel: {', '.join(missing)}")
         bundle = await asyncio.to_thread(P.dump_values, {n: ns[n] for n in names}, ser)
         if header.get("bulk") and bundle.nbytes >= BULK_MIN_BYTES:
-            ticket = self.bulk.issue(False, bundle.parts, lambda error: None)
+            ticket = self.bulk.issue(False, bundle.parts, lambda error: None, owner=ws)  # pins the data till used
             await ws.send(P.encode_frame({"type": "values", "id": header["id"], "serialization": bundle.serialization,
                                           "sizes": bundle.sizes, "bulk": ticket}))
             return
@@ -759,12 +769,5 @@ _SEQ_RE = re.compile(r"[0-9]{1,18}")
 
 
 def _tee_to_log(name: str, text: str) -> None:
-    """Cell output also goes to the kernel's log (its real stdout/stderr)."""
-    import sys
-
-    stream = sys.__stdout__ if name == "stdout" else sys.__stderr__
-    if stream is not None:
-        try:
-            stream.write(text)
-        except (OSError, ValueError):
-            pass
+    """Cell output also goes to the kernel's log (its real stdout/stderr), rotated and capped (logfile.py)."""
+    logfile.tee(name, text)
