@@ -89,7 +89,7 @@ def ship(obj: Any, code: CodeTree, allow_pickle: bool) -> Shipment:
         try:
             P.dump_values({"fn": obj})
             why = "it cannot be pickled"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any pickling error is the message
             why = f"{type(exc).__name__}: {exc}"
         raise KtError(f"cannot ship {name!r} to the pod by value ({why}). Move it (and what it uses) to a "
                       "module, which the pod then imports by name.") from None

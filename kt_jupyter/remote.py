@@ -82,7 +82,7 @@ class _Releases:
     async def _send(session: Session, refs: list[str], calls: list[str]) -> None:
         try:
             await session.arequest({"type": "release", "refs": refs, "calls": calls})
-        except Exception as exc:  # a pod that is gone holds nothing any more
+        except Exception as exc:  # noqa: BLE001 - a pod that is gone holds nothing any more
             log.debug("release on %s failed: %s", session.name, exc)
 
     async def _drain(self) -> None:
@@ -95,7 +95,7 @@ class _Releases:
         fut = asyncio.run_coroutine_threadsafe(self._drain(), client_loop())
         try:
             fut.result(timeout_s)
-        except Exception:
+        except Exception:  # noqa: BLE001 - best effort: the pod may be gone or slow; the caller goes on
             fut.cancel()
 
 
@@ -285,8 +285,9 @@ class Module:
         conn = self._connection()
         if not self.get_if_exists:
             conn.forget_state()
-        self._ship(conn)  # code that cannot travel to this compute is an error here, before any call
-        conn.sync_code()
+        shipment = self._ship(conn)  # code that cannot travel to this compute is an error here, before any call
+        if self._obj is not None:  # the pod imports or defines it now, and knows it as this service's
+            _wait(lambda: self._acall(shipment, (), {}, {"serialization": "json"}, deploy=True))
 
     def _connection(self) -> conn_mod.ComputeConnection:
         return conn_mod.connect(self.compute, keep=True)
@@ -313,7 +314,7 @@ class Module:
         return opts
 
     async def _acall(self, shipment: Shipment, args: tuple, kwargs: dict[str, Any], opts: dict[str, Any],
-                     keep: bool = False, construct: dict | None = None) -> Any:
+                     keep: bool = False, construct: dict | None = None, deploy: bool = False) -> Any:
         conn = await asyncio.to_thread(self._connection)
         await asyncio.to_thread(conn.sync_code)
         session = conn.session
@@ -322,6 +323,8 @@ class Module:
         target = dict(shipment.target, cancel_key=cancel_key)
         if target["kind"] != "method":
             target["service"] = self._name
+        if deploy:
+            target["deploy"] = True
         try:
             for attempt in range(2):
                 await _define(session, shipment, force=attempt > 0)
@@ -340,7 +343,7 @@ class Module:
 
     def _dispatch(self, shipment: Shipment, args: tuple, kwargs: dict[str, Any], keep: bool = False) -> Any:
         opts = self._options(kwargs)
-        coro_factory = lambda: self._acall(shipment, args, kwargs, opts, keep)  # noqa: E731
+        coro_factory = lambda: self._acall(shipment, args, kwargs, opts, keep)
         if opts.get("async_", self.async_):
             return _awaitable(coro_factory)
         return _wait(coro_factory)
@@ -372,7 +375,7 @@ def _wait(factory: Callable[[], Any]) -> Any:
 
         try:
             asyncio.run_coroutine_threadsafe(stop(), loop).result(CANCEL_TIMEOUT_S)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the KeyboardInterrupt is what the caller must see
             log.warning("could not tell the pod to cancel: %s", exc)
         raise
 
@@ -423,14 +426,15 @@ class Cls(Module):
     """A class on a pod kernel (``kt.cls``): one instance, created once, persisting between calls."""
 
     def _deploy(self, init_args: dict[str, Any] | None) -> None:
-        super()._deploy(init_args)
+        conn = self._connection()
+        if not self.get_if_exists:
+            conn.forget_state()
         if self._obj is None:
             return  # reloading an existing service by name: its instance lives there already
-        conn = self._connection()
+        shipment = self._ship(conn)
         ser = "pickle" if conn.session.accept_pickle else "json"
         construct = {"instance": self._name, "reuse": self.get_if_exists}
-        _wait(lambda: self._acall(self._ship(conn), (), dict(init_args or {}), {"serialization": ser},
-                                  construct=construct))
+        _wait(lambda: self._acall(shipment, (), dict(init_args or {}), {"serialization": ser}, construct=construct))
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("_"):
@@ -446,11 +450,16 @@ class Cls(Module):
 
 def fn(function_obj: Callable[..., Any] | None = None, name: str | None = None, get_if_exists: bool = True,
        reload_prefixes: list[str] | None = None) -> Fn:
-    """Wrap a function for remote execution (``.to(compute)`` deploys it)."""
+    """Wrap a function for remote execution (``.to(compute)`` deploys it).
+
+    ``reload_prefixes``: with ``get_if_exists``, ``.to()`` uses a running service named
+    ``{prefix}-{name}`` (the first prefix that has one) instead of ``name``.
+    """
     return Fn(function_obj, name=name, get_if_exists=get_if_exists, reload_prefixes=reload_prefixes)
 
 
 def cls(class_obj: type | None = None, name: str | None = None, get_if_exists: bool = True,
         reload_prefixes: list[str] | None = None) -> Cls:
-    """Wrap a class for remote execution (``.to(compute, init_args=...)`` creates its instance)."""
+    """Wrap a class for remote execution (``.to(compute, init_args=...)`` creates its instance);
+    ``reload_prefixes`` as for :func:`fn`."""
     return Cls(class_obj, name=name, get_if_exists=get_if_exists, reload_prefixes=reload_prefixes)

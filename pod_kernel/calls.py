@@ -20,9 +20,10 @@ too):
 - ``{"kind": "method", "instance": "svc", "method": "predict"}``: a method of
   an instance created by a ``construct`` call.
 
-A target may carry ``"service"`` (remembered for ``{"kind": "name"}``) and
-``"cancel_key"``: a ``release`` request naming that key cancels the call
-(:meth:`CallRunner.cancel`).
+A target may carry ``"service"`` (remembered for ``{"kind": "name"}``),
+``"deploy"`` (only find the callable, as ``.to(compute)`` does, and reply
+true) and ``"cancel_key"``: a ``release`` request naming that key cancels
+the call (:meth:`CallRunner.cancel`).
 
 Values that stay remote (``.remote()`` results) are kept in :attr:`CallRunner.refs`
 and travel as ``{"__kt_ref__": id}`` markers, replaced here by the real object.

@@ -583,9 +583,12 @@ class PodKernelServer:
                                             bool(construct.get("reuse", True))), [], {}, sink, cancel_key)}
             else:
                 func = await asyncio.to_thread(calls.resolve, target)
-                result = await calls.run(func, args, kwargs, sink, cancel_key)
-                if header.get("keep"):
-                    result = calls.keep(result)
+                if target.get("deploy"):  # kt.fn(f).to(compute): found (imported) and known by its service name
+                    result = True
+                else:
+                    result = await calls.run(func, args, kwargs, sink, cancel_key)
+                    if header.get("keep"):
+                        result = calls.keep(result)
         session.outbox.flush()
         bundle = await asyncio.to_thread(P.dump_values, {"result": result}, ser)
         for frame in P.bundle_frames({"type": "values", "id": header["id"]}, bundle):

@@ -18,6 +18,7 @@ import kt_jupyter as kt
 from kt_jupyter import connection as conn_mod
 from kt_jupyter.backends import get_backend
 from kt_jupyter.errors import KtError, RemoteError
+from pod_kernel.calls import CallError
 
 
 @pytest.fixture(autouse=True)
@@ -216,6 +217,18 @@ def test_reload_by_name_without_function_object():
     kt.cls(dict, name="store").to(compute, init_args={"a": 1})
     reloaded = kt.cls(name="store").to(compute)
     assert reloaded.get("a") == 1
+
+
+def test_reload_prefixes_find_the_running_service_by_name():
+    def version():
+        return "prod build"
+
+    kt.fn(version, name="prod-svc").to(kt.Compute())
+    reloaded = kt.fn(name="svc", reload_prefixes=["qa", "prod"]).to(kt.Compute())
+    assert reloaded.name == "prod-svc" and reloaded() == "prod build"  # the first prefix that runs: prod
+    assert get_backend("local").find("qa-svc") is None
+    with pytest.raises(CallError, match="nothing named .nosvc. was deployed"):
+        kt.fn(name="nosvc", reload_prefixes=["qa"]).to(kt.Compute())()
 
 
 def test_hot_reload_of_local_module_for_calls_and_cells(tmp_path, monkeypatch):
