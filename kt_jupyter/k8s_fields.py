@@ -48,7 +48,7 @@ def dns1123_label(text: str) -> str:
 
 def check_dns_label(value: object, param: str) -> str:
     """A DNS-1123 label (namespaces, volume names): lowercase letters, digits and '-', at most 63."""
-    if not isinstance(value, str) or len(value) > 63 or not _DNS_LABEL_RE.match(value):
+    if not isinstance(value, str) or len(value) > 63 or not _DNS_LABEL_RE.fullmatch(value):
         raise ComputeSpecError(
             f"{param} {value!r} is not a valid Kubernetes name: use at most 63 lowercase letters, digits "
             f"and '-', starting and ending with a letter or digit, e.g. {dns1123_label(str(value)) or 'ml-team'!r}")
@@ -58,7 +58,7 @@ def check_dns_label(value: object, param: str) -> str:
 def check_dns_subdomain(value: object, param: str) -> str:
     """A DNS-1123 subdomain (service accounts, secrets, priority classes): dot-separated labels, at most 253."""
     if not isinstance(value, str) or not value or len(value) > 253 or \
-            not all(_DNS_LABEL_RE.match(part) for part in value.split(".")):
+            not all(_DNS_LABEL_RE.fullmatch(part) for part in value.split(".")):
         raise ComputeSpecError(
             f"{param} {value!r} is not a valid Kubernetes name: lowercase letters, digits, '-' and '.', "
             "at most 253 characters, e.g. 'ml-runner'")
@@ -69,8 +69,8 @@ def check_label_key(key: object, param: str) -> str:
     """A label or annotation key: ``[prefix/]name``, prefix a DNS subdomain, name at most 63."""
     if isinstance(key, str) and key:
         prefix, _, name = key.rpartition("/")
-        if (not prefix or (len(prefix) <= 253 and all(_DNS_LABEL_RE.match(p) for p in prefix.split(".")))) \
-                and name and len(name) <= 63 and _LABEL_NAME_RE.match(name):
+        if (not prefix or (len(prefix) <= 253 and all(_DNS_LABEL_RE.fullmatch(p) for p in prefix.split(".")))) \
+                and name and len(name) <= 63 and _LABEL_NAME_RE.fullmatch(name):
             return key
     raise ComputeSpecError(
         f"{param}: {key!r} is not a valid key: an optional DNS prefix and '/', then up to 63 letters, digits, "
@@ -83,7 +83,7 @@ def check_label_value(value: object, param: str) -> str:
         value = "true" if value else "false"
     if isinstance(value, (int, float)):
         value = str(value)
-    if not isinstance(value, str) or len(value) > 63 or not _LABEL_NAME_RE.match(value):
+    if not isinstance(value, str) or len(value) > 63 or not _LABEL_NAME_RE.fullmatch(value):
         raise ComputeSpecError(
             f"{param}: {value!r} is not a valid label value: up to 63 letters, digits, '-', '_' or '.', "
             "starting and ending with a letter or digit, e.g. 'ml-research'")
@@ -214,7 +214,7 @@ class Secret:
             raise ComputeSpecError(f"secret {self.name!r} env_vars must map ENV_NAME to a key of the secret")
         for env, key in self.env_vars.items():
             if not isinstance(env, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", env) or \
-                    not isinstance(key, str) or not _SECRET_KEY_RE.match(key):
+                    not isinstance(key, str) or not _SECRET_KEY_RE.fullmatch(key):
                 raise ComputeSpecError(
                     f"secret {self.name!r} env_vars: {env!r}: {key!r} must map an environment variable name to "
                     "a key of the secret, e.g. {'HF_TOKEN': 'token'}")

@@ -29,8 +29,27 @@ _SIZE_UNITS = {
 }
 
 
+#: Longest quantity string read (Kubernetes' own are far shorter); longer ones are refused unread.
+QUANTITY_MAX_CHARS = 40
+#: Largest number a quantity may hold before its unit (Kubernetes quantities are int64 at heart).
+QUANTITY_MAX = Decimal(2**63 - 1)
+
+
 def _split(value: object, param: str, example: str) -> tuple[Decimal, str]:
     """A number and its unit suffix from an int, float or string; errors name ``param``."""
+    number, unit = _split_unbounded(value, param, example)
+    if number > QUANTITY_MAX:
+        shown = value if len(str(value)) <= QUANTITY_MAX_CHARS else f"{str(value)[:QUANTITY_MAX_CHARS]}..."
+        raise ComputeSpecError(f"{param}: {shown!r} is too large; write it like {example!r}")
+    return number, unit
+
+
+def _split_unbounded(value: object, param: str, example: str) -> tuple[Decimal, str]:
+    if isinstance(value, str) and len(value) > QUANTITY_MAX_CHARS:
+        raise ComputeSpecError(f"{param}: {value[:QUANTITY_MAX_CHARS]!r}... ({len(value)} characters) is not "
+                               f"a quantity; write it like {example!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        raise ComputeSpecError(f"{param}: a {value.bit_length()}-bit number is too large; write it like {example!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ComputeSpecError(
             f"{param} must be a number or a string like {example!r}; got {value!r} ({type(value).__name__})")

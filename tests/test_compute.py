@@ -762,3 +762,12 @@ def test_to_dict_spells_a_plain_image_as_its_name():
     assert Compute(image="python:3.12-slim").to_dict()["image"] == "python:3.12-slim"
     assert Compute().to_dict()["image"] == DEFAULT_IMAGE_ID
     assert isinstance(Compute(image=Image().pip_install(["x"])).to_dict()["image"], dict)
+
+
+@pytest.mark.parametrize("check", [k8s_fields.check_dns_label, k8s_fields.check_label_value,
+                                   k8s_fields.check_dns_subdomain])
+def test_a_trailing_newline_is_not_part_of_a_valid_name(check):
+    """``re.match`` with ``$`` accepts ``"x\\n"``; the checks match the whole value."""
+    with pytest.raises(ComputeSpecError):
+        check("ml-research\n", "param")
+    assert check("ml-research", "param") == "ml-research"

@@ -156,3 +156,15 @@ def test_parse_gpus_errors(value, needle):
     with pytest.raises(ComputeSpecError) as err:
         parse_gpus(value)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("parse", [parse_cpus, parse_memory])
+@pytest.mark.parametrize("value, needle", [
+    pytest.param("9" * 60000, "(60000 characters) is not a quantity", id="long-string"),  # never a ValueError
+    pytest.param(10 ** 5000, "-bit number is too large", id="huge-int"),
+    pytest.param("99999999999999999999", "is too large", id="past-int64"),
+])
+def test_huge_quantities_are_spec_errors_that_do_not_echo_them(parse, value, needle):
+    with pytest.raises(ComputeSpecError) as err:
+        parse(value)
+    assert needle in str(err.value) and len(str(err.value)) < 200

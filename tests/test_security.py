@@ -151,9 +151,9 @@ def test_notebook_of_a_json_only_compute_never_unpickles_what_a_pod_sends(local_
         s.pull(["evil"])  # small: over the WebSocket
     with pytest.raises(TransferError, match="refused without being unpickled"):
         s.pull(["big"])  # over 1 MiB: over the bulk channel
+    s.execute("def make_evil():\n    return Evil()\n")
     with pytest.raises(TransferError, match="refused without being unpickled"):
-        s.call({"kind": "source", "name": "make_evil", "source": "def make_evil():\n    return Evil()\n"},
-               serialization="pickle")
+        s.call({"kind": "name", "name": "make_evil"}, serialization="pickle")
     with pytest.raises(RemoteError) as info:  # the pod sends the exception pickled; it is rebuilt by name
         s.execute("raise EvilError('boom')")
     assert info.value.ename.endswith("EvilError") and "boom" in str(info.value)
