@@ -37,6 +37,7 @@ from .client import OPEN_TIMEOUT_S, Session, client_loop
 from .codetravel import Shipment, ship
 from .compute import Compute
 from .errors import KtError
+from .names import check_compute_name
 
 log = logging.getLogger("kt_jupyter.remote")
 
@@ -180,7 +181,7 @@ class Module:
         if obj is None and name is None:
             raise KtError("give the function/class, or name= of an existing service to reload it")
         self._obj = obj
-        self._name = self._given_name = name or obj.__name__
+        self._name = self._given_name = check_compute_name(name) if name else obj.__name__
         self.get_if_exists = get_if_exists
         self.reload_prefixes = list(reload_prefixes or [])
         self._compute: Compute | None = None

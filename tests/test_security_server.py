@@ -228,7 +228,7 @@ def test_hostile_names_in_the_magics_and_the_python_api(ip, sentinels):
         return 1
 
     with pytest.raises(ComputeSpecError, match="not a valid compute name"):
-        kt.fn(f, name="../sentinel").to(Compute())
+        kt.fn(f, name="../sentinel")  # refused when wrapped, before any compute is involved
     with pytest.raises(ComputeSpecError, match="not a valid compute name"):
         Compute(name="..")
     sentinels()
