@@ -50,9 +50,9 @@ SEEN_IDS_KEPT = 4096
 SESSION_KEEP_S = 600
 #: Disconnected sessions kept for resuming at most; the oldest are dropped first.
 SESSIONS_DETACHED_MAX = 64
-#: Requests that do not count as activity for the inactivity TTL.
 #: Detached sessions a welcome reports at most (the most recent).
 DETACHED_REPORTED_MAX = 8
+#: Requests that do not count as activity for the inactivity TTL.
 PASSIVE_TYPES = frozenset({"metrics", "ping", "inventory"})
 #: Fraction of available memory one inbound bundle may declare.
 INBOUND_MEMORY_FRACTION = 0.9
@@ -66,7 +66,6 @@ class RequestRefused(Exception):
         self.ename = ename
 
 
-@dataclass
 class KtServerConnection(ServerConnection):
     """A server connection whose heartbeat pings never touch the user's ``random`` state.
 
@@ -79,6 +78,7 @@ class KtServerConnection(ServerConnection):
         return await super().ping(os.urandom(8) if data is None else data)
 
 
+@dataclass
 class Session:
     """State of one client session; it outlives its connections."""
 
@@ -86,11 +86,11 @@ class Session:
     outbox: Outbox
     ws: ServerConnection | None = None
     seen_exec: dict[str, None] = field(default_factory=dict)
-
     #: the last seq sent to a client, and its value when the last connection dropped (after it: unseen)
     sent_seq: int = 0
     detached_seq: int = 0
     detached_at: float = 0.0
+
 
 @dataclass
 class Inbound:
@@ -173,8 +173,8 @@ class PodKernelServer:
             host,
             port,
             process_request=self.check_handshake,
-            compression=None,
             create_connection=KtServerConnection,
+            compression=None,
             max_size=P.MAX_FRAME_BYTES,
             ping_interval=10,
             ping_timeout=30,
@@ -312,8 +312,7 @@ class PodKernelServer:
             session = self.sessions[sid] = Session(sid, Outbox(self.loop, on_text=_tee_to_log))
         elif session.ws is not None:
             await session.ws.close(1000, "replaced by a newer connection of the same session")
-        session.ws = ws
-        self.last_activity = time.monotonic()
+        session.ws = ws  # a connection is not activity (kt-idle): a sidebar or status poll must not keep a GPU alive
         running = self.executor.current
         await ws.send(
             P.encode_frame(
@@ -329,8 +328,8 @@ class PodKernelServer:
                     "allowed_serialization": list(self.allowed_serialization),
                     "started": self.started,
                     "bulk_port": self.bulk.port,
-                }
                     "detached": self._detached_report(session),
+                }
             )
         )
         pump = asyncio.create_task(self._pump(session, ws, last_seq))
@@ -362,15 +361,13 @@ class PodKernelServer:
             self.bulk.revoke(ws)  # its unused tickets: nobody can present them now; their buffers go at once
             if session.ws is ws:
                 session.ws = None
+                session.detached_seq, session.detached_at = session.sent_seq, time.time()
                 if session.outbox.last_seq == 0 and not session.seen_exec:
                     self.sessions.pop(sid, None)  # nothing to replay: nothing to keep
-                session.detached_seq, session.detached_at = session.sent_seq, time.time()
                 else:
                     self.loop.call_later(SESSION_KEEP_S, self._forget_session, sid)
                     self._cap_detached_sessions()
 
-    def _cap_detached_sessions(self) -> None:
-        """Keep at most SESSIONS_DETACHED_MAX disconnected sessions (the oldest go first)."""
     def _detached_report(self, joining: Session) -> list[dict[str, Any]]:
         """Sessions with no client whose output nobody saw, or whose cell still runs (a notebook that
         restarted, or closed, mid-cell): a reattaching notebook shows that output and announces the cell."""
@@ -388,6 +385,8 @@ class PodKernelServer:
                                "queued": waiting, "detached_s": round(time.time() - s.detached_at, 1)})
         return report[-DETACHED_REPORTED_MAX:]
 
+    def _cap_detached_sessions(self) -> None:
+        """Keep at most SESSIONS_DETACHED_MAX disconnected sessions (the oldest go first)."""
         running = self.executor.current
         detached = [sid for sid, s in self.sessions.items()
                     if s.ws is None and not (running is not None and running.outbox is s.outbox)]
@@ -680,6 +679,14 @@ class PodKernelServer:
     async def on_inventory(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         """Name, type, size and (when asked) content fingerprint of user values."""
         names = header.get("names")
+        if isinstance(header.get("held"), dict):  # after a cell: what changed, for a coherent notebook
+            limit = header.get("fingerprint_max_bytes")
+            state = await asyncio.to_thread(
+                self.executor.state.sync, session.outbox, header["held"],
+                [str(n) for n in names] if isinstance(names, list) else [],
+                limit if isinstance(limit, int) else 0)
+            await ws.send(P.encode_frame(dict(state, type="reply", id=header["id"])))
+            return
         want_fp = bool(header.get("fingerprints"))
         ns = self.executor.namespace
         chosen = [n for n in names if n in ns] if isinstance(names, list) else self.executor.user_names()
