@@ -4,10 +4,13 @@
 with server-side apply (field manager ``kt-jupyter``, force), so running it
 again changes nothing or exactly what changed. The pod gets ``pod_kernel``
 from a ConfigMap (a stock Python image works) or from a prebuilt image
-(``pod_kernel/Dockerfile``, ``freeze=True``). Readiness is a watch on the
-compute's pods (and the namespace's events, for progress lines), bounded by
-``launch_timeout``; what goes wrong becomes one error each
-(:mod:`~kt_jupyter.backends.kubernetes_events`). The notebook reaches the
+(``pod_kernel/Dockerfile``, ``freeze=True``). Readiness is a watch on this
+attempt's ReplicaSets, pods and events (:mod:`~kt_jupyter.backends.kubernetes_launch`),
+bounded by ``launch_timeout``: what the cluster still resolves (Unschedulable
+while an autoscaler adds a node, a retried pull or create) is waited for and
+shown; what it never will becomes one error each
+(:mod:`~kt_jupyter.backends.kubernetes_events`), and any failure while
+waiting scales the Deployment to 0 and says so. The notebook reaches the
 pod kernel through a port-forward from outside the cluster or the Service's
 DNS name from inside one (:mod:`~kt_jupyter.backends.portforward`).
 
@@ -33,17 +36,18 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from ..compute import POD_KERNEL_PORT, Compute
-from ..errors import KtError, KubernetesAPIError, LaunchError, NotFoundError
+from ..errors import ComputeSpecError, KtError, KubernetesAPIError, LaunchError, NotFoundError
 from ..k8s_fields import dns1123_label
 from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL, SPEC_ANNOTATION,
                          build_secret, compute_from_deployment, label_selector, token_secret_name)
+from ..names import check_compute_name
 from . import KernelHandle, KernelInfo
 from . import kubernetes_events as ev
 from .kubernetes_api import ApiStatusError, KubeApi, load_api_client
 from .kubernetes_launch import LaunchWaiter
 from .kubernetes_live import LiveKernel
-from .kubernetes_watch import WatchThread
 from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION, backend_objects, stamp_template
+from .kubernetes_watch import WatchThread
 from .portforward import Connector, PodTarget, default_connector
 
 #: Seconds ``delete`` waits for the pods to go, beyond their grace period.
@@ -103,6 +107,8 @@ class KubernetesBackend:
             return self._connectors[key]
 
     def _compute_for(self, name: str, namespace: str | None = None) -> Compute:
+        """The compute of that name: every public method taking a name starts here, so the name is checked here."""
+        check_compute_name(name)
         known = self._known.get(name)
         if known is not None and namespace in (None, known.namespace):
             return known
@@ -265,7 +271,11 @@ class KubernetesBackend:
             for dep in kube.list("Deployment", ns, label_selector=selector):
                 labels = (dep.get("metadata") or {}).get("labels") or {}
                 name = labels.get(NAME_LABEL, "")
-                if not name or ev.name_of(dep) != dns1123_label(f"{compute.username}-{name}"):
+                try:
+                    check_compute_name(name)
+                except ComputeSpecError:
+                    continue  # not a name kt_jupyter gives: not ours
+                if ev.name_of(dep) != dns1123_label(f"{compute.username}-{name}"):
                     continue  # another user's compute
                 mine = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(COMPUTE_LABEL)
                         == labels.get(COMPUTE_LABEL)]

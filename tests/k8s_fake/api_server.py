@@ -426,16 +426,23 @@ class FakeKubeApiServer(ThreadingHTTPServer):
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def end_watches(self, bookmark: bool = False) -> int:
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that closes a kept-alive connection (as watches do when stopped) is no error."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+    def end_watches(self, bookmark: bool = False) -> set[_Watcher]:
         """End every open watch now, as an API server restart or a load balancer's idle cut does.
 
         With ``bookmark``, each watch that allows bookmarks gets one first (a
-        graceful end). Returns how many watches were ended.
+        graceful end). Returns the watches ended (they leave :attr:`open_watches`).
         """
-        watchers = list(self.open_watches)
+        watchers = set(self.open_watches)
         for watcher in watchers:
             watcher.events.put("bookmark-and-end" if bookmark else None)
-        return len(watchers)
+        return watchers
 
     def close(self) -> None:
         """End open watches, stop serving."""
