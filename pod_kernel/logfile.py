@@ -53,7 +53,7 @@ class RotatingLog:
 
     def install(self) -> None:
         """Point fds 1 and 2 at the file (append mode, 0600) and start the periodic check."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         for stream in (sys.__stdout__, sys.__stderr__):
             if stream is not None:
                 stream.flush()

@@ -81,7 +81,21 @@ def tail_lines(path: Path, n: int | None) -> str:
         with open(path, "rb", opener=_no_follow) as f:
             return tail_of(f, n)
     except FileNotFoundError:
-        return ""
+        text = ""
+    return _with_rotated(path, text, n)
+
+
+def _with_rotated(path: Path, text: str, n: int | None) -> str:
+    """``text`` (the end of ``path``), preceded by the end of its rotated copy when it has fewer than n lines."""
+    have = len(text.splitlines())
+    if n is not None and have >= n:
+        return text
+    try:
+        with open(path.with_name(path.name + ".1"), "rb", opener=_no_follow) as f:
+            older = tail_of(f, None if n is None else n - have)
+    except (FileNotFoundError, OSError):
+        return text
+    return "\n".join(t for t in (older.rstrip("\n"), text) if t)
 
 
 def tail_of(f: BinaryIO, n: int | None) -> str:
@@ -246,6 +260,7 @@ class LocalBackend:
         owner = None if keep else os.getpid()
         argv = [sys.executable, "-Xfrozen_modules=off", "-m", "pod_kernel",
                 "--compute-name", name, "--cells-dir", str(d / "cells"), "--code-dir", str(d / "code"),
+                "--log-file", str(d / "kernel.log"),  # the kernel rotates and caps it (stdout stays on it)
                 "--allowed-serialization", ",".join(allowed)]
         if ttl:
             argv += ["--inactivity-ttl", str(float(ttl))]
@@ -401,7 +416,7 @@ class LocalBackend:
         if fd is None:
             raise NotFoundError(f"no logs for local compute {name!r}")
         with os.fdopen(fd, "rb") as f:
-            return tail_of(f, tail)
+            return _with_rotated(entry / "kernel.log", tail_of(f, tail), tail)
 
     def forward_port(self, name: str, remote_port: int) -> int:
         """The pod kernel runs on this host: its loopback port is reachable as it is."""
