@@ -140,28 +140,12 @@ class KubernetesBackend:
         objects = self.manifests(compute, token)
         deployment = objects[-1]
         say(f"applying {', '.join(o['kind'] for o in objects)} for {svc!r} in namespace {ns!r}")
-        for obj in objects[:-1]:
-            try:
-                kube.apply(obj)
-            except KubernetesAPIError as exc:
-                if obj["kind"] not in _RBAC_KINDS:
-                    raise KubernetesAPIError(f"{exc}\nThe objects applied before it stay (labelled as this "
-                                             f"compute's): `%kt down {compute.name}` deletes them.") from None
-                say(f"inactivity_ttl: cannot create the {obj['kind']} that lets the pod stop itself ({exc}). "
-                    "The pod kernel will restart instead of stopping when idle; see the README for the RBAC")
-                deployment["spec"]["template"]["spec"].pop("serviceAccountName", None)
-                stamp_template(deployment)
-                break
         waiter = LaunchWaiter(kube, compute, say)  # events from now on: none of an earlier attempt
-        expected = deployment["spec"]["template"]["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
         try:
+            applied = self._apply(kube, compute, objects, say)
             try:
-                applied = kube.apply(deployment)
-            except KubernetesAPIError as exc:
-                raise KubernetesAPIError(f"{exc}\nThe objects applied before it stay (labelled as this "
-                                         f"compute's): `%kt down {compute.name}` deletes them.") from None
-            try:
-                pod = waiter.wait(applied, expected, t0 + compute.launch_timeout_s)
+                pod = waiter.wait(applied, deployment["spec"]["template"]["metadata"]["annotations"]
+                                  [TEMPLATE_HASH_ANNOTATION], t0 + compute.launch_timeout_s)
             except BaseException as exc:
                 raise self._launch_failed(kube, compute, exc, say) from None
         finally:
@@ -170,6 +154,25 @@ class KubernetesBackend:
         say(f"pod kernel {compute.name!r} ready in {time.monotonic() - t0:.1f} s on node {ev.node_of(pod)} "
             f"({self._live[(ns, svc)].forward.description})")
         return handle
+
+    @staticmethod
+    def _apply(kube: KubeApi, compute: Compute, objects: list[dict[str, Any]],
+               say: Callable[[str], None]) -> dict[str, Any]:
+        """Apply every object, the Deployment last (without the TTL's service account if RBAC is refused)."""
+        deployment = objects[-1]
+        for obj in objects:
+            try:
+                applied = kube.apply(obj)
+            except KubernetesAPIError as exc:
+                if obj["kind"] not in _RBAC_KINDS:
+                    raise KubernetesAPIError(f"{exc}\nThe objects applied before it stay (labelled as this "
+                                             f"compute's): `%kt down {compute.name}` deletes them.") from None
+                say(f"inactivity_ttl: cannot create the {obj['kind']} that lets the pod stop itself ({exc}). "
+                    "The pod kernel will restart instead of stopping when idle; see the README for the RBAC")
+                deployment["spec"]["template"]["spec"].pop("serviceAccountName", None)
+                stamp_template(deployment)
+                return kube.apply(deployment)
+        return applied
 
     def _launch_failed(self, kube: KubeApi, compute: Compute, exc: BaseException,
                        say: Callable[[str], None]) -> BaseException:
