@@ -653,8 +653,11 @@ class Session:
                                                            sizes=bundle.sizes)))
                     await asyncio.wait([bulk_ready, reply, conn.closed], return_when=asyncio.FIRST_COMPLETED)
                     if bulk_ready.done() and not reply.done():
-                        await asyncio.to_thread(client_transfer, address, bulk_ready.result(),
-                                                send=bundle.parts, progress=on_progress)
+                        try:
+                            await asyncio.to_thread(client_transfer, address, bulk_ready.result(),
+                                                    send=bundle.parts, progress=on_progress)
+                        except OSError as exc:  # the pod answers a failed transfer, or the connection drops
+                            log.debug("bulk push to %s failed: %s", self.name, exc)
                     bundle_sent = True
                 else:
                     bundle_sent = False
