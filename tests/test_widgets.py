@@ -87,11 +87,11 @@ def test_sparkline_svg_markup():
 
 def test_format_age_and_resources_text():
     assert [format_age(s) for s in (None, -1, 0, 59, 60, 200, 3600, 3720, 90000)] == [
-        "-", "-", "0 s", "59 s", "1 min", "3 min 20 s", "1 h", "1 h 2 min", "1 d 1 h"]
+        "-", "-", "0s", "59s", "1m 0s", "3m 20s", "1h 0m", "1h 2m", "1d 1h"]  # as the sidebar writes them
     spec = {"cpus": "2", "memory": "4Gi", "gpus": 2, "gpu_type": "A100",
             "image": {"image_id": "python:3.11-slim"}, "namespace": "ml"}
-    assert resources_text(spec, "kubernetes") == "2 cpus · 4Gi · 2 GPUs (A100) · image python:3.11-slim · ns ml"
-    assert resources_text(spec, "local") == "2 cpus · 4Gi · 2 GPUs (A100)"
+    assert resources_text(spec, "kubernetes") == "2 CPU · 4Gi · 2 GPU A100 · image python:3.11-slim · ns ml"
+    assert resources_text(spec, "local") == "2 CPU · 4Gi · 2 GPU A100"
     assert resources_text({"gpus": 0}) == ""
 
 
@@ -150,8 +150,8 @@ def test_status_from_backend_info_and_metrics():
     m.apply_metrics({"running": None, "cells_run": 1, "idle_s": 0.0}, now=1045.0)
     m.apply_metrics({"running": None, "cells_run": 1, "idle_s": 0.0}, now=1057.0)
     assert m.phase == "idle" and m.idle_s == pytest.approx(12.0)  # measured here, whatever the pod says
-    assert dict(m.fields()) == {"where": "local pid 42", "resources": "2 cpus · 4Gi", "age": "57 s",
-                                "idle": "12 s", "cells": "1"}
+    assert dict(m.fields()) == {"where": "local pid 42", "resources": "2 CPU · 4Gi", "age": "57s",
+                                "idle": "12s", "cells": "1"}
     # the backend saying "ready" does not undo what the metrics know; "stopped" does
     m.apply_info(KernelInfo("t", "local", "ready", where="local pid 42", started=1000.0))
     assert m.phase == "idle"
@@ -166,10 +166,10 @@ def test_status_clock_ticks_between_samples():
     m.apply_info(KernelInfo("t", "local", "ready", where="local pid 42", started=1000.0))
     m.apply_metrics({"running": None, "cells_run": 1, "idle_s": 2.0}, now=1010.0)
     m.tick(now=1013.0)
-    assert dict(m.fields())["age"] == "13 s" and dict(m.fields())["idle"] == "5 s"
+    assert dict(m.fields())["age"] == "13s" and dict(m.fields())["idle"] == "5s"
     m.apply_metrics({"running": "r-2", "cells_run": 1}, now=1014.0)
     m.tick(now=1016.0)
-    assert dict(m.fields())["age"] == "16 s" and dict(m.fields())["idle"] == "busy"
+    assert dict(m.fields())["age"] == "16s" and dict(m.fields())["idle"] == "busy"
     m.apply_info(KernelInfo("t", "local", "stopped", detail="process is gone"))
     frozen = m.now
     m.tick(now=2000.0)
@@ -271,11 +271,14 @@ def test_metrics_rows_with_gpus_and_bounded_history():
     assert keys == ["cpu", "rss", "gpu0_util", "gpu0_mem"]
     cpu = m.rows[0]
     assert cpu["values"] == (20.0, 30.0, 250.0) and cpu["vmax"] == 250.0 and cpu["current"] == "250%"
-    assert m.current("rss") == "3 GiB of 128 GiB"
+    assert m.current("rss") == "3 GiB"  # no memory limit: not the host's 128 GiB (not the compute's memory)
+    m.memory_limit_bytes = 4 << 30
+    m.add_sample(GPU_SAMPLE)
+    assert m.current("rss") == "3 GiB of 4 GiB" and m.rows[1]["vmax"] == float(4 << 30)
     assert m.current("gpu0_util") == "93% · 61°C · 402 W"
     assert m.current("gpu0_mem") == "40 GiB of 80 GiB"
     assert m.rows[3]["vmax"] == float(80 << 30)
-    assert m.samples == 4 and m.running
+    assert m.samples == 5 and m.running
     with pytest.raises(TraitError):
         m.history = 1
 
@@ -291,7 +294,7 @@ def test_transfer_progress_rate_and_eta():
     t0 = p._t0
     p.update(25 << 20, 100 << 20, now=t0 + 1.0)
     assert p.rate_bps == pytest.approx(25 << 20) and p.eta_s == pytest.approx(3.0) and p.fraction == 0.25
-    assert p.text == "push 25 MiB / 100 MiB · 25 MiB/s · ETA 3 s"
+    assert p.text == "push 25 MiB / 100 MiB · 25 MiB/s · ETA 3s"
     p.update(100 << 20, 100 << 20, now=t0 + 2.0)
     assert p.finished and p.eta_s == 0.0 and p.text.endswith("done in 2.0 s")
     with pytest.raises(TraitError):
@@ -403,12 +406,12 @@ def test_status_text_is_aligned_and_complete():
     st.apply_info(KernelInfo("train", "local", "ready", where="local pid 7", started=100.0,
                              spec={"cpus": "2", "memory": "4Gi"}))
     st.apply_metrics({**GPU_SAMPLE, "running": None}, now=160.0)
-    mm = MetricsModel()
+    mm = MetricsModel(memory_limit_bytes=4 << 30)
     mm.add_sample(GPU_SAMPLE)
     text = status_text(st, mm)
     assert text.splitlines()[0] == "compute 'train' (local): idle"
-    for expected in ("  where:     local pid 7", "  resources: 2 cpus · 4Gi", "  age:       1 min", "  cells:     4",
-                     "  cpu:       88%", "  memory:    3 GiB of 128 GiB", "  gpu 0:     93% · 61°C · 402 W",
+    for expected in ("  where:     local pid 7", "  resources: 2 CPU · 4Gi", "  age:       1m 0s", "  cells:     4",
+                     "  cpu:       88%", "  memory:    3 GiB of 4 GiB", "  gpu 0:     93% · 61°C · 402 W",
                      "  gpu 0 mem: 40 GiB of 80 GiB"):
         assert expected in text.splitlines(), (expected, text)
     failed = StatusModel(name="x")

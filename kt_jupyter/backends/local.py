@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 #: Lines of the kernel log quoted in errors.
 LOG_LINES_IN_ERRORS = 15
+#: How often ``follow_logs`` looks for new log text, and how much it reads at once.
+FOLLOW_POLL_S = 0.25
+FOLLOW_READ_BYTES = 64 << 10
 #: Seconds a pod kernel waits, after the notebook kernel that launched it exits, for a restarted
 #: notebook to reattach (``KT_OWNER_GRACE_S`` overrides); then it stops. ``--keep`` kernels never wait.
 OWNER_GRACE_S = 120.0
@@ -426,6 +429,35 @@ class LocalBackend:
         """Path of the kernel log (for following it); NotFoundError if the entry is not ours."""
         self._read_info(name)
         return self._dir(name) / "kernel.log"
+
+    def follow_logs(self, name: str, poll_s: float = FOLLOW_POLL_S) -> Iterator[str]:
+        """New text of the kernel log as it is written (``kubectl logs -f``); ends when the kernel is gone.
+
+        Survives the log's copy-truncate rotation (the file shrinks: read again from its start).
+        """
+        fd = None if self._entry(name) is None else registry.open_file(name, self._dir(name) / "kernel.log",
+                                                                      private=False)
+        if fd is None:
+            raise NotFoundError(f"no logs for local compute {name!r}")
+        with os.fdopen(fd, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            while True:
+                data = f.read(FOLLOW_READ_BYTES)
+                if data:
+                    yield data.decode(errors="replace")
+                    continue
+                if os.fstat(f.fileno()).st_size < f.tell():  # rotated: the kernel writes from the start again
+                    f.seek(0)
+                    continue
+                if self.find(name) is None:  # its last words were read above
+                    return
+                time.sleep(poll_s)
+
+    def attached(self, name: str) -> list[int]:
+        """Pids of the live notebook (or terminal IPython) kernels that use this compute."""
+        info = self._read_info(name) or {}
+        owners = info.get("owners") or ([info["owner_pid"]] if info.get("owner_pid") else [])
+        return [int(p) for p in owners if isinstance(p, int) and psutil.pid_exists(p)]
 
     # ------------------------------------------------------------------ delete
 

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from typing import Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, argument_group
 
+from .. import oom
 from ..compute import Compute
 from ..connection import TransferOptions
 from ..errors import ComputeSpecError
 from ..quantities import parse_size
 
 _F = Callable[..., Any]
+
+
+class KtHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help as a notebook user reads it: ``usage: %%kt [options]``, placeholders as written (no reST ``::``)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return super()._fill_text(inspect.cleandoc(text), width, indent)
 
 
 def _stack(*decorators: Callable[[_F], _F]) -> Callable[[_F], _F]:
@@ -50,6 +59,26 @@ transfer_args = _stack(
     argument("--no-pull", dest="no_pull", action="store_true", help="bring nothing back"),
     argument("--pull-limit", dest="pull_limit", metavar="SIZE",
              help="values bigger than this stay remote as RemoteRef (default 256MB)"),
+)
+
+#: How the cell runs: deadline, background, lifetime of the kernel, out-of-memory retries.
+execution_args = _stack(
+    argument_group("execution", "How the cell runs"),
+    argument("--timeout", metavar="S", help="interrupt the cell if it runs longer than S seconds"),
+    argument("--async", dest="async_", action="store_true",
+             help="return at once; output keeps arriving here; names are pulled when it ends (`%%kt wait`)"),
+    argument("--keep", action="store_true", help="keep the kernel running after this notebook's kernel exits"),
+    argument("--retry-oom", dest="retry_oom", nargs="?", type=int, const=oom.DEFAULT_OOM_RETRIES, default=0,
+             metavar="N", help="if the cell runs out of memory, run it again on a new kernel with twice the "
+                               "memory, up to N times (default 2; remote variables are lost)"),
+)
+
+#: Debugging the cell from an IDE (JupyterLab's debugger panel and `breakpoint()` need no option).
+debugging_args = _stack(
+    argument_group("debugging", "breakpoint() in a cell opens pdb here; JupyterLab's debugger works as usual"),
+    argument("--debug", nargs="?", const="attach", metavar="wait",
+             help="start debugpy in the pod kernel and print how an IDE attaches (VS Code launch.json); "
+                  "`--debug wait` waits for the IDE to attach before running the cell"),
 )
 
 _COMPUTE_KEYS = ("name", "backend", "cpus", "memory", "gpus", "gpu_type", "image", "namespace",

@@ -9,6 +9,7 @@ notebook shows.
 
 from __future__ import annotations
 
+import argparse
 import os
 import posixpath
 import shlex
@@ -19,18 +20,24 @@ from typing import Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import MagicArgumentParser, argument, kwds, magic_arguments, parse_argstring
 
 from .. import connection as conn_mod
 from .. import debug_panel, oom
 from ..backends import BACKENDS, get_backend
+from ..cells import analyze_cell
 from ..compute import Compute
 from ..debugging import NotebookInput
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError, RemoteError
 from ..names import check_compute_name
-from ..render import RemoteResult, show_output
+from ..render import RemoteResult, present_error, show_notice, show_output
 from ..widgets import launch_reporter, transfer_reporter
-from .args import compute_args, compute_from_args, parse_seconds, transfer_args, transfer_from_args
+from .args import (KtHelpFormatter, compute_args, compute_from_args, debugging_args, execution_args, parse_seconds,
+                   transfer_args, transfer_from_args)
+
+#: Usage line of the cell magic (argparse %-formats it: '%%%%' shows as '%%').
+CELL_USAGE = "%%%%kt [options]      (the first line of a cell; the rest of the cell runs remotely)"
+CELL_EPILOG = "Managing computes: %kt list | status | logs | down | restart | pull | config | pick | wait; %kt help"
 
 
 class AsyncCell:
@@ -50,8 +57,9 @@ class AsyncCell:
 
 
 def _subcommand_parser(prog: str, description: str) -> MagicArgumentParser:
-    p = MagicArgumentParser(prog=f"%kt {prog}", description=description, add_help=False)
-    p.add_argument("-h", "--help", action="store_true", help="show this help")
+    p = MagicArgumentParser(prog=f"%kt {prog}", description=description, add_help=False,
+                            formatter_class=KtHelpFormatter)
+    p.add_argument("-h", "--help", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -65,6 +73,8 @@ class KtMagics(Magics):
         #: what the last %%kt cell moved and how long each step took (for tests and curious users)
         self.last_outcome: conn_mod.CellOutcome | None = None
         self._subcommands = self._build_subcommands()
+        #: (backend, name, pid, started) of the kernel the last %%kt cell ran on
+        self._last_kernel: tuple[str, str, int | None, float] | None = None
         #: the exact text of the cell running now (JupyterLab's debugger names cell files by hashing it)
         self._raw_cell: str | None = None
         shell.events.register("pre_run_cell", self._remember_cell)
@@ -75,19 +85,12 @@ class KtMagics(Magics):
     # ------------------------------------------------------------------ %%kt
 
     @magic_arguments()
-    @argument("-h", "--help", action="store_true", help="show this help")
+    @kwds(usage=CELL_USAGE, formatter_class=KtHelpFormatter, epilog=CELL_EPILOG)
+    @argument("-h", "--help", action="store_true", help=argparse.SUPPRESS)
     @compute_args
     @transfer_args
-    @argument("--timeout", metavar="S", help="interrupt the cell if it runs longer than S seconds")
-    @argument("--async", dest="async_", action="store_true",
-              help="return at once; output keeps arriving here; names are pulled when it ends (%%kt wait)")
-    @argument("--keep", action="store_true", help="keep the kernel running after this notebook's kernel exits")
-    @argument("--debug", nargs="?", const="attach", metavar="wait",
-              help="start debugpy in the pod kernel and print how an IDE attaches (VS Code launch.json); "
-                   "`--debug wait` waits for the IDE to attach before running the cell")
-    @argument("--retry-oom", dest="retry_oom", nargs="?", type=int, const=oom.DEFAULT_OOM_RETRIES, default=0,
-              metavar="N", help="if the cell runs out of memory, run it again on a new kernel with twice the "
-                                "memory, up to N times (default 2; remote variables are lost)")
+    @execution_args
+    @debugging_args
     @cell_magic
     def kt(self, line: str, cell: str) -> Any:
         """Run this cell on a warm pod kernel (local subprocess or Kubernetes pod).
@@ -97,15 +100,12 @@ class KtMagics(Magics):
         ones stay remote as RemoteRef; `%kt pull NAME` fetches them).
         Without compute options the cell runs on the default compute
         (`%kt config`, `%kt pick`); out of the box: local backend, name
-        'default'.
+        'default', shared by every notebook and terminal of this user.
 
-        Examples::
+        For example, as the first line of a cell:
 
             %%kt
-            result = train(data)
-
             %%kt --gpus 1 --memory 16Gi --name train --backend kubernetes
-            model = fit(data, epochs=3)
         """
         args = parse_argstring(self.kt, line)
         if args.help:
@@ -120,7 +120,13 @@ class KtMagics(Magics):
         cell_name = f"kt-cell-{self.shell.execution_count}.py"
         # the magic line as a comment keeps the notebook's line numbers in remote tracebacks
         source = f"# %%kt {line}\n{cell}"
-        connection = self._connect(compute, keep=args.keep, strict=explicit)
+        try:
+            analyze_cell(source)  # a cell that does not parse fails here, before any kernel starts
+        except SyntaxError as exc:
+            raise present_error(exc, self.shell, self.shell.execution_count) from None
+        events: list[str] = []
+        connection = self._connect(compute, keep=args.keep, strict=explicit, heard=events)
+        self._say_where(connection, announced=bool(events))
         if args.debug:
             self._announce_debugger(connection, cell_name, source, wait=args.debug == "wait")
         elif not args.async_:
@@ -132,7 +138,7 @@ class KtMagics(Magics):
         def run() -> conn_mod.CellOutcome:
             return oom.run_cell(  # connection.run_cell, plus a clear OOM error and the opt-in retry
                 connection, source, self.shell.user_ns, retry_oom=args.retry_oom, keep=args.keep,
-                on_event=lambda m: print(f"[kt] {m}", file=sys.stderr),
+                on_event=show_notice,
                 transfer=transfer, on_output=show_output, on_progress=progress,
                 cell_name=cell_name, cell_label=label, timeout_s=timeout_s,
                 on_input=on_input, debug_wait=args.debug == "wait",
@@ -140,7 +146,10 @@ class KtMagics(Magics):
 
         if args.async_:
             return self._start_async(run, label, compute.name)
-        outcome = self.last_outcome = run()
+        try:
+            outcome = self.last_outcome = run()
+        except BaseException as exc:  # shown as IPython shows a local cell's error (colours, no frames of ours)
+            raise present_error(exc, self.shell, self.shell.execution_count) from None
         result = outcome.result
         if result is not None and result.data and not cell.rstrip().endswith(";"):
             return RemoteResult(result.data, result.metadata)
@@ -184,13 +193,35 @@ class KtMagics(Magics):
                 f.write(source)
         print(endpoint.describe(cell_file, local_file, waiting=wait), flush=True)
 
-    def _connect(self, compute: Compute, keep: bool = False,
-                 strict: set[str] | None = None) -> conn_mod.ComputeConnection:
+    def _connect(self, compute: Compute, keep: bool = False, strict: set[str] | None = None,
+                 heard: list[str] | None = None) -> conn_mod.ComputeConnection:
+        """Connect (launching or reattaching); what the launch said is shown, and appended to ``heard``."""
+        report = launch_reporter(compute.name, compute.backend)
+
+        def on_event(text: str) -> None:
+            if heard is not None:
+                heard.append(text)
+            report(text)
+
         try:
-            return conn_mod.connect(compute, keep=keep, strict=strict or set(),
-                                    on_event=launch_reporter(compute.name, compute.backend))
+            return conn_mod.connect(compute, keep=keep, strict=strict or set(), on_event=on_event)
         except ComputeSpecError as exc:
             raise UsageError(str(exc)) from None
+
+    def _say_where(self, connection: conn_mod.ComputeConnection, announced: bool) -> None:
+        """One line when this cell runs elsewhere than the previous %%kt cell: another compute, or a new
+        (empty) kernel under the same name that nothing has announced yet."""
+        handle = connection.handle
+        here = (connection.compute.backend, connection.name, handle.pid, handle.started)
+        before, self._last_kernel = self._last_kernel, here
+        if before is None or before == here:
+            return
+        if before[:2] != here[:2]:
+            show_notice(f"this cell runs on {here[1]!r} ({here[0]}); the previous %%kt cell ran on "
+                        f"{before[1]!r} ({before[0]})", "info")
+        elif not announced:
+            show_notice(f"this cell runs on a new pod kernel {here[1]!r} ({handle.where or here[0]}): "
+                        "the variables earlier cells left there are gone", "warning")
 
     def _start_async(self, run: Callable[[], conn_mod.CellOutcome], label: str, compute: str) -> AsyncCell:
         job = AsyncCell(label, compute)
@@ -206,7 +237,7 @@ class KtMagics(Magics):
                 if result is not None and result.data:
                     show_output({"type": "display", "data": result.data, "metadata": result.metadata})
             except BaseException as exc:  # shown in the cell that started it; %kt wait re-raises
-                job.error = exc
+                job.error = present_error(exc, self.shell)
                 self.shell.showtraceback((type(exc), exc, exc.__traceback__))
             finally:
                 if tokens is not None:
@@ -216,8 +247,7 @@ class KtMagics(Magics):
         job.thread = threading.Thread(target=target, name=f"kt-async-{label}", daemon=True)
         self.async_cells.append(job)
         job.thread.start()
-        print(f"[kt] {label} is running on {compute!r} in the background; `%kt wait` waits for it",
-              file=sys.stderr)
+        show_notice(f"{label} is running on {compute!r} in the background; `%kt wait` waits for it", "info")
         return None
 
     # ------------------------------------------------------------------ %kt
@@ -226,11 +256,15 @@ class KtMagics(Magics):
     def kt_line(self, line: str) -> Any:
         """Manage computes: %kt list | status | logs | down | restart | pull | config | pick | wait | help.
 
-        `%kt SUBCOMMAND --help` explains each.
+        `%kt help` describes the %%kt cell magic and every subcommand; `%kt help SUBCOMMAND` one of them.
         """
         words = shlex.split(line)
         if not words or words[0] in ("help", "-h", "--help"):
-            print(self._overview())
+            topic = words[1] if len(words) > 1 else None
+            if topic in self._subcommands:
+                print(self._subcommands[topic][0].format_help())
+            else:
+                print(self._overview())
             return None
         sub = words[0]
         if sub not in self._subcommands:
@@ -246,10 +280,11 @@ class KtMagics(Magics):
             raise UsageError(str(exc)) from None
 
     def _overview(self) -> str:
-        lines = ["%kt SUBCOMMAND [options]   (each takes --help)", ""]
+        """What `%kt help` prints: the cell magic with its options, then the subcommands."""
+        lines = [self.kt.parser.format_help().rstrip().rsplit("\n", 1)[0].rstrip(), "",
+                 "usage: %kt SUBCOMMAND [options]   (a line magic: manages computes; `%kt help SUBCOMMAND`)", ""]
         for name, (parser, _h) in self._subcommands.items():
             lines.append(f"  {name:<9} {parser.description}")
-        lines += ["", "%%kt [options]  runs a cell remotely; %%kt --help lists its options."]
         return "\n".join(lines)
 
     def _build_subcommands(self) -> dict[str, tuple[MagicArgumentParser, Callable[[Any], Any]]]:
@@ -265,7 +300,7 @@ class KtMagics(Magics):
 
         p = _subcommand_parser("logs", "show the pod kernel's log (server events and cell output)")
         p.add_argument("name", nargs="?", help="compute name (default: the default compute)")
-        p.add_argument("--tail", type=int, default=100, help="last N lines (default 100; 0 for all)")
+        p.add_argument("--tail", type=int, default=100, metavar="N", help="last N lines (default 100; 0 for all)")
         p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until interrupted")
         subs["logs"] = (p, self._logs)
 
@@ -323,14 +358,11 @@ class KtMagics(Magics):
                 if args.backend:
                     raise
                 print(f"[kt] {backend_name}: {exc}", file=sys.stderr)
-        if not rows:
-            print("no computes; a %%kt cell starts one")
-            return None
-        now = time.time()
-        print(f"{'NAME':<20} {'BACKEND':<11} {'PHASE':<10} {'AGE':>8}  WHERE")
-        for info in rows:
-            age = f"{now - info.started:.0f}s" if info.started else "-"
-            print(f"{info.name:<20} {info.backend:<11} {info.phase:<10} {age:>8}  {info.where}")
+        from ..widgets.textfallback import (
+            computes_table,  # the picker's and the sidebar's words and formats
+        )
+
+        print(computes_table(rows))
         return None
 
     def _status(self, args: Any) -> None:
@@ -347,10 +379,12 @@ class KtMagics(Magics):
     def _logs(self, args: Any) -> None:
         compute = self._named(args.name)
         backend = get_backend(compute.backend)
-        print(backend.logs(compute.name, tail=args.tail or None))
+        text = backend.logs(compute.name, tail=args.tail or None)
+        print(text)
         if not args.follow:
-            if args.tail:
-                print(f"[kt] last {args.tail} lines; `%kt logs {compute.name} --tail 0` shows all", file=sys.stderr)
+            shown = len(text.splitlines())
+            if args.tail and shown >= args.tail:  # there may be more: say how to see it
+                show_notice(f"last {shown} lines; `%kt logs {compute.name} --tail 0` shows all", "info")
             return
         follow = getattr(backend, "follow_logs", None)
         if follow is None:
@@ -397,7 +431,11 @@ class KtMagics(Magics):
             by_compute.setdefault(where or conn_mod.default_compute().name, []).append(var)
         pulled = []
         for name, names in by_compute.items():
-            connection = self._connect(self._named(name))
+            compute = self._named(name)
+            if get_backend(compute.backend).find(name) is None:  # never launch an empty kernel to pull from
+                raise UsageError(f"compute {name!r} is not running (stopped, or never started), so {', '.join(names)} "
+                                 f"can no longer be fetched; run the cell that makes them again")
+            connection = self._connect(compute)
             progress = transfer_reporter()
             pulled += connection.pull(names, ns, on_progress=lambda d, t: progress("pull", d, t))
         print(f"[kt] pulled {', '.join(pulled)}")

@@ -14,10 +14,9 @@ Code; plain text in terminal IPython, without ipywidgets, or with
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
-from ..render import PROGRESS_MIN_BYTES, TransferProgress
+from ..render import PROGRESS_MIN_BYTES, TransferProgress, show_notice
 from .frontend import widgets_available
 
 __all__ = ["launch_reporter", "show_picker", "show_status", "transfer_reporter", "widgets_available"]
@@ -65,12 +64,13 @@ def show_picker() -> Any:
 
 
 def launch_reporter(name: str, backend: str = "local") -> Callable[[str], None]:
-    """``on_event`` for launching compute ``name``: a live panel in the cell, else ``[kt] ...`` lines on stderr."""
+    """``on_event`` for launching compute ``name``: a live panel in the cell, else ``[kt] ...`` lines
+    (muted in a notebook; warnings such as "its variables are lost" on stderr)."""
     if widgets_available():
         from .panel import LaunchReporter
 
         return LaunchReporter(name, backend)
-    return lambda text: print(f"[kt] {text}", file=sys.stderr)
+    return show_notice
 
 
 def transfer_reporter(min_bytes: int = PROGRESS_MIN_BYTES) -> Callable[[str, int, int], None]:

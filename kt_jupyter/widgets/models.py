@@ -33,33 +33,32 @@ RESOURCE_KEYS = ("cpus", "memory", "gpus", "gpu_type", "image", "namespace")
 
 
 def format_age(seconds: float | None) -> str:
-    """A short human duration: ``4 s``, ``3 min 20 s``, ``2 h 5 min``, ``3 d 4 h``; ``-`` when unknown."""
+    """A short human duration, as the Computes sidebar writes it (labextension/src/format.ts):
+    ``4s``, ``3m 20s``, ``2h 5m``, ``3d 4h``; ``-`` when unknown."""
     if seconds is None or seconds < 0:
         return "-"
     s = int(seconds)
     if s < 60:
-        return f"{s} s"
+        return f"{s}s"
     if s < 3600:
-        return f"{s // 60} min {s % 60} s" if s % 60 else f"{s // 60} min"
+        return f"{s // 60}m {s % 60}s"
     if s < 86400:
-        return f"{s // 3600} h {s % 3600 // 60} min" if s % 3600 // 60 else f"{s // 3600} h"
-    return f"{s // 86400} d {s % 86400 // 3600} h" if s % 86400 // 3600 else f"{s // 86400} d"
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def resources_text(spec: Mapping[str, Any], backend: str = "local") -> str:
-    """``2 cpus · 4Gi · 1 GPU (A100) · image python:3.11``, from a compute spec dict; '' when none set.
-
-    Image and namespace are left out for the local backend, which ignores them.
+    """``2 CPU · 4Gi · 1 GPU A100 · image python:3.11`` (the sidebar's words), from a compute spec dict;
+    '' when none set. Image and namespace are left out for the local backend, which ignores them.
     """
     parts = []
     if spec.get("cpus"):
-        parts.append(f"{spec['cpus']} cpus")
+        parts.append(f"{spec['cpus']} CPU")
     if spec.get("memory"):
         parts.append(str(spec["memory"]))
     gpus = spec.get("gpus")
     if gpus and str(gpus) != "0":
-        gpu = f"{gpus} GPU" + ("s" if str(gpus) != "1" else "")
-        parts.append(gpu + (f" ({spec['gpu_type']})" if spec.get("gpu_type") else ""))
+        parts.append(f"{gpus} GPU" + (f" {spec['gpu_type']}" if spec.get("gpu_type") else ""))
     if backend == "local":
         return " · ".join(parts)
     image = spec.get("image")
@@ -239,6 +238,7 @@ class MetricsModel(HasTraits):
     running = Bool(False, help="Whether a cell was running at the latest sample.")
     interval_s = Float(0.0, help="Current sampling interval (fast while a cell runs, slow when idle).")
     error = Unicode(help="Why the latest sample failed, or ''.")
+    memory_limit_bytes = Int(0, help="The compute's memory limit (its --memory); 0 when it has none.")
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
@@ -269,12 +269,11 @@ class MetricsModel(HasTraits):
                              current="-" if cpu is None else f"{cpu:.0f}%"))
             rss = sample.get("rss_bytes")
             rss_values = self._push("rss", rss)
-            host = sample.get("host_memory_total_bytes")
             cur = "-" if rss is None else format_bytes(rss)
-            rss_top = max([v for v in rss_values if v is not None] or [0]) * 1.25 or None  # headroom
+            limit = self.memory_limit_bytes  # the compute's own limit, never the host's memory
+            rss_top = float(limit) if limit else (max([v for v in rss_values if v is not None] or [0]) * 1.25 or None)
             rows.append(dict(key="rss", label="Memory", values=rss_values, vmax=rss_top,
-                             current=cur + (f" of {format_bytes(host)}" if host else ""),
-                             ))
+                             current=cur + (f" of {format_bytes(limit)}" if limit else "")))
             for gpu in sample.get("gpus") or []:
                 i = gpu.get("index", len(rows))
                 util = gpu.get("utilization_percent")

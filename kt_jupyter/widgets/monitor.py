@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import get_backend
-from ..errors import KtError, NotFoundError
+from ..errors import ComputeSpecError, KtError, NotFoundError
+from ..quantities import parse_size
 from .log_model import LogModel, new_lines_since
 from .models import MetricsModel, StatusModel
 
@@ -158,6 +159,7 @@ class ComputeMonitor:
             log.debug("metrics of %s failed", self.name, exc_info=True)
             return
         self.status.apply_metrics(sample)
+        self.metrics.memory_limit_bytes = memory_limit_bytes(self.status.resources)
         self.metrics.interval_s = self.fast_s if sample.get("running") else self.slow_s
         self.metrics.add_sample(sample)
 
@@ -263,6 +265,17 @@ class ComputeMonitor:
         finally:
             self._stop.set()
             self._close_session()
+
+
+def memory_limit_bytes(resources: dict[str, Any]) -> int:
+    """A compute's memory limit in bytes from its requested resources; 0 when it has none (or it does not parse)."""
+    memory = resources.get("memory")
+    if not memory:
+        return 0
+    try:
+        return parse_size(str(memory), "memory")
+    except (ComputeSpecError, ValueError):
+        return 0
 
 
 _monitors: dict[tuple[str, str], ComputeMonitor] = {}

@@ -8,12 +8,12 @@ it then follows the compute through ready, running cell and idle.
 
 from __future__ import annotations
 
-import sys
 import threading
 from typing import Any
 
 import ipywidgets as W
 
+from ..render import show_notice
 from .frontend import current_parent, display_widget
 from .logs import LogView
 from .metrics import MetricsView
@@ -69,7 +69,7 @@ class LaunchReporter:
     def __call__(self, text: str) -> None:
         with self._lock:
             if self.monitor is None and not is_launch_event(text):
-                print(f"[kt] {text}", file=sys.stderr)  # a notice, not a launch: no panel for it
+                show_notice(text)  # a notice, not a launch: no panel for it
                 return
             if self.monitor is None:
                 self.monitor = monitor_for(self.name, self.backend)
