@@ -548,12 +548,21 @@ def test_picker_view_follows_model_and_buttons_act(local_backend):
     v.launch.click()
     wait_until(lambda: m.message_kind == "success", what="the launch from the button")
     wait_until(lambda: any(r.name == "pv" for r in m.running), what="the running list")
+    wait_until(lambda: v.progress_box.children[0].model.finished, what="the launch's progress line to end")
     assert re.search(r"ready in [0-9.]+ s", v.progress_box.children[0].label.value)
     assert "✓" in v.progress_box.children[0].label.value
     stops = [w for row in v.rows.children for w in getattr(row, "children", ()) if "kt-pick-stop" in w._dom_classes]
     assert len(stops) == 1
+    assert conn_mod.default_compute().name == "pv"  # Launch made it the default, and says so
+    assert "default: <b" in v.default.value and "pv" in v.default.value
     stops[0].click()
     wait_until(lambda: not any(r.name == "pv" for r in m.running), what="the stop from the button")
+    assert v.progress_box.children == ()  # no stale "✓ ready" for a compute that is gone
+    # stopping the default compute resets the default and says what the next cell does
+    assert conn_mod.default_compute().name == "default" and "new, empty 'default'" in m.message
+    # the list follows computes started elsewhere (another notebook, a terminal) without Refresh
+    local_backend.launch(Compute(name="pv-other"))
+    wait_until(lambda: any(r.name == "pv-other" for r in m.running), what="the live list", timeout_s=15)
     v.close()
 
 

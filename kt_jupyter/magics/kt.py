@@ -40,6 +40,29 @@ CELL_USAGE = "%%%%kt [options]      (the first line of a cell; the rest of the c
 CELL_EPILOG = "Managing computes: %kt list | status | logs | down | restart | pull | config | pick | wait; %kt help"
 
 
+def notebook_compute_name(session: str | None = None) -> str:
+    """A compute name of this notebook's own: ``nb-<notebook file stem>`` (JupyterLab and Notebook 7 tell the
+    kernel its notebook's path), else ``nb-<this kernel's pid>``."""
+    path = session if session is not None else os.environ.get("JPY_SESSION_NAME", "")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem.lower()).strip("-_")[:40]
+    return f"nb-{cleaned or os.getpid()}"
+
+
+def shared_text(name: str, pids: list[int]) -> str:
+    """Who uses compute ``name``: every notebook or terminal kernel attached runs cells on the same variables."""
+    if not pids:
+        return f"attached:  no notebook kernel (compute {name!r} runs on its own until stopped or idle)"
+    mine = [p for p in pids if p == os.getpid()]
+    others = [p for p in pids if p != os.getpid()]
+    parts = (["this kernel"] if mine else []) + [f"pid {p}" for p in others]
+    line = f"attached:  {', '.join(parts)}"
+    if others:
+        line += (f"\n           shared: cells from {'these' if len(pids) > 1 else 'that'} kernels run on the same "
+                 f"variables; `%kt config --per-notebook` gives this notebook a compute of its own")
+    return line
+
+
 class AsyncCell:
     """A ``%%kt --async`` cell running in the background."""
 
@@ -321,6 +344,9 @@ class KtMagics(Magics):
         p = _subcommand_parser("config", "show or set the default compute used by %%kt cells without options")
         p.add_argument("settings", nargs="*", metavar="key=value", help="e.g. name=train gpus=1 backend=kubernetes")
         p.add_argument("--reset", action="store_true", help="back to local backend, name 'default'")
+        p.add_argument("--per-notebook", dest="per_notebook", action="store_true",
+                       help="name the default compute after this notebook, so other notebooks and terminals "
+                            "(which share 'default') do not run on it")
         subs["config"] = (p, self._config)
 
         # --- widgets (kt_jupyter.widgets) ---
@@ -370,6 +396,9 @@ class KtMagics(Magics):
 
         compute = self._named(args.name)
         show_status(compute.name, compute.backend)
+        attached = getattr(get_backend(compute.backend), "attached", None)
+        if attached is not None:
+            print(shared_text(compute.name, attached(compute.name)))
 
     def _pick(self, args: Any) -> None:
         from ..widgets import show_picker  # the form in a notebook, text elsewhere
@@ -444,6 +473,8 @@ class KtMagics(Magics):
     def _config(self, args: Any) -> None:
         if args.reset:
             conn_mod.set_default_compute(Compute())
+        if args.per_notebook:
+            conn_mod.set_default_compute(conn_mod.default_compute().with_overrides(name=notebook_compute_name()))
         elif args.settings:
             overrides: dict[str, Any] = {}
             for item in args.settings:

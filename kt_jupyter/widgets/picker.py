@@ -22,6 +22,8 @@ _PLACEHOLDERS = {"name": "default", "cpus": "e.g. 2 or 500m", "memory": "e.g. 4G
                  "gpu_type": "e.g. A100", "image": "e.g. python:3.11-slim", "namespace": "e.g. ml"}
 _MESSAGE_COLORS = {"info": FG2, "success": "#137333", "error": "#c5221f"}
 _FIELD_STYLE = {"description_width": "84px"}
+#: How often an open picker lists the computes again.
+PICKER_REFRESH_S = 3.0
 
 
 def _field(key: str) -> W.ValueWidget:
@@ -72,7 +74,7 @@ class PickerView(ModelView, W.VBox):
         self.rows = W.VBox()
         self.rows.add_class("kt-pick-running")
         self.launch.on_click(lambda _b: self._start_launch())
-        self.set_default.on_click(lambda _b: model.make_default())
+        self.set_default.on_click(lambda _b: (self._clear_progress(), model.make_default()))
         self.refresh.on_click(lambda _b: model.refresh_running())
         running_title = W.HTML(f'<span style="{FONT} font-weight:600; color:{FG1}">Computes</span>')
         refresh_bar = W.HBox([running_title, self.refresh], layout=W.Layout(align_items="center", margin="8px 0 2px 0"))
@@ -92,6 +94,26 @@ class PickerView(ModelView, W.VBox):
         self.add_class("kt-picker")
         self.watch(model, links)
         self._redraw()
+        self._closed = threading.Event()
+        threading.Thread(target=self._refresh_live, name="kt-pick-refresh", daemon=True).start()
+
+    def _refresh_live(self) -> None:
+        """Keep the list of computes current (others start and stop them too) while the picker is open."""
+        while not self._closed.wait(PICKER_REFRESH_S):
+            if not self.model.busy:
+                self.model.refresh_running()
+
+    def close(self) -> None:
+        """Stop refreshing, then close."""
+        self._closed.set()
+        super().close()
+
+    def _clear_progress(self) -> None:
+        """Drop the last launch's progress line: it is not news any more."""
+        old = self.progress_box.children
+        self.progress_box.children = []
+        for widget in old:
+            widget.close()
 
     # ------------------------------------------------------------------ drawing
 
@@ -177,6 +199,7 @@ class PickerView(ModelView, W.VBox):
         threading.Thread(target=run, name="kt-pick-launch", daemon=True).start()
 
     def _start_stop(self, backend: str, name: str) -> None:
+        self._clear_progress()
         threading.Thread(target=self.model.stop, args=(backend, name), name="kt-pick-stop", daemon=True).start()
 
 

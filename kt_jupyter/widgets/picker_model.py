@@ -213,7 +213,15 @@ class PickerModel(HasTraits):
         try:
             conn_mod.disconnect(name, backend)
             existed = get_backend(backend).delete(name)
-            self._say(f"'{name}' ({backend}) {'stopped' if existed else 'was not running'}", "info")
+            said = f"'{name}' ({backend}) {'stopped' if existed else 'was not running'}"
+            default = conn_mod.default_compute()
+            if (default.backend, default.name) == (backend, name):  # never relaunch an empty kernel silently
+                if (default.backend, default.name) != ("local", "default"):
+                    conn_mod.set_default_compute(Compute())
+                    self._show_default()
+                said += (f"; %%kt cells without options now start a new, empty '{conn_mod.default_compute().name}' "
+                         f"({conn_mod.default_compute().backend})")
+            self._say(said, "info")
             return existed
         except Exception as exc:
             self._say(f"could not stop '{name}': {exc}", "error")

@@ -1,0 +1,201 @@
+"""Issue 20: what a notebook user sees, from the first command to the last panel (InteractiveShell, real pod kernels)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import psutil
+import pytest
+from IPython.core.error import UsageError
+
+from ipshell import run
+from kt_jupyter.backends import get_backend
+from kt_jupyter.compute import Compute
+from kt_jupyter.render import colour_traceback, drop_internal_frames, notice_level
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def wait_until(predicate, timeout_s: float = 15.0, what: str = "condition"):
+    """Poll ``predicate`` until true or fail after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+# ---------------------------------------------------------------------- 2. help that works as written
+
+
+def test_help_describes_the_cell_magic_with_grouped_options_and_plain_usage_lines(ip, capsys):
+    run(ip, "%kt help")
+    out = capsys.readouterr().out
+    assert out.startswith("usage: %%kt [options]")
+    assert "usage: %kt SUBCOMMAND" in out
+    assert "::" not in out and "[-h]" not in out and "Examples" not in out and "%%kt list" not in out
+    order = [out.index(f"\n{group}:\n") for group in ("compute", "transfer", "execution", "debugging")]
+    assert order == sorted(order)
+    # each option under its meaning, not every late one filed under "transfer"
+    assert order[1] < out.index("--pull-limit") < order[2] < out.index("--timeout") < out.index("--retry-oom") \
+        < order[3] < out.index("--debug")
+    run(ip, "%kt --help")
+    assert capsys.readouterr().out == out
+    run(ip, "%kt help logs")
+    sub = capsys.readouterr().out
+    assert sub.startswith("usage: %kt logs [--tail N] [--follow] [name]") and "--follow" in sub
+
+
+# ---------------------------------------------------------------------- 3. tracebacks like IPython's
+
+
+def test_a_cell_that_does_not_parse_fails_like_a_local_one_and_starts_nothing(ip):
+    result = ip.run_cell("%%kt\nx = 1\ny = (\n")
+    err = result.error_in_exec
+    assert err is not None and type(err).__name__ == "CellSyntaxError"
+    shown = ANSI.sub("", "\n".join(err._render_traceback_()))
+    assert re.search(r"Cell In\[\d+\], line 3", shown) and "SyntaxError" in shown and "y = (" in shown
+    assert "kt.py" not in shown and "cells.py" not in shown and "Traceback" not in shown
+    assert get_backend("local").find("default") is None  # nothing was launched for it
+
+
+def test_remote_traceback_keeps_the_users_frames_coloured_like_local_ones(ip):
+    result = ip.run_cell("%%kt\ndef f():\n    return 1 / 0\nf()\n")
+    shown = "\n".join(result.error_in_exec._render_traceback_())
+    plain = ANSI.sub("", shown)
+    assert re.search(r"Cell In\[\d+\], line 4", plain) and "ZeroDivisionError: division by zero" in plain
+    assert "pod_kernel" not in plain and "kt_jupyter" not in plain
+    assert shown == plain  # the test shell is colourless: so is the traceback
+    linux = colour_traceback(plain.split("\n"), "linux")
+    assert ANSI.sub("", "\n".join(linux)) == plain and linux != plain.split("\n")
+    assert any("\x1b[" in line and "ZeroDivisionError" in line for line in linux)
+
+
+def test_internal_frames_are_dropped_from_a_remote_traceback():
+    remote = ["-" * 75, "KeyboardInterrupt                         Traceback (most recent call last)",
+              "Cell In[5], line 3", "      2 import time", "----> 3 time.sleep(60)", "",
+              "File /srv/app/pod_kernel/executor.py:270, in Executor._on_sigint(self, signum, frame)",
+              "    268 def _on_sigint(self, signum, frame):", "--> 270     raise KeyboardInterrupt", "",
+              "KeyboardInterrupt: "]
+    kept = drop_internal_frames(remote)
+    assert "Cell In[5], line 3" in kept and kept[-1] == "KeyboardInterrupt: "
+    assert not any("executor.py" in line or "_on_sigint" in line for line in kept)
+
+
+# ---------------------------------------------------------------------- 4. good news is not an error
+
+
+@pytest.mark.parametrize(("text", "level"), [
+    ("reattached to pod kernel 'default' (pid 7), left running by a notebook kernel that exited: "
+     "its variables are still there", "info"),
+    ("starting pod kernel 'default' (local subprocess)", "info"),
+    ("pod kernel 'default' ready in 0.4 s (pid 7)", "info"),
+    ("pod kernel 'x' (pid 7) was killed; its variables are lost.", "warning"),
+    ("compute 'x' is already running with cpus='1' (not '2'); `%kt restart x` applies the new settings", "warning"),
+])
+def test_notice_levels(text, level):
+    assert notice_level(text) == level
+
+
+# ---------------------------------------------------------------------- 5. where did this cell run?
+
+
+def test_a_cell_on_another_compute_or_on_a_silently_replaced_kernel_says_so(ip, capsys):
+    run(ip, "%%kt --name here\na = 1")
+    capsys.readouterr()
+    run(ip, "%%kt --name here\nb = 2")
+    assert "this cell runs" not in capsys.readouterr().err  # same compute, same kernel: nothing to say
+    run(ip, "%%kt --name there\nc = 3")
+    err = capsys.readouterr().err
+    assert "this cell runs on 'there' (local); the previous %%kt cell ran on 'here' (local)" in err
+    # another process replaces 'there' behind this notebook's back: the next cell says the variables are gone
+    backend = get_backend("local")
+    backend.delete("there", grace_period_s=1)
+    backend.launch(Compute(name="there"))
+    run(ip, "%%kt --name there\nd = 4")
+    err = capsys.readouterr().err
+    assert "variables are lost" in err or "variables earlier cells left there are gone" in err
+
+
+# ---------------------------------------------------------------------- 6. one truth: idle time
+
+
+def test_status_polls_and_new_connections_do_not_reset_idle_time(local_backend):
+    """A sidebar or panel polling metrics on fresh connections must not keep an idle kernel alive."""
+    handle = local_backend.launch(Compute(name="idle", inactivity_ttl=2))
+    proc = psutil.Process(handle.pid)
+    t0 = time.monotonic()
+    while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and time.monotonic() - t0 < 20:
+        session = handle.session()  # a new connection each time, as a poll without a kept session does
+        try:
+            session.metrics()
+        except Exception:  # the kernel stopped between the check and the request
+            break
+        finally:
+            session.close_quietly()
+        time.sleep(0.2)  # the poll interval of this fake sidebar, not a wait for a condition
+    proc.wait(timeout=10)
+    assert time.monotonic() - t0 < 12  # stopped after its TTL despite the polls
+    assert "inactive for" in local_backend.logs("idle")
+
+
+# ---------------------------------------------------------------------- 7. subcommands that do what they say
+
+
+def test_logs_follow_works_on_the_local_backend(ip, capsys):
+    run(ip, "%%kt --name tail\nx = 1")
+    capsys.readouterr()
+    seen: list[str] = []
+    done = threading.Event()
+
+    def follow():
+        try:
+            ip.run_line_magic("kt", "logs tail --follow")
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    time.sleep(0.3)  # let the follower open the log at its end before the cell prints
+    run(ip, "%%kt --name tail\nprint('followed-marker')")
+    wait_until(lambda: seen.append(capsys.readouterr().out) or "followed-marker" in "".join(seen),
+               what="the cell's output in %kt logs --follow")
+    get_backend("local").delete("tail", grace_period_s=1)
+    assert done.wait(15), "--follow did not end when the kernel stopped"
+
+
+def test_logs_says_the_real_number_of_lines(ip, capsys):
+    run(ip, "%%kt --name few\nx = 1")
+    capsys.readouterr()
+    run(ip, "%kt logs few")
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) < 100 and "last 100 lines" not in err  # the whole (short) log: no false claim
+    run(ip, "%kt logs few --tail 2")
+    out, err = capsys.readouterr()
+    assert "[kt] last 2 lines" in err
+
+
+def test_pull_after_down_says_the_compute_is_gone_and_starts_nothing(ip):
+    run(ip, "%%kt --name gone\nv = 1")
+    run(ip, "%kt down gone")
+    with pytest.raises(UsageError, match="'gone' is not running"):
+        run(ip, "%kt pull v --name gone")
+    assert get_backend("local").find("gone") is None
+
+
+# ---------------------------------------------------------------------- 9. shared computes are visible
+
+
+def test_status_says_who_is_attached_and_per_notebook_default(ip, capsys, monkeypatch):
+    run(ip, "%%kt\nx = 1")
+    capsys.readouterr()
+    run(ip, "%kt status")
+    assert "attached:  this kernel" in capsys.readouterr().out
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/me/My Analysis.ipynb")
+    run(ip, "%kt config --per-notebook")
+    assert "name='nb-my-analysis'" in capsys.readouterr().out
+    run(ip, "%%kt\ny = 2")
+    assert get_backend("local").find("nb-my-analysis") is not None
