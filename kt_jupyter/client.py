@@ -154,12 +154,18 @@ class _Conn:
     welcome: dict[str, Any]
 
 
-def _exception_by_name(ename: str, evalue: str) -> BaseException | None:
-    """A builtin (or importable, message-only) exception type rebuilt from its name, else None."""
+def _exception_by_name(ename: str, evalue: str, allow_import: bool = True) -> BaseException | None:
+    """A builtin (or, with ``allow_import``, importable) exception type rebuilt from its name, else None.
+
+    Importing a module runs its code: a pod that may not send pickles (JSON-only)
+    may not make the notebook import anything either, so only builtins then.
+    """
     import builtins
     import importlib
 
     module, _, name = ename.rpartition(".")
+    if module and not allow_import:
+        return None
     try:
         typ = getattr(importlib.import_module(module), name) if module else getattr(builtins, name)
         if isinstance(typ, type) and issubclass(typ, BaseException) and module not in ("__main__",):
@@ -185,7 +191,7 @@ def rebuild_exception(reply: Mapping[str, Any], payload: bytes, accept_pickle: b
         except Exception:
             exc = None
     if exc is None:
-        exc = _exception_by_name(str(reply.get("ename", "")), str(reply.get("evalue", "")))
+        exc = _exception_by_name(str(reply.get("ename", "")), str(reply.get("evalue", "")), allow_import=accept_pickle)
     if exc is None:
         exc = RemoteError(str(reply.get("ename", "Exception")), str(reply.get("evalue", "")), tb_text)
     lines = list(reply.get("traceback") or [])

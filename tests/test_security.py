@@ -537,3 +537,19 @@ def test_rejection_log_sums_up_each_window():
         assert rl.totals["missing or wrong token"] == 1000
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_json_only_pod_cannot_make_the_notebook_import_a_module(tmp_path, monkeypatch):
+    """Rebuilding a remote exception by name imports its module: not for a pod that may not send pickles."""
+    from kt_jupyter.client import rebuild_exception
+
+    (tmp_path / "planted_mod.py").write_text(
+        f"open({str(tmp_path / 'imported')!r}, 'w').close()\nclass Boom(Exception):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reply = {"ename": "planted_mod.Boom", "evalue": "x", "traceback": ["planted_mod.Boom: x"]}
+    exc = rebuild_exception(reply, b"", accept_pickle=False)
+    assert isinstance(exc, RemoteError) and "planted_mod.Boom" in str(exc)
+    assert not (tmp_path / "imported").exists()
+    assert isinstance(rebuild_exception({"ename": "KeyError", "evalue": "k"}, b"", accept_pickle=False), KeyError)
+    # a compute that may send pickles may also name an importable type (the same trust)
+    assert type(rebuild_exception(reply, b"", accept_pickle=True)).__name__ == "Boom"
