@@ -37,8 +37,9 @@ import symtable
 import sys
 import tokenize
 import types
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Mapping
+from typing import Literal
 
 from IPython.core.inputtransformer2 import TransformerManager
 
@@ -76,6 +77,8 @@ class CellAnalysis:
     star_import: bool = False
     #: The cell ends with an expression statement not silenced by ``;``: its value is shown.
     last_expr: bool = False
+    #: Every name the cell's code mentions, in any scope: the names a cell can change in place.
+    mentions: frozenset[str] = frozenset()
 
 
 _TRANSFORMER = TransformerManager()
@@ -90,11 +93,19 @@ _IDENT = re.compile(r"\s*([A-Za-z_]\w*)")
 _IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_oh", "_dh", "_ih", "_exit_code"})
 _IPYTHON_PATTERN = re.compile(r"_+|_i+|_i?\d+|__\w+__")
 _MISSING = object()
+#: The line ``%%kt`` puts first in the source it sends (it keeps the notebook's line numbers).
+_KT_HEADER = "# %%kt"
+_AUTOMAGIC = re.compile(r"\s*([A-Za-z_]\w*)(?:\s+(.*))?$", re.DOTALL)
 
 
-def analyze_cell(source: str) -> CellAnalysis:
-    """Analyse a cell's source; a ``SyntaxError`` propagates, its line numbers the cell's own."""
-    code, tree = _parse(source)
+def analyze_cell(source: str, line_magics: Collection[str] | None = None) -> CellAnalysis:
+    """Analyse a cell's source; a ``SyntaxError`` propagates, its line numbers the cell's own.
+
+    A one-line cell (not counting a leading ``# %%kt`` line) may be an automagic or a
+    shell alias without ``%`` (``ls dir``, ``pwd``), as IPython allows there:
+    ``line_magics`` names those (default: the running IPython's magics and aliases).
+    """
+    code, tree = _parse(_automagic(source, line_magics) or source)
     w = _Walker()
     w.block(tree.body)
     return CellAnalysis(
@@ -104,6 +115,7 @@ def analyze_cell(source: str) -> CellAnalysis:
         imports=types.MappingProxyType(w.imports),
         star_import=w.star,
         last_expr=bool(tree.body) and isinstance(tree.body[-1], ast.Expr) and not _ends_with_semicolon(code),
+        mentions=frozenset(w.reads | {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}),
     )
 
 
@@ -141,6 +153,37 @@ def _parse(source: str) -> tuple[str, ast.Module]:
     tree = compile(code, "<cell>", "exec", flags=flags | ast.PyCF_ONLY_AST, dont_inherit=True)
     compile(tree, "<cell>", "exec", flags=flags, dont_inherit=True)  # scope errors too
     return code, tree
+
+
+def _automagic(source: str, line_magics: Collection[str] | None) -> str | None:
+    """A one-line cell ``name args`` as IPython's prefilter runs it when ``name`` is a line magic or
+    an alias not shadowed by a variable or builtin, and ``args`` no assignment: as
+    ``get_ipython().run_line_magic(...)``; None when it is not one."""
+    header, body = "", source
+    if source.startswith(_KT_HEADER):
+        header, _, body = source.partition("\n")
+        header += "\n"
+    line = body.strip("\n")
+    match = _AUTOMAGIC.match(line)
+    if "\n" in line or match is None:
+        return None
+    name, rest = match.group(1), match.group(2)
+    rest = rest or ""
+    if (name not in (_line_magic_names() if line_magics is None else line_magics) or hasattr(builtins, name)
+            or (rest.startswith("=") and not rest.startswith("=="))):
+        return None
+    return f"{header}get_ipython().run_line_magic({name!r}, {rest!r})\n"
+
+
+def _line_magic_names() -> frozenset[str]:
+    """Line magics and aliases of the running IPython (less its variables), else IPython's default aliases."""
+    from IPython import get_ipython
+    from IPython.core.alias import default_aliases
+
+    shell = get_ipython()
+    if shell is None or not shell.automagic:
+        return frozenset(name for name, _cmd in default_aliases()) if shell is None else frozenset()
+    return frozenset(shell.magics_manager.magics["line"]) - shell.user_ns.keys()
 
 
 def _magic_code(code: str) -> ast.Module | None:

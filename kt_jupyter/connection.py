@@ -2,28 +2,52 @@
 
 :func:`connect` returns the one :class:`ComputeConnection` per compute name in
 this process, launching or reattaching to the pod kernel. :meth:`run_cell`
-is the whole life of a ``%%kt`` cell: work out what the cell reads and
-assigns, push the globals the pod lacks, run it with output streamed back,
-pull the names it assigned (or leave :class:`RemoteRef` stand-ins for big or
-unpicklable ones).
+is the whole life of a ``%%kt`` cell: work out what the cell reads, push
+the globals the pod lacks, run it with output streamed back, then make the
+notebook coherent with the pod (one inventory request): the names the cell
+bound or deleted, also before an error or an interrupt, and the values it
+changed in place come back, or become :class:`RemoteRef` stand-ins for big
+or unpicklable ones; modules are imported here rather than transferred.
+
+What the pod holds is known by identity and version (:class:`Held`): the
+pod object's id and the fingerprint last sent or pulled, so an unchanged
+value is never sent again, and a value the pod changed is never overwritten
+by the notebook's stale copy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import threading
 import time
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, MutableMapping
+from typing import Any
 
+from pod_kernel import coherence
 from pod_kernel import protocol as P
 
 from .backends import KernelHandle, get_backend, kt_home
 from .cells import analyze_cell, filter_pushable
-from .client import ExecuteResult, InputCallback, OutputCallback, ProgressCallback, Session
+from .client import (
+    ExecuteResult,
+    InputCallback,
+    OutputCallback,
+    ProgressCallback,
+    Session,
+    client_loop,
+)
 from .codesync import CodeTree
 from .compute import Compute
 from .debugging import DebugEndpoint
-from .errors import ComputeSpecError, KernelDiedError, KtError, TransferError
+from .errors import (
+    ComputeSpecError,
+    KernelDiedError,
+    KtError,
+    RemoteError,
+    TransferError,
+)
 from .quantities import format_bytes
 
 #: Values larger than this stay on the pod as RemoteRefs unless pulled explicitly.
@@ -50,6 +74,20 @@ class RemoteRef:
 
 
 @dataclass
+class Held:
+    """A value the pod holds under a name, as this notebook last sent or pulled it."""
+
+    #: fingerprint of the value when it was sent or pulled ('' when it cannot be fingerprinted)
+    fingerprint: str
+    #: id() of the pod's object (None: not known, so it is sent again when read)
+    pod_id: int | None
+    #: id() of the notebook's object
+    local_id: int
+    #: False when the value pickles differently each time (a matplotlib Figure): its identity is its version
+    stable: bool = True
+
+
+@dataclass
 class CellOutcome:
     """What running a cell did: result bundle, names moved each way, timings."""
 
@@ -59,6 +97,8 @@ class CellOutcome:
     pulled: list[str] = field(default_factory=list)
     refs: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    #: names bound to modules by the cell, imported here instead of transferred
+    imported: list[str] = field(default_factory=list)
     bytes_pushed: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -81,11 +121,9 @@ class ComputeConnection:
         self.handle = handle
         # a JSON-only compute's pod is never trusted to send a pickle: refused here too, unread
         self.session: Session = handle.session(accept_pickle="pickle" in compute.allowed_serialization)
-        #: name -> fingerprint of the value the pod holds under that name (as last sent or pulled)
-        #: name -> (fingerprint of the value, id() of the object the pod bound), as last sent or pulled.
-        #: Before skipping a push the pod is asked for the ids: another notebook sharing this compute
-        #: may have rebound the name.
-        self.held: dict[str, tuple[str, int | None]] = {}
+        #: name -> what the pod holds under it, as last sent or pulled. Before skipping a push the pod
+        #: is asked for the ids: another notebook sharing this compute may have rebound the name.
+        self.held: dict[str, Held] = {}
         self.cells_run = 0
         self.lock = threading.Lock()
         self.code = CodeTree()
@@ -138,7 +176,9 @@ class ComputeConnection:
             self.catch_up(on_output or (lambda _msg: None))
         self.sync_code()
         outcome = CellOutcome(None)
-        names = list(dict.fromkeys(list(filter_pushable(analysis.reads, user_ns)) + transfer.push))
+        # with the globals of the notebook functions it calls: they run in the pod's namespace
+        reads = coherence.reach(user_ns, set(analysis.reads))
+        names = list(dict.fromkeys(list(filter_pushable(reads, user_ns)) + transfer.push))
         missing = [n for n in transfer.push if n not in user_ns]
         if missing:
             raise TransferError(f"--push names {', '.join(missing)}, which the notebook does not define")
@@ -149,21 +189,18 @@ class ComputeConnection:
         try:
             outcome.result = self.session.execute(source, on_output, cell_name=cell_name, cell_label=cell_label,
                                                   timeout=timeout_s, on_input=on_input, debug_wait=debug_wait)
-        finally:
+        except BaseException as exc:
             outcome.timings_s["execute"] = time.perf_counter() - t1
             self.cells_run += 1
-            # names the cell (re)bound remotely no longer hold what we last sent
-            for name in list(analysis.assigns) + list(analysis.deletes):
-                self.held.pop(name, None)
-
+            if not _raised_by_cell(exc):  # the connection or the kernel failed: nothing to reconcile now
+                raise
+            # the cell raised (or was interrupted): what it bound before that comes back, as locally
+            self._reconcile(analysis.mentions, user_ns, outcome, transfer, on_output, on_progress)
+            raise
+        outcome.timings_s["execute"] = time.perf_counter() - t1
+        self.cells_run += 1
         t2 = time.perf_counter()
-        if not transfer.no_pull:
-            wanted = transfer.pull if transfer.pull is not None else list(analysis.assigns)
-            self._pull_into(wanted, user_ns, outcome, transfer.pull_limit_bytes, on_progress)
-        for name in analysis.deletes:
-            if name in user_ns and name not in analysis.assigns:
-                del user_ns[name]
-                outcome.deleted.append(name)
+        self._reconcile(analysis.mentions, user_ns, outcome, transfer, on_output, on_progress)
         outcome.timings_s["pull"] = time.perf_counter() - t2
         outcome.timings_s["total"] = time.perf_counter() - t0
         return outcome
@@ -230,17 +267,27 @@ class ComputeConnection:
                         f"`%kt pull {name} --name {value.compute}` fetches it first"
                     )
                 continue  # the pod holds the real value already
+            held = self.held.get(name)
+            if held is not None and not held.stable and name not in force:
+                if id(value) == held.local_id and held.pod_id is not None:  # known by identity only
+                    maybe_held.append(name)
+                else:
+                    send[name] = value
+                continue
             fp = P.fingerprint(value)
             prints[name] = fp
-            held = self.held.get(name)
-            if fp and name not in force and held is not None and held[0] == fp and held[1] is not None:
+            if fp and name not in force and held is not None and held.fingerprint == fp and held.pod_id is not None:
                 maybe_held.append(name)
             else:
                 send[name] = value
         if maybe_held:  # one round trip: does the pod still hold the very objects we left there?
             pod_ids = {d["name"]: d.get("id") for d in self.session.inventory(maybe_held)}
             for name in maybe_held:
-                if pod_ids.get(name) == self.held[name][1]:
+                if pod_ids.get(name) == self.held[name].pod_id:
+                    outcome.skipped_unchanged.append(name)
+                elif pod_ids.get(name) is not None:
+                    # the pod holds a newer value (another notebook, or a cell whose end we did not see):
+                    # never overwritten by this unchanged copy; it comes back after the cell
                     outcome.skipped_unchanged.append(name)
                 else:
                     send[name] = user_ns[name]
@@ -250,7 +297,12 @@ class ComputeConnection:
         progress = None if on_progress is None else (lambda done, total: on_progress("push", done, total))
         self.session.push_bundle(bundle, on_progress=progress)
         ids = self.session.last_push_ids
-        self.held.update({n: (prints[n], ids.get(n)) for n in send if prints.get(n)})
+        for name, value in send.items():
+            fp = prints.get(name)
+            if fp is None:  # an unstable value, sent again: fingerprinted now for the record
+                fp = P.fingerprint(value)
+            stable = self.held[name].stable if name in self.held else True
+            self.held[name] = Held(fp, ids.get(name), id(value), stable)
         outcome.pushed = list(send)
         outcome.bytes_pushed = bundle.nbytes
 
@@ -271,42 +323,108 @@ class ComputeConnection:
             + "\nCreate these inside the %%kt cell instead, or leave them out of it."
         )
 
-    def _pull_into(self, names: Iterable[str], user_ns: MutableMapping[str, Any], outcome: CellOutcome,
-                   limit_bytes: int, on_progress: Callable[[str, int, int], None] | None) -> None:
-        names = list(dict.fromkeys(names))
-        if not names:
-            return
-        described = {d["name"]: d for d in self.session.inventory(names)}
-        small = []
-        for name in names:
-            d = described.get(name)
-            if d is None:
-                continue  # assigned only on a branch not taken, or deleted again
-            if d["size"] > limit_bytes:
-                user_ns[name] = RemoteRef(name, self.name, d["type"], d["size"])
-                outcome.refs.append(name)
+    def _reconcile(self, mentions: Iterable[str], user_ns: MutableMapping[str, Any], outcome: CellOutcome,
+                   transfer: TransferOptions, on_output: OutputCallback | None,
+                   on_progress: Callable[[str, int, int], None] | None) -> None:
+        """After a cell: one request says what it bound, deleted or changed in place; the notebook follows."""
+        held = {n: [h.pod_id, h.fingerprint, h.stable] for n, h in self.held.items() if h.pod_id is not None}
+        header = {"type": "inventory", "names": sorted(mentions), "held": held,
+                  "fingerprint_max_bytes": transfer.pull_limit_bytes}
+        state = asyncio.run_coroutine_threadsafe(self.session.arequest(header), client_loop()).result()
+        for name in state.get("unstable") or []:
+            if name in self.held:
+                self.held[name].stable = False
+        for name in state.get("missing") or []:
+            self.held.pop(name, None)
+        for name in state.get("deleted") or []:
+            self.held.pop(name, None)
+            if name in user_ns:
+                del user_ns[name]
+                outcome.deleted.append(name)
+        wanted = None if transfer.pull is None else set(transfer.pull)
+        small: dict[str, dict[str, Any]] = {}
+        stays: list[RemoteRef] = []
+        for d in state.get("changed") or []:
+            name = d["name"]
+            self.held.pop(name, None)
+            if transfer.no_pull or (wanted is not None and name not in wanted):
+                if name in user_ns:  # the notebook's copy is stale now: it must not be pushed back over it
+                    user_ns[name] = RemoteRef(name, self.name, d["type"], d["size"], reason="not pulled (--pull)")
+                    outcome.refs.append(name)
+                continue
+            if d.get("module"):
+                self._import(name, d, user_ns, outcome, stays)
+            elif d["size"] > transfer.pull_limit_bytes:
+                stays.append(RemoteRef(name, self.name, d["type"], d["size"],
+                                       reason=f"larger than the pull limit ({format_bytes(transfer.pull_limit_bytes)})"))
+            elif self._unchanged_here(name, d, user_ns):
+                continue
             else:
-                small.append(name)
-        if not small:
+                small[name] = d
+        self._pull_values(small, user_ns, outcome, stays, on_progress)
+        for ref in stays:
+            user_ns[ref.name] = ref
+            outcome.refs.append(ref.name)
+        if stays and on_output is not None:
+            listed = "; ".join(f"{r.name} ({r.type}, {format_bytes(r.size)}, {r.reason})" for r in stays)
+            on_output({"type": "notice", "level": "info",
+                       "text": f"[kt] stays on compute {self.name!r} as a RemoteRef (`%kt pull NAME` fetches it): "
+                               f"{listed}"})
+
+    def _unchanged_here(self, name: str, d: dict[str, Any], user_ns: MutableMapping[str, Any]) -> bool:
+        """Whether the notebook already holds exactly what the pod bound (``x = x.copy()``): nothing moves."""
+        fp = d.get("fingerprint")
+        if not fp or not d.get("stable", True) or name not in user_ns or isinstance(user_ns[name], RemoteRef):
+            return False
+        if P.fingerprint(user_ns[name]) != fp:
+            return False
+        self.held[name] = Held(fp, d.get("id"), id(user_ns[name]))
+        return True
+
+    def _import(self, name: str, d: dict[str, Any], user_ns: MutableMapping[str, Any], outcome: CellOutcome,
+                stays: list[RemoteRef]) -> None:
+        """A name the cell bound to a module: imported here (as the cell did there), never transferred."""
+        try:
+            module = importlib.import_module(str(d["module"]))
+        except Exception as exc:
+            stays.append(RemoteRef(name, self.name, d["type"], d["size"],
+                                   reason=f"module {d['module']!r} cannot be imported here: {type(exc).__name__}"))
+            return
+        user_ns[name] = module
+        fp = P.fingerprint(module)
+        self.held[name] = Held(fp, d.get("id"), id(module))
+        outcome.imported.append(name)
+
+    def _pull_values(self, described: dict[str, dict[str, Any]], user_ns: MutableMapping[str, Any],
+                     outcome: CellOutcome, stays: list[RemoteRef],
+                     on_progress: Callable[[str, int, int], None] | None) -> None:
+        """Pull ``described`` in one request; when it fails, halves find the names that cannot come back."""
+        if not described:
             return
         progress = None if on_progress is None else (lambda done, total: on_progress("pull", done, total))
         try:
-            values = self.session.pull(small, on_progress=progress)
-        except Exception:
-            values = {}
-            for name in small:  # find which one cannot come back; the others still do
-                try:
-                    values.update(self.session.pull([name]))
-                except Exception as exc:
-                    d = described[name]
-                    user_ns[name] = RemoteRef(name, self.name, d["type"], d["size"],
-                                              reason=f"cannot be brought back: {type(exc).__name__}: {exc}")
-                    outcome.refs.append(name)
+            values = self.session.pull(list(described), on_progress=progress)
+        except Exception as exc:
+            if not _value_failure(exc):  # the connection or the kernel failed
+                raise
+            if len(described) == 1:
+                name, d = next(iter(described.items()))
+                stays.append(RemoteRef(name, self.name, d["type"], d["size"],
+                                       reason=f"cannot be brought back: {type(exc).__name__}: {exc}"[:300]))
+                return
+            items = list(described.items())
+            half = len(items) // 2
+            self._pull_values(dict(items[:half]), user_ns, outcome, stays, on_progress)
+            self._pull_values(dict(items[half:]), user_ns, outcome, stays, on_progress)
+            return
+        values = coherence.adopt_functions(values, user_ns)  # notebook functions see the notebook's globals
         for name, value in values.items():
             user_ns[name] = value
+            d = described[name]
             fp = P.fingerprint(value)
-            if fp:
-                self.held[name] = (fp, described[name].get("id"))
+            # the same bytes here as there: a stable value; else it is known by identity from now on
+            stable = bool(fp) and d.get("stable", True) and fp == d.get("fingerprint")
+            self.held[name] = Held(fp, d.get("id"), id(value), stable)
             outcome.pulled.append(name)
 
     def pull(self, names: Iterable[str], user_ns: MutableMapping[str, Any],
@@ -316,9 +434,8 @@ class ComputeConnection:
         values = self.session.pull(names, on_progress=on_progress)
         for name, value in values.items():
             user_ns[name] = value
-            fp = P.fingerprint(value)
-            if fp:
-                self.held[name] = (fp, None)  # not known to be the pod's object: sent again when read
+            # not known to be the pod's object: sent again when read
+            self.held[name] = Held(P.fingerprint(value), None, id(value))
         return list(values)
 
     def forget_state(self) -> None:
@@ -409,6 +526,16 @@ def disconnect(name: str, backend: str | None = None) -> ComputeConnection | Non
                 conn.session.close_quietly()
                 return conn
     return None
+
+
+def _raised_by_cell(exc: BaseException) -> bool:
+    """Whether ``exc`` is the cell's own error (raised remotely, or an interrupt), not a failure of ours."""
+    return hasattr(exc, "remote_traceback") and (isinstance(exc, RemoteError) or not isinstance(exc, KtError))
+
+
+def _value_failure(exc: BaseException) -> bool:
+    """Whether a pull failed because of a value (unpicklable there), not because the connection went."""
+    return not isinstance(exc, KtError) or isinstance(exc, (RemoteError, TransferError))
 
 
 def is_kernel_death(exc: BaseException) -> bool:

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 from .calls import call_sink
 from .cellfiles import CellFileError, CellFiles, write_cell_file  # noqa: F401  (server.py imports it here)
+from .coherence import StateTracker
 from .debugging import DEBUG_SERVER, QUIT_MESSAGE, InputRelay, is_quit
 from .outbox import Outbox
 from .protocol import exception_payload, type_name
@@ -184,6 +185,13 @@ def _make_shell(executor: "Executor"):
         def enable_gui(self, gui=None):
             pass
 
+        def transform_cell(self, raw_cell):
+            # %%kt sends "# %%kt ...\n" + the cell: IPython's one-line rules (automagic, `ls dir`) are the cell's
+            header, newline, body = raw_cell.partition("\n")
+            if newline and header.startswith("# %%kt"):
+                return "\n" + super().transform_cell(body)
+            return super().transform_cell(raw_cell)
+
     cfg = Config()
     cfg.HistoryManager.enabled = False
     cfg.InteractiveShell.colors = "nocolor"
@@ -228,6 +236,7 @@ class Executor:
         sys.stderr = CellStream(self, "stderr", log_err)  # type: ignore[assignment]
         os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
         self.shell = _make_shell(self)
+        self.state = StateTracker(self.shell.user_ns)  # what each session's cells bound, for its notebook
         self.relay = InputRelay(self)  # input() / pdb in a cell ask the notebook
         self.relay.install()
         self.debug = DEBUG_SERVER
@@ -343,11 +352,13 @@ class Executor:
             self.shell.compile.next_name = str(path)
             if job.cell_label:
                 self.shell.compile.labels[str(path)] = job.cell_label
+            before = self.state.snapshot()
             try:
                 exc = self._user_code(job, path)
             except KeyboardInterrupt as interrupted:  # before the cell started, or outside IPython's own handling
                 exc = interrupted
                 self.last_traceback = self.last_traceback or ["KeyboardInterrupt: interrupted"]
+            self.state.cell_ended(job.outbox, before)  # also after an error or an interrupt
             sys.stdout.flush()
             reply, payload = self._reply(exc)
         except CellFileError as exc:  # a file a debugger needs cannot be written, or a refused path

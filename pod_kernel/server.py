@@ -28,7 +28,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from . import logfile
+from . import coherence, logfile
 from . import protocol as P
 from . import tensors
 from .bulk import BULK_MIN_BYTES, BulkServer
@@ -551,7 +551,8 @@ class PodKernelServer:
     # ------------------------------------------------------------------ bundle handlers
 
     async def on_push(self, session: Session, ws: ServerConnection, header: dict, values: dict) -> None:
-        """Set the pushed names in the namespace."""
+        """Set the pushed names in the namespace (notebook functions run in it, as they did in the notebook's)."""
+        values = coherence.adopt_functions(values, self.executor.namespace)
         self.executor.namespace.update(values)
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "names": sorted(values),
                                       "ids": {n: id(v) for n, v in values.items()}}))

@@ -1,0 +1,217 @@
+"""What the cells changed in the pod's namespace, so a notebook can stay coherent with it.
+
+Bindings are found exactly and for free: the executor snapshots ``name -> id``
+of the namespace around every cell, so a name a cell bound, rebound or deleted
+is known whatever the cell did (an error half way, an interrupt, ``exec``,
+``from m import *``), without reading its source. In-place changes are found
+by fingerprints, and only where they can happen: the names a notebook holds
+(it says which, with the pod object's id and the fingerprint it knows) are
+fingerprinted again when the cell mentioned them, or reached them through a
+function it mentioned, or when they are small. A value whose pickle differs
+from one dump to the next (a matplotlib ``Figure`` counts its callbacks while
+pickling) is *unstable*: it is known by identity, and counted as changed when
+the cell mentioned it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import types
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .protocol import approx_size, fingerprint, type_name
+
+#: Held values at most this big are fingerprinted after every cell, mentioned or not
+#: (aliases, a method that changes another global); bigger ones only when the cell reached them.
+UNMENTIONED_CHECK_MAX_BYTES = 4 << 20
+#: IPython's own names in the user namespace (``_``, ``_i3``, ``_7``, dunders) and its fixed entries.
+_IPYTHON_NAME = re.compile(r"_+|_i+|_i?\d+|__\w+__|_oh|_ih|_dh|_exit_code")
+_IPYTHON_FIXED = frozenset({"In", "Out", "get_ipython", "exit", "quit"})
+
+
+def is_user_name(name: str) -> bool:
+    """Whether ``name`` in the user namespace is the user's, not IPython's."""
+    return not (_IPYTHON_NAME.fullmatch(name) or name in _IPYTHON_FIXED)
+
+
+class StateTracker:
+    """Names each session's cells bound or deleted, collected until that session asks (:meth:`sync`)."""
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        self.namespace = namespace
+        self._lock = threading.Lock()
+        #: owner (a session's outbox) -> names its cells bound, rebound or deleted since its last sync
+        self._pending: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+    def snapshot(self) -> dict[str, int]:
+        """``name -> id(value)`` of the whole namespace (cheap: no filtering, no hashing)."""
+        return {name: id(value) for name, value in list(self.namespace.items())}
+
+    def cell_ended(self, owner: Any, before: Mapping[str, int]) -> None:
+        """Record, for ``owner``, the user names bound, rebound or deleted since ``before``."""
+        after = self.snapshot()
+        touched = {n for n, i in after.items() if before.get(n) != i}
+        touched |= before.keys() - after.keys()
+        touched = {n for n in touched if is_user_name(n)}
+        if touched:
+            with self._lock:
+                self._pending.setdefault(owner, set()).update(touched)
+
+    def sync(self, owner: Any, held: Mapping[str, Any], mentioned: Iterable[str],
+             fingerprint_max_bytes: int) -> dict[str, Any]:
+        """What changed for ``owner`` since its last sync, as a reply's fields.
+
+        ``held``: name -> ``[pod id, fingerprint, stable]`` as the notebook knows
+        them; ``mentioned``: the names the cell's code mentions. Returns
+        ``changed`` (descriptions of names bound, rebound or changed in place:
+        pull or refer to them), ``deleted`` (names a cell of this owner
+        deleted), ``missing`` (held names the pod no longer has) and
+        ``unstable`` (held names found to pickle differently each time).
+        """
+        ns = self.namespace
+        with self._lock:
+            touched = self._pending.pop(owner, set())
+        reached = reach(ns, set(mentioned) | touched)
+        changed: dict[str, dict[str, Any]] = {}
+        deleted, missing, unstable = [], [], []
+        for name in sorted(touched):
+            if name in ns:
+                changed[name] = describe(name, ns[name], fingerprint_max_bytes)
+            else:
+                deleted.append(name)
+        for name, entry in held.items():
+            if name in changed or name in touched:
+                continue
+            if name not in ns:
+                missing.append(name)
+                continue
+            value = ns[name]
+            pod_id, known_fp, stable = _held_entry(entry)
+            if id(value) != pod_id:  # rebound by another session, or a seed-API call
+                changed[name] = describe(name, value, fingerprint_max_bytes)
+                continue
+            if not stable:
+                if name in reached:
+                    changed[name] = describe(name, value, fingerprint_max_bytes, stable=False)
+                continue
+            if not known_fp or (name not in reached and approx_size(value) > UNMENTIONED_CHECK_MAX_BYTES):
+                continue
+            now = fingerprint(value)
+            if now == known_fp:
+                continue
+            if fingerprint(value) != now:  # pickles differently each time: identity is its version
+                unstable.append(name)
+                if name in reached:
+                    changed[name] = describe(name, value, fingerprint_max_bytes, stable=False)
+                continue
+            changed[name] = dict(describe(name, value, 0), fingerprint=now)
+        return {"changed": list(changed.values()), "deleted": deleted, "missing": missing, "unstable": unstable}
+
+
+def describe(name: str, value: Any, fingerprint_max_bytes: int, stable: bool = True) -> dict[str, Any]:
+    """Name, type, size, id; the fingerprint when at most ``fingerprint_max_bytes``; a module's name."""
+    size = approx_size(value)
+    entry: dict[str, Any] = {"name": name, "type": type_name(value), "size": size, "id": id(value),
+                             "stable": stable}
+    if isinstance(value, types.ModuleType):
+        entry["module"] = value.__name__
+    elif stable and size <= fingerprint_max_bytes:
+        entry["fingerprint"] = fingerprint(value)
+    return entry
+
+
+def _held_entry(entry: Any) -> tuple[int | None, str, bool]:
+    """``[pod id, fingerprint, stable]`` from the wire, validated (anything odd: unknown, so checked)."""
+    if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+        return None, "", True
+    pod_id, fp, stable = entry
+    return (pod_id if isinstance(pod_id, int) else None, fp if isinstance(fp, str) else "",
+            stable is not False)
+
+
+def reach(ns: Mapping[str, Any], names: set[str]) -> set[str]:
+    """``names`` plus the globals that functions, classes and instances of notebook classes among
+    them refer to, transitively: calling ``f()`` may change the global list ``f`` appends to."""
+    seen: set[str] = set()
+    todo = [n for n in names if n in ns]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for ref in globals_of(ns[name]):
+            if ref in ns and ref not in seen:
+                todo.append(ref)
+    return seen | names
+
+
+def globals_of(value: Any) -> set[str]:
+    """Global names the code of a notebook-defined function, class or instance mentions."""
+    if isinstance(value, (types.FunctionType, types.MethodType)):
+        func = getattr(value, "__func__", value)
+        return _code_names(func.__code__) if getattr(func, "__module__", None) == "__main__" else set()
+    cls = value if isinstance(value, type) else type(value)
+    if getattr(cls, "__module__", None) != "__main__":
+        return set()
+    found: set[str] = set()
+    for klass in cls.__mro__:
+        if getattr(klass, "__module__", None) != "__main__":
+            continue
+        for attr in list(vars(klass).values()):
+            func = getattr(attr, "__func__", attr)
+            code = getattr(func, "__code__", None)
+            if isinstance(code, types.CodeType):
+                found |= _code_names(code)
+    return found
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def adopt_functions(values: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Any]:
+    """Make notebook-defined functions (and methods of notebook classes) in ``values`` run in ``namespace``.
+
+    cloudpickle gives a function shipped by value a private globals dict holding
+    copies of the globals it used; a function that appends to a global list
+    would change that copy, not the namespace's list, where a local cell changes
+    the notebook's. Returns ``values`` with such functions rebuilt on
+    ``namespace`` (classes are changed in place); a global the namespace lacks
+    is taken from the function's copy.
+    """
+    adopted = dict(values)
+    for name, value in values.items():
+        if isinstance(value, types.FunctionType):
+            adopted[name] = _rebind(value, namespace)
+        elif isinstance(value, type) and value.__module__ == "__main__":
+            for attr, member in list(vars(value).items()):
+                func = getattr(member, "__func__", member)
+                if isinstance(func, types.FunctionType) and func.__globals__ is not namespace:
+                    new = _rebind(func, namespace)
+                    try:
+                        setattr(value, attr, type(member)(new) if member is not func else new)
+                    except (TypeError, AttributeError):  # a read-only class attribute: leave it
+                        pass
+    return adopted
+
+
+def _rebind(func: types.FunctionType, namespace: dict[str, Any]) -> types.FunctionType:
+    if func.__module__ != "__main__" or func.__globals__ is namespace:
+        return func
+    for key, val in func.__globals__.items():
+        if not key.startswith("__"):
+            namespace.setdefault(key, val)
+    new = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+    new.__kwdefaults__ = func.__kwdefaults__
+    new.__qualname__ = func.__qualname__
+    new.__doc__ = func.__doc__
+    new.__annotations__ = func.__annotations__
+    new.__dict__.update(func.__dict__)
+    return new
