@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 import time
@@ -492,7 +493,10 @@ def test_dockerfile_bakes_in_what_the_startup_script_checks(tmp_path):
     text = (ROOT / "pod_kernel" / "Dockerfile").read_text()
     install = next(line for line in text.splitlines() if "pip install" in line)
     install += next(line for line in text.splitlines()[text.splitlines().index(install) + 1:])
-    assert all(f'"{dep}"' in install for dep in POD_KERNEL_DEPS)
+    for dep in POD_KERNEL_DEPS:  # as the startup script asks, or pinned to the notebook's version by a build arg
+        name = re.split(r"[<>=!~]", dep, maxsplit=1)[0]
+        pinned = f'"{name}==${{{name.upper()}_VERSION}}"'
+        assert f'"{dep}"' in install or (pinned in install and f"ARG {name.upper()}_VERSION=" in text), dep
     copies = [line.split()[1:] for line in text.splitlines() if line.startswith("COPY ")]
     assert copies == [["pod_kernel/*.py", "/opt/kt/lib/pod_kernel/"],
                       ["kt_jupyter/backends/pod_guard.py", f"/opt/kt/lib/{GUARD_MODULE}.py"]]
