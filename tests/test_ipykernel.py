@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -87,9 +88,13 @@ def test_interrupt_kernel_interrupts_remote_cell_and_state_survives(kc):
     started = threading.Event()
     result = {}
 
+    errors = []
+
     def hook(msg):
         if msg["msg_type"] == "stream" and "start" in msg["content"]["text"]:
             started.set()
+        if msg["msg_type"] == "error":
+            errors.append("\n".join(msg["content"]["traceback"]))
 
     def execute():
         result["reply"] = client.execute_interactive(
@@ -105,6 +110,9 @@ def test_interrupt_kernel_interrupts_remote_cell_and_state_survives(kc):
     assert not t.is_alive()
     assert time.perf_counter() - t0 < 20
     assert result["reply"]["status"] == "error" and result["reply"]["ename"] == "KeyboardInterrupt"
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", errors[0]) if errors else ""
+    assert "time.sleep(60)" in shown and "\x1b[" in errors[0]  # the user's line, coloured like a local one
+    assert "_on_sigint" not in shown and "pod_kernel" not in shown  # not the pod's signal handler
     _, msgs = run_cell(client, "%%kt\nsurvivor")
     assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "'alive'"
 
@@ -127,3 +135,25 @@ def test_async_cell_output_lands_in_its_own_cell(kc):
     assert reply["status"] == "ok"
     _, msgs = run_cell(client, "late")
     assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "1"
+
+
+def test_notebook_sees_good_news_muted_warnings_on_stderr_and_coloured_short_syntax_errors(kc):
+    """Issue 20: info notices are a muted display (not red stderr); a cell that does not parse fails as a
+    local one does: 'Cell In[N], line L', coloured in the kernel's theme, no frames of kt_jupyter."""
+    _, client = kc
+    code = ("from kt_jupyter.render import show_notice\n"
+            "show_notice(\"reattached to pod kernel 'default' (pid 1): its variables are still there\")\n"
+            "show_notice(\"pod kernel 'x' died; its variables are lost\")")
+    reply, msgs = run_cell(client, code)
+    assert reply["status"] == "ok"
+    stderr = "".join(c["text"] for c in outputs(msgs, "stream") if c["name"] == "stderr")
+    assert "still there" not in stderr and "variables are lost" in stderr
+    muted = [c["data"] for c in outputs(msgs, "display_data") if "kt-notice" in c["data"].get("text/html", "")]
+    assert len(muted) == 1 and "still there" in muted[0]["text/plain"]
+    reply, msgs = run_cell(client, "%%kt\nx = 1\ny = (\n")
+    assert reply["status"] == "error"
+    tb = "\n".join(outputs(msgs, "error")[0]["traceback"])
+    assert "\x1b[" in tb  # coloured, as ipykernel colours a local traceback
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", tb)
+    assert re.search(r"Cell In\[\d+\], line 3", plain) and "SyntaxError" in plain
+    assert "kt_jupyter" not in plain and "Traceback" not in plain
