@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from pod_kernel.protocol import SERIALIZATIONS
 
+from .autoscaling import AutoscalingConfig
 from .errors import BackendUnavailable, ComputeSpecError, NotFoundError
 from .gpus import check_gpu_node_selector, check_gpu_type
 from .image import Image, as_image, check_env_vars
@@ -47,6 +48,13 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 RESERVED_LABELS = ("app.kubernetes.io/managed-by", "kt.dev/compute", "kt.dev/name", "kt.dev/component")
 #: Environment variables kt_jupyter sets in the pod itself.
 RESERVED_ENV = ("KT_TOKEN", "KT_TOKEN_FILE", "KT_READY_FD")
+#: Environment variables Knative sets in an autoscaled compute's pods (its webhook refuses them in env).
+KNATIVE_RESERVED_ENV = ("PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION")
+
+#: ``autoscale()``'s keyword settings beyond the seed's three (see :class:`~kt_jupyter.autoscaling.AutoscalingConfig`).
+AUTOSCALE_SETTINGS = ("metric", "target", "target_utilization", "window", "initial_replicas", "scale_down_delay",
+                      "scale_to_zero_pod_retention_period", "container_concurrency", "autoscaler_class")
+
 
 def _check_int(value: object, param: str, minimum: int, example: int) -> int:
     if isinstance(value, bool):
@@ -91,6 +99,8 @@ class Compute(ComputeLifecycle):
       ``image_pull_policy``, ``gpu_anti_affinity`` (or ``KT_GPU_ANTI_AFFINITY``),
       ``logging_config``, ``kubeconfig_path``, ``allowed_serialization``
       (``["json", "pickle"]`` or a subset).
+    - ``autoscaling``: what :meth:`autoscale` sets (an :class:`~kt_jupyter.autoscaling.AutoscalingConfig`
+      or its ``to_dict()``), so copies and specs sent over REST keep it.
     """
 
     def __init__(
@@ -128,6 +138,7 @@ class Compute(ComputeLifecycle):
         logging_config: LoggingConfig | dict[str, Any] | None = None,
         kubeconfig_path: str | None = None,
         allowed_serialization: list[str] | str | None = None,
+        autoscaling: AutoscalingConfig | dict[str, Any] | None = None,
     ) -> None:
         """Validate and normalise every parameter; see the seed reference for their meaning."""
         s = object.__setattr__
@@ -241,6 +252,27 @@ class Compute(ComputeLifecycle):
         s(self, "kubeconfig_path", kubeconfig_path)
         s(self, "allowed_serialization", self._check_serialization(allowed_serialization))
         s(self, "_resolved_namespace", None)
+        s(self, "_autoscaling", None if autoscaling is None else self._check_autoscaling(
+            AutoscalingConfig.from_dict(autoscaling)))
+        s(self, "_distributed", None)
+
+    def _check_autoscaling(self, config: AutoscalingConfig) -> AutoscalingConfig:
+        """``config``, if this compute's other settings go with Knative autoscaling."""
+        if self.backend != "kubernetes":
+            raise ComputeSpecError(f"autoscale needs Knative Serving on a Kubernetes cluster, but this compute's "
+                                   f"backend is {self.backend!r} (one subprocess here, nothing to scale); use "
+                                   "Compute(backend='kubernetes', ...).autoscale(...)")
+        if self.replicas != 1:
+            raise ComputeSpecError(f"autoscale sets the number of pods (min_replicas..max_replicas), but this "
+                                   f"compute has replicas={self.replicas}; drop replicas")
+        if self.inactivity_ttl_s is not None:
+            raise ComputeSpecError("autoscale: an autoscaled compute scales itself to zero when idle; drop "
+                                   "inactivity_ttl and use min_replicas=0 (and scale_to_zero_pod_retention_period)")
+        clash = sorted(set(self.env_vars) & set(KNATIVE_RESERVED_ENV))
+        if clash:
+            raise ComputeSpecError(f"env_vars: Knative sets {clash[0]} in an autoscaled compute's pods; "
+                                   "choose another name")
+        return config
 
     @staticmethod
     def _check_serialization(value: object) -> list[str]:
@@ -279,10 +311,16 @@ class Compute(ComputeLifecycle):
 
     @property
     def endpoint(self) -> str | None:
-        """The in-cluster URL of the pod kernel's Service (``None`` for the local backend)."""
+        """The in-cluster URL of the pod kernel's Service (``None`` for the local backend).
+
+        A Deployment's Service listens on the pod kernel's port; an autoscaled
+        compute's Knative Service on port 80 of its cluster-local address (Knative's
+        ingress routes it, waking a scaled-to-zero compute).
+        """
         if self.backend != "kubernetes":
             return None
-        return f"ws://{self.service_name}.{self.namespace}.svc.cluster.local:{POD_KERNEL_PORT}"
+        host = f"{self.service_name}.{self.namespace}.svc.cluster.local"
+        return f"ws://{host}" if self.deployment_mode == "knative" else f"ws://{host}:{POD_KERNEL_PORT}"
 
     @property
     def inactivity_ttl(self) -> float | None:
@@ -296,8 +334,42 @@ class Compute(ComputeLifecycle):
 
     @property
     def deployment_mode(self) -> str:
-        """Always ``"deployment"``: one Deployment per compute (no Knative / RayCluster modes)."""
-        return "deployment"
+        """``"knative"`` once :meth:`autoscale` was called (a Knative Service), else ``"deployment"``."""
+        return "knative" if self._autoscaling is not None else "deployment"
+
+    @property
+    def autoscaling_config(self) -> AutoscalingConfig | None:
+        """What :meth:`autoscale` set (``.to_dict()`` for a plain dict); None when not autoscaled."""
+        return self._autoscaling
+
+    @property
+    def distributed_config(self) -> dict[str, Any] | None:
+        """The distribution settings (framework, workers); None: this compute is not distributed."""
+        return self._distributed
+
+    def autoscale(self, min_replicas: int | None = None, max_replicas: int | None = None,
+                  target_concurrency: float | None = None, **knative: Any) -> "Compute":
+        """Run as a Knative Serving ``Service`` that scales between ``min_replicas`` and ``max_replicas``.
+
+        As in the seed, this changes the compute in place (before it is launched) and returns it,
+        so ``compute.autoscale(...)`` as a statement and chained calls both work. Knative's other
+        knobs (``metric``, ``target``, ``target_utilization``, ``window``, ``initial_replicas``,
+        ``scale_down_delay``, ``scale_to_zero_pod_retention_period``, ``container_concurrency``,
+        ``autoscaler_class``) are described in :class:`~kt_jupyter.autoscaling.AutoscalingConfig`;
+        each is validated here. Needs ``backend="kubernetes"`` and Knative Serving in the cluster
+        (a local compute refuses, here). Each replica is its own pod kernel (its own
+        variables): autoscaling suits ``fn``/``cls`` services, not stateful ``%%kt`` cells.
+        """
+        for key in knative:
+            if key not in AUTOSCALE_SETTINGS:
+                close = difflib.get_close_matches(key, ("min_replicas", "max_replicas", "target_concurrency")
+                                                  + AUTOSCALE_SETTINGS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(AUTOSCALE_SETTINGS)}"
+                raise ComputeSpecError(f"autoscale: unknown setting {key!r}{hint}")
+        config = AutoscalingConfig.from_arguments(min_replicas=min_replicas, max_replicas=max_replicas,
+                                                  target_concurrency=target_concurrency, **knative)
+        object.__setattr__(self, "_autoscaling", self._check_autoscaling(config))
+        return self
 
     @property
     def resources(self) -> dict[str, dict[str, str]]:
@@ -345,6 +417,7 @@ class Compute(ComputeLifecycle):
             "image_pull_policy": self.image_pull_policy, "gpu_anti_affinity": self.gpu_anti_affinity,
             "logging_config": self.logging_config, "kubeconfig_path": self.kubeconfig_path,
             "allowed_serialization": list(self.allowed_serialization),
+            "autoscaling": self._autoscaling and self._autoscaling.to_dict(),
         }
 
     @classmethod

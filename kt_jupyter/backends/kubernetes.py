@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from ..compute import POD_KERNEL_PORT, Compute
-from ..errors import ComputeSpecError, KtError, KubernetesAPIError, LaunchError, NotFoundError
+from ..errors import BackendUnavailable, ComputeSpecError, KtError, KubernetesAPIError, LaunchError, NotFoundError
 from ..k8s_fields import dns1123_label
 from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL, SPEC_ANNOTATION,
                          build_secret, compute_from_deployment, label_selector, token_secret_name)
@@ -126,6 +126,11 @@ class KubernetesBackend:
 
         ``keep`` changes nothing here: pods outlive the notebook; ``inactivity_ttl`` stops idle ones.
         """
+        if compute.deployment_mode == "knative":  # H8 knative hook: until launch/status/delete know Knative Services
+            raise BackendUnavailable(
+                f"compute {compute.name!r} is autoscaled (a Knative Service), which this backend cannot launch yet; "
+                "kt_jupyter.knative.knative_objects(compute, token) gives its manifests for `kubectl apply`, "
+                "or drop autoscale() to run it as a Deployment")
         say = on_event or (lambda _msg: None)
         ns, svc = compute.namespace, compute.service_name
         with self._lock:
