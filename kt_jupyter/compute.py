@@ -15,7 +15,7 @@ import getpass
 import json
 import os
 import shlex
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pod_kernel.protocol import SERIALIZATIONS
 
@@ -33,6 +33,7 @@ from .quantities import parse_cpus, parse_duration, parse_gpus, parse_memory
 
 if TYPE_CHECKING:
     from .backends import KernelInfo
+    from .rsync import RsyncResult
 
 __all__ = ["Compute", "Image", "LoggingConfig", "Secret", "Volume", "resolve_namespace"]
 
@@ -533,6 +534,22 @@ class Compute(ComputeLifecycle):
         if follow_logs is None:
             raise BackendUnavailable(f"the {self.backend} backend cannot follow logs; call logs() without follow")
         return follow_logs(self.name)
+
+    def rsync(self, paths: str | os.PathLike | list[str | os.PathLike], dest: str | None = None, *,
+              contents: bool = False, delete: bool = False, exclude: list[str] | tuple[str, ...] = (),
+              progress: bool | Callable[[int, int, int, int], None] = True) -> "RsyncResult":
+        """Copy files and directories to the pod's working directory (or ``dest`` there), sending only changes.
+
+        ``"src"`` lands as ``src/``; ``"src/"`` or ``contents=True`` copies what is inside. Files deleted
+        here stay on the pod unless ``delete=True`` (as ``rsync --delete``, under the synced directories).
+        ``exclude``: name patterns (``"*.pyc"``, ``".git"``). ``progress``: a line on stderr, or a callback
+        ``(bytes_sent, bytes_total, files_done, files_total)``. Launches the compute if it is not running.
+        """
+        from .connection import connect
+        from .rsync import rsync
+
+        return rsync(connect(self).session, paths, dest, pickle_ok="pickle" in self.allowed_serialization,
+                     contents=contents, delete=delete, exclude=exclude, progress=progress)
 
     def pods(self) -> list[Any]:
         """The pods of this compute (Kubernetes backend)."""

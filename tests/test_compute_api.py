@@ -240,3 +240,85 @@ def test_the_kubernetes_backend_refuses_an_autoscaled_compute_clearly_before_tou
     with pytest.raises(BackendUnavailable) as err:
         KubernetesBackend(api_client=object()).launch(autoscaled())  # any API call on object() would fail
     assert "autoscaled (a Knative Service)" in str(err.value) and "knative_objects" in str(err.value)
+
+
+# ---------------------------------------------------------------------- rsync
+
+def _tree(root: Path) -> None:
+    (root / "src" / "sub").mkdir(parents=True)
+    (root / "src" / "a.py").write_text("A = 1\n")
+    (root / "src" / "sub" / "blob.bin").write_bytes(bytes(range(256)) * 40)  # 10 KiB: several pieces
+    (root / "src" / "skip.pyc").write_bytes(b"\0")
+    (root / "notes.txt").write_text("hello\n")
+
+
+def _pod_files(pod: Path) -> dict[str, bytes]:
+    return {p.relative_to(pod).as_posix(): p.read_bytes() for p in sorted(pod.rglob("*")) if p.is_file()}
+
+
+def test_rsync_sends_only_changes_with_progress_and_keeps_deleted_files(tmp_path, monkeypatch, cleanup_connections):
+    import kt_jupyter.rsync as rsync_mod
+
+    monkeypatch.setattr(rsync_mod, "PIECE_BYTES", 4096)
+    here, pod = tmp_path / "here", tmp_path / "pod"
+    pod.mkdir()
+    _tree(here)
+    monkeypatch.chdir(here)
+    compute = Compute(name="rs", working_dir=str(pod))  # the pod kernel's working directory
+    seen = []
+    first = compute.rsync(["src", "notes.txt"], exclude=["*.pyc"], progress=lambda *p: seen.append(p))
+    assert first.dest == str(pod) and first.unchanged == 0
+    assert sorted(first.sent) == ["notes.txt", "src/a.py", "src/sub/blob.bin"]
+    assert first.bytes_sent == 10240 + 6 + 6
+    assert _pod_files(pod) == {"notes.txt": b"hello\n", "src/a.py": b"A = 1\n",
+                               "src/sub/blob.bin": bytes(range(256)) * 40}
+    assert seen[-1] == (10252, 10252, 3, 3) and len(seen) >= 3  # pieces of 4 KiB: progress along the way
+    assert [s[0] for s in seen] == sorted(s[0] for s in seen)
+
+    again = compute.rsync(["src", "notes.txt"], exclude=["*.pyc"], progress=False)
+    assert (again.sent, again.bytes_sent, again.unchanged) == ([], 0, 3)
+
+    (here / "src" / "a.py").write_text("A = 2  # changed\n")
+    (here / "src" / "new.py").write_text("NEW = 1\n")
+    (here / "src" / "sub" / "blob.bin").unlink()
+    third = compute.rsync(["src", "notes.txt"], exclude=["*.pyc"], progress=False)
+    assert sorted(third.sent) == ["src/a.py", "src/new.py"] and third.unchanged == 1 and third.deleted == []
+    assert (pod / "src" / "sub" / "blob.bin").exists()  # plain rsync keeps what was deleted here
+    assert compute.rsync("src", delete=True, exclude=["*.pyc"], progress=False).deleted == ["src/sub/blob.bin"]
+    assert (pod / "notes.txt").exists()  # outside the synced directory: untouched by delete
+
+    # contents of a directory ("src/"), into a dest under the working directory
+    into = compute.rsync("src/", dest="lib", exclude=["*.pyc"], progress=False)
+    assert into.dest == str(pod / "lib") and sorted(into.sent) == ["a.py", "new.py"]
+    assert (pod / "lib" / "a.py").read_text() == "A = 2  # changed\n"
+
+
+def test_rsync_on_a_json_only_compute_sends_bytes_as_text(tmp_path, monkeypatch, cleanup_connections, capsys):
+    here, pod = tmp_path / "here", tmp_path / "pod"
+    pod.mkdir()
+    _tree(here)
+    monkeypatch.chdir(here)
+    compute = Compute(name="rsj", working_dir=str(pod), allowed_serialization=["json"])
+    result = compute.rsync(here / "src" / "sub")
+    assert result.sent == ["sub/blob.bin"] and (pod / "sub" / "blob.bin").read_bytes() == bytes(range(256)) * 40
+    assert capsys.readouterr().err.endswith("rsync: 1/1 files, 0.0/0.0 MB\n")
+    with pytest.raises(Exception, match="does not exist here"):
+        compute.rsync("missing-dir")
+
+
+def test_pod_side_rsync_refuses_paths_outside_its_destination(tmp_path, monkeypatch):
+    from pod_kernel import rsync as pod_rsync
+
+    monkeypatch.chdir(tmp_path)
+    for rel in ("../escape", "/etc/passwd", "a/../../b", "", "x.kt-rsync-part"):
+        with pytest.raises(ValueError, match="rsync"):
+            pod_rsync.write(None, [[rel, 0, 1, 0o644, b"x"]])
+    with pytest.raises(ValueError, match="dest"):
+        pod_rsync.need("../up", {})
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(ValueError, match="symlink"):
+        pod_rsync.write(None, [["link/f", 0, 1, 0o644, b"x"]])
+    with pytest.raises(ValueError, match="does not fit"):
+        pod_rsync.write(None, [["f", 0, 1, 0o644, b"too long"]])
+    assert list((tmp_path / "outside").iterdir()) == []
