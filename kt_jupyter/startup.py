@@ -34,7 +34,7 @@ POD_KERNEL_DEPS = ("websockets>=14", "cloudpickle>=3.0", "ipython>=8.20", "psuti
 INSTALL_ENV_VARS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "HTTP_PROXY", "HTTPS_PROXY",
                     "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 #: The address the pod kernel binds in a pod.
-KERNEL_HOST = "0.0.0.0"
+KERNEL_HOST = "::"
 
 _VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z.+!-]*$")
 _PIP = '"$KT_PY" -m pip install --disable-pip-version-check --no-input'

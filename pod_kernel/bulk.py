@@ -62,6 +62,35 @@ def ticket_ttl_s() -> float:
     return ttl if 0 < ttl <= 3600 else TICKET_TTL_S
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``; ``"::"`` is dual-stack (IPv4 and IPv6) where the OS allows it.
+
+    asyncio and ``socket.create_server`` set ``IPV6_V6ONLY`` on an IPv6
+    socket, so binding ``::`` plainly would leave IPv4 clients out. Without
+    IPv6 or dual-stack support, ``::`` falls back to ``0.0.0.0``.
+    """
+    if host == "::":
+        if socket.has_ipv6 and socket.has_dualstack_ipv6():
+            try:
+                return socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+            except OSError as exc:  # IPv6 disabled on this host (sysctl, a container without it)
+                if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                    raise
+        host = "0.0.0.0"
+    return socket.create_server((host, port))
+
+
+#: ``KT_BULK_PORT``: the port the bulk channel listens on (0 or unset: a free one). Clusters fix it, so a
+#: port-forward, a Service and a NetworkPolicy can name it.
+BULK_PORT_ENV = "KT_BULK_PORT"
+
+
+def bulk_port() -> int:
+    """The port from ``KT_BULK_PORT`` when it is one (1-65535), else 0 (a free port)."""
+    raw = os.environ.get(BULK_PORT_ENV, "").strip()
+    return int(raw) if raw.isdigit() and 0 < int(raw) < 65536 else 0
+
+
 def send_parts(sock: socket.socket, parts: list[memoryview], progress: ProgressFn | None = None) -> None:
     """Write every part in order (no copies beyond the kernel's)."""
     total = sum(p.nbytes for p in parts)
@@ -128,8 +157,8 @@ class BulkServer:
     not presented a ticket; it also expires tickets and silent connections.
     """
 
-    def __init__(self, host: str, ticket_ttl: float | None = None) -> None:
-        self._sock = socket.create_server((host, 0))
+    def __init__(self, host: str, ticket_ttl: float | None = None, port: int | None = None) -> None:
+        self._sock = listen_socket(host, bulk_port() if port is None else port)
         self.port = self._sock.getsockname()[1]
         self.ticket_ttl_s = ticket_ttl or ticket_ttl_s()
         self._tickets: dict[bytes, Ticket] = {}

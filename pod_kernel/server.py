@@ -31,7 +31,7 @@ from websockets.http11 import Request, Response
 from . import coherence, logfile
 from . import protocol as P
 from . import tensors
-from .bulk import BULK_MIN_BYTES, BulkServer
+from .bulk import BULK_MIN_BYTES, BulkServer, listen_socket
 from .calls import CallRunner
 from .codesync import CodeSync
 from .executor import CellJob, Executor, write_cell_file
@@ -170,8 +170,7 @@ class PodKernelServer:
         self._flush_rejections()
         async with serve(
             self.handle,
-            host,
-            port,
+            sock=listen_socket(host, port),  # '::' is dual-stack (asyncio alone would make it IPv6-only)
             process_request=self.check_handshake,
             create_connection=KtServerConnection,
             compression=None,

@@ -166,7 +166,7 @@ def test_container_runs_the_pod_kernel_with_the_token_from_the_secret():
     dep = deployment_of(objects)
     c = container_of(dep)
     assert c["command"][:2] == ["/bin/sh", "-c"]
-    assert ("exec \"$KT_PY\" -m pod_kernel --host 0.0.0.0 --port \"${KT_PORT:-32300}\" --compute-name t "
+    assert ("exec \"$KT_PY\" -m pod_kernel --host :: --port \"${KT_PORT:-32300}\" --compute-name t "
             "--allowed-serialization json,pickle --log-level INFO") in c["command"][2]
     assert c["ports"] == [{"name": "kernel", "containerPort": 32300, "protocol": "TCP"}]
     assert c["env"][0] == {"name": "KT_TOKEN", "valueFrom": {"secretKeyRef": {"name": "tester-t-token",

@@ -96,7 +96,7 @@ def test_startup_script_on_a_pep668_python_as_a_uid_without_home():
                  .run_bash(f'{SYSTEM_PY} -c "import ktprobe; print(\'probe\', ktprobe.VALUE)" && '
                            'echo "home=$HOME no_proxy=$NO_PROXY user=$USER"'))
         compute = Compute(name="pep668", backend="kubernetes", namespace="ml", image=image)
-        script = startup_script(compute).replace("--host 0.0.0.0", "--host 127.0.0.1")  # as the fake kubelet does
+        script = startup_script(compute).replace("--host ::", "--host 127.0.0.1")  # as the fake kubelet does
         read_fd, write_fd = os.pipe()
         log_path = base / "pod.log"
         with open(log_path, "wb") as log:

@@ -24,8 +24,8 @@ Where no real part can run here, the fake stands in, and says so:
 * no mount namespace: volumes are directories under ``workdir``; for kt's two
   mounts (the source ConfigMap and the cache emptyDir) the fake sets the
   ``KT_SRC_DIR`` / ``KT_CACHE_DIR`` overrides the startup script reads;
-* no network namespace: the command's ``--host 0.0.0.0`` becomes
-  ``--host 127.0.0.1`` and ``KT_PORT=0`` lets the pod kernel pick a free
+* no network namespace: the command's ``--host ::`` (dual-stack,
+  :data:`kt_jupyter.startup.KERNEL_HOST`) becomes ``--host 127.0.0.1`` and ``KT_PORT=0`` lets the pod kernel pick a free
   port, which it reports on ``KT_READY_FD``; :class:`FakePortForwardConnector`
   hands the backend that address instead of a port-forward through the API;
 * no cgroup: a sampler kills the process group (SIGKILL) when its RSS

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from kt_jupyter.manifests import CACHE_DIR, SRC_DIR
+from kt_jupyter.startup import KERNEL_HOST
 
 from .store import SA_TOKEN_PREFIX, now_rfc3339
 
@@ -281,11 +282,11 @@ class FakePodRuntime:
         if not argv:
             raise RuntimeError(f"fake kubelet: container of {self.name} has no command (image entrypoints are "
                                "not emulated)")
-        script = argv[-1]
-        if "--host 0.0.0.0" not in script:
-            raise RuntimeError("fake kubelet: expected '--host 0.0.0.0' in the container command, to bind the "
+        script, bind = argv[-1], f"--host {KERNEL_HOST}"
+        if bind not in script:
+            raise RuntimeError(f"fake kubelet: expected '{bind}' in the container command, to bind the "
                                "fake pod to 127.0.0.1 instead; the manifests changed")
-        argv[-1] = script.replace("--host 0.0.0.0", "--host 127.0.0.1")
+        argv[-1] = script.replace(bind, "--host 127.0.0.1")
         return argv
 
     def _run_containers(self, env: dict[str, str]) -> None:
