@@ -182,15 +182,24 @@ def check_abs_path(value: object, param: str, example: str) -> str:
 # ---------------------------------------------------------------------- secrets, volumes, logging
 
 #: Conventional Kubernetes Secrets for ``Secret.from_provider``: where they land in the pod.
+#: Where provider Secrets are mounted: not under /root (0700), which the pod's uid 1000 cannot read.
+PROVIDER_MOUNT_DIR = "/var/run/secrets/kt"
 PROVIDERS: dict[str, dict[str, Any]] = {
-    "aws": {"mount_path": "/root/.aws"},
-    "gcp": {"mount_path": "/root/.config/gcloud"},
-    "azure": {"mount_path": "/root/.azure"},
+    "aws": {"mount_path": f"{PROVIDER_MOUNT_DIR}/aws"},
+    "gcp": {"mount_path": f"{PROVIDER_MOUNT_DIR}/gcp"},
+    "azure": {"mount_path": f"{PROVIDER_MOUNT_DIR}/azure"},
     "huggingface": {"env_vars": {"HF_TOKEN": "token"}},
     "openai": {"env_vars": {"OPENAI_API_KEY": "api_key"}},
     "anthropic": {"env_vars": {"ANTHROPIC_API_KEY": "api_key"}},
     "wandb": {"env_vars": {"WANDB_API_KEY": "api_key"}},
     "github": {"env_vars": {"GITHUB_TOKEN": "token"}},
+}
+#: Environment the provider's tools read to find a mounted Secret's files: variable -> file in the mount
+#: ('' for the mount itself).
+PROVIDER_FILE_ENV: dict[str, dict[str, str]] = {
+    "aws": {"AWS_SHARED_CREDENTIALS_FILE": "credentials", "AWS_CONFIG_FILE": "config"},
+    "gcp": {"GOOGLE_APPLICATION_CREDENTIALS": "application_default_credentials.json"},
+    "azure": {"AZURE_CONFIG_DIR": ""},
 }
 
 
@@ -236,6 +245,13 @@ class Secret:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form."""
         return asdict(self)
+
+    def file_env(self) -> dict[str, str]:
+        """For a mounted provider Secret: the variables that point its tools at the files (e.g. AWS_CONFIG_FILE)."""
+        if not self.mount_path or self.provider not in PROVIDER_FILE_ENV:
+            return {}
+        return {var: f"{self.mount_path}/{file}" if file else self.mount_path
+                for var, file in PROVIDER_FILE_ENV[self.provider].items()}
 
 
 @dataclass(frozen=True)

@@ -274,6 +274,8 @@ def _container_env(compute: "Compute", install_env: Mapping[str, str]) -> list[d
     for secret in compute.secrets:
         env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}}
                 for var, key in secret.env_vars.items()]
+        env += [{"name": var, "value": path} for var, path in secret.file_env().items()
+                if var not in compute.env_vars]  # the user's own setting wins
     return env
 
 

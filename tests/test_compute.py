@@ -293,7 +293,14 @@ def test_secrets_forms():
                          {"name": "db", "env_vars": {"DB_PASSWORD": "password"}},
                          Secret.from_name("certs", mount_path="/etc/certs/")])
     assert [s.name for s in c.secrets] == ["existing-k8s-secret", "kt-aws", "kt-huggingface", "db", "certs"]
-    assert c.secrets[1].mount_path == "/root/.aws" and c.secrets[2].env_vars == {"HF_TOKEN": "token"}
+    # not under /root (0700): the pod runs as uid 1000; the tools find the files through their variables
+    assert c.secrets[1].mount_path == "/var/run/secrets/kt/aws" and c.secrets[2].env_vars == {"HF_TOKEN": "token"}
+    assert c.secrets[1].file_env() == {"AWS_SHARED_CREDENTIALS_FILE": "/var/run/secrets/kt/aws/credentials",
+                                       "AWS_CONFIG_FILE": "/var/run/secrets/kt/aws/config"}
+    assert Secret.from_provider("gcp").file_env() == {
+        "GOOGLE_APPLICATION_CREDENTIALS": "/var/run/secrets/kt/gcp/application_default_credentials.json"}
+    assert Secret.from_provider("azure").file_env() == {"AZURE_CONFIG_DIR": "/var/run/secrets/kt/azure"}
+    assert c.secrets[2].file_env() == {} and c.secrets[4].file_env() == {}
     assert c.secrets[4].mount_path == "/etc/certs"
     assert Compute(secrets="a, b").secrets == [Secret("a"), Secret("b")]
 

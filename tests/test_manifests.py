@@ -263,7 +263,12 @@ def test_secrets_as_env_and_files():
     vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert vols["kt-secret-1"]["secret"] == {"secretName": "kt-aws"}
-    assert mounts["kt-secret-1"] == {"name": "kt-secret-1", "mountPath": "/root/.aws", "readOnly": True}
+    assert mounts["kt-secret-1"] == {"name": "kt-secret-1", "mountPath": "/var/run/secrets/kt/aws", "readOnly": True}
+    assert {"name": "AWS_SHARED_CREDENTIALS_FILE", "value": "/var/run/secrets/kt/aws/credentials"} in c["env"]
+    assert {"name": "AWS_CONFIG_FILE", "value": "/var/run/secrets/kt/aws/config"} in c["env"]
+    mine = build_deployment(k8s(**MATRIX["secrets"], env_vars={"AWS_CONFIG_FILE": "/work/aws.cfg"}))
+    env = mine["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "AWS_CONFIG_FILE"] == [{"name": "AWS_CONFIG_FILE", "value": "/work/aws.cfg"}]
     assert mounts["kt-secret-3"]["mountPath"] == "/etc/certs"
 
 
