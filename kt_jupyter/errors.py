@@ -107,3 +107,17 @@ class OutOfMemoryError(KtError, MemoryError):
         super().__init__(message)
         self.memory = memory
         self.tried = tried
+
+
+class CellSyntaxError(KtError):
+    """A ``%%kt`` cell that does not parse. Shown exactly as IPython shows a local cell's SyntaxError
+    (IPython prints any SyntaxError raised inside a magic with the whole stack through the magic)."""
+
+    def __init__(self, error: SyntaxError, stb: list[str]) -> None:
+        super().__init__(f"{error.msg} (line {error.lineno})")
+        self.error = error
+        self._stb = stb
+
+    def _render_traceback_(self) -> list[str]:
+        """The lines IPython shows for it: those of a local SyntaxError."""
+        return self._stb

@@ -8,7 +8,7 @@ import time
 from html import escape
 from typing import Any
 
-from .errors import KtError
+from .errors import CellSyntaxError
 from .quantities import format_bytes
 
 #: Transfers smaller than this show no progress line.
@@ -203,19 +203,6 @@ def colour_traceback(lines: list[str], theme_name: str) -> list[str]:
         else:
             out.append(line)
     return out
-
-
-class CellSyntaxError(KtError):
-    """A ``%%kt`` cell that does not parse. Shown exactly as IPython shows a local cell's SyntaxError
-    (IPython prints any SyntaxError raised inside a magic with the whole stack through the magic)."""
-
-    def __init__(self, error: SyntaxError, stb: list[str]) -> None:
-        super().__init__(f"{error.msg} (line {error.lineno})")
-        self.error = error
-        self._stb = stb
-
-    def _render_traceback_(self) -> list[str]:
-        return self._stb
 
 
 def present_error(exc: BaseException, shell: Any, execution_count: int | None = None) -> BaseException:

@@ -14,6 +14,7 @@ import base64
 import logging
 import os
 import queue
+import re
 import signal
 import sys
 import threading
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import logfile
 from .calls import call_sink
 from .cellfiles import CellFileError, CellFiles, write_cell_file  # noqa: F401  (server.py imports it here)
 from .coherence import StateTracker
@@ -405,14 +407,19 @@ class Executor:
             return {"status": "error", "ename": type_name(exc), "evalue": "debugger quit",
                     "traceback": [QUIT_MESSAGE], "exception": False}, b""
         payload = exception_payload(exc, self.allow_pickle)
+        shown = self.last_traceback or traceback.format_exception(exc)
+        # the traceback reaches the kernel log too (`%kt logs`), as a local kernel's terminal would show it
+        logfile.tee("stderr", _ANSI_RE.sub("", "\n".join(shown)).rstrip("\n") + "\n")
         return {
             "status": "error",
             "ename": type_name(exc),
             "evalue": str(exc),
-            "traceback": self.last_traceback or traceback.format_exception(exc),
+            "traceback": shown,
             "exception": bool(payload),
         }, payload
 
+
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 
 #: Code objects the SIGINT handler recognizes on the main thread's stack.
 _USER_CODE = Executor._user_code.__code__

@@ -199,3 +199,18 @@ def test_status_says_who_is_attached_and_per_notebook_default(ip, capsys, monkey
     assert "name='nb-my-analysis'" in capsys.readouterr().out
     run(ip, "%%kt\ny = 2")
     assert get_backend("local").find("nb-my-analysis") is not None
+
+
+def test_first_kt_list_without_a_cluster_does_not_import_the_kubernetes_client(tmp_path):
+    """With no kubeconfig and no in-cluster service, `%kt list` answers without the 2-3 s client import."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom IPython.testing.globalipapp import start_ipython\nip = start_ipython()\n"
+            "ip.run_line_magic('load_ext', 'kt_jupyter')\nip.run_line_magic('kt', 'list')\n"
+            "print('KUBERNETES_IMPORTED' if 'kubernetes' in sys.modules else 'KUBERNETES_NOT_IMPORTED')\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+    env.update(HOME=str(tmp_path), KT_HOME=str(tmp_path / ".kt"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "KUBERNETES_NOT_IMPORTED" in out.stdout, out.stdout + out.stderr
+    assert "no computes running" in out.stdout  # the listing itself worked

@@ -528,3 +528,12 @@ def test_heartbeats_never_touch_the_users_random_state(kernel):
         "asyncio.run_coroutine_threadsafe(ws.ping(), server.loop).result(10)\n"
         "random.getstate() == before")
     assert r.data == {"text/plain": "True"}
+
+
+def test_a_cells_traceback_reaches_the_kernel_log(kernel, local_backend):
+    """`%kt logs` shows why a cell failed, as a local kernel's terminal would."""
+    _, s = kernel
+    with pytest.raises(ZeroDivisionError):
+        s.execute("def inner():\n    return 1 / 0\ninner()")
+    log = local_backend.logs("t", tail=40)
+    assert "ZeroDivisionError" in log and "return 1 / 0" in log and "\x1b[" not in log

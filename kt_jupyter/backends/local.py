@@ -79,10 +79,13 @@ def _no_follow(path: str, flags: int) -> int:
 
 
 def tail_lines(path: Path, n: int | None) -> str:
-    """The last ``n`` lines of a text file (all of it when n is None), '' if missing; never through a symlink."""
+    """The last ``n`` lines of a log (all of it when n is None), '' if missing; never through a symlink.
+
+    A log the pod kernel just rotated is short: the lines before come from ``<name>.1``.
+    """
     try:
         with open(path, "rb", opener=_no_follow) as f:
-            return tail_of(f, n)
+            text = tail_of(f, n)
     except FileNotFoundError:
         text = ""
     return _with_rotated(path, text, n)
