@@ -551,6 +551,31 @@ class Compute(ComputeLifecycle):
         return rsync(connect(self).session, paths, dest, pickle_ok="pickle" in self.allowed_serialization,
                      contents=contents, delete=delete, exclude=exclude, progress=progress)
 
+    def ssh(self) -> int | None:
+        """An interactive shell where the pod kernel runs (launching it if needed), in its working directory.
+
+        In a terminal (IPython, a script): a real TTY here until the shell exits; returns its exit code.
+        In a notebook: a Jupyter terminal opened by the server extension, and a link to it shown.
+        Local: ``$SHELL`` with the kernel's environment; Kubernetes: ``kubectl exec -it`` through the API.
+        """
+        from .connection import connect
+        from .shell import ssh
+
+        connect(self)
+        return ssh(self.backend, self.name)
+
+    def client_port(self) -> int:
+        """The local port that reaches the pod kernel (launching it if needed): on Kubernetes a port-forward
+        to its port, locally the kernel's own port on 127.0.0.1."""
+        from urllib.parse import urlsplit
+
+        from .connection import connect
+
+        url = urlsplit(connect(self).handle.url)
+        if url.hostname == "127.0.0.1" and url.port:
+            return url.port
+        return self._backend().forward_port(self.name, POD_KERNEL_PORT)
+
     def pods(self) -> list[Any]:
         """The pods of this compute (Kubernetes backend)."""
         backend = self._backend()

@@ -7,6 +7,7 @@ GET         ``/kt/api/computes/{backend}/{name}``                   one compute
 DELETE      ``/kt/api/computes/{backend}/{name}``                   stop it
 GET         ``/kt/api/computes/{backend}/{name}/logs?tail=N``       the last N log lines
 GET         ``/kt/api/computes/{backend}/{name}/metrics``           one live resource sample
+POST        ``/kt/api/computes/{backend}/{name}/terminal``          a terminal with a shell on it (ssh)
 ==========  ======================================================  =====================================
 
 Errors are JSON ``{"message": ...}`` of at most :data:`MAX_MESSAGE_CHARS`: a
@@ -35,6 +36,7 @@ from ..errors import ComputeSpecError, KtError, NotFoundError, RemoteTimeoutErro
 from ..names import check_compute_name, shown
 from . import computes
 from .computes import SPEC_EXAMPLE
+from .terminals import TerminalsDisabled, open_terminal
 
 #: The authorisation resource every kt handler checks (``Authorizer.is_authorized(..., resource="kt")``).
 AUTH_RESOURCE = "kt"
@@ -276,9 +278,27 @@ class MetricsHandler(KtHandler):
         self.reply({"name": name, "backend": backend, "metrics": metrics})
 
 
+class TerminalHandler(KtHandler):
+    """``/kt/api/computes/{backend}/{name}/terminal``: a Jupyter terminal running a shell on the compute."""
+
+    @web.authenticated
+    @authorized
+    async def post(self, backend: str, name: str) -> None:
+        """201 ``{"name": terminal, "path": "terminals/<terminal>"}``; 409 when the compute is not running."""
+        backend, name = checked_target(backend, name)
+        if await self.blocking(computes.live_handle, backend, name) is None:
+            raise ApiError(409, f"{backend} compute {name!r} is not running; run a cell on it, then ssh() again")
+        try:
+            terminal = open_terminal(self.settings, backend, name)
+        except TerminalsDisabled as exc:
+            raise ApiError(409, str(exc)) from None
+        self.reply({"compute": name, "backend": backend, **terminal}, status=201)
+
+
 default_handlers = [
     (r"/kt/api/computes/?", ComputesHandler),
     (rf"/kt/api/computes/{_NAME}/?", ComputeHandler),
     (rf"/kt/api/computes/{_NAME}/logs/?", LogsHandler),
     (rf"/kt/api/computes/{_NAME}/metrics/?", MetricsHandler),
+    (rf"/kt/api/computes/{_NAME}/terminal/?", TerminalHandler),
 ]

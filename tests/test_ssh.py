@@ -1,0 +1,143 @@
+"""Compute.ssh(): a shell beside a real local pod kernel through real ptys (pexpect drives our terminal),
+and the server extension's terminal route on a real Jupyter server with terminado; client_port()."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+pytest.importorskip("pytest_jupyter", reason="needs pytest-jupyter[server] (the test extra)")
+
+from pytest_jupyter.jupyter_server import *  # noqa: E402,F401,F403  (jp_serverapp, jp_fetch and what they need)
+from tornado.httpclient import HTTPClientError  # noqa: E402
+
+from kt_jupyter.compute import Compute  # noqa: E402
+from kt_jupyter.shell import open_server_terminal  # noqa: E402
+
+#: Seconds any one expected answer may take.
+ANSWER_TIMEOUT_S = 15
+
+
+@pytest.fixture
+def jp_server_config():
+    return {"ServerApp": {"jpserver_extensions": {"kt_jupyter.server": True}}}
+
+
+@pytest.fixture
+def pod_kernel(tmp_path, local_backend):
+    """A running local compute with its own working directory and an env var of its own."""
+    pod = tmp_path / "pod"
+    pod.mkdir()
+    compute = Compute(name="sh1", working_dir=str(pod), env_vars={"KT_MARK": "mark-123", "SHELL": "/bin/sh"})
+    local_backend.launch(compute)
+    return compute, pod
+
+
+def _shell_env() -> dict[str, str]:
+    return {**os.environ, "SHELL": "/bin/sh", "TERM": "dumb"}
+
+
+def test_local_shell_is_a_real_tty_in_the_kernels_directory_with_its_environment(pod_kernel):
+    compute, pod = pod_kernel
+    child = pexpect.spawn(sys.executable, ["-m", "kt_jupyter.shell", "--backend", "local", compute.name],
+                          env={**_shell_env(), "KT_MARK": "not-the-kernels"}, timeout=ANSWER_TIMEOUT_S,
+                          encoding="utf-8", dimensions=(40, 100))
+    try:
+        child.expect(r"[$#] $")  # the kernel's $SHELL (sh) prompts: it reads the terminal now
+        child.sendline('echo "[$KT_MARK:$(pwd)]"; tty; stty size')
+        child.expect_exact(f"[mark-123:{pod}]")  # the kernel's environment and working directory
+        child.expect(r"/dev/pts/\d+")  # a real terminal on the far side of our relay
+        child.expect_exact("40 100")  # the window size travelled
+        child.setwinsize(30, 90)
+        child.sendline("stty size")
+        child.expect_exact("30 90")  # and follows a resize
+        child.sendline("exit 3")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 3  # the shell's exit code is ours
+
+
+def test_shell_of_a_compute_that_is_not_running_says_what_to_do(kt_home):
+    child = pexpect.spawn(sys.executable, ["-m", "kt_jupyter.shell", "nope"], env=_shell_env(),
+                          timeout=ANSWER_TIMEOUT_S, encoding="utf-8")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert "kt ssh: no running local compute named 'nope'; run a cell on it" in child.before
+    assert child.exitstatus == 1 and "Traceback" not in child.before
+
+
+def test_ssh_without_a_terminal_or_server_names_the_command(pod_kernel, monkeypatch):
+    from kt_jupyter import shell
+    from kt_jupyter.errors import BackendUnavailable
+
+    compute, _ = pod_kernel
+    monkeypatch.setattr(shell, "notebook_server", lambda: None)  # pytest's stdin is no terminal either
+    with pytest.raises(BackendUnavailable, match="python -m kt_jupyter.shell --backend local sh1"):
+        shell.ssh("local", compute.name)
+
+
+def test_client_port_reaches_the_local_kernel(pod_kernel, cleanup_connections):
+    compute, _ = pod_kernel
+    port = compute.client_port()
+    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_TIMEOUT_S) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+
+
+# ---------------------------------------------------------------------- the server's terminal route
+
+def _post_terminal(jp_fetch, loop, backend: str, name: str, headers: dict | None = None):
+    try:
+        reply = loop.run_until_complete(jp_fetch("kt", "api", "computes", backend, name, "terminal", method="POST",
+                                                 body="{}", headers=headers or {}))
+    except HTTPClientError as exc:
+        return exc.code, json.loads(exc.response.body)
+    return reply.code, json.loads(reply.body)
+
+
+def test_terminal_route_opens_a_shell_on_the_compute(pod_kernel, jp_fetch, jp_ws_fetch, jp_asyncio_loop,
+                                                     jp_serverapp, jp_http_port, jp_base_url):
+    compute, pod = pod_kernel
+    code, body = _post_terminal(jp_fetch, jp_asyncio_loop, "local", compute.name)
+    assert code == 201 and body["path"] == f"terminals/{body['name']}" and body["compute"] == "sh1"
+
+    async def shell_says() -> str:
+        ws = await jp_ws_fetch("terminals", "websocket", body["name"])
+        ws.write_message(json.dumps(["stdin", 'echo "[$KT_MARK:$(pwd)]"\r']))
+        seen = ""
+        while f"[mark-123:{pod}]" not in seen:
+            message = json.loads(await asyncio.wait_for(ws.read_message(), ANSWER_TIMEOUT_S))
+            if message[0] == "stdout":
+                seen += message[1]
+        ws.write_message(json.dumps(["stdin", "exit\r"]))
+        ws.close()
+        return seen
+
+    assert f"[mark-123:{pod}]" in jp_asyncio_loop.run_until_complete(shell_says())
+
+    # what ssh() in a notebook does: find the server, ask it, get the page's URL
+    server = {"url": f"http://localhost:{jp_http_port}{jp_base_url}", "token": jp_serverapp.identity_provider.token}
+    url = jp_asyncio_loop.run_until_complete(asyncio.to_thread(open_server_terminal, "local", compute.name, server))
+    assert url.startswith(server["url"] + "terminals/")
+    for name in (body["name"], url.rsplit("/", 1)[1]):
+        jp_asyncio_loop.run_until_complete(jp_fetch("api", "terminals", name, method="DELETE"))
+
+
+def test_terminal_route_refuses_what_it_must(pod_kernel, jp_fetch, jp_asyncio_loop):
+    compute, _ = pod_kernel
+    assert _post_terminal(jp_fetch, jp_asyncio_loop, "local", "gone")[0] == 404
+    code, body = _post_terminal(jp_fetch, jp_asyncio_loop, "local", "..")
+    assert code == 400 and "name" in body["message"]
+    assert _post_terminal(jp_fetch, jp_asyncio_loop, "nowhere", compute.name)[0] == 404
+    code, _ = _post_terminal(jp_fetch, jp_asyncio_loop, "local", compute.name, headers={"Authorization": ""})
+    assert code in (401, 403)
+    code, body = _post_terminal(jp_fetch, jp_asyncio_loop, "local", compute.name)  # still fine with a token
+    assert code == 201
+    jp_asyncio_loop.run_until_complete(jp_fetch("api", "terminals", body["name"], method="DELETE"))
