@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,16 +76,27 @@ class RemoteRef:
 
 @dataclass
 class Held:
-    """A value the pod holds under a name, as this notebook last sent or pulled it."""
+    """A value the pod holds under a name, as this notebook last sent or pulled it.
 
-    #: fingerprint of the value when it was sent or pulled ('' when it cannot be fingerprinted)
+    Each side judges its own copy with its own fingerprint (a function shipped by
+    value pickles differently in the two processes, and a matplotlib Figure
+    differently at each dump): ``fingerprint``/``stable`` are the notebook's,
+    ``pod_fingerprint``/``pod_stable`` what the pod said of its object. An
+    unstable value is known by identity: the same object is the same version.
+    """
+
+    #: the notebook's fingerprint of its copy when it was sent or pulled ('' when it cannot be fingerprinted)
     fingerprint: str
     #: id() of the pod's object (None: not known, so it is sent again when read)
     pod_id: int | None
     #: id() of the notebook's object
     local_id: int
-    #: False when the value pickles differently each time (a matplotlib Figure): its identity is its version
+    #: False when the notebook's copy pickles differently each time
     stable: bool = True
+    #: the pod's fingerprint of its object ('' unknown: the notebook's is sent instead)
+    pod_fingerprint: str = ""
+    #: False when the pod's object pickles differently each time
+    pod_stable: bool = True
 
 
 @dataclass
@@ -100,6 +112,7 @@ class CellOutcome:
     #: names bound to modules by the cell, imported here instead of transferred
     imported: list[str] = field(default_factory=list)
     bytes_pushed: int = 0
+    #: seconds of push, execute, pull, total; ``coherence``: fingerprinting here and the pod's checks
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -124,6 +137,8 @@ class ComputeConnection:
         #: name -> what the pod holds under it, as last sent or pulled. Before skipping a push the pod
         #: is asked for the ids: another notebook sharing this compute may have rebound the name.
         self.held: dict[str, Held] = {}
+        #: names this notebook holds as RemoteRefs to this compute
+        self.refs: set[str] = set()
         self.cells_run = 0
         self.lock = threading.Lock()
         self.code = CodeTree()
@@ -182,6 +197,7 @@ class ComputeConnection:
         missing = [n for n in transfer.push if n not in user_ns]
         if missing:
             raise TransferError(f"--push names {', '.join(missing)}, which the notebook does not define")
+        self._forget_deleted_here(user_ns)
         self._push(names, user_ns, outcome, force=set(transfer.push), on_progress=on_progress)
         outcome.timings_s["push"] = time.perf_counter() - t0
 
@@ -196,7 +212,7 @@ class ComputeConnection:
                 raise
             # the cell raised (or was interrupted): what it bound before that comes back, as locally
             self._reconcile(analysis.mentions, user_ns, outcome, transfer, on_output, on_progress)
-            raise
+            raise _as_notebook_type(exc, user_ns) from None
         outcome.timings_s["execute"] = time.perf_counter() - t1
         self.cells_run += 1
         t2 = time.perf_counter()
@@ -204,6 +220,15 @@ class ComputeConnection:
         outcome.timings_s["pull"] = time.perf_counter() - t2
         outcome.timings_s["total"] = time.perf_counter() - t0
         return outcome
+
+    def _forget_deleted_here(self, user_ns: MutableMapping[str, Any]) -> None:
+        """Names the notebook deleted (``del x``, ``%reset``) since the pod got them are deleted there too."""
+        gone = [n for n in self.held if n not in user_ns] + [n for n in self.refs if n not in user_ns]
+        self.refs -= set(gone)
+        for name in gone:
+            self.held.pop(name, None)
+        if gone:
+            self.session.delete(gone)
 
     def catch_up(self, on_output: OutputCallback) -> None:
         """Show what the pod printed for notebook sessions that lost their client, and wait for their cells.
@@ -268,20 +293,24 @@ class ComputeConnection:
                     )
                 continue  # the pod holds the real value already
             held = self.held.get(name)
-            if held is not None and not held.stable and name not in force:
-                if id(value) == held.local_id and held.pod_id is not None:  # known by identity only
-                    maybe_held.append(name)
-                else:
-                    send[name] = value
+            same_object = held is not None and id(value) == held.local_id and held.pod_id is not None
+            if same_object and not held.stable and name not in force:  # known by identity only
+                maybe_held.append(name)
                 continue
-            fp = P.fingerprint(value)
-            prints[name] = fp
+            t_fp = time.perf_counter()
+            fp = prints[name] = P.fingerprint(value)
+            if fp and same_object and fp != held.fingerprint and P.fingerprint(value) != fp:
+                held.stable = False  # pickles differently each time: its identity is its version
+                fp = held.fingerprint
+            outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_fp
             if fp and name not in force and held is not None and held.fingerprint == fp and held.pod_id is not None:
                 maybe_held.append(name)
             else:
                 send[name] = value
         if maybe_held:  # one round trip: does the pod still hold the very objects we left there?
+            t_check = time.perf_counter()
             pod_ids = {d["name"]: d.get("id") for d in self.session.inventory(maybe_held)}
+            outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_check
             for name in maybe_held:
                 if pod_ids.get(name) == self.held[name].pod_id:
                     outcome.skipped_unchanged.append(name)
@@ -301,8 +330,9 @@ class ComputeConnection:
             fp = prints.get(name)
             if fp is None:  # an unstable value, sent again: fingerprinted now for the record
                 fp = P.fingerprint(value)
-            stable = self.held[name].stable if name in self.held else True
-            self.held[name] = Held(fp, ids.get(name), id(value), stable)
+            old = self.held.get(name)
+            self.held[name] = Held(fp, ids.get(name), id(value), old.stable if old else True, fp,
+                                   old.pod_stable if old else True)
         outcome.pushed = list(send)
         outcome.bytes_pushed = bundle.nbytes
 
@@ -327,17 +357,21 @@ class ComputeConnection:
                    transfer: TransferOptions, on_output: OutputCallback | None,
                    on_progress: Callable[[str, int, int], None] | None) -> None:
         """After a cell: one request says what it bound, deleted or changed in place; the notebook follows."""
-        held = {n: [h.pod_id, h.fingerprint, h.stable] for n, h in self.held.items() if h.pod_id is not None}
+        held = {n: [h.pod_id, h.pod_fingerprint or h.fingerprint, h.pod_stable]
+                for n, h in self.held.items() if h.pod_id is not None}
         header = {"type": "inventory", "names": sorted(mentions), "held": held,
                   "fingerprint_max_bytes": transfer.pull_limit_bytes}
+        t_sync = time.perf_counter()
         state = asyncio.run_coroutine_threadsafe(self.session.arequest(header), client_loop()).result()
+        outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_sync
         for name in state.get("unstable") or []:
             if name in self.held:
-                self.held[name].stable = False
+                self.held[name].pod_stable = False
         for name in state.get("missing") or []:
             self.held.pop(name, None)
         for name in state.get("deleted") or []:
             self.held.pop(name, None)
+            self.refs.discard(name)
             if name in user_ns:
                 del user_ns[name]
                 outcome.deleted.append(name)
@@ -351,6 +385,7 @@ class ComputeConnection:
                 if name in user_ns:  # the notebook's copy is stale now: it must not be pushed back over it
                     user_ns[name] = RemoteRef(name, self.name, d["type"], d["size"], reason="not pulled (--pull)")
                     outcome.refs.append(name)
+                    self.refs.add(name)
                 continue
             if d.get("module"):
                 self._import(name, d, user_ns, outcome, stays)
@@ -365,6 +400,7 @@ class ComputeConnection:
         for ref in stays:
             user_ns[ref.name] = ref
             outcome.refs.append(ref.name)
+            self.refs.add(ref.name)
         if stays and on_output is not None:
             listed = "; ".join(f"{r.name} ({r.type}, {format_bytes(r.size)}, {r.reason})" for r in stays)
             on_output({"type": "notice", "level": "info",
@@ -376,9 +412,10 @@ class ComputeConnection:
         fp = d.get("fingerprint")
         if not fp or not d.get("stable", True) or name not in user_ns or isinstance(user_ns[name], RemoteRef):
             return False
-        if P.fingerprint(user_ns[name]) != fp:
+        mine = P.fingerprint(user_ns[name])
+        if mine != fp:
             return False
-        self.held[name] = Held(fp, d.get("id"), id(user_ns[name]))
+        self.held[name] = Held(mine, d.get("id"), id(user_ns[name]), True, fp)
         return True
 
     def _import(self, name: str, d: dict[str, Any], user_ns: MutableMapping[str, Any], outcome: CellOutcome,
@@ -391,6 +428,7 @@ class ComputeConnection:
                                    reason=f"module {d['module']!r} cannot be imported here: {type(exc).__name__}"))
             return
         user_ns[name] = module
+        self.refs.discard(name)
         fp = P.fingerprint(module)
         self.held[name] = Held(fp, d.get("id"), id(module))
         outcome.imported.append(name)
@@ -403,7 +441,8 @@ class ComputeConnection:
             return
         progress = None if on_progress is None else (lambda done, total: on_progress("pull", done, total))
         try:
-            values = self.session.pull(list(described), on_progress=progress)
+            with _no_new_pyplot_figures():
+                values = self.session.pull(list(described), on_progress=progress)
         except Exception as exc:
             if not _value_failure(exc):  # the connection or the kernel failed
                 raise
@@ -420,11 +459,13 @@ class ComputeConnection:
         values = coherence.adopt_functions(values, user_ns)  # notebook functions see the notebook's globals
         for name, value in values.items():
             user_ns[name] = value
+            self.refs.discard(name)
             d = described[name]
             fp = P.fingerprint(value)
-            # the same bytes here as there: a stable value; else it is known by identity from now on
-            stable = bool(fp) and d.get("stable", True) and fp == d.get("fingerprint")
-            self.held[name] = Held(fp, d.get("id"), id(value), stable)
+            # pickles the same way twice here: a stable value; else it is known by identity from now on
+            stable = bool(fp) and (fp == d.get("fingerprint") or P.fingerprint(value) == fp)
+            self.held[name] = Held(fp, d.get("id"), id(value), stable, d.get("fingerprint") or "",
+                                   bool(d.get("stable", True)))
             outcome.pulled.append(name)
 
     def pull(self, names: Iterable[str], user_ns: MutableMapping[str, Any],
@@ -441,6 +482,7 @@ class ComputeConnection:
     def forget_state(self) -> None:
         """The pod kernel is new: it holds nothing we sent before."""
         self.held.clear()
+        self.refs.clear()
 
 
 # ---------------------------------------------------------------------- the process-wide registry
@@ -526,6 +568,42 @@ def disconnect(name: str, backend: str | None = None) -> ComputeConnection | Non
                 conn.session.close_quietly()
                 return conn
     return None
+
+
+def _as_notebook_type(exc: BaseException, user_ns: Mapping[str, Any]) -> BaseException:
+    """A remote exception of a class the notebook defines (``__main__.AppError``) as that class, like locally."""
+    module, _, qualname = str(getattr(exc, "ename", "")).rpartition(".")
+    cls = user_ns.get(qualname)
+    if not isinstance(exc, RemoteError) or module != "__main__" or not (
+            isinstance(cls, type) and issubclass(cls, BaseException)):
+        return exc
+    try:
+        mine = cls(exc.evalue)
+        mine.remote_traceback = exc.remote_traceback  # type: ignore[attr-defined]
+        mine.remote_ename = exc.ename  # type: ignore[attr-defined]
+        render = getattr(exc, "_render_traceback_", None)
+        if render is not None:
+            mine._render_traceback_ = render  # type: ignore[attr-defined]
+    except Exception:  # its constructor wants other arguments, or it takes no attributes
+        return exc
+    return mine
+
+
+class _no_new_pyplot_figures:
+    """Figures unpickled here are not registered with pyplot (matplotlib does so when the pod's
+    figure was registered there), so the notebook's backend does not show them a second time."""
+
+    def __enter__(self) -> None:
+        helpers = sys.modules.get("matplotlib._pylab_helpers")
+        self.before = set(helpers.Gcf.figs) if helpers is not None else set()
+
+    def __exit__(self, *exc: object) -> None:
+        helpers = sys.modules.get("matplotlib._pylab_helpers")
+        if helpers is not None:
+            for num in set(helpers.Gcf.figs) - self.before:
+                manager = helpers.Gcf.figs.pop(num, None)
+                if manager is not None and getattr(manager.canvas, "manager", None) is manager:
+                    manager.canvas.manager = None
 
 
 def _raised_by_cell(exc: BaseException) -> bool:

@@ -108,7 +108,41 @@ class StateTracker:
                     changed[name] = describe(name, value, fingerprint_max_bytes, stable=False)
                 continue
             changed[name] = dict(describe(name, value, 0), fingerprint=now)
+        self._add_containers(changed, held, unstable, fingerprint_max_bytes)
         return {"changed": list(changed.values()), "deleted": deleted, "missing": missing, "unstable": unstable}
+
+    def _add_containers(self, changed: dict[str, dict[str, Any]], held: Mapping[str, Any], unstable: list[str],
+                        fingerprint_max_bytes: int) -> None:
+        """Held names pickled inside a changed value, or holding one (``ax.figure is fig``), change with it:
+        they travel in the same bundle, so the notebook's copies keep sharing their objects."""
+        ns = self.namespace
+        others = {id(ns[n]): n for n in held if n in ns and n not in changed}
+        todo = [n for n in changed if n in ns]
+        while todo and others:
+            inside = _pickled_ids(ns[todo.pop()])
+            for obj_id in inside & others.keys():
+                name = others.pop(obj_id)
+                changed[name] = describe(name, ns[name], fingerprint_max_bytes, stable=name not in unstable)
+                todo.append(name)
+
+
+class _Discard:
+    """A file that keeps nothing: pickling only to see what a value holds."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _pickled_ids(value: Any) -> set[int]:
+    """ids of the objects a pickle of ``value`` contains (buffers not copied); empty if it does not pickle."""
+    import cloudpickle
+
+    pickler = cloudpickle.Pickler(_Discard(), protocol=5, buffer_callback=lambda _buf: True)
+    try:
+        pickler.dump(value)
+    except Exception:
+        return set()
+    return set(pickler.memo.copy())
 
 
 def describe(name: str, value: Any, fingerprint_max_bytes: int, stable: bool = True) -> dict[str, Any]:

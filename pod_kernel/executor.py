@@ -187,6 +187,10 @@ def _make_shell(executor: "Executor"):
         def enable_gui(self, gui=None):
             pass
 
+        def show_usage_error(self, exc):
+            # said once, by the notebook, which raises it again (IPython would print it here too)
+            executor.last_traceback = [f"UsageError: {exc}"]
+
         def transform_cell(self, raw_cell):
             # %%kt sends "# %%kt ...\n" + the cell: IPython's one-line rules (automagic, `ls dir`) are the cell's
             header, newline, body = raw_cell.partition("\n")
@@ -203,6 +207,21 @@ def _make_shell(executor: "Executor"):
     # for days (or one 100 MB print) must not; Out[] / _ still work through the display hook.
     shell.history_manager.outputs = _NoOutputs()
     return shell
+
+
+def _cell_logging() -> None:
+    """Logging from cells and libraries goes to the cell's stderr, as in a local kernel (whose root logger
+    has no handler); the pod kernel's own loggers keep the handlers its command line set up."""
+    root = logging.getLogger()
+    for name in ("pod_kernel", "websockets", "asyncio", "debugpy"):
+        own = logging.getLogger(name)
+        for handler in root.handlers:
+            own.addHandler(handler)
+        own.setLevel(min(root.level, own.level) if own.level else root.level)
+        own.propagate = False
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 class _NoOutputs(dict):
@@ -238,6 +257,7 @@ class Executor:
         sys.stderr = CellStream(self, "stderr", log_err)  # type: ignore[assignment]
         os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
         self.shell = _make_shell(self)
+        _cell_logging()
         self.state = StateTracker(self.shell.user_ns)  # what each session's cells bound, for its notebook
         self.relay = InputRelay(self)  # input() / pdb in a cell ask the notebook
         self.relay.install()
