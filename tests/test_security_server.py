@@ -55,7 +55,7 @@ HOSTILE_NAMES = {
     "leading dash": "-x",
     "trailing newline": "x%0A",
 }
-ROUTES = [("GET", ""), ("DELETE", ""), ("GET", "/logs"), ("GET", "/metrics")]
+ROUTES = [("GET", ""), ("DELETE", ""), ("GET", "/logs"), ("GET", "/metrics"), ("POST", "/terminal")]
 
 
 @pytest.fixture
@@ -288,7 +288,7 @@ def _plant(entry: Path, port: int, pid: int, *, uid: int, dir_mode: int = 0o700,
 
 def _refused_everywhere(api, local_backend, name: str) -> None:
     """Every way to use compute ``name`` is refused: server routes, backend calls, the listing."""
-    for method, suffix in [r for r in ROUTES if r[0] == "GET"]:
+    for method, suffix in [r for r in ROUTES if r[0] != "DELETE"]:
         reply = api(method, f"computes/local/{name}{suffix}")
         assert reply.code == 404, (method, suffix, reply)
         assert "not usable" in reply.message and "does not trust it" in reply.message

@@ -111,6 +111,7 @@ ALL_METHODS = [
     ("DELETE", ("computes", "local", "x")),
     ("GET", ("computes", "local", "x", "logs")),
     ("GET", ("computes", "local", "x", "metrics")),
+    ("POST", ("computes", "local", "x", "terminal")),
 ]
 
 
