@@ -457,8 +457,8 @@ def test_the_configmap_ships_pod_kernel_and_the_guard(cluster):
     assert f"-m {GUARD_MODULE} --namespace kt-test --deployment tester-src -- " in script
     assert script.rstrip().endswith("--inactivity-ttl 1800")
     assert TEMPLATE_HASH_ANNOTATION in dep["spec"]["template"]["metadata"]["annotations"]
-    assert [o["kind"] for o in objects] == ["Secret", "ConfigMap", "Service", "ServiceAccount", "Role",
-                                            "RoleBinding", "Deployment"]
+    assert [o["kind"] for o in objects] == ["Secret", "ConfigMap", "Service", "NetworkPolicy", "ServiceAccount",
+                                            "Role", "RoleBinding", "Deployment"]
 
 
 @pytest.mark.parametrize("params", [{}, {"inactivity_ttl": "30m"}, {"inactivity_ttl": 60, "gpus": 1, "freeze": True},

@@ -118,3 +118,23 @@ def get_backend(name: str) -> Backend:
                 ) from None
             _instances[name] = KubernetesBackend()
     return _instances[name]
+
+
+def backend_with(name: str, preferred: str) -> str:
+    """The backend that has a compute named ``name``: ``preferred`` when it does, else the first other that does.
+
+    So ``%kt down NAME`` and ``%kt status NAME`` find a Kubernetes compute
+    whatever the default backend is. A backend that cannot be asked (no
+    cluster configured) is skipped; with no backend knowing the name, ``preferred``.
+    """
+    from ..errors import KtError, NotFoundError
+
+    for backend in [preferred] + [b for b in BACKENDS if b != preferred]:
+        try:
+            get_backend(backend).status(name)
+        except NotFoundError:
+            continue
+        except KtError:  # unavailable, unreachable, forbidden: it cannot be the one
+            continue
+        return backend
+    return preferred

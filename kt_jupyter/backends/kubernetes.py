@@ -38,8 +38,8 @@ from urllib.parse import urlsplit
 from ..compute import POD_KERNEL_PORT, Compute
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, KubernetesAPIError, LaunchError, NotFoundError
 from ..k8s_fields import dns1123_label
-from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL, SPEC_ANNOTATION,
-                         build_secret, compute_from_deployment, label_selector, token_secret_name)
+from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, KUEUE_QUEUE_LABEL, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL,
+                         SPEC_ANNOTATION, build_secret, compute_from_deployment, label_selector, token_secret_name)
 from ..names import check_compute_name
 from . import KernelHandle, KernelInfo
 from . import kubernetes_events as ev
@@ -52,8 +52,10 @@ from .portforward import Connector, PodTarget, default_connector
 
 #: Seconds ``delete`` waits for the pods to go, beyond their grace period.
 DELETE_WAIT_S = 60.0
+#: The least grace a pod gets: never a force delete (grace 0), which frees the API object before the container.
+MIN_GRACE_S = 1.0
 #: Kinds ``delete`` removes besides Deployments and Pods, in order; RBAC kinds may be forbidden to list.
-_OTHER_KINDS = ("Service", "Secret", "ConfigMap")
+_OTHER_KINDS = ("Service", "NetworkPolicy", "Secret", "ConfigMap")
 _RBAC_KINDS = ("RoleBinding", "Role", "ServiceAccount")
 
 
@@ -152,7 +154,7 @@ class KubernetesBackend:
                 pod = waiter.wait(applied, deployment["spec"]["template"]["metadata"]["annotations"]
                                   [TEMPLATE_HASH_ANNOTATION], t0 + compute.launch_timeout_s)
             except BaseException as exc:
-                raise self._launch_failed(kube, compute, exc, say) from None
+                raise self._launch_failed(kube, compute, exc, say, scale=not waiter.deployment_deleted) from None
         finally:
             waiter.stop()
         handle = self._handle(kube, compute, pod, token)
@@ -169,6 +171,13 @@ class KubernetesBackend:
             try:
                 applied = kube.apply(obj)
             except KubernetesAPIError as exc:
+                if obj["kind"] == "NetworkPolicy" and isinstance(exc, ApiStatusError) and exc.status == 403:
+                    raise KubernetesAPIError(
+                        f"Kubernetes forbids creating the NetworkPolicy that lets only this notebook reach "
+                        f"compute {compute.name!r} ({exc.message}); ask your admin to allow networkpolicies in "
+                        f"namespace {compute.namespace!r}, or set KT_NETWORK_POLICY=0.\nThe objects applied "
+                        f"before it stay (labelled as this compute's): `%kt down {compute.name}` deletes them.") \
+                        from None
                 if obj["kind"] not in _RBAC_KINDS:
                     raise KubernetesAPIError(f"{exc}\nThe objects applied before it stay (labelled as this "
                                              f"compute's): `%kt down {compute.name}` deletes them.") from None
@@ -180,8 +189,10 @@ class KubernetesBackend:
         return applied
 
     def _launch_failed(self, kube: KubeApi, compute: Compute, exc: BaseException,
-                       say: Callable[[str], None]) -> BaseException:
+                       say: Callable[[str], None], *, scale: bool = True) -> BaseException:
         """Scale the compute to 0 after any failure while waiting; the error to raise, saying so."""
+        if not scale:  # its Deployment is gone: nothing holds resources
+            return exc
         try:
             kube.scale(compute.service_name, compute.namespace, 0)
             note = (f"\nIts Deployment was scaled to 0 so it holds no resources; running the cell again "
@@ -309,9 +320,11 @@ class KubernetesBackend:
             phase, detail = "ready", ""
         else:
             failure = ev.diagnose_pod(name, pod, pull_detail=self._pull_detail(kube, pod)) if pod else None
+            gated = ev.gated_message(pod, (pod.get("metadata", {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)) \
+                if pod else None
             waiting = ev.unschedulable_message(pod) if pod else None
             phase, detail = ("failed", failure.message) if failure else \
-                ("launching", f"waiting for a node: {waiting}" if waiting else "")
+                ("launching", gated or (f"waiting for a node: {waiting}" if waiting else ""))
         return KernelInfo(name=name, backend=self.name, phase=phase, where=where, started=started, spec=spec,
                           detail=detail)
 
@@ -445,20 +458,27 @@ class KubernetesBackend:
     def delete(self, name: str, grace_period_s: float = 5.0, *, volumes: bool = False) -> bool:
         """Delete everything carrying the compute's label; False if there was nothing.
 
-        Pods get ``grace_period_s`` to stop (SIGTERM, then SIGKILL) and this
-        waits until they are gone, so a new launch of the same name never
-        meets them. PersistentVolumeClaims (your data) stay unless ``volumes``.
+        Never a force delete: pods get at least :data:`MIN_GRACE_S` (SIGTERM,
+        then SIGKILL after ``grace_period_s``), since a pod deleted with grace 0
+        leaves the API at once while its container still holds its GPU, and the
+        next pod would be placed on it. The Deployment goes in the foreground
+        (it stays, with a finalizer, until its ReplicaSets and pods are gone, so
+        nothing recreates a pod meanwhile), and this waits until the pods and
+        the Deployment are gone, so a new launch of the same name never meets
+        them. PersistentVolumeClaims (your data) stay unless ``volumes``.
         """
         compute = self._compute_for(name)
         kube = self._kube(compute)
         ns, selector = compute.namespace, label_selector(compute)
+        grace_s = max(MIN_GRACE_S, grace_period_s)
         self._forget_live(compute, "was deleted (delete / `%kt down`)")
         existed = False
         pods = kube.list("Pod", ns, label_selector=selector)  # before their Deployment goes, to set their grace
-        for dep in kube.list("Deployment", ns, label_selector=selector):
-            existed |= kube.delete("Deployment", ev.name_of(dep), ns, grace_period_s)
+        deployments = kube.list("Deployment", ns, label_selector=selector)
+        for dep in deployments:
+            existed |= kube.delete("Deployment", ev.name_of(dep), ns, grace_s, propagation="Foreground")
         for pod in pods:
-            kube.delete("Pod", ev.name_of(pod), ns, grace_period_s)
+            kube.delete("Pod", ev.name_of(pod), ns, grace_s)
         kinds = _OTHER_KINDS + (("PersistentVolumeClaim",) if volumes else ())
         for kind in kinds + _RBAC_KINDS:
             try:
@@ -469,33 +489,40 @@ class KubernetesBackend:
                 raise
             for obj in found:
                 existed |= kube.delete(kind, ev.name_of(obj), ns)
-        if pods:
-            self._wait_pods_gone(kube, compute, grace_period_s + DELETE_WAIT_S)
+        if pods or deployments:
+            self._wait_gone(kube, compute, grace_s + DELETE_WAIT_S)
         return existed
 
-    def _wait_pods_gone(self, kube: KubeApi, compute: Compute, timeout_s: float) -> None:
+    def _wait_gone(self, kube: KubeApi, compute: Compute, timeout_s: float) -> None:
+        """Block until the compute's pods and Deployment have left the API (or raise after ``timeout_s``)."""
         updates: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
-        reply = kube.list_reply("Pod", compute.namespace, label_selector=label_selector(compute))
-        left = {ev.name_of(p) for p in reply.get("items") or []}
-        if not left:
-            return
-        watch = WatchThread(kube, "Pod", compute.namespace, updates, "delete",
-                            resource_version=(reply.get("metadata") or {}).get("resourceVersion"),
-                            known=reply.get("items") or [], label_selector=label_selector(compute))
-        deadline = time.monotonic() + timeout_s
+        ns, selector = compute.namespace, label_selector(compute)
+        left: dict[tuple[str, str], str] = {}
+        watches = []
         try:
+            for kind in ("Pod", "Deployment"):
+                reply = kube.list_reply(kind, ns, label_selector=selector)
+                items = reply.get("items") or []
+                left.update({(kind, ev.name_of(o)): kind.lower() for o in items})
+                if items:
+                    watches.append(WatchThread(kube, kind, ns, updates, kind,
+                                               resource_version=(reply.get("metadata") or {}).get("resourceVersion"),
+                                               known=items, label_selector=selector))
+            deadline = time.monotonic() + timeout_s
             while left:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise KubernetesAPIError(f"pods {', '.join(sorted(left))} of compute {compute.name!r} were "
-                                             f"still terminating after {timeout_s:g} s")
+                    what = ", ".join(f"{k} {n}" for (_kind, n), k in sorted(left.items()))
+                    raise KubernetesAPIError(f"{what} of compute {compute.name!r} were still terminating after "
+                                             f"{timeout_s:g} s; `kubectl get pods,deployments -n {ns}` shows why")
                 try:
-                    _tag, kind, obj = updates.get(timeout=remaining)
+                    tag, kind, obj = updates.get(timeout=remaining)
                 except queue.Empty:
                     continue
                 if kind == "ERROR":
                     raise obj
-                if kind == "DELETED":  # pods created after our deletes (a racing launch) are not waited for
-                    left.discard(ev.name_of(obj))
+                if kind == "DELETED":  # objects created after our deletes (a racing launch) are not waited for
+                    left.pop((tag, ev.name_of(obj)), None)
         finally:
-            watch.stop()
+            for watch in watches:
+                watch.stop()

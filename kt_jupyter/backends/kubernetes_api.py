@@ -49,6 +49,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "ReplicaSet": ("/apis/apps/v1", "replicasets"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
 }
 
 
@@ -258,9 +259,10 @@ class KubeApi:
                             action=f"listing {KINDS[kind][1]} in namespace {namespace}",
                             query={"labelSelector": label_selector, "fieldSelector": field_selector})
 
-    def delete(self, kind: str, name: str, namespace: str, grace_period_s: float | None = None) -> bool:
-        """Delete one object; False when it was already gone."""
-        body: dict[str, Any] = {"propagationPolicy": "Background"}
+    def delete(self, kind: str, name: str, namespace: str, grace_period_s: float | None = None, *,
+               propagation: str = "Background") -> bool:
+        """Delete one object (``propagation``: what happens to its dependents); False when it was already gone."""
+        body: dict[str, Any] = {"propagationPolicy": propagation}
         if grace_period_s is not None:
             body["gracePeriodSeconds"] = max(0, int(round(grace_period_s)))
         try:

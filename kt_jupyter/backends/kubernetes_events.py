@@ -246,6 +246,18 @@ def unschedulable_message(pod: dict[str, Any]) -> str | None:
     return None
 
 
+def gated_message(pod: dict[str, Any], queue: str | None = None) -> str | None:
+    """While the pod waits behind scheduling gates (Kueue holds it until its queue admits it): what it waits for."""
+    gates = [g.get("name", "?") for g in (pod.get("spec") or {}).get("schedulingGates") or [] if isinstance(g, dict)]
+    sched = condition(pod, "PodScheduled")
+    gated = sched is not None and sched.get("status") == "False" and sched.get("reason") == "SchedulingGated"
+    if node_of(pod) or not (gates or gated):
+        return None
+    held_by = f" (scheduling gates: {', '.join(gates)})" if gates else ""
+    return f"waiting for queue {queue!r} to admit it{held_by}" if queue else \
+        f"waiting for its scheduling gates to be lifted{held_by}"
+
+
 def unschedulable_failure(compute: str, pod: dict[str, Any], message: str, why: str = "") -> Failure:
     """The scheduler's message turned into the resource or rule that is missing; ``why`` we stopped waiting."""
     missing = list(dict.fromkeys(r.rstrip(".,;") for r in _INSUFFICIENT_RE.findall(message)))
@@ -374,7 +386,10 @@ def timeout_error(compute: str, timeout_s: float, pods: list[dict[str, Any]], ev
             detail = next(iter(state), "") if state else ""
             why = (state.get(detail) or {}).get("reason") if detail else None
             sched = condition(pod, "PodScheduled")
-            if not node_of(pod):
+            gated = gated_message(pod)
+            if gated:
+                where = f"not scheduled: {gated}"
+            elif not node_of(pod):
                 where = "not scheduled" + (f" ({sched.get('message')})" if sched and sched.get("message") else "")
             else:
                 where = f"on node {node_of(pod)}, container {detail or 'not created'}" + (f" ({why})" if why else "")

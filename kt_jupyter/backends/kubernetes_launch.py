@@ -83,6 +83,8 @@ class LaunchWaiter:
         self._pull_detail: dict[str, str] = {}
         self._pull_since: dict[str, float] = {}
         self._unschedulable_since: dict[str, float] = {}
+        #: Set when the Deployment was deleted while waiting (`%kt down` elsewhere, kubectl): nothing to scale.
+        self.deployment_deleted = False
 
     def tell(self, line: str | None) -> None:
         """Say a progress line once."""
@@ -104,7 +106,9 @@ class LaunchWaiter:
         self._expected = expected_hash
         self._known(self._deployment_uid)
         self.watches += [WatchThread(self.kube, "ReplicaSet", ns, self.updates, "rs", label_selector=selector),
-                         WatchThread(self.kube, "Pod", ns, self.updates, "pod", label_selector=selector)]
+                         WatchThread(self.kube, "Pod", ns, self.updates, "pod", label_selector=selector),
+                         WatchThread(self.kube, "Deployment", ns, self.updates, "deployment",
+                                     field_selector=f"metadata.name={self.compute.service_name}")]
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -119,7 +123,9 @@ class LaunchWaiter:
                     raise obj
                 self._say(f"(fewer progress lines: {obj})")  # events and ReplicaSets only add detail
                 continue
-            if tag == "event":
+            if tag == "deployment":
+                self._on_deployment(kind, obj)
+            elif tag == "event":
                 self._on_event(obj)
             elif tag == "rs":
                 if kind != "DELETED" and self._deployment_uid in _owners(obj):
@@ -129,6 +135,16 @@ class LaunchWaiter:
                 ready = self._on_pod(kind, obj)
                 if ready is not None:
                     return ready
+
+    def _on_deployment(self, kind: str, deployment: dict[str, Any]) -> None:
+        """The applied Deployment deleted (or being deleted) while we wait: stop at once, saying so."""
+        if _uid(deployment) != self._deployment_uid:
+            return  # an earlier one of that name, or a new one a racing launch applied
+        if kind == "DELETED" or (deployment.get("metadata") or {}).get("deletionTimestamp"):
+            self.deployment_deleted = True
+            raise LaunchError(f"compute {self.compute.name!r} was deleted while its launch waited for it "
+                              f"(`%kt down {self.compute.name}` from elsewhere, or kubectl); there is nothing "
+                              "left to wait for. Run the cell again to launch it anew.")
 
     def _known(self, uid: str) -> None:
         """``uid`` is one of this attempt's objects: take the events that waited for it."""
@@ -201,6 +217,10 @@ class LaunchWaiter:
         if pulling:
             detail = self._pull_detail.get(uid) or waiting.get("message") or "no detail"
             self.tell(f"image pull failed; the kubelet retries it ({waiting['reason']}: {detail})")
+        gated = ev.gated_message(pod, self.compute.queue)
+        if gated:  # Kueue: a state to wait in (the queue admits it when there is quota), not an error
+            self.tell(gated)
+            return
         message = ev.unschedulable_message(pod)
         if message is None:
             self._unschedulable_since.pop(uid, None)

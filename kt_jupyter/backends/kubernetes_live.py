@@ -98,7 +98,7 @@ class LiveKernel:
             dep = self.kube.get("Deployment", self.compute.service_name, self.compute.namespace)
         except Exception:  # noqa: BLE001 - the sentence is still useful without the reason
             return "is gone"
-        if dep is None:
+        if dep is None or (dep.get("metadata") or {}).get("deletionTimestamp"):
             return "was deleted with its Deployment (`%kt down`, or kubectl)"
         if (dep.get("spec") or {}).get("replicas") == 0:
             return "was stopped: its Deployment was scaled to 0 (suspend, or its inactivity_ttl)"

@@ -7,17 +7,22 @@
   Deployment (``get``/``patch``/``update`` on ``deployments/scale``, that one
   name only) and nothing else;
 * a hash of the pod template, written on the template itself, so readiness
-  ignores pods of an older template.
+  ignores pods of an older template;
+* a NetworkPolicy admitting only the notebook (its pod inside the cluster; none
+  from outside, where the port-forward enters the pod without the pod network),
+  unless ``KT_NETWORK_POLICY=0``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..manifests import build_all, object_labels
+from ..pod_security import notebook_peer
 
 if TYPE_CHECKING:
     from ..compute import Compute
@@ -26,6 +31,8 @@ if TYPE_CHECKING:
 TEMPLATE_HASH_ANNOTATION = "kt.dev/template-hash"
 #: The module name :mod:`~kt_jupyter.backends.pod_guard` has in the pod.
 GUARD_MODULE = "kt_pod_guard"
+#: ``KT_NETWORK_POLICY=0`` (or false/off): apply no NetworkPolicy (a namespace that forbids creating them).
+NETWORK_POLICY_ENV = "KT_NETWORK_POLICY"
 
 
 def pod_kernel_source_files() -> dict[str, str]:
@@ -67,9 +74,17 @@ def stamp_template(deployment: dict[str, Any]) -> str:
     return annotations[TEMPLATE_HASH_ANNOTATION]
 
 
+def network_policy_wanted(environ: "Mapping[str, str] | None" = None) -> bool:
+    """Whether computes get a NetworkPolicy: yes unless ``KT_NETWORK_POLICY`` is 0, false or off."""
+    env = os.environ if environ is None else environ
+    return env.get(NETWORK_POLICY_ENV, "1").strip().lower() not in ("0", "false", "off")
+
+
 def backend_objects(compute: "Compute", token: str, *, with_ttl_rbac: bool = True) -> list[dict[str, Any]]:
-    """Every object the backend applies, in order: build_all's, the TTL RBAC, then the stamped Deployment."""
-    objects = build_all(compute, token, pod_kernel_source_files())
+    """Every object the backend applies, in order: build_all's (with the NetworkPolicy that admits only
+    the notebook, unless ``KT_NETWORK_POLICY=0``), the TTL RBAC, then the stamped Deployment."""
+    peer = notebook_peer() if network_policy_wanted() else None
+    objects = build_all(compute, token, pod_kernel_source_files(), peer=peer)
     deployment = objects.pop()
     if with_ttl_rbac and compute.inactivity_ttl_s and not compute.service_account_name:
         rbac = ttl_rbac_objects(compute)

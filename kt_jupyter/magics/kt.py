@@ -24,7 +24,7 @@ from IPython.core.magic_arguments import MagicArgumentParser, argument, kwds, ma
 
 from .. import connection as conn_mod
 from .. import debug_panel, oom
-from ..backends import BACKENDS, get_backend
+from ..backends import BACKENDS, backend_with, get_backend
 from ..cells import analyze_cell
 from ..compute import Compute
 from ..debugging import NotebookInput
@@ -370,7 +370,7 @@ class KtMagics(Magics):
         for c in conn_mod.connections():
             if c.name == name:
                 return c.compute
-        return default.with_overrides(name=name)
+        return default.with_overrides(name=name, backend=backend_with(name, default.backend))
 
     def _list(self, args: Any) -> list:
         rows = []

@@ -12,7 +12,9 @@ the pod's TTL guard call, with the API's URL layout, verbs and JSON shapes:
   events every :attr:`FakeKubeApiServer.bookmark_interval_s` and when the server ends the watch;
   :meth:`FakeKubeApiServer.end_watches` ends every open watch at once (an API server restart);
 * merge patches, the Deployment ``scale`` subresource;
-* delete (pods get a ``deletionTimestamp`` and go when :class:`FakeKubelet` has stopped them);
+* delete (pods get a ``deletionTimestamp`` and go when :class:`FakeKubelet` has stopped them, at once with
+  grace 0 while the container still stops; ``propagationPolicy: Foreground`` keeps the owner, finalized,
+  until its dependents are gone);
 * pod logs (``tailLines``, ``previous``, ``follow``), from files the fake kubelet writes; a 500
   "no preferred addresses found" when :attr:`FakeStore.kubelet_unreachable`;
 * port-forward over the WebSocket protocol the client speaks (``v4.channel.k8s.io``:
@@ -183,7 +185,11 @@ class _Handler(BaseHTTPRequestHandler):
         if verb == "delete":
             body = record["body"] = self._body() or {}
             grace = query.get("gracePeriodSeconds", body.get("gracePeriodSeconds"))
-            return self._send_json(200, store.delete(plural, ns, name or "", None if grace is None else int(grace)))
+            propagation = query.get("propagationPolicy", body.get("propagationPolicy"))
+            with store.lock:
+                store.deletions.append((plural, name or "", None if grace is None else int(grace), propagation))
+            return self._send_json(200, store.delete(plural, ns, name or "", None if grace is None else int(grace),
+                                                     propagation))
         raise FakeApiError(405, "MethodNotAllowed", f"{method} is not supported on {plural}")
 
     def _scale(self, method: str, ns: str, name: str) -> None:

@@ -56,6 +56,9 @@ from .store import FakeApiError, now_rfc3339
 
 __all__ = ["FakeKubelet", "FakeNode", "FakePodRuntime", "FakePortForwardConnector"]
 
+#: Grace the kubelet gives the container of a pod force-deleted from the API (grace 0): it stops it only then.
+FORCE_DELETE_GRACE_S = 1.0
+
 
 class FakeKubelet:
     """Deployment and ReplicaSet controllers + scheduler + kubelet of the fake cluster; pods are local processes."""
@@ -150,6 +153,10 @@ class FakeKubelet:
             pod = self.pods.get((meta["namespace"], meta["name"]))
             if kind == "MODIFIED" and meta.get("deletionTimestamp") and pod is not None:
                 pod.stop(float(meta.get("deletionGracePeriodSeconds", 30)))
+            elif kind == "DELETED" and pod is not None and not pod.stopping.is_set():
+                pod.stop(FORCE_DELETE_GRACE_S)  # force-deleted: gone from the API, the container stops only now
+            elif kind == "MODIFIED" and pod is not None and not pod.node_name:
+                pod.reschedule.set()  # a lifted scheduling gate (Kueue admitted it): try to place it again
             if kind in ("DELETED", "MODIFIED"):
                 owner = self._owner(obj)
                 if owner is not None:
@@ -187,6 +194,8 @@ class FakeKubelet:
         if dep is None or self._stopped:
             return
         ns = dep["metadata"]["namespace"]
+        if dep["metadata"].get("deletionTimestamp"):
+            return self._delete_foreground(dep)
         template = dep["spec"]["template"]
         thash = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
         desired = int(dep["spec"].get("replicas", 1))
@@ -260,6 +269,26 @@ class FakeKubelet:
         self.pods[(ns, pod["metadata"]["name"])] = runtime
         runtime.thread.start()
         return True
+
+    def _delete_foreground(self, dep: dict[str, Any]) -> None:
+        """The garbage collector on a Deployment deleted in the foreground: its ReplicaSets stop making pods,
+        its pods are deleted (their own grace), and once none is left the ReplicaSets and the Deployment go."""
+        ns = dep["metadata"]["namespace"]
+        pods = []
+        for rs in self._replicasets(dep):
+            if not rs["metadata"].get("deletionTimestamp"):
+                self.store.update("replicasets", ns, rs["metadata"]["name"],
+                                  lambda o: o["metadata"].update(deletionTimestamp=now_rfc3339(),
+                                                                 finalizers=["foregroundDeletion"]))
+            pods += self._pods_of(rs)
+        for pod in pods:
+            if not pod["metadata"].get("deletionTimestamp"):
+                self.store.delete("pods", ns, pod["metadata"]["name"])
+        if pods:
+            return  # each pod's removal reconciles this Deployment again
+        for rs in self._replicasets(dep):
+            self.store.remove("replicasets", ns, rs["metadata"]["name"])
+        self.store.remove("deployments", ns, dep["metadata"]["name"])
 
     def _collect_garbage(self, dep: dict[str, Any]) -> None:
         """The garbage collector: a deleted Deployment's ReplicaSets and their pods go too."""

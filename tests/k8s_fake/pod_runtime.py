@@ -139,6 +139,18 @@ class FakePodRuntime:
         said = None
         while not self.stopping.is_set():
             self.reschedule.clear()
+            current = self.kubelet.store.get("pods", self.ns, self.name) or {}
+            if (current.get("spec") or {}).get("schedulingGates"):  # the scheduler skips gated pods
+                if said != "gated":
+                    said = "gated"
+
+                    def gated(pod: dict[str, Any]) -> None:
+                        pod.setdefault("status", {}).update(phase="Pending", conditions=[
+                            {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated",
+                             "message": "Scheduling is blocked due to non-empty scheduling gates"}])
+                    self._update(gated)
+                self.reschedule.wait()
+                continue
             node, why = self.kubelet.place(self)
             if node is not None:
                 def bind(pod: dict[str, Any], node: FakeNode = node) -> None:

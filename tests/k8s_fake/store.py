@@ -31,6 +31,9 @@ HISTORY_WINDOW = 100_000
 #: The namespace label Pod Security admission enforces.
 POD_SECURITY_LABEL = "pod-security.kubernetes.io/enforce"
 SA_TOKEN_PREFIX = "fake-sa:"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: The scheduling gate Kueue's pod webhook adds until the workload is admitted.
+KUEUE_GATE = "kueue.x-k8s.io/admission"
 #: plural -> (API group, version, kind)
 RESOURCES: dict[str, tuple[str, str, str]] = {
     "pods": ("", "v1", "Pod"),
@@ -44,6 +47,7 @@ RESOURCES: dict[str, tuple[str, str, str]] = {
     "replicasets": ("apps", "v1", "ReplicaSet"),
     "roles": ("rbac.authorization.k8s.io", "v1", "Role"),
     "rolebindings": ("rbac.authorization.k8s.io", "v1", "RoleBinding"),
+    "networkpolicies": ("networking.k8s.io", "v1", "NetworkPolicy"),
 }
 
 
@@ -155,11 +159,16 @@ class FakeStore:
         self.compacted_to = 0
         #: Namespace labels (the fake serves no Namespace objects): Pod Security admission reads them.
         self.namespace_labels: dict[str, dict[str, str]] = {}
+        #: Kueue stand-in: pods labelled ``kueue.x-k8s.io/queue-name`` with one of these queues are created
+        #: with Kueue's scheduling gate (its webhook's doing) until :meth:`admit` lifts it.
+        self.kueue_queues: set[str] = set()
         #: Whether no kubelet answers the API server (``pods/log`` then fails with 500, as for real).
         self.kubelet_unreachable = False
         self.watchers: list[_Watcher] = []
         self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
         self.requests: list[dict[str, Any]] = []
+        #: Every delete a client sent the API: (plural, name, gracePeriodSeconds, propagationPolicy).
+        self.deletions: list[tuple[str, str, int | None, str | None]] = []
         #: (verb, resource) pairs the admin user is refused (403), to test how the backend copes;
         #: the resource is a plural or plural/subresource: ("get", "pods/log") is an edit-less user.
         self.denied: set[tuple[str, str]] = set()
@@ -205,6 +214,8 @@ class FakeStore:
             obj.setdefault("kind", kind)
             if plural == "pods":
                 self._admit_pod(namespace, meta.get("generateName") or meta["name"], obj)
+                if (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL) in self.kueue_queues:
+                    obj.setdefault("spec", {}).setdefault("schedulingGates", []).append({"name": KUEUE_GATE})
             if not meta.get("name") and meta.get("generateName"):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
@@ -274,13 +285,29 @@ class FakeStore:
             raise FakeApiError(404, "NotFound", f'{plural} "{name}" not found')
         return result
 
-    def delete(self, plural: str, namespace: str, name: str, grace_period_s: int | None = None) -> dict[str, Any]:
-        """Delete; a pod only gets a deletionTimestamp and goes once the fake kubelet has stopped it."""
+    def delete(self, plural: str, namespace: str, name: str, grace_period_s: int | None = None,
+               propagation: str | None = None) -> dict[str, Any]:
+        """Delete, as the API server does.
+
+        A pod gets a deletionTimestamp and goes once the fake kubelet has stopped
+        it, except with grace 0 (a force delete): then it leaves the API at once
+        and its container is stopped afterwards. With ``propagation`` Foreground
+        an owner (Deployment, ReplicaSet) stays, with a deletionTimestamp and the
+        ``foregroundDeletion`` finalizer, until the garbage collector (the fake
+        kubelet) has removed its dependents.
+        """
         with self.lock:
             cur = self.objects.get((plural, namespace, name))
             if cur is None:
                 raise FakeApiError(404, "NotFound", f'{plural} "{name}" not found')
-            if plural == "pods" and self.listeners:
+            if propagation == "Foreground" and plural in ("deployments", "replicasets") and self.listeners:
+                def finalize(obj: dict[str, Any]) -> None:
+                    meta = obj["metadata"]
+                    meta.setdefault("deletionTimestamp", now_rfc3339())
+                    if "foregroundDeletion" not in meta.setdefault("finalizers", []):
+                        meta["finalizers"].append("foregroundDeletion")
+                return self.update(plural, namespace, name, finalize) or cur
+            if plural == "pods" and self.listeners and grace_period_s != 0:
                 def mark(pod: dict[str, Any]) -> None:
                     meta = pod["metadata"]
                     meta.setdefault("deletionTimestamp", now_rfc3339())
@@ -289,6 +316,16 @@ class FakeStore:
                     meta["deletionGracePeriodSeconds"] = min(int(grace), meta.get("deletionGracePeriodSeconds", 10**9))
                 return self.update(plural, namespace, name, mark) or cur
             return self._commit("DELETED", plural, copy.deepcopy(cur))
+
+    def admit(self, namespace: str, pod: str) -> None:
+        """Kueue admits the pod's workload: its scheduling gate is lifted (the scheduler may place it now)."""
+        def lift(obj: dict[str, Any]) -> None:
+            gates = [g for g in obj["spec"].get("schedulingGates") or [] if g.get("name") != KUEUE_GATE]
+            obj["spec"].pop("schedulingGates", None)
+            if gates:
+                obj["spec"]["schedulingGates"] = gates
+        if self.update("pods", namespace, pod, lift) is None:
+            raise FakeApiError(404, "NotFound", f'pods "{pod}" not found')
 
     def remove(self, plural: str, namespace: str, name: str) -> None:
         """Drop an object for good (the fake kubelet, once a pod's process has ended)."""
