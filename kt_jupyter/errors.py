@@ -110,8 +110,13 @@ class OutOfMemoryError(KtError, MemoryError):
 
 
 class CellSyntaxError(KtError):
-    """A ``%%kt`` cell that does not parse. Shown exactly as IPython shows a local cell's SyntaxError
-    (IPython prints any SyntaxError raised inside a magic with the whole stack through the magic)."""
+    """A ``%%kt`` cell that does not parse, shown exactly as IPython shows a local cell's SyntaxError.
+
+    Not a SyntaxError subclass: IPython (and ipykernel) print any SyntaxError
+    raised inside a magic with the whole stack through the magic. It carries the
+    name ``SyntaxError``, so the notebook's error output (``ename``) is what a
+    local cell's is; the original is ``.error``.
+    """
 
     def __init__(self, error: SyntaxError, stb: list[str]) -> None:
         super().__init__(f"{error.msg} (line {error.lineno})")
@@ -121,3 +126,6 @@ class CellSyntaxError(KtError):
     def _render_traceback_(self) -> list[str]:
         """The lines IPython shows for it: those of a local SyntaxError."""
         return self._stb
+
+
+CellSyntaxError.__name__ = CellSyntaxError.__qualname__ = "SyntaxError"

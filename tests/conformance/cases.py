@@ -183,10 +183,7 @@ NOTEBOOKS: dict[str, list[str]] = {
 NONDETERMINISTIC_CELLS: dict[tuple[str, int], str] = {}
 
 #: Cells that differ for a reason outside this suite's code, until the named change lands (counted as unequal).
-PENDING_DIFFERENCES: dict[tuple[str, int], str] = {
-    ("syntax_and_usage_errors", 1): "the %%kt magic reports a cell that does not parse as CellSyntaxError "
-                                    "(kt_jupyter/render.py); a local cell's error is named SyntaxError",
-}
+PENDING_DIFFERENCES: dict[tuple[str, int], str] = {}
 
 #: Final-namespace names allowed to differ between the runs, and why.
 NAMESPACE_EXCEPTIONS: dict[tuple[str, str], str] = {
