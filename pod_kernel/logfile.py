@@ -14,12 +14,19 @@ costs the log at most a quarter of ``max_bytes``.
 
 Without ``--log-file`` (Kubernetes: the runtime collects and rotates stdout)
 nothing is rotated; teed output still goes to stdout/stderr.
+
+Every line of teed cell output starts with :data:`CELL_MARKER`, so a reader
+of the log (the notebook's panel) can tell it from the kernel's own lines:
+timestamped server events, and what reaches the descriptors untouched (a
+crash's last words, a subprocess), which stay unmarked. A line a cell left
+open is closed before another writer's line would join it.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 import threading
 
@@ -37,6 +44,8 @@ CHECK_INTERVAL_S = 1.0
 CHECK_EVERY_BYTES = 64 << 10
 #: Bytes copied per call while rotating.
 COPY_BYTES = 1 << 20
+#: What starts every line of cell output in the log.
+CELL_MARKER = "[cell] "
 
 
 class RotatingLog:
@@ -151,21 +160,74 @@ def install(path: str, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUP
     return log
 
 
+def mark_lines(text: str, line_open: bool) -> str:
+    """``text`` with :data:`CELL_MARKER` at the start of each of its lines; ``line_open``: its first line
+    continues a line already marked."""
+    if "\n" not in text:
+        return text if line_open or not text else CELL_MARKER + text
+    head = "" if line_open else CELL_MARKER
+    body = text.replace("\n", "\n" + CELL_MARKER)
+    return head + (body[:-len(CELL_MARKER)] if text.endswith("\n") else body)
+
+
+class _CellLines:
+    """The line teed cell output left open: its stream, and the log file's size after it (-1: not a file)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open_stream: str | None = None
+        self.end = -1
+
+
+_lines = _CellLines()
+
+
+def _size(fd: int) -> int:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return -1
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1  # a pipe (Kubernetes) has no size to compare
+
+
 def tee(name: str, text: str) -> None:
-    """Write a cell's output to the kernel's real stdout/stderr (the log): never raises, never grows it unbounded."""
+    """Write a cell's output to the kernel's real stdout/stderr (the log), each line marked with
+    :data:`CELL_MARKER`: never raises, never grows the log unbounded.
+
+    A line left open is ended first when the other stream writes, or when
+    the file grew by someone else's write (a server event) since.
+    """
     log = ACTIVE
     stream = sys.__stdout__ if name == "stdout" else sys.__stderr__
-    if stream is None:
+    if stream is None or not text:
         return
     if log is not None:
         text = log.fit(text)
-    try:
-        stream.write(text)
-    except OSError as exc:
-        if log is not None and exc.errno == errno.ENOSPC:
-            log.full()
-        return
-    except ValueError:  # closed at exit
-        return
+    with _lines.lock:
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError):
+            fd = -1
+        lead, line_open = "", False
+        if _lines.open_stream is not None:
+            if _lines.open_stream != name or (_lines.end >= 0 and _size(fd) != _lines.end):
+                lead = "\n"  # another writer came in between: our open line ends here
+            else:
+                line_open = True
+        out = lead + mark_lines(text, line_open)
+        try:
+            stream.write(out)
+            stream.flush()
+        except OSError as exc:
+            _lines.open_stream = None
+            if log is not None and exc.errno == errno.ENOSPC:
+                log.full()
+            return
+        except ValueError:  # closed at exit
+            return
+        if out.endswith("\n"):
+            _lines.open_stream = None
+        else:
+            _lines.open_stream, _lines.end = name, _size(fd)
     if log is not None:
-        log.wrote(len(text))
+        log.wrote(len(out))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from traitlets import TraitError
@@ -19,14 +20,16 @@ from kt_jupyter.widgets.models import (
     MetricsModel,
     ProgressModel,
     StatusModel,
-    derive_phase,
+    activity_text,
     format_age,
+    phase_word,
     resources_text,
 )
 from kt_jupyter.widgets.picker_model import PickerModel, field_of_error, magic_line
 from kt_jupyter.widgets.sparkline import sparkline_points, sparkline_svg
 from kt_jupyter.widgets.textfallback import computes_table, log_text, picker_text, status_text
 
+ROOT = Path(__file__).resolve().parents[1]
 GPU_SAMPLE = {
     "cpu_percent": 87.5, "cpu_count": 16, "rss_bytes": 3 << 30, "host_memory_total_bytes": 128 << 30,
     "host_memory_used_bytes": 20 << 30, "running": "abc-3", "cells_run": 4, "idle_s": 0.0, "uptime_s": 120.0,
@@ -98,10 +101,12 @@ def test_format_age_and_resources_text():
 def test_status_phase_validation_and_aliases():
     m = StatusModel(name="t")
     assert m.phase == "launching"
-    m.phase = "pulling image"
-    assert m.phase == "pulling" and m.phase_label == "pulling image"
+    m.phase = "pulling image"  # older words mean one of the phases every view says
+    assert m.phase == "launching" and m.phase_label == "launching"
     m.phase = "Running cell"
-    assert m.phase == "running"
+    assert m.phase == "ready"
+    m.phase = "idle"
+    assert m.phase == "ready"
     with pytest.raises(TraitError, match="unknown phase"):
         m.phase = "exploded"
     with pytest.raises(TraitError):
@@ -111,14 +116,12 @@ def test_status_phase_validation_and_aliases():
     assert m.terminal and m.detail == "image not found"
 
 
-def test_status_events_are_bounded_and_detect_image_pulls():
+def test_status_events_are_bounded_and_keep_their_first_line():
     m = StatusModel(name="t", max_events=3)
     m.add_event("scheduled on node-7")
     assert m.phase == "launching" and m.launch_started > 0
     m.add_event("Pulling image python:3.11-slim\nmore detail")
-    assert m.phase == "pulling"
-    m.add_event('successfully pulled image "python:3.11-slim" in 2s')
-    assert m.phase == "launching"
+    assert m.phase == "launching" and m.events[-1] == "Pulling image python:3.11-slim"
     for i in range(5):
         m.add_event(f"event {i}")
     assert m.events == ("event 2", "event 3", "event 4")
@@ -127,14 +130,17 @@ def test_status_events_are_bounded_and_detect_image_pulls():
     assert m.fields()[0][0] == "elapsed"
 
 
-def test_derive_phase():
-    assert derive_phase("ready", None) == "ready"
-    assert derive_phase("ready", {"running": "x-1", "cells_run": 0}) == "running"
-    assert derive_phase("ready", {"running": None, "cells_run": 0}) == "ready"
-    assert derive_phase("ready", {"running": None, "cells_run": 2}) == "idle"
-    assert derive_phase("stopped", {"running": None}) == "stopped"
-    assert derive_phase("pending", None) == "launching"
-    assert derive_phase("weird", None) == "failed"
+def test_one_phase_vocabulary_and_activity_words():
+    """Every view (list, status, panel, picker, sidebar) says these words; labextension/src/format.ts too."""
+    assert [phase_word(p) for p in ("launching", "ready", "stopped", "failed")] == [
+        "launching", "ready", "stopped", "failed"]
+    assert phase_word("pending") == "launching" and phase_word("Running") == "ready"
+    assert phase_word("weird") == "failed"
+    assert activity_text(True, 0.0) == "running a cell"
+    assert activity_text(False, 200.0) == "idle 3m 20s" and activity_text(False, None) == ""
+    fmt = (ROOT / "labextension" / "src" / "format.ts").read_text()
+    assert "'running a cell'" in fmt and "`idle ${formatDuration(" in fmt
+    assert re.search(r"PHASES = \['launching', 'ready', 'stopped', 'failed'\]", fmt)
 
 
 def test_status_from_backend_info_and_metrics():
@@ -146,17 +152,30 @@ def test_status_from_backend_info_and_metrics():
     m.apply_metrics({"running": None, "cells_run": 0, "idle_s": 0.1, "uptime_s": 30.0}, now=1030.0)
     assert m.phase == "ready" and m.idle_s == pytest.approx(30.0)  # never ran a cell: idle since start
     m.apply_metrics({"running": "r-1", "cells_run": 0, "idle_s": 0.0}, now=1040.0)
-    assert m.phase == "running" and m.idle_s == 0.0
+    assert (m.phase, m.running, m.activity) == ("ready", True, "running a cell") and m.idle_s == 0.0
     m.apply_metrics({"running": None, "cells_run": 1, "idle_s": 0.0}, now=1045.0)
     m.apply_metrics({"running": None, "cells_run": 1, "idle_s": 0.0}, now=1057.0)
-    assert m.phase == "idle" and m.idle_s == pytest.approx(12.0)  # measured here, whatever the pod says
-    assert dict(m.fields()) == {"where": "local pid 42", "resources": "2 CPU · 4Gi", "age": "57s",
-                                "idle": "12s", "cells": "1"}
+    assert (m.phase, m.running) == ("ready", False) and m.idle_s == pytest.approx(12.0)  # measured here
+    assert dict(m.fields()) == {"activity": "idle 12s", "where": "local pid 42", "resources": "2 CPU · 4Gi",
+                                "age": "57s", "cells": "1"}
     # the backend saying "ready" does not undo what the metrics know; "stopped" does
-    m.apply_info(KernelInfo("t", "local", "ready", where="local pid 42", started=1000.0))
-    assert m.phase == "idle"
+    m.apply_info(KernelInfo("t", "local", "ready", where="local pid 42", pid=42, started=1000.0))
+    assert m.activity == "idle 12s"
     m.apply_info(KernelInfo("t", "local", "stopped", detail="process is gone"))
-    assert m.phase == "stopped" and m.terminal and m.detail == "process is gone"
+    assert m.phase == "stopped" and m.terminal and m.detail == "process is gone" and m.activity == ""
+
+
+def test_a_status_model_shows_one_kernel_never_its_successor():
+    m = StatusModel(name="t")
+    assert m.apply_info(KernelInfo("t", "local", "launching"))
+    assert m.kernel == ()  # nothing ready yet: no kernel of its own
+    assert m.apply_info(KernelInfo("t", "local", "ready", where="local pid 42", pid=42, started=1000.0))
+    assert m.kernel == (42, 1000.0)
+    m.apply_metrics({"running": None, "cells_run": 3, "idle_s": 1.0}, now=1100.0)
+    newer = KernelInfo("t", "local", "ready", where="local pid 77", pid=77, started=1200.0)
+    assert not m.apply_info(newer)
+    assert (m.phase, m.where, m.cells_run) == ("stopped", "local pid 42", 3)  # still the old kernel's facts
+    assert "replaced by a new kernel (local pid 77)" in m.detail and "%kt status t" in m.detail
 
 
 def test_status_clock_ticks_between_samples():
@@ -166,10 +185,10 @@ def test_status_clock_ticks_between_samples():
     m.apply_info(KernelInfo("t", "local", "ready", where="local pid 42", started=1000.0))
     m.apply_metrics({"running": None, "cells_run": 1, "idle_s": 2.0}, now=1010.0)
     m.tick(now=1013.0)
-    assert dict(m.fields())["age"] == "13s" and dict(m.fields())["idle"] == "5s"
+    assert dict(m.fields())["age"] == "13s" and dict(m.fields())["activity"] == "idle 5s"
     m.apply_metrics({"running": "r-2", "cells_run": 1}, now=1014.0)
     m.tick(now=1016.0)
-    assert dict(m.fields())["age"] == "16s" and dict(m.fields())["idle"] == "busy"
+    assert dict(m.fields())["age"] == "16s" and dict(m.fields())["activity"] == "running a cell"
     m.apply_info(KernelInfo("t", "local", "stopped", detail="process is gone"))
     frozen = m.now
     m.tick(now=2000.0)
@@ -209,16 +228,16 @@ def test_log_model_bounds_filters_and_says_how_to_see_all():
     m = LogModel(compute_name="train", max_lines=5)
     assert m.hint == "0 lines"
     m.append_text("2024-05-01 12:00:00,1 INFO a: one\n2024-05-01 12:00:00,2 WARNING a: two\npartial")
-    assert [t for _l, t in m.lines][-1].endswith("two")  # the partial line waits for its newline
+    assert [t for _l, t, _c in m.lines][-1].endswith("two")  # the partial line waits for its newline
     m.append_text(" line\n")
-    assert m.lines[-1] == ("INFO", "partial line")
+    assert m.lines[-1] == ("INFO", "partial line", False)
     m.append_lines([f"out {i}" for i in range(4)] + ["2024-05-01 12:00:01,0 ERROR a: boom", "  detail"])
     assert len(m.lines) == 5 and m.dropped == 4
-    assert m.lines[0] == ("INFO", "out 1")
+    assert m.lines[0] == ("INFO", "out 1", False)
     assert m.hint == "5 lines (keeps the last 5); `%kt logs train --tail 0` shows all"
     m.level = "error"  # validated to upper case
     assert m.level == "ERROR"
-    assert [t for _l, t in m.visible] == ["2024-05-01 12:00:01,0 ERROR a: boom", "  detail"]
+    assert [t for _l, t, _c in m.visible] == ["2024-05-01 12:00:01,0 ERROR a: boom", "  detail"]
     assert m.hint.startswith("2 lines at ERROR+")
     with pytest.raises(TraitError):
         m.level = "LOUD"
@@ -229,7 +248,24 @@ def test_log_model_bounds_filters_and_says_how_to_see_all():
     m.level = "INFO"
     m.append_lines(["a", "b", "c"])
     m.max_lines = 2
-    assert [t for _l, t in m.lines] == ["b", "c"]
+    assert [t for _l, t, _c in m.lines] == ["b", "c"]
+
+
+def test_log_model_hides_cell_output_unless_asked_and_keeps_crash_lines():
+    """Cell output (marked by the pod kernel) is shown in its cell already: the panel's log hides it by default."""
+    m = LogModel(compute_name="x")
+    m.append_text("2024-05-01 12:00:00,1 INFO pod_kernel.server: serving\n"
+                  "[cell] hello from a cell\n[cell] \n[cell]\n[cell] Traceback (most recent call last):\n"
+                  "[cell]   File \"<cell>\", line 1\nFatal Python error: Segmentation fault\n"
+                  "  File \"/srv/x.py\", line 3 in crash\n")
+    assert [(t, c) for _l, t, c in m.lines][1:3] == [("hello from a cell", True), ("", True)]
+    assert [t for _l, t, _c in m.visible] == ["2024-05-01 12:00:00,1 INFO pod_kernel.server: serving",
+                                               "Fatal Python error: Segmentation fault",
+                                               '  File "/srv/x.py", line 3 in crash']
+    assert m.hidden_cell_lines == 5 and m.hint == "3 lines · 5 of cell output hidden"
+    m.show_cell_output = True
+    assert len(m.visible) == 8 and m.hidden_cell_lines == 0 and m.hint == "8 lines"
+    assert ("INFO", "hello from a cell", True) in m.visible
 
 
 def test_log_model_hint_when_older_lines_exist():
@@ -409,8 +445,8 @@ def test_status_text_is_aligned_and_complete():
     mm = MetricsModel(memory_limit_bytes=4 << 30)
     mm.add_sample(GPU_SAMPLE)
     text = status_text(st, mm)
-    assert text.splitlines()[0] == "compute 'train' (local): idle"
-    for expected in ("  where:     local pid 7", "  resources: 2 CPU · 4Gi", "  age:       1m 0s", "  cells:     4",
+    assert text.splitlines()[0] == "compute 'train' (local): ready"
+    for expected in ("  activity:  idle 0s", "  where:     local pid 7", "  resources: 2 CPU · 4Gi", "  age:       1m 0s", "  cells:     4",
                      "  cpu:       88%", "  memory:    3 GiB of 4 GiB", "  gpu 0:     93% · 61°C · 402 W",
                      "  gpu 0 mem: 40 GiB of 80 GiB"):
         assert expected in text.splitlines(), (expected, text)
@@ -421,9 +457,12 @@ def test_status_text_is_aligned_and_complete():
 
 
 def test_text_tables_and_picker_text():
-    rows = [KernelInfo("a", "local", "ready", where="local pid 1", started=0.0)]
+    rows = [KernelInfo("a", "local", "ready", where="local pid 1", started=40.0),
+            KernelInfo("b", "kubernetes", "pending", where="namespace ml", started=70.0)]
     table = computes_table(rows, now=100.0)
-    assert table.splitlines()[0].startswith("NAME") and "local pid 1" in table
+    assert table.splitlines()[0].split() == ["NAME", "BACKEND", "PHASE", "AGE", "WHERE"]
+    assert table.splitlines()[1].split()[:5] == ["a", "local", "ready", "1m", "0s"]
+    assert table.splitlines()[2].split()[:4] == ["b", "kubernetes", "launching", "30s"]  # the panel's word
     assert "no computes running" in computes_table([])
     text = picker_text("%%kt --name a", rows, ["kubernetes: not configured"])
     assert "default compute: %%kt --name a" in text and "%kt config" in text and "[kt] kubernetes" in text
@@ -503,8 +542,10 @@ def test_views_draw_their_models():
     assert 'data-kt-phase="launching"' in sv.value
     st.add_event("starting pod kernel 'v'")
     assert "starting pod kernel" in sv.value
-    st.phase = "running"
-    assert 'data-kt-phase="running"' in sv.value and "running cell" in sv.value
+    st.apply_info(KernelInfo("v", "local", "ready", where="local pid 9", pid=9, started=time.time()))
+    st.apply_metrics({"running": "r-1", "cells_run": 0})
+    assert 'data-kt-phase="ready"' in sv.value and 'data-kt-field="activity"' in sv.value
+    assert "running a cell" in sv.value and "pulling" not in sv.value
 
     logs = LogModel(compute_name="v")
     lv = LogView(logs)
@@ -512,6 +553,12 @@ def test_views_draw_their_models():
     assert "&lt;b&gt;not html&lt;/b&gt;" in lv.box.value and 'data-kt-level="ERROR"' in lv.box.value
     lv.level.value = "ERROR"  # the toggle drives the model
     assert logs.level == "ERROR" and "not html" not in lv.box.value
+    lv.level.value = "INFO"
+    logs.append_lines(["[cell] printed by a cell"])
+    assert "printed by a cell" not in lv.box.value and "1 of cell output hidden" in lv.hint.value
+    lv.cell_output.value = True  # the switch drives the model
+    assert logs.show_cell_output and 'class="kt-log-line kt-log-cell"' in lv.box.value
+    assert "printed by a cell" in lv.box.value and "[cell]" not in lv.box.value
     lv.clear.click()
     assert logs.lines == () and "no log lines yet" in lv.box.value
 
@@ -579,17 +626,21 @@ def test_monitor_follows_a_real_kernel_until_it_stops(local_backend):
     mon.refresh()
     assert mon.status.phase == "ready" and mon.status.where.startswith("local pid")
     assert mon.metrics.samples == 1 and mon.metrics.current("cpu").endswith("%")
-    assert any("serving on" in t for _l, t in mon.logs.lines)
+    assert any("serving on" in t for _l, t, _c in mon.logs.lines)
     panel = ComputePanel(mon)
     assert mon.alive
     assert monitor_for("mon", "local") is mon  # one monitor per compute, shared by panels
 
     seen_running = threading.Event()
-    mon.status.observe(lambda ch: ch["new"] == "running" and seen_running.set(), names=["phase"])
+    mon.status.observe(lambda ch: ch["new"] and seen_running.set(), names=["running"])
     conn.run_cell("import time\nprint('marker from the cell')\ntime.sleep(1.0)", {}, on_output=lambda _m: None)
-    wait_until(lambda: any("marker from the cell" in t for _l, t in mon.logs.lines), what="the cell's print in the log")
+    wait_until(lambda: any(c and "marker from the cell" in t for _l, t, c in mon.logs.lines),
+               what="the cell's print in the log, marked as cell output")
     assert seen_running.wait(5), "the monitor never saw the cell running"
-    wait_until(lambda: mon.status.phase == "idle" and mon.status.cells_run == 1, what="idle after the cell")
+    wait_until(lambda: not mon.status.running and mon.status.cells_run == 1, what="idle after the cell")
+    assert mon.status.phase == "ready" and mon.status.activity.startswith("idle ")
+    assert "marker from the cell" not in panel.log_view.box.value  # the cell showed it: hidden by default
+    panel.log_view.cell_output.value = True
     assert "marker from the cell" in panel.log_view.box.value
 
     conn_mod.disconnect("mon", "local")
@@ -597,6 +648,33 @@ def test_monitor_follows_a_real_kernel_until_it_stops(local_backend):
     wait_until(lambda: mon.status.phase == "stopped", what="the monitor to see the compute stop")
     assert mon.wait_stopped(5)
     assert 'data-kt-phase="stopped"' in panel.status_view.value
+    panel.close()
+
+
+def test_an_old_panel_never_shows_a_newer_kernel(local_backend):
+    """A kernel replaced under the same name (`%kt restart`, down then up): the old panel says so and stops."""
+    from kt_jupyter.widgets.monitor import monitor_for
+    from kt_jupyter.widgets.panel import ComputePanel
+
+    conn_mod.connect(Compute(name="again"))
+    mon = monitor_for("again", "local")
+    mon.fast_s, mon.slow_s = 0.2, 0.5
+    mon.refresh()
+    old_where = mon.status.where
+    panel = ComputePanel(mon)
+    conn_mod.disconnect("again", "local")
+    local_backend.delete("again")
+    newer = monitor_for("again", "local", new_kernel=True)  # what a launch's panel gets
+    assert newer is not mon
+    new_handle = local_backend.launch(Compute(name="again"))
+    mon.poke()
+    assert mon.wait_stopped(10)
+    assert mon.status.phase == "stopped" and mon.status.where == old_where != f"local pid {new_handle.pid}"
+    assert mon.status.detail in ("deleted", f"replaced by a new kernel (local pid {new_handle.pid}); "
+                                             "`%kt status again` shows that one")
+    where_html = panel.status_view.value.split('data-kt-field="where"', 1)[1].split("</span></span>", 1)[0]
+    assert old_where in where_html and str(new_handle.pid) not in where_html
+    assert monitor_for("again", "local") is newer
     panel.close()
 
 
@@ -657,7 +735,8 @@ def test_kt_status_and_pick_print_text_without_widgets(ip, capsys):
     capsys.readouterr()
     ip.run_line_magic("kt", "status txt")
     out = capsys.readouterr().out
-    assert out.startswith("compute 'txt' (local): idle") and "local pid" in out and "cpu:" in out
+    assert out.startswith("compute 'txt' (local): ready") and "local pid" in out and "cpu:" in out
+    assert "  activity:  idle " in out
     ip.run_line_magic("kt", "pick")
     out = capsys.readouterr().out
     assert "default compute: %%kt" in out and "txt" in out and "%kt config" in out

@@ -1,4 +1,4 @@
-"""A live, bounded view of a pod kernel's log with a level filter and a clear button."""
+"""A live, bounded view of a pod kernel's log: a level filter, a cell-output switch (off) and a clear button."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from .status import FG1, FG2, FONT
 LEVEL_COLORS = {"WARNING": "#b06000", "ERROR": "#c5221f", "CRITICAL": "#c5221f", "DEBUG": FG2}
 #: Height of the log box.
 LOG_BOX_HEIGHT_PX = 168
+#: How a line of cell output looks when shown (the cell shows it already).
+CELL_LINE_STYLE = f"color:{FG2}; border-left:2px solid var(--jp-border-color2, #ccc); padding-left:6px;"
 
 
 def log_html(model: LogModel) -> str:
@@ -24,11 +26,14 @@ def log_html(model: LogModel) -> str:
     position at the end, with no JavaScript.
     """
     rows = []
-    for level, text in model.visible:
+    for level, text, cell in model.visible:
         color = LEVEL_COLORS.get(level)
-        style = f' style="color:{color}"' if color else ""
-        rows.append(f'<span class="kt-log-line" data-kt-level="{level}"{style}>{escape(text) or " "}</span>')
-    body = "\n".join(rows) if rows else f'<span style="color:{FG2}">no log lines yet</span>'
+        style = (CELL_LINE_STYLE if cell else "") + (f" color:{color};" if color else "")
+        cls = "kt-log-line kt-log-cell" if cell else "kt-log-line"  # cell output: quieter, behind a bar
+        attr = f' style="{style.strip()}"' if style else ""
+        rows.append(f'<span class="{cls}" data-kt-level="{level}"{attr}>{escape(text) or " "}</span>')
+    empty = "only cell output so far (hidden)" if model.hidden_cell_lines else "no log lines yet"
+    body = "\n".join(rows) if rows else f'<span style="color:{FG2}">{empty}</span>'
     mono = "font-family: var(--jp-code-font-family, ui-monospace, monospace); font-size: 11.5px; line-height: 1.45;"
     return (f'<div class="kt-log-box" style="display:flex; flex-direction:column-reverse; overflow:auto; '
             f'max-height:{LOG_BOX_HEIGHT_PX}px; border:1px solid var(--jp-border-color2, #e0e0e0); '
@@ -49,6 +54,11 @@ class LogView(ModelView, W.VBox):
             style={"button_width": "78px"}, layout=W.Layout(width="auto", margin="0 8px 0 0"))
         self.level.add_class("kt-log-level")
         level_link = link((model, "level"), (self.level, "value"))
+        self.cell_output = W.ToggleButton(value=model.show_cell_output, description="Cell output", icon="terminal",
+                                          tooltip="also show what cells printed (each cell shows it already)",
+                                          layout=W.Layout(width="auto", margin="0 8px 0 0"))
+        self.cell_output.add_class("kt-log-cell-output")
+        cell_link = link((model, "show_cell_output"), (self.cell_output, "value"))
         self.clear = W.Button(description="Clear", icon="eraser", tooltip="forget the lines shown so far",
                               layout=W.Layout(width="72px", margin="0 10px 0 0"))
         self.clear.add_class("kt-log-clear")
@@ -58,11 +68,11 @@ class LogView(ModelView, W.VBox):
         self.box.add_class("kt-log-view")
         title = W.HTML(f'<span style="{FONT} color:{FG1}; font-weight:600">Log</span>',
                        layout=W.Layout(width="34px", margin="0 4px 0 0"))
-        bar = W.HBox([title, self.level, self.clear, self.hint],
+        bar = W.HBox([title, self.level, self.cell_output, self.clear, self.hint],
                      layout=W.Layout(align_items="center", flex_flow="row wrap", margin="0 0 3px 0"))
         bar.add_class("kt-compact")
         super().__init__([bar, self.box], **kw)
-        self.watch(model, [level_link])
+        self.watch(model, [level_link, cell_link])
 
     def _hint_html(self) -> str:
         return f'<span class="kt-log-hint" style="{FONT} color:{FG2}">{escape(self.model.hint)}</span>'

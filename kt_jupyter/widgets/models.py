@@ -20,14 +20,16 @@ from ..quantities import format_bytes
 
 # ---------------------------------------------------------------------- status
 
-#: Phases a compute goes through, in order; the last two end it.
-PHASES = ("launching", "pulling", "ready", "running", "idle", "stopped", "failed")
+#: Phases a compute goes through, in order; the last two end it. Every view says these words: `%kt list`,
+#: `%kt status`, the panel, the picker and the JupyterLab sidebar (labextension/src/format.ts).
+PHASES = ("launching", "ready", "stopped", "failed")
 TERMINAL_PHASES = ("stopped", "failed")
-#: How each phase reads to a person.
-PHASE_LABELS = {"launching": "launching", "pulling": "pulling image", "ready": "ready",
-                "running": "running cell", "idle": "idle", "stopped": "stopped", "failed": "failed"}
-_PHASE_ALIASES = {"pulling image": "pulling", "running cell": "running", "pending": "launching",
-                  "starting": "launching", "error": "failed", "deleted": "stopped"}
+#: Other words for a phase (a backend's, or older ones) and the phase they mean.
+_PHASE_ALIASES = {"pending": "launching", "starting": "launching", "pulling": "launching",
+                  "pulling image": "launching", "running": "ready", "running cell": "ready", "idle": "ready",
+                  "error": "failed", "deleted": "stopped"}
+#: What a view says about a ready kernel while a cell runs on it; otherwise "idle <age>".
+RUNNING_TEXT = "running a cell"
 #: Resource keys shown, in this order.
 RESOURCE_KEYS = ("cpus", "memory", "gpus", "gpu_type", "image", "namespace")
 
@@ -80,26 +82,37 @@ def is_launch_event(text: str) -> bool:
     return any(word in first for word in _LAUNCH_WORDS)
 
 
-def derive_phase(backend_phase: str, metrics: Mapping[str, Any] | None) -> str:
-    """The phase to show, from the backend's phase and (when reachable) a metrics sample."""
-    phase = _PHASE_ALIASES.get(backend_phase, backend_phase)
-    if phase in ("ready", "running", "idle") and metrics is not None:
-        if metrics.get("running"):
-            return "running"
-        return "idle" if metrics.get("cells_run") else "ready"
+def phase_word(phase: str) -> str:
+    """The word every view shows for a backend's phase (one of PHASES; unknown words read 'failed')."""
+    phase = str(phase).strip().lower()
+    phase = _PHASE_ALIASES.get(phase, phase)
     return phase if phase in PHASES else "failed"
 
 
+def activity_text(running: bool, idle_s: float | None) -> str:
+    """What a ready kernel is doing: 'running a cell', 'idle 3m 20s', or '' when not known."""
+    if running:
+        return RUNNING_TEXT
+    return "" if idle_s is None else f"idle {format_age(idle_s)}"
+
+
 class StatusModel(HasTraits):
-    """What is known about one compute: where it runs, its phase, its resources, its age."""
+    """What is known about one compute: where it runs, its phase, what it does, its resources, its age.
+
+    A model belongs to one kernel instance: the first ready kernel it sees
+    (pid and start time) is its kernel. A newer kernel under the same name is
+    not this model's: :meth:`apply_info` then marks it stopped ('replaced').
+    """
 
     name = Unicode(help="Compute name.")
     backend = Unicode("local", help="Backend that runs it: local or kubernetes.")
-    phase = Unicode("launching", help="One of PHASES (aliases like 'running cell' are accepted).")
+    phase = Unicode("launching", help="One of PHASES (other words, like a backend's 'pending', are mapped).")
+    running = Bool(False, help="Whether a cell runs on the kernel now (known from metrics samples).")
     detail = Unicode(help="Why the phase is what it is (e.g. 'process is gone'), or the last error.")
     where = Unicode(help="Pod and node, or 'local pid N'.")
     resources = Dict(help="Requested resources (cpus, memory, gpus, gpu_type, image, namespace).")
     started = Float(0.0, help="Epoch seconds the kernel started; 0 when not known yet.")
+    kernel = Tuple(help="(pid, started) of the kernel this model shows, once it was seen ready; () before.")
     idle_s = Float(None, allow_none=True, help="Seconds since the kernel last ran a cell; None when unknown.")
     cells_run = Int(0, help="Cells the kernel has run.")
     now = Float(0.0, help="Epoch seconds of the latest refresh; ages are measured up to it.")
@@ -128,8 +141,13 @@ class StatusModel(HasTraits):
 
     @property
     def phase_label(self) -> str:
-        """The phase as a person reads it ('running cell', 'pulling image')."""
-        return PHASE_LABELS[self.phase]
+        """The phase as every view writes it."""
+        return self.phase
+
+    @property
+    def activity(self) -> str:
+        """'running a cell', 'idle 3m 20s', or '' (not ready, or not sampled yet)."""
+        return activity_text(self.running, self.idle_s) if self.phase == "ready" else ""
 
     @property
     def terminal(self) -> bool:
@@ -137,7 +155,7 @@ class StatusModel(HasTraits):
         return self.phase in TERMINAL_PHASES
 
     def add_event(self, text: str) -> None:
-        """Record a startup event (the ``on_event`` callback of a launch); infers 'pulling image'."""
+        """Record a startup event (the ``on_event`` callback of a launch)."""
         text = text.strip()
         if not text:
             return
@@ -145,17 +163,25 @@ class StatusModel(HasTraits):
             self.events = (self.events + (text.splitlines()[0],))[-self.max_events:]
             if not self.launch_started:
                 self.launch_started = time.time()
-            low = text.lower()
-            if self.phase in ("launching", "pulling"):
-                if "pulled" in low:  # the image is there; the container starts next
-                    self.phase = "launching"
-                elif "pull" in low and "image" in low:
-                    self.phase = "pulling"
             self.now = time.time()
 
-    def apply_info(self, info: Any) -> None:
-        """Take the backend's view (a KernelInfo): phase, where, spec, start time."""
+    def apply_info(self, info: Any) -> bool:
+        """Take the backend's view (a KernelInfo): phase, where, spec, start time.
+
+        Returns False, and marks the model stopped, when the info is about
+        another kernel than the one this model shows (the compute was
+        replaced by a new kernel of the same name).
+        """
         with self._lock, self.hold_trait_notifications():
+            alive = phase_word(info.phase) == "ready"
+            ident = (info.pid, float(info.started or 0.0))
+            if self.kernel and alive and ident != self.kernel:
+                self.detail = (f"replaced by a new kernel ({info.where or info.backend}); "
+                               f"`%kt status {self.name}` shows that one")
+                self.phase, self.running, self.now = "stopped", False, time.time()
+                return False
+            if alive and not self.kernel and info.started:
+                self.kernel = ident
             self.backend = info.backend
             if info.where:
                 self.where = info.where
@@ -165,12 +191,14 @@ class StatusModel(HasTraits):
                 self.started = float(info.started)
             self.detail = info.detail or ""
             self.now = time.time()
-            alive = info.phase in ("ready", "running")  # a backend's "running" is the pod, not a cell
-            if not alive or self.phase in ("launching", "pulling") or self.terminal:
-                self.phase = "ready" if alive else derive_phase(info.phase, None)
+            if not alive or self.phase == "launching" or self.terminal:
+                self.phase = phase_word(info.phase)
+            if not alive:
+                self.running = False
+            return True
 
     def apply_metrics(self, sample: Mapping[str, Any], now: float | None = None) -> None:
-        """Take a metrics sample: running/idle/ready, cells run, idle time."""
+        """Take a metrics sample: running a cell or idle, cells run, idle time."""
         now = time.time() if now is None else now
         with self._lock, self.hold_trait_notifications():
             running = bool(sample.get("running"))
@@ -187,30 +215,40 @@ class StatusModel(HasTraits):
             self.idle_s = 0.0 if running else max(0.0, now - self._busy_at)
             if not self.started and sample.get("uptime_s") is not None:
                 self.started = now - float(sample["uptime_s"])
-            self.phase = derive_phase("ready", sample)
+            self.running = running
+            self.phase = "ready"
             self.now = now
 
     def tick(self, now: float | None = None) -> None:
         """Advance the clock between samples, so age and idle time count by the second (no pod request)."""
         now = time.time() if now is None else now
         with self._lock, self.hold_trait_notifications():
-            if not self.now or self.terminal or self.phase in ("launching", "pulling"):
+            if not self.now or self.terminal or self.phase == "launching":
                 return
-            if self.phase != "running" and self._busy_at is not None:
+            if not self.running and self._busy_at is not None:
                 self.idle_s = max(0.0, now - self._busy_at)
             self.now = now
+
+    def stop(self, why: str) -> None:
+        """Mark the compute stopped with a reason (deleted, its process gone)."""
+        with self._lock, self.hold_trait_notifications():
+            self.detail = why
+            self.phase, self.running = "stopped", False
+            self.now = time.time()
 
     def fail(self, why: str) -> None:
         """Mark the compute failed with a reason."""
         with self._lock, self.hold_trait_notifications():
             self.detail = why
-            self.phase = "failed"
+            self.phase, self.running = "failed", False
             self.now = time.time()
 
     def fields(self) -> list[tuple[str, str]]:
         """(label, value) pairs a view shows after the phase, in order; empty values left out."""
         out = []
-        if self.phase in ("launching", "pulling") and self.launch_started:
+        if self.phase == "ready" and self.activity:
+            out.append(("activity", self.activity))
+        if self.phase == "launching" and self.launch_started:
             out.append(("elapsed", format_age(max(self.now, self.launch_started) - self.launch_started)))
         if self.where:
             out.append(("where", self.where))
@@ -219,9 +257,7 @@ class StatusModel(HasTraits):
             out.append(("resources", res))
         if self.started and self.now:
             out.append(("age", format_age(self.now - self.started)))
-        if self.phase in ("ready", "idle", "running") and self.idle_s is not None:
-            out.append(("idle", "busy" if self.phase == "running" else format_age(self.idle_s)))
-        if self.phase in ("ready", "idle", "running"):
+        if self.phase == "ready":
             out.append(("cells", str(self.cells_run)))
         return out
 

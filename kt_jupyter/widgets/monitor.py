@@ -4,8 +4,12 @@ One :class:`ComputeMonitor` per compute in this process (:func:`monitor_for`),
 shared by every panel showing it. It polls the backend's status, samples
 ``Session.metrics()`` on its own session (fast while a cell runs, slow when
 idle), and follows the kernel log (the file itself for local kernels, else
-``backend.logs(tail=N)``). It stops when the compute stops or fails, or when
-the last panel using it is closed.
+``backend.logs(tail=N)``). It stops when the compute stops or fails, when a
+newer kernel replaces the one it showed (a panel shows one kernel instance,
+never its successor), or when the last panel using it is closed. As every
+notebook cell starts and ends (IPython's ``pre_run_cell`` and ``post_run_cell``) the live
+monitors refresh at once, so a panel is right as soon as a cell or a
+``%kt down`` ends.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ LOG_FILE_INTERVAL_S = 0.5
 LOG_POLL_INTERVAL_S = 2.0
 #: How much of a log file's end is read when following starts.
 LOG_START_BYTES = 256 << 10
+#: After a poke (a cell starts or ends), how long status is sampled at the fast interval.
+POKE_FAST_S = 10.0
 
 
 class ComputeMonitor:
@@ -61,6 +67,7 @@ class ComputeMonitor:
         self._log_offset: int | None = None
         self._log_id: tuple[int, int] | None = None
         self._log_tail: list[str] = []
+        self._fast_until = 0.0
 
     def __repr__(self) -> str:
         return f"<ComputeMonitor {self.backend_name}:{self.name} {self.status.phase}>"
@@ -83,6 +90,7 @@ class ComputeMonitor:
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._loop, name=f"kt-monitor-{self.name}", daemon=True)
                 self._thread.start()
+        _refresh_after_cells()
         return self
 
     def acquire(self) -> "ComputeMonitor":
@@ -107,7 +115,8 @@ class ComputeMonitor:
             self._close_session()
 
     def poke(self) -> None:
-        """Refresh now (e.g. a cell just started here)."""
+        """Refresh now, then sample fast for a while (a cell just started or ended here)."""
+        self._fast_until = time.monotonic() + POKE_FAST_S
         self._wake.set()
 
     def wait_stopped(self, timeout_s: float | None = None) -> bool:
@@ -131,14 +140,16 @@ class ComputeMonitor:
         except NotFoundError:
             if raise_missing:
                 raise
-            self.status.detail = "deleted"
-            self.status.phase = "stopped"
+            self.status.stop("deleted")
             return
         except Exception as exc:  # a backend hiccup (API down, timeout) is shown; the next refresh may work
             self.status.detail = f"cannot read its state: {exc}"
             return
-        self.status.apply_info(info)
-        if info.phase not in ("ready", "running"):
+        if not self.status.apply_info(info):  # a newer kernel of that name: not the one this monitor shows
+            self._stop.set()
+            self._close_session()
+            return
+        if self.status.phase != "ready":
             self._close_session()
             return
         self.sample_metrics(info.pid)
@@ -201,9 +212,11 @@ class ComputeMonitor:
         except FileNotFoundError:
             return False
         ident = (st.st_dev, st.st_ino)
-        if self._log_id is not None and (ident != self._log_id or st.st_size < (self._log_offset or 0)):
-            self.logs.append_lines(["----- the kernel log starts again (a new kernel) -----"])
-            self._log_offset = 0
+        if self._log_id is not None and ident != self._log_id:  # another kernel's log: never shown here
+            self._wake.set()  # the status check ends this monitor when its kernel is gone
+            return False
+        if self._log_offset is not None and st.st_size < self._log_offset:
+            self._log_offset = 0  # rotated (copied, then truncated in place): carry on from its start
         self._log_id = ident
         if self._log_offset is None:  # first look: only the end of it
             self._log_offset = max(0, st.st_size - LOG_START_BYTES)
@@ -236,7 +249,8 @@ class ComputeMonitor:
 
     def _interval(self) -> float:
         st = self.status
-        return self.fast_s if st.phase in ("launching", "pulling", "running") else self.slow_s
+        busy = st.phase == "launching" or st.running or time.monotonic() < self._fast_until
+        return self.fast_s if busy else self.slow_s
 
     def _loop(self) -> None:
         file_logs = getattr(self.backend, "log_path", None) is not None
@@ -249,7 +263,7 @@ class ComputeMonitor:
                     self.status.tick()
                     next_tick = now + CLOCK_INTERVAL_S
                 if now >= next_logs:
-                    if self.refresh_logs() and self.status.phase in ("ready", "idle"):
+                    if self.refresh_logs() and self.status.phase == "ready" and not self.status.running:
                         next_status = min(next_status, now + 0.2)  # output while idle: a cell may have started
                     next_logs = now + log_every
                 if now >= next_status or self._wake.is_set():
@@ -282,13 +296,44 @@ _monitors: dict[tuple[str, str], ComputeMonitor] = {}
 _monitors_lock = threading.Lock()
 
 
-def monitor_for(name: str, backend: str = "local") -> ComputeMonitor:
-    """The live monitor of a compute in this process, or a new (not yet started) one."""
+def monitor_for(name: str, backend: str = "local", *, new_kernel: bool = False) -> ComputeMonitor:
+    """The live monitor of a compute in this process, or a new (not yet started) one.
+
+    ``new_kernel``: a kernel is being launched under that name, so always a
+    new monitor; one still showing an older kernel ends when it sees the new one.
+    """
     with _monitors_lock:
         mon = _monitors.get((backend, name))
-        if mon is None or mon._stop.is_set():
+        if new_kernel or mon is None or mon._stop.is_set():
             mon = _monitors[(backend, name)] = ComputeMonitor(name, backend)
         return mon
+
+
+def poke_all() -> None:
+    """Every live monitor of this process refreshes now (a notebook cell started or ended)."""
+    with _monitors_lock:
+        monitors = [m for m in _monitors.values() if m.alive]
+    for mon in monitors:
+        mon.poke()
+
+
+_hooked: set[int] = set()
+
+
+def _refresh_after_cells() -> None:
+    """Once per IPython shell: poke the monitors as every cell starts and ends (a cell's state, or what a
+    `%kt down` did, shows at once)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    events = getattr(shell, "events", None)
+    if events is None or id(shell) in _hooked:
+        return
+    _hooked.add(id(shell))
+    events.register("pre_run_cell", lambda *_a: poke_all())
+    events.register("post_run_cell", lambda *_a: poke_all())
 
 
 def stop_all() -> None:

@@ -3,7 +3,7 @@
 A cell that launches a compute shows it through :class:`LaunchReporter`
 (the ``on_event`` callback of ``connection.connect``): the first launch
 event displays the panel in phase 'launching' with the events as they come;
-it then follows the compute through ready, running cell and idle.
+it then follows the compute: ready, running a cell or idle, until it stops.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class LaunchReporter:
                 show_notice(text)  # a notice, not a launch: no panel for it
                 return
             if self.monitor is None:
-                self.monitor = monitor_for(self.name, self.backend)
+                self.monitor = monitor_for(self.name, self.backend, new_kernel=True)  # never an older kernel's
                 self.monitor.status.phase = "launching"
                 self.monitor.status.add_event(text)
                 self.panel = ComputePanel(self.monitor)

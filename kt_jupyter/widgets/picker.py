@@ -11,7 +11,7 @@ import ipywidgets as W
 from traitlets import link
 
 from .frontend import ModelView, display_widget
-from .models import ProgressModel, format_age
+from .models import ProgressModel, format_age, phase_word
 from .picker_model import FIELDS, GPU_TYPES, PickerModel
 from .progress import ProgressView
 from .status import FG1, FG2, FONT, phase_badge, style_widget
@@ -153,8 +153,9 @@ class PickerView(ModelView, W.VBox):
         rows = []
         for info in m.running:
             age = format_age(now - info.started) if info.started else "-"
-            alive = info.phase in ("launching", "ready", "running")
-            text = (f'<span style="{FONT} color:{FG1}; white-space:nowrap">{phase_badge(info.phase, info.phase)} '
+            phase = phase_word(info.phase)
+            alive = phase in ("launching", "ready")
+            text = (f'<span style="{FONT} color:{FG1}; white-space:nowrap">{phase_badge(phase, phase)} '
                     f'<b>{escape(info.name)}</b> <span style="color:{FG2}">{escape(info.backend)} · '
                     f'{escape(info.where or "-")} · age {age}</span></span>')
             use = W.Button(description="Use", tooltip="fill the form from it and make it the default",

@@ -1,4 +1,4 @@
-"""The status line of a compute: phase badge, name, backend, where, resources, age, idle; startup events."""
+"""The status line of a compute: phase badge, name, backend, activity, where, resources, age; startup events."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from typing import Any
 import ipywidgets as W
 
 from .frontend import ModelView
-from .models import StatusModel
+from .models import RUNNING_TEXT, StatusModel
 
 #: Badge colours per phase (background); text is white.
-PHASE_COLORS = {"launching": "#8e6c00", "pulling": "#8e6c00", "ready": "#137333", "running": "#1a73e8",
-                "idle": "#5f6368", "stopped": "#5f6368", "failed": "#c5221f"}
+PHASE_COLORS = {"launching": "#8e6c00", "ready": "#137333", "stopped": "#5f6368", "failed": "#c5221f"}
+#: Colour of "running a cell" (the activity of a ready kernel).
+RUNNING_COLOR = "#1a73e8"
 
 FONT = "font-family: var(--jp-ui-font-family, system-ui, sans-serif); font-size: 12.5px; line-height: 1.6;"
 FG1 = "var(--jp-ui-font-color1, #1f1f1f)"
@@ -36,13 +37,17 @@ def style_widget() -> W.HTML:
 def phase_badge(phase: str, label: str) -> str:
     """An HTML pill for a phase (``data-kt-phase`` lets tests and styles find it)."""
     color = PHASE_COLORS.get(phase, "#5f6368")
-    dot = "◌" if phase in ("launching", "pulling") else "●"
+    dot = "◌" if phase == "launching" else "●"
     return (f'<span class="kt-phase" data-kt-phase="{escape(phase)}" style="display:inline-block; '
             f'background:{color}; color:#fff; border-radius:9px; padding:0 8px; font-size:11.5px; '
             f'font-weight:600; line-height:18px; white-space:nowrap">{dot} {escape(label)}</span>')
 
 
 def _field_html(label: str, value: str) -> str:
+    if label == "activity":  # says itself what it is: 'running a cell', 'idle 3m 20s'
+        style = f"color:{RUNNING_COLOR}; font-weight:600" if value == RUNNING_TEXT else f"color:{FG1}"
+        return (f'<span class="kt-field" data-kt-field="activity" style="white-space:nowrap; {style}">'
+                f'{escape(value)}</span>')
     return (f'<span class="kt-field" data-kt-field="{label}" style="white-space:nowrap">'
             f'<span style="color:{FG2}">{label}</span> <span style="color:{FG1}">{escape(value)}</span></span>')
 
@@ -67,7 +72,7 @@ def status_html(model: StatusModel) -> str:
         color = PHASE_COLORS["failed"] if model.phase == "failed" else FG2
         parts.append(f'<div class="kt-detail" style="{FONT} color:{color}; white-space:pre-wrap">'
                      f'{escape(model.detail)}</div>')
-    if model.events and (model.phase in ("launching", "pulling", "failed")):
+    if model.events and model.phase in ("launching", "failed"):
         items = "".join(f"<div>› {escape(e)}</div>" for e in model.events[-6:])
         parts.append(f'<div class="kt-events" style="{FONT} font-size:11.5px; line-height:1.45; color:{FG2}; '
                      f'margin:2px 0 0 4px">{items}</div>')

@@ -6,20 +6,20 @@ import time
 from typing import Any, Iterable
 
 from .log_model import LogModel
-from .models import MetricsModel, StatusModel, format_age
+from .models import MetricsModel, StatusModel, format_age, phase_word
 
 _LABEL_W = 10
 
 
 def status_lines(status: StatusModel, metrics: MetricsModel | None = None) -> list[str]:
-    """``compute 'train' (local): idle`` and aligned detail lines, then one line per metric row."""
+    """``compute 'train' (local): ready`` and aligned detail lines, then one line per metric row."""
     head = f"compute {status.name!r} ({status.backend}): {status.phase_label}"
     if status.detail and status.phase in ("stopped", "failed"):
         head += f" - {status.detail.splitlines()[0]}"
     lines = [head]
     for label, value in status.fields():
         lines.append(f"  {label + ':':<{_LABEL_W}} {value}")
-    if status.phase in ("launching", "pulling") and status.events:
+    if status.phase == "launching" and status.events:
         lines.append(f"  {'events:':<{_LABEL_W}} " + f"\n  {'':<{_LABEL_W}} ".join(status.events[-6:]))
     if metrics is not None:
         for row in metrics.rows:
@@ -36,14 +36,14 @@ def status_text(status: StatusModel, metrics: MetricsModel | None = None) -> str
 
 def log_text(logs: LogModel, last: int | None = None) -> str:
     """The visible log lines (the last ``last`` of them) and the hint."""
-    lines = [text for _level, text in logs.visible]
+    lines = [text for _level, text, _cell in logs.visible]
     if last is not None:
         lines = lines[-last:]
     return "\n".join(lines + [f"[kt] {logs.hint}"])
 
 
 def computes_table(rows: Iterable[Any], now: float | None = None) -> str:
-    """Running computes (KernelInfo-like rows) as an aligned table."""
+    """Computes (KernelInfo-like rows) as an aligned table, in the words of every other view."""
     now = time.time() if now is None else now
     rows = list(rows)
     if not rows:
@@ -51,7 +51,7 @@ def computes_table(rows: Iterable[Any], now: float | None = None) -> str:
     out = [f"{'NAME':<20} {'BACKEND':<11} {'PHASE':<10} {'AGE':>10}  WHERE"]
     for r in rows:
         age = format_age(now - r.started) if getattr(r, "started", 0) else "-"
-        out.append(f"{r.name:<20} {r.backend:<11} {r.phase:<10} {age:>10}  {r.where}")
+        out.append(f"{r.name:<20} {r.backend:<11} {phase_word(r.phase):<10} {age:>10}  {r.where}")
     return "\n".join(out)
 
 

@@ -1,4 +1,36 @@
-/** Short human forms of sizes and durations for the sidebar. */
+/**
+ * Short human forms of phases, activity, sizes and durations for the sidebar: the words of
+ * `%kt list`, `%kt status`, the status panel and the picker (kt_jupyter/widgets/models.py).
+ */
+
+/** The phases of a compute, as every view writes them. */
+export const PHASES = ['launching', 'ready', 'stopped', 'failed'];
+
+/** Other words for a phase and the phase they mean (as `phase_word` in models.py). */
+const PHASE_ALIASES: Record<string, string> = {
+  pending: 'launching',
+  starting: 'launching',
+  pulling: 'launching',
+  running: 'ready',
+  idle: 'ready',
+  error: 'failed',
+  deleted: 'stopped'
+};
+
+/** The word shown for a backend's phase (unknown words read `failed`). */
+export function phaseWord(phase: string): string {
+  const p = (phase || '').trim().toLowerCase();
+  const word = PHASE_ALIASES[p] ?? p;
+  return PHASES.includes(word) ? word : 'failed';
+}
+
+/** What a ready kernel does: `running a cell`, `idle 3m 20s`, or '' when not known. */
+export function activityText(running: boolean, idleS: number | null | undefined): string {
+  if (running) {
+    return 'running a cell';
+  }
+  return idleS === null || idleS === undefined ? '' : `idle ${formatDuration(idleS)}`;
+}
 
 /** `1536` -> `1.5 KiB`. */
 export function formatBytes(n: number | null | undefined): string {

@@ -13,7 +13,7 @@ import {
   stopCompute
 } from './api';
 import { askNewCompute, confirmStop } from './dialogs';
-import { formatBytes, formatDuration, formatResources } from './format';
+import { activityText, formatBytes, formatDuration, formatResources, phaseWord } from './format';
 
 /** How often the list refreshes while the sidebar is visible. */
 export const REFRESH_MS = 3000;
@@ -148,18 +148,22 @@ export class ComputesPanel extends Widget {
     const li = el('li', 'kt-Compute');
     li.dataset.name = c.name;
     li.dataset.backend = c.backend;
-    li.dataset.phase = c.phase;
+    const phase = phaseWord(c.phase);
+    li.dataset.phase = phase;
     const name = el('span', 'kt-Compute-name', c.name);
     name.title = c.name;
     li.append(
-      row(name, badge(this._stopping.has(key(c)) ? 'stopping' : c.phase)),
+      row(name, badge(this._stopping.has(key(c)) ? 'stopping' : phase)),
       el('div', 'kt-Compute-resources', `${c.backend} · ${formatResources(c.resources)}`)
     );
     const m = c.metrics;
-    if (m) {
-      const activity = m.running ? 'running a cell' : `idle ${formatDuration(c.idle_s)}`;
+    if (m && phase === 'ready') {
+      const activity = el('span', m.running ? 'kt-Compute-activity kt-mod-running' : 'kt-Compute-activity',
+                          activityText(!!m.running, c.idle_s));
+      const usage = el('div', 'kt-Compute-usage');
+      usage.append(activity, ` · age ${formatDuration(c.age_s)}`);
       li.append(
-        el('div', 'kt-Compute-usage', `${activity} · up ${formatDuration(c.age_s)}`),
+        usage,
         el('div', 'kt-Compute-usage', `CPU ${Math.round(m.cpu_percent ?? 0)}% · RAM ${formatBytes(m.rss_bytes)}`)
       );
     } else {
