@@ -222,6 +222,7 @@ class Session:
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
         bulk_host: str | None = None,
         accept_pickle: bool = True,
+        bulk_resolver: Callable[[int], tuple[str, int] | None] | None = None,
     ) -> None:
         self.url = url
         #: whether pickled payloads from the pod are loaded here; False for a JSON-only compute, so a
@@ -229,6 +230,9 @@ class Session:
         self.accept_pickle = accept_pickle
         #: host of the pod's bulk channel (None: bundles travel over the WebSocket only)
         self.bulk_host = bulk_host
+        #: the pod's bulk port -> the address reaching it from here (a port-forward's), or None: WebSocket only.
+        #: Without one, the bulk channel is at bulk_host and the pod's own port.
+        self.bulk_resolver = bulk_resolver
         self._token = token
         self.name = name
         self.session_id = uuid.uuid4().hex
@@ -801,6 +805,8 @@ class Session:
     def _bulk_address(self) -> tuple[str, int] | None:
         conn = self._conn
         port = conn.welcome.get("bulk_port") if conn is not None else None
+        if port and self.bulk_resolver is not None:  # reached through a forward (Kubernetes)
+            return self.bulk_resolver(int(port))
         return (self.bulk_host, int(port)) if self.bulk_host and port else None
 
     async def _bulk_receive(self, pending: _Pending, ticket: str) -> None:

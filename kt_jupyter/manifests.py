@@ -63,6 +63,10 @@ KAI_QUEUE_LABEL = "kai.scheduler/queue"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONTAINER_NAME = "pod-kernel"
 PORT_NAME = "kernel"
+#: The pod kernel's bulk channel (large values as plain TCP): a fixed port, so a port-forward, the Service
+#: and the NetworkPolicy can name it (``KT_BULK_PORT``, read by :mod:`pod_kernel.bulk`).
+POD_KERNEL_BULK_PORT = POD_KERNEL_PORT + 1
+BULK_PORT_NAME = "bulk"
 #: The pod kernel's health endpoint on its WebSocket port: 200 ``ok``, no auth, no log line.
 HEALTH_PATH = "/healthz"
 #: How often the startup and readiness probes ask.
@@ -183,7 +187,9 @@ def build_service(compute: "Compute") -> dict[str, Any]:
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(compute),
-            "ports": [{"name": PORT_NAME, "port": POD_KERNEL_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}],
+            "ports": [{"name": PORT_NAME, "port": POD_KERNEL_PORT, "targetPort": PORT_NAME, "protocol": "TCP"},
+                      {"name": BULK_PORT_NAME, "port": POD_KERNEL_BULK_PORT, "targetPort": BULK_PORT_NAME,
+                       "protocol": "TCP"}],
         },
     }
 
@@ -267,6 +273,7 @@ def _container_env(compute: "Compute", install_env: Mapping[str, str]) -> list[d
         {"name": "KT_TOKEN", "valueFrom": {"secretKeyRef": {"name": own, "key": "token"}}},
         {"name": "KT_SERVICE_NAME", "value": compute.service_name},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "KT_BULK_PORT", "value": str(POD_KERNEL_BULK_PORT)},
     ]
     plain, _ = split_env(compute)
     env += [{"name": k, "value": v} for k, v in plain.items()]
@@ -333,7 +340,8 @@ def build_deployment(compute: "Compute", *, source_files: dict[str, str] | None 
         "name": CONTAINER_NAME,
         "image": compute.image.image_id,
         "command": ["/bin/sh", "-c", startup_script(compute)],
-        "ports": [{"name": PORT_NAME, "containerPort": POD_KERNEL_PORT, "protocol": "TCP"}],
+        "ports": [{"name": PORT_NAME, "containerPort": POD_KERNEL_PORT, "protocol": "TCP"},
+                  {"name": BULK_PORT_NAME, "containerPort": POD_KERNEL_BULK_PORT, "protocol": "TCP"}],
         "env": _container_env(compute, install_env),
         "volumeMounts": mounts,
         **_probes(compute),
@@ -465,7 +473,7 @@ def compute_from_deployment(manifest: dict[str, Any]) -> "Compute":
     gpu_type = selector.pop(GFD_PRODUCT_LABEL, None) or (gpu_type_from_terms(terms) if terms else None)
     labels = {k: v for k, v in (meta.get("labels") or {}).items()
               if k not in (MANAGED_BY_LABEL, COMPUTE_LABEL, NAME_LABEL, COMPONENT_LABEL)}
-    ours = ("KT_TOKEN", "KT_SERVICE_NAME", "PYTHONUNBUFFERED")
+    ours = ("KT_TOKEN", "KT_SERVICE_NAME", "PYTHONUNBUFFERED", "KT_BULK_PORT")
     return Compute(
         name=(meta.get("labels") or {}).get(NAME_LABEL) or meta.get("name") or "default",
         backend="kubernetes",

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from IPython.core.error import UsageError
 from ipshell import run
 from k8s_fake import FakePortForwardConnector
 from k8s_fake.cluster import MISSING_IMAGE, NS, SLOW_IMAGE, fake_cluster
@@ -21,7 +22,7 @@ from k8s_fake.store import KUEUE_GATE
 from kt_jupyter import connection as conn_mod
 from kt_jupyter.backends.kubernetes import KubernetesBackend
 from kt_jupyter.compute import Compute
-from kt_jupyter.errors import ImagePullError, KubernetesAPIError, LaunchError
+from kt_jupyter.errors import ComputeSpecError, ImagePullError, KubernetesAPIError, LaunchError
 from kt_jupyter.manifests import label_selector
 
 
@@ -178,3 +179,20 @@ def test_down_and_status_find_a_kubernetes_compute_whatever_the_default_backend(
     run(ip, "%kt down broken")
     assert "broken (kubernetes): stopped and deleted" in capsys.readouterr().out
     assert cluster.deployment(k8s("broken")) is None
+
+
+# ---------------------------------------------------------------------- item 7: one spec per name, in every process
+
+
+def test_another_process_asking_for_another_spec_gets_a_clear_error(cluster, ip):
+    cluster.backend.launch(k8s("sized", memory="512Mi", inactivity_ttl="1h"))
+    other = KubernetesBackend(connector=FakePortForwardConnector(cluster.kubelet))  # a restarted notebook
+    with pytest.raises(ComputeSpecError) as info:
+        other.launch(k8s("sized", memory="1Gi", gpus=None))
+    assert "compute 'sized' is already running with memory='512Mi' (not '1Gi')" in str(info.value)
+    assert "`%kt down sized`" in str(info.value)
+    same = other.launch(k8s("sized"))  # asking for nothing in particular reuses it, and says what runs
+    assert same.spec["memory"] == "512Mi" and same.spec["inactivity_ttl"] == 3600
+    with pytest.raises(UsageError, match=r"memory='512Mi' \(not '1Gi'\)"):
+        run(ip, "%%kt --backend kubernetes --name sized --memory 1Gi\nx = 1")
+    assert len(cluster.pods(k8s("sized"))) == 1

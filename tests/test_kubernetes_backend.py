@@ -427,8 +427,11 @@ def test_production_port_forward_connector_through_the_fake_api_server(cluster):
     again.connect()
     assert again.execute("n").data == {"text/plain": str(8 << 20)}
     again.close()
-    forwards = [r for r in cluster.store.requests if r["path"].endswith("/portforward")]
-    assert len(forwards) >= 2 and all(r["query"]["ports"] == "32300" for r in forwards)
+    forwards = [r["query"]["ports"] for r in cluster.store.requests if r["path"].endswith("/portforward")]
+    pod = cluster.pods(compute)[0]["metadata"]["name"]
+    bulk = str(cluster.kubelet.pods[(NS, pod)].runs[-1].bulk_port)  # what the fake pod's bulk channel binds
+    assert forwards.count("32300") >= 2 and bulk in forwards  # the 8 MiB went over the forwarded bulk channel
+    assert set(forwards) == {"32300", bulk}
     backend.delete("pf", grace_period_s=0)
     assert "was deleted" in handle.liveness()
 

@@ -168,7 +168,9 @@ def test_container_runs_the_pod_kernel_with_the_token_from_the_secret():
     assert c["command"][:2] == ["/bin/sh", "-c"]
     assert ("exec \"$KT_PY\" -m pod_kernel --host :: --port \"${KT_PORT:-32300}\" --compute-name t "
             "--allowed-serialization json,pickle --log-level INFO") in c["command"][2]
-    assert c["ports"] == [{"name": "kernel", "containerPort": 32300, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "kernel", "containerPort": 32300, "protocol": "TCP"},
+                          {"name": "bulk", "containerPort": 32301, "protocol": "TCP"}]  # big values, plain TCP
+    assert {"name": "KT_BULK_PORT", "value": "32301"} in c["env"]
     assert c["env"][0] == {"name": "KT_TOKEN", "valueFrom": {"secretKeyRef": {"name": "tester-t-token",
                                                                                "key": "token"}}}
     assert c["readinessProbe"]["httpGet"] == c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "kernel"}
@@ -305,7 +307,8 @@ def test_env_image_settings_and_working_dir():
     assert 'export PATH="$PATH:/custom/bin"' in c["command"][2]
     assert (c["image"], c["imagePullPolicy"], c["workingDir"]) == ("ghcr.io/org/base:1.0", "Always", "/app")
     names = [e["name"] for e in c["env"]]
-    assert names[:3] == ["KT_TOKEN", "KT_SERVICE_NAME", "PYTHONUNBUFFERED"] and names[3:] == sorted(names[3:])
+    assert names[:4] == ["KT_TOKEN", "KT_SERVICE_NAME", "PYTHONUNBUFFERED", "KT_BULK_PORT"]
+    assert names[4:] == sorted(names[4:])
 
 
 def test_compute_env_wins_over_image_env():
@@ -421,7 +424,8 @@ def test_service():
     svc = build_service(k8s())
     assert svc["metadata"]["name"] == "tester-t"
     assert svc["spec"] == {"type": "ClusterIP", "selector": {"kt.dev/compute": "tester-t"},
-                           "ports": [{"name": "kernel", "port": 32300, "targetPort": "kernel", "protocol": "TCP"}]}
+                           "ports": [{"name": "kernel", "port": 32300, "targetPort": "kernel", "protocol": "TCP"},
+                                     {"name": "bulk", "port": 32301, "targetPort": "bulk", "protocol": "TCP"}]}
 
 
 @pytest.mark.parametrize("case", list(MATRIX))

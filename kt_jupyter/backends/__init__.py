@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 if TYPE_CHECKING:
     from ..client import Session
     from ..compute import Compute
+    from ..errors import KtError
 
 BACKENDS = ("local", "kubernetes")
 
@@ -41,12 +42,16 @@ class KernelHandle:
     #: host the pod's bulk channel is reachable at from here (None: WebSocket only)
     bulk_host: str | None = None
     close_hook: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    #: the pod's bulk port -> the address reaching it from here (a port-forward's), None: WebSocket only;
+    #: without a resolver the bulk channel is at ``bulk_host`` and the pod's own port
+    bulk_resolver: Callable[[int], tuple[str, int] | None] | None = field(default=None, repr=False, compare=False)
 
     def session(self, **kw: Any) -> "Session":
         """A new client session to this kernel (not yet connected)."""
         from ..client import Session
 
         kw.setdefault("bulk_host", self.bulk_host)
+        kw.setdefault("bulk_resolver", self.bulk_resolver)
         return Session(self.url, self.token, name=self.name, liveness=self.liveness, **kw)
 
 
@@ -93,6 +98,36 @@ class Backend(Protocol):
 
         Local: the same port (same host). Kubernetes: a port-forward to the pod.
         """
+
+
+#: Compute parameters that shape a running kernel: asking for another value of one asks for another kernel.
+SPEC_KEYS = ("cpus", "memory", "disk_size", "gpus", "gpu_type", "gpu_memory", "shared_memory_limit", "image",
+             "env_vars", "secrets", "volumes", "working_dir", "node_selector", "tolerations", "queue",
+             "priority_class_name", "service_account_name", "inactivity_ttl", "freeze", "replicas",
+             "allowed_serialization", "image_pull_policy", "gpu_anti_affinity", "namespace")
+
+
+def spec_mismatch(requested: "Compute", running: dict[str, Any], keys: tuple[str, ...] = SPEC_KEYS) -> str:
+    """'' when the running kernel's spec (``to_dict`` form) has what ``requested`` asks for, else what differs.
+
+    Only what ``requested`` sets (a value other than ``Compute()``'s) counts:
+    a request that leaves memory unset takes the running kernel's memory.
+    The answer reads like ``memory='512Mi' (not '1Gi'), gpus=None (not '1')``.
+    """
+    from ..compute import Compute
+
+    asked, default = requested.to_dict(), Compute().to_dict()
+    return ", ".join(f"{key}={running.get(key)!r} (not {asked[key]!r})" for key in keys
+                     if key in asked and asked[key] != default.get(key) and key in running
+                     and running[key] != asked[key])
+
+
+def spec_mismatch_error(name: str, mismatch: str) -> "KtError":
+    """The error for a request a running kernel of that name does not match."""
+    from ..errors import ComputeSpecError
+
+    return ComputeSpecError(f"compute {name!r} is already running with {mismatch}; `%kt down {name}` then run "
+                            "this cell again (its variables are lost), or pick another --name")
 
 
 _instances: dict[str, Any] = {}

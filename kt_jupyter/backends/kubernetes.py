@@ -12,7 +12,9 @@ shown; what it never will becomes one error each
 (:mod:`~kt_jupyter.backends.kubernetes_events`), and any failure while
 waiting scales the Deployment to 0 and says so. The notebook reaches the
 pod kernel through a port-forward from outside the cluster or the Service's
-DNS name from inside one (:mod:`~kt_jupyter.backends.portforward`).
+DNS name from inside one (:mod:`~kt_jupyter.backends.portforward`), and its
+bulk channel (big values as plain TCP, port ``POD_KERNEL_BULK_PORT``) the same
+way, so a 1 GB push never squeezes through WebSocket frames.
 
 The token lives only in the Secret: ``find`` reads it back, so another
 notebook (or this one after a restart) reaches the same warm kernel by name.
@@ -39,9 +41,10 @@ from ..compute import POD_KERNEL_PORT, Compute
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, KubernetesAPIError, LaunchError, NotFoundError
 from ..k8s_fields import dns1123_label
 from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, KUEUE_QUEUE_LABEL, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL,
-                         SPEC_ANNOTATION, build_secret, compute_from_deployment, label_selector, token_secret_name)
+                         POD_KERNEL_BULK_PORT, SPEC_ANNOTATION, build_secret, compute_from_deployment, label_selector,
+                         token_secret_name)
 from ..names import check_compute_name
-from . import KernelHandle, KernelInfo
+from . import KernelHandle, KernelInfo, spec_mismatch, spec_mismatch_error
 from . import kubernetes_events as ev
 from .kubernetes_api import ApiStatusError, KubeApi, load_api_client
 from .kubernetes_launch import LaunchWaiter
@@ -140,6 +143,9 @@ class KubernetesBackend:
         kube = self._kube(compute)
         running = self._find(kube, compute)
         if running is not None:
+            mismatch = spec_mismatch(compute, running.spec)  # from its annotation: any process launched it
+            if mismatch:
+                raise spec_mismatch_error(compute.name, mismatch)
             say(f"reusing the running pod kernel {compute.name!r} ({running.where})")
             return running
         t0 = time.monotonic()
@@ -242,7 +248,29 @@ class KubernetesBackend:
             started=_epoch((pod.get("status") or {}).get("startTime")),
             where=f"pod {live.pod} on node {ev.node_of(pod)} (namespace {compute.namespace})",
             spec=compute.to_dict(), liveness=live.liveness, close_hook=live.close,
+            bulk_resolver=lambda port: self._bulk_address(compute, live, port),
         )
+
+    def _bulk_address(self, compute: Compute, live: LiveKernel, port: int) -> tuple[str, int] | None:
+        """Where the pod's bulk channel (``port``, as its pod kernel announces it) is reached from here.
+
+        Big values then travel as plain TCP through their own forward (or the
+        Service), not as WebSocket frames through the kernel's. A port-forward
+        reaches any pod port; the Service only :data:`POD_KERNEL_BULK_PORT`
+        (else None: the WebSocket carries them). Opened once per pod and port.
+        """
+        connector = self._connector_for(compute)
+        if port != POD_KERNEL_BULK_PORT and not getattr(connector, "reaches_pod_loopback", True):
+            return None
+        with self._lock:
+            if live.gone is not None:
+                return None
+            forward = live.extra_forwards.get(port)
+            if forward is None:
+                target = PodTarget(compute.namespace, live.pod, compute.service_name, port)
+                forward = live.extra_forwards[port] = connector.open(target)
+        where = urlsplit(forward.url)
+        return (where.hostname, where.port) if where.hostname and where.port else None
 
     def _find(self, kube: KubeApi, compute: Compute) -> KernelHandle | None:
         ns, svc = compute.namespace, compute.service_name
@@ -255,12 +283,16 @@ class KubernetesBackend:
         if not ready or not token:
             return None
         spec = (dep.get("metadata") or {}).get("annotations", {}).get(SPEC_ANNOTATION)
-        if spec and compute.name not in self._known:
+        running = compute
+        if spec:
             try:
-                compute = compute_from_deployment(dep)
+                running = compute_from_deployment(dep)
             except Exception:  # noqa: BLE001 - an unreadable annotation: the name is enough
                 pass
-        return self._handle(kube, compute, ready[0], base64.b64decode(token).decode())
+        handle = self._handle(kube, compute if compute.name in self._known else running, ready[0],
+                              base64.b64decode(token).decode())
+        handle.spec = running.to_dict()  # what runs, whatever this process asked for
+        return handle
 
     def find(self, name: str, namespace: str | None = None) -> KernelHandle | None:
         """The running (ready) kernel of that name, reattached by reading its token Secret; else None."""

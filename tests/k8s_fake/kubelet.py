@@ -25,8 +25,9 @@ Where no real part can run here, the fake stands in, and says so:
   mounts (the source ConfigMap and the cache emptyDir) the fake sets the
   ``KT_SRC_DIR`` / ``KT_CACHE_DIR`` overrides the startup script reads;
 * no network namespace: the command's ``--host ::`` (dual-stack,
-  :data:`kt_jupyter.startup.KERNEL_HOST`) becomes ``--host 127.0.0.1`` and ``KT_PORT=0`` lets the pod kernel pick a free
-  port, which it reports on ``KT_READY_FD``; :class:`FakePortForwardConnector`
+  :data:`kt_jupyter.startup.KERNEL_HOST`) becomes ``--host 127.0.0.1``, ``KT_PORT=0`` lets the pod
+  kernel pick a free port, which it reports on ``KT_READY_FD``, and ``KT_BULK_PORT`` becomes a free
+  port the fake picks; :class:`FakePortForwardConnector`
   hands the backend that address instead of a port-forward through the API;
 * no cgroup: a sampler kills the process group (SIGKILL) when its RSS
   passes the container's memory limit, and reports ``OOMKilled``;
@@ -49,6 +50,7 @@ from typing import Any, Callable, Iterator
 
 from kt_jupyter.backends.portforward import Forward, PodTarget
 from kt_jupyter.compute import POD_KERNEL_PORT
+from kt_jupyter.manifests import POD_KERNEL_BULK_PORT
 
 from .api_server import FakeKubeApiServer
 from .pod_runtime import FakeNode, FakePodRuntime, quantity
@@ -99,7 +101,7 @@ class FakeKubelet:
         self.store.listeners.append(self._on_change)
         self.store.log_source = self.log
         self.store.log_follower = self.follow_log
-        self.store.port_resolver = lambda ns, pod, _port: self.local_port(ns, pod)
+        self.store.port_resolver = self.local_port
         self._thread.start()
         return self
 
@@ -377,13 +379,17 @@ class FakeKubelet:
                 else:
                     time.sleep(0.05)  # tailing a file: the fake's stand-in for the kubelet's log stream
 
-    def local_port(self, ns: str, pod: str) -> int:
-        """Where the pod's pod kernel listens on 127.0.0.1 (its current run)."""
+    def local_port(self, ns: str, pod: str, port: int = POD_KERNEL_PORT) -> int:
+        """Where the pod's ``port`` is on 127.0.0.1: the pod kernel's and its bulk channel's (its current
+        run's), else the same port (the fake pod's loopback is this machine's)."""
+        if port not in (POD_KERNEL_PORT, POD_KERNEL_BULK_PORT):
+            return port
         runtime = self.pods.get((ns, pod))
-        port = runtime.runs[-1].port if runtime and runtime.runs else None
-        if port is None:
+        run = runtime.runs[-1] if runtime and runtime.runs else None
+        local = (run.port if port == POD_KERNEL_PORT else run.bulk_port) if run is not None and run.port else None
+        if local is None:
             raise ConnectionError(f"fake kubelet: pod {ns}/{pod} has no listening container")
-        return port
+        return local
 
     def pid(self, ns: str, pod: str) -> int:
         """The process id of the pod's current container run."""
@@ -419,12 +425,11 @@ class FakePortForwardConnector:
     def open(self, target: PodTarget) -> Forward:
         """``ws://127.0.0.1:<the fake pod's port>``; nothing to close.
 
-        The pod kernel's own port maps to where the fake pod's process listens;
-        any other port (debugpy's) is the pod's loopback port, and the fake
+        The pod kernel's own port and its bulk port map to where the fake pod's process
+        listens; any other port (debugpy's) is the pod's loopback port, and the fake
         pod's loopback is this machine's: 127.0.0.1 and the same port, as a
         real port-forward reaches it.
         """
         self.opened.append(target)
-        port = (self.kubelet.local_port(target.namespace, target.pod) if target.port == POD_KERNEL_PORT
-                else target.port)
+        port = self.kubelet.local_port(target.namespace, target.pod, target.port)
         return Forward(f"ws://127.0.0.1:{port}", f"fake port-forward -> pod {target.pod} at 127.0.0.1:{port}")

@@ -48,6 +48,13 @@ def quantity(text: str | int | float) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+def _free_port() -> int:
+    """A port free on 127.0.0.1 now (the fake's stand-in for a pod's own network namespace)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @dataclass
 class FakeNode:
     """The fake cluster's only node: its name, labels and allocatable resources."""
@@ -63,6 +70,8 @@ class _FakeContainerRun:
     def __init__(self, proc: subprocess.Popen, log_path: Path) -> None:
         self.proc, self.log_path = proc, log_path
         self.port: int | None = None
+        #: Where this run's bulk channel listens (the pod's fixed bulk port, on a free local port).
+        self.bulk_port: int | None = None
         self.oom_killed = False
 
 
@@ -313,7 +322,10 @@ class FakePodRuntime:
             workdir = rootfs / (self.container.get("workingDir") or "/").lstrip("/")
             workdir.mkdir(parents=True, exist_ok=True)
             read_fd, write_fd = os.pipe()
+            bulk_port = _free_port() if "KT_BULK_PORT" in env else None  # no network namespace: not 32301
             run_env = dict(env, KT_PORT="0", KT_READY_FD=str(write_fd), KT_MARKER_DIR=str(rootfs))
+            if bulk_port is not None:
+                run_env["KT_BULK_PORT"] = str(bulk_port)
             log_path = self.dir / f"{self.container['name']}-{n}.log"
             with open(log_path, "wb") as log, self._stop_lock:  # no start once stop()/kill_all() has begun
                 try:
@@ -325,6 +337,7 @@ class FakePodRuntime:
                 finally:
                     os.close(write_fd)
                 run = _FakeContainerRun(proc, log_path)
+                run.bulk_port = bulk_port
                 self.runs.append(run)
             started = now_rfc3339()
             self._event("Created", f"Created container {self.container['name']}")
