@@ -25,10 +25,12 @@ open is closed before another writer's line would join it.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import sys
 import threading
+from typing import Any
 
 #: Rotate past this many bytes (``--log-max-bytes``, ``KT_LOG_MAX_BYTES``).
 LOG_MAX_BYTES = 10 << 20
@@ -182,6 +184,44 @@ class _CellLines:
 _lines = _CellLines()
 
 
+class _EndsCellLines:
+    """A logging handler's stream that ends a line a cell left open before it writes a record."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        with _lines.lock:
+            if _lines.open_stream is not None:
+                text, _lines.open_stream = "\n" + text, None
+            return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+_logging_guarded = False
+
+
+def guard_logging() -> None:
+    """Make the logging handlers on the real stdout/stderr (the pod kernel's own loggers') end an open cell
+    line before each record (once; :func:`tee` calls it), so a server event never lands inside a line of
+    cell output."""
+    global _logging_guarded
+    if _logging_guarded:
+        return
+    _logging_guarded = True
+    loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
+                                       if isinstance(lg, logging.Logger)]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (
+                sys.__stdout__, sys.__stderr__):
+            handler.setStream(_EndsCellLines(handler.stream))
+
+
 def _size(fd: int) -> int:
     try:
         st = os.fstat(fd)
@@ -194,8 +234,9 @@ def tee(name: str, text: str) -> None:
     """Write a cell's output to the kernel's real stdout/stderr (the log), each line marked with
     :data:`CELL_MARKER`: never raises, never grows the log unbounded.
 
-    A line left open is ended first when the other stream writes, or when
-    the file grew by someone else's write (a server event) since.
+    A line left open is ended first when the other stream writes, when a
+    server event is logged (:func:`guard_logging`), or when the file grew by
+    someone else's write since (C code, a subprocess).
     """
     log = ACTIVE
     stream = sys.__stdout__ if name == "stdout" else sys.__stderr__
@@ -203,6 +244,7 @@ def tee(name: str, text: str) -> None:
         return
     if log is not None:
         text = log.fit(text)
+    guard_logging()
     with _lines.lock:
         try:
             fd = stream.fileno()

@@ -145,6 +145,67 @@ def test_status_polls_and_new_connections_do_not_reset_idle_time(local_backend):
     assert "inactive for" in local_backend.logs("idle")
 
 
+def test_one_phase_word_in_list_status_and_the_panel_which_is_right_after_a_cell_and_after_down(ip, capsys):
+    """`%kt list`, `%kt status` and a panel say the same words; a panel is right as soon as a cell or a
+    `%kt down` ends (IPython's cell events poke it: its own polling here is slower than the test)."""
+    from kt_jupyter.widgets.monitor import monitor_for, stop_all
+
+    run(ip, "%%kt --name truth\nx = 1")
+    capsys.readouterr()
+    run(ip, "%kt list")
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("truth "))
+    run(ip, "%kt status truth")
+    head = capsys.readouterr().out.splitlines()[0]
+    mon = monitor_for("truth", "local")
+    mon.fast_s = mon.slow_s = 60.0  # only the cell events can make it refresh within the deadlines below
+    mon.refresh()
+    try:
+        mon.acquire()
+        assert row[2] == mon.status.phase == "ready" and head == "compute 'truth' (local): ready"
+        assert mon.status.activity.startswith("idle ") and mon.status.cells_run == 1
+        run(ip, "%%kt --name truth\ny = 2")
+        wait_until(lambda: mon.status.cells_run == 2, 5, "the panel to count the cell that just ended")
+        assert mon.status.activity.startswith("idle ")
+        run(ip, "%kt down truth")
+        wait_until(lambda: mon.status.phase == "stopped", 5, "the panel to show the compute stopped")
+        assert mon.status.detail == "deleted" and mon.wait_stopped(5)
+    finally:
+        stop_all()
+
+
+# ---------------------------------------------------------------------- 8. quiet logs
+
+
+def test_cell_output_is_marked_in_the_kernel_log_and_hidden_in_the_panel_but_crash_lines_show(ip, capsys):
+    """Every line a cell printed starts with the marker, also around other writers (a server event, the other
+    stream, a write straight to the descriptor); those stay unmarked, and the panel's log shows only them."""
+    from kt_jupyter.widgets.log_model import LogModel
+    from pod_kernel.logfile import CELL_MARKER
+
+    run(ip, "%%kt --name quiet\n"
+            "import logging, os, sys\n"
+            "print('partial', end='', flush=True)\n"
+            "logging.getLogger('pod_kernel.test').warning('a server event')\n"
+            "print(' rest', flush=True)\n"
+            "print('open', end='', flush=True)\n"
+            "sys.stderr.write('other stream\\n'); sys.stderr.flush()\n"
+            "os.write(2, b'written straight to fd 2\\n')\n"
+            "print('two\\nlines', flush=True)")
+    log = get_backend("local").logs("quiet", tail=None).splitlines()
+    start = next(i for i, line in enumerate(log) if line.endswith("partial"))
+    event = next(line for line in log if line.endswith("WARNING pod_kernel.test: a server event"))
+    assert log[start:start + 8] == [f"{CELL_MARKER}partial", event, f"{CELL_MARKER} rest", f"{CELL_MARKER}open",
+                                    f"{CELL_MARKER}other stream", "written straight to fd 2", f"{CELL_MARKER}two",
+                                    f"{CELL_MARKER}lines"]
+    panel_log = LogModel(compute_name="quiet")
+    panel_log.append_lines(log)
+    shown = [text for _level, text, _cell in panel_log.visible]
+    assert event in shown and "written straight to fd 2" in shown
+    assert not [line for line in shown if "partial" in line or "rest" in line or "lines" == line]
+    run(ip, "%kt logs quiet --tail 3")
+    assert capsys.readouterr().out.splitlines()[-1] == f"{CELL_MARKER}lines"  # `%kt logs` shows it all
+
+
 # ---------------------------------------------------------------------- 7. subcommands that do what they say
 
 

@@ -670,8 +670,8 @@ def test_an_old_panel_never_shows_a_newer_kernel(local_backend):
     mon.poke()
     assert mon.wait_stopped(10)
     assert mon.status.phase == "stopped" and mon.status.where == old_where != f"local pid {new_handle.pid}"
-    assert mon.status.detail in ("deleted", f"replaced by a new kernel (local pid {new_handle.pid}); "
-                                             "`%kt status again` shows that one")
+    replaced = f"replaced by a new kernel (local pid {new_handle.pid}); `%kt status again` shows that one"
+    assert mon.status.detail in ("deleted", replaced)
     where_html = panel.status_view.value.split('data-kt-field="where"', 1)[1].split("</span></span>", 1)[0]
     assert old_where in where_html and str(new_handle.pid) not in where_html
     assert monitor_for("again", "local") is newer
