@@ -150,12 +150,18 @@ def test_status_from_backend_info_and_metrics():
     assert (m.phase, m.where, m.resources, m.started) == ("ready", "local pid 42", {"cpus": "2", "memory": "4Gi"},
                                                           1000.0)
     m.apply_metrics({"running": None, "cells_run": 0, "idle_s": 0.1, "uptime_s": 30.0}, now=1030.0)
-    assert m.phase == "ready" and m.idle_s == pytest.approx(30.0)  # never ran a cell: idle since start
+    assert m.phase == "ready" and m.idle_s == pytest.approx(0.1)  # the pod's count, as the sidebar shows it
+    m._busy_at = None
+    m.apply_metrics({"running": None, "cells_run": 0, "uptime_s": 30.0}, now=1030.0)
+    assert m.idle_s == pytest.approx(30.0)  # a pod that does not count: never ran a cell, idle since start
     m.apply_metrics({"running": "r-1", "cells_run": 0, "idle_s": 0.0}, now=1040.0)
     assert (m.phase, m.running, m.activity) == ("ready", True, "running a cell") and m.idle_s == 0.0
     m.apply_metrics({"running": None, "cells_run": 1, "idle_s": 0.0}, now=1045.0)
-    m.apply_metrics({"running": None, "cells_run": 1, "idle_s": 0.0}, now=1057.0)
-    assert (m.phase, m.running) == ("ready", False) and m.idle_s == pytest.approx(12.0)  # measured here
+    m.apply_metrics({"running": None, "cells_run": 1, "idle_s": 12.0}, now=1057.0)
+    assert (m.phase, m.running) == ("ready", False) and m.idle_s == pytest.approx(12.0)  # the pod's (TTL's) count
+    m.apply_metrics({"running": None, "cells_run": 1}, now=1058.0)  # a pod that does not say: counted on here
+    assert m.idle_s == pytest.approx(13.0)
+    m.apply_metrics({"running": None, "cells_run": 1, "idle_s": 12.0}, now=1057.0)
     assert dict(m.fields()) == {"activity": "idle 12s", "where": "local pid 42", "resources": "2 CPU · 4Gi",
                                 "age": "57s", "cells": "1"}
     # the backend saying "ready" does not undo what the metrics know; "stopped" does

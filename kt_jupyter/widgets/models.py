@@ -205,12 +205,10 @@ class StatusModel(HasTraits):
             cells = int(sample.get("cells_run") or 0)
             if running:
                 self._busy_at = now
-            elif self._busy_at is None:
-                # first look: before any cell the kernel has been idle since it started
-                base = sample.get("uptime_s") if cells == 0 else sample.get("idle_s")
-                self._busy_at = now - float(base or 0.0)
-            elif cells != self.cells_run:
-                self._busy_at = now  # a cell ran (and ended) since the last sample
+            elif sample.get("idle_s") is not None:  # the pod's own count, which its inactivity TTL and the
+                self._busy_at = now - float(sample["idle_s"])  # sidebar read too: one idle time everywhere
+            elif self._busy_at is None or cells != self.cells_run:
+                self._busy_at = now - float(sample.get("uptime_s") or 0.0) if cells == 0 else now
             self.cells_run = cells
             self.idle_s = 0.0 if running else max(0.0, now - self._busy_at)
             if not self.started and sample.get("uptime_s") is not None:

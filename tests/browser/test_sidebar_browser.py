@@ -54,9 +54,15 @@ def open_sidebar(page: Page) -> Locator:
 
 def test_sidebar_lists_a_kt_cell_compute_shows_logs_launches_and_stops(page: Page, clean_lab, artifacts: Path):
     lab, backend = clean_lab, clean_lab.backend
+    go = lab.root / "go-sidebar"
+    go.unlink(missing_ok=True)
     name = lab.write_notebook("sidebar.ipynb", [
         "%load_ext kt_jupyter",
         "%%kt --name nb-compute --memory 1Gi\nimport os\nprint('hello from pod', os.getpid())",
+        "%kt list",
+        "%%kt --name nb-compute --memory 1Gi\nimport os, time\n"
+        f"while not os.path.exists({str(go)!r}):  # until the test has seen the sidebar say so\n"
+        "    time.sleep(0.05)",
     ])
     page.goto(f"{lab.url}/lab/tree/{name}?reset&token={lab.token}")
     panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
@@ -76,9 +82,28 @@ def test_sidebar_lists_a_kt_cell_compute_shows_logs_launches_and_stops(page: Pag
     expect(item).to_be_visible(timeout=SIDEBAR_TIMEOUT_MS)
     expect(item.locator(".kt-Badge")).to_have_text("ready")
     expect(item.locator(".kt-Compute-resources")).to_have_text("local · 1Gi")
-    expect(item).to_contain_text(re.compile(r"idle \d+s · up \d+s"), timeout=SIDEBAR_TIMEOUT_MS)
+    expect(item).to_contain_text(re.compile(r"idle \d+s · age \d+s"), timeout=SIDEBAR_TIMEOUT_MS)
     expect(item).to_contain_text(re.compile(r"CPU \d+% · RAM \d"))
     page.screenshot(path=str(artifacts / "sidebar-listed.png"))
+
+    # one truth: `%kt list` in the notebook says the sidebar's phase word; a running cell reads the same
+    # "running a cell" as in the status panel
+    run_cell(page, panel, 2)
+    listing = panel.locator(".jp-Cell").nth(2).locator(".jp-OutputArea")
+    expect(listing).to_contain_text("nb-compute")
+    row = next(line for line in listing.inner_text().splitlines() if line.startswith("nb-compute "))
+    assert row.split()[2] == item.locator(".kt-Badge").inner_text() == "ready", row
+    prompt = panel.locator(".jp-Cell").nth(3).locator(".jp-InputPrompt")
+    panel.locator(".jp-Cell").nth(3).locator(".jp-InputArea-editor").click()
+    page.keyboard.press("Shift+Enter")
+    activity = item.locator(".kt-Compute-activity")
+    expect(activity).to_have_text("running a cell", timeout=SIDEBAR_TIMEOUT_MS)
+    expect(activity).to_have_class(re.compile(r"\bkt-mod-running\b"))
+    expect(item.locator(".kt-Badge")).to_have_text("ready")
+    page.screenshot(path=str(artifacts / "sidebar-running-a-cell.png"))
+    go.touch()
+    expect(prompt).to_have_text(re.compile(r"^\[\d+\]:$"), timeout=KERNEL_TIMEOUT_MS)
+    expect(activity).to_have_text(re.compile(r"^idle \d+s$"), timeout=SIDEBAR_TIMEOUT_MS)
 
     # logs: a main-area view with the tail, which holds the cell's output
     item.get_by_role("button", name="Show the log of nb-compute").click()

@@ -29,14 +29,26 @@ def expect_settled_status_panel(panel: Locator, printed: str) -> None:
     """
     expect(panel).to_be_visible(timeout=WIDGET_TIMEOUT_MS)
     badge = panel.locator(".kt-phase")
-    expect(badge).to_have_attribute("data-kt-phase", re.compile(r"^(idle|ready)$"), timeout=WIDGET_TIMEOUT_MS)
-    expect(badge).to_have_text(re.compile(r"idle|ready"))
+    expect(badge).to_have_attribute("data-kt-phase", "ready", timeout=WIDGET_TIMEOUT_MS)
+    expect(badge).to_have_text("● ready")
+    expect(panel.locator('[data-kt-field="activity"]')).to_have_text(re.compile(r"^idle \d+"), timeout=WIDGET_TIMEOUT_MS)
     expect(panel.locator(".kt-name")).to_have_text("default")
     expect(panel.locator('[data-kt-field="where"]')).to_contain_text("local pid")
     expect(panel.locator('.kt-metric[data-kt-key="rss"] .kt-metric-value')).to_contain_text(
         "MiB", timeout=WIDGET_TIMEOUT_MS)
     expect(panel.locator('[data-kt-field="cells"]')).to_contain_text("1", timeout=WIDGET_TIMEOUT_MS)
+    expect(panel.locator(".kt-log-hint")).to_contain_text("of cell output hidden", timeout=WIDGET_TIMEOUT_MS)
+    expect(panel.locator(".kt-log")).not_to_contain_text(printed)  # the cell shows it already
+    panel.locator(".kt-log-cell-output").click()
     expect(panel.locator(".kt-log")).to_contain_text(printed, timeout=WIDGET_TIMEOUT_MS)
+
+
+def expect_no_clipped_labels(root: Locator) -> None:
+    """No label, button or toggle of ``root`` cuts its text (wider than its box)."""
+    clipped = root.evaluate("""el => [...el.querySelectorAll('.widget-label, button, .widget-toggle-button')]
+        .filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1)
+        .map(e => `${e.textContent.trim()} (${e.scrollWidth} > ${e.clientWidth})`)""")
+    assert clipped == [], f"clipped labels: {clipped}"
 
 
 def expect_picker_form(picker: Locator) -> None:
@@ -47,6 +59,8 @@ def expect_picker_form(picker: Locator) -> None:
         expect(picker.locator(f".kt-pick-{field} input")).to_be_visible()
     expect(picker.locator(".kt-pick-launch")).to_be_visible()
     expect(picker.locator(".kt-pick-row", has_text="default")).to_be_visible(timeout=WIDGET_TIMEOUT_MS)
+    expect(picker.locator(".kt-pick-row", has_text="default").locator(".kt-phase")).to_have_text("● ready")
+    expect_no_clipped_labels(picker)
 
 
 class Notebook:
@@ -101,6 +115,7 @@ def test_status_panel_logs_and_metrics_follow_a_running_cell(page: Page, clean_l
         "    time.sleep(0.5)\n"
         "result = step",
         "%kt status demo",
+        "%kt down demo",
     ])
     nb = Notebook(page, lab, "status.ipynb")
     nb.run(0)
@@ -118,17 +133,25 @@ def test_status_panel_logs_and_metrics_follow_a_running_cell(page: Page, clean_l
     expect(panel.locator(".kt-log")).to_contain_text("serving on", timeout=WIDGET_TIMEOUT_MS)
     panel.screenshot(path=str(artifacts / "status-ready.png"))
 
-    # a %%kt cell that prints and sleeps: the panel says "running cell", the log gets its prints
+    # a %%kt cell that prints and sleeps: the panel says "running a cell"; its prints stay in the cell
+    # until "Cell output" is switched on
+    activity = panel.locator('[data-kt-field="activity"]')
     nb.run(2, wait=False)
-    expect(badge).to_have_attribute("data-kt-phase", "running", timeout=WIDGET_TIMEOUT_MS)
+    expect(activity).to_have_text("running a cell", timeout=WIDGET_TIMEOUT_MS)
+    expect(badge).to_have_text("● ready")
+    expect(panel.locator(".kt-log-hint")).to_contain_text("of cell output hidden", timeout=WIDGET_TIMEOUT_MS)
+    expect(panel.locator(".kt-log")).not_to_contain_text("training step")
+    panel.locator(".kt-log-cell-output").click()
     expect(panel.locator(".kt-log")).to_contain_text("training step 2", timeout=WIDGET_TIMEOUT_MS)
-    expect(panel.locator('[data-kt-field="idle"]')).to_contain_text("busy")
+    expect(panel.locator(".kt-log-cell").first).to_be_visible()
     panel.screenshot(path=str(artifacts / "status-running.png"))
     expect(nb.output(2)).to_contain_text("training step 5", timeout=KERNEL_TIMEOUT_MS)
     expect(nb.output(2)).to_contain_text("hello from the pod kernel, pid")
     expect(nb.cell(2).locator(".jp-InputPrompt")).to_have_text(re.compile(r"^\[\d+\]:$"), timeout=KERNEL_TIMEOUT_MS)
-    expect(badge).to_have_attribute("data-kt-phase", "idle", timeout=WIDGET_TIMEOUT_MS)
-    expect(panel.locator('[data-kt-field="cells"]')).to_contain_text("1")
+    # right after the cell: idle, the cell counted (the cell's end refreshes the panel)
+    expect(activity).to_have_text(re.compile(r"^idle \d+s$"), timeout=5_000)
+    expect(panel.locator('[data-kt-field="cells"]')).to_contain_text("1", timeout=5_000)
+    panel.screenshot(path=str(artifacts / "status-after-cell.png"))
     expect(panel.locator(".kt-log")).to_contain_text("training step 5")
     expect(panel.locator(".kt-metric")).to_have_count(2)  # CPU and memory (no GPU here)
     expect(panel.locator('.kt-metric[data-kt-key="rss"] .kt-metric-value')).to_contain_text("MiB")
@@ -144,7 +167,8 @@ def test_status_panel_logs_and_metrics_follow_a_running_cell(page: Page, clean_l
     # %kt status shows the same live panel
     nb.run(3)
     status = nb.output(3).locator(".kt-panel")
-    expect(status.locator(".kt-phase")).to_have_attribute("data-kt-phase", "idle", timeout=WIDGET_TIMEOUT_MS)
+    expect(status.locator(".kt-phase")).to_have_attribute("data-kt-phase", "ready", timeout=WIDGET_TIMEOUT_MS)
+    expect(status.locator('[data-kt-field="activity"]')).to_have_text(re.compile(r"^idle \d+s$"))
     expect(status.locator(".kt-log")).to_contain_text("training step 5", timeout=WIDGET_TIMEOUT_MS)
     expect(status.locator('[data-kt-field="cells"]')).to_contain_text("1")
     status.screenshot(path=str(artifacts / "status-idle.png"))
@@ -152,6 +176,14 @@ def test_status_panel_logs_and_metrics_follow_a_running_cell(page: Page, clean_l
 
     panel.locator(".kt-log-clear").click()
     expect(log_view).to_contain_text("no log lines yet", timeout=WIDGET_TIMEOUT_MS)
+
+    # %kt down: both panels say "stopped" as soon as that cell ends
+    nb.run(4)
+    for view in (panel, status):
+        expect(view.locator(".kt-phase")).to_have_attribute("data-kt-phase", "stopped", timeout=5_000)
+        expect(view.locator(".kt-detail")).to_have_text("deleted")
+        expect(view.locator('[data-kt-field="activity"]')).to_have_count(0)
+    status.screenshot(path=str(artifacts / "status-after-down.png"))
 
 
 def test_picker_launches_a_compute_that_cells_then_use(page: Page, clean_lab, artifacts: Path):
@@ -169,6 +201,11 @@ def test_picker_launches_a_compute_that_cells_then_use(page: Page, clean_lab, ar
     expect(picker.locator(".kt-pick-current")).to_have_text("default (local)")
 
     # an invalid value: an inline error, Launch disabled; a good one clears it
+    expect_no_clipped_labels(picker)
+    picker.locator(".kt-pick-backend button", has_text="kubernetes").click()  # every field enabled, each label shown
+    expect_no_clipped_labels(picker)
+    picker.screenshot(path=str(artifacts / "picker-kubernetes-fields.png"))
+    picker.locator(".kt-pick-backend button", has_text="local").click()
     picker.locator(".kt-pick-name input").fill("picked")
     picker.locator(".kt-pick-memory input").fill("lots")
     expect(picker.locator(".kt-pick-error")).to_contain_text("memory", timeout=WIDGET_TIMEOUT_MS)
@@ -185,6 +222,8 @@ def test_picker_launches_a_compute_that_cells_then_use(page: Page, clean_lab, ar
     expect(picker.locator(".kt-pick-current")).to_have_text("picked (local)")
     row = picker.locator(".kt-pick-row", has_text="picked")
     expect(row.locator(".kt-phase")).to_have_attribute("data-kt-phase", "ready")
+    expect(row).to_contain_text(re.compile(r"local pid \d+ · age \d+s"))
+    expect_no_clipped_labels(picker)
     expect(picker.locator(".kt-progress-text")).to_contain_text("ready in", timeout=WIDGET_TIMEOUT_MS)
     pid = re.search(r"local pid (\d+)", row.inner_text()).group(1)
     picker.screenshot(path=str(artifacts / "picker-launched.png"))
@@ -284,8 +323,9 @@ def test_cluster_and_gpu_states_render_cleanly(page: Page, clean_lab, artifacts:
     out = nb.output(0)
     badges = out.locator(".kt-phase")
     expect(badges).to_have_count(3, timeout=WIDGET_TIMEOUT_MS)
-    expect(badges.nth(0)).to_have_text("◌ pulling image")
-    expect(badges.nth(1)).to_have_text("● running cell")
+    expect(badges.nth(0)).to_have_text("◌ launching")
+    expect(badges.nth(1)).to_have_text("● ready")
+    expect(out.locator('[data-kt-field="activity"]')).to_have_text("running a cell")
     expect(badges.nth(2)).to_have_text("● failed")
     expect(out.locator(".kt-metric")).to_have_count(6)  # CPU, memory, 2 x (GPU util, GPU memory)
     expect(out.locator('.kt-metric[data-kt-key="gpu1_mem"] .kt-metric-value')).to_contain_text("of 80 GiB")
