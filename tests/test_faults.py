@@ -487,5 +487,5 @@ def test_local_kernels_rotate_their_log_and_logs_reads_across_the_rotation(local
     tail = local_backend.logs("rot", tail=in_current + 2000).splitlines()
     assert len(tail) == in_current + 2000  # the current file alone has too few: the rest comes from kernel.log.1
     assert any("last line" in line for line in tail[-5:])
-    numbered = [line for line in tail if line.startswith("line ")]
+    numbered = [line for line in tail if line.startswith("[cell] line ")]
     assert numbered == sorted(numbered) and len(numbered) > 2000, len(numbered)

@@ -192,7 +192,7 @@ def test_line_magic_list_status_logs_restart_down(ip, capsys):
     assert "default" in out and "ready" in out and "local pid" in out
     run(ip, "%kt status")
     out = capsys.readouterr().out
-    assert "(local): idle" in out and "local pid" in out and "memory:" in out
+    assert "(local): ready" in out and "activity:  idle" in out and "local pid" in out and "memory:" in out
     run(ip, "%kt logs --tail 50")
     assert "to the log" in capsys.readouterr().out
     run(ip, "%kt restart")
