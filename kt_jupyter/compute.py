@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from pod_kernel.protocol import SERIALIZATIONS
 
 from .autoscaling import AutoscalingConfig
+from .distributed import DistributedConfig
 from .errors import BackendUnavailable, ComputeSpecError, NotFoundError
 from .gpus import check_gpu_node_selector, check_gpu_type
 from .image import Image, as_image, check_env_vars
@@ -102,6 +103,8 @@ class Compute(ComputeLifecycle):
       (``["json", "pickle"]`` or a subset).
     - ``autoscaling``: what :meth:`autoscale` sets (an :class:`~kt_jupyter.autoscaling.AutoscalingConfig`
       or its ``to_dict()``), so copies and specs sent over REST keep it.
+    - ``distributed``: what :meth:`distribute` sets (a :class:`~kt_jupyter.distributed.DistributedConfig`
+      or its ``to_dict()``), likewise.
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class Compute(ComputeLifecycle):
         kubeconfig_path: str | None = None,
         allowed_serialization: list[str] | str | None = None,
         autoscaling: AutoscalingConfig | dict[str, Any] | None = None,
+        distributed: DistributedConfig | dict[str, Any] | None = None,
     ) -> None:
         """Validate and normalise every parameter; see the seed reference for their meaning."""
         s = object.__setattr__
@@ -256,6 +260,8 @@ class Compute(ComputeLifecycle):
         s(self, "_autoscaling", None if autoscaling is None else self._check_autoscaling(
             AutoscalingConfig.from_dict(autoscaling)))
         s(self, "_distributed", None)
+        if distributed is not None:
+            s(self, "_distributed", self._check_distributed(DistributedConfig.from_dict(distributed)))
 
     def _check_autoscaling(self, config: AutoscalingConfig) -> AutoscalingConfig:
         """``config``, if this compute's other settings go with Knative autoscaling."""
@@ -263,6 +269,9 @@ class Compute(ComputeLifecycle):
             raise ComputeSpecError(f"autoscale needs Knative Serving on a Kubernetes cluster, but this compute's "
                                    f"backend is {self.backend!r} (one subprocess here, nothing to scale); use "
                                    "Compute(backend='kubernetes', ...).autoscale(...)")
+        if getattr(self, "_distributed", None) is not None:
+            raise ComputeSpecError("autoscale: a distributed compute (distribute()) cannot also be autoscaled; "
+                                   "drop autoscale() or distribute()")
         if self.replicas != 1:
             raise ComputeSpecError(f"autoscale sets the number of pods (min_replicas..max_replicas), but this "
                                    f"compute has replicas={self.replicas}; drop replicas")
@@ -273,6 +282,18 @@ class Compute(ComputeLifecycle):
         if clash:
             raise ComputeSpecError(f"env_vars: Knative sets {clash[0]} in an autoscaled compute's pods; "
                                    "choose another name")
+        return config
+
+    def _check_distributed(self, config: DistributedConfig) -> DistributedConfig:
+        """``config``, if this compute's other settings go with running on several workers."""
+        if self._autoscaling is not None:
+            raise ComputeSpecError("distribute: an autoscaled compute (Knative) cannot also be distributed; "
+                                   "drop autoscale() or distribute()")
+        if self.replicas != 1:
+            raise ComputeSpecError(f"distribute sets the number of pods (workers), but this compute has "
+                                   f"replicas={self.replicas}; drop replicas")
+        config.check_name(self.name)
+        config.check_env(self.env_vars)
         return config
 
     @staticmethod
@@ -335,7 +356,10 @@ class Compute(ComputeLifecycle):
 
     @property
     def deployment_mode(self) -> str:
-        """``"knative"`` once :meth:`autoscale` was called (a Knative Service), else ``"deployment"``."""
+        """``"knative"`` once :meth:`autoscale` was called (a Knative Service), ``"raycluster"`` (KubeRay) or
+        ``"statefulset"`` (torch.distributed, one pod per rank) once :meth:`distribute` was, else ``"deployment"``."""
+        if self._distributed is not None:
+            return "raycluster" if self._distributed.framework == "ray" else "statefulset"
         return "knative" if self._autoscaling is not None else "deployment"
 
     @property
@@ -344,9 +368,25 @@ class Compute(ComputeLifecycle):
         return self._autoscaling
 
     @property
-    def distributed_config(self) -> dict[str, Any] | None:
-        """The distribution settings (framework, workers); None: this compute is not distributed."""
+    def distributed_config(self) -> DistributedConfig | None:
+        """What :meth:`distribute` set (``.to_dict()`` for a plain dict); None: this compute is not distributed."""
         return self._distributed
+
+    def distribute(self, framework: str = "pytorch", workers: int | None = None,
+                   distribution_args: dict[str, Any] | None = None) -> "Compute":
+        """Run on ``workers`` pod kernels that ``framework``'s engine connects: ``"pytorch"`` or ``"ray"``.
+
+        As in the seed (and like :meth:`autoscale`), this changes the compute in place before it is
+        launched and returns it, so both a statement and a chained call work. pytorch: every worker gets
+        torch.distributed's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``NODE_RANK``, ``MASTER_ADDR`` and
+        ``MASTER_PORT``, so ``init_process_group()`` needs no arguments; cells and ``kt.fn`` calls run on
+        every worker. ray: a head and ``workers - 1`` Ray workers; cells and calls run on the head, where
+        ``ray.init()`` connects to the cluster. ``distribution_args``: see
+        :data:`~kt_jupyter.distributed.DISTRIBUTION_ARGS`. The compute's resources are per worker.
+        """
+        config = DistributedConfig.from_arguments(framework, workers, distribution_args)
+        object.__setattr__(self, "_distributed", self._check_distributed(config))
+        return self
 
     def autoscale(self, min_replicas: int | None = None, max_replicas: int | None = None,
                   target_concurrency: float | None = None, **knative: Any) -> "Compute":
@@ -419,6 +459,7 @@ class Compute(ComputeLifecycle):
             "logging_config": self.logging_config, "kubeconfig_path": self.kubeconfig_path,
             "allowed_serialization": list(self.allowed_serialization),
             "autoscaling": self._autoscaling and self._autoscaling.to_dict(),
+            "distributed": self._distributed and self._distributed.to_dict(),
         }
 
     @classmethod

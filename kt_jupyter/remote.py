@@ -13,6 +13,14 @@ version. ``serialization`` (``json`` by default, ``pickle`` on request) is how
 arguments and results travel; the pod kernel enforces its
 ``allowed_serialization``.
 
+On a compute distributed over torch.distributed (``compute.distribute("pytorch",
+workers=N)``) a call runs on every worker at once (SPMD) and returns the
+workers' results as a list in rank order; an error on any worker fails the
+call naming its rank (``exc.rank``), after the other workers' calls were
+cancelled and every worker's process group torn down (so none stays blocked
+in a collective). On a Ray compute calls run on the head, where ``ray.init()``
+reaches the cluster.
+
 Ctrl-C while waiting for a call (or a map) cancels it: the local wait and
 upload stop, and the pod interrupts the call (best effort: Python code stops
 at once, a call blocked in native code when that returns). A ``.remote()``
@@ -28,7 +36,7 @@ import sys
 import threading
 import uuid
 import weakref
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from pod_kernel.calls import UnknownFunction
 
@@ -38,6 +46,9 @@ from .codetravel import Shipment, ship
 from .compute import Compute
 from .errors import KtError
 from .names import check_compute_name
+
+if TYPE_CHECKING:
+    from .distributed_group import WorkerGroup
 
 log = logging.getLogger("kt_jupyter.remote")
 
@@ -288,10 +299,26 @@ class Module:
             conn.forget_state()
         shipment = self._ship(conn)  # code that cannot travel to this compute is an error here, before any call
         if self._obj is not None:  # the pod imports or defines it now, and knows it as this service's
-            _wait(lambda: self._acall(shipment, (), {}, {"serialization": "json"}, deploy=True))
+            if self._spmd:
+                _wait(lambda: self._acall_ranks(shipment, (), {}, {"serialization": "json"}, deploy=True))
+            else:
+                _wait(lambda: self._acall(shipment, (), {}, {"serialization": "json"}, deploy=True))
 
     def _connection(self) -> conn_mod.ComputeConnection:
+        if self.compute.distributed_config is not None:
+            return self._workers().head  # Ray: where calls run; pytorch: what code travel is prepared for
         return conn_mod.connect(self.compute, keep=True)
+
+    def _workers(self) -> "WorkerGroup":
+        from .distributed_group import connect_group
+
+        return connect_group(self.compute, keep=True)
+
+    @property
+    def _spmd(self) -> bool:
+        """Whether calls run on every worker (torch.distributed), not on one kernel."""
+        config = self._compute.distributed_config if self._compute is not None else None
+        return config is not None and config.framework == "pytorch"
 
     def _ship(self, conn: conn_mod.ComputeConnection) -> Shipment:
         """How the wrapped function or class reaches the pod (syncing the user's modules it needs)."""
@@ -303,6 +330,11 @@ class Module:
         """Delete the service and its kernel."""
         from .backends import get_backend
 
+        if self.compute.distributed_config is not None:
+            from .distributed_group import delete_group
+
+            delete_group(self.compute.backend, self._name)
+            return
         conn_mod.disconnect(self._name, self.compute.backend)
         get_backend(self.compute.backend).delete(self._name)
 
@@ -315,12 +347,14 @@ class Module:
         return opts
 
     async def _acall(self, shipment: Shipment, args: tuple, kwargs: dict[str, Any], opts: dict[str, Any],
-                     keep: bool = False, construct: dict | None = None, deploy: bool = False) -> Any:
-        conn = await asyncio.to_thread(self._connection)
+                     keep: bool = False, construct: dict | None = None, deploy: bool = False,
+                     conn: conn_mod.ComputeConnection | None = None, cancel_key: str | None = None,
+                     on_output: Callable[[dict[str, Any]], None] | None = None) -> Any:
+        conn = conn or await asyncio.to_thread(self._connection)
         await asyncio.to_thread(conn.sync_code)
         session = conn.session
         stream = opts.get("stream_logs", self.stream_logs)
-        cancel_key = uuid.uuid4().hex
+        cancel_key = cancel_key or uuid.uuid4().hex
         target = dict(shipment.target, cancel_key=cancel_key)
         if target["kind"] != "method":
             target["service"] = self._name
@@ -333,7 +367,8 @@ class Module:
                     return await session.acall(
                         target, _encode_refs(list(args)), _encode_refs(kwargs),
                         serialization=opts.get("serialization", self.serialization), stream=bool(stream),
-                        on_output=_print_output if stream else None, keep=keep, construct=construct,
+                        on_output=(on_output or _print_output) if stream else None, keep=keep,
+                        construct=construct,
                     )
                 except UnknownFunction:  # the pod restarted or evicted it: define it again, once
                     if attempt or shipment.by_value is None:
@@ -342,9 +377,53 @@ class Module:
             releases.add(session, calls=[cancel_key])
             raise
 
+    async def _acall_ranks(self, shipment: Shipment, args: tuple, kwargs: dict[str, Any], opts: dict[str, Any],
+                           deploy: bool = False) -> list[Any]:
+        """The call on every worker at once; results in rank order, or the first failed rank's error."""
+        from .distributed_cells import STOP_GRACE_S, rank_error
+
+        group = await asyncio.to_thread(self._workers)
+        n = len(group.ranks)
+        for conn in group.ranks[1:]:  # each rank's code tree gets the user's modules too (synced per rank)
+            self._ship(conn)
+        keys = [uuid.uuid4().hex for _ in range(n)]
+        tasks = [asyncio.ensure_future(self._acall(shipment, args, kwargs, opts, deploy=deploy, conn=group.ranks[r],
+                                                   cancel_key=keys[r], on_output=_rank_printer(r, n)))
+                 for r in range(n)]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:  # Ctrl-C: every rank's call is cancelled there (see _acall)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(group.abort_process_groups)
+            raise
+        failed = [r for r, t in enumerate(tasks) if t.done() and t.exception() is not None]
+        if not failed:
+            return [t.result() for t in tasks]
+        first = failed[0]
+        for r, task in enumerate(tasks):  # the others stop: cancelled on the pod, and freed from collectives
+            if not task.done():
+                releases.add(group.ranks[r].session, calls=[keys[r]])
+        await asyncio.to_thread(group.abort_process_groups, failed)
+        done, stuck = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+        await asyncio.to_thread(group.abort_process_groups, [r for r, t in enumerate(tasks)
+                                                             if t in done and r not in failed])
+        for task in stuck:
+            task.cancel()
+        errors = {r: t.exception() for r, t in enumerate(tasks) if t in done and t.exception() is not None}
+        raise rank_error(tasks[first].exception(), first, n, errors,  # type: ignore[arg-type]
+                         [r for r, t in enumerate(tasks) if t in stuck], self.compute.name)
+
     def _dispatch(self, shipment: Shipment, args: tuple, kwargs: dict[str, Any], keep: bool = False) -> Any:
         opts = self._options(kwargs)
-        coro_factory = lambda: self._acall(shipment, args, kwargs, opts, keep)
+        if self._spmd:
+            if keep:
+                raise KtError(f"{self._name!r} runs on every worker of {self.compute.name!r} (torch.distributed): "
+                              ".remote() keeps one result, but there is one per rank; call it instead")
+            coro_factory = lambda: self._acall_ranks(shipment, args, kwargs, opts)
+        else:
+            coro_factory = lambda: self._acall(shipment, args, kwargs, opts, keep)
         if opts.get("async_", self.async_):
             return _awaitable(coro_factory)
         return _wait(coro_factory)
@@ -386,6 +465,22 @@ async def _awaitable(factory: Callable[[], Any]) -> Any:
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(factory(), client_loop()))
 
 
+def _rank_printer(rank: int, workers: int) -> Callable[[dict[str, Any]], None] | None:
+    """Prints of one worker's call, each line labelled ``[stdout:R]`` as ``%%px`` labels them (one worker: plain)."""
+    if workers == 1:
+        return None
+
+    def show(msg: dict[str, Any]) -> None:
+        if msg.get("type") == "stream":
+            text = str(msg.get("text", ""))
+            lines = text.splitlines(keepends=True)
+            name = "stderr" if msg.get("name") == "stderr" else "stdout"
+            _print_output({"type": "stream", "name": name,
+                           "text": "".join(f"[{name}:{rank}] {line}" for line in lines)})
+
+    return show
+
+
 def _print_output(msg: dict[str, Any]) -> None:
     if msg.get("type") == "stream":
         (sys.stderr if msg.get("name") == "stderr" else sys.stdout).write(msg.get("text", ""))
@@ -413,6 +508,9 @@ class Fn(Module):
 
     def starmap(self, arg_tuples: Iterable[tuple], **kwargs: Any) -> list[Any]:
         """``[f(*args) for args in arg_tuples]``, concurrently; Ctrl-C cancels them all."""
+        if self._spmd:
+            raise KtError(f"{self._name!r} runs on every worker of {self.compute.name!r} (torch.distributed), so "
+                          "map/starmap have no one kernel to spread over; call it, or use a Ray compute")
         opts = self._options(kwargs)
         shipment = self._ship(self._connection())
 
@@ -427,6 +525,9 @@ class Cls(Module):
     """A class on a pod kernel (``kt.cls``): one instance, created once, persisting between calls."""
 
     def _deploy(self, init_args: dict[str, Any] | None) -> None:
+        if self._spmd:
+            raise KtError("kt.cls on a compute distributed over torch.distributed is not supported (one instance "
+                          "per rank); wrap a function with kt.fn, or distribute over Ray")
         conn = self._connection()
         if not self.get_if_exists:
             conn.forget_state()

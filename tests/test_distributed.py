@@ -1,0 +1,149 @@
+"""Distributed computes on the local backend (issue 22): N real pod kernels that torch.distributed connects
+over gloo (CPU), through the seed API and through ``%%kt --workers N``.
+
+One two-worker group is launched per module and shared by its tests (launching costs seconds on a 2-core
+box); every test leaves the group able to run collectives again.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+import kt_jupyter as kt
+from kt_jupyter import distributed_group as dg
+from kt_jupyter.backends import get_backend
+from kt_jupyter.distributed import DistributedConfig, split_gpus, torch_env
+from kt_jupyter.errors import ComputeSpecError
+
+torch = pytest.importorskip("torch")
+
+#: The collective the tests run: every rank adds rank+1, so the sum over two ranks is 3.
+ALL_REDUCE = """
+import os, torch, torch.distributed as dist
+if not dist.is_initialized():
+    dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+"""
+
+
+def all_reduce_rank():
+    """On every rank: join the world (env://, no arguments) and all_reduce rank+1."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR")}
+    return {"rank": dist.get_rank(), "sum": t.item(), "env": env}
+
+
+def fail_on_rank_one():
+    """Rank 1 raises after joining the world; rank 0 waits in a collective it can never finish alone."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        raise ValueError("bad shard on rank 1")
+    dist.all_reduce(torch.ones(1))
+    return "unreachable"
+
+
+@pytest.fixture(scope="module")
+def module_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("kt_home_distributed")
+    return home
+
+
+@pytest.fixture
+def kt_home(module_home, monkeypatch):  # one registry for the module: the group outlives a test
+    monkeypatch.setenv("KT_HOME", str(module_home))
+    monkeypatch.setenv("KT_USERNAME", "tester")
+    return module_home
+
+
+@pytest.fixture(scope="module")
+def torch_group(module_home):
+    """A two-worker pytorch compute, launched once for the module (and stopped after it)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KT_HOME", str(module_home))
+    mp.setenv("KT_USERNAME", "tester")
+    compute = kt.Compute(name="ddp").distribute("pytorch", workers=2)
+    t0 = time.monotonic()
+    group = dg.connect_group(compute)
+    ready_s = time.monotonic() - t0
+    yield compute, group, ready_s
+    dg.delete_group("local", "ddp", dg.forget("local", "ddp"), grace_period_s=1)
+    mp.undo()
+
+
+def test_distribute_validates_and_chains():
+    c = kt.Compute(name="train")
+    assert c.distribute("pytorch", workers=4, distribution_args={"master_port": 29555}) is c
+    assert c.distributed_config == DistributedConfig("pytorch", 4, {"master_port": 29555})
+    assert c.deployment_mode == "statefulset" and kt.Compute.from_dict(c.to_dict()) == c
+    assert c.with_overrides(cpus=1).distributed_config.workers == 4
+    assert kt.Compute(name="r").distribute("ray", workers=2).deployment_mode == "raycluster"
+    for kwargs, words in [({"framework": "mpi", "workers": 2}, "framework must be one of 'pytorch', 'ray'"),
+                          ({"workers": 0}, "workers must be a whole number from 1 to"),
+                          ({"workers": True}, "workers must be a whole number"),
+                          ({"workers": 2, "distribution_args": {"master_prt": 1}}, "did you mean 'master_port'"),
+                          ({"workers": 2, "distribution_args": {"master_port": 80}}, "port number from 1024"),
+                          ({"framework": "ray", "workers": 2, "distribution_args": {"num_cpus": -1}}, "num_cpus")]:
+        with pytest.raises(ComputeSpecError, match=words):
+            kt.Compute().distribute(**kwargs)
+    with pytest.raises(ComputeSpecError, match="RANK is set for each worker"):
+        kt.Compute(env_vars={"RANK": "3"}).distribute("pytorch", workers=2)
+    with pytest.raises(ComputeSpecError, match="replicas"):
+        kt.Compute(replicas=2).distribute("pytorch", workers=2)
+    with pytest.raises(ComputeSpecError, match="longer than 63"):
+        kt.Compute(name="x" * 62).distribute("pytorch", workers=2)
+
+
+def test_rank_environment_and_gpu_split():
+    assert torch_env(1, 4, "h", 29500) == {
+        "RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": "1",
+        "GROUP_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
+    assert split_gpus(2, 2, 4, "t") == ["0,1", "2,3"]
+    assert split_gpus(0, 3, 0, "t") == [None, None, None]
+    with pytest.raises(ComputeSpecError, match=r"1 GPU\(s\) on each of 3 workers \(3 in all\) but this machine has 2"):
+        split_gpus(1, 3, 2, "t")
+    with pytest.raises(ComputeSpecError, match="this machine has 0"):  # no GPU here: the launch refuses, clearly
+        dg.connect_group(kt.Compute(name="g", gpus=1).distribute("pytorch", workers=2))
+
+
+def test_seed_api_all_reduce_on_every_rank(torch_group):
+    compute, group, ready_s = torch_group
+    print(f"two workers ready in {ready_s:.2f} s")
+    results = kt.fn(all_reduce_rank, name="ddp").to(compute)()
+    assert [r["rank"] for r in results] == [0, 1]
+    assert [r["sum"] for r in results] == [3.0, 3.0]
+    assert results[1]["env"] == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "NODE_RANK": "1",
+                                 "MASTER_ADDR": "127.0.0.1"}
+    assert [c.name for c in group.ranks] == ["ddp-r0", "ddp-r1"]
+    assert len({c.handle.pid for c in group.ranks}) == 2
+
+
+def test_seed_api_error_on_one_rank_names_it_and_frees_the_others(torch_group):
+    compute, group, _ = torch_group
+    remote = kt.fn(fail_on_rank_one, name="ddp").to(compute)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="bad shard on rank 1") as info:
+        remote()
+    assert info.value.rank == 1
+    assert any("rank 1 of 2 workers of 'ddp' failed" in note for note in info.value.__notes__)
+    assert not any("still run" in note for note in info.value.__notes__)  # rank 0 was freed, not left stuck
+    assert time.monotonic() - t0 < 20
+    assert [r["sum"] for r in kt.fn(all_reduce_rank, name="ddp").to(compute)()] == [3.0, 3.0]  # the world forms again
