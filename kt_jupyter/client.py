@@ -16,6 +16,7 @@ in flight are sent again (executes are deduplicated by id on the pod).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import hmac
 import itertools
@@ -103,6 +104,12 @@ class ExecuteResult:
     data: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     duration_s: float = 0.0
+    #: the pod's answer to the execute's ``check`` (what the cell changed; see pod_kernel.coherence), or None.
+    #: A failed cell's exception carries it as ``kt_state``, and ``kt_post_mortem``: the request id whose
+    #: frames the pod keeps for ``%debug``.
+    state: dict[str, Any] | None = None
+    #: names the execute required that the pod lacks: the cell did not run (send them, then run it again)
+    missing: list[str] = field(default_factory=list)
 
 
 #: What pdb's prompt contains (a prompt nothing can answer gets "c": the cell goes on).
@@ -252,6 +259,8 @@ class Session:
         self._connect_lock: asyncio.Lock | None = None
         self._send_lock: asyncio.Lock | None = None
         self._executions: dict[str, _Execution] = {}
+        #: check answers of executions given up on (timeout), taken by the next cell (:meth:`take_orphan_states`)
+        self._orphan_states: collections.deque[dict[str, Any]] = collections.deque()
         self._streams: dict[str, OutputCallback] = {}
         self._pending: dict[str, _Pending] = {}
         self._closed = False
@@ -289,6 +298,9 @@ class Session:
         timeout: float | None = None,
         on_input: InputCallback | None = None,
         debug_wait: bool = False,
+        check: Mapping[str, Any] | None = None,
+        post_mortem: str | None = None,
+        requires: Iterable[str] = (),
     ) -> ExecuteResult:
         """Run ``code``; output messages reach ``on_output`` in this thread as they arrive.
 
@@ -298,14 +310,20 @@ class Session:
         password)`` is called in this thread and its answer sent back (EOFError
         from it: EOFError remotely); without ``on_input`` a pdb prompt is
         answered "c" and ``input()`` gets EOFError. ``debug_wait``: the pod
-        waits for a debugger to attach before running the cell.
+        waits for a debugger to attach before running the cell. ``check``: what the pod
+        checks when the cell ends (see :meth:`_aexecute`); a cell given up on (timeout)
+        leaves its answer in :meth:`take_orphan_states` when it ends. ``post_mortem``:
+        run pdb on the frames of that failed cell instead of ``code`` (``%debug``).
+        ``requires``: names the pod must hold, else it runs nothing and says which
+        it lacks (:attr:`ExecuteResult.missing`).
         """
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         done = object()
         req_id = self.new_id()
         fut = asyncio.run_coroutine_threadsafe(
             self._aexecute(code, outputs.put, cell_name=cell_name, cell_label=cell_label, req_id=req_id,
-                           answers_input=True, debug_wait=debug_wait),
+                           answers_input=True, debug_wait=debug_wait, check=check, post_mortem=post_mortem,
+                           requires=requires),
             client_loop(),
         )
         fut.add_done_callback(lambda _f: outputs.put(done))
@@ -315,6 +333,8 @@ class Session:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 item = outputs.get(timeout=remaining)
             except queue.Empty:
+                if check is not None:  # what the cell changed reaches the next cell's reconciliation
+                    fut.add_done_callback(self._keep_orphan_state)
                 self.interrupt(target=req_id)
                 raise RemoteTimeoutError(
                     f"cell on {self.name!r} did not finish within {timeout:g} s; it was interrupted"
@@ -332,6 +352,21 @@ class Session:
                 continue
             if on_output is not None:
                 on_output(item)
+
+    def _keep_orphan_state(self, fut: concurrent.futures.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        result = fut.result()
+        state = result.state if isinstance(result, ExecuteResult) else getattr(result, "kt_state", None)
+        if state is not None:
+            self._orphan_states.append(state)
+
+    def take_orphan_states(self) -> list[dict[str, Any]]:
+        """Check answers of cells :meth:`execute` gave up on (timeout) that ended since, oldest first."""
+        taken = []
+        while self._orphan_states:  # appended on the client loop: popleft is atomic
+            taken.append(self._orphan_states.popleft())
+        return taken
 
     def follow(self, detached: Mapping[str, Any], on_output: OutputCallback,
                check_s: float = 5.0) -> dict[str, Any] | None:
@@ -482,8 +517,17 @@ class Session:
     async def _aexecute(self, code: str, on_output: OutputCallback | None = None, *,
                         cell_name: str | None = None, cell_label: str | None = None,
                         req_id: str | None = None, answers_input: bool = False,
-                        debug_wait: bool = False) -> ExecuteResult | BaseException:
-        """Run ``code``; a remote error is returned (not raised) so the caller raises it where it belongs."""
+                        debug_wait: bool = False, check: Mapping[str, Any] | None = None,
+                        post_mortem: str | None = None, requires: Iterable[str] = ()) -> ExecuteResult | BaseException:
+        """Run ``code``; a remote error is returned (not raised) so the caller raises it where it belongs.
+
+        ``check`` (``names``, ``held``, ``fingerprint_max_bytes``; see pod_kernel.coherence.CellCheck)
+        rides on the execute request: the pod answers it when the cell ends, in the same reply, so a
+        cell costs one round trip. The answer is :attr:`ExecuteResult.state`, or the exception's
+        ``kt_state``; None from a pod that did not answer. ``requires``: names the pod must
+        hold for the cell to run (those the notebook did not send again); a pod lacking one runs
+        nothing and its reply lists them (:attr:`ExecuteResult.missing`).
+        """
         req_id = req_id or self.new_id()
         t0 = time.perf_counter()
         ex = _Execution(on_output, asyncio.get_running_loop().create_future(),
@@ -496,13 +540,27 @@ class Session:
             header["cell_label"] = cell_label
         if debug_wait:
             header["debug_wait"] = True
+        if check is not None:
+            header["check"] = dict(check)
+        if post_mortem is not None:
+            header["post_mortem"] = post_mortem
+        requires = list(requires)
+        if requires:
+            header["requires"] = requires
         try:
             reply, payload = await self._until_reply(header, ex.reply)
         finally:
             self._executions.pop(req_id, None)
+        state = reply.get("state") if isinstance(reply.get("state"), dict) else None
+        if reply.get("status") == "missing" and requires:
+            lacked = [n for n in reply.get("missing") or [] if n in requires]
+            return ExecuteResult(None, missing=lacked or requires)
         if reply.get("status") != "ok":
-            return rebuild_exception(reply, payload, self.accept_pickle)
-        return ExecuteResult(reply.get("execution_count"), ex.data, ex.metadata, time.perf_counter() - t0)
+            exc = rebuild_exception(reply, payload, self.accept_pickle)
+            exc.kt_state = state  # type: ignore[attr-defined]
+            exc.kt_post_mortem = req_id if reply.get("post_mortem") is True else None  # type: ignore[attr-defined]
+            return exc
+        return ExecuteResult(reply.get("execution_count"), ex.data, ex.metadata, time.perf_counter() - t0, state)
 
     async def apush(self, values: Mapping[str, Any], *, serialization: str = "pickle",
                     on_progress: ProgressCallback | None = None) -> list[str]:
@@ -861,7 +919,7 @@ class Session:
         req_id = header.get("id")
         if kind in ("display", "execute_result") and header.pop("data_in_payload", False):
             header["data"] = json.loads(bytes(payload))  # a mime bundle too big for a header (up to 4 MiB)
-        if kind in ("stream", "display", "clear_output", "execute_result"):
+        if kind in ("stream", "display", "clear_output", "execute_result", "error"):  # "error": a callback's, shown
             ex = self._executions.get(req_id)
             if ex is None:
                 callback = self._streams.get(req_id) or self.on_unsolicited

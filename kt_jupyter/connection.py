@@ -4,10 +4,11 @@
 this process, launching or reattaching to the pod kernel. :meth:`run_cell`
 is the whole life of a ``%%kt`` cell: work out what the cell reads, push
 the globals the pod lacks, run it with output streamed back, then make the
-notebook coherent with the pod (one inventory request): the names the cell
-bound or deleted, also before an error or an interrupt, and the values it
-changed in place come back, or become :class:`RemoteRef` stand-ins for big
-or unpicklable ones; modules are imported here rather than transferred.
+notebook coherent with the pod: the names the cell bound or deleted, also
+before an error or an interrupt, and the values it changed in place come
+back, or become :class:`RemoteRef` stand-ins for big or unpicklable ones;
+modules are imported here rather than transferred. What changed is asked
+in the execute request itself and answered in its reply (one round trip).
 
 What the pod holds is known by identity and version (:class:`Held`): the
 pod object's id and the fingerprint last sent or pulled, so an unchanged
@@ -53,6 +54,8 @@ from .quantities import format_bytes
 
 #: Values larger than this stay on the pod as RemoteRefs unless pulled explicitly.
 DEFAULT_PULL_LIMIT_BYTES = 256 << 20
+#: Times a cell is sent again after the pod said it lost values the notebook had left there.
+MISSING_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -177,12 +180,17 @@ class ComputeConnection:
         timeout_s: float | None = None,
         on_input: InputCallback | None = None,
         debug_wait: bool = False,
+        post_mortem: str | None = None,
     ) -> CellOutcome:
         """Push what the cell reads, run it, pull what it assigns; raise the remote error if any.
 
         ``on_input(prompt, password)`` answers the cell's ``input()`` and pdb
         prompts (see :meth:`Session.execute`); ``debug_wait``: the pod waits
         for a debugger to attach (:meth:`debug`) before running the cell.
+        ``post_mortem``: instead of ``source``, pdb on the frames of that failed
+        cell (its exception's ``kt_post_mortem``; see :meth:`post_mortem`).
+        A cell's exception says where its frames are for ``%debug``:
+        ``kt_post_mortem`` and ``kt_compute`` (backend, name).
         """
         transfer = transfer or TransferOptions()
         t0 = time.perf_counter()
@@ -198,25 +206,42 @@ class ComputeConnection:
         if missing:
             raise TransferError(f"--push names {', '.join(missing)}, which the notebook does not define")
         self._forget_deleted_here(user_ns)
-        self._push(names, user_ns, outcome, force=set(transfer.push), on_progress=on_progress)
+        requires = self._push(names, user_ns, outcome, force=set(transfer.push), on_progress=on_progress)
         outcome.timings_s["push"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         try:
-            outcome.result = self.session.execute(source, on_output, cell_name=cell_name, cell_label=cell_label,
-                                                  timeout=timeout_s, on_input=on_input, debug_wait=debug_wait)
+            for _attempt in range(MISSING_RETRIES + 1):
+                check = self._check(analysis.mentions, transfer)
+                outcome.result = self.session.execute(
+                    source, on_output, cell_name=cell_name, cell_label=cell_label, timeout=timeout_s,
+                    on_input=on_input, debug_wait=debug_wait, check=check, post_mortem=post_mortem,
+                    requires=requires)
+                if not outcome.result.missing:
+                    break
+                # the pod lost values we did not send again (another notebook deleted them): sent now, then run
+                lost = outcome.result.missing
+                outcome.skipped_unchanged = [n for n in outcome.skipped_unchanged if n not in lost]
+                requires = [n for n in requires if n not in lost]
+                self._push(lost, user_ns, outcome, force=set(lost), on_progress=on_progress)
+            else:
+                raise TransferError(f"compute {self.name!r} keeps losing {', '.join(outcome.result.missing)} "
+                                    "before the cell can run (another notebook deletes them?); nothing ran")
         except BaseException as exc:
             outcome.timings_s["execute"] = time.perf_counter() - t1
             self.cells_run += 1
             if not _raised_by_cell(exc):  # the connection or the kernel failed: nothing to reconcile now
                 raise
             # the cell raised (or was interrupted): what it bound before that comes back, as locally
-            self._reconcile(analysis.mentions, user_ns, outcome, transfer, on_output, on_progress)
-            raise _as_notebook_type(exc, user_ns) from None
+            self._reconcile(check, getattr(exc, "kt_state", None), user_ns, outcome, transfer, on_output,
+                            on_progress)
+            exc = _as_notebook_type(exc, user_ns)
+            _mark(exc, kt_compute=(self.compute.backend, self.name))
+            raise exc from None
         outcome.timings_s["execute"] = time.perf_counter() - t1
         self.cells_run += 1
         t2 = time.perf_counter()
-        self._reconcile(analysis.mentions, user_ns, outcome, transfer, on_output, on_progress)
+        self._reconcile(check, outcome.result.state, user_ns, outcome, transfer, on_output, on_progress)
         outcome.timings_s["pull"] = time.perf_counter() - t2
         outcome.timings_s["total"] = time.perf_counter() - t0
         return outcome
@@ -279,7 +304,9 @@ class ComputeConnection:
     # ------------------------------------------------------------------ moving values
 
     def _push(self, names: Iterable[str], user_ns: MutableMapping[str, Any], outcome: CellOutcome,
-              force: set[str], on_progress: Callable[[str, int, int], None] | None) -> None:
+              force: set[str], on_progress: Callable[[str, int, int], None] | None) -> list[str]:
+        """Send the values of ``names`` the pod does not hold unchanged; returns the names left unsent because
+        the pod holds them (the execute requires them: a pod that lost one answers so, without running)."""
         send: dict[str, Any] = {}
         prints: dict[str, str] = {}
         maybe_held: list[str] = []
@@ -307,21 +334,11 @@ class ComputeConnection:
                 maybe_held.append(name)
             else:
                 send[name] = value
-        if maybe_held:  # one round trip: does the pod still hold the very objects we left there?
-            t_check = time.perf_counter()
-            pod_ids = {d["name"]: d.get("id") for d in self.session.inventory(maybe_held)}
-            outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_check
-            for name in maybe_held:
-                if pod_ids.get(name) == self.held[name].pod_id:
-                    outcome.skipped_unchanged.append(name)
-                elif pod_ids.get(name) is not None:
-                    # the pod holds a newer value (another notebook, or a cell whose end we did not see):
-                    # never overwritten by this unchanged copy; it comes back after the cell
-                    outcome.skipped_unchanged.append(name)
-                else:
-                    send[name] = user_ns[name]
+        # Not sent: the pod holds them (or a newer value the cell's check brings back, never overwritten by
+        # this copy). The execute request requires them, so no round trip of its own asks whether it still does.
+        outcome.skipped_unchanged += maybe_held
         if not send:
-            return
+            return maybe_held
         bundle = self._dump(send)
         progress = None if on_progress is None else (lambda done, total: on_progress("push", done, total))
         self.session.push_bundle(bundle, on_progress=progress)
@@ -333,8 +350,9 @@ class ComputeConnection:
             old = self.held.get(name)
             self.held[name] = Held(fp, ids.get(name), id(value), old.stable if old else True, fp,
                                    old.pod_stable if old else True)
-        outcome.pushed = list(send)
-        outcome.bytes_pushed = bundle.nbytes
+        outcome.pushed += list(send)
+        outcome.bytes_pushed += bundle.nbytes
+        return maybe_held
 
     @staticmethod
     def _dump(values: dict[str, Any]) -> P.Bundle:
@@ -353,17 +371,26 @@ class ComputeConnection:
             + "\nCreate these inside the %%kt cell instead, or leave them out of it."
         )
 
-    def _reconcile(self, mentions: Iterable[str], user_ns: MutableMapping[str, Any], outcome: CellOutcome,
-                   transfer: TransferOptions, on_output: OutputCallback | None,
-                   on_progress: Callable[[str, int, int], None] | None) -> None:
-        """After a cell: one request says what it bound, deleted or changed in place; the notebook follows."""
+    def _check(self, mentions: Iterable[str], transfer: TransferOptions) -> dict[str, Any]:
+        """What the pod checks when the cell ends: the names it mentions, and what this notebook believes the
+        pod holds (its id and fingerprint of each value), answered in the execute_reply."""
         held = {n: [h.pod_id, h.pod_fingerprint or h.fingerprint, h.pod_stable]
                 for n, h in self.held.items() if h.pod_id is not None}
-        header = {"type": "inventory", "names": sorted(mentions), "held": held,
-                  "fingerprint_max_bytes": transfer.pull_limit_bytes}
-        t_sync = time.perf_counter()
-        state = asyncio.run_coroutine_threadsafe(self.session.arequest(header), client_loop()).result()
-        outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_sync
+        return {"names": sorted(mentions), "held": held, "fingerprint_max_bytes": transfer.pull_limit_bytes}
+
+    def _reconcile(self, check: dict[str, Any], state: dict[str, Any] | None, user_ns: MutableMapping[str, Any],
+                   outcome: CellOutcome, transfer: TransferOptions, on_output: OutputCallback | None,
+                   on_progress: Callable[[str, int, int], None] | None) -> None:
+        """After a cell: the pod's answer to ``check`` says what it bound, deleted or changed in place; the
+        notebook follows. A pod that did not answer in the reply is asked now, in a request of its own."""
+        if state is None:
+            t_sync = time.perf_counter()
+            state = asyncio.run_coroutine_threadsafe(self.session.arequest(dict(check, type="inventory")),
+                                                     client_loop()).result()
+            outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_sync
+        else:
+            outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + float(state.get("check_s") or 0)
+        state = _merge_states(self.session.take_orphan_states() + [state])
         for name in state.get("unstable") or []:
             if name in self.held:
                 self.held[name].pod_stable = False
@@ -581,6 +608,7 @@ def _as_notebook_type(exc: BaseException, user_ns: Mapping[str, Any]) -> BaseExc
         mine = cls(exc.evalue)
         mine.remote_traceback = exc.remote_traceback  # type: ignore[attr-defined]
         mine.remote_ename = exc.ename  # type: ignore[attr-defined]
+        mine.kt_post_mortem = getattr(exc, "kt_post_mortem", None)  # type: ignore[attr-defined]
         render = getattr(exc, "_render_traceback_", None)
         if render is not None:
             mine._render_traceback_ = render  # type: ignore[attr-defined]
@@ -604,6 +632,34 @@ class _no_new_pyplot_figures:
                 manager = helpers.Gcf.figs.pop(num, None)
                 if manager is not None and getattr(manager.canvas, "manager", None) is manager:
                     manager.canvas.manager = None
+
+
+def _merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Check answers, oldest first (cells given up on, then this one), as one: the newest word on a name wins."""
+    changed: dict[str, dict[str, Any]] = {}
+    deleted: dict[str, None] = {}
+    missing: set[str] = set()
+    unstable: set[str] = set()
+    for state in states:
+        for d in state.get("changed") or []:
+            changed[d["name"]] = d
+            deleted.pop(d["name"], None)
+        for name in state.get("deleted") or []:
+            changed.pop(name, None)
+            deleted[name] = None
+        missing |= set(state.get("missing") or [])
+        unstable |= set(state.get("unstable") or [])
+    return {"changed": list(changed.values()), "deleted": list(deleted), "missing": sorted(missing - changed.keys()),
+            "unstable": sorted(unstable)}
+
+
+def _mark(exc: BaseException, **attrs: Any) -> None:
+    """Set attributes on a cell's exception when it takes them (they say where its frames are, for %debug)."""
+    for key, value in attrs.items():
+        try:
+            setattr(exc, key, value)
+        except AttributeError:
+            pass
 
 
 def _raised_by_cell(exc: BaseException) -> bool:

@@ -4,7 +4,9 @@
 kernel; pdb's prompt arrives here as an ``input_request`` and
 :class:`NotebookInput` answers it with the notebook's own ``input()``.
 ``%%kt --debug`` starts debugpy in the pod kernel; :class:`DebugEndpoint`
-says how an IDE attaches.
+says how an IDE attaches. After a ``%%kt`` cell failed, ``%debug`` (and
+``%pdb on``) open pdb on the pod's frames of that error, through the same
+relay (:func:`install_post_mortem`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import builtins
 import getpass
 import json
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +23,7 @@ from pod_kernel.debugging import deep_breakpoint
 
 from .client import PDB_PROMPT, fallback_answer
 
-__all__ = ["DebugEndpoint", "NotebookInput", "deep_breakpoint", "fallback_answer"]
+__all__ = ["DebugEndpoint", "NotebookInput", "deep_breakpoint", "fallback_answer", "install_post_mortem"]
 
 #: Said once per cell when the frontend has no input box (nbclient without allow_stdin, a --async cell).
 NO_STDIN_PDB = "[kt] this frontend cannot answer the remote debugger; continuing"
@@ -56,6 +59,54 @@ class NotebookInput:
         if answer is None:
             raise EOFError
         return answer
+
+
+def install_post_mortem(shell: Any) -> None:
+    """Make ``%debug`` and ``%pdb on`` debug a failed ``%%kt`` cell on its pod kernel.
+
+    IPython's post-mortem (``shell.debugger``, called by ``%debug`` and, with
+    ``%pdb on``, right after a traceback is shown) debugs the frames of
+    ``sys.last_traceback``; for a ``%%kt`` cell those are our own. When the
+    last exception is a ``%%kt`` cell's (it carries ``kt_post_mortem``), the
+    pod runs pdb on the cell's frames instead, its prompt answered here;
+    anything else goes to IPython's own debugger. Installed once per shell.
+    """
+    original = shell.debugger
+    if getattr(original, "kt_post_mortem", False):
+        return
+
+    def debugger(force: bool = False) -> None:
+        if not (force or shell.call_pdb):
+            return
+        exc = getattr(sys, "last_value", None)
+        req_id, where = getattr(exc, "kt_post_mortem", None), getattr(exc, "kt_compute", None)
+        if not isinstance(req_id, str) or not isinstance(where, tuple):
+            original(force)
+            return
+        if threading.current_thread() is not threading.main_thread():  # a --async cell's error, shown from its thread
+            print("[kt] a background cell failed; `%debug` in a cell of its own debugs it", file=sys.stderr)
+            return
+        _remote_post_mortem(shell, req_id, where)
+
+    debugger.kt_post_mortem = True  # type: ignore[attr-defined]
+    shell.debugger = debugger
+
+
+def _remote_post_mortem(shell: Any, req_id: str, where: tuple[str, str]) -> None:
+    """pdb on the pod's frames of failed cell ``req_id``, on compute ``where`` (backend, name)."""
+    from . import connection
+    from .errors import KtError
+    from .render import show_output
+
+    conn = next((c for c in connection.connections() if (c.compute.backend, c.name) == tuple(where)), None)
+    if conn is None:
+        print(f"[kt] compute {where[1]!r} is no longer connected, so the frames of that error are gone; "
+              "run the failing cell again, then %debug", file=sys.stderr)
+        return
+    try:
+        conn.run_cell("", shell.user_ns, on_output=show_output, on_input=NotebookInput(), post_mortem=req_id)
+    except KtError as exc:  # the pod kernel died or cannot be reached: say so, as one line
+        print(f"[kt] cannot debug the pod's frames of that error: {exc}", file=sys.stderr)
 
 
 @dataclass

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import types
 import weakref
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from .protocol import approx_size, fingerprint, type_name
@@ -30,6 +32,32 @@ UNMENTIONED_CHECK_MAX_BYTES = 4 << 20
 #: IPython's own names in the user namespace (``_``, ``_i3``, ``_7``, dunders) and its fixed entries.
 _IPYTHON_NAME = re.compile(r"_+|_i+|_i?\d+|__\w+__|_oh|_ih|_dh|_exit_code")
 _IPYTHON_FIXED = frozenset({"In", "Out", "get_ipython", "exit", "quit"})
+
+
+@dataclass(frozen=True)
+class CellCheck:
+    """What a notebook asks the pod to check when a cell ends; answered in the execute_reply."""
+
+    #: the names the cell's code mentions
+    names: list[str] = field(default_factory=list)
+    #: name -> [pod id, fingerprint, stable] of what the notebook believes the pod holds
+    held: dict[str, Any] = field(default_factory=dict)
+    #: values up to this size are fingerprinted in the answer
+    fingerprint_max_bytes: int = 0
+
+
+def parse_check(value: Any) -> CellCheck | None:
+    """A :class:`CellCheck` from the wire (an execute's ``check``, an inventory's fields), validated; None if absent.
+
+    Names are strings; ``held`` entries are checked again one by one when used.
+    """
+    if not isinstance(value, Mapping) or not isinstance(value.get("held"), Mapping):
+        return None
+    names = value.get("names")
+    limit = value.get("fingerprint_max_bytes")
+    return CellCheck([n for n in names if isinstance(n, str)] if isinstance(names, list) else [],
+                     {k: v for k, v in value["held"].items() if isinstance(k, str)},
+                     limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0)
 
 
 def is_user_name(name: str) -> bool:
@@ -59,6 +87,13 @@ class StateTracker:
         if touched:
             with self._lock:
                 self._pending.setdefault(owner, set()).update(touched)
+
+    def check(self, owner: Any, check: CellCheck) -> dict[str, Any]:
+        """:meth:`sync` for a :class:`CellCheck`, plus ``check_s``: the seconds it took."""
+        t0 = time.perf_counter()
+        state = self.sync(owner, check.held, check.names, check.fingerprint_max_bytes)
+        state["check_s"] = time.perf_counter() - t0
+        return state
 
     def sync(self, owner: Any, held: Mapping[str, Any], mentioned: Iterable[str],
              fingerprint_max_bytes: int) -> dict[str, Any]:

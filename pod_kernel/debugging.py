@@ -6,9 +6,10 @@
 client answers with an ``input_reply`` request. pdb reads its commands
 through ``input()`` and writes to ``sys.stdout`` (the cell's output), so
 ``breakpoint()`` / ``pdb.set_trace()`` in a cell, and in anything it calls,
-becomes an interactive pdb in the notebook. An interrupt breaks the wait:
-at a pdb prompt it quits the debugger (the cell stops), elsewhere it raises
-KeyboardInterrupt in the cell.
+becomes an interactive pdb in the notebook; so does :func:`post_mortem` on a
+failed cell's frames (``%debug`` in the notebook). An interrupt breaks the
+wait: at a pdb prompt it quits the debugger (the cell stops), elsewhere it
+raises KeyboardInterrupt in the cell.
 
 **debugpy.** :class:`DebugServer` calls ``debugpy.listen`` on the pod's
 loopback once; an IDE reaches it through the backend's port forward. While
@@ -28,7 +29,7 @@ import pdb
 import sys
 import threading
 from dataclasses import dataclass, field
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .calls import call_sink
@@ -107,6 +108,16 @@ class KtPdb(pdb.Pdb):
         current = stack[i][0]
         kept = [e for e in stack if e[0] is current or not self._machinery(e[0])]
         return kept, next(n for n, e in enumerate(kept) if e[0] is current)
+
+
+def post_mortem(tb: TracebackType) -> None:
+    """pdb on the frames of a cell's error (the notebook's ``%debug``): :class:`KtPdb`, at the innermost frame.
+
+    Its prompt goes to the notebook as for ``breakpoint()``; ``q`` (or an interrupt at the prompt) ends it.
+    """
+    debugger = KtPdb()
+    debugger.reset()
+    debugger.interaction(None, tb)
 
 
 def set_trace(*, header: str | None = None) -> None:

@@ -19,15 +19,17 @@ import signal
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TextIO
 
 from . import logfile
 from .calls import call_sink
 from .cellfiles import CellFileError, CellFiles, write_cell_file  # noqa: F401  (server.py imports it here)
-from .coherence import StateTracker
-from .debugging import DEBUG_SERVER, QUIT_MESSAGE, InputRelay, is_quit
+from .coherence import CellCheck, StateTracker
+from .debugging import DEBUG_SERVER, QUIT_MESSAGE, InputRelay, is_quit, post_mortem
 from .outbox import Outbox
 from .protocol import exception_payload, type_name
 
@@ -45,10 +47,24 @@ class CellJob:
     cell_label: str | None = None
     #: wait for a debugger (debugpy) to attach after writing the cell's file, before running it
     debug_wait: bool = False
+    #: what the notebook asks to check when the cell ends (answered in the reply's ``state``)
+    check: CellCheck | None = None
+    #: not a cell: pdb post-mortem on the frames of this session's failed cell with this request id (``%debug``)
+    post_mortem: str | None = None
+    #: names the notebook left here and did not send again: lacking one, the cell does not run (reply "missing")
+    requires: list[str] = field(default_factory=list)
 
 
 class _Stop:
     """Sentinel that ends :meth:`Executor.serve_forever`."""
+
+
+class _Lacking(Exception):
+    """A cell's required names are not in the namespace: it does not run."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(", ".join(names))
+        self.names = names
 
 
 def jsonable(value: Any) -> Any:
@@ -119,6 +135,7 @@ def _make_shell(executor: "Executor"):
     from IPython.core.compilerop import CachingCompiler
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.events import EventManager, available_events
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets import Type
     from traitlets.config import Config
@@ -176,12 +193,31 @@ def _make_shell(executor: "Executor"):
                 return "Cell", self.labels[name]
             return super().format_code_name(name)
 
+    class KtEvents(EventManager):
+        def trigger(self, event, *args, **kwargs):
+            executor.in_event = True  # a callback's error (matplotlib's draw after the cell) is shown, as locally
+            try:
+                super().trigger(event, *args, **kwargs)
+            finally:
+                executor.in_event = False
+
     class KtShell(InteractiveShell):
         displayhook_class = Type(KtDisplayHook)
         display_pub_class = Type(KtDisplayPublisher)
         compiler_class = Type(KtCompiler)
 
+        def init_events(self):
+            super().init_events()
+            events = KtEvents(self, available_events)
+            events.callbacks = self.events.callbacks
+            self.events = events
+
         def _showtraceback(self, etype, evalue, stb):
+            if executor.in_event:  # not the cell's own error: an error output of the cell, as ipykernel shows it
+                sys.stdout.flush()
+                executor.emit({"type": "error", "ename": getattr(etype, "__name__", str(etype)),
+                               "evalue": str(evalue), "traceback": list(stb)})
+                return
             executor.last_traceback = list(stb)
 
         def enable_gui(self, gui=None):
@@ -248,6 +284,10 @@ class Executor:
         self.jobs: queue.Queue[CellJob | _Stop] = queue.Queue()
         self.current: CellJob | None = None
         self.last_traceback: list[str] = []
+        #: whether an IPython event's callbacks run now (their errors are outputs, not the cell's error)
+        self.in_event = False
+        #: session (its outbox) -> (request id, traceback) of its last failed cell, for ``%debug``
+        self.failures: weakref.WeakKeyDictionary[Outbox, tuple[str, TracebackType]] = weakref.WeakKeyDictionary()
         self.cells_run = 0
         self._interrupt_lock = threading.Lock()
         #: a SIGINT came for the current cell before its code started: it stops the cell before it starts
@@ -367,13 +407,18 @@ class Executor:
         payload = b""
         try:
             self.current = job
-            path = self.cell_files.path(job.cell_name, job.code)
-            warning = self.cell_files.write(path, job.code, required=job.debug_wait)
-            if warning:
-                job.outbox.write_stream(job.req_id, "stderr", warning)
-            self.shell.compile.next_name = str(path)
-            if job.cell_label:
-                self.shell.compile.labels[str(path)] = job.cell_label
+            lacking = [n for n in job.requires if n not in self.namespace]
+            if lacking:  # deleted since the notebook left them (another notebook): it sends them, then asks again
+                raise _Lacking(lacking)
+            path = None
+            if job.post_mortem is None:
+                path = self.cell_files.path(job.cell_name, job.code)
+                warning = self.cell_files.write(path, job.code, required=job.debug_wait)
+                if warning:
+                    job.outbox.write_stream(job.req_id, "stderr", warning)
+                self.shell.compile.next_name = str(path)
+                if job.cell_label:
+                    self.shell.compile.labels[str(path)] = job.cell_label
             before = self.state.snapshot()
             try:
                 exc = self._user_code(job, path)
@@ -382,7 +427,15 @@ class Executor:
                 self.last_traceback = self.last_traceback or ["KeyboardInterrupt: interrupted"]
             self.state.cell_ended(job.outbox, before)  # also after an error or an interrupt
             sys.stdout.flush()
+            tb = exc.__traceback__ if exc is not None else None  # taken first: the reply pickles exc without it
             reply, payload = self._reply(exc)
+            if tb is not None and not is_quit(exc) and job.post_mortem is None:
+                self.failures[job.outbox] = (job.req_id, tb)  # kept for %debug, as sys.last_traceback is
+                reply["post_mortem"] = True
+            if job.check is not None:  # the notebook's coherence check, answered in this same reply
+                reply["state"] = self._check(job)
+        except _Lacking as exc:
+            reply = {"status": "missing", "missing": exc.names}
         except CellFileError as exc:  # a file a debugger needs cannot be written, or a refused path
             reply = {"status": "error", "ename": "CellFileError", "evalue": str(exc),
                      "traceback": [f"CellFileError: {exc}"], "exception": False}
@@ -404,10 +457,24 @@ class Executor:
         reply.update(type="execute_reply", id=job.req_id, execution_count=self.shell.execution_count - 1)
         job.outbox.append(reply, payload)
 
-    def _user_code(self, job: CellJob, path: Path) -> BaseException | None:
+    def _check(self, job: CellJob) -> dict[str, Any] | None:
+        """What changed for the notebook (see :meth:`StateTracker.check`); None if our check failed (logged):
+        the notebook then asks with a separate inventory request."""
+        assert job.check is not None
+        try:
+            return self.state.check(job.outbox, job.check)
+        except Exception:
+            log.exception("coherence check failed")
+            return None
+
+    def _user_code(self, job: CellJob, path: Path | None) -> BaseException | None:
         """The cell itself (after waiting for a debugger if asked): the only frames a SIGINT interrupts."""
         if self._interrupt_pending:
             raise KeyboardInterrupt
+        if job.post_mortem is not None:
+            self._post_mortem(job)
+            return None
+        assert path is not None
         if job.debug_wait:
             exc = self._wait_for_debugger(path)
             if exc is not None:
@@ -415,6 +482,16 @@ class Executor:
         self.debug.trace_this_thread()
         result = self.shell.run_cell(job.code, store_history=True)
         return result.error_in_exec or result.error_before_exec
+
+    def _post_mortem(self, job: CellJob) -> None:
+        """pdb on the frames of the session's failed cell ``job.post_mortem``, relayed to the notebook."""
+        req_id, tb = self.failures.get(job.outbox, ("", None))
+        if tb is None or req_id != job.post_mortem:
+            sys.stderr.write("[kt] the pod kernel no longer holds the frames of that error (the pod kernel restarted, "
+                             "or this notebook reconnected as a new session); run the failing cell again, "
+                             "then %debug\n")
+            return
+        post_mortem(tb)
 
     def _reply(self, exc: BaseException | None) -> tuple[dict[str, Any], bytes]:
         """The execute_reply fields (and pickled exception) for a cell that ended with ``exc``."""

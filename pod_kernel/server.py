@@ -625,10 +625,15 @@ class PodKernelServer:
         while len(session.seen_exec) > SEEN_IDS_KEPT:
             session.seen_exec.pop(next(iter(session.seen_exec)))
         cell_name, label = header.get("cell_name"), header.get("cell_label")
+        post_mortem, requires = header.get("post_mortem"), header.get("requires")
         self.executor.submit(CellJob(req_id, header["code"], session.outbox,
                                      cell_name if isinstance(cell_name, str) else None,
                                      label if isinstance(label, str) else None,
-                                     debug_wait=bool(header.get("debug_wait"))))
+                                     debug_wait=bool(header.get("debug_wait")),
+                                     check=coherence.parse_check(header.get("check")),
+                                     post_mortem=post_mortem if isinstance(post_mortem, str) else None,
+                                     requires=[n for n in requires if isinstance(n, str)]
+                                     if isinstance(requires, list) else []))
 
     async def on_input_reply(self, session: Session, ws: ServerConnection, header: dict,
                              payload: memoryview) -> None:
@@ -679,12 +684,9 @@ class PodKernelServer:
     async def on_inventory(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         """Name, type, size and (when asked) content fingerprint of user values."""
         names = header.get("names")
-        if isinstance(header.get("held"), dict):  # after a cell: what changed, for a coherent notebook
-            limit = header.get("fingerprint_max_bytes")
-            state = await asyncio.to_thread(
-                self.executor.state.sync, session.outbox, header["held"],
-                [str(n) for n in names] if isinstance(names, list) else [],
-                limit if isinstance(limit, int) else 0)
+        check = coherence.parse_check(header)
+        if check is not None:  # after a cell whose execute_reply did not answer the check (an older client)
+            state = await asyncio.to_thread(self.executor.state.check, session.outbox, check)
             await ws.send(P.encode_frame(dict(state, type="reply", id=header["id"])))
             return
         want_fp = bool(header.get("fingerprints"))

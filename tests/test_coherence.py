@@ -38,10 +38,12 @@ def test_failing_cell_keeps_what_it_assigned_and_never_pushes_the_stale_copy(ip)
 def test_interrupted_cell_keeps_what_it_assigned(ip):
     run(ip, "%%kt\nstarted = 0")
     with pytest.raises(Exception) as info:
-        run(ip, "%%kt --timeout 3\nstarted = 1\nimport time\nwhile True: time.sleep(0.01)")
+        run(ip, "%%kt --timeout 3\nstarted = 1\nfresh = 'bound'\nimport time\nwhile True: time.sleep(0.01)")
     assert "interrupt" in str(info.value).lower() or "KeyboardInterrupt" in type(info.value).__name__
     run(ip, "%%kt\nafter = started")
     assert ip.user_ns["started"] == 1 and ip.user_ns["after"] == 1
+    # a name the given-up cell bound comes back too (its reply, read late, is reconciled with the next cell)
+    assert ip.user_ns["fresh"] == "bound"
 
 
 def test_in_place_changes_come_back(ip):
@@ -129,3 +131,60 @@ def test_unchanged_gigabyte_rerun(ip):
         times.append(time.perf_counter() - t0)
         assert outcome(ip).bytes_pushed == 0 and "g" in outcome(ip).skipped_unchanged
     print(f"unchanged {n * 8 / 2**30:.2f} GiB re-run: {min(times) * 1e3:.1f} ms (best of 3)")
+
+
+def test_one_round_trip_per_cell(ip, monkeypatch):
+    """The coherence check rides on the execute request and its reply: a warm cell, also one that reads
+    values the pod holds or fails, is one request (a changed value then comes back in one pull); a value
+    the pod lost is sent again before the cell runs."""
+    from kt_jupyter.client import Session
+
+    sent: list[str] = []
+    until_reply = Session._until_reply
+
+    async def recording(self, header, *args, **kwargs):
+        sent.append(header["type"])
+        return await until_reply(self, header, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "_until_reply", recording)
+    ip.user_ns["v"] = [1, 2]
+    run(ip, "%%kt\nw = len(v)")
+    assert "push" in sent and ip.user_ns["w"] == 2
+    for cell, requests in (("print(len(v))", ["execute"]), ("w = len(v)", ["execute"]),
+                           ("v.append(3)", ["execute", "pull"])):
+        sent.clear()
+        run(ip, "%%kt\n" + cell)
+        assert sent == requests, cell
+        assert outcome(ip).result.state is not None and outcome(ip).skipped_unchanged == ["v"]
+    assert ip.user_ns["v"] == [1, 2, 3]
+    sent.clear()
+    with pytest.raises(ZeroDivisionError):
+        run(ip, "%%kt\nw = len(v)\n1/0")
+    assert sent == ["execute", "pull"] and ip.user_ns["w"] == 3  # the error's reply answered the check too
+    # another notebook on the same compute deletes v: the pod says so instead of running the cell
+    other = conn_mod.connections()[0].handle.session()
+    try:
+        assert other.delete(["v"]) == ["v"]
+    finally:
+        other.close()
+    sent.clear()
+    run(ip, "%%kt\nw = len(v) * 10")
+    assert sent == ["execute", "push", "execute", "pull"] and ip.user_ns["w"] == 30
+    assert outcome(ip).pushed == ["v"] and outcome(ip).skipped_unchanged == []
+
+
+def test_error_in_a_post_execute_hook_is_an_error_output(kernel):
+    """As in a local kernel: a callback's error (matplotlib drawing after the cell) is shown as an error
+    output of the cell, after IPython's 'Error in callback' line; the cell itself succeeded."""
+    _handle, session = kernel
+    msgs: list[dict] = []
+    session.execute("def bad(result):\n    raise RuntimeError('hook failed')\n"
+                    "get_ipython().events.register('post_run_cell', bad)", msgs.append)
+    errors = [m for m in msgs if m["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["ename"] == "RuntimeError" and errors[0]["evalue"] == "hook failed"
+    assert "raise RuntimeError('hook failed')" in "\n".join(errors[0]["traceback"])
+    said = "".join(m["text"] for m in msgs if m["type"] == "stream")
+    assert "Error in callback" in said and "(for post_run_cell)" in said
+    msgs.clear()
+    result = session.execute("get_ipython().events.unregister('post_run_cell', bad)\n1 + 1", msgs.append)
+    assert result.data == {"text/plain": "2"} and not [m for m in msgs if m["type"] == "error"]

@@ -218,6 +218,62 @@ def test_session_without_an_input_callback_continues_pdb_and_gives_eof(kernel):
     assert "eof" in "".join(m.get("text", "") for m in seen if m["type"] == "stream")
 
 
+# --------------------------------------------------------------------------- %debug, %pdb on: post-mortem
+
+
+def _plain_error(msgs) -> str:
+    return "\n".join(re.sub(r"\x1b\[[0-9;]*m", "", line)
+                     for m in msgs if m["msg_type"] == "error" for line in m["content"]["traceback"])
+
+
+def test_remote_traceback_cites_the_cells_own_in_number_as_a_local_one_does(kc):
+    _, client = kc
+    local, local_msgs = _run(client, "x = 1\n1/0")
+    remote, remote_msgs = _run(client, "%%kt\nx = 1\n1/0")
+    cited = [re.findall(r"Cell In\[(\d+)\], line (\d+)", _plain_error(m)) for m in (local_msgs, remote_msgs)]
+    assert cited == [[(str(local["execution_count"]), "2")], [(str(remote["execution_count"]), "3")]]
+
+
+def test_debug_after_a_failed_cell_opens_pdb_on_the_remote_frames(kc):
+    _, client = kc
+    reply, _ = _run(client, "%%kt\n"
+                            "def inner(v):\n"                  # 2
+                            "    doubled = v * 2\n"            # 3
+                            "    raise ValueError(doubled)\n"  # 4
+                            "outer_var = 7\n"                  # 5
+                            "inner(outer_var)\n")              # 6
+    assert reply["status"] == "error" and reply["ename"] == "ValueError"
+    typist = Typist(client, ["p doubled", "w", "up", "p outer_var", "q"])
+    reply, msgs = _run(client, "%debug", typist)
+    assert reply["status"] == "ok", reply
+    assert not typist.overrun and typist.replies == [] and all("(Pdb)" in p for p in typist.prompts)
+    out = _text(msgs, "stdout")
+    stops = re.findall(r"> (\S+)\((\d+)\)(\S+)\(\)", out)
+    assert os.path.basename(stops[0][0]).startswith("kt-cell-")
+    assert (int(stops[0][1]), stops[0][2]) == (4, "inner")  # the frame that raised, on the pod
+    assert (int(stops[-1][1]), stops[-1][2]) == (6, "<module>")  # `up`: the cell itself
+    assert "\n14\n" in out and "\n7\n" in out  # p doubled; p outer_var
+    where = out.split("\n14\n", 1)[1]
+    assert "interactiveshell.py" not in where and "executor.py" not in where  # only the user's frames
+    assert _value(client, "outer_var") == "7"  # the failed cell's names came back; %debug changed nothing
+
+
+def test_pdb_on_debugs_a_failing_kt_cell_at_once(kc):
+    _, client = kc
+    _run(client, "%pdb on")
+    try:
+        typist = Typist(client, ["p a", "q"])
+        reply, msgs = _run(client, "%%kt\na = 'remote'\nb = a + 1\n", typist)
+    finally:
+        _run(client, "%pdb off")
+    assert reply["status"] == "error" and reply["ename"] == "TypeError"
+    assert len(typist.prompts) == 2 and not typist.overrun
+    out = _text(msgs, "stdout")
+    assert re.search(r"kt-cell-\d+\.py\(3\)<module>\(\)", out) and "'remote'" in out
+    kinds = [m["msg_type"] for m in msgs]
+    assert kinds.index("error") < max(i for i, k in enumerate(kinds) if k == "stream")  # traceback first
+
+
 # --------------------------------------------------------------------------- an IDE over DAP (debugpy)
 
 

@@ -27,7 +27,7 @@ from .. import debug_panel, oom
 from ..backends import BACKENDS, backend_with, get_backend
 from ..cells import analyze_cell
 from ..compute import Compute
-from ..debugging import NotebookInput
+from ..debugging import NotebookInput, install_post_mortem
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError, RemoteError
 from ..names import check_compute_name
 from ..render import RemoteResult, present_error, show_notice, show_output
@@ -47,6 +47,23 @@ def notebook_compute_name(session: str | None = None) -> str:
     stem = os.path.splitext(os.path.basename(path))[0]
     cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem.lower()).strip("-_")[:40]
     return f"nb-{cleaned or os.getpid()}"
+
+
+def running_cell_count(shell: Any) -> int:
+    """The N of the running cell's ``In[N]``, exactly as IPython labels its frames (``Cell In[N], line L``).
+
+    IPython 9 counts a cell before running it, IPython 8 after; the number that
+    IPython's compiler recorded for the calling cell's code is the one its
+    tracebacks show. Outside a cell: the shell's ``execution_count``.
+    """
+    numbers = getattr(getattr(shell, "compile", None), "_filename_map", None)
+    frame = sys._getframe(1)
+    while frame is not None and isinstance(numbers, dict):
+        number = numbers.get(frame.f_code.co_filename)
+        if isinstance(number, int):
+            return number
+        frame = frame.f_back
+    return int(shell.execution_count)
 
 
 def shared_text(name: str, pids: list[int]) -> str:
@@ -101,6 +118,7 @@ class KtMagics(Magics):
         #: the exact text of the cell running now (JupyterLab's debugger names cell files by hashing it)
         self._raw_cell: str | None = None
         shell.events.register("pre_run_cell", self._remember_cell)
+        install_post_mortem(shell)  # %debug and %pdb on reach a failed %%kt cell's frames on its pod
 
     def _remember_cell(self, info: Any) -> None:
         self._raw_cell = getattr(info, "raw_cell", None)
@@ -139,14 +157,15 @@ class KtMagics(Magics):
         timeout_s = parse_seconds(args.timeout, "--timeout")
         if args.debug not in (None, "attach", "wait"):
             raise UsageError(f"--debug takes nothing or 'wait' (--debug wait), got {args.debug!r}")
-        label = f"In[{self.shell.execution_count}]"
-        cell_name = f"kt-cell-{self.shell.execution_count}.py"
+        count = running_cell_count(self.shell)
+        label = f"In[{count}]"
+        cell_name = f"kt-cell-{count}.py"
         # the magic line as a comment keeps the notebook's line numbers in remote tracebacks
         source = f"# %%kt {line}\n{cell}"
         try:
             analyze_cell(source)  # a cell that does not parse fails here, before any kernel starts
         except SyntaxError as exc:
-            raise present_error(exc, self.shell, self.shell.execution_count) from None
+            raise present_error(exc, self.shell, count) from None
         events: list[str] = []
         connection = self._connect(compute, keep=args.keep, strict=explicit, heard=events)
         self._say_where(connection, announced=bool(events))
@@ -172,7 +191,7 @@ class KtMagics(Magics):
         try:
             outcome = self.last_outcome = run()
         except BaseException as exc:  # shown as IPython shows a local cell's error (colours, no frames of ours)
-            raise present_error(exc, self.shell, self.shell.execution_count) from None
+            raise present_error(exc, self.shell, count) from None
         result = outcome.result
         if result is not None and result.data and not cell.rstrip().endswith(";"):
             return RemoteResult(result.data, result.metadata)
