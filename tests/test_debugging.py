@@ -272,6 +272,10 @@ def test_pdb_on_debugs_a_failing_kt_cell_at_once(kc):
     assert re.search(r"kt-cell-\d+\.py\(3\)<module>\(\)", out) and "'remote'" in out
     kinds = [m["msg_type"] for m in msgs]
     assert kinds.index("error") < max(i for i, k in enumerate(kinds) if k == "stream")  # traceback first
+    # the compute is gone: %debug says so in one line (the next test starts a new pod kernel)
+    _run(client, "%kt down --all")
+    reply, msgs = _run(client, "%debug")
+    assert reply["status"] == "ok" and _text(msgs, "stderr").startswith("[kt] compute 'default' is no longer")
 
 
 # --------------------------------------------------------------------------- an IDE over DAP (debugpy)
