@@ -550,6 +550,8 @@ def connect(compute: Compute | None = None, *, keep: bool = False,
         backend = get_backend(compute.backend)
         if conn is not None:
             why = conn.handle.liveness() if conn.handle.liveness else None
+            if why is None and compute is conn.compute:  # the usual cell: the very spec it was launched with
+                return conn
             if why is None:
                 asked = [k for k, v in compute.to_dict().items() if v not in (None, {}, [], "")]
                 diff = _resource_diff(compute, conn.compute, asked)
