@@ -48,7 +48,9 @@ def _rates(session: Any, arr: np.ndarray, reps: int) -> dict[str, float]:
         session.delete(["a"])
         gc.collect()
     mb = arr.nbytes / 1e6
-    return {"push_MBps": round(mb / statistics.median(push)), "pull_MBps": round(mb / statistics.median(pull))}
+    rates = {"push_MBps": round(mb / statistics.median(push)), "pull_MBps": round(mb / statistics.median(pull))}
+    print(f"{arr.nbytes >> 20} MiB: {rates}", file=sys.stderr, flush=True)
+    return rates
 
 
 def main() -> None:
