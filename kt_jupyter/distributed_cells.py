@@ -197,8 +197,9 @@ def run_cell(group: WorkerGroup, source: str, user_ns: MutableMapping[str, Any],
         errors[rank] = item
         if first is None:
             first = rank
-            _interrupt(group, pending)
-            stop_deadline = time.monotonic() + STOP_GRACE_S
+            if not interrupted:
+                _interrupt(group, pending)
+                stop_deadline = time.monotonic() + STOP_GRACE_S
         group.abort_process_groups([rank])  # frees peers blocked in a collective with this rank
     labeller.flush()
     back = [k for k in mentions if k in user_ns and before.get(k, _SKIP) != id(user_ns[k])]  # rank 0's names

@@ -31,7 +31,7 @@ from .client import client_loop
 from .compute import Compute
 from .connection import ComputeConnection
 from .distributed import DistributedConfig, rank_name, split_gpus, torch_env
-from .errors import ComputeSpecError, KtError, LaunchError
+from .errors import BackendUnavailable, ComputeSpecError, KtError, LaunchError
 
 #: The pod-side function that tears down a rank's torch.distributed group (a seed-API call target).
 ABORT_TARGET = {"kind": "module", "module": "pod_kernel.distributed", "qualname": "abort_process_group"}
@@ -190,9 +190,8 @@ def _attach_or_launch(compute: Compute, keep: bool, say: Callable[[str], None]) 
             "are lost")
     delete_group(compute.backend, compute.name)
     if compute.backend == "kubernetes":
-        from .distributed_kubernetes import launch_group
-
-        return launch_group(compute, keep=keep, on_event=say)
+        raise BackendUnavailable("distributed computes run on the local backend only so far (Kubernetes: a "
+                                 "StatefulSet or KubeRay RayCluster, not built yet); use --backend local")
     if config.framework == "ray":
         from .distributed_ray import launch_local_ray
 
@@ -286,9 +285,7 @@ def delete_group(backend_name: str, name: str, group: WorkerGroup | None = None,
         for cleanup in group.on_delete:
             cleanup()
     if backend_name == "kubernetes":
-        from .distributed_kubernetes import delete_group_objects
-
-        return delete_group_objects(name)
+        return False  # none can exist yet (see _attach_or_launch)
     backend = get_backend(backend_name)
     count = len(group.ranks) if group is not None else 0
     while _has_entry(backend, rank_name(name, count)):

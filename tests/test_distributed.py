@@ -7,8 +7,6 @@ box); every test leaves the group able to run collectives again.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 
 import pytest
@@ -48,8 +46,6 @@ def all_reduce_rank():
 
 def fail_on_rank_one():
     """Rank 1 raises after joining the world; rank 0 waits in a collective it can never finish alone."""
-    import os
-
     import torch
     import torch.distributed as dist
 
@@ -137,7 +133,7 @@ def test_seed_api_all_reduce_on_every_rank(torch_group):
 
 
 def test_seed_api_error_on_one_rank_names_it_and_frees_the_others(torch_group):
-    compute, group, _ = torch_group
+    compute, _group, _ = torch_group
     remote = kt.fn(fail_on_rank_one, name="ddp").to(compute)
     t0 = time.monotonic()
     with pytest.raises(ValueError, match="bad shard on rank 1") as info:
@@ -147,3 +143,36 @@ def test_seed_api_error_on_one_rank_names_it_and_frees_the_others(torch_group):
     assert not any("still run" in note for note in info.value.__notes__)  # rank 0 was freed, not left stuck
     assert time.monotonic() - t0 < 20
     assert [r["sum"] for r in kt.fn(all_reduce_rank, name="ddp").to(compute)()] == [3.0, 3.0]  # the world forms again
+
+
+# ---------------------------------------------------------------------- %%kt --workers N
+
+
+def test_cell_on_every_rank_labelled_names_from_rank_zero(ip, capsys):
+    from ipshell import run
+
+    ip.user_ns["scale"] = 10.0  # a notebook global the cell reads: pushed to each rank
+    run(ip, "%%kt --workers 2 --name ddpm\n" + ALL_REDUCE + "me = dist.get_rank()\nprint(f'rank {me} sum {t.item() * scale}')")
+    out = capsys.readouterr().out
+    assert "[stdout:0] rank 0 sum 30.0" in out and "[stdout:1] rank 1 sum 30.0" in out
+    assert ip.user_ns["me"] == 0 and ip.user_ns["t"].tolist() == [3.0]  # names come back from rank 0
+    ip.run_line_magic("kt", "pull me --all-ranks --name ddpm")
+    assert (ip.user_ns["me_r0"], ip.user_ns["me_r1"]) == (0, 1)
+    # each rank keeps its own `me`; a name the notebook rebinds reaches every rank
+    run(ip, "%%kt --workers 2 --name ddpm\nprint(f'still {me}')")
+    out = capsys.readouterr().out
+    assert "[stdout:0] still 0" in out and "[stdout:1] still 1" in out
+    ip.user_ns["me"] = 7
+    run(ip, "%%kt --workers 2 --name ddpm\nprint(f'now {me}')")
+    out = capsys.readouterr().out
+    assert "[stdout:0] now 7" in out and "[stdout:1] now 7" in out
+    # the same name without --workers, or with another count, never mixes
+    with pytest.raises(Exception, match="runs as 2 pytorch workers; add --workers 2"):
+        run(ip, "%%kt --name ddpm\n1")
+    with pytest.raises(Exception, match="runs 2 pytorch workers, not 3 pytorch"):
+        run(ip, "%%kt --workers 3 --name ddpm\n1")
+    ip.run_line_magic("kt", "status ddpm")
+    assert "ddpm: 2 pytorch workers (ddpm-r0, ddpm-r1)" in capsys.readouterr().out
+    ip.run_line_magic("kt", "down ddpm")
+    assert get_backend("local").find("ddpm-r0") is None and get_backend("local").find("ddpm-r1") is None
+

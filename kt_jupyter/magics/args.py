@@ -81,6 +81,18 @@ debugging_args = _stack(
                   "`--debug wait` waits for the IDE to attach before running the cell"),
 )
 
+#: Several workers: torch.distributed ranks (the cell runs on each) or a Ray cluster (the cell runs on its head).
+distributed_args = _stack(
+    argument_group("distributed", "Run on several workers (torch.distributed ranks, or a Ray cluster)"),
+    argument("--workers", type=int, metavar="N",
+             help="run on N pod kernels: pytorch runs the cell on every rank (RANK, WORLD_SIZE, MASTER_ADDR... set; "
+                  "output labelled [stdout:RANK]; names come back from rank 0); ray runs it on the head of an "
+                  "N-node Ray cluster"),
+    argument("--framework", choices=["pytorch", "ray"], help="pytorch (default) or ray"),
+    argument("--all-ranks", dest="all_ranks", action="store_true",
+             help="show rich output and results of every rank, not only rank 0's"),
+)
+
 _COMPUTE_KEYS = ("name", "backend", "cpus", "memory", "gpus", "gpu_type", "image", "namespace",
                  "launch_timeout", "inactivity_ttl")
 

@@ -32,8 +32,9 @@ from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundErro
 from ..names import check_compute_name
 from ..render import RemoteResult, present_error, show_notice, show_output
 from ..widgets import launch_reporter, transfer_reporter
-from .args import (KtHelpFormatter, compute_args, compute_from_args, debugging_args, execution_args, parse_seconds,
-                   transfer_args, transfer_from_args)
+from . import distributed as kt_dist
+from .args import (KtHelpFormatter, compute_args, compute_from_args, debugging_args, distributed_args, execution_args,
+                   parse_seconds, transfer_args, transfer_from_args)
 
 #: Usage line of the cell magic (argparse %-formats it: '%%%%' shows as '%%').
 CELL_USAGE = "%%%%kt [options]      (the first line of a cell; the rest of the cell runs remotely)"
@@ -110,6 +111,8 @@ class KtMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.async_cells: list[AsyncCell] = []
+        #: %%kt --workers cells: each group's per-rank namespaces
+        self._dist = kt_dist.DistributedCells()
         #: what the last %%kt cell moved and how long each step took (for tests and curious users)
         self.last_outcome: conn_mod.CellOutcome | None = None
         self._subcommands = self._build_subcommands()
@@ -132,6 +135,7 @@ class KtMagics(Magics):
     @transfer_args
     @execution_args
     @debugging_args
+    @distributed_args
     @cell_magic
     def kt(self, line: str, cell: str) -> Any:
         """Run this cell on a warm pod kernel (local subprocess or Kubernetes pod).
@@ -147,6 +151,7 @@ class KtMagics(Magics):
 
             %%kt
             %%kt --gpus 1 --memory 16Gi --name train --backend kubernetes
+            %%kt --workers 2 --name ddp          (every rank runs it: torch.distributed)
         """
         args = parse_argstring(self.kt, line)
         if args.help:
@@ -167,7 +172,17 @@ class KtMagics(Magics):
         except SyntaxError as exc:
             raise present_error(exc, self.shell, count) from None
         events: list[str] = []
-        connection = self._connect(compute, keep=args.keep, strict=explicit, heard=events)
+        if kt_dist.wants_workers(args):  # N workers: every rank runs it (pytorch), or a Ray cluster's head
+            compute = kt_dist.distributed_compute(args, compute)
+            if compute.distributed_config.framework == "pytorch":  # type: ignore[union-attr]
+                return self._dist.run(self.shell, compute, source, cell, keep=args.keep, all_ranks=args.all_ranks,
+                                      transfer=transfer, timeout_s=timeout_s, label=label, cell_name=cell_name,
+                                      count=count)
+            connection = self._dist.connect(compute, args.keep).head
+        else:
+            kt_dist.check_not_distributed(compute, any(c.name == compute.name and c.compute.backend == compute.backend
+                                                       for c in conn_mod.connections()))
+            connection = self._connect(compute, keep=args.keep, strict=explicit, heard=events)
         self._say_where(connection, announced=bool(events))
         if args.debug:
             self._announce_debugger(connection, cell_name, source, wait=args.debug == "wait")
@@ -358,6 +373,9 @@ class KtMagics(Magics):
         p = _subcommand_parser("pull", "fetch remote values (e.g. RemoteRefs) into the notebook, whatever their size")
         p.add_argument("vars", nargs="+", metavar="VAR", help="names to fetch")
         p.add_argument("--name", "-n", help="compute to fetch from (default: where the RemoteRef lives)")
+        p.add_argument("--rank", type=int, metavar="R", help="a distributed compute's rank R: bound as VAR_rR")
+        p.add_argument("--all-ranks", dest="all_ranks", action="store_true",
+                       help="every rank of a distributed compute: bound as VAR_r0, VAR_r1, ...")
         subs["pull"] = (p, self._pull)
 
         p = _subcommand_parser("config", "show or set the default compute used by %%kt cells without options")
@@ -414,6 +432,8 @@ class KtMagics(Magics):
         from ..widgets import show_status  # a live panel in a notebook, text elsewhere
 
         compute = self._named(args.name)
+        if kt_dist.is_distributed(compute.backend, compute.name):  # every worker, rank by rank
+            return kt_dist.status(compute.backend, compute.name, show_status)
         show_status(compute.name, compute.backend)
         attached = getattr(get_backend(compute.backend), "attached", None)
         if attached is not None:
@@ -446,12 +466,17 @@ class KtMagics(Magics):
 
     def _down(self, args: Any) -> None:
         if args.all:
+            for group in kt_dist.dg.groups():  # every worker of this notebook's distributed computes first
+                kt_dist.down(group.compute.backend, group.name, self._dist)
             names = [(b, info.name) for b in BACKENDS for info in self._safe_list(b)]
         elif args.name:
             names = [(self._named(args.name).backend, args.name)]
         else:
             raise UsageError("name a compute (`%kt down NAME`) or use --all")
         for backend_name, name in names:
+            if kt_dist.is_distributed(backend_name, name):  # every worker of it
+                kt_dist.down(backend_name, name, self._dist)
+                continue
             conn_mod.disconnect(name, backend_name)
             existed = get_backend(backend_name).delete(name)
             print(f"[kt] {name} ({backend_name}): {'stopped and deleted' if existed else 'was not running'}")
@@ -465,6 +490,12 @@ class KtMagics(Magics):
 
     def _restart(self, args: Any) -> None:
         compute = self._named(args.name)
+        group = kt_dist.group_named(compute.backend, compute.name)
+        if group is not None:  # every worker, started again together
+            kt_dist.down(compute.backend, compute.name, self._dist)
+            self._dist.connect(group.compute, keep=False)
+            print(f"[kt] {compute.name} restarted: {len(group.ranks)} fresh workers, no variables")
+            return
         conn_mod.disconnect(compute.name, compute.backend)
         get_backend(compute.backend).delete(compute.name)
         self._connect(compute)
@@ -472,6 +503,12 @@ class KtMagics(Magics):
 
     def _pull(self, args: Any) -> list[str]:
         ns = self.shell.user_ns
+        if args.rank is not None or args.all_ranks:  # from the ranks of a distributed compute
+            compute = self._named(args.name)
+            bound = kt_dist.pull(kt_dist.group_named(compute.backend, compute.name), compute.name, list(args.vars),
+                                 args.rank, ns)
+            print(f"[kt] pulled {', '.join(bound)}")
+            return None
         by_compute: dict[str, list[str]] = {}
         for var in args.vars:
             value = ns.get(var)
