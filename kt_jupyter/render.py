@@ -51,6 +51,23 @@ def show_output(msg: dict[str, Any]) -> None:
         clear_output(wait=bool(msg.get("wait")))
     elif kind == "notice":
         show_notice(str(msg.get("text", "")), str(msg.get("level") or "warning"))
+    elif kind == "error":  # not the cell's own error: a callback's after it (a matplotlib draw), shown as locally
+        show_error_output(msg)
+
+
+def show_error_output(msg: dict[str, Any]) -> None:
+    """An error output of the cell, as IPython shows one: ipykernel's ``error`` message, a terminal's text."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    lines = "\n".join(str(line) for line in msg.get("traceback") or []).split("\n")
+    theme = str(getattr(shell, "colors", "nocolor") or "nocolor")
+    stb = ["\n".join(colour_traceback(drop_internal_frames(lines), theme))]
+    if shell is None:
+        print(stb[0], file=sys.stderr)
+        return
+    etype = type(str(msg.get("ename") or "Exception"), (Exception,), {})
+    shell._showtraceback(etype, str(msg.get("evalue", "")), stb)
 
 
 #: How a muted "[kt] ..." line looks in a notebook (JupyterLab's secondary text colour, code font).

@@ -80,6 +80,9 @@ SERIALIZATIONS = ("json", "pickle")
 
 #: Requests a client may send, and the header fields each requires (name -> type).
 CLIENT_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
+    # optional: cell_name, cell_label, debug_wait; ``check`` (names to fingerprint when the cell ends, held
+    # ids and fingerprints: the answer is the reply's ``state``), ``requires`` (names the pod must hold, else
+    # nothing runs and the reply's status is ``missing``), ``post_mortem`` (pdb on the last failed cell's frames)
     "execute": {"id": str, "code": str},
     "interrupt": {"id": str},
     "push": {"id": str, "serialization": str, "sizes": list},
@@ -111,7 +114,7 @@ SERVER_TYPES = frozenset(
         "display",  # display_data / update_display_data mime bundle (in the payload when ``data_in_payload``)
         "clear_output",
         "execute_result",  # the value of a cell's last expression, as a mime bundle
-        "execute_reply",  # the end of a cell: status ok | error | aborted
+        "execute_reply",  # the end of a cell: status ok | error | aborted | missing; ``state``, ``post_mortem``
         "reply",  # a request succeeded; fields depend on the request
         "values",  # a bundle answering pull (followed by chunk frames)
         "chunk",  # more bytes of the bundle before it
@@ -119,12 +122,13 @@ SERVER_TYPES = frozenset(
         "bulk_ready",  # a bulk push may start: its one-time ticket
         "notice",  # something the user should know (output elided, shutting down ...)
         "input_request",  # a running cell reads input (pdb, input()): prompt, password, input_id
+        "error",  # an error output that is not the cell's own end (a callback's, e.g. a matplotlib draw)
     }
 )
 
 #: Server messages that carry a sequence number and are replayed on resume.
 SEQUENCED_TYPES = frozenset(
-    {"stream", "display", "clear_output", "execute_result", "execute_reply", "notice", "input_request"}
+    {"stream", "display", "clear_output", "execute_result", "execute_reply", "notice", "input_request", "error"}
 )
 
 

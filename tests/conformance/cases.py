@@ -190,11 +190,7 @@ NOTEBOOKS: dict[str, list[str]] = {
 NONDETERMINISTIC_CELLS: dict[tuple[str, int], str] = {}
 
 #: Cells that differ for a reason outside this suite's code, until the named change lands (counted as unequal).
-PENDING_DIFFERENCES: dict[tuple[str, int], str] = {
-    ("callback_errors", 0): "the pod sends a callback's error as an 'error' output; kt_jupyter/render.py's show_output "
-                            "must show it (H12's render.py change, with the lead)",
-    ("callback_errors", 1): "as callback_errors[0]",
-}
+PENDING_DIFFERENCES: dict[tuple[str, int], str] = {}
 
 #: Final-namespace names allowed to differ between the runs, and why.
 NAMESPACE_EXCEPTIONS: dict[tuple[str, str], str] = {
