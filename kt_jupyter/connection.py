@@ -567,7 +567,9 @@ def connect(compute: Compute | None = None, *, keep: bool = False,
                 return conn
             say(f"{why.splitlines()[0]}\nStarting a new pod kernel: the previous one's variables are lost.")
             conn.session.close_quietly()
-            backend.delete(compute.name, grace_period_s=0)
+            # the spec it was launched with (memory, TTL, ...), with what this cell asked for explicitly
+            compute = conn.compute.with_overrides(**{k: v for k, v in compute.to_dict().items() if k in strict})
+            backend.delete(compute.name)  # its default grace: the container stops and frees its GPU first
         handle = backend.launch(compute, keep=keep, on_event=say)
         conn = ComputeConnection(compute, handle)
         _connections[key] = conn

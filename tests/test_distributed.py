@@ -176,3 +176,42 @@ def test_cell_on_every_rank_labelled_names_from_rank_zero(ip, capsys):
     ip.run_line_magic("kt", "down ddpm")
     assert get_backend("local").find("ddpm-r0") is None and get_backend("local").find("ddpm-r1") is None
 
+
+
+# ---------------------------------------------------------------------- Ray
+
+
+def _ray_processes(name: str) -> list:
+    import psutil
+
+    from kt_jupyter.distributed_ray import temp_dir
+
+    where = temp_dir(name)
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(where in part for part in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def test_local_ray_cluster_spreads_tasks_over_both_nodes(ip):
+    pytest.importorskip("ray")
+    from ipshell import run
+
+    run(ip, "%%kt --workers 2 --framework ray --name rayc\n"
+            "import os, ray\n"
+            "ray.init()\n"
+            "@ray.remote(num_cpus=1)\n"
+            "def where():\n"
+            "    import time; time.sleep(0.5); return ray.get_runtime_context().get_node_id()\n"
+            "nodes = sorted(set(ray.get([where.remote() for _ in range(6)])))\n"
+            "auth = (os.environ['RAY_AUTH_MODE'], 'RAY_AUTH_TOKEN' in os.environ, os.environ['RAY_ADDRESS'][:10])\n")
+    assert len(ip.user_ns["nodes"]) == 2  # tasks ran on the head and on the worker
+    assert ip.user_ns["auth"] == ("token", False, "127.0.0.1:")  # token auth on, the token itself in a file
+    assert _ray_processes("rayc")  # Ray's node processes, under this compute's own session directory
+    import psutil
+
+    nodes = _ray_processes("rayc")
+    ip.run_line_magic("kt", "down rayc")
+    _gone, alive = psutil.wait_procs(nodes, timeout=30)
+    assert not alive and not _ray_processes("rayc")  # %kt down stopped every Ray node with its pod kernel

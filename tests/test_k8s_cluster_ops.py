@@ -196,3 +196,14 @@ def test_another_process_asking_for_another_spec_gets_a_clear_error(cluster, ip)
     with pytest.raises(UsageError, match=r"memory='512Mi' \(not '1Gi'\)"):
         run(ip, "%%kt --backend kubernetes --name sized --memory 1Gi\nx = 1")
     assert len(cluster.pods(k8s("sized"))) == 1
+
+
+def test_relaunch_after_a_kernel_death_keeps_the_original_spec(cluster):
+    """The next cell after a kernel died relaunches it as it was launched (memory, TTL), not with defaults."""
+    conn_mod.connect(k8s("keep", memory="512Mi", inactivity_ttl="1h")).run_cell("x = 1", {})
+    cluster.process(k8s("keep")).kill()
+    assert cluster.backend.wait_gone("keep", 30) is not None
+    conn = conn_mod.connect(k8s("keep"))
+    assert conn.compute.memory == "512Mi" and conn.compute.inactivity_ttl_s == 3600
+    assert cluster.pods(k8s("keep"))[0]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "512Mi"
+    conn.session.close_quietly()

@@ -751,3 +751,19 @@ def test_shared_compute_newest_value_wins_and_comes_back(kt_home, local_backend)
     finally:
         a.close()
         b.close()
+
+
+def test_a_request_the_running_local_kernel_does_not_match_is_a_clear_error(kt_home, local_backend):
+    """Another process (a restarted notebook) asking for other resources than the running kernel has."""
+    from kt_jupyter.errors import ComputeSpecError
+
+    local_backend.launch(Compute(name="sized", memory="512Mi"), keep=True)
+    other = NotebookProcess(kt_home)
+    try:
+        other.send("x = 1", compute="sized")  # same spec as asked: reattaches
+        assert other.reply()["ok"]
+    finally:
+        other.close()
+    with pytest.raises(ComputeSpecError, match=r"already running with memory='512Mi' \(not '1Gi'\)"):
+        local_backend.launch(Compute(name="sized", memory="1Gi"))
+    assert local_backend.launch(Compute(name="sized")).spec.get("memory") == "512Mi"  # unset: takes the running one

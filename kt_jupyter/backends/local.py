@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 import psutil
 
 from ..errors import ComputeSpecError, LaunchError, NotFoundError
-from . import KernelHandle, KernelInfo, kt_home
+from . import KernelHandle, KernelInfo, kt_home, spec_mismatch, spec_mismatch_error
 from . import local_registry as registry
 from .rlimits import apply_memory_limit
 
@@ -203,6 +203,9 @@ class LocalBackend:
         with self._locked(name):
             handle = self.find(name)
             if handle is not None:
+                mismatch = spec_mismatch(compute, handle.spec)
+                if mismatch:
+                    raise spec_mismatch_error(name, mismatch)
                 if not keep:
                     self._adopt(name, handle, say)
                 return handle
