@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 from pathlib import Path, PurePosixPath
 
 #: Where projects outside the working directory are synced, under the code root.
@@ -43,6 +44,9 @@ class CodeSync:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.hashes: dict[str, str] = {}
+        #: one sync at a time: sessions of two notebooks may send the same files at once (their writes and
+        #: reloads must not interleave, nor share a temporary file)
+        self._lock = threading.Lock()
         if str(self.root) not in sys.path:
             sys.path.insert(0, str(self.root))
         sys.dont_write_bytecode = True  # a same-second, same-size edit must never hit a stale .pyc
@@ -81,6 +85,10 @@ class CodeSync:
 
     def apply(self, files: dict[str, str]) -> list[str]:
         """Write files, then reload the modules loaded from them; returns the reloaded module names."""
+        with self._lock:
+            return self._apply(files)
+
+    def _apply(self, files: dict[str, str]) -> list[str]:
         changed: set[str] = set()
         for rel, text in files.items():
             path = self._path(rel)

@@ -48,7 +48,7 @@ def test_every_seed_parameter_is_a_constructor_parameter():
     names = Compute.parameter_names()
     assert names[:2] == ("name", "backend")
     assert set(SEED_PARAMETERS) <= set(names)
-    assert set(names) - set(SEED_PARAMETERS) == {"name", "backend", "autoscaling"}  # autoscaling: autoscale()'s
+    assert set(names) - set(SEED_PARAMETERS) == {"name", "backend", "autoscaling", "distributed"}  # autoscale(), distribute()
     assert len(names) == len(SEED_PARAMETERS) + 3
 
 

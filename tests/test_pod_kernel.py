@@ -537,3 +537,31 @@ def test_a_cells_traceback_reaches_the_kernel_log(kernel, local_backend):
         s.execute("def inner():\n    return 1 / 0\ninner()")
     log = local_backend.logs("t", tail=40)
     assert "ZeroDivisionError" in log and "return 1 / 0" in log and "\x1b[" not in log
+
+
+def test_code_sync_from_two_sessions_at_once_never_collides(tmp_path):
+    """Two notebooks sending the same files at once (each sync runs in its own thread on the pod)."""
+    import threading
+
+    from pod_kernel.codesync import CodeSync
+
+    sync = CodeSync(tmp_path / "code")
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def send(i: int) -> None:
+        start.wait()
+        for j in range(10):
+            try:
+                sync.apply({"pkg/__init__.py": f"X = {i * 100 + j}\n", "pkg/mod.py": "Y = 1\n"})
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[:3]
+    assert (tmp_path / "code" / "pkg" / "mod.py").read_text() == "Y = 1\n"
