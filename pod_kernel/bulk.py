@@ -67,17 +67,35 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
     asyncio and ``socket.create_server`` set ``IPV6_V6ONLY`` on an IPv6
     socket, so binding ``::`` plainly would leave IPv4 clients out. Without
-    IPv6 or dual-stack support, ``::`` falls back to ``0.0.0.0``.
+    IPv6 or dual-stack support, ``::`` falls back to ``0.0.0.0``. The socket is
+    made with ``IPPROTO_TCP`` and ``TCP_NODELAY``: asyncio turns Nagle off only
+    on accepted sockets whose protocol says TCP (``create_server``'s say 0), and
+    without it every small reply waits out the peer's 40 ms delayed ACK.
     """
     if host == "::":
         if socket.has_ipv6 and socket.has_dualstack_ipv6():
             try:
-                return socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+                return _listen(socket.AF_INET6, ("::", port), dualstack=True)
             except OSError as exc:  # IPv6 disabled on this host (sysctl, a container without it)
                 if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
                     raise
         host = "0.0.0.0"
-    return socket.create_server((host, port))
+    return _listen(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))
+
+
+def _listen(family: int, address: tuple[str, int], dualstack: bool = False) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dualstack else 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 #: ``KT_BULK_PORT``: the port the bulk channel listens on (0 or unset: a free one). Clusters fix it, so a

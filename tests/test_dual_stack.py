@@ -79,3 +79,32 @@ def test_pod_kernel_on_double_colon_serves_both_families_and_the_fixed_bulk_port
         os.close(read_fd)
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::"])
+def test_listening_sockets_turn_nagle_off_for_every_connection(host):
+    """Without TCP_NODELAY on the accepted socket every small reply waits for the peer's 40 ms delayed ACK
+    (a warm cell took 44 ms instead of 2.5 ms): asyncio sets it only on sockets whose protocol says TCP."""
+    import asyncio
+
+    listener = listen_socket(host, 0)
+    port = listener.getsockname()[1]
+    seen: dict = {}
+
+    async def main() -> None:
+        accepted = asyncio.Event()
+
+        async def on_client(reader, writer):
+            sock = writer.get_extra_info("socket")
+            seen["nodelay"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            accepted.set()
+            writer.close()
+
+        server = await asyncio.start_server(on_client, sock=listener)
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            await accepted.wait()
+            writer.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert seen["nodelay"] != 0
