@@ -273,6 +273,10 @@ class _NoOutputs(dict):
         pass
 
 
+#: Cells whose IPython history names (``_iN``, ``_N``) and traceback labels the pod keeps.
+HISTORY_CELLS_KEPT = 1000
+
+
 class Executor:
     """The main-thread cell runner of one pod kernel."""
 
@@ -289,6 +293,7 @@ class Executor:
         #: session (its outbox) -> (request id, traceback) of its last failed cell, for ``%debug``
         self.failures: weakref.WeakKeyDictionary[Outbox, tuple[str, TracebackType]] = weakref.WeakKeyDictionary()
         self.cells_run = 0
+        self._history_trimmed = 0  # IPython's per-cell names (_iN, _N) of cells up to this one are gone
         self._interrupt_lock = threading.Lock()
         #: a SIGINT came for the current cell before its code started: it stops the cell before it starts
         self._interrupt_pending = False
@@ -418,7 +423,11 @@ class Executor:
                     job.outbox.write_stream(job.req_id, "stderr", warning)
                 self.shell.compile.next_name = str(path)
                 if job.cell_label:
-                    self.shell.compile.labels[str(path)] = job.cell_label
+                    labels = self.shell.compile.labels
+                    labels[str(path)] = job.cell_label
+                    while len(labels) > HISTORY_CELLS_KEPT:  # bounded (oldest first), like the cell files
+                        del labels[next(iter(labels))]
+            self._trim_history()
             before = self.state.snapshot()
             try:
                 exc = self._user_code(job, path)
@@ -492,6 +501,19 @@ class Executor:
                              "then %debug\n")
             return
         post_mortem(tb)
+
+    def _trim_history(self) -> None:
+        """Forget IPython's per-cell names (``_i7``, ``_7``) of all but the last :data:`HISTORY_CELLS_KEPT` cells.
+
+        IPython keeps one input name per cell in the namespace forever (its outputs
+        it already caps at ``cache_size``); a kernel that runs for days would grow,
+        and every cell's coherence snapshot would walk them all.
+        """
+        ns, last = self.namespace, self.shell.execution_count - HISTORY_CELLS_KEPT
+        for n in range(self._history_trimmed + 1, last + 1):
+            ns.pop(f"_i{n}", None)
+            ns.pop(f"_{n}", None)
+        self._history_trimmed = max(self._history_trimmed, last)
 
     def _reply(self, exc: BaseException | None) -> tuple[dict[str, Any], bytes]:
         """The execute_reply fields (and pickled exception) for a cell that ended with ``exc``."""

@@ -418,6 +418,8 @@ def test_ten_thousand_cells_without_memory_growth(kernel):
             gc.collect()
             marks[i] = (rss(handle.pid), rss(os.getpid()))
     elapsed = time.perf_counter() - t0
+    # IPython's per-cell names (_iN, _N) are kept for the last 1000 cells only: the namespace is bounded too
+    assert int(s.execute("len(globals())").data["text/plain"]) < 2 * 1000 + 100
     kernel_growth = marks[total][0] - marks[1000][0]
     client_growth = marks[total][1] - marks[1000][1]
     record("load", "cells", total)
