@@ -19,7 +19,7 @@ from kt_jupyter.k8s_fields import Secret, Volume
 from kt_jupyter.knative import build_knative_service, knative_objects, required_feature_flags
 from kt_jupyter.manifests import SPEC_ANNOTATION, build_deployment, compute_from_deployment
 
-KNATIVE_CRD = Path(__file__).resolve().parents[2] / "shared" / "k8s-schemas" / "serving.knative.dev_services.yaml"
+KNATIVE_CRD = Path(__file__).resolve().parent / "schemas" / "serving.knative.dev_services.yaml"
 INSTALL_ENV = {"PIP_INDEX_URL": "https://pypi.example/simple"}
 
 
