@@ -9,14 +9,13 @@ propagation (the owner stays, with a finalizer, until its pods are gone).
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 from IPython.core.error import UsageError
 from ipshell import run
 from k8s_fake import FakePortForwardConnector
-from k8s_fake.cluster import MISSING_IMAGE, NS, SLOW_IMAGE, fake_cluster
+from k8s_fake.cluster import MISSING_IMAGE, NS, SLOW_IMAGE, Lines, fake_cluster, finished, launch_in_thread
 from k8s_fake.store import KUEUE_GATE
 
 from kt_jupyter import connection as conn_mod
@@ -35,41 +34,6 @@ def cluster(tmp_path, monkeypatch, kt_home):
 
 def k8s(name: str, **kw) -> Compute:
     return Compute(name=name, backend="kubernetes", **kw)
-
-
-class Lines(list):
-    """Progress lines; ``seen`` is set once one contains ``text`` (on_event runs in the launching thread)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text, self.seen = text, threading.Event()
-
-    def append(self, line: str) -> None:
-        super().append(line)
-        if self.text in line:
-            self.seen.set()
-
-
-def launch_in_thread(cluster, compute: Compute, lines: list[str]) -> tuple[threading.Thread, dict]:
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["handle"] = cluster.backend.launch(compute, on_event=lines.append)
-        except BaseException as exc:  # noqa: BLE001 - the test thread reports it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
-def finished(thread: threading.Thread, outcome: dict, timeout_s: float = 60):
-    thread.join(timeout_s)
-    assert not thread.is_alive(), "the launch did not finish"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["handle"]
 
 
 # ---------------------------------------------------------------------- NetworkPolicy (item 10 follow-up)

@@ -21,7 +21,7 @@ from kt_jupyter.compute import Compute, Image
 from kt_jupyter.errors import (ComputeSpecError, CrashLoopError, KubernetesAPIError, LaunchTimeoutError,
                                OOMKilledError, UnschedulableError)
 from k8s_fake import FakeNode, FakeNodeGroup
-from k8s_fake.cluster import FLAKY_IMAGE, NS, fake_cluster
+from k8s_fake.cluster import FLAKY_IMAGE, NS, Lines, fake_cluster, finished, launch_in_thread
 from k8s_fake.store import POD_SECURITY_LABEL
 
 GATED_IMAGE = "ghcr.io/example/gated:1.0"
@@ -58,41 +58,6 @@ def bare_cluster(tmp_path, monkeypatch, kt_home):
 
 def k8s(name: str, **kw) -> Compute:
     return Compute(name=name, backend="kubernetes", **kw)
-
-
-class WaitingList(list):
-    """Progress lines; ``event`` is set once one contains ``text`` (on_event is called from the launching thread)."""
-
-    def __init__(self, event: threading.Event, text: str) -> None:
-        super().__init__()
-        self.event, self.text = event, text
-
-    def append(self, line: str) -> None:
-        super().append(line)
-        if self.text in line:
-            self.event.set()
-
-
-def launch_in_thread(cluster, compute: Compute, messages: list[str]) -> tuple[threading.Thread, dict]:
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["handle"] = cluster.backend.launch(compute, on_event=messages.append)
-        except BaseException as exc:  # noqa: BLE001 - the test thread reports it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
-def finished(thread: threading.Thread, outcome: dict, timeout_s: float = 60):
-    thread.join(timeout_s)
-    assert not thread.is_alive(), "the launch did not finish"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["handle"]
 
 
 def cell(handle, code: str):
@@ -181,10 +146,9 @@ def test_gpu_pod_waits_for_the_autoscaler_and_runs_on_the_new_node(gpu_cluster):
 def test_unschedulable_waits_for_a_node_a_person_adds(bare_cluster, monkeypatch):
     monkeypatch.setenv(UNSCHEDULABLE_GRACE_ENV, "60")
     compute = k8s("manual", gpus=1)
-    waiting = threading.Event()
-    messages = WaitingList(waiting, "waiting for a node: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu")
+    messages = Lines("waiting for a node: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu")
     thread, outcome = launch_in_thread(bare_cluster, compute, messages)
-    assert waiting.wait(20)
+    assert messages.seen.wait(20)
     assert not outcome  # still waiting: no autoscaler says anything, and the grace is long
     bare_cluster.kubelet.add_node(FakeNode("gpu-by-hand", {"kubernetes.io/hostname": "gpu-by-hand"}, GPU_NODE))
     assert "on node gpu-by-hand" in finished(thread, outcome).where

@@ -11,6 +11,7 @@ the process's ``kubernetes`` backend, with only its connector swapped for
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -94,3 +95,40 @@ def fake_cluster(tmp_path: Path, monkeypatch: Any, *, node_groups: list[FakeNode
             for live in list(backend._live.values()):
                 live.close()
             kubelet.stop()
+
+
+class Lines(list):
+    """Progress lines; ``seen`` is set once one contains ``text`` (on_event runs in the launching thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.seen = text, threading.Event()
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        if self.text in line:
+            self.seen.set()
+
+
+def launch_in_thread(cluster: "FakeCluster", compute: Compute, lines: list[str]) -> tuple[threading.Thread, dict]:
+    """Launch ``compute`` on the cluster's backend in a thread; the dict gets ``handle`` or ``error``."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["handle"] = cluster.backend.launch(compute, on_event=lines.append)
+        except BaseException as exc:  # noqa: BLE001 - the test thread reports it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def finished(thread: threading.Thread, outcome: dict, timeout_s: float = 60) -> Any:
+    """The launch's handle once its thread ends (its error raised here)."""
+    thread.join(timeout_s)
+    assert not thread.is_alive(), "the launch did not finish"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["handle"]
