@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .compute import POD_KERNEL_PORT
 from .errors import ComputeSpecError
-from .manifests import (CONTAINER_NAME, SPEC_ANNOTATION, build_deployment, build_secret, build_source_configmap,
-                        build_volume_claims, object_labels)
+from .manifests import CONTAINER_NAME, SPEC_ANNOTATION, build_deployment, object_labels, supporting_objects
 from .startup import notebook_install_env
 
 if TYPE_CHECKING:
@@ -87,10 +86,7 @@ def knative_objects(compute: "Compute", token: str, source_files: dict[str, str]
     """Every object of an autoscaled compute, in apply order: Secret, ConfigMap, PVCs, Knative Service."""
     if install_env is None:
         install_env = notebook_install_env(compute)
-    objects = [build_secret(compute, token, install_env)]
-    if source_files and not compute.freeze:
-        objects.append(build_source_configmap(compute, source_files))
-    objects += build_volume_claims(compute)
+    objects = supporting_objects(compute, token, source_files, install_env)
     objects.append(build_knative_service(compute, source_files=source_files, install_env=install_env))
     return objects
 

@@ -427,6 +427,15 @@ def network_policy(compute: "Compute", peer: NotebookPeer) -> dict[str, Any]:
                                 selector_labels(compute))
 
 
+def supporting_objects(compute: "Compute", token: str, source_files: dict[str, str] | None,
+                       install_env: Mapping[str, str]) -> list[dict[str, Any]]:
+    """What a compute's pod needs, whatever runs it (Deployment or Knative): Secret, source ConfigMap, PVCs."""
+    objects = [build_secret(compute, token, install_env)]
+    if source_files and not compute.freeze:
+        objects.append(build_source_configmap(compute, source_files))
+    return objects + build_volume_claims(compute)
+
+
 def build_all(compute: "Compute", token: str, source_files: dict[str, str] | None = None, *,
               suspended: bool = False, install_env: Mapping[str, str] | None = None,
               peer: NotebookPeer | None = None) -> list[dict[str, Any]]:
@@ -434,10 +443,7 @@ def build_all(compute: "Compute", token: str, source_files: dict[str, str] | Non
     (with ``peer``, see :func:`kt_jupyter.pod_security.notebook_peer`), Deployment."""
     if install_env is None:
         install_env = notebook_install_env(compute)
-    objects = [build_secret(compute, token, install_env)]
-    if source_files and not compute.freeze:
-        objects.append(build_source_configmap(compute, source_files))
-    objects += build_volume_claims(compute)
+    objects = supporting_objects(compute, token, source_files, install_env)
     objects.append(build_service(compute))
     if peer is not None:
         objects.append(network_policy(compute, peer))
