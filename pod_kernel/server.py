@@ -721,6 +721,7 @@ class PodKernelServer:
             cells_run=self.executor.cells_run,
             idle_s=0.0 if running else time.monotonic() - self.last_activity,
             uptime_s=time.time() - self.started,
+            clients=sum(1 for session in self.sessions.values() if session.ws is not None),
         )
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "metrics": sample}))
 

@@ -49,7 +49,7 @@ def test_every_seed_parameter_is_a_constructor_parameter():
     assert names[:2] == ("name", "backend")
     assert set(SEED_PARAMETERS) <= set(names)
     assert set(names) - set(SEED_PARAMETERS) == {"name", "backend", "autoscaling", "distributed"}  # autoscale(), distribute()
-    assert len(names) == len(SEED_PARAMETERS) + 3
+    assert len(names) == len(SEED_PARAMETERS) + 4
 
 
 def test_defaults():

@@ -77,7 +77,14 @@ class Frontend:
         return _first(self.client.get_shell_msg, lambda r: r["parent_header"].get("msg_id") == msg_id, timeout,
                       "execute_reply")["content"]
 
-    def stdout_of(self, msg_id: str) -> str:
+    def stdout_of(self, msg_id: str, timeout: float = TIMEOUT_S) -> str:
+        """The request's stdout, once its outputs are all in: iopub says idle for it after the last one
+        (the shell reply may arrive first, on its own channel)."""
+        deadline = time.monotonic() + timeout
+        while not any(m["msg_type"] == "status" and m["content"].get("execution_state") == "idle"
+                      and m["parent_header"].get("msg_id") == msg_id for m in list(self.iopub)):
+            assert time.monotonic() < deadline, f"no idle status for {msg_id} within {timeout} s"
+            time.sleep(0.02)
         return "".join(m["content"]["text"] for m in list(self.iopub)
                        if m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == msg_id)
 
