@@ -202,33 +202,32 @@ class FakePodRuntime:
                       f'unexpected status code https://registry.example.com/v2/{ref.split("/", 1)[-1].split(":")[0]}'
                       f'/manifests/sha256:0f3c: 429 Too Many Requests - Server message: toomanyrequests: You have '
                       f'reached your pull rate limit.')
-            self._event("Failed", f'Failed to pull image "{image}": {detail}', "Warning")
-            self._event("Failed", "Error: ErrImagePull", "Warning")
-            self._set_container({"waiting": {"reason": "ErrImagePull", "message": detail}})
-            if self.stopping.wait(self.kubelet.restart_backoff_s):
-                return False
-            self._event("BackOff", f'Back-off pulling image "{image}"', "Normal")
-            self._set_container({"waiting": {"reason": "ImagePullBackOff",
-                                             "message": f'Back-off pulling image "{image}"'}})
-            if self.stopping.wait(self.kubelet.restart_backoff_s):
+            if not self._pull_failed(image, detail) or self.stopping.wait(self.kubelet.restart_backoff_s):
                 return False
             self._event("Pulling", f'Pulling image "{image}"')
         if image in self.kubelet.missing_images:
             ref = image if "/" in image else f"docker.io/library/{image}"
             detail = (f'rpc error: code = NotFound desc = failed to pull and unpack image "{ref}": failed to '
                       f'resolve reference "{ref}": {ref}: not found')
-            self._event("Failed", f'Failed to pull image "{image}": {detail}', "Warning")
-            self._event("Failed", "Error: ErrImagePull", "Warning")
-            self._set_container({"waiting": {"reason": "ErrImagePull", "message": detail}})
-            if self.stopping.wait(self.kubelet.restart_backoff_s):
-                return False
-            self._event("BackOff", f'Back-off pulling image "{image}"', "Normal")
-            self._set_container({"waiting": {"reason": "ImagePullBackOff",
-                                             "message": f'Back-off pulling image "{image}"'}})
-            self.stopping.wait()
+            if self._pull_failed(image, detail):
+                self.stopping.wait()
             return False
         self._event("Pulled", f'Successfully pulled image "{image}" in 0s (fake registry)')
         self._pulled = True
+        return True
+
+    def _pull_failed(self, image: str, detail: str) -> bool:
+        """A failed pull as the kubelet reports it: ErrImagePull, then after a back-off ImagePullBackOff.
+
+        False when the pod is being stopped meanwhile.
+        """
+        self._event("Failed", f'Failed to pull image "{image}": {detail}', "Warning")
+        self._event("Failed", "Error: ErrImagePull", "Warning")
+        self._set_container({"waiting": {"reason": "ErrImagePull", "message": detail}})
+        if self.stopping.wait(self.kubelet.restart_backoff_s):
+            return False
+        self._event("BackOff", f'Back-off pulling image "{image}"', "Normal")
+        self._set_container({"waiting": {"reason": "ImagePullBackOff", "message": f'Back-off pulling image "{image}"'}})
         return True
 
     def _secret_value(self, name: str, key: str | None) -> dict[str, str] | None:
