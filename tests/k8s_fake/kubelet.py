@@ -18,6 +18,9 @@ names in ``flaky_images`` fail once with a registry 429 then succeed, names in
 manifests, which ``exec``s the real ``python -m pod_kernel`` from the
 ConfigMap's files — with the container's env (the token comes from the Secret
 through ``secretKeyRef``), and reports the pod Ready once the process is listening.
+Other workload controllers live in their own modules and register in
+:attr:`FakeKubelet.controllers` per plural (:class:`FakeController`); they make
+pods with :meth:`FakeKubelet.create_pod`.
 
 Where no real part can run here, the fake stands in, and says so:
 
@@ -46,7 +49,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from kt_jupyter.backends.portforward import Forward, PodTarget
 from kt_jupyter.compute import POD_KERNEL_PORT
@@ -60,6 +63,20 @@ __all__ = ["FakeKubelet", "FakeNode", "FakePodRuntime", "FakePortForwardConnecto
 
 #: Grace the kubelet gives the container of a pod force-deleted from the API (grace 0): it stops it only then.
 FORCE_DELETE_GRACE_S = 1.0
+
+
+class FakeController(Protocol):
+    """A workload controller of the fake cluster in its own module, registered in :attr:`FakeKubelet.controllers`
+    under the plural it owns (``"jobs"``, ``"statefulsets"``); the kubelet's thread calls it, one change at a time."""
+
+    def reconcile(self, obj: dict[str, Any]) -> None:
+        """Make the world match ``obj`` (added or modified, or the owner of a pod that changed)."""
+
+    def deleted(self, obj: dict[str, Any]) -> None:
+        """``obj`` left the API: collect what it owned (the garbage collector's part)."""
+
+    def owner(self, pod: dict[str, Any]) -> dict[str, Any] | None:
+        """The object of this controller's kind that controls ``pod`` (as stored now), or None."""
 
 
 class FakeKubelet:
@@ -82,6 +99,8 @@ class FakeKubelet:
         #: Told of every pod that turns Unschedulable (:class:`~k8s_fake.autoscaler.FakeClusterAutoscaler`).
         self.autoscaler: Any = None
         self.pods: dict[tuple[str, str], FakePodRuntime] = {}
+        #: Workload controllers living in their own modules, by the plural they own (see :class:`FakeController`).
+        self.controllers: dict[str, FakeController] = {}
         self.sched_lock = threading.RLock()
         self._changes: "queue.Queue[tuple[str, str, dict[str, Any]] | None]" = queue.Queue()
         self._ids = itertools.count(1)
@@ -136,8 +155,12 @@ class FakeKubelet:
             pod.reschedule.set()
 
     def _on_change(self, kind: str, plural: str, obj: dict[str, Any]) -> None:
-        if plural in ("deployments", "pods"):
+        if plural in ("deployments", "pods") or plural in self.controllers:
             self._changes.put((kind, plural, obj))
+
+    def requeue(self, plural: str, obj: dict[str, Any]) -> None:
+        """Reconcile ``obj`` again on the kubelet's thread (a controller's retry)."""
+        self._changes.put(("MODIFIED", plural, obj))
 
     def _loop(self) -> None:
         while True:
@@ -151,6 +174,10 @@ class FakeKubelet:
                 else:
                     self._reconcile(obj)
                 continue
+            if plural != "pods":
+                controller = self.controllers[plural]
+                controller.deleted(obj) if kind == "DELETED" else controller.reconcile(obj)
+                continue
             meta = obj["metadata"]
             pod = self.pods.get((meta["namespace"], meta["name"]))
             if kind == "MODIFIED" and meta.get("deletionTimestamp") and pod is not None:
@@ -163,12 +190,12 @@ class FakeKubelet:
                 owner = self._owner(obj)
                 if owner is not None:
                     self._reconcile(owner)
+                for controller in list(self.controllers.values()):
+                    top = controller.owner(obj)
+                    if top is not None:
+                        controller.reconcile(top)
 
     # -- the deployment and replicaset controllers' part
-
-    @staticmethod
-    def _owned_by(obj: dict[str, Any], uid: str) -> bool:
-        return any(r.get("uid") == uid for r in obj["metadata"].get("ownerReferences") or [])
 
     def _owner(self, pod: dict[str, Any]) -> dict[str, Any] | None:
         """The Deployment above a pod (through its ReplicaSet)."""
@@ -185,11 +212,11 @@ class FakeKubelet:
 
     def _replicasets(self, dep: dict[str, Any]) -> list[dict[str, Any]]:
         ns, uid = dep["metadata"]["namespace"], dep["metadata"]["uid"]
-        return [r for r in self.store.list("replicasets", ns) if self._owned_by(r, uid)]
+        return [r for r in self.store.list("replicasets", ns) if owned_by(r, uid)]
 
     def _pods_of(self, rs: dict[str, Any]) -> list[dict[str, Any]]:
         return [p for p in self.store.list("pods", rs["metadata"]["namespace"])
-                if self._owned_by(p, rs["metadata"]["uid"])]
+                if owned_by(p, rs["metadata"]["uid"])]
 
     def _reconcile(self, dep: dict[str, Any]) -> None:
         dep = self.store.get("deployments", dep["metadata"]["namespace"], dep["metadata"]["name"])
@@ -249,28 +276,35 @@ class FakeKubelet:
             "spec": {"replicas": 0, "selector": {"matchLabels": labels}, "template": spec_template}})
 
     def _create_pod(self, dep: dict[str, Any], rs: dict[str, Any], thash: str) -> bool:
-        """The ReplicaSet controller creates one pod; a refusal is a FailedCreate event, retried later."""
-        ns, rs_name = rs["metadata"]["namespace"], rs["metadata"]["name"]
-        template = rs["spec"]["template"]
-        meta = copy.deepcopy(template.get("metadata") or {})
-        meta["generateName"] = f"{rs_name}-"
-        meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs_name,
-                                    "uid": rs["metadata"]["uid"], "controller": True}]
+        """The ReplicaSet controller creates one pod (``generateName``); a refusal is retried later."""
+        meta = copy.deepcopy(rs["spec"]["template"].get("metadata") or {})
+        meta["generateName"] = f"{rs['metadata']['name']}-"
+        return self.create_pod(rs, meta, rs["spec"]["template"]["spec"], component="replicaset-controller",
+                               retry=lambda: self.requeue("deployments", dep)) is not None
+
+    def create_pod(self, owner: dict[str, Any], meta: dict[str, Any], spec: dict[str, Any], *, component: str,
+                   retry: Callable[[], None], runtime: type[FakePodRuntime] = FakePodRuntime) -> dict[str, Any] | None:
+        """A controller creates a pod (``meta`` names it or gives ``generateName``) controlled by ``owner``, and
+        the kubelet starts it as ``runtime``; a refused create (admission, ``create_failures``) is a
+        ``FailedCreate`` Warning event on the owner with the API's message, and ``retry`` runs after the back-off."""
+        ns, kind = owner["metadata"]["namespace"], owner["kind"]
+        meta = dict(copy.deepcopy(meta), ownerReferences=[
+            {"apiVersion": owner["apiVersion"], "kind": kind, "name": owner["metadata"]["name"],
+             "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}])
         try:
             if self.create_failures:
                 raise FakeApiError(500, "InternalError", self.create_failures.pop(0))
             pod = self.store.create("pods", ns, {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-                                                 "spec": copy.deepcopy(template["spec"]),
-                                                 "status": {"phase": "Pending"}})
+                                                 "spec": copy.deepcopy(spec), "status": {"phase": "Pending"}})
         except FakeApiError as exc:
-            self.event(ns, "ReplicaSet", rs_name, rs["metadata"]["uid"], "FailedCreate",
-                       f"Error creating: {exc.message}", "Warning", component="replicaset-controller")
-            self.later(self.restart_backoff_s, lambda: self._changes.put(("MODIFIED", "deployments", dep)))
-            return False
-        runtime = FakePodRuntime(self, pod)
-        self.pods[(ns, pod["metadata"]["name"])] = runtime
-        runtime.thread.start()
-        return True
+            self.event(ns, kind, owner["metadata"]["name"], owner["metadata"]["uid"], "FailedCreate",
+                       f"Error creating: {exc.message}", "Warning", component=component)
+            self.later(self.restart_backoff_s, retry)
+            return None
+        pod_runtime = runtime(self, pod)
+        self.pods[(ns, pod["metadata"]["name"])] = pod_runtime
+        pod_runtime.thread.start()
+        return pod
 
     def _delete_foreground(self, dep: dict[str, Any]) -> None:
         """The garbage collector on a Deployment deleted in the foreground: its ReplicaSets stop making pods,
@@ -295,7 +329,7 @@ class FakeKubelet:
     def _collect_garbage(self, dep: dict[str, Any]) -> None:
         """The garbage collector: a deleted Deployment's ReplicaSets and their pods go too."""
         ns, uid = dep["metadata"]["namespace"], dep["metadata"]["uid"]
-        for rs in [r for r in self.store.list("replicasets", ns) if self._owned_by(r, uid)]:
+        for rs in [r for r in self.store.list("replicasets", ns) if owned_by(r, uid)]:
             for pod in self._pods_of(rs):
                 if not pod["metadata"].get("deletionTimestamp"):
                     self.store.delete("pods", ns, pod["metadata"]["name"])
@@ -394,6 +428,11 @@ class FakeKubelet:
     def pid(self, ns: str, pod: str) -> int:
         """The process id of the pod's current container run."""
         return self.pods[(ns, pod)].runs[-1].proc.pid
+
+
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    """Whether one of ``obj``'s owner references names the object with ``uid``."""
+    return any(r.get("uid") == uid for r in obj["metadata"].get("ownerReferences") or [])
 
 
 def affinity_matches(spec: dict[str, Any], labels: dict[str, str]) -> bool:
