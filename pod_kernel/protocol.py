@@ -57,6 +57,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from . import write_tracking
+
 PROTOCOL_VERSION = 2
 
 #: Largest JSON header a peer accepts; a frame declaring more is malformed.
@@ -520,10 +522,14 @@ def _hash_buffer(digest: Any, data: memoryview) -> None:
         digest.update(data)
         return
     kind = type(digest)  # a PickleBuffer's raw() is a flat, contiguous byte view
-    pieces = (data[i : i + HASH_CHUNK_BYTES] for i in range(0, n, HASH_CHUNK_BYTES))
+
+    def pieces_digest(whole: memoryview) -> bytes:
+        pieces = (whole[i : i + HASH_CHUNK_BYTES] for i in range(0, n, HASH_CHUNK_BYTES))
+        return b"".join(_hash_pool().map(lambda piece: kind(piece).digest(), pieces))
+
     digest.update(n.to_bytes(8, "little"))
-    for piece_digest in _hash_pool().map(lambda piece: kind(piece).digest(), pieces):
-        digest.update(piece_digest)
+    # a big buffer no page of which was written since it was hashed is not read again (write_tracking.py)
+    digest.update(write_tracking.tracker().digest(data, pieces_digest))
 
 
 def approx_size(value: Any) -> int:

@@ -1,0 +1,208 @@
+"""Whether a big buffer was written since its digest was taken, without reading it again.
+
+Fingerprinting an unchanged 1 GiB global hashes a gigabyte (~30 ms) on each
+side at every re-run of its cell. Instead, once a big buffer of this process's
+private anonymous memory has been hashed, its pages are write-protected with
+Linux userfaultfd in asynchronous mode (``UFFD_FEATURE_WP_ASYNC``, Linux 6.7+):
+a write to such a page is resolved by the kernel at once (no handler thread)
+and marks the page written, and ``PAGEMAP_SCAN`` on ``/proc/self/pagemap``
+answers "was any page of this range written?" in about 0.1 ms per GiB.
+
+Every write goes through the page tables, whoever makes it: Python or C code,
+the kernel (``recv_into``, ``read``), a copy-on-write after ``fork``, a
+debugger's ``process_vm_writev``. Memory other mappings can change (files,
+shared memory) is never tracked. A buffer found written is hashed from then on
+without protection (the first write to each protected page costs a page fault,
+~2 µs per 4 KiB; a buffer a cell rewrites every time is cheaper to hash) until a
+hash finds it unchanged again. Anything unexpected (no userfaultfd: an older
+kernel, a seccomp profile; a range not ours; the exporting object gone) falls
+back to hashing, which is always correct.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import platform
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+#: Buffers at least this big are tracked; smaller ones hash in about a millisecond anyway.
+TRACK_MIN_BYTES = 64 << 20
+
+_SYSCALL_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
+_UFFD_USER_MODE_ONLY = 1
+_UFFD_API = 0xAA
+_UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+_UFFD_FEATURE_WP_ASYNC = 1 << 15
+_UFFDIO_REGISTER_MODE_WP = 1 << 1
+_PM_SCAN_CHECK_WPASYNC = 1 << 1
+_PAGE_IS_WRITTEN = 1 << 1
+
+
+def _iowr(kind: int, number: int, size: int) -> int:
+    return (3 << 30) | (size << 16) | (kind << 8) | number
+
+
+_UFFDIO_API = _iowr(0xAA, 0x3F, 24)
+_UFFDIO_REGISTER = _iowr(0xAA, 0x00, 32)
+_UFFDIO_WRITEPROTECT = _iowr(0xAA, 0x06, 24)
+_UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
+_PAGEMAP_SCAN = _iowr(0x66, 16, 96)
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+def buffer_address(data: memoryview) -> int:
+    """The address of a contiguous buffer's first byte (read-only buffers too)."""
+    view = _PyBuffer()
+    ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(data), ctypes.byref(view), 0)
+    try:
+        return int(view.buf or 0)
+    finally:
+        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
+
+
+@dataclass
+class _Entry:
+    start: int
+    end: int
+    digest: bytes
+    owner: weakref.ref
+    #: pages write-protected when the digest was taken: a clean scan vouches for it
+    armed: bool
+    #: the last hash found the same bytes as before: protect it again at the next hash
+    calm: bool = False
+
+
+class WriteTracker:
+    """Digests of big buffers, kept while the kernel says no page of theirs was written."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[int, int], _Entry] = {}
+        self._uffd = -1
+        self._pagemap = -1
+        self._libc: Any = None
+        self._pid = os.getpid()
+        self.available = self._open()
+        #: digests answered without reading the buffer (for tests and the benchmark)
+        self.vouched = 0
+
+    def _open(self) -> bool:
+        number = _SYSCALL_USERFAULTFD.get(platform.machine())
+        if number is None or not hasattr(os, "O_CLOEXEC") or os.environ.get("KT_NO_WRITE_TRACKING"):
+            return False
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.syscall.restype = ctypes.c_long
+            libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+            fd = libc.syscall(number, os.O_CLOEXEC | os.O_NONBLOCK | _UFFD_USER_MODE_ONLY)
+            if fd < 0:
+                return False
+            api = (ctypes.c_uint64 * 3)(_UFFD_API, _UFFD_FEATURE_WP_ASYNC | _UFFD_FEATURE_WP_UNPOPULATED, 0)
+            if libc.ioctl(fd, _UFFDIO_API, ctypes.byref(api)) != 0:
+                os.close(fd)
+                return False
+            self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        self._uffd, self._libc = fd, libc
+        return True
+
+    def digest(self, data: memoryview, compute: Callable[[memoryview], bytes]) -> bytes:
+        """``compute(data)``, or the digest taken before when no page of ``data`` was written since."""
+        owner = data.obj
+        if not self.available or data.nbytes < TRACK_MIN_BYTES or os.getpid() != self._pid:
+            return compute(data)
+        try:
+            ref = weakref.ref(owner)
+        except TypeError:  # an exporter we cannot watch die: its address could be reused unseen
+            return compute(data)
+        address = buffer_address(data)
+        start = address - address % mmap.PAGESIZE
+        end = -(-(address + data.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+        key = (address, data.nbytes)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.owner() is not owner:
+                entry = None
+            if entry is not None and entry.armed and self._unwritten(start, end):
+                self.vouched += 1
+                return entry.digest
+            protect = entry is None or entry.calm
+            armed = protect and self._arm(start, end)  # before the hash: a write from now on is seen
+            for other_key, other in self._entries.items():  # arming cleared their pages' written marks too
+                if armed and other_key != key and other.start < end and start < other.end:
+                    other.armed = False
+        result = compute(data)
+        with self._lock:
+            calm = entry is not None and not entry.armed and entry.digest == result
+            self._entries[key] = _Entry(start, end, result, ref, armed, calm)
+            if len(self._entries) > 1024:  # owners that died without their callback running
+                self._entries = {k: e for k, e in self._entries.items() if e.owner() is not None}
+        if entry is None:
+            weakref.finalize(owner, self._forget, key)
+        return result
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.owner() is None:
+                del self._entries[key]
+
+    def _unwritten(self, start: int, end: int) -> bool:
+        """No page of [start, end) written since it was protected (and the range is still ours)."""
+        region = (ctypes.c_uint64 * 3)()
+        arg = (ctypes.c_uint64 * 12)(96, _PM_SCAN_CHECK_WPASYNC, start, end, 0, ctypes.addressof(region), 1,
+                                     0, 0, _PAGE_IS_WRITTEN, 0, _PAGE_IS_WRITTEN)
+        return self._libc.ioctl(self._pagemap, _PAGEMAP_SCAN, ctypes.byref(arg)) == 0
+
+    def _arm(self, start: int, end: int) -> bool:
+        """Write-protect [start, end) (registering it first); False when it is not plain private memory."""
+        if not _private_anonymous(start, end):
+            return False
+        register = (ctypes.c_uint64 * 4)(start, end - start, _UFFDIO_REGISTER_MODE_WP, 0)
+        if self._libc.ioctl(self._uffd, _UFFDIO_REGISTER, ctypes.byref(register)) != 0:
+            return False
+        protect = (ctypes.c_uint64 * 3)(start, end - start, _UFFDIO_WRITEPROTECT_MODE_WP)
+        return self._libc.ioctl(self._uffd, _UFFDIO_WRITEPROTECT, ctypes.byref(protect)) == 0
+
+
+def _private_anonymous(start: int, end: int) -> bool:
+    """Whether [start, end) lies in private anonymous mappings only (nothing else can write their pages)."""
+    covered = start
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if hi <= covered or lo >= end:
+                continue
+            if lo > covered or fields[1][3] != "p" or (len(fields) > 5 and fields[5].strip() not in ("", "[heap]")):
+                return False
+            covered = hi
+            if covered >= end:
+                return True
+    return False
+
+
+_tracker: WriteTracker | None = None
+_tracker_lock = threading.Lock()
+
+
+def tracker() -> WriteTracker:
+    """This process's tracker (opened on first use; a forked child opens its own)."""
+    global _tracker
+    with _tracker_lock:
+        if _tracker is None or _tracker._pid != os.getpid():
+            _tracker = WriteTracker()
+        return _tracker

@@ -1,0 +1,69 @@
+"""Big buffers are not hashed again while no page of theirs was written (pod_kernel/write_tracking.py).
+
+Every kind of write must still be seen: a write from Python, from C (numpy), from
+the kernel (recv_into), through an overlapping view; and a value's fingerprint
+is the same with or without tracking.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pod_kernel import protocol as P
+from pod_kernel import write_tracking as W
+
+BIG = W.TRACK_MIN_BYTES
+
+needs_tracking = pytest.mark.skipif(not W.tracker().available, reason="no userfaultfd write protection here")
+
+
+@needs_tracking
+def test_unchanged_big_buffer_is_vouched_for_and_every_write_is_seen():
+    t = W.tracker()
+    a = np.zeros(BIG // 8)
+    first = P.fingerprint(a)
+    before = t.vouched
+    assert P.fingerprint(a) == first and t.vouched == before + 1  # not read again
+    a[len(a) // 2] = 1.0  # one 8-byte write in the middle
+    second = P.fingerprint(a)
+    assert second != first
+    a[-1] += 1  # after a write the buffer is hashed (unprotected) until found calm: still seen
+    third = P.fingerprint(a)
+    assert third != second
+    # a hash finds it unchanged (calm), the next protects it again, the one after is vouched for
+    assert P.fingerprint(a) == third and P.fingerprint(a) == third
+    vouched = t.vouched
+    assert P.fingerprint(a) == third and t.vouched == vouched + 1
+    a[0] = 5.0
+    assert P.fingerprint(a) != third
+
+
+@needs_tracking
+def test_a_write_by_the_kernel_and_through_a_view_is_seen():
+    a = np.zeros(BIG, dtype=np.uint8)
+    tail = a[BIG // 2:]
+    whole, part = P.fingerprint(a), P.fingerprint(tail)  # both tracked, overlapping
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(b"x" * 100)
+        assert right.recv_into(memoryview(a)[BIG - 100:], 100) == 100  # the kernel writes the buffer
+    assert P.fingerprint(tail) != part
+    assert P.fingerprint(a) != whole  # protecting the view again did not hide the write from the whole
+
+
+def test_fingerprint_is_the_same_with_and_without_tracking():
+    code = ("import numpy as np; from pod_kernel import protocol as P;"
+            f"a = np.arange({BIG // 8}, dtype=np.int64); P.fingerprint(a); print(P.fingerprint(a))")
+    root = Path(__file__).resolve().parents[1]
+    with_tracking = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                   check=False, cwd=root)
+    without = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
+                             cwd=root, env={"KT_NO_WRITE_TRACKING": "1", "PATH": "/usr/bin:/bin"})
+    assert with_tracking.returncode == 0 and without.returncode == 0, with_tracking.stderr + without.stderr
+    assert with_tracking.stdout == without.stdout and with_tracking.stdout.startswith(("xxh3:", "b2:"))
