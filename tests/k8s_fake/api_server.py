@@ -19,6 +19,12 @@ the pod's TTL guard call, with the API's URL layout, verbs and JSON shapes:
   "no preferred addresses found" when :attr:`FakeStore.kubelet_unreachable`;
 * port-forward over the WebSocket protocol the client speaks (``v4.channel.k8s.io``:
   a data and an error channel per port), relayed to the fake pod's local port;
+* exec (``pods/exec``, :mod:`k8s_fake.exec`): ``v5``/``v4.channel.k8s.io``, the command run beside
+  the fake container (its directory and environment), on a pty with ``tty=true``, its exit code as
+  the real error-channel Status;
+* resources by (API group, plural): Knative's ``services.serving.knative.dev`` is not the core
+  ``services``; CRD groups (:data:`~k8s_fake.store.CRD_GROUPS`) are served only once installed
+  (:attr:`FakeStore.installed_groups`), else 404 as on a cluster without them;
 * bearer-token auth: an admin token for the kubeconfig, and service-account
   tokens checked against the Roles and RoleBindings stored here (minimal RBAC).
 
@@ -30,8 +36,6 @@ assert how the backend talked to the API.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import queue
 import re
@@ -45,7 +49,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from .store import ADMIN_TOKEN, RESOURCES, SA_TOKEN_PREFIX, FakeApiError, FakeStore, _Watcher
+from .exec import ServerWebSocket, serve_exec
+from .store import (ADMIN_TOKEN, CRD_GROUPS, RESOURCES, SA_TOKEN_PREFIX, FakeApiError, FakeStore, _Watcher,
+                    api_version, resource_name)
 
 #: Longest a watch stays open when the client asks for no timeout.
 MAX_WATCH_S = 300.0
@@ -53,15 +59,6 @@ MAX_WATCH_S = 300.0
 
 #: Bytes the port-forward relay reads from the fake pod per WebSocket frame.
 RELAY_CHUNK_BYTES = 1 << 20
-
-
-def _unmask(data: bytes, mask: bytes) -> bytes:
-    """A client frame's payload XORed with its 4-byte mask (as one big integer: C speed, not a byte loop)."""
-    n = len(data)
-    if not n or mask == b"\0\0\0\0":
-        return data
-    key = (mask * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
 # ---------------------------------------------------------------------- HTTP
@@ -131,12 +128,14 @@ class _Handler(BaseHTTPRequestHandler):
             kind, subject = self._user()
             record["user"] = subject or kind
             m = _PATH_RE.match(url.path)
-            if not m or m.group("plural") not in RESOURCES:
-                raise FakeApiError(404, "NotFound", f"the fake API server does not serve {url.path}")
+            group = (m.group("group") or "") if m else ""
+            if not m or (group, m.group("plural")) not in RESOURCES or \
+                    (group in CRD_GROUPS and group not in store.installed_groups):
+                # what a real API server answers for a resource it does not have (e.g. a CRD not installed)
+                raise FakeApiError(404, "NotFound", "the server could not find the requested resource")
             ns, plural, name, sub = m.group("ns"), m.group("plural"), m.group("name"), m.group("sub")
-            group = RESOURCES[plural][0]
-            if sub == "portforward":
-                method = "POST"  # RBAC: port-forward is "create" on pods/portforward
+            if sub in ("portforward", "exec") and method == "GET":
+                method = "POST"  # RBAC: port-forward and exec are "create" on pods/portforward, pods/exec
             verb = {"GET": "get" if name else ("watch" if query.get("watch") in ("true", "1") else "list"),
                     "PATCH": "patch", "PUT": "update", "POST": "create", "DELETE": "delete"}[method]
             resource = f"{plural}/{sub}" if sub else plural
@@ -151,29 +150,32 @@ class _Handler(BaseHTTPRequestHandler):
                 raise FakeApiError(403, "Forbidden", (
                     f'{plural}{"." + group if group else ""}{named} is forbidden: User "fake-user" cannot {verb} '
                     f'resource "{resource}" in API group "{group}" in the namespace "{ns}"'))
-            self._serve(method, verb, query, ns, plural, name, sub, record)
+            self._serve(method, verb, query, ns, (group, plural), name, sub, record)
         except FakeApiError as exc:
             self._send_json(exc.code, exc.status())
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _serve(self, method: str, verb: str, query: dict[str, str], ns: str, plural: str, name: str | None,
-               sub: str | None, record: dict[str, Any]) -> None:
+    def _serve(self, method: str, verb: str, query: dict[str, str], ns: str, resource: tuple[str, str],
+               name: str | None, sub: str | None, record: dict[str, Any]) -> None:
         store = self.server.store
+        plural = resource_name(*resource)  # the store's name: services.serving.knative.dev is not the core one
         if sub == "log" and plural == "pods" and method in ("GET",):
             return self._log(ns, name or "", query)
         if sub == "portforward" and plural == "pods":
             return self._portforward(ns, name or "", query)
+        if sub == "exec" and plural == "pods":
+            return serve_exec(self, ns, name or "", urlsplit(self.path).query)
         if sub == "scale" and plural == "deployments":
             return self._scale(method, ns, name or "")
         if sub is not None:
             raise FakeApiError(404, "NotFound", f"the fake API server has no {plural}/{sub}")
         if verb == "watch":
-            return self._watch(plural, ns, query, record)
+            return self._watch(resource, ns, query, record)
         if verb == "list":
             items = store.list(plural, ns, query.get("labelSelector"), query.get("fieldSelector"))
-            group, version, kind = RESOURCES[plural]
-            return self._send_json(200, {"apiVersion": f"{group}/{version}" if group else version,
+            version, kind = RESOURCES[resource]
+            return self._send_json(200, {"apiVersion": api_version(resource[0], version),
                                          "kind": f"{kind}List", "items": items,
                                          "metadata": {"resourceVersion": str(store.version)}})
         if verb == "get":
@@ -267,25 +269,16 @@ class _Handler(BaseHTTPRequestHandler):
             upstream = socket.create_connection(("127.0.0.1", local), timeout=5) if local else None
         except OSError:
             upstream = None
-        accept = base64.b64encode(hashlib.sha1(
-            self.headers["Sec-WebSocket-Key"].encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
         self.send_response(101)
         self.send_header("Upgrade", "websocket")
         self.send_header("Connection", "Upgrade")
-        self.send_header("Sec-WebSocket-Accept", accept)
+        self.send_header("Sec-WebSocket-Accept", ServerWebSocket.accept_key(self.headers["Sec-WebSocket-Key"]))
         self.send_header("Sec-WebSocket-Protocol", "v4.channel.k8s.io")
         self.end_headers()
         self.close_connection = True
-        send_lock = threading.Lock()
+        ws = ServerWebSocket(self.rfile, self.wfile)
+        send = ws.send
         port_bytes = struct.pack("<H", port)
-
-        def send(opcode: int, payload: bytes) -> None:
-            n = len(payload)
-            head = bytes([0x80 | opcode]) + (bytes([n]) if n < 126 else
-                                             b"\x7e" + struct.pack(">H", n) if n < 1 << 16 else
-                                             b"\x7f" + struct.pack(">Q", n))
-            with send_lock:
-                self.wfile.write(head + payload)
 
         send(0x2, b"\x00" + port_bytes)  # data channel: which port
         send(0x2, b"\x01" + port_bytes)  # error channel: which port
@@ -312,16 +305,10 @@ class _Handler(BaseHTTPRequestHandler):
         pump.start()
         try:
             while True:
-                head = self.rfile.read(2)
-                if len(head) < 2:
+                frame = ws.recv()
+                if frame is None:
                     break
-                opcode, n = head[0] & 0x0F, head[1] & 0x7F
-                if n == 126:
-                    n = struct.unpack(">H", self.rfile.read(2))[0]
-                elif n == 127:
-                    n = struct.unpack(">Q", self.rfile.read(8))[0]
-                mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
-                data = _unmask(self.rfile.read(n), mask)
+                opcode, data = frame
                 if opcode == 0x8:
                     break
                 if opcode == 0x9:
@@ -338,9 +325,9 @@ class _Handler(BaseHTTPRequestHandler):
             upstream.close()
             pump.join(timeout=5)
 
-    def _watch(self, plural: str, ns: str, query: dict[str, str], record: dict[str, Any]) -> None:
+    def _watch(self, resource: tuple[str, str], ns: str, query: dict[str, str], record: dict[str, Any]) -> None:
         store, server = self.server.store, self.server
-        watcher = store.watch(plural, ns, query.get("labelSelector"), query.get("fieldSelector"),
+        watcher = store.watch(resource_name(*resource), ns, query.get("labelSelector"), query.get("fieldSelector"),
                               query.get("resourceVersion"))
         timeout_s = min(float(query.get("timeoutSeconds") or MAX_WATCH_S), MAX_WATCH_S)
         deadline = time.monotonic() + timeout_s
@@ -348,11 +335,11 @@ class _Handler(BaseHTTPRequestHandler):
         with store.changed:  # tests wait for watches to be open
             server.open_watches.add(watcher)
             store.changed.notify_all()
-        group, version, kind = RESOURCES[plural]
+        version, kind = RESOURCES[resource]
 
         def bookmark() -> None:
             self._chunk(json.dumps({"type": "BOOKMARK", "object": {
-                "kind": kind, "apiVersion": f"{group}/{version}" if group else version,
+                "kind": kind, "apiVersion": api_version(resource[0], version),
                 "metadata": {"resourceVersion": str(store.version)}}}).encode() + b"\n")
 
         try:

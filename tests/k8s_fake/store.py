@@ -1,6 +1,7 @@
 """FakeStore: the state of the fake cluster behind FakeKubeApiServer (a test double).
 
-Objects by (resource, namespace, name), a resourceVersion counter and a
+Objects by (API group, plural, namespace, name) — the core ``services`` and
+Knative's ``services.serving.knative.dev`` are two resources — a resourceVersion counter and a
 bounded history of changes, as the real API server's watch cache: a watch can
 start from any version still in the window, and from an older one it gets the
 in-stream 410 ``Expired`` error. The watchers of open watch streams, and
@@ -34,24 +35,55 @@ SA_TOKEN_PREFIX = "fake-sa:"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 #: The scheduling gate Kueue's pod webhook adds until the workload is admitted.
 KUEUE_GATE = "kueue.x-k8s.io/admission"
-#: plural -> (API group, version, kind)
-RESOURCES: dict[str, tuple[str, str, str]] = {
-    "pods": ("", "v1", "Pod"),
-    "services": ("", "v1", "Service"),
-    "secrets": ("", "v1", "Secret"),
-    "configmaps": ("", "v1", "ConfigMap"),
-    "persistentvolumeclaims": ("", "v1", "PersistentVolumeClaim"),
-    "serviceaccounts": ("", "v1", "ServiceAccount"),
-    "events": ("", "v1", "Event"),
-    "deployments": ("apps", "v1", "Deployment"),
-    "replicasets": ("apps", "v1", "ReplicaSet"),
-    "statefulsets": ("apps", "v1", "StatefulSet"),
-    "jobs": ("batch", "v1", "Job"),
-    "rayclusters": ("ray.io", "v1", "RayCluster"),
-    "roles": ("rbac.authorization.k8s.io", "v1", "Role"),
-    "rolebindings": ("rbac.authorization.k8s.io", "v1", "RoleBinding"),
-    "networkpolicies": ("networking.k8s.io", "v1", "NetworkPolicy"),
+#: (API group, plural) -> (version, kind): what the fake API server serves ("" is the core group).
+RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
+    ("", "pods"): ("v1", "Pod"),
+    ("", "services"): ("v1", "Service"),
+    ("", "secrets"): ("v1", "Secret"),
+    ("", "configmaps"): ("v1", "ConfigMap"),
+    ("", "persistentvolumeclaims"): ("v1", "PersistentVolumeClaim"),
+    ("", "serviceaccounts"): ("v1", "ServiceAccount"),
+    ("", "events"): ("v1", "Event"),
+    ("apps", "deployments"): ("v1", "Deployment"),
+    ("apps", "replicasets"): ("v1", "ReplicaSet"),
+    ("apps", "statefulsets"): ("v1", "StatefulSet"),
+    ("batch", "jobs"): ("v1", "Job"),
+    ("ray.io", "rayclusters"): ("v1", "RayCluster"),
+    ("rbac.authorization.k8s.io", "roles"): ("v1", "Role"),
+    ("rbac.authorization.k8s.io", "rolebindings"): ("v1", "RoleBinding"),
+    ("networking.k8s.io", "networkpolicies"): ("v1", "NetworkPolicy"),
+    ("serving.knative.dev", "services"): ("v1", "Service"),
+    ("serving.knative.dev", "configurations"): ("v1", "Configuration"),
+    ("serving.knative.dev", "revisions"): ("v1", "Revision"),
+    ("serving.knative.dev", "routes"): ("v1", "Route"),
 }
+#: API groups a real cluster has only once their CRDs are installed (the fake Knative Serving installs its own):
+#: until then the API server answers 404 "the server could not find the requested resource".
+CRD_GROUPS = frozenset({"serving.knative.dev"})
+
+
+def resource_name(group: str, plural: str) -> str:
+    """The store's name of a resource: its plural, or ``plural.group`` where the core group has the plural too
+    (``services`` is the core Service, ``services.serving.knative.dev`` Knative's), as kubectl spells them."""
+    return f"{plural}.{group}" if group and ("", plural) in RESOURCES else plural
+
+
+def resolve(name: str) -> tuple[str, str]:
+    """(group, plural) of a store name (``pods``, ``deployments``, ``services.serving.knative.dev``)."""
+    plural, _, group = name.partition(".")
+    if group:
+        key = (group, plural)
+    else:
+        matches = sorted(k for k in RESOURCES if k[1] == plural)  # the core group ("") sorts first
+        key = matches[0] if matches else ("", plural)
+    if key not in RESOURCES:
+        raise KeyError(f"fake store: no resource {name!r}")
+    return key
+
+
+def api_version(group: str, version: str) -> str:
+    """``v1`` for the core group, else ``group/version``."""
+    return f"{group}/{version}" if group else version
 
 
 def now_rfc3339() -> str:
@@ -133,7 +165,7 @@ def field_matches(selector: str | None, obj: dict[str, Any]) -> bool:
 
 @dataclass(eq=False)
 class _Watcher:
-    plural: str
+    resource: tuple[str, str]
     namespace: str
     labels: str | None
     fields: str | None
@@ -141,9 +173,9 @@ class _Watcher:
     #: Set when the watch asked for a version older than the history window: the 410 message.
     expired: str | None = None
 
-    def wants(self, plural: str, obj: dict[str, Any]) -> bool:
+    def wants(self, resource: tuple[str, str], obj: dict[str, Any]) -> bool:
         meta = obj.get("metadata") or {}
-        return (plural == self.plural and meta.get("namespace") == self.namespace
+        return (resource == self.resource and meta.get("namespace") == self.namespace
                 and label_matches(self.labels, meta.get("labels") or {}) and field_matches(self.fields, obj))
 
 
@@ -153,9 +185,10 @@ class FakeStore:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        #: Objects by (API group, plural, namespace, name).
+        self.objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         self.version = 0
-        self.history: deque[tuple[int, str, str, dict[str, Any]]] = deque()
+        self.history: deque[tuple[int, str, tuple[str, str], dict[str, Any]]] = deque()
         #: How many changes the history (watch cache) keeps; older versions are answered 410 Expired.
         self.history_window = HISTORY_WINDOW
         #: The newest version no longer in the history.
@@ -167,7 +200,10 @@ class FakeStore:
         self.kueue_queues: set[str] = set()
         #: Whether no kubelet answers the API server (``pods/log`` then fails with 500, as for real).
         self.kubelet_unreachable = False
+        #: CRD groups (:data:`CRD_GROUPS`) installed on this cluster; the API server serves no others.
+        self.installed_groups: set[str] = set()
         self.watchers: list[_Watcher] = []
+        #: Told of every change as (event type, store name of the resource, object): see :func:`resource_name`.
         self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
         self.requests: list[dict[str, Any]] = []
         #: Every delete a client sent the API: (plural, name, gracePeriodSeconds, propagationPolicy).
@@ -180,54 +216,59 @@ class FakeStore:
         self.log_follower: Callable[[str, str, str], Iterator[bytes]] | None = None
         #: (namespace, pod, port) -> the 127.0.0.1 port the fake pod listens on, provided by the fake kubelet
         self.port_resolver: Callable[[str, str, int], int] | None = None
+        #: (namespace, pod, container) -> (working directory, environment) of the running container, for
+        #: ``pods/exec``; None when it is not running (:func:`k8s_fake.exec.install_exec`)
+        self.exec_resolver: Callable[[str, str, str], tuple[str, dict[str, str]] | None] | None = None
 
     # -- changes
 
-    def _commit(self, kind: str, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
+    def _commit(self, kind: str, resource: tuple[str, str], obj: dict[str, Any]) -> dict[str, Any]:
         self.version += 1
         meta = obj["metadata"]
         meta["resourceVersion"] = str(self.version)
-        key = (plural, meta["namespace"], meta["name"])
+        key = (*resource, meta["namespace"], meta["name"])
         if kind == "DELETED":
             self.objects.pop(key, None)
         else:
             self.objects[key] = obj
         snapshot = copy.deepcopy(obj)
-        self.history.append((self.version, kind, plural, snapshot))
+        self.history.append((self.version, kind, resource, snapshot))
         while len(self.history) > self.history_window:
             self.compacted_to = self.history.popleft()[0]
         for watcher in list(self.watchers):
-            if watcher.wants(plural, snapshot):
+            if watcher.wants(resource, snapshot):
                 watcher.events.put({"type": kind, "object": copy.deepcopy(snapshot)})
         for listener in list(self.listeners):
-            listener(kind, plural, copy.deepcopy(snapshot))
+            listener(kind, resource_name(*resource), copy.deepcopy(snapshot))
         self.changed.notify_all()
         return copy.deepcopy(obj)
 
     def create(self, plural: str, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
         """Create an object (409 AlreadyExists when its name is taken)."""
+        resource = resolve(plural)
         with self.lock:
             obj = copy.deepcopy(obj)
             meta = obj.setdefault("metadata", {})
             meta["namespace"] = namespace
-            if (plural, namespace, meta.get("name")) in self.objects:
+            if (*resource, namespace, meta.get("name")) in self.objects:
                 raise FakeApiError(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists')
-            group, version, kind = RESOURCES[plural]
-            obj.setdefault("apiVersion", f"{group}/{version}" if group else version)
+            version, kind = RESOURCES[resource]
+            obj.setdefault("apiVersion", api_version(resource[0], version))
             obj.setdefault("kind", kind)
-            if plural == "pods":
+            if resource == ("", "pods"):
                 self._admit_pod(namespace, meta.get("generateName") or meta["name"], obj)
                 if (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL) in self.kueue_queues:
                     obj.setdefault("spec", {}).setdefault("schedulingGates", []).append({"name": KUEUE_GATE})
             if not meta.get("name") and meta.get("generateName"):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
-            return self._commit("ADDED", plural, obj)
+            return self._commit("ADDED", resource, obj)
 
     def apply(self, plural: str, namespace: str, name: str, body: dict[str, Any], manager: str) -> dict[str, Any]:
         """Server-side apply, simplified: the applied object replaces all but status and server-set metadata."""
-        group, version, kind = RESOURCES[plural]
-        want_api = f"{group}/{version}" if group else version
+        resource = resolve(plural)
+        version, kind = RESOURCES[resource]
+        want_api = api_version(resource[0], version)
         if body.get("apiVersion") != want_api or body.get("kind") != kind:
             raise FakeApiError(400, "BadRequest", f"apply body is {body.get('apiVersion')}/{body.get('kind')}, "
                                                   f"the URL names {want_api}/{kind}")
@@ -235,7 +276,7 @@ class FakeStore:
         if meta.get("name") != name or meta.get("namespace", namespace) != namespace:
             raise FakeApiError(400, "BadRequest", "the name or namespace of the body does not match the URL")
         with self.lock:
-            cur = self.objects.get((plural, namespace, name))
+            cur = self.objects.get((*resource, namespace, name))
             if cur is None:
                 self.create(plural, namespace, body)
                 return self._set_manager(plural, namespace, name, manager)
@@ -251,26 +292,27 @@ class FakeStore:
                 return copy.deepcopy(cur)  # nothing changed: no new resourceVersion, no watch event
             if new.get("spec") != cur.get("spec"):
                 new_meta["generation"] = int(cur["metadata"].get("generation", 1)) + 1
-            self._commit("MODIFIED", plural, new)
+            self._commit("MODIFIED", resource, new)
             return self._set_manager(plural, namespace, name, manager)
 
     def _set_manager(self, plural: str, namespace: str, name: str, manager: str) -> dict[str, Any]:
-        obj = self.objects[(plural, namespace, name)]
+        obj = self.objects[(*resolve(plural), namespace, name)]
         obj["metadata"]["managedFields"] = [{"manager": manager, "operation": "Apply"}]
         return copy.deepcopy(obj)
 
     def update(self, plural: str, namespace: str, name: str,
                mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
         """Change a stored object in place (status updates of the fake kubelet); None if it is gone."""
+        resource = resolve(plural)
         with self.lock:
-            cur = self.objects.get((plural, namespace, name))
+            cur = self.objects.get((*resource, namespace, name))
             if cur is None:
                 return None
             new = copy.deepcopy(cur)
             mutate(new)
             if new == cur:
                 return copy.deepcopy(cur)
-            return self._commit("MODIFIED", plural, new)
+            return self._commit("MODIFIED", resource, new)
 
     def merge_patch(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """A JSON merge patch (RFC 7386); 404 when the object does not exist."""
@@ -299,18 +341,20 @@ class FakeStore:
         ``foregroundDeletion`` finalizer, until the garbage collector (the fake
         kubelet) has removed its dependents.
         """
+        resource = resolve(plural)
         with self.lock:
-            cur = self.objects.get((plural, namespace, name))
+            cur = self.objects.get((*resource, namespace, name))
             if cur is None:
                 raise FakeApiError(404, "NotFound", f'{plural} "{name}" not found')
-            if propagation == "Foreground" and plural in ("deployments", "replicasets") and self.listeners:
+            owners = (("apps", "deployments"), ("apps", "replicasets"), ("serving.knative.dev", "services"))
+            if propagation == "Foreground" and resource in owners and self.listeners:
                 def finalize(obj: dict[str, Any]) -> None:
                     meta = obj["metadata"]
                     meta.setdefault("deletionTimestamp", now_rfc3339())
                     if "foregroundDeletion" not in meta.setdefault("finalizers", []):
                         meta["finalizers"].append("foregroundDeletion")
                 return self.update(plural, namespace, name, finalize) or cur
-            if plural == "pods" and self.listeners and grace_period_s != 0:
+            if resource == ("", "pods") and self.listeners and grace_period_s != 0:
                 def mark(pod: dict[str, Any]) -> None:
                     meta = pod["metadata"]
                     meta.setdefault("deletionTimestamp", now_rfc3339())
@@ -318,7 +362,7 @@ class FakeStore:
                         (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
                     meta["deletionGracePeriodSeconds"] = min(int(grace), meta.get("deletionGracePeriodSeconds", 10**9))
                 return self.update(plural, namespace, name, mark) or cur
-            return self._commit("DELETED", plural, copy.deepcopy(cur))
+            return self._commit("DELETED", resource, copy.deepcopy(cur))
 
     def admit(self, namespace: str, pod: str) -> None:
         """Kueue admits the pod's workload: its scheduling gate is lifted (the scheduler may place it now)."""
@@ -332,25 +376,26 @@ class FakeStore:
 
     def remove(self, plural: str, namespace: str, name: str) -> None:
         """Drop an object for good (the fake kubelet, once a pod's process has ended)."""
+        resource = resolve(plural)
         with self.lock:
-            cur = self.objects.get((plural, namespace, name))
+            cur = self.objects.get((*resource, namespace, name))
             if cur is not None:
-                self._commit("DELETED", plural, copy.deepcopy(cur))
+                self._commit("DELETED", resource, copy.deepcopy(cur))
 
     # -- reads
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         """A copy of the object, or None."""
         with self.lock:
-            obj = self.objects.get((plural, namespace, name))
+            obj = self.objects.get((*resolve(plural), namespace, name))
             return copy.deepcopy(obj) if obj is not None else None
 
     def list(self, plural: str, namespace: str, labels: str | None = None,
              fields: str | None = None) -> list[dict[str, Any]]:
         """Copies of the matching objects, oldest first."""
         with self.lock:
-            probe = _Watcher(plural, namespace, labels, fields)
-            return [copy.deepcopy(o) for (p, _ns, _n), o in self.objects.items() if probe.wants(p, o)]
+            probe = _Watcher(resolve(plural), namespace, labels, fields)
+            return [copy.deepcopy(o) for (g, p, _ns, _n), o in self.objects.items() if probe.wants((g, p), o)]
 
     def watch(self, plural: str, namespace: str, labels: str | None, fields: str | None,
               since: str | None) -> _Watcher:
@@ -360,7 +405,7 @@ class FakeStore:
         ``expired`` says why (the API server answers with the in-stream 410).
         """
         with self.lock:
-            watcher = _Watcher(plural, namespace, labels, fields)
+            watcher = _Watcher(resolve(plural), namespace, labels, fields)
             if since not in (None, "", "0") and int(since) < self.compacted_to:
                 watcher.expired = f"too old resource version: {since} ({self.compacted_to + 1})"
                 return watcher
@@ -368,8 +413,8 @@ class FakeStore:
                 for obj in self.list(plural, namespace, labels, fields):
                     watcher.events.put({"type": "ADDED", "object": obj})
             else:
-                for version, kind, p, obj in self.history:
-                    if version > int(since) and watcher.wants(p, obj):
+                for version, kind, resource, obj in self.history:
+                    if version > int(since) and watcher.wants(resource, obj):
                         watcher.events.put({"type": kind, "object": copy.deepcopy(obj)})
             self.watchers.append(watcher)
             return watcher
