@@ -1,0 +1,95 @@
+"""Opening one WebSocket to a pod kernel: bearer token out, the pod's proof that it holds the token back."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from pod_kernel import protocol as P
+
+from ..errors import AuthError
+
+#: The logger our websockets connections use (``websockets.client`` would print the token at DEBUG).
+ws_log = logging.getLogger("kt_jupyter.client.websockets")
+ws_log.addFilter(P.RedactBearer())
+
+#: Connection attempt timeout (TCP + WebSocket handshake).
+OPEN_TIMEOUT_S = 10.0
+#: Seconds between heartbeats (WebSocket pings), whether a cell runs or not.
+HEARTBEAT_INTERVAL_S = 10.0
+#: A pod kernel that answers no heartbeat within this many seconds is taken as unreachable. Generous,
+#: because a cell in native code that holds the GIL also keeps the pod's network thread from answering.
+HEARTBEAT_TIMEOUT_S = 30.0
+
+
+class KtClientConnection(ClientConnection):
+    """A client connection whose heartbeat pings never touch the user's ``random`` state.
+
+    websockets draws ping payloads from the global :mod:`random` module: every
+    heartbeat would shift the numbers of a notebook that called ``random.seed``.
+    """
+
+    async def ping(self, data: Any = None) -> Any:
+        """Send a ping; its payload comes from ``os.urandom`` when none is given."""
+        return await super().ping(os.urandom(8) if data is None else data)
+
+
+async def handshake(url: str, token: str, session_id: str, last_seq: int, *, name: str, open_timeout_s: float,
+                    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+                    heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> tuple[ClientConnection, dict[str, Any]]:
+    """Connect to the pod kernel at ``url`` as session ``session_id``; returns the connection and its welcome.
+
+    ``last_seq``: the last message seen, so the pod replays what came after.
+    Raises websockets' and OS errors as they come (the caller retries) and
+    AuthError when the pod does not prove it holds ``token``.
+    """
+    nonce = secrets.token_hex(P.NONCE_BYTES)
+    ws = await connect(
+        url,
+        additional_headers={
+            P.HEADER_AUTH: f"Bearer {token}",
+            P.HEADER_PROTOCOL: str(P.PROTOCOL_VERSION),
+            P.HEADER_SESSION: session_id,
+            P.HEADER_LAST_SEQ: str(last_seq),
+            P.HEADER_NONCE: nonce,
+        },
+        compression=None,
+        max_size=P.MAX_FRAME_BYTES,
+        open_timeout=open_timeout_s,
+        ping_interval=heartbeat_interval_s,
+        ping_timeout=heartbeat_timeout_s,
+        close_timeout=min(OPEN_TIMEOUT_S, heartbeat_timeout_s),
+        user_agent_header=None,
+        logger=ws_log,
+        create_connection=KtClientConnection,
+    )
+    welcome, _ = P.decode_frame(await ws.recv())
+    await _check_proof(ws, welcome, token, nonce, session_id, url, name)
+    return ws, welcome
+
+
+async def _check_proof(ws: ClientConnection, welcome: dict[str, Any], token: str, nonce: str, session_id: str,
+                       url: str, name: str) -> None:
+    """The pod proves it holds our token before anything it sends is used (mutual authentication).
+
+    A process that took a dead kernel's port accepts any bearer token; without
+    this check the notebook would load its pickles.
+    """
+    proof = welcome.get("proof")
+    expected = P.pod_proof(token.encode(), nonce, session_id)
+    if welcome.get("type") == "welcome" and isinstance(proof, str) and hmac.compare_digest(proof, expected):
+        return
+    try:
+        await ws.close(1008, "the pod kernel did not prove it holds the token")
+    except ConnectionClosed:
+        pass
+    raise AuthError(
+        f"the process answering at {url} did not prove that it holds compute {name!r}'s token, "
+        "so it is not your pod kernel (another process may have taken its port after it stopped): "
+        "nothing it sent was used. `%kt status` shows the compute; `%kt restart` starts a new kernel.")

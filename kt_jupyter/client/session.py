@@ -1,0 +1,238 @@
+"""The blocking session the magics use: each operation waits on the client loop from the caller's thread.
+
+Blocking :meth:`Session.execute` delivers output callbacks in the calling
+thread, so in a notebook they land in the cell that ran them, and turns
+Ctrl-C into a remote interrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
+
+from pod_kernel import protocol as P
+
+from ..errors import RemoteTimeoutError
+from .asyncapi import AsyncSession, ExecuteOptions, ExecuteResult, execute_options
+from .loop import client_loop
+from .transport import OPEN_TIMEOUT_S, InputCallback, OutputCallback, ProgressCallback, fallback_answer
+
+T = TypeVar("T")
+
+
+class Session(AsyncSession):
+    """A client session to one pod kernel at ``url`` (``ws://host:port``): blocking methods and coroutines."""
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        fut = asyncio.run_coroutine_threadsafe(coro, client_loop())
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise RemoteTimeoutError(f"no answer from pod kernel {self.name!r} within {timeout:g} s") from None
+
+    def connect(self, timeout: float | None = OPEN_TIMEOUT_S) -> dict[str, Any]:
+        """Open the connection now; returns the pod kernel's welcome message."""
+        return self._run(self.aconnect(), None if timeout is None else timeout + 1)
+
+    def execute(self, code: str, on_output: OutputCallback | None = None, options: ExecuteOptions | None = None,
+                *, timeout: float | None = None, on_input: InputCallback | None = None,
+                **fields: Any) -> ExecuteResult:
+        """Run ``code``; output messages reach ``on_output`` in this thread as they arrive.
+
+        ``options`` (or its fields by keyword: ``cell_name=``, ``check=``, ...)
+        say what the request carries besides the code; see :class:`ExecuteOptions`.
+        Ctrl-C while waiting interrupts the remote cell (and keeps waiting for
+        it to end). A remote error is raised as its real type when possible.
+        When the cell reads input (``input()``, a pdb prompt), ``on_input(prompt,
+        password)`` is called in this thread and its answer sent back (EOFError
+        from it: EOFError remotely); without ``on_input`` a pdb prompt is
+        answered "c" and ``input()`` gets EOFError. A cell given up on
+        (``timeout``) is interrupted; when it was sent with a ``check``, its
+        answer is left in :meth:`take_orphan_states` once it ends.
+        """
+        options = execute_options(options, fields)
+        outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        done = object()
+        req_id = self.new_id()
+        fut = asyncio.run_coroutine_threadsafe(
+            self._aexecute(code, outputs.put, options, req_id=req_id, answers_input=True), client_loop())
+        fut.add_done_callback(lambda _f: outputs.put(done))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                item = outputs.get(timeout=remaining)
+            except queue.Empty:
+                if options.check is not None:  # what the cell changed reaches the next cell's reconciliation
+                    fut.add_done_callback(self._keep_orphan_state)
+                self.interrupt(target=req_id)
+                raise RemoteTimeoutError(
+                    f"cell on {self.name!r} did not finish within {timeout:g} s; it was interrupted"
+                ) from None
+            except KeyboardInterrupt:
+                self.interrupt(target=req_id)
+                continue
+            if item is done:
+                result = fut.result()
+                if isinstance(result, BaseException):
+                    raise result  # raised here, in the caller's thread, never on the client loop
+                return result
+            if item.get("type") == "input_request":
+                self._answer_input(req_id, item, on_input)
+                continue
+            if on_output is not None:
+                on_output(item)
+
+    def _keep_orphan_state(self, fut: concurrent.futures.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        result = fut.result()
+        state = result.state if isinstance(result, ExecuteResult) else getattr(result, "kt_state", None)
+        if state is not None:
+            self._orphan_states.append(state)
+
+    def take_orphan_states(self) -> list[dict[str, Any]]:
+        """Check answers of cells :meth:`execute` gave up on (timeout) that ended since, oldest first."""
+        taken = []
+        while self._orphan_states:  # appended on the client loop: popleft is atomic
+            taken.append(self._orphan_states.popleft())
+        return taken
+
+    def follow(self, detached: Mapping[str, Any], on_output: OutputCallback,
+               check_s: float = 5.0) -> dict[str, Any] | None:
+        """Show, in this thread, what a session that lost its client printed since, and follow its running cell.
+
+        ``detached`` is one entry of the welcome's ``detached`` list (a notebook
+        that restarted or closed mid-cell). Its unseen messages are replayed to
+        ``on_output``; when its cell still runs, this waits for the cell's end,
+        passing its live output on (Ctrl-C interrupts that cell). Returns that
+        cell's execute_reply, or None when none ran. Nothing it sends is unpickled.
+        """
+        outputs: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        follower = Session(self.url, self._token, name=self.name, liveness=self.liveness, accept_pickle=False,
+                           heartbeat_interval_s=self.heartbeat_interval_s,
+                           heartbeat_timeout_s=self.heartbeat_timeout_s)
+        follower.session_id = str(detached["session"])
+        follower.last_seq = int(detached.get("after_seq") or 0)
+        follower.on_unsolicited = outputs.put
+        running = detached.get("running")
+        reply: dict[str, Any] | None = None
+        shown = follower.last_seq
+        try:
+            end_seq = int(follower.connect().get("last_seq") or 0)
+            while True:
+                if shown >= end_seq and (not running or reply is not None):
+                    return reply
+                try:
+                    item = outputs.get(timeout=check_s)
+                except queue.Empty:
+                    follower.ping()  # a kernel that died meanwhile raises here instead of a silent wait
+                    continue
+                except KeyboardInterrupt:
+                    if running:
+                        follower.interrupt(target=running)
+                    continue
+                shown = max(shown, int(item.get("seq") or 0))
+                if item["type"] == "execute_reply":
+                    if item.get("id") == running:
+                        reply = item
+                    if item.get("status") == "error":
+                        on_output({"type": "stream", "name": "stderr",
+                                   "text": "\n".join(map(str, item.get("traceback") or [])) + "\n"})
+                elif item["type"] != "input_request":  # nobody here can answer that cell's prompts
+                    on_output(item)
+        finally:
+            follower.close_quietly()
+
+    def _answer_input(self, req_id: str, request: dict[str, Any], on_input: InputCallback | None) -> None:
+        """Ask ``on_input`` (in this thread) and send the answer; Ctrl-C there interrupts the remote cell."""
+        prompt, password = str(request.get("prompt", "")), bool(request.get("password"))
+        value: str | None
+        try:
+            value = on_input(prompt, password) if on_input is not None else fallback_answer(prompt)
+        except EOFError:
+            value = None
+        except KeyboardInterrupt:
+            self.interrupt(target=req_id)  # breaks the pod's wait: pdb quits, input() raises KeyboardInterrupt
+            return
+        self._run(self.areply_input(request.get("input_id"), value), timeout=OPEN_TIMEOUT_S)
+
+    def push(self, values: Mapping[str, Any], *, serialization: str = "pickle",
+             on_progress: ProgressCallback | None = None) -> list[str]:
+        """Set names in the pod kernel's namespace."""
+        return self._run(self.apush(values, serialization=serialization, on_progress=on_progress))
+
+    def push_bundle(self, bundle: P.Bundle, *, on_progress: ProgressCallback | None = None) -> list[str]:
+        """Send values already serialized with :func:`pod_kernel.protocol.dump_values`."""
+        return self._run(self.apush_bundle(bundle, on_progress=on_progress))
+
+    def pull(self, names: Iterable[str], *, serialization: str = "pickle",
+             on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Fetch named values from the pod kernel's namespace."""
+        return self._run(self.apull(names, serialization=serialization, on_progress=on_progress))
+
+    def inventory(self, names: Iterable[str] | None = None, *, fingerprints: bool = False) -> list[dict[str, Any]]:
+        """Name, type, size (and content fingerprint when asked) of the pod's values."""
+        return self._run(self.ainventory(names, fingerprints=fingerprints))
+
+    def delete(self, names: Iterable[str]) -> list[str]:
+        """Remove names from the pod's namespace; returns those that existed."""
+        return list(self._run(self.arequest({"type": "delete", "names": list(names)}))["removed"])
+
+    def call(self, target: dict[str, Any], args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,
+             **options: Any) -> Any:
+        """Blocking :meth:`acall`."""
+        return self._run(self.acall(target, args, kwargs, **options))
+
+    def sync_code(self, manifest: Mapping[str, str], read: Callable[[str], str]) -> list[str]:
+        """Blocking :meth:`async_code`."""
+        return self._run(self.async_code(manifest, read))
+
+    def interrupt(self, target: str | None = None) -> bool:
+        """KeyboardInterrupt in the running remote cell (``target``: only that execute id)."""
+        return self._run(self.ainterrupt(target), timeout=OPEN_TIMEOUT_S)
+
+    def metrics(self) -> dict[str, Any]:
+        """One resource sample from the pod kernel."""
+        return dict(self._run(self.arequest({"type": "metrics"}))["metrics"])
+
+    def ping(self, timeout: float = 5.0) -> float:
+        """Round-trip time of a heartbeat, in seconds."""
+        t0 = time.perf_counter()
+        self._run(self.arequest({"type": "ping"}), timeout)
+        return time.perf_counter() - t0
+
+    def debug(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Blocking :meth:`adebug`."""
+        return self._run(self.adebug(), timeout)
+
+    def write_cell_file(self, path: str, text: str, timeout: float = OPEN_TIMEOUT_S) -> bool:
+        """Have the pod write a cell's file at ``path`` unless it exists (debugpy needs it for breakpoints)."""
+        return bool(self._run(self.arequest({"type": "cell_file", "path": path, "text": text}), timeout)["written"])
+
+    def adopt(self, pid: int, timeout: float = OPEN_TIMEOUT_S) -> bool:
+        """Tell a local pod kernel that process ``pid`` uses it; False if it lives regardless (``--keep``)."""
+        return bool(self._run(self.arequest({"type": "adopt", "pid": pid}), timeout)["adopted"])
+
+    def shutdown(self) -> None:
+        """Ask the pod kernel to exit."""
+        self._run(self.arequest({"type": "shutdown"}), timeout=OPEN_TIMEOUT_S)
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (the pod kernel and its state stay)."""
+        if self._closed:
+            return
+        self._run(self.aclose())
+
+    def close_quietly(self) -> None:
+        """Close, ignoring a connection that is already gone."""
+        try:
+            self.close()
+        except Exception:
+            pass

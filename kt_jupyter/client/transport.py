@@ -1,0 +1,489 @@
+"""One pod kernel's WebSocket: open, authenticate, reconnect and replay, route frames, send requests.
+
+Every frame the pod sends reaches one handler through :attr:`Transport.handlers`
+(one per message type, as :mod:`pod_kernel.server` dispatches requests). A
+dropped connection is resumed: the transport reconnects with the last sequence
+number it saw and the pod replays what came after; requests in flight are sent
+again (executes are deduplicated by id on the pod).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from pod_kernel import protocol as P
+from pod_kernel.bulk import BULK_MIN_BYTES, client_transfer
+
+from ..errors import AuthError, ConnectionLostError, KernelDiedError, KtError, ProtocolMismatchError, TransferError
+from .exceptions import rebuild_exception
+from .handshake import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, OPEN_TIMEOUT_S, handshake
+
+log = logging.getLogger("kt_jupyter.client")
+
+#: How long a dropped connection is retried before giving up.
+RECONNECT_TIMEOUT_S = 30.0
+
+OutputCallback = Callable[[dict[str, Any]], None]
+#: Answers a remote ``input()`` / pdb prompt: (prompt, password) -> the line typed. EOFError: no answer.
+InputCallback = Callable[[str, bool], str]
+ProgressCallback = Callable[[int, int], None]
+#: Returns None while the kernel lives, else a sentence saying how it ended.
+Liveness = Callable[[], str | None]
+#: A frame's handler: (header, payload).
+Handler = Callable[[dict[str, Any], memoryview], None]
+
+#: What pdb's prompt contains (a prompt nothing can answer gets "c": the cell goes on).
+PDB_PROMPT = "(Pdb)"
+#: Output messages of a running cell (``error``: a callback's error after the cell, shown as output).
+OUTPUT_TYPES = ("stream", "display", "clear_output", "execute_result", "error")
+
+
+def fallback_answer(prompt: str) -> str | None:
+    """The answer when nothing can answer a remote prompt: continue pdb; None (EOFError) for input()."""
+    return "c" if PDB_PROMPT in prompt else None
+
+
+@dataclass
+class _Execution:
+    on_output: OutputCallback | None
+    reply: asyncio.Future[tuple[dict[str, Any], bytes]]
+    #: input_request messages go to on_output, whose caller answers them (Session.execute); else automatic
+    answers_input: bool = False
+    data: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    """A value request waiting for its reply (or a bundle being received for it)."""
+
+    reply: asyncio.Future[tuple[Any, bytes]]
+    on_progress: ProgressCallback | None = None
+    assembler: P.BundleAssembler | None = None
+    header: dict[str, Any] = field(default_factory=dict)
+    bulk_ready: asyncio.Future[str] | None = None
+
+
+@dataclass
+class _Conn:
+    ws: ClientConnection
+    closed: asyncio.Future[None]
+    welcome: dict[str, Any]
+
+
+class _Resend(Exception):
+    """The connection dropped before a value request was answered: send it again."""
+
+
+def _receive_bulk(asm: P.BundleAssembler, address: tuple[str, int], ticket: str,
+                  progress: ProgressCallback | None) -> None:
+    """Receive a bundle over the bulk channel straight into its buffers (in a worker thread)."""
+    asm.prefault()  # here, off the event loop: faulting 1 GiB in bulk takes 40-300 ms
+    client_transfer(address, ticket, receive=asm.parts, progress=progress)
+
+
+class Transport:
+    """The connection to one pod kernel at ``url`` (``ws://host:port``), shared by the session's requests."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        name: str = "default",
+        liveness: Liveness | None = None,
+        reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+        on_notice: Callable[[dict[str, Any]], None] | None = None,
+        heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        bulk_host: str | None = None,
+        accept_pickle: bool = True,
+        bulk_resolver: Callable[[int], tuple[str, int] | None] | None = None,
+    ) -> None:
+        self.url = url
+        #: whether pickled payloads from the pod are loaded here; False for a JSON-only compute, so a
+        #: misbehaving pod cannot make the notebook unpickle anything (False too once the pod says it is)
+        self.accept_pickle = accept_pickle
+        #: host of the pod's bulk channel (None: bundles travel over the WebSocket only)
+        self.bulk_host = bulk_host
+        #: the pod's bulk port -> the address reaching it from here (a port-forward's), or None: WebSocket only.
+        #: Without one, the bulk channel is at bulk_host and the pod's own port.
+        self.bulk_resolver = bulk_resolver
+        self._token = token
+        self.name = name
+        self.session_id = uuid.uuid4().hex
+        self.liveness = liveness
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.on_notice = on_notice
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        #: why the last connection dropped, when we know (e.g. no heartbeat answer)
+        self.last_drop: str | None = None
+        self.last_seq = 0
+        self.reconnects = 0
+        self.pod_pid: int | None = None
+        self.allowed_serialization: list[str] = list(P.SERIALIZATIONS)
+        self._ids = itertools.count(1)
+        self._conn: _Conn | None = None
+        self._connect_lock: asyncio.Lock | None = None
+        self._send_lock = asyncio.Lock()
+        self._executions: dict[str, _Execution] = {}
+        self._streams: dict[str, OutputCallback] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._closed = False
+        self._dead: KtError | None = None
+        #: called (on the client loop) with sequenced messages of requests this session did not send:
+        #: a follower of a detached session (Session.follow) shows them
+        self.on_unsolicited: Callable[[dict[str, Any]], None] | None = None
+        # the API layers' state, here so that one typed constructor serves them all:
+        #: name -> id() of the object the pod bound, for the last push (tells a rebinding apart)
+        self.last_push_ids: dict[str, int] = {}
+        #: check answers of executions given up on (timeout), taken by the next cell (Session.take_orphan_states)
+        self._orphan_states: collections.deque[dict[str, Any]] = collections.deque()
+        #: message type -> its handler (types not listed are ignored: a newer pod may send more)
+        self.handlers: dict[str, Handler] = {
+            **{kind: self._on_output for kind in OUTPUT_TYPES},
+            "input_request": self._on_input_request,
+            "execute_reply": self._on_execute_reply,
+            "reply": self._on_reply,
+            "error_reply": self._on_error_reply,
+            "values": self._on_values,
+            "bulk_ready": self._on_bulk_ready,
+            "chunk": self._on_chunk,
+            "notice": self._on_notice,
+        }
+
+    def new_id(self) -> str:
+        """A fresh request id."""
+        return f"{self.session_id[:8]}-{next(self._ids)}"
+
+    async def arequest(self, header: dict[str, Any], *, bundle: P.Bundle | None = None,
+                       on_progress: ProgressCallback | None = None, req_id: str | None = None,
+                       resend: bool = True) -> Any:
+        """Send a request and return its reply header or bundle.
+
+        After a reconnect the request is sent again, unless ``resend`` is
+        False (a call that may already have run): then ConnectionLostError.
+        """
+        req_id = req_id or self.new_id()
+        header = dict(header, id=req_id)
+        while True:
+            loop = asyncio.get_running_loop()
+            pending = _Pending(loop.create_future(), on_progress, bulk_ready=loop.create_future())
+            self._pending[req_id] = pending
+            try:
+                reply, _payload = await self._until_reply(header, pending.reply, bundle, on_progress, once=True,
+                                                          bulk_ready=pending.bulk_ready)
+                return reply
+            except _Resend:
+                if not resend:
+                    raise ConnectionLostError(
+                        f"the connection to {self.name!r} dropped during {header['type']!r}; "
+                        "it may or may not have run remotely"
+                    ) from None
+                continue
+            finally:
+                self._pending.pop(req_id, None)
+
+    async def areply_input(self, input_id: Any, value: str | None) -> bool:
+        """Answer a cell's input_request; ``value`` None raises EOFError in the cell. False if none waited."""
+        header: dict[str, Any] = {"type": "input_reply", "value": value or "", "eof": value is None}
+        if isinstance(input_id, int):
+            header["input_id"] = input_id
+        return bool((await self.arequest(header))["accepted"])
+
+    async def aclose(self) -> None:
+        """Close the connection; pending operations fail with ConnectionLostError."""
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.ws.close()
+
+    # ------------------------------------------------------------------ sending
+
+    async def _until_reply(self, header: dict[str, Any], reply: asyncio.Future[Any],
+                           bundle: P.Bundle | None = None, on_progress: ProgressCallback | None = None,
+                           once: bool = False, bulk_ready: asyncio.Future[str] | None = None,
+                           ) -> tuple[Any, bytes]:
+        """Send ``header`` (and bundle) and wait for ``reply``, resending after reconnects.
+
+        A big bundle goes over the bulk channel when the pod has one: the
+        header asks for it, the pod answers with a one-time ticket, and the
+        bytes flow over plain TCP from their own memory.
+        """
+        while True:
+            conn = await self._ensure_conn()
+            address = self._bulk_address() if bundle is not None and bundle.nbytes >= BULK_MIN_BYTES else None
+            try:
+                if bundle is not None and address is not None and bulk_ready is not None:
+                    await conn.ws.send(P.encode_frame(dict(header, bulk=True, serialization=bundle.serialization,
+                                                           sizes=bundle.sizes)))
+                    await asyncio.wait([bulk_ready, reply, conn.closed], return_when=asyncio.FIRST_COMPLETED)
+                    if bulk_ready.done() and not reply.done():
+                        try:
+                            await asyncio.to_thread(client_transfer, address, bulk_ready.result(),
+                                                    send=bundle.parts, progress=on_progress)
+                        except OSError as exc:  # the pod answers a failed transfer, or the connection drops
+                            log.debug("bulk push to %s failed: %s", self.name, exc)
+                else:
+                    async with self._send_lock:
+                        await self._send(conn, header, bundle, on_progress)
+            except ConnectionClosed:
+                pass
+            await asyncio.wait([reply, conn.closed], return_when=asyncio.FIRST_COMPLETED)
+            if reply.done():
+                return reply.result()
+            if once:
+                raise _Resend()
+
+    @staticmethod
+    async def _send(conn: _Conn, header: dict[str, Any], bundle: P.Bundle | None,
+                    on_progress: ProgressCallback | None) -> None:
+        """Send a request over the WebSocket: its header, then its bundle's chunks."""
+        if bundle is None:
+            await conn.ws.send(P.encode_frame(header))
+            return
+        frames = P.bundle_frames(header, bundle)
+        await conn.ws.send(next(frames))
+        sent, total = 0, bundle.nbytes
+        for frame in frames:
+            await conn.ws.send(frame)
+            sent = min(total, sent + P.CHUNK_BYTES)
+            if on_progress is not None:
+                on_progress(sent, total)
+
+    def _bulk_address(self) -> tuple[str, int] | None:
+        conn = self._conn
+        port = conn.welcome.get("bulk_port") if conn is not None else None
+        if port and self.bulk_resolver is not None:  # reached through a forward (Kubernetes)
+            return self.bulk_resolver(int(port))
+        return (self.bulk_host, int(port)) if self.bulk_host and port else None
+
+    async def _bulk_receive(self, pending: _Pending, ticket: str) -> None:
+        asm, address = pending.assembler, self._bulk_address()
+        try:
+            if asm is None or address is None:
+                raise ConnectionLostError("the connection dropped before the transfer began")
+            await asyncio.to_thread(_receive_bulk, asm, address, ticket, pending.on_progress)
+        except Exception as exc:
+            if not pending.reply.done():
+                pending.reply.set_exception(TransferError(f"bulk transfer from {self.name!r} failed: {exc}"))
+            return
+        asm.received = asm.total
+        if not pending.reply.done():
+            pending.reply.set_result((asm.bundle(), b""))
+
+    # ------------------------------------------------------------------ connecting
+
+    async def _ensure_conn(self) -> _Conn:
+        if self._dead is not None:
+            raise self._dead
+        if self._closed:
+            raise ConnectionLostError(f"session to {self.name!r} is closed")
+        conn = self._conn
+        if conn is not None and not conn.closed.done():
+            return conn
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            conn = self._conn
+            if conn is not None and not conn.closed.done():
+                return conn
+            reconnecting = conn is not None
+            self._conn = conn = await self._open(reconnecting)
+            if reconnecting:
+                self.reconnects += 1
+            return conn
+
+    def _died(self) -> KtError | None:
+        if self.liveness is None:
+            return None
+        why = self.liveness()
+        return None if why is None else KernelDiedError(why)
+
+    async def _open(self, reconnecting: bool) -> _Conn:
+        deadline = time.monotonic() + (self.reconnect_timeout_s if reconnecting else OPEN_TIMEOUT_S)
+        delay = 0.02
+        last_error: Exception | None = None
+        while True:
+            dead = self._died()
+            if dead is not None:
+                self._fail_all(dead)
+                raise dead
+            try:
+                ws, welcome = await handshake(
+                    self.url, self._token, self.session_id, self.last_seq, name=self.name,
+                    open_timeout_s=max(0.05, min(OPEN_TIMEOUT_S, deadline - time.monotonic())),
+                    heartbeat_interval_s=self.heartbeat_interval_s, heartbeat_timeout_s=self.heartbeat_timeout_s)
+                break
+            except InvalidStatus as exc:
+                body = (exc.response.body or b"").decode(errors="replace").strip()
+                if exc.response.status_code == 401:
+                    raise AuthError(f"pod kernel {self.name!r} rejected the token: {body}") from None
+                if exc.response.status_code == 426:
+                    raise ProtocolMismatchError(body) from None
+                last_error = exc
+            except (TimeoutError, OSError, ConnectionClosed, InvalidHandshake, P.ProtocolError) as exc:
+                last_error = exc
+            if time.monotonic() >= deadline:
+                why = f"{self.last_drop}, and " if reconnecting and self.last_drop else ""
+                err = ConnectionLostError(
+                    f"cannot reach pod kernel {self.name!r} at {self.url}: {why}{last_error or 'no answer'}. "
+                    "Check it with `%kt status`; `%kt restart` starts it again."
+                )
+                if reconnecting:
+                    self._fail_all(err)
+                raise err
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        self.last_drop = None
+        self.pod_pid = welcome.get("pid")
+        self.allowed_serialization = welcome.get("allowed_serialization", self.allowed_serialization)
+        if "pickle" not in self.allowed_serialization:
+            self.accept_pickle = False
+        closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        conn = _Conn(ws, closed, welcome)
+        asyncio.create_task(self._read(conn))
+        return conn
+
+    def _fail_all(self, exc: KtError) -> None:
+        self._dead = exc if isinstance(exc, KernelDiedError) else None
+        replies: list[asyncio.Future[Any]] = [ex.reply for ex in self._executions.values()]
+        replies += [pending.reply for pending in self._pending.values()]
+        for reply in replies:
+            if not reply.done():
+                reply.set_exception(exc)
+                reply.add_done_callback(lambda f: f.exception())  # retrieved even if nobody awaits
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _read(self, conn: _Conn) -> None:
+        """Route every frame of one connection until it closes."""
+        try:
+            async for message in conn.ws:
+                header, payload = P.decode_frame(message)
+                self._route(header, payload)
+        except (ConnectionClosed, P.ProtocolError) as exc:
+            log.debug("connection to %s ended: %s", self.name, exc)
+            sent = getattr(exc, "sent", None)
+            if sent is not None and sent.reason == "keepalive ping timeout":
+                self.last_drop = (f"it answered no heartbeat for {self.heartbeat_timeout_s:g} s (stopped, "
+                                  "hung in native code that holds the GIL, or its network is down)")
+        finally:
+            if not conn.closed.done():
+                conn.closed.set_result(None)
+            for pending in self._pending.values():
+                pending.assembler = None  # a bundle cut mid-way is requested again
+
+    def _route(self, header: dict[str, Any], payload: memoryview) -> None:
+        """Hand one frame to its type's handler, once (a replayed frame seen before is dropped)."""
+        seq = header.get("seq")
+        if seq is not None:
+            if seq <= self.last_seq:
+                return  # already seen before a reconnect
+            self.last_seq = seq
+        handler = self.handlers.get(header["type"])
+        if handler is not None:
+            handler(header, payload)
+
+    def _on_output(self, header: dict[str, Any], payload: memoryview) -> None:
+        kind = header["type"]
+        if kind in ("display", "execute_result") and header.pop("data_in_payload", False):
+            header["data"] = json.loads(bytes(payload))  # a mime bundle too big for a header (up to 4 MiB)
+        ex = self._executions.get(header.get("id"))
+        if ex is None:
+            callback = self._streams.get(header.get("id")) or self.on_unsolicited
+            if callback is not None:
+                callback(header)
+            return
+        if kind == "execute_result":
+            ex.data = header.get("data")
+            ex.metadata = header.get("metadata") or {}
+        if ex.on_output is not None:
+            ex.on_output(header)
+
+    def _on_input_request(self, header: dict[str, Any], payload: memoryview) -> None:
+        ex = self._executions.get(header.get("id"))
+        if ex is not None and ex.answers_input and ex.on_output is not None:
+            ex.on_output(header)  # Session.execute answers it in the caller's thread
+        elif ex is not None:  # nobody here can type: continue pdb, EOFError for input()
+            task = asyncio.ensure_future(self.areply_input(header.get("input_id"),
+                                                           fallback_answer(str(header.get("prompt", "")))))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _on_execute_reply(self, header: dict[str, Any], payload: memoryview) -> None:
+        ex = self._executions.get(header.get("id"))
+        if ex is not None and not ex.reply.done():
+            ex.reply.set_result((header, bytes(payload)))
+        elif ex is None and self.on_unsolicited is not None:
+            self.on_unsolicited(header)
+
+    def _waiting(self, header: dict[str, Any]) -> _Pending | None:
+        """The value request a frame answers, if one still waits for it."""
+        pending = self._pending.get(header.get("id"))
+        return None if pending is None or pending.reply.done() else pending
+
+    def _on_reply(self, header: dict[str, Any], payload: memoryview) -> None:
+        pending = self._waiting(header)
+        if pending is not None:
+            pending.reply.set_result((header, b""))
+
+    def _on_error_reply(self, header: dict[str, Any], payload: memoryview) -> None:
+        pending = self._waiting(header)
+        if pending is not None:
+            pending.reply.set_exception(rebuild_exception(
+                {"ename": header.get("ename"), "evalue": header.get("evalue"),
+                 "traceback": [header.get("traceback", "")]}, bytes(payload), self.accept_pickle))
+
+    def _on_values(self, header: dict[str, Any], payload: memoryview) -> None:
+        pending = self._pending.get(header.get("id"))
+        if pending is None:
+            return
+        pending.header = header
+        pending.assembler = P.BundleAssembler(header["serialization"], header["sizes"])
+        if header.get("bulk"):
+            asyncio.ensure_future(self._bulk_receive(pending, header["bulk"]))
+        else:
+            self._bundle_progress(pending)
+
+    def _on_bulk_ready(self, header: dict[str, Any], payload: memoryview) -> None:
+        pending = self._pending.get(header.get("id"))
+        if pending is not None and pending.bulk_ready is not None and not pending.bulk_ready.done():
+            pending.bulk_ready.set_result(header["ticket"])
+
+    def _on_chunk(self, header: dict[str, Any], payload: memoryview) -> None:
+        pending = self._pending.get(header.get("id"))
+        if pending is not None and pending.assembler is not None:
+            pending.assembler.feed(payload)
+            self._bundle_progress(pending)
+
+    def _on_notice(self, header: dict[str, Any], payload: memoryview) -> None:
+        log.warning("pod kernel %s: %s", self.name, header.get("text"))
+        if self.on_notice is not None:
+            self.on_notice(header)
+        for ex in self._executions.values():
+            if ex.on_output is not None:
+                ex.on_output(header)
+
+    @staticmethod
+    def _bundle_progress(pending: _Pending) -> None:
+        asm = pending.assembler
+        if asm is None:
+            return
+        if pending.on_progress is not None:
+            pending.on_progress(asm.received, asm.total)
+        if asm.done and not pending.reply.done():
+            pending.reply.set_result((asm.bundle(), b""))
+            pending.assembler = None
