@@ -11,6 +11,7 @@ and remote traceback whose line numbers are the cell's own.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import logging
 import os
 import queue
@@ -23,7 +24,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from . import logfile
 from .calls import call_sink
@@ -53,6 +54,27 @@ class CellJob:
     post_mortem: str | None = None
     #: names the notebook left here and did not send again: lacking one, the cell does not run (reply "missing")
     requires: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NamespaceJob:
+    """A change to the namespace from the network (a push, a delete): made in the main thread, between cells.
+
+    A cell running when a push arrives keeps seeing the values it started with
+    (``start = x; ...; seen = x`` reads the same ``x``); the push waits its turn.
+    """
+
+    change: Callable[[], Any]
+    done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    def run(self) -> None:
+        """Make the change; its result or exception goes to :attr:`done`."""
+        if not self.done.set_running_or_notify_cancel():
+            return
+        try:
+            self.done.set_result(self.change())
+        except BaseException as exc:  # the requester answers with it; the kernel goes on
+            self.done.set_exception(exc)
 
 
 class _Stop:
@@ -285,7 +307,7 @@ class Executor:
         self.cells_dir = self.cell_files.dir
         self.allow_pickle = allow_pickle
         self.main_ident = threading.get_ident()
-        self.jobs: queue.Queue[CellJob | _Stop] = queue.Queue()
+        self.jobs: queue.Queue[CellJob | NamespaceJob | _Stop] = queue.Queue()
         self.current: CellJob | None = None
         self.last_traceback: list[str] = []
         #: whether an IPython event's callbacks run now (their errors are outputs, not the cell's error)
@@ -376,6 +398,12 @@ class Executor:
         """Queue a cell; it runs after those before it (called from any thread)."""
         self.jobs.put(job)
 
+    def change(self, change: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``change`` (a push, a delete) in the main thread once the cells queued before it ended."""
+        job = NamespaceJob(change)
+        self.jobs.put(job)
+        return job.done
+
     def stop(self) -> None:
         """Make serve_forever return after the running cell."""
         self.jobs.put(_Stop())
@@ -403,6 +431,9 @@ class Executor:
             job = self.jobs.get()
             if isinstance(job, _Stop):
                 return
+            if isinstance(job, NamespaceJob):
+                job.run()
+                continue
             self.run(job)
 
     def run(self, job: CellJob) -> None:

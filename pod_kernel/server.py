@@ -21,7 +21,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable  # noqa: F401
+from typing import Any, Awaitable, Callable
 
 import psutil
 from websockets.asyncio.server import ServerConnection, serve
@@ -54,6 +54,9 @@ SESSIONS_DETACHED_MAX = 64
 DETACHED_REPORTED_MAX = 8
 #: Requests that do not count as activity for the inactivity TTL.
 PASSIVE_TYPES = frozenset({"metrics", "ping", "inventory"})
+#: Requests that change the namespace and so wait for the running cell to end: each is served in a task
+#: of its own, and the connection goes on reading (an interrupt for that cell, pings).
+BETWEEN_CELLS_TYPES = frozenset({"delete"})
 #: Fraction of available memory one inbound bundle may declare.
 INBOUND_MEMORY_FRACTION = 0.9
 
@@ -135,6 +138,8 @@ class PodKernelServer:
         self._orphan_timer: asyncio.TimerHandle | None = None
         self._sampler: MetricsSampler | None = None
         self.rejections = RejectionLog()
+        #: requests served in tasks of their own (:meth:`_in_background`)
+        self._tasks: set[asyncio.Task] = set()
         self.handlers: dict[str, Callable[[Session, ServerConnection, dict, memoryview], Awaitable[None]]] = {
             "execute": self.on_execute,
             "interrupt": self.on_interrupt,
@@ -348,7 +353,10 @@ class PodKernelServer:
                         raise P.ProtocolError("chunk frame outside a bundle")
                     if header["type"] not in PASSIVE_TYPES:  # a status panel polling is not use
                         self.last_activity = time.monotonic()
-                    await self._dispatch(session, ws, header, payload)
+                    if header["type"] in BETWEEN_CELLS_TYPES:
+                        self._in_background(self._dispatch(session, ws, header, payload))
+                    else:
+                        await self._dispatch(session, ws, header, payload)
                 except P.ProtocolError as exc:
                     log.warning("closing a connection that broke the protocol: %s", exc)
                     await ws.close(1002, str(exc)[:120])
@@ -411,6 +419,18 @@ class PodKernelServer:
             raise
         except Exception as exc:
             await self._send_error(ws, header["id"], exc)
+
+    def _in_background(self, request: Awaitable[None]) -> None:
+        """Serve a request in a task of its own (kept referenced until it ends); a closed connection ends it."""
+        async def serve() -> None:
+            try:
+                await request
+            except ConnectionClosed:
+                pass
+
+        task = asyncio.create_task(serve())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _send_error(self, ws: ServerConnection, req_id: str, exc: Exception) -> None:
         payload = b""
@@ -542,17 +562,24 @@ class PodKernelServer:
             except Exception as exc:
                 await self._send_error(ws, header["id"], exc)
 
-        if header["type"] == "call":
-            asyncio.create_task(_handle())  # calls overlap each other and a running cell
+        if header["type"] in ("call", "push"):  # calls overlap a running cell; a push waits for it to end
+            self._in_background(_handle())  # either way this connection goes on reading (interrupts)
         else:
             await _handle()
 
     # ------------------------------------------------------------------ bundle handlers
 
     async def on_push(self, session: Session, ws: ServerConnection, header: dict, values: dict) -> None:
-        """Set the pushed names in the namespace (notebook functions run in it, as they did in the notebook's)."""
-        values = coherence.adopt_functions(values, self.executor.namespace)
-        self.executor.namespace.update(values)
+        """Set the pushed names in the namespace (notebook functions run in it, as they did in the notebook's),
+        between cells: a running cell keeps the values it started with."""
+        ns = self.executor.namespace
+
+        def apply() -> dict[str, Any]:
+            adopted = coherence.adopt_functions(values, ns)
+            ns.update(adopted)
+            return adopted
+
+        values = await asyncio.wrap_future(self.executor.change(apply))
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "names": sorted(values),
                                       "ids": {n: id(v) for n, v in values.items()}}))
 
@@ -704,11 +731,17 @@ class PodKernelServer:
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "values": items}))
 
     async def on_delete(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
-        """Remove names from the namespace."""
+        """Remove names from the namespace, between cells (as a push: a running cell keeps its values)."""
         ns = self.executor.namespace
-        removed = [n for n in map(str, header["names"]) if n in ns]
-        for name in removed:
-            del ns[name]
+        names = [str(n) for n in header["names"]]
+
+        def apply() -> list[str]:
+            removed = [n for n in names if n in ns]
+            for name in removed:
+                del ns[name]
+            return removed
+
+        removed = await asyncio.wrap_future(self.executor.change(apply))
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "removed": removed}))
 
     async def on_metrics(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
@@ -718,6 +751,7 @@ class PodKernelServer:
         sample.update(
             compute=self.compute_name,
             running=running.req_id if running else None,
+            queued=self.executor.jobs.qsize(),  # cells, pushes and deletes waiting for the running cell
             cells_run=self.executor.cells_run,
             idle_s=0.0 if running else time.monotonic() - self.last_activity,
             uptime_s=time.time() - self.started,
