@@ -23,7 +23,8 @@ import importlib
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,7 +144,11 @@ class ComputeConnection:
         #: names this notebook holds as RemoteRefs to this compute
         self.refs: set[str] = set()
         self.cells_run = 0
-        self.lock = threading.Lock()
+        #: one cell (or pull, or reset) at a time: ``held`` and the notebook's namespace are written by the
+        #: thread holding it (an ``--async`` cell's thread, or the notebook's), never by two at once
+        self.lock = threading.RLock()
+        #: threads waiting for :attr:`lock` (a cell queued behind an ``--async`` cell on this compute)
+        self.waiting = 0
         self.code = CodeTree()
         #: whether output left behind by earlier notebook sessions was shown (done by the first cell)
         self.caught_up = False
@@ -164,6 +169,24 @@ class ComputeConnection:
         reloaded = self.session.sync_code(manifest, self.code.read)
         self.code.last_sent = manifest
         return reloaded
+
+    @contextmanager
+    def turn(self, on_output: OutputCallback | None = None) -> Iterator[None]:
+        """Hold :attr:`lock`; when another thread's cell holds it, say so (``on_output``) and wait (Ctrl-C stops)."""
+        if not self.lock.acquire(blocking=False):
+            if on_output is not None:
+                on_output({"type": "notice", "level": "info",
+                           "text": f"[kt] waiting for the cell running in the background on compute {self.name!r} "
+                                   "to end (`%kt wait` shows it); this cell runs after it"})
+            self.waiting += 1
+            try:
+                self.lock.acquire()
+            finally:
+                self.waiting -= 1
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     # ------------------------------------------------------------------ a cell
 
@@ -190,61 +213,63 @@ class ComputeConnection:
         ``post_mortem``: instead of ``source``, pdb on the frames of that failed
         cell (its exception's ``kt_post_mortem``; see :meth:`post_mortem`).
         A cell's exception says where its frames are for ``%debug``:
-        ``kt_post_mortem`` and ``kt_compute`` (backend, name).
+        ``kt_post_mortem`` and ``kt_compute`` (backend, name). Cells of this
+        notebook on one compute run one at a time (:meth:`turn`).
         """
-        transfer = transfer or TransferOptions()
-        t0 = time.perf_counter()
-        analysis = analyze_cell(source)
-        if not self.caught_up:
-            self.catch_up(on_output or (lambda _msg: None))
-        self.sync_code()
-        outcome = CellOutcome(None)
-        # with the globals of the notebook functions it calls: they run in the pod's namespace
-        reads = coherence.reach(user_ns, set(analysis.reads))
-        names = list(dict.fromkeys(list(filter_pushable(reads, user_ns)) + transfer.push))
-        missing = [n for n in transfer.push if n not in user_ns]
-        if missing:
-            raise TransferError(f"--push names {', '.join(missing)}, which the notebook does not define")
-        self._forget_deleted_here(user_ns)
-        requires = self._push(names, user_ns, outcome, force=set(transfer.push), on_progress=on_progress)
-        outcome.timings_s["push"] = time.perf_counter() - t0
+        with self.turn(on_output):  # an --async cell on this compute ends first
+            transfer = transfer or TransferOptions()
+            t0 = time.perf_counter()
+            analysis = analyze_cell(source)
+            if not self.caught_up:
+                self.catch_up(on_output or (lambda _msg: None))
+            self.sync_code()
+            outcome = CellOutcome(None)
+            # with the globals of the notebook functions it calls: they run in the pod's namespace
+            reads = coherence.reach(user_ns, set(analysis.reads))
+            names = list(dict.fromkeys(list(filter_pushable(reads, user_ns)) + transfer.push))
+            missing = [n for n in transfer.push if n not in user_ns]
+            if missing:
+                raise TransferError(f"--push names {', '.join(missing)}, which the notebook does not define")
+            self._forget_deleted_here(user_ns)
+            requires = self._push(names, user_ns, outcome, force=set(transfer.push), on_progress=on_progress)
+            outcome.timings_s["push"] = time.perf_counter() - t0
 
-        t1 = time.perf_counter()
-        try:
-            for _attempt in range(MISSING_RETRIES + 1):
-                check = self._check(analysis.mentions, transfer)
-                outcome.result = self.session.execute(
-                    source, on_output, cell_name=cell_name, cell_label=cell_label, timeout=timeout_s,
-                    on_input=on_input, debug_wait=debug_wait, check=check, post_mortem=post_mortem,
-                    requires=requires)
-                if not outcome.result.missing:
-                    break
-                # the pod lost values we did not send again (another notebook deleted them): sent now, then run
-                lost = outcome.result.missing
-                outcome.skipped_unchanged = [n for n in outcome.skipped_unchanged if n not in lost]
-                requires = [n for n in requires if n not in lost]
-                self._push(lost, user_ns, outcome, force=set(lost), on_progress=on_progress)
-            else:
-                raise TransferError(f"compute {self.name!r} keeps losing {', '.join(outcome.result.missing)} "
-                                    "before the cell can run (another notebook deletes them?); nothing ran")
-        except BaseException as exc:
+            t1 = time.perf_counter()
+            try:
+                for _attempt in range(MISSING_RETRIES + 1):
+                    check = self._check(analysis.mentions, transfer)
+                    outcome.result = self.session.execute(
+                        source, on_output, cell_name=cell_name, cell_label=cell_label, timeout=timeout_s,
+                        on_input=on_input, debug_wait=debug_wait, check=check, post_mortem=post_mortem,
+                        requires=requires)
+                    if not outcome.result.missing:
+                        break
+                    # the pod lost values we did not send again (another notebook deleted them): sent now, then run
+                    lost = outcome.result.missing
+                    outcome.skipped_unchanged = [n for n in outcome.skipped_unchanged if n not in lost]
+                    requires = [n for n in requires if n not in lost]
+                    self._push(lost, user_ns, outcome, force=set(lost), on_progress=on_progress)
+                else:
+                    raise TransferError(f"compute {self.name!r} keeps losing {', '.join(outcome.result.missing)} "
+                                        "before the cell can run (another notebook deletes them?); nothing ran")
+            except BaseException as exc:
+                outcome.timings_s["execute"] = time.perf_counter() - t1
+                self.cells_run += 1
+                if not _raised_by_cell(exc):  # the connection or the kernel failed: nothing to reconcile now
+                    raise
+                # the cell raised (or was interrupted): what it bound before that comes back, as locally
+                self._reconcile(check, getattr(exc, "kt_state", None), user_ns, outcome, transfer, on_output,
+                                on_progress)
+                exc = _as_notebook_type(exc, user_ns)
+                _mark(exc, kt_compute=(self.compute.backend, self.name))
+                raise exc from None
             outcome.timings_s["execute"] = time.perf_counter() - t1
             self.cells_run += 1
-            if not _raised_by_cell(exc):  # the connection or the kernel failed: nothing to reconcile now
-                raise
-            # the cell raised (or was interrupted): what it bound before that comes back, as locally
-            self._reconcile(check, getattr(exc, "kt_state", None), user_ns, outcome, transfer, on_output,
-                            on_progress)
-            exc = _as_notebook_type(exc, user_ns)
-            _mark(exc, kt_compute=(self.compute.backend, self.name))
-            raise exc from None
-        outcome.timings_s["execute"] = time.perf_counter() - t1
-        self.cells_run += 1
-        t2 = time.perf_counter()
-        self._reconcile(check, outcome.result.state, user_ns, outcome, transfer, on_output, on_progress)
-        outcome.timings_s["pull"] = time.perf_counter() - t2
-        outcome.timings_s["total"] = time.perf_counter() - t0
-        return outcome
+            t2 = time.perf_counter()
+            self._reconcile(check, outcome.result.state, user_ns, outcome, transfer, on_output, on_progress)
+            outcome.timings_s["pull"] = time.perf_counter() - t2
+            outcome.timings_s["total"] = time.perf_counter() - t0
+            return outcome
 
     def _forget_deleted_here(self, user_ns: MutableMapping[str, Any]) -> None:
         """Names the notebook deleted (``del x``, ``%reset``) since the pod got them are deleted there too."""
@@ -499,28 +524,47 @@ class ComputeConnection:
              on_progress: ProgressCallback | None = None) -> list[str]:
         """Fetch names into ``user_ns`` whatever their size (``%kt pull``)."""
         names = list(names)
-        values = self.session.pull(names, on_progress=on_progress)
-        for name, value in values.items():
-            user_ns[name] = value
-            # not known to be the pod's object: sent again when read
-            self.held[name] = Held(P.fingerprint(value), None, id(value))
+        with self.turn():
+            values = self.session.pull(names, on_progress=on_progress)
+            for name, value in values.items():
+                user_ns[name] = value
+                # not known to be the pod's object: sent again when read
+                self.held[name] = Held(P.fingerprint(value), None, id(value))
         return list(values)
 
     def forget_state(self) -> None:
         """The pod kernel is new: it holds nothing we sent before."""
-        self.held.clear()
-        self.refs.clear()
+        with self.turn():
+            self.held.clear()
+            self.refs.clear()
 
 
 # ---------------------------------------------------------------------- the process-wide registry
 
 _connections: dict[tuple[str, str], ComputeConnection] = {}
+#: guards the two dicts below for a moment; never held across I/O (a launch holds its name's lock only)
 _registry_lock = threading.Lock()
-_default = Compute()
+#: (backend, name) -> the lock held while that compute is connected, launched or forgotten
+_name_locks: dict[tuple[str, str], threading.RLock] = {}
+#: the default compute, built when first asked for (from KT_* environment variables), not at import
+_default: Compute | None = None
+
+
+def _name_lock(key: tuple[str, str]) -> threading.RLock:
+    """The lock of one compute name: a launch of compute A (up to its launch timeout) never holds up B."""
+    with _registry_lock:
+        lock = _name_locks.get(key)
+        if lock is None:
+            lock = _name_locks[key] = threading.RLock()
+        return lock
 
 
 def default_compute() -> Compute:
-    """The compute ``%%kt`` cells use when they name none."""
+    """The compute ``%%kt`` cells use when they name none (built on first use, so a bad ``KT_*`` variable
+    is reported by the first cell that needs it, not by ``import kt_jupyter``)."""
+    global _default
+    if _default is None:
+        _default = Compute()
     return _default
 
 
@@ -545,7 +589,7 @@ def connect(compute: Compute | None = None, *, keep: bool = False,
     compute = compute or default_compute()
     key = (compute.backend, compute.name)
     say = on_event or (lambda _m: None)
-    with _registry_lock:
+    with _name_lock(key):
         conn = _connections.get(key)
         backend = get_backend(compute.backend)
         if conn is not None:
@@ -592,10 +636,11 @@ def connections() -> list[ComputeConnection]:
 
 def disconnect(name: str, backend: str | None = None) -> ComputeConnection | None:
     """Forget (and close) this process's connection to compute ``name``."""
-    with _registry_lock:
-        for key in list(_connections):
-            if key[1] == name and (backend is None or key[0] == backend):
-                conn = _connections.pop(key)
+    for key in list(_connections):
+        if key[1] == name and (backend is None or key[0] == backend):
+            with _name_lock(key):
+                conn = _connections.pop(key, None)
+            if conn is not None:
                 conn.session.close_quietly()
                 return conn
     return None

@@ -12,6 +12,7 @@ from IPython.core.error import UsageError
 
 from kt_jupyter import connection as conn_mod
 from kt_jupyter.errors import TransferError
+from barriers import WAIT_FOR_GO, wait_for_file
 from ipshell import run
 
 
@@ -140,11 +141,46 @@ def test_timeout_interrupts_and_state_survives(ip):
     assert run(ip, "%%kt\nalive").data == {"text/plain": "'yes'"}
 
 
-def test_async_cell_and_wait(ip):
-    run(ip, "%%kt --async\nimport time\ntime.sleep(0.5)\nlate = 42")
-    assert "late" not in ip.user_ns  # the notebook was free at once
+def test_async_cell_and_wait(ip, tmp_path):
+    ip.user_ns["go"] = str(tmp_path / "go")
+    run(ip, f"%%kt --async\n{WAIT_FOR_GO}late = 42")
+    assert "late" not in ip.user_ns  # the notebook was free at once: the cell cannot end before the go file
+    (tmp_path / "go").touch()
     run(ip, "%kt wait --timeout 30")
     assert ip.user_ns["late"] == 42
+
+
+def test_async_cell_sees_a_stable_world_while_a_normal_cell_pushes(ip, tmp_path):
+    """Issue 19.1: an --async cell doing ``start = x; <wait>; seen = x`` while a normal ``%%kt y = x`` cell
+    with a new x runs gave start=1, seen=2 (the push landed at once, mid-cell). The normal cell waits its
+    turn: the async cell sees x=1 twice, then the normal cell sees the new x."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    ip.user_ns.update(x=1, go=str(go), started=str(started))
+    run(ip, f"%%kt --async\nstart = x\nopen(started, 'w').close()\n{WAIT_FOR_GO}seen = x")
+    wait_for_file(started)  # x=1 reached the pod and the cell read it
+    conn = next(c for c in conn_mod.connections() if c.name == "default")
+    probe = conn.handle.session()  # what the pod holds, seen from another session
+    probe.connect()
+
+    def release() -> None:  # the go file once the new x landed on the pod, or once the normal cell waits its turn
+        deadline = time.monotonic() + 60
+        while (time.monotonic() < deadline and not conn.waiting
+               and probe.pull(["x"])["x"] != 2):
+            time.sleep(0.01)
+        go.touch()
+
+    releaser = threading.Thread(target=release, daemon=True)
+    releaser.start()
+    try:
+        ip.user_ns["x"] = 2
+        run(ip, "%%kt\ny = x")
+        run(ip, "%kt wait --timeout 60")
+    finally:
+        go.touch()
+        releaser.join(10)
+        probe.close()
+    assert (ip.user_ns["start"], ip.user_ns["seen"], ip.user_ns["y"]) == (1, 1, 2)
+    assert not releaser.is_alive()
 
 
 def test_env_and_name_options(ip):
