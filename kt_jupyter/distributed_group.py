@@ -31,7 +31,7 @@ from .client import client_loop
 from .compute import Compute
 from .connection import ComputeConnection
 from .distributed import DistributedConfig, rank_name, split_gpus, torch_env
-from .errors import BackendUnavailable, ComputeSpecError, KtError, LaunchError
+from .errors import ComputeSpecError, KtError, LaunchError
 
 #: The pod-side function that tears down a rank's torch.distributed group (a seed-API call target).
 ABORT_TARGET = {"kind": "module", "module": "pod_kernel.distributed", "qualname": "abort_process_group"}
@@ -115,7 +115,13 @@ def groups() -> list[WorkerGroup]:
 
 
 def existing_group(backend_name: str, name: str) -> tuple[int, str] | None:
-    """(workers, framework) of the distributed compute ``name`` when its rank 0 runs, else None."""
+    """(workers, framework) of the distributed compute ``name`` when its rank 0 runs (Kubernetes: when its
+    StatefulSet or RayCluster exists), else None."""
+    if backend_name == "kubernetes":
+        from .backends.kubernetes_distributed import find_group
+
+        found = find_group(_kubernetes_compute(name))
+        return (found[0].workers, found[0].framework) if found is not None else None
     handle = get_backend(backend_name).find(rank_name(name, 0))
     spec = (handle.spec or {}).get("distributed") if handle is not None else None
     if not isinstance(spec, dict):
@@ -179,6 +185,8 @@ def _attach_or_launch(compute: Compute, keep: bool, say: Callable[[str], None]) 
         raise ComputeSpecError(
             f"compute {compute.name!r} runs as a single kernel; `%kt down {compute.name}` first (its variables "
             f"are lost) or pick another --name for the {config.workers} workers")
+    if compute.backend == "kubernetes":
+        return _attach_or_launch_kubernetes(compute, say)
     found = existing_group(compute.backend, compute.name)
     if found is not None:
         _check_same(compute, *found)
@@ -189,14 +197,29 @@ def _attach_or_launch(compute: Compute, keep: bool, say: Callable[[str], None]) 
         say(f"some workers of {compute.name!r} are gone; starting all {config.workers} again: their variables "
             "are lost")
     delete_group(compute.backend, compute.name)
-    if compute.backend == "kubernetes":
-        raise BackendUnavailable("distributed computes run on the local backend only so far (Kubernetes: a "
-                                 "StatefulSet or KubeRay RayCluster, not built yet); use --backend local")
     if config.framework == "ray":
         from .distributed_ray import launch_local_ray
 
         return launch_local_ray(compute, keep=keep, on_event=say)
     return launch_local(compute, keep=keep, on_event=say)
+
+
+def _kubernetes_compute(name: str) -> Compute:
+    """The Kubernetes compute of that name this process knows (its namespace), else a default one."""
+    return get_backend("kubernetes")._compute_for(name)  # type: ignore[attr-defined]
+
+
+def _attach_or_launch_kubernetes(compute: Compute, say: Callable[[str], None]) -> WorkerGroup:
+    """The running StatefulSet's (or RayCluster's) ranks when all are ready, else apply and wait for them all."""
+    from .backends import kubernetes_distributed as kd
+
+    found = kd.find_group(compute)
+    if found is not None:
+        _check_same(compute, found[0].workers, found[0].framework)
+        if found[1]:
+            say(f"reusing the running {found[0].workers} {found[0].framework} workers of {compute.name!r}")
+            return _group(compute, found[1])
+    return _group(compute, kd.launch_group(compute, on_event=say))
 
 
 def _rank_spec(compute: Compute, handle: KernelHandle) -> Compute:
@@ -285,7 +308,9 @@ def delete_group(backend_name: str, name: str, group: WorkerGroup | None = None,
         for cleanup in group.on_delete:
             cleanup()
     if backend_name == "kubernetes":
-        return False  # none can exist yet (see _attach_or_launch)
+        from .backends.kubernetes_distributed import delete_group as delete_workload
+
+        return delete_workload(name, group.compute.namespace if group is not None else None, grace_period_s)
     backend = get_backend(backend_name)
     count = len(group.ranks) if group is not None else 0
     while _has_entry(backend, rank_name(name, count)):

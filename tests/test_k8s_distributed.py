@@ -1,0 +1,215 @@
+"""Distributed computes on Kubernetes (issue 22): a headless Service + StatefulSet per pytorch compute, a KubeRay
+RayCluster per ray compute; manifests checked against the Kubernetes and KubeRay schemas, and two ranks brought up
+on the fake cluster (:class:`~k8s_fake.statefulsets.FakeStatefulSetController`, whose fake cluster DNS resolves
+rank 0's name), where a cell runs torch.distributed's all_reduce over gloo.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonschema import Draft7Validator
+from k8s_fake.cluster import MISSING_IMAGE, NS, fake_cluster
+from k8s_fake.statefulsets import FakeStatefulSetController, cluster_dns_available
+from test_compute_api import _strict, schema_errors
+
+import kt_jupyter as kt
+from kt_jupyter.backends import kubernetes_distributed as kd
+from kt_jupyter.compute import Compute
+from kt_jupyter.distributed_group import connect_group, free_port
+from kt_jupyter.errors import BackendUnavailable, ImagePullError
+from kt_jupyter.manifests import (
+    CONTAINER_NAME,
+    SPEC_ANNOTATION,
+    build_deployment,
+    label_selector,
+)
+from kt_jupyter.manifests_distributed import (
+    RAY_OVERWRITE_CMD_ANNOTATION,
+    build_headless_service,
+    build_raycluster,
+    build_statefulset,
+    rank_dns_name,
+)
+
+RAY_CRD = Path(__file__).resolve().parent / "schemas" / "ray.io_rayclusters.yaml"
+INSTALL_ENV = {"PIP_INDEX_URL": "https://pypi.example/simple"}
+#: Every rank adds rank+1 over gloo; two ranks sum to 3. The env is read back as each rank sees it.
+ALL_REDUCE = """
+import os, socket, torch, torch.distributed as dist
+env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
+print("env", sorted(env.items()))
+try:
+    socket.getaddrinfo(env["MASTER_ADDR"], None)
+    resolves = True
+except OSError:
+    resolves = False
+if resolves:
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    print("sum", t.item())
+"""
+
+
+def torch_compute(name: str = "ddp", workers: int = 2, distribution_args: dict | None = None, **kw) -> Compute:
+    return Compute(name=name, backend="kubernetes", **{"namespace": "ml", **kw}).distribute(
+        "pytorch", workers=workers, distribution_args=distribution_args)
+
+
+# ---------------------------------------------------------------------- pytorch: manifests
+
+def test_statefulset_reuses_the_deployment_pod_and_adds_the_rank_environment():
+    compute = torch_compute(workers=4, gpus=1, memory="8Gi")
+    sts = build_statefulset(compute, install_env=INSTALL_ENV)
+    single = build_deployment(compute.with_overrides(distributed=None), install_env=INSTALL_ENV)
+    spec = sts["spec"]
+    assert (spec["replicas"], spec["podManagementPolicy"], spec["serviceName"]) == (4, "Parallel", "tester-ddp")
+    pod, single_pod = spec["template"]["spec"], single["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    single_container = single_pod["containers"][0]
+    for key in ("securityContext", "startupProbe", "readinessProbe", "resources", "volumeMounts", "image"):
+        assert container[key] == single_container[key], key  # the same pod kernel container
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # GPUs per worker
+    assert pod["securityContext"] == single_pod["securityContext"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MASTER_ADDR"] == "tester-ddp-0.tester-ddp.ml.svc" == rank_dns_name(compute, 0)
+    assert (env["WORLD_SIZE"], env["MASTER_PORT"], env["LOCAL_RANK"]) == ("4", "29500", "0")
+    assert "RANK" not in env  # from the pod's ordinal, in the container's shell
+    assert container["command"][-1].startswith('RANK="${HOSTNAME##*-}"')
+    assert any(p["name"] == "rendezvous" and p["containerPort"] == 29500 for p in container["ports"])
+    spread = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert spread["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert json.loads(sts["metadata"]["annotations"][SPEC_ANNOTATION])["distributed"]["workers"] == 4
+    svc = build_headless_service(compute)
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == spec["selector"]["matchLabels"]
+
+
+def test_what_a_pytorch_group_applies_validates_against_the_kubernetes_schema(kt_home):
+    from kubernetes_validate.utils import latest_version, validate
+
+    version = latest_version()
+    objects = kd.group_objects(torch_compute(gpus=1, distribution_args={"master_port": 29600}), "t0ken")
+    kinds = [o["kind"] for o in objects]
+    assert kinds[:2] == ["Secret", "ConfigMap"] and kinds[-1] == "StatefulSet" and "Service" in kinds
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):  # the ranks reach each other
+        assert {"from": [{"podSelector": {"matchLabels": {"kt.dev/compute": "tester-ddp"}}}]} in \
+            policy["spec"]["ingress"]
+    for obj in objects:
+        assert validate(obj, version, strict=True), obj["kind"]
+
+
+def test_inactivity_ttl_is_refused_with_a_clear_error():
+    with pytest.raises(Exception, match="inactivity_ttl is not supported with distribute"):
+        build_statefulset(torch_compute(inactivity_ttl="10m"), install_env=INSTALL_ENV)
+
+
+# ---------------------------------------------------------------------- ray: the RayCluster against KubeRay's CRD
+
+@pytest.fixture(scope="module")
+def ray_schema() -> Draft7Validator:
+    crd = yaml.safe_load(RAY_CRD.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def test_raycluster_passes_the_kuberay_crd_schema(ray_schema):
+    compute = Compute(name="rc", backend="kubernetes", namespace="ml", gpus=1).distribute(
+        "ray", workers=3, distribution_args={"num_cpus": 2, "ray_version": "2.60.0"})
+    rc = build_raycluster(compute, install_env=INSTALL_ENV)
+    assert schema_errors(ray_schema, rc) == []
+    assert rc["metadata"]["annotations"][RAY_OVERWRITE_CMD_ANNOTATION] == "true"
+    spec = rc["spec"]
+    assert spec["rayVersion"] == "2.60.0" and spec["authOptions"] == {"mode": "token"}
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["name"] == CONTAINER_NAME and "readinessProbe" in head  # the pod kernel runs in the head pod
+    assert "$KUBERAY_GEN_RAY_START_CMD &" in head["command"][-1] and "-m pod_kernel" in head["command"][-1]
+    assert {e["name"]: e.get("value") for e in head["env"]}["RAY_ADDRESS"] == "127.0.0.1:6379"
+    (group,) = spec["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 2)
+    assert group["rayStartParams"] == {"num-cpus": "2"}
+    worker = group["template"]["spec"]["containers"][0]
+    assert worker["command"][-1].endswith("exec $KUBERAY_GEN_RAY_START_CMD") and "readinessProbe" not in worker
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_the_ray_schema_check_refuses_what_the_api_server_would(ray_schema):
+    compute = Compute(name="rc", backend="kubernetes", namespace="ml").distribute("ray", workers=2)
+    rc = build_raycluster(compute, install_env=INSTALL_ENV)
+    rc["spec"]["workerGroupSpecs"][0]["replica"] = 1  # a typo: an unknown field
+    del rc["spec"]["headGroupSpec"]["template"]
+    errors = schema_errors(ray_schema, rc)
+    assert any("replica" in e for e in errors) and any("template" in e for e in errors)
+
+
+# ---------------------------------------------------------------------- on the fake cluster
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch, kt_home):
+    """A fake cluster with the StatefulSet controller; the `kubernetes` backend of this process uses it."""
+    with fake_cluster(tmp_path, monkeypatch) as cluster:
+        FakeStatefulSetController.install(cluster.kubelet)
+        yield cluster
+
+
+def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys):
+    pytest.importorskip("torch")
+    from ipshell import run
+    from test_distributed import all_reduce_rank
+
+    port = free_port()  # rank 0's rendezvous port: every fake pod listens on this machine
+    compute = kt.Compute(name="ddpk", backend="kubernetes").distribute("pytorch", workers=2,
+                                                                      distribution_args={"master_port": port})
+    group = connect_group(compute)  # the seed API: the StatefulSet, both ranks ready, one connection each
+    assert [c.handle.where.split()[1] for c in group.ranks] == ["tester-ddpk-0", "tester-ddpk-1"]
+    master = f"tester-ddpk-0.tester-ddpk.{NS}.svc"
+    if cluster_dns_available():  # the fake cluster DNS resolves rank 0's name to its pod: the world forms
+        results = kt.fn(all_reduce_rank, name="ddpk").to(compute)()
+        assert [(r["rank"], r["sum"], r["env"]["MASTER_ADDR"]) for r in results] == [(0, 3.0, master),
+                                                                                   (1, 3.0, master)]
+    run(ip, "%kt config backend=kubernetes")
+    run(ip, "%%kt --workers 2 --name ddpk\n" + ALL_REDUCE)  # the running ranks, through the magic
+    out = capsys.readouterr().out
+    for rank in (0, 1):
+        env = [("LOCAL_RANK", "0"), ("MASTER_ADDR", master), ("MASTER_PORT", str(port)), ("NODE_RANK", str(rank)),
+               ("RANK", str(rank)), ("WORLD_SIZE", "2")]
+        assert f"[stdout:{rank}] env {env}" in out, out
+        if cluster_dns_available():
+            assert f"[stdout:{rank}] sum 3.0" in out, out
+    sts = cluster.store.get("statefulsets", NS, "tester-ddpk")
+    assert sts["status"]["readyReplicas"] == 2 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    pods = {p["metadata"]["name"]: p for p in cluster.pods(compute)}
+    assert sorted(pods) == ["tester-ddpk-0", "tester-ddpk-1"]
+    assert pods["tester-ddpk-1"]["spec"]["subdomain"] == "tester-ddpk"
+    assert pods["tester-ddpk-1"]["metadata"]["labels"]["apps.kubernetes.io/pod-index"] == "1"
+    # another worker count under the same name is a clear error; a single kernel of that name too
+    with pytest.raises(Exception, match="runs 2 pytorch workers, not 3 pytorch"):
+        run(ip, "%%kt --workers 3 --name ddpk\n1")
+    with pytest.raises(Exception, match="runs as 2 pytorch workers; add --workers 2"):
+        run(ip, "%%kt --name ddpk\n1")
+    run(ip, "%kt down ddpk")
+    for plural in ("statefulsets", "pods", "services", "secrets", "configmaps"):
+        assert not cluster.objects(plural, label_selector(compute)), plural
+
+
+def test_a_rank_that_cannot_start_is_named_and_its_statefulset_deleted(cluster):
+    compute = Compute(name="bad", backend="kubernetes", image=MISSING_IMAGE).distribute("pytorch", workers=2)
+    with pytest.raises(ImagePullError, match=r"worker rank \d \(bad-r\d\) did not start, so none of the 2 workers"):
+        connect_group(compute)
+    assert cluster.store.get("statefulsets", NS, "tester-bad") is None
+
+
+def test_a_ray_compute_without_kuberay_names_the_operator(cluster, monkeypatch):
+    from k8s_fake import api_server
+
+    monkeypatch.setattr(api_server, "CRD_GROUPS", api_server.CRD_GROUPS | {"ray.io"})  # KubeRay not installed
+    compute = Compute(name="rc", backend="kubernetes").distribute("ray", workers=2)
+    with pytest.raises(BackendUnavailable, match=f"KubeRay operator.*KubeRay {kd.KUBERAY_MIN_VERSION} or later") \
+            as raised:
+        connect_group(compute)
+    assert "\n" not in str(raised.value)  # one line: nothing else to say
