@@ -31,6 +31,7 @@ from __future__ import annotations
 import ast
 import builtins
 import copy
+import functools
 import io
 import re
 import symtable
@@ -105,7 +106,14 @@ def analyze_cell(source: str, line_magics: Collection[str] | None = None) -> Cel
     shell alias without ``%`` (``ls dir``, ``pwd``), as IPython allows there:
     ``line_magics`` names those (default: the running IPython's magics and aliases).
     """
-    code, tree = _parse(_automagic(source, line_magics) or source)
+    return _analyze(_automagic(source, line_magics) or source)
+
+
+@functools.lru_cache(maxsize=32)
+def _analyze(source: str) -> CellAnalysis:
+    """The analysis of source as Python (cached: ``%%kt`` checks a cell before it runs it, and a cell runs
+    again and again while it is being worked on)."""
+    code, tree = _parse(source)
     w = _Walker()
     w.block(tree.body)
     return CellAnalysis(

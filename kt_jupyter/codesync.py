@@ -11,21 +11,23 @@ under are synced (their top-level files and packages), to
 ``_kt_projects/<id>/`` on the pod with a ``.pth`` that puts those roots on
 ``sys.path`` there (:mod:`pod_kernel.codesync`).
 
-A file's hash is cached by (mtime, size), so an unchanged tree costs one
-``stat`` per file; nothing is sent when the manifest has not changed since
+A file's hash is cached by (mtime, size), and the list of files by the
+mtimes of the directories walked, so an unchanged tree costs one ``stat`` per
+file and directory; nothing is sent when the manifest has not changed since
 the last sync. The pod reloads the modules whose files changed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 from pod_kernel.codesync import PROJECTS_DIR, content_hash
 
@@ -84,6 +86,13 @@ def import_root(file: str, module: str) -> Path | None:
     return directory.resolve()
 
 
+def _mtime_ns(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
 def _installed_dirs() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     dirs = {paths[k] for k in ("purelib", "platlib", "stdlib", "platstdlib") if paths.get(k)}
@@ -103,6 +112,8 @@ class CodeTree:
         self._installed = _installed_dirs()
         self.last_sent: dict[str, str] | None = None
         self._listed: frozenset[str] = frozenset()
+        #: (packages and projects, directory -> mtime_ns, listing) of the last walk
+        self._walked: tuple[Any, dict[str, int], list[tuple[str, list[tuple[str, str]]]]] | None = None
 
     # ------------------------------------------------------------------ what the pod needs
 
@@ -152,12 +163,15 @@ class CodeTree:
 
     # ------------------------------------------------------------------ the manifest
 
-    def _walk(self, base: str, directory: str, top: bool) -> Iterable[tuple[str, os.DirEntry]]:
-        # plain strings and DirEntry: this runs before every %%kt cell, so it must cost microseconds per file
+    def _walk(self, base: str, directory: str, top: bool, dirs: dict[str, int]) -> Iterable[tuple[str, str]]:
+        # plain strings and DirEntry: a full walk costs microseconds per file. ``dirs`` gets the mtime of every
+        # directory looked into: while none changes, no file or package came or went (see :meth:`_listing`)
         try:
+            dirs[directory] = os.stat(directory).st_mtime_ns
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError:
+            dirs[directory] = -1
             return
         is_package = any(e.name == "__init__.py" for e in entries)
         cut = len(base.rstrip(os.sep)) + 1
@@ -167,20 +181,21 @@ class CodeTree:
                 continue
             if name.endswith(".py") and entry.is_file():
                 if top or is_package or directory != base:
-                    yield entry.path[cut:].replace(os.sep, "/"), entry
-            elif entry.is_dir() and name not in SKIP_DIRS and os.path.exists(os.path.join(entry.path, "__init__.py")):
-                yield from self._walk(base, entry.path, top=False)
+                    yield entry.path[cut:].replace(os.sep, "/"), entry.path
+            elif entry.is_dir() and name not in SKIP_DIRS:
+                if os.path.exists(os.path.join(entry.path, "__init__.py")):
+                    yield from self._walk(base, entry.path, top=False, dirs=dirs)
+                else:  # not a package now: one if an __init__.py appears in it (its mtime changes)
+                    try:
+                        dirs[entry.path] = os.stat(entry.path).st_mtime_ns
+                    except OSError:
+                        dirs[entry.path] = -1
 
-    def _hashed(self, files: Iterable[tuple[str, os.DirEntry]], out: dict[str, str], prefix: str = "",
-                limit: int = MAX_FILES) -> int:
-        """Add ``prefix + rel -> hash`` of up to ``limit`` files to ``out``; returns how many were offered."""
-        seen = 0
-        for rel, entry in files:
-            seen += 1
-            if seen > limit:
-                break
+    def _hashed(self, files: Iterable[tuple[str, str]], out: dict[str, str], prefix: str = "") -> None:
+        """Add ``prefix + rel -> hash`` of ``files`` (relative path, path) to ``out``."""
+        for rel, path in files:
             try:
-                st = entry.stat()
+                st = os.stat(path)
             except OSError:
                 continue
             if st.st_size > MAX_FILE_BYTES:
@@ -191,32 +206,48 @@ class CodeTree:
                 out[key] = cached[2]
                 continue
             try:
-                with open(entry.path, "rb") as f:
+                with open(path, "rb") as f:
                     digest = content_hash(f.read())
             except OSError:
                 continue
             self._cache[key] = (st.st_mtime_ns, st.st_size, digest)
             out[key] = digest
-        return seen
+
+    def _listing(self) -> list[tuple[str, list[tuple[str, str]]]]:
+        """(prefix, files) of the working directory, extra packages and projects, walked again only when a
+        directory looked into changed (a file or package added, removed or renamed) or the projects did: an
+        unchanged tree costs one ``stat`` per directory and file before every cell, not a walk."""
+        shape = (tuple(self.packages), tuple((p.id, tuple(p.import_roots)) for p in self.projects.values()))
+        if self._walked is not None and self._walked[0] == shape and all(
+                _mtime_ns(d) == m for d, m in self._walked[1].items()):
+            return self._walked[2]
+        dirs: dict[str, int] = {}
+        root = str(self.root)
+
+        def main_files() -> Iterable[tuple[str, str]]:
+            yield from self._walk(root, root, top=True, dirs=dirs)
+            for pkg in self.packages:
+                yield from self._walk(str(pkg.parent), str(pkg), top=False, dirs=dirs)
+
+        listing = [("", list(itertools.islice(main_files(), MAX_FILES)))]  # its first MAX_FILES files, as always
+        for project in self.projects.values():
+            base = str(project.root)
+            files = (f for r in project.import_roots for f in self._walk(base, str(r), top=True, dirs=dirs))
+            found = list(itertools.islice(files, MAX_FILES + 1))
+            if len(found) > MAX_FILES:
+                raise KtError(f"the project at {project.root} has more than {MAX_FILES} Python files, too many to "
+                              "sync to the pod kernel; install it in the compute's image instead (then it is "
+                              "imported there by name)")
+            listing.append((f"{PROJECTS_DIR}/{project.id}/", found))
+        self._walked = (shape, dirs, listing)
+        return listing
 
     def manifest(self) -> dict[str, str]:
         """Relative path on the pod -> content hash of every file to sync."""
         out: dict[str, str] = {}
-        root = str(self.root)
-
-        def main_files() -> Iterable[tuple[str, os.DirEntry]]:
-            yield from self._walk(root, root, top=True)
-            for pkg in self.packages:
-                yield from self._walk(str(pkg.parent), str(pkg), top=False)
-
-        self._hashed(main_files(), out)  # the working directory: its first MAX_FILES files, as always
+        for prefix, files in self._listing():
+            self._hashed(files, out, prefix)
         for project in self.projects.values():
-            base = str(project.root)
-            files = (f for r in project.import_roots for f in self._walk(base, str(r), top=True))
-            if self._hashed(files, out, f"{PROJECTS_DIR}/{project.id}/", MAX_FILES + 1) > MAX_FILES:
-                raise KtError(f"the project at {project.root} has more than {MAX_FILES} Python files, too many to "
-                              "sync to the pod kernel; install it in the compute's image instead (then it is "
-                              "imported there by name)")
             out[f"{PROJECTS_DIR}/{project.id}.pth"] = content_hash(project.pth().encode())
         self._listed = frozenset(out)
         return out
