@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from ..compute import POD_KERNEL_PORT, Compute
-from ..errors import BackendUnavailable, ComputeSpecError, KtError, KubernetesAPIError, LaunchError, NotFoundError
+from ..errors import ComputeSpecError, KtError, KubernetesAPIError, LaunchError, NotFoundError
 from ..k8s_fields import dns1123_label
 from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, KUEUE_QUEUE_LABEL, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL,
                          POD_KERNEL_BULK_PORT, SPEC_ANNOTATION, build_secret, compute_from_deployment, label_selector,
@@ -131,11 +131,9 @@ class KubernetesBackend:
 
         ``keep`` changes nothing here: pods outlive the notebook; ``inactivity_ttl`` stops idle ones.
         """
-        if compute.deployment_mode == "knative":  # H8 knative hook: until launch/status/delete know Knative Services
-            raise BackendUnavailable(
-                f"compute {compute.name!r} is autoscaled (a Knative Service), which this backend cannot launch yet; "
-                "kt_jupyter.knative.knative_objects(compute, token) gives its manifests for `kubectl apply`, "
-                "or drop autoscale() to run it as a Deployment")
+        if compute.deployment_mode == "knative":  # an autoscaled compute is a Knative Service (kubernetes_knative)
+            from .kubernetes_knative import launch as launch_knative
+            return launch_knative(self, compute, on_event)
         say = on_event or (lambda _msg: None)
         ns, svc = compute.namespace, compute.service_name
         with self._lock:
@@ -297,13 +295,17 @@ class KubernetesBackend:
     def find(self, name: str, namespace: str | None = None) -> KernelHandle | None:
         """The running (ready) kernel of that name, reattached by reading its token Secret; else None."""
         compute = self._compute_for(name, namespace)
-        return self._find(self._kube(compute), compute)
+        from .kubernetes_knative import find as find_knative  # an autoscaled compute is a Knative Service
+        kube = self._kube(compute)
+        return self._find(kube, compute) or find_knative(self, kube, compute)
 
     def get_if_exists(self, compute: Compute) -> KernelHandle | None:
         """The running kernel of ``compute`` (its name and namespace), or None; launches nothing."""
         with self._lock:
             self._known.setdefault(compute.name, compute)
-        return self._find(self._kube(compute), compute)
+        from .kubernetes_knative import find as find_knative  # an autoscaled compute is a Knative Service
+        kube = self._kube(compute)
+        return self._find(kube, compute) or find_knative(self, kube, compute)
 
     # ------------------------------------------------------------------ inspect
 
@@ -377,6 +379,10 @@ class KubernetesBackend:
 
     def status(self, name: str) -> KernelInfo:
         """One compute's state: ready, launching, failed (with why) or stopped."""
+        from .kubernetes_knative import status_of_name  # an autoscaled compute is a Knative Service
+        knative = status_of_name(self, name)
+        if knative is not None:
+            return knative
         compute = self._compute_for(name)
         kube = self._kube(compute)
         dep = kube.get("Deployment", compute.service_name, compute.namespace)
@@ -504,6 +510,8 @@ class KubernetesBackend:
         ns, selector = compute.namespace, label_selector(compute)
         grace_s = max(MIN_GRACE_S, grace_period_s)
         self._forget_live(compute, "was deleted (delete / `%kt down`)")
+        from .kubernetes_knative import delete as delete_knative  # an autoscaled compute: its Knative Service first
+        delete_knative(self, kube, compute, grace_s)
         existed = False
         pods = kube.list("Pod", ns, label_selector=selector)  # before their Deployment goes, to set their grace
         deployments = kube.list("Deployment", ns, label_selector=selector)

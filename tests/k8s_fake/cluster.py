@@ -2,7 +2,8 @@
 
 :func:`fake_cluster` is what the tests' ``cluster`` fixtures yield from: a
 :class:`~k8s_fake.FakeKubeApiServer` with a kubeconfig in ``$KUBECONFIG``,
-a :class:`~k8s_fake.FakeKubelet` (one CPU node), by default a
+a :class:`~k8s_fake.FakeKubelet` (one CPU node) with the Job controller
+(:mod:`k8s_fake.jobs`), by default a
 :class:`~k8s_fake.FakeClusterAutoscaler` whose only node group is CPU-only
 (a GPU pod gets ``NotTriggerScaleUp``, as on a cluster without GPU nodes), and
 the process's ``kubernetes`` backend, with only its connector swapped for
@@ -27,6 +28,7 @@ from kt_jupyter.manifests import label_selector
 
 from .api_server import FakeKubeApiServer
 from .autoscaler import FakeClusterAutoscaler, FakeNodeGroup
+from .jobs import install as install_job_controller
 from .kubelet import FakeKubelet
 
 NS = "kt-test"
@@ -51,6 +53,10 @@ class FakeCluster:
     def deployment(self, compute: Compute) -> dict | None:
         """The compute's Deployment, or None."""
         return self.store.get("deployments", NS, compute.service_name)
+
+    def job(self, compute: Compute) -> dict | None:
+        """The compute's Job (a compute with ``inactivity_ttl``), or None."""
+        return self.store.get("jobs", NS, compute.service_name)
 
     def pods(self, compute: Compute, live_only: bool = True) -> list[dict]:
         """The compute's pods (without those being deleted, unless ``live_only`` is False)."""
@@ -81,7 +87,9 @@ def fake_cluster(tmp_path: Path, monkeypatch: Any, *, node_groups: list[FakeNode
             monkeypatch.delenv(var, raising=False)
         options = dict(missing_images={MISSING_IMAGE}, slow_images={SLOW_IMAGE}, flaky_images={FLAKY_IMAGE},
                        restart_backoff_s=0.2)
-        kubelet = FakeKubelet(api, tmp_path / "node", **{**options, **kubelet_kwargs}).start()
+        kubelet = FakeKubelet(api, tmp_path / "node", **{**options, **kubelet_kwargs})
+        install_job_controller(kubelet)
+        kubelet.start()
         groups = [FakeNodeGroup("cpu-nodes", max_size=2)] if node_groups is None else node_groups
         if groups:
             FakeClusterAutoscaler(kubelet, groups, delay_s=AUTOSCALER_DELAY_S)

@@ -344,8 +344,10 @@ class FakeKubelet:
             return ["node(s) didn't match Pod's node affinity/selector"]
         used: dict[str, float] = {}
         for other in [] if empty else self.pods.values():
-            if other is pod or other.stopping.is_set() or other.node_name != node.name:
-                continue
+            if other is pod or other.stopping.is_set() or other.node_name != node.name \
+                    or (self.store.get("pods", other.ns, other.name) or {}).get("status", {}).get("phase") \
+                    in ("Succeeded", "Failed"):
+                continue  # a finished pod holds nothing on its node
             for res, qty in ((other.container.get("resources") or {}).get("requests") or {}).items():
                 used[res] = used.get(res, 0) + quantity(qty)
         resources = pod.container.get("resources") or {}
