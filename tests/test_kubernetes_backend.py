@@ -131,18 +131,17 @@ def test_reapplying_the_same_objects_changes_nothing(cluster):
     handle = cluster.backend.launch(compute)
     kube = cluster.backend._kube(compute)
     def versions() -> dict:
-        # the Deployment's status is written by the (fake) kubelet at any time, which bumps its
+        # the Job's status is written by the (fake) Job controller at any time, which bumps its
         # resourceVersion as in a real cluster: for it, the spec's generation is what apply may change
         return {(o["kind"], o["metadata"]["name"]):
-                (o["metadata"]["generation"], o["spec"]) if o["kind"] == "Deployment" else o["metadata"]["resourceVersion"]
-                for plural in ("deployments", "services", "secrets", "configmaps", "serviceaccounts", "roles",
-                               "rolebindings") for o in cluster.objects(plural)}
+                (o["metadata"]["generation"], o["spec"]) if o["kind"] == "Job" else o["metadata"]["resourceVersion"]
+                for plural in ("jobs", "services", "secrets", "configmaps") for o in cluster.objects(plural)}
 
     before = versions()
     for obj in cluster.backend.manifests(compute, handle.token):
         kube.apply(obj)
     after = versions()
-    assert after == before and len(before) == 7
+    assert after == before and len(before) == 4
     assert len(cluster.pods(compute)) == 1
 
 
@@ -329,7 +328,7 @@ def test_delete_removes_everything_labelled_and_keeps_volumes_unless_asked(clust
     compute = k8s("bye", volumes=[Volume("data", size="1Gi")], inactivity_ttl="1h")
     cluster.backend.launch(compute)
     selector = label_selector(compute)
-    kinds = ("deployments", "pods", "services", "secrets", "configmaps", "serviceaccounts", "roles", "rolebindings")
+    kinds = ("jobs", "pods", "services", "secrets", "configmaps")
     assert all(cluster.objects(k, selector) for k in kinds + ("persistentvolumeclaims",))
     assert cluster.backend.delete("bye", grace_period_s=1) is True
     assert not any(cluster.objects(k, selector) for k in kinds)  # pods included: delete waited for them
@@ -341,35 +340,6 @@ def test_delete_removes_everything_labelled_and_keeps_volumes_unless_asked(clust
     assert cluster.backend.delete("bye") is False
     with pytest.raises(NotFoundError):
         cluster.backend.status("bye")
-
-
-def test_inactivity_ttl_scales_the_deployment_to_zero_with_its_own_rbac(cluster):
-    compute = k8s("idle", inactivity_ttl=1)
-    handle = cluster.backend.launch(compute)
-    sa = f"{compute.service_name}-kt"
-    assert cluster.pods(compute)[0]["spec"]["serviceAccountName"] == sa
-    role = cluster.store.get("roles", NS, sa)
-    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["deployments/scale"],
-                              "resourceNames": [compute.service_name], "verbs": ["get", "patch", "update"]}]
-    # the pod kernel stops itself after 1 s idle; its guard scales the Deployment to 0 as the service account
-    cluster.store.wait_for(lambda: cluster.deployment(compute)["spec"]["replicas"] == 0, 30)
-    scale = [r for r in cluster.store.requests if r["path"].endswith(f"/deployments/{compute.service_name}/scale")]
-    assert [(r["method"], r["user"]) for r in scale] == [("PATCH", f"{NS}:{sa}")]
-    cluster.store.wait_for(lambda: not cluster.pods(compute, live_only=False), 15)
-    why = cluster.backend.wait_gone("idle", 10)
-    assert "was stopped: its Deployment was scaled to 0" in why and handle.liveness() == why
-    log = (cluster.kubelet.workdir / NS).rglob("pod-kernel-0.log")
-    assert "the pod kernel stopped itself; scaling deployment" in next(log).read_text()
-
-
-def test_inactivity_ttl_without_rbac_rights_warns_and_still_launches(cluster):
-    cluster.store.denied.add(("patch", "roles"))
-    messages: list[str] = []
-    compute = k8s("norbac", inactivity_ttl="1h")
-    cluster.backend.launch(compute, on_event=events_of(messages))
-    assert any("inactivity_ttl: cannot create the Role" in m and "restart instead of stopping" in m
-               for m in messages)
-    assert "serviceAccountName" not in cluster.pods(compute)[0]["spec"]
 
 
 def test_guard_passes_on_crashes_without_scaling(cluster, tmp_path):
@@ -455,13 +425,12 @@ def test_the_configmap_ships_pod_kernel_and_the_guard(cluster):
     objects = cluster.backend.manifests(compute, "t0ken")
     cm = next(o for o in objects if o["kind"] == "ConfigMap")
     assert f"{GUARD_MODULE}.py" in cm["data"] and "pod_kernel____main__.py" in cm["data"]
-    dep = objects[-1]
-    script = dep["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    job = objects[-1]
+    script = job["spec"]["template"]["spec"]["containers"][0]["command"][2]
     assert f"-m {GUARD_MODULE} --namespace kt-test --deployment tester-src -- " in script
     assert script.rstrip().endswith("--inactivity-ttl 1800")
-    assert TEMPLATE_HASH_ANNOTATION in dep["spec"]["template"]["metadata"]["annotations"]
-    assert [o["kind"] for o in objects] == ["Secret", "ConfigMap", "Service", "NetworkPolicy", "ServiceAccount",
-                                            "Role", "RoleBinding", "Deployment"]
+    assert TEMPLATE_HASH_ANNOTATION in job["spec"]["template"]["metadata"]["annotations"]
+    assert [o["kind"] for o in objects] == ["Secret", "ConfigMap", "Service", "NetworkPolicy", "Job"]
 
 
 @pytest.mark.parametrize("params", [{}, {"inactivity_ttl": "30m"}, {"inactivity_ttl": 60, "gpus": 1, "freeze": True},
@@ -475,7 +444,7 @@ def test_what_the_backend_applies_validates_against_the_kubernetes_schema(params
     for obj in objects:
         assert validate(obj, version, strict=True), obj["kind"]
     kinds = [o["kind"] for o in objects]
-    assert ("Role" in kinds) == (bool(params.get("inactivity_ttl")) and "service_account_name" not in params)
+    assert kinds[-1] == ("Job" if params.get("inactivity_ttl") else "Deployment") and "Role" not in kinds
 
 
 def test_frozen_compute_runs_the_image_s_pod_kernel(cluster):

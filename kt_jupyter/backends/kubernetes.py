@@ -1,4 +1,4 @@
-"""Kubernetes backend: a compute is a Deployment (one pod kernel pod), a Service and a token Secret.
+"""Kubernetes backend: a compute is a Deployment or a Job (one pod kernel pod), a Service and a token Secret.
 
 ``launch`` applies every object of :func:`kt_jupyter.manifests.build_all`
 with server-side apply (field manager ``kt-jupyter``, force), so running it
@@ -20,10 +20,12 @@ The token lives only in the Secret: ``find`` reads it back, so another
 notebook (or this one after a restart) reaches the same warm kernel by name.
 ``suspend`` scales to 0 and ``resume`` back; ``delete`` removes everything
 carrying the compute's label (its PersistentVolumeClaims only when asked).
-With ``inactivity_ttl`` the pod kernel runs under
-:mod:`~kt_jupyter.backends.pod_guard`, which scales the Deployment to 0 when
-the kernel stops itself; the backend creates the ServiceAccount, Role and
-RoleBinding that allow exactly that.
+A compute with ``inactivity_ttl`` runs as a single-kernel Job instead
+(:func:`~kt_jupyter.backends.kubernetes_objects.build_job`): its pod kernel
+exits 0 once idle, the Job completes and its pod ends, so the node and its GPU
+are free, with no RBAC beyond a namespace's ``edit`` role; ``status`` says it
+stopped idle, the next launch of that name starts it again, and ``suspend`` /
+``resume`` set the Job's ``spec.suspend``.
 """
 
 from __future__ import annotations
@@ -46,20 +48,21 @@ from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, KUEUE_QUEUE_LABEL, MANAG
 from ..names import check_compute_name
 from . import KernelHandle, KernelInfo, spec_mismatch, spec_mismatch_error
 from . import kubernetes_events as ev
-from .kubernetes_api import ApiStatusError, KubeApi, load_api_client
+from .kubernetes_api import KINDS, ApiStatusError, KubeApi, load_api_client, object_path
 from .kubernetes_launch import LaunchWaiter
-from .kubernetes_live import LiveKernel
-from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION, backend_objects, stamp_template
+from .kubernetes_live import LiveKernel, job_condition, job_stopped_idle, workload_stopped
+from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION, WORKLOAD_KINDS, backend_objects, workload_kind
 from .kubernetes_watch import WatchThread
 from .portforward import Connector, PodTarget, default_connector
+
+KINDS.setdefault("Job", ("/apis/batch/v1", "jobs"))  # until kubernetes_api.KINDS lists it (a line for its owner)
 
 #: Seconds ``delete`` waits for the pods to go, beyond their grace period.
 DELETE_WAIT_S = 60.0
 #: The least grace a pod gets: never a force delete (grace 0), which frees the API object before the container.
 MIN_GRACE_S = 1.0
-#: Kinds ``delete`` removes besides Deployments and Pods, in order; RBAC kinds may be forbidden to list.
+#: Kinds ``delete`` removes besides the workloads and Pods, in order.
 _OTHER_KINDS = ("Service", "NetworkPolicy", "Secret", "ConfigMap")
-_RBAC_KINDS = ("RoleBinding", "Role", "ServiceAccount")
 
 
 def _epoch(timestamp: str | None) -> float:
@@ -72,7 +75,7 @@ def _epoch(timestamp: str | None) -> float:
 
 
 class KubernetesBackend:
-    """Pod kernels as Deployments in a Kubernetes cluster.
+    """Pod kernels as Deployments (or Jobs, with ``inactivity_ttl``) in a Kubernetes cluster.
 
     ``api_client`` (a ``kubernetes.client.ApiClient``) and ``connector`` are
     for callers with their own configuration and for tests; by default the
@@ -149,16 +152,19 @@ class KubernetesBackend:
         t0 = time.monotonic()
         token = self._token(kube, compute)
         objects = self.manifests(compute, token)
-        deployment = objects[-1]
+        workload = objects[-1]
+        expected_hash = workload["spec"]["template"]["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
+        resume = self._clear_way(kube, compute, expected_hash, say)
         say(f"applying {', '.join(o['kind'] for o in objects)} for {svc!r} in namespace {ns!r}")
         waiter = LaunchWaiter(kube, compute, say)  # events from now on: none of an earlier attempt
         try:
-            applied = self._apply(kube, compute, objects, say)
+            applied = self._apply(kube, compute, objects)
+            if resume:
+                applied = self._set_suspended(kube, compute, False)
             try:
-                pod = waiter.wait(applied, deployment["spec"]["template"]["metadata"]["annotations"]
-                                  [TEMPLATE_HASH_ANNOTATION], t0 + compute.launch_timeout_s)
+                pod = waiter.wait(applied, workload["kind"], expected_hash, t0 + compute.launch_timeout_s)
             except BaseException as exc:
-                raise self._launch_failed(kube, compute, exc, say, scale=not waiter.deployment_deleted) from None
+                raise self._launch_failed(kube, compute, exc, say, stop=not waiter.workload_deleted) from None
         finally:
             waiter.stop()
         handle = self._handle(kube, compute, pod, token)
@@ -166,11 +172,35 @@ class KubernetesBackend:
             f"({self._live[(ns, svc)].forward.description})")
         return handle
 
+    def _clear_way(self, kube: KubeApi, compute: Compute, expected_hash: str, say: Callable[[str], None]) -> bool:
+        """Delete what of this name the launch cannot apply over, and wait until it is gone: the other workload
+        kind (its ``inactivity_ttl`` changed while it was stopped), or a Job that finished (stopped idle, or
+        failed) or runs another pod template (a Job's template cannot change). True when a suspended Job
+        stays, for the launch to resume (Kueue resumes a queued one itself, once it admits it)."""
+        ns, svc, kind = compute.namespace, compute.service_name, workload_kind(compute)
+        resume = False
+        for other in WORKLOAD_KINDS:
+            existing = kube.get(other, svc, ns)
+            if existing is None:
+                continue
+            if other != kind:
+                why = f"it ran as a {other}; with{'' if kind == 'Job' else 'out'} inactivity_ttl it runs as a {kind}"
+            elif other == "Job" and (job_condition(existing, "Complete") or job_condition(existing, "Failed")):
+                why = "its Job has finished"
+            elif other == "Job" and (((existing.get("spec") or {}).get("template") or {}).get("metadata") or {}) \
+                    .get("annotations", {}).get(TEMPLATE_HASH_ANNOTATION) != expected_hash:
+                why = "its Job runs another pod template, which a Job cannot change"
+            else:
+                resume = other == "Job" and bool((existing.get("spec") or {}).get("suspend")) and not compute.queue
+                continue
+            say(f"replacing {other} {svc!r}: {why}")
+            kube.delete(other, svc, ns, propagation="Foreground")
+            self._wait_gone(kube, compute, DELETE_WAIT_S)
+        return resume
+
     @staticmethod
-    def _apply(kube: KubeApi, compute: Compute, objects: list[dict[str, Any]],
-               say: Callable[[str], None]) -> dict[str, Any]:
-        """Apply every object, the Deployment last (without the TTL's service account if RBAC is refused)."""
-        deployment = objects[-1]
+    def _apply(kube: KubeApi, compute: Compute, objects: list[dict[str, Any]]) -> dict[str, Any]:
+        """Apply every object, the workload last; what failed is one error saying what to do."""
         for obj in objects:
             try:
                 applied = kube.apply(obj)
@@ -182,28 +212,35 @@ class KubernetesBackend:
                         f"namespace {compute.namespace!r}, or set KT_NETWORK_POLICY=0.\nThe objects applied "
                         f"before it stay (labelled as this compute's): `%kt down {compute.name}` deletes them.") \
                         from None
-                if obj["kind"] not in _RBAC_KINDS:
-                    raise KubernetesAPIError(f"{exc}\nThe objects applied before it stay (labelled as this "
-                                             f"compute's): `%kt down {compute.name}` deletes them.") from None
-                say(f"inactivity_ttl: cannot create the {obj['kind']} that lets the pod stop itself ({exc}). "
-                    "The pod kernel will restart instead of stopping when idle; see the README for the RBAC")
-                deployment["spec"]["template"]["spec"].pop("serviceAccountName", None)
-                stamp_template(deployment)
-                return kube.apply(deployment)
+                raise KubernetesAPIError(f"{exc}\nThe objects applied before it stay (labelled as this "
+                                         f"compute's): `%kt down {compute.name}` deletes them.") from None
         return applied
 
+    @staticmethod
+    def _set_suspended(kube: KubeApi, compute: Compute, suspended: bool) -> dict[str, Any]:
+        """Set the compute's Job's ``spec.suspend`` (a merge patch); the Job as it is now."""
+        ns, svc = compute.namespace, compute.service_name
+        return kube.request("PATCH", object_path("Job", ns, svc),
+                            action=f"{'suspending' if suspended else 'resuming'} Job {ns}/{svc}",
+                            body={"spec": {"suspend": suspended}}, content_type="application/merge-patch+json")
+
     def _launch_failed(self, kube: KubeApi, compute: Compute, exc: BaseException,
-                       say: Callable[[str], None], *, scale: bool = True) -> BaseException:
-        """Scale the compute to 0 after any failure while waiting; the error to raise, saying so."""
-        if not scale:  # its Deployment is gone: nothing holds resources
+                       say: Callable[[str], None], *, stop: bool = True) -> BaseException:
+        """Stop the compute's workload after any failure while waiting (a Deployment scaled to 0, a Job
+        suspended); the error to raise, saying so."""
+        if not stop:  # its workload is gone: nothing holds resources
             return exc
+        kind = workload_kind(compute)
+        done = "scaled to 0" if kind == "Deployment" else "suspended"
         try:
-            kube.scale(compute.service_name, compute.namespace, 0)
-            note = (f"\nIts Deployment was scaled to 0 so it holds no resources; running the cell again "
+            if kind == "Deployment":
+                kube.scale(compute.service_name, compute.namespace, 0)
+            else:
+                self._set_suspended(kube, compute, True)
+            note = (f"\nIts {kind} was {done} so it holds no resources; running the cell again "
                     f"retries, `%kt down {compute.name}` deletes it.")
-        except Exception as scale_exc:  # noqa: BLE001 - the launch error is what matters
-            note = (f"\nIts Deployment could not be scaled to 0 ({scale_exc}); `%kt down {compute.name}` "
-                    "deletes it.")
+        except Exception as stop_exc:  # noqa: BLE001 - the launch error is what matters
+            note = f"\nIts {kind} could not be {done} ({stop_exc}); `%kt down {compute.name}` deletes it."
         if not isinstance(exc, Exception):  # KeyboardInterrupt: the user stopped the wait
             say(f"launch of {compute.name!r} interrupted.{note}")
             return exc
@@ -270,11 +307,22 @@ class KubernetesBackend:
         where = urlsplit(forward.url)
         return (where.hostname, where.port) if where.hostname and where.port else None
 
+    @staticmethod
+    def _workload(kube: KubeApi, compute: Compute) -> tuple[str, dict[str, Any]] | None:
+        """The compute's Deployment or Job (the kind its spec runs as asked first) and its kind, or None."""
+        first = workload_kind(compute)
+        for kind in sorted(WORKLOAD_KINDS, key=lambda k: k != first):
+            obj = kube.get(kind, compute.service_name, compute.namespace)
+            if obj is not None:
+                return kind, obj
+        return None
+
     def _find(self, kube: KubeApi, compute: Compute) -> KernelHandle | None:
-        ns, svc = compute.namespace, compute.service_name
-        dep = kube.get("Deployment", svc, ns)
-        if dep is None or not (dep.get("spec") or {}).get("replicas"):
+        ns = compute.namespace
+        found = self._workload(kube, compute)
+        if found is None or workload_stopped(*found):
             return None
+        dep = found[1]
         ready = [p for p in kube.list("Pod", ns, label_selector=label_selector(compute)) if ev.is_ready(p)]
         secret = kube.get("Secret", token_secret_name(compute), ns)
         token = (secret or {}).get("data", {}).get("token")
@@ -321,7 +369,7 @@ class KubernetesBackend:
             compute = Compute(name="default", backend="kubernetes", namespace=ns)
             kube = self._kube(compute)
             pods = kube.list("Pod", ns, label_selector=selector)
-            for dep in kube.list("Deployment", ns, label_selector=selector):
+            for kind, dep in [(k, o) for k in WORKLOAD_KINDS for o in kube.list(k, ns, label_selector=selector)]:
                 labels = (dep.get("metadata") or {}).get("labels") or {}
                 name = labels.get(NAME_LABEL, "")
                 try:
@@ -332,10 +380,11 @@ class KubernetesBackend:
                     continue  # another user's compute
                 mine = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(COMPUTE_LABEL)
                         == labels.get(COMPUTE_LABEL)]
-                out.append(self._info(kube, name, ns, dep, mine))
+                out.append(self._info(kube, name, ns, kind, dep, mine))
         return out
 
-    def _info(self, kube: KubeApi, name: str, ns: str, dep: dict[str, Any], pods: list[dict[str, Any]]) -> KernelInfo:
+    def _info(self, kube: KubeApi, name: str, ns: str, kind: str, dep: dict[str, Any],
+              pods: list[dict[str, Any]]) -> KernelInfo:
         spec_json = ((dep.get("metadata") or {}).get("annotations") or {}).get(SPEC_ANNOTATION)
         try:
             spec = json.loads(spec_json) if spec_json else {}
@@ -348,8 +397,16 @@ class KubernetesBackend:
             else f"namespace {ns}"
         started = _epoch((pod.get("status") or {}).get("startTime")) if pod else \
             _epoch((dep.get("metadata") or {}).get("creationTimestamp"))
-        if not (dep.get("spec") or {}).get("replicas"):
-            phase, detail = "stopped", "suspended: 0 replicas (resume, or run a cell, to start it)"
+        failed = job_condition(dep, "Failed") if kind == "Job" else None
+        if failed is not None:
+            phase, detail = "failed", (f"its Job failed ({failed.get('reason') or 'Failed'}: "
+                                       f"{failed.get('message') or 'no detail'}); run a cell to start it again, "
+                                       f"`%kt logs {name}` shows its last output")
+        elif kind == "Job" and job_condition(dep, "Complete") is not None:
+            phase, detail = "stopped", f"{job_stopped_idle(dep)}; run a cell to start it again"
+        elif workload_stopped(kind, dep):
+            phase, detail = "stopped", ("suspended: 0 replicas" if kind == "Deployment" else "suspended") + \
+                " (resume, or run a cell, to start it)"
         elif ready:
             phase, detail = "ready", ""
         else:
@@ -385,11 +442,11 @@ class KubernetesBackend:
             return knative
         compute = self._compute_for(name)
         kube = self._kube(compute)
-        dep = kube.get("Deployment", compute.service_name, compute.namespace)
-        if dep is None:
+        found = self._workload(kube, compute)
+        if found is None:
             raise NotFoundError(f"no Kubernetes compute named {name!r} in namespace {compute.namespace!r}; "
                                 "`%kt list` shows those that exist")
-        return self._info(kube, name, compute.namespace, dep,
+        return self._info(kube, name, compute.namespace, *found,
                           kube.list("Pod", compute.namespace, label_selector=label_selector(compute)))
 
     def pods(self, name: str) -> list[dict[str, Any]]:
@@ -475,22 +532,28 @@ class KubernetesBackend:
             live.close(why)
 
     def suspend(self, name: str) -> None:
-        """Scale the compute to 0 replicas: the pod (and its state) goes; the objects and token stay."""
+        """Scale the compute to 0 replicas (suspend its Job): the pod (and its state) goes; the objects and
+        token stay."""
         compute = self._compute_for(name)
         kube = self._kube(compute)
-        if kube.get("Deployment", compute.service_name, compute.namespace) is None:
+        found = self._workload(kube, compute)
+        if found is None:
             raise NotFoundError(f"no Kubernetes compute named {name!r} in namespace {compute.namespace!r}")
-        kube.scale(compute.service_name, compute.namespace, 0)
-        self._forget_live(compute, "was stopped: suspended (its Deployment was scaled to 0)")
+        if found[0] == "Deployment":
+            kube.scale(compute.service_name, compute.namespace, 0)
+            self._forget_live(compute, "was stopped: suspended (its Deployment was scaled to 0)")
+        else:
+            self._set_suspended(kube, compute, True)
+            self._forget_live(compute, "was stopped: suspended (its Job was suspended)")
 
     def resume(self, name: str, on_event: Callable[[str], None] | None = None) -> KernelHandle:
         """Scale a suspended compute back up (re-applying its recorded spec) and wait until it is ready."""
         compute = self._compute_for(name)
-        dep = self._kube(compute).get("Deployment", compute.service_name, compute.namespace)
-        if dep is None:
+        found = self._workload(self._kube(compute), compute)
+        if found is None:
             raise NotFoundError(f"no Kubernetes compute named {name!r} in namespace {compute.namespace!r}")
         if name not in self._known:
-            compute = compute_from_deployment(dep)
+            compute = compute_from_deployment(found[1])
         return self.launch(compute, on_event=on_event)
 
     def delete(self, name: str, grace_period_s: float = 5.0, *, volumes: bool = False) -> bool:
@@ -501,9 +564,9 @@ class KubernetesBackend:
         leaves the API at once while its container still holds its GPU, and the
         next pod would be placed on it. The Deployment goes in the foreground
         (it stays, with a finalizer, until its ReplicaSets and pods are gone, so
-        nothing recreates a pod meanwhile), and this waits until the pods and
-        the Deployment are gone, so a new launch of the same name never meets
-        them. PersistentVolumeClaims (your data) stay unless ``volumes``.
+        nothing recreates a pod meanwhile; a Job likewise), and this waits until
+        the pods and the workload are gone, so a new launch of the same name
+        never meets them. PersistentVolumeClaims (your data) stay unless ``volumes``.
         """
         compute = self._compute_for(name)
         kube = self._kube(compute)
@@ -513,34 +576,27 @@ class KubernetesBackend:
         from .kubernetes_knative import delete as delete_knative  # an autoscaled compute: its Knative Service first
         delete_knative(self, kube, compute, grace_s)
         existed = False
-        pods = kube.list("Pod", ns, label_selector=selector)  # before their Deployment goes, to set their grace
-        deployments = kube.list("Deployment", ns, label_selector=selector)
-        for dep in deployments:
-            existed |= kube.delete("Deployment", ev.name_of(dep), ns, grace_s, propagation="Foreground")
+        pods = kube.list("Pod", ns, label_selector=selector)  # before their workload goes, to set their grace
+        workloads = [(k, o) for k in WORKLOAD_KINDS for o in kube.list(k, ns, label_selector=selector)]
+        for kind, obj in workloads:
+            existed |= kube.delete(kind, ev.name_of(obj), ns, grace_s, propagation="Foreground")
         for pod in pods:
             kube.delete("Pod", ev.name_of(pod), ns, grace_s)
-        kinds = _OTHER_KINDS + (("PersistentVolumeClaim",) if volumes else ())
-        for kind in kinds + _RBAC_KINDS:
-            try:
-                found = kube.list(kind, ns, label_selector=selector)
-            except KubernetesAPIError:
-                if kind in _RBAC_KINDS:
-                    continue  # not allowed to list RBAC objects: then we could not have created them
-                raise
-            for obj in found:
+        for kind in _OTHER_KINDS + (("PersistentVolumeClaim",) if volumes else ()):
+            for obj in kube.list(kind, ns, label_selector=selector):
                 existed |= kube.delete(kind, ev.name_of(obj), ns)
-        if pods or deployments:
+        if pods or workloads:
             self._wait_gone(kube, compute, grace_s + DELETE_WAIT_S)
         return existed
 
     def _wait_gone(self, kube: KubeApi, compute: Compute, timeout_s: float) -> None:
-        """Block until the compute's pods and Deployment have left the API (or raise after ``timeout_s``)."""
+        """Block until the compute's pods and workloads have left the API (or raise after ``timeout_s``)."""
         updates: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
         ns, selector = compute.namespace, label_selector(compute)
         left: dict[tuple[str, str], str] = {}
         watches = []
         try:
-            for kind in ("Pod", "Deployment"):
+            for kind in ("Pod",) + WORKLOAD_KINDS:
                 reply = kube.list_reply(kind, ns, label_selector=selector)
                 items = reply.get("items") or []
                 left.update({(kind, ev.name_of(o)): kind.lower() for o in items})
@@ -554,7 +610,8 @@ class KubernetesBackend:
                 if remaining <= 0:
                     what = ", ".join(f"{k} {n}" for (_kind, n), k in sorted(left.items()))
                     raise KubernetesAPIError(f"{what} of compute {compute.name!r} were still terminating after "
-                                             f"{timeout_s:g} s; `kubectl get pods,deployments -n {ns}` shows why")
+                                             f"{timeout_s:g} s; `kubectl get pods,deployments,jobs -n {ns}` shows "
+                                             "why")
                 try:
                     tag, kind, obj = updates.get(timeout=remaining)
                 except queue.Empty:

@@ -1,15 +1,16 @@
 """Waiting for one launch attempt of a Kubernetes compute: its objects only, from now on, as a cluster behaves.
 
 :class:`LaunchWaiter` starts watching the namespace's events *before* the
-Deployment is applied (so nothing of this attempt is missed and nothing of an
-earlier one is replayed), then the compute's ReplicaSets and pods. An event
-counts only when it is about one of this Deployment's objects, by UID (not by
-name: ``alice-train`` must not take ``alice-train-big``'s events).
+workload (Deployment, or Job) is applied (so nothing of this attempt is missed
+and nothing of an earlier one is replayed), then the compute's ReplicaSets and
+pods. An event counts only when it is about one of this workload's objects, by
+UID (not by name: ``alice-train`` must not take ``alice-train-big``'s events):
+the Deployment, its ReplicaSets and their pods, or the Job and its pods.
 
 What a real cluster still resolves is waited for, with the reason shown live:
 an Unschedulable pod (autoscalers add nodes; ``KT_UNSCHEDULABLE_GRACE``
 bounds it), a pull failure the kubelet retries (a registry's 429), a
-FailedCreate the ReplicaSet controller retries (a webhook timeout). What no
+FailedCreate the ReplicaSet or Job controller retries (a webhook timeout). What no
 waiting cures ends the wait at once, as one error from
 :mod:`~kt_jupyter.backends.kubernetes_events`, with the container's log lines
 when they help, or why there are none.
@@ -27,6 +28,7 @@ from ..errors import ComputeSpecError, LaunchError
 from ..manifests import CONTAINER_NAME, label_selector
 from . import kubernetes_events as ev
 from .kubernetes_api import KubeApi
+from .kubernetes_live import job_condition
 from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION
 from .kubernetes_watch import WatchThread
 
@@ -83,8 +85,8 @@ class LaunchWaiter:
         self._pull_detail: dict[str, str] = {}
         self._pull_since: dict[str, float] = {}
         self._unschedulable_since: dict[str, float] = {}
-        #: Set when the Deployment was deleted while waiting (`%kt down` elsewhere, kubectl): nothing to scale.
-        self.deployment_deleted = False
+        #: Set when the workload was deleted while waiting (`%kt down` elsewhere, kubectl): nothing to stop.
+        self.workload_deleted = False
 
     def tell(self, line: str | None) -> None:
         """Say a progress line once."""
@@ -99,15 +101,18 @@ class LaunchWaiter:
 
     # ------------------------------------------------------------------ the wait
 
-    def wait(self, deployment: dict[str, Any], expected_hash: str, deadline: float) -> dict[str, Any]:
-        """Watch the applied ``deployment``'s ReplicaSets and pods until a pod of ``expected_hash`` is Ready."""
+    def wait(self, workload: dict[str, Any], kind: str, expected_hash: str, deadline: float) -> dict[str, Any]:
+        """Watch the applied ``workload`` (a ``kind``: Deployment or Job), its ReplicaSets and pods until a pod
+        of ``expected_hash`` is Ready."""
         ns, selector = self.compute.namespace, label_selector(self.compute)
-        self._deployment_uid = _uid(deployment)
+        self._workload_uid = _uid(workload)
         self._expected = expected_hash
-        self._known(self._deployment_uid)
-        self.watches += [WatchThread(self.kube, "ReplicaSet", ns, self.updates, "rs", label_selector=selector),
-                         WatchThread(self.kube, "Pod", ns, self.updates, "pod", label_selector=selector),
-                         WatchThread(self.kube, "Deployment", ns, self.updates, "deployment",
+        self._known(self._workload_uid)
+        if kind == "Deployment":  # a Job owns its pods itself
+            self.watches.append(WatchThread(self.kube, "ReplicaSet", ns, self.updates, "rs",
+                                            label_selector=selector))
+        self.watches += [WatchThread(self.kube, "Pod", ns, self.updates, "pod", label_selector=selector),
+                         WatchThread(self.kube, kind, ns, self.updates, "workload",
                                      field_selector=f"metadata.name={self.compute.service_name}")]
         while True:
             now = time.monotonic()
@@ -123,12 +128,12 @@ class LaunchWaiter:
                     raise obj
                 self._say(f"(fewer progress lines: {obj})")  # events and ReplicaSets only add detail
                 continue
-            if tag == "deployment":
-                self._on_deployment(kind, obj)
+            if tag == "workload":
+                self._on_workload(kind, obj)
             elif tag == "event":
                 self._on_event(obj)
             elif tag == "rs":
-                if kind != "DELETED" and self._deployment_uid in _owners(obj):
+                if kind != "DELETED" and self._workload_uid in _owners(obj):
                     self._rs_uids.add(_uid(obj))
                     self._known(_uid(obj))
             else:
@@ -136,15 +141,26 @@ class LaunchWaiter:
                 if ready is not None:
                     return ready
 
-    def _on_deployment(self, kind: str, deployment: dict[str, Any]) -> None:
-        """The applied Deployment deleted (or being deleted) while we wait: stop at once, saying so."""
-        if _uid(deployment) != self._deployment_uid:
+    def _on_workload(self, kind: str, workload: dict[str, Any]) -> None:
+        """The applied workload deleted (or being deleted), or its Job finished, while we wait: stop at once,
+        saying so."""
+        if _uid(workload) != self._workload_uid:
             return  # an earlier one of that name, or a new one a racing launch applied
-        if kind == "DELETED" or (deployment.get("metadata") or {}).get("deletionTimestamp"):
-            self.deployment_deleted = True
-            raise LaunchError(f"compute {self.compute.name!r} was deleted while its launch waited for it "
-                              f"(`%kt down {self.compute.name}` from elsewhere, or kubectl); there is nothing "
+        name = self.compute.name
+        if kind == "DELETED" or (workload.get("metadata") or {}).get("deletionTimestamp"):
+            self.workload_deleted = True
+            raise LaunchError(f"compute {name!r} was deleted while its launch waited for it "
+                              f"(`%kt down {name}` from elsewhere, or kubectl); there is nothing "
                               "left to wait for. Run the cell again to launch it anew.")
+        failed = job_condition(workload, "Failed")
+        if failed is not None:
+            raise LaunchError(f"compute {name!r}: its Job failed before the pod kernel was ready "
+                              f"({failed.get('reason') or 'Failed'}: {failed.get('message') or 'no detail'}); "
+                              f"`%kt logs {name}` shows its last output. Run the cell again to launch it anew.")
+        if job_condition(workload, "Complete") is not None:
+            raise LaunchError(f"compute {name!r}: its pod kernel exited (code 0) before it was ready, which "
+                              f"completed its Job; `%kt logs {name}` shows its output. Run the cell again to "
+                              "launch it anew.")
 
     def _known(self, uid: str) -> None:
         """``uid`` is one of this attempt's objects: take the events that waited for it."""

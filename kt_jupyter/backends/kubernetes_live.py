@@ -5,7 +5,9 @@ cell; it must be cheap, so a background watch on the one pod feeds a queue
 and ``liveness()`` only drains it: no API request while the pod lives. When
 the pod is deleted, evicted or its container restarts, the answer is a
 sentence that says what happened (with the last log lines of a restarted
-container) — the state the notebook relied on is gone either way.
+container) — the state the notebook relied on is gone either way. A Job's pod
+that ends by itself (its ``inactivity_ttl``) is gone too, with its Job's word
+for it (:func:`job_stopped_idle`).
 """
 
 from __future__ import annotations
@@ -13,17 +15,44 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 from ..compute import Compute
-from ..manifests import CONTAINER_NAME
+from ..manifests import CONTAINER_NAME, INACTIVITY_TTL_ANNOTATION
 from . import kubernetes_events as ev
 from .kubernetes_api import KubeApi
+from .kubernetes_objects import workload_kind
 from .kubernetes_watch import WatchThread
 from .portforward import Forward
 
 #: Log lines quoted in the liveness sentence of a restarted container.
 LOG_LINES_IN_ERRORS = 20
+
+
+def job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The Job's condition of that type (``Complete``, ``Failed``, ``Suspended``) when it is True, else None."""
+    return next((c for c in (job.get("status") or {}).get("conditions") or []
+                 if c.get("type") == kind and c.get("status") == "True"), None)
+
+
+def workload_stopped(kind: str, workload: dict[str, Any]) -> bool:
+    """Whether the Deployment (0 replicas) or Job (suspended, or finished) runs no pod kernel now."""
+    spec = workload.get("spec") or {}
+    if kind == "Deployment":
+        return not spec.get("replicas")
+    return bool(spec.get("suspend")) or any(job_condition(workload, c) for c in ("Complete", "Failed"))
+
+
+def job_stopped_idle(job: dict[str, Any]) -> str:
+    """'stopped: idle for N s (inactivity_ttl T s)' for a Job its pod kernel completed by stopping itself."""
+    ttl_s = float(((job.get("metadata") or {}).get("annotations") or {}).get(INACTIVITY_TTL_ANNOTATION) or 0)
+    done = (job.get("status") or {}).get("completionTime") or ""
+    try:
+        since_s = max(0.0, time.time() - datetime.fromisoformat(done.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        since_s = 0.0
+    return f"stopped: idle for {ttl_s + since_s:.0f} s (inactivity_ttl {ttl_s:g} s)"
 
 
 class LiveKernel:
@@ -83,6 +112,10 @@ class LiveKernel:
         if pod is None or kind == "DELETED" or (pod.get("metadata") or {}).get("uid") != self.uid \
                 or ev.is_terminating(pod):
             self.gone = ev.gone_sentence(name, self.pod, self._why_deleted())
+        elif (pod.get("status") or {}).get("phase") == "Succeeded":  # a Job's kernel that stopped itself
+            ttl_s = self.compute.inactivity_ttl_s or 0
+            self.gone = ev.gone_sentence(name, self.pod, f"stopped itself (idle for its inactivity_ttl of "
+                                                         f"{ttl_s:g} s) and its Job completed, freeing its node")
         elif (pod.get("status") or {}).get("phase") == "Failed":
             status = pod.get("status") or {}
             self.gone = ev.gone_sentence(name, self.pod, f"failed ({status.get('reason') or 'Failed'}: "
@@ -94,15 +127,21 @@ class LiveKernel:
                                                          "Kubernetes", logs, why)
 
     def _why_deleted(self) -> str:
+        kind = workload_kind(self.compute)
         try:
-            dep = self.kube.get("Deployment", self.compute.service_name, self.compute.namespace)
+            dep = self.kube.get(kind, self.compute.service_name, self.compute.namespace)
         except Exception:  # noqa: BLE001 - the sentence is still useful without the reason
             return "is gone"
         if dep is None or (dep.get("metadata") or {}).get("deletionTimestamp"):
-            return "was deleted with its Deployment (`%kt down`, or kubectl)"
-        if (dep.get("spec") or {}).get("replicas") == 0:
-            return "was stopped: its Deployment was scaled to 0 (suspend, or its inactivity_ttl)"
-        return "was deleted or evicted (its Deployment is starting a new pod)"
+            return f"was deleted with its {kind} (`%kt down`, or kubectl)"
+        if kind == "Job" and job_condition(dep, "Failed") is not None:
+            return f"failed for good: its Job gave up ({job_condition(dep, 'Failed').get('message') or 'Failed'})"
+        if kind == "Job" and job_condition(dep, "Complete") is not None:
+            return f"was {job_stopped_idle(dep)}: its Job completed"
+        if workload_stopped(kind, dep):
+            return ("was stopped: its Deployment was scaled to 0 (suspend)" if kind == "Deployment"
+                    else "was stopped: its Job was suspended")
+        return f"was deleted or evicted (its {kind} is starting a new pod)"
 
     def close(self, why: str | None = None) -> None:
         """Stop the watch and the forward; ``why`` (this process stopped the pod) becomes the liveness answer."""

@@ -2,10 +2,11 @@
 
 * the files the source ConfigMap carries: the ``pod_kernel`` package, and the
   TTL guard (:mod:`~kt_jupyter.backends.pod_guard`) as the module ``kt_pod_guard``;
-* for a compute with ``inactivity_ttl`` and no service account of its own: a
-  ServiceAccount, Role and RoleBinding that allow the pod to scale its own
-  Deployment (``get``/``patch``/``update`` on ``deployments/scale``, that one
-  name only) and nothing else;
+* for a compute with ``inactivity_ttl``, a single-kernel Job instead of the
+  Deployment (:func:`build_job`): the pod kernel exits 0 when idle, the Job
+  completes and its pod ends, so the node (and its GPU) is free with no RBAC
+  beyond a namespace's ``edit`` role; a crash restarts the kernel in place,
+  up to :data:`JOB_BACKOFF_LIMIT` times;
 * a hash of the pod template, written on the template itself, so readiness
   ignores pods of an older template;
 * a NetworkPolicy admitting only the notebook (its pod inside the cluster; none
@@ -15,13 +16,14 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..manifests import build_all, object_labels
+from ..manifests import COMPONENT_LABEL, build_all
 from ..pod_security import notebook_peer
 
 if TYPE_CHECKING:
@@ -33,6 +35,10 @@ TEMPLATE_HASH_ANNOTATION = "kt.dev/template-hash"
 GUARD_MODULE = "kt_pod_guard"
 #: ``KT_NETWORK_POLICY=0`` (or false/off): apply no NetworkPolicy (a namespace that forbids creating them).
 NETWORK_POLICY_ENV = "KT_NETWORK_POLICY"
+#: Crashes (container restarts) a compute's Job survives before it fails for good; an idle exit (0) completes it.
+JOB_BACKOFF_LIMIT = 6
+#: The workload kinds a compute runs as: a Deployment, or a Job when it has an ``inactivity_ttl``.
+WORKLOAD_KINDS = ("Deployment", "Job")
 
 
 def pod_kernel_source_files() -> dict[str, str]:
@@ -45,28 +51,31 @@ def pod_kernel_source_files() -> dict[str, str]:
     return files
 
 
-def ttl_rbac_objects(compute: "Compute") -> list[dict[str, Any]]:
-    """ServiceAccount, Role and RoleBinding letting the pod scale its own Deployment (and nothing else)."""
-    name, ns = f"{compute.service_name}-kt", compute.namespace
-
-    def meta(component: str) -> dict[str, Any]:
-        return {"name": name, "namespace": ns, "labels": object_labels(compute, component)}
-
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta("service-account"),
-         "automountServiceAccountToken": True},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta("ttl-role"),
-         "rules": [{"apiGroups": ["apps"], "resources": ["deployments/scale"],
-                    "resourceNames": [compute.service_name], "verbs": ["get", "patch", "update"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta("ttl-role-binding"),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]},
-    ]
+def workload_kind(compute: "Compute") -> str:
+    """What runs the compute's pod: a Job when it stops when idle (``inactivity_ttl``), else a Deployment."""
+    return "Job" if compute.inactivity_ttl_s else "Deployment"
 
 
-def stamp_template(deployment: dict[str, Any]) -> str:
-    """Write the hash of the Deployment's pod template onto the template; return it."""
-    template = deployment["spec"]["template"]
+def build_job(deployment: dict[str, Any]) -> dict[str, Any]:
+    """The single-kernel Job running the pod of ``deployment`` (same metadata, same pod template).
+
+    ``restartPolicy: OnFailure``: a crashed kernel restarts in its pod (the
+    Job fails after :data:`JOB_BACKOFF_LIMIT` crashes, so a crash never loops
+    forever); a clean exit (its inactivity TTL) completes the Job, which ends
+    the pod and frees its node. ``spec.suspend`` is left to ``suspend`` and
+    ``resume`` (and to Kueue, which suspends a queued Job until it admits it).
+    """
+    template = copy.deepcopy(deployment["spec"]["template"])
+    template["spec"]["restartPolicy"] = "OnFailure"
+    metadata = copy.deepcopy(deployment["metadata"])
+    metadata["labels"][COMPONENT_LABEL] = "job"
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata,
+            "spec": {"completions": 1, "parallelism": 1, "backoffLimit": JOB_BACKOFF_LIMIT, "template": template}}
+
+
+def stamp_template(workload: dict[str, Any]) -> str:
+    """Write the hash of the Deployment's (or Job's) pod template onto the template; return it."""
+    template = workload["spec"]["template"]
     annotations = template.setdefault("metadata", {}).setdefault("annotations", {})
     annotations.pop(TEMPLATE_HASH_ANNOTATION, None)
     blob = json.dumps(template, sort_keys=True, separators=(",", ":")).encode()
@@ -80,15 +89,13 @@ def network_policy_wanted(environ: "Mapping[str, str] | None" = None) -> bool:
     return env.get(NETWORK_POLICY_ENV, "1").strip().lower() not in ("0", "false", "off")
 
 
-def backend_objects(compute: "Compute", token: str, *, with_ttl_rbac: bool = True) -> list[dict[str, Any]]:
+def backend_objects(compute: "Compute", token: str) -> list[dict[str, Any]]:
     """Every object the backend applies, in order: build_all's (with the NetworkPolicy that admits only
-    the notebook, unless ``KT_NETWORK_POLICY=0``), the TTL RBAC, then the stamped Deployment."""
+    the notebook, unless ``KT_NETWORK_POLICY=0``), the workload last (:func:`workload_kind`), stamped."""
     peer = notebook_peer() if network_policy_wanted() else None
     objects = build_all(compute, token, pod_kernel_source_files(), peer=peer)
-    deployment = objects.pop()
-    if with_ttl_rbac and compute.inactivity_ttl_s and not compute.service_account_name:
-        rbac = ttl_rbac_objects(compute)
-        objects += rbac
-        deployment["spec"]["template"]["spec"]["serviceAccountName"] = rbac[0]["metadata"]["name"]
-    stamp_template(deployment)
-    return objects + [deployment]
+    workload = objects.pop()
+    if workload_kind(compute) == "Job":
+        workload = build_job(workload)
+    stamp_template(workload)
+    return objects + [workload]
