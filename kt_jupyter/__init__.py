@@ -17,18 +17,20 @@ from .image import Image, images  # noqa: E402
 from .k8s_fields import LoggingConfig, Secret, Volume  # noqa: E402
 from .remote import Cls, Fn, RemoteObjectRef, cls, fn  # noqa: E402
 
-__all__ = ["Cls", "Compute", "Fn", "deep_breakpoint", "Image", "KtError", "LoggingConfig", "RemoteError", "RemoteObjectRef",
-           "Secret", "Volume", "cls", "fn", "images", "load_ipython_extension", "__version__"]
+__all__ = ["Cls", "Compute", "Fn", "deep_breakpoint", "Image", "KtError", "LoggingConfig", "RemoteError",
+           "RemoteObjectRef", "Secret", "Volume", "cls", "fn", "images", "load_ipython_extension",
+           "unload_ipython_extension", "__version__"]
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register the kt magics (``%load_ext kt_jupyter``)."""
-    from . import debug_panel
-    from .magics.kt import KtMagics
+    """Register the kt magics (``%load_ext kt_jupyter``); see :mod:`kt_jupyter.magics`."""
+    from .magics import load
 
-    ipython.register_magics(KtMagics)
-    debug_panel.install(ipython)  # JupyterLab's debugger panel reaches %%kt cells' pod kernels too
+    load(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    """Nothing to undo beyond IPython's own bookkeeping."""
+    """Remove what loading added (``%unload_ext kt_jupyter``); computes keep running."""
+    from .magics import unload
+
+    unload(ipython)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +14,7 @@ import pytest
 from IPython.core.error import UsageError
 
 from kt_jupyter import connection as conn_mod
-from kt_jupyter.errors import TransferError
+from kt_jupyter.errors import ComputeSpecError, TransferError
 from barriers import WAIT_FOR_GO, wait_for_file
 from ipshell import run
 
@@ -21,8 +24,6 @@ def magics(ip):
 
 
 def test_cell_runs_in_another_process_and_returns_last_value(ip):
-    import os
-
     out = run(ip, "%%kt\nimport os\npid = os.getpid()\npid")
     assert ip.user_ns["pid"] != os.getpid()
     assert psutil.Process(ip.user_ns["pid"]).name().startswith("python")
@@ -271,3 +272,43 @@ def test_dead_kernel_is_relaunched_saying_state_was_lost(ip, capsys):
     capsys.readouterr()
     assert run(ip, "%%kt\n'state' in globals()").data == {"text/plain": "False"}
     assert "variables are lost" in capsys.readouterr().err
+
+
+def _kt_callbacks(ip) -> list:
+    return [cb for cb in ip.events.callbacks["pre_run_cell"]
+            if type(getattr(cb, "__self__", None)).__name__ == "KtMagics"]
+
+
+def test_reload_registers_once_and_unload_removes_what_load_added(ip):
+    assert len(_kt_callbacks(ip)) == 1
+    ip.run_line_magic("reload_ext", "kt_jupyter")
+    assert len(_kt_callbacks(ip)) == 1  # not one more per reload
+    assert getattr(ip.debugger, "kt_post_mortem", False)
+    ip.run_line_magic("unload_ext", "kt_jupyter")
+    try:
+        assert _kt_callbacks(ip) == []
+        assert "KtMagics" not in ip.magics_manager.registry
+        assert "kt" not in ip.magics_manager.magics["cell"] and "kt" not in ip.magics_manager.magics["line"]
+        assert not getattr(ip.debugger, "kt_post_mortem", False)  # IPython's own %debug again
+        assert ip.run_cell("%%kt\nx = 1").error_in_exec is not None  # no such magic now
+    finally:
+        ip.run_line_magic("load_ext", "kt_jupyter")
+    assert len(_kt_callbacks(ip)) == 1
+    assert run(ip, "%%kt\n21 * 2").data == {"text/plain": "42"}
+
+
+def test_a_bad_kt_variable_fails_the_cell_that_needs_it_not_the_import(ip, monkeypatch):
+    env = dict(os.environ, KT_LAUNCH_TIMEOUT="soon")
+    code = ("import kt_jupyter, kt_jupyter.connection as c, kt_jupyter.magics.kt\n"
+            "from IPython.testing.globalipapp import get_ipython\n"
+            "get_ipython().run_line_magic('load_ext', 'kt_jupyter')\n"
+            "assert c._default is None\nprint('loaded')")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr
+    monkeypatch.setenv("KT_LAUNCH_TIMEOUT", "soon")
+    monkeypatch.setattr(conn_mod, "_default", None)
+    try:
+        with pytest.raises(ComputeSpecError, match="KT_LAUNCH_TIMEOUT.*'soon'.*write seconds"):
+            run(ip, "%%kt\nx = 1")
+    finally:
+        monkeypatch.delenv("KT_LAUNCH_TIMEOUT")  # before the fixture's `%kt config --reset` builds a default
