@@ -27,7 +27,9 @@ kernel and its variables stay.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import functools
 import json
 import logging
@@ -43,6 +45,8 @@ ID_SPAN = 1 << 28
 EVENTS_KEPT = 256
 #: Seconds to wait for a pod's debugpy to answer one request.
 DAP_TIMEOUT_S = 30.0
+#: Worker threads that wait on pods' debugpy for JupyterLab's requests (never on the control channel's loop).
+DAP_WORKERS = 4
 #: Modules whose frames a pod's stack traces leave out: what runs a cell, not the cell.
 HIDDEN_MODULES = ("IPython", "pod_kernel", "asyncio", "concurrent", "threading", "runpy", "traitlets", "contextlib")
 #: Requests whose ``threadId`` argument names the thread they act on.
@@ -254,6 +258,19 @@ def install(shell: Any) -> bool:
     return True
 
 
+def uninstall(shell: Any) -> None:
+    """Make the notebook kernel's KtDebugger ipykernel's own Debugger again (pod links detached)."""
+    debugger = getattr(getattr(shell, "kernel", None), "debugger", None)
+    if not isinstance(debugger, KtDebuggerMixin):
+        return
+    from ipykernel.debugger import Debugger
+
+    debugger.detach_pods()
+    debugger.kt_pool.shutdown(wait=False)
+    debugger.__class__ = Debugger
+    KtDebuggerMixin._point_handlers(debugger)  # type: ignore[arg-type]
+
+
 def active_debugger(shell: Any) -> "KtDebuggerMixin | None":
     """The notebook kernel's KtDebugger when JupyterLab's debugger is on, else None."""
     debugger = getattr(getattr(shell, "kernel", None), "debugger", None)
@@ -284,16 +301,21 @@ class KtDebuggerMixin:
     event_callback: Callable[[dict[str, Any]], None]
 
     def _kt_init(self) -> None:
-        # ipykernel built the handler tables from bound methods of the base class: point them here
-        for table in (self.started_debug_handlers, self.static_debug_handlers):
-            for msg_type in list(table):
-                table[msg_type] = getattr(self, msg_type)
+        self._point_handlers()
         self.kt_cells: dict[str, str] = {}  # cell file -> compute name (from dumpCell)
         self.kt_code: dict[str, str] = {}  # cell file -> the cell's text (from dumpCell)
         self.kt_breakpoints: dict[str, list[dict[str, Any]]] = {}  # cell file -> breakpoints asked
         self.kt_links: list[PodDapLink] = []  # index i owns ids [(i + 1) * ID_SPAN, (i + 2) * ID_SPAN)
         self.kt_lock = threading.Lock()
         self.kt_stops: dict[int, int] = {}  # pod thread -> how many times it stopped (orders events and replies)
+        #: where requests that wait on a pod run (:meth:`_off_loop`); its threads are not debugged themselves
+        self.kt_pool = concurrent.futures.ThreadPoolExecutor(DAP_WORKERS, "kt-dap-request", initializer=_untraced)
+
+    def _point_handlers(self) -> None:
+        # ipykernel built its handler tables from bound methods: point them at this object's class's methods
+        for table in (self.started_debug_handlers, self.static_debug_handlers):
+            for msg_type in list(table):
+                table[msg_type] = getattr(self, msg_type)
 
     # ------------------------------------------------------------------ JupyterLab's requests
 
@@ -317,15 +339,23 @@ class KtDebuggerMixin:
         self.breakpoint_list[path] = [{"line": b["line"]} for b in asked]
         link = self._link_for(compute)
         if link is not None:
-            if path not in link.written:
-                link.write_file(path, pod_source(self.kt_code.get(path, "")))
-                link.written.add(path)
-            reply = link.request("setBreakpoints", {"source": {"path": path}, "breakpoints": asked})
+            reply = await self._off_loop(self._set_pod_breakpoints, link, path, asked)
             return dict(reply, request_seq=message["seq"], seq=message["seq"])
         pending = [{"verified": True, "line": b["line"], "source": {"path": path},
                     "message": f"set in pod kernel {compute!r} when the cell runs"} for b in asked]
         return {"type": "response", "request_seq": message["seq"], "seq": message["seq"], "success": True,
                 "command": "setBreakpoints", "body": {"breakpoints": pending}}
+
+    def _set_pod_breakpoints(self, link: PodDapLink, path: str, asked: list[dict[str, Any]]) -> dict[str, Any]:
+        if path not in link.written:
+            link.write_file(path, pod_source(self.kt_code.get(path, "")))
+            link.written.add(path)
+        return link.request("setBreakpoints", {"source": {"path": path}, "breakpoints": asked})
+
+    async def _off_loop(self, blocking: Callable[..., Any], *args: Any) -> Any:
+        """Run a call that waits on a pod (its debugpy, its kernel) in a worker thread: the control channel's
+        loop goes on serving JupyterLab meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.kt_pool, blocking, *args)
 
     async def process_request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Requests about a pod's thread, frame or variable go to that pod's debugpy; the rest as before."""
@@ -342,7 +372,7 @@ class KtDebuggerMixin:
                 message = dict(message, arguments=dict(arguments, threadId=pod_thread))
                 target = pod_thread
         if self.is_started and isinstance(target, int) and target >= ID_SPAN:
-            return self._to_pod(message, target)
+            return await self._off_loop(self._to_pod, message, target)
         reply = await super().process_request(message)
         if command == "disconnect":
             self.detach_pods()
@@ -454,6 +484,13 @@ class KtDebuggerMixin:
         for link in links:
             link.close()
         self.stopped_threads = {t for t in self.stopped_threads if t < ID_SPAN}
+
+
+def _untraced() -> None:
+    """Mark a worker thread as debugger machinery (as ipykernel marks its own): debugpy leaves it alone."""
+    thread = threading.current_thread()
+    thread.pydev_do_not_trace = True  # type: ignore[attr-defined]
+    thread.is_pydev_daemon_thread = True  # type: ignore[attr-defined]
 
 
 def _literal(text: str) -> Any:

@@ -228,3 +228,77 @@ def test_a_stop_that_beats_the_continue_reply_keeps_the_thread_stopped():
     assert reply["success"] and reply["request_seq"] == 7
     assert dbg.stopped_threads == {ID_SPAN + 1}  # stopped again, and still known to be
     assert [e["body"]["threadId"] for e in events if e["event"] == "stopped"] == [ID_SPAN + 1, ID_SPAN + 1]
+
+
+class FakeSlowDebugpy:
+    """A fake of a pod's debugpy at the wire (Content-Length framed DAP on 127.0.0.1): it reads one request,
+    says so (``got``), and answers it only once the test sets ``answer``: a debugpy slow to answer."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.got = threading.Event()
+        self.answer = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import json
+
+        conn, _ = self.listener.accept()
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += conn.recv(65536)
+            head, body = buf.split(b"\r\n\r\n", 1)
+            length = int(head.split(b":", 1)[1])
+            while len(body) < length:
+                body += conn.recv(65536)
+            request = json.loads(body[:length])
+            self.got.set()
+            self.answer.wait(TIMEOUT_S)
+            reply = json.dumps({"seq": 1, "type": "response", "request_seq": request["seq"], "success": True,
+                                "command": request["command"],
+                                "body": {"stackFrames": [{"id": 5, "name": "cell", "line": 2}]}}).encode()
+            conn.sendall(b"Content-Length: %d\r\n\r\n" % len(reply) + reply)
+            conn.recv(65536)  # until the link closes
+
+    def close(self) -> None:
+        self.answer.set()
+        self.listener.close()
+
+
+def test_a_slow_pod_debugger_does_not_block_the_control_channel_loop():
+    """Issue 19.3: a request for a pod's thread waited for the pod's debugpy (up to 30 s) inside ipykernel's
+    async control handler, so nothing else on the control channel was served meanwhile."""
+    import asyncio
+    import logging
+
+    from kt_jupyter import debug_panel
+
+    fake = FakeSlowDebugpy()
+    dbg = debug_panel._debugger_class()(logging.getLogger("test"), None, lambda _e: None, None, None, [])
+    dbg._kt_init()
+    dbg.is_started = True
+    dbg.kt_links.append(debug_panel.PodDapLink("fake", "127.0.0.1", fake.port, on_event=lambda _m: None,
+                                               timeout_s=10))
+
+    async def frontend() -> tuple[bool, dict]:
+        request = asyncio.ensure_future(dbg.process_request(
+            {"type": "request", "seq": 3, "command": "stackTrace", "arguments": {"threadId": ID_SPAN + 1}}))
+        # the loop must come back here while the pod has the request and has not answered
+        await asyncio.get_running_loop().run_in_executor(None, fake.got.wait, TIMEOUT_S)
+        pending_while_pod_thinks = not request.done()
+        fake.answer.set()
+        return pending_while_pod_thinks, await request
+
+    try:
+        pending, reply = asyncio.run(asyncio.wait_for(frontend(), TIMEOUT_S))
+    finally:
+        dbg.detach_pods()
+        fake.close()
+    assert pending, "the control loop was blocked while the pod's debugger had not answered"
+    assert reply["success"] and reply["request_seq"] == 3
+    assert reply["body"]["stackFrames"][0]["id"] == ID_SPAN + 5  # in the pod's id range
