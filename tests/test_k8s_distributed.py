@@ -13,6 +13,7 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 from k8s_fake.cluster import MISSING_IMAGE, NS, fake_cluster
+from k8s_fake.kuberay import FakeKubeRayOperator
 from k8s_fake.statefulsets import FakeStatefulSetController, cluster_dns_available
 from test_compute_api import _strict, schema_errors
 
@@ -113,7 +114,7 @@ def test_inactivity_ttl_is_refused_with_a_clear_error():
 
 @pytest.fixture(scope="module")
 def ray_schema() -> Draft7Validator:
-    crd = yaml.safe_load(RAY_CRD.read_text())
+    crd = yaml.load(RAY_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 0.9 MB of YAML
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
 
@@ -165,8 +166,10 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
     port = free_port()  # rank 0's rendezvous port: every fake pod listens on this machine
     compute = kt.Compute(name="ddpk", backend="kubernetes").distribute("pytorch", workers=2,
                                                                       distribution_args={"master_port": port})
-    group = connect_group(compute)  # the seed API: the StatefulSet, both ranks ready, one connection each
+    lines: list[str] = []
+    group = connect_group(compute, on_event=lines.append)  # the seed API: the StatefulSet, both ranks ready, one connection each
     assert [c.handle.where.split()[1] for c in group.ranks] == ["tester-ddpk-0", "tester-ddpk-1"]
+    assert any("all 2 workers of 'ddpk' ready in" in line for line in lines)
     master = f"tester-ddpk-0.tester-ddpk.{NS}.svc"
     if cluster_dns_available():  # the fake cluster DNS resolves rank 0's name to its pod: the world forms
         results = kt.fn(all_reduce_rank, name="ddpk").to(compute)()
@@ -213,3 +216,23 @@ def test_a_ray_compute_without_kuberay_names_the_operator(cluster, monkeypatch):
             as raised:
         connect_group(compute)
     assert "\n" not in str(raised.value)  # one line: nothing else to say
+
+
+def test_a_ray_compute_runs_its_cells_in_the_kuberay_head_pod(cluster, ip, capsys):
+    from ipshell import run
+
+    FakeKubeRayOperator.install(cluster.kubelet)  # the fake runs no Ray: the head pod's pod kernel only
+    run(ip, "%kt config backend=kubernetes")
+    run(ip, "%%kt --workers 3 --framework ray --name rk\nimport os\n"
+            "seen = (os.environ['RAY_ADDRESS'], os.environ['RAY_AUTH_MODE'], os.environ['HOSTNAME'])")
+    assert ip.user_ns["seen"] == ("127.0.0.1:6379", "token", "tester-rk-head")
+    assert "the Ray head (its workers join it) of 'rk' ready in" in capsys.readouterr().err
+    rc = cluster.store.get("rayclusters", NS, "tester-rk")
+    assert rc["spec"]["workerGroupSpecs"][0]["replicas"] == 2 and rc["status"]["desiredWorkerReplicas"] == 2
+    with pytest.raises(Exception, match="runs 3 ray workers, not 2 ray"):
+        run(ip, "%%kt --workers 2 --framework ray --name rk\n1")
+    run(ip, "%kt down rk")
+    compute = Compute(name="rk", backend="kubernetes")
+    assert cluster.store.get("rayclusters", NS, "tester-rk") is None
+    for plural in ("pods", "secrets", "configmaps"):
+        assert not cluster.objects(plural, label_selector(compute)), plural

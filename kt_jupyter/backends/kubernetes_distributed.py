@@ -314,8 +314,8 @@ def launch_group(compute: Compute, *, on_event: Callable[[str], None] | None = N
     finally:
         waiter.stop()
     handles = [_handle(kube, compute, rank, pod, token, workload["kind"]) for rank, pod in enumerate(pods)]
-    say(f"all {len(pods)} {'Ray head' if config.framework == 'ray' else 'workers'} of {compute.name!r} ready "
-        f"in {time.monotonic() - t0:.1f} s")
+    what = "the Ray head (its workers join it)" if config.framework == "ray" else f"all {len(pods)} workers"
+    say(f"{what} of {compute.name!r} ready in {time.monotonic() - t0:.1f} s")
     return handles
 
 
