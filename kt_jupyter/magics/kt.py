@@ -38,6 +38,8 @@ from .args import (KtHelpFormatter, compute_args, compute_from_args, debugging_a
 
 #: Usage line of the cell magic (argparse %-formats it: '%%%%' shows as '%%').
 CELL_USAGE = "%%%%kt [options]      (the first line of a cell; the rest of the cell runs remotely)"
+#: How many distinct %%kt lines keep their parsed options (a notebook has a handful).
+PARSED_LINES_KEPT = 64
 CELL_EPILOG = "Managing computes: %kt list | status | logs | down | restart | pull | config | pick | wait; %kt help"
 
 
@@ -118,6 +120,8 @@ class KtMagics(Magics):
         self._subcommands = self._build_subcommands()
         #: (backend, name, pid, started) of the kernel the last %%kt cell ran on
         self._last_kernel: tuple[str, str, int | None, float] | None = None
+        #: %%kt line -> (default compute, its options, the compute they ask for, the options it set)
+        self._parsed_lines: dict[str, tuple[Compute, argparse.Namespace, Compute, frozenset[str]]] = {}
         #: the exact text of the cell running now (JupyterLab's debugger names cell files by hashing it)
         self._raw_cell: str | None = None
         shell.events.register("pre_run_cell", self._remember_cell)
@@ -153,11 +157,10 @@ class KtMagics(Magics):
             %%kt --gpus 1 --memory 16Gi --name train --backend kubernetes
             %%kt --workers 2 --name ddp          (every rank runs it: torch.distributed)
         """
-        args = parse_argstring(self.kt, line)
+        args, compute, explicit = self._parse_line(line)
         if args.help:
             print(self.kt.parser.format_help())
             return None
-        compute, explicit = compute_from_args(args, conn_mod.default_compute())
         transfer = transfer_from_args(args)
         timeout_s = parse_seconds(args.timeout, "--timeout")
         if args.debug not in (None, "attach", "wait"):
@@ -249,6 +252,23 @@ class KtMagics(Magics):
             with open(local_file, "w") as f:
                 f.write(source)
         print(endpoint.describe(cell_file, local_file, waiting=wait), flush=True)
+
+    def _parse_line(self, line: str) -> tuple[argparse.Namespace, Compute, set[str]]:
+        """The ``%%kt`` line's options and the compute they ask for, parsed once per line and default compute.
+
+        A cell run again gets the very same Compute, so :func:`connection.connect` knows the spec its kernel
+        was launched with by identity (no settings comparison), and the line is not parsed again.
+        """
+        default = conn_mod.default_compute()
+        hit = self._parsed_lines.get(line)
+        if hit is not None and hit[0] is default:
+            return hit[1], hit[2], set(hit[3])
+        args = parse_argstring(self.kt, line)
+        compute, explicit = compute_from_args(args, default)
+        if len(self._parsed_lines) >= PARSED_LINES_KEPT:
+            self._parsed_lines.clear()
+        self._parsed_lines[line] = (default, args, compute, frozenset(explicit))
+        return args, compute, explicit
 
     def _connect(self, compute: Compute, keep: bool = False, strict: set[str] | None = None,
                  heard: list[str] | None = None) -> conn_mod.ComputeConnection:

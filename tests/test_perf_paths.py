@@ -1,0 +1,48 @@
+"""The warm per-cell path's shortcuts keep behaviour: a parsed %%kt line reused, big unchanged globals vouched
+for by write tracking instead of hashed, and every in-place write still seen on both sides."""
+
+from __future__ import annotations
+
+import numpy as np
+from ipshell import run
+
+from kt_jupyter import connection as conn_mod
+from kt_jupyter.compute import Compute
+from pod_kernel import write_tracking
+
+BIG = write_tracking.TRACK_MIN_BYTES  # tracked on both sides
+
+
+def magics(ip):
+    return ip.magics_manager.registry["KtMagics"]
+
+
+def test_a_line_is_parsed_once_per_default_compute_and_the_kernel_known_by_identity(ip):
+    m = magics(ip)
+    run(ip, "%%kt --name perf-line\nx = 1")
+    _args, compute, explicit = m._parse_line("--name perf-line")
+    run(ip, "%%kt --name perf-line\nx = 2")
+    assert m._parse_line("--name perf-line")[1] is compute and explicit == {"name"} and ip.user_ns["x"] == 2
+    assert next(c for c in conn_mod.connections() if c.name == "perf-line").compute is compute
+    conn_mod.set_default_compute(Compute(name="perf-other"))  # the same line now asks for another spec
+    again = m._parse_line("--name perf-line")[1]
+    assert again is not compute and again.name == "perf-line"
+
+
+def test_in_place_writes_to_a_big_tracked_global_are_seen_after_unchanged_reruns(ip):
+    ip.user_ns["big"] = np.zeros(BIG, dtype=np.uint8)
+    run(ip, "%%kt --name perf-big\ns = int(big.sum())")
+    tracker = write_tracking.tracker()
+    vouched = tracker.vouched
+    for _ in range(2):
+        run(ip, "%%kt --name perf-big\ns = int(big.sum())")
+        assert magics(ip).last_outcome.skipped_unchanged == ["big"]
+    assert tracker.vouched >= vouched + 2 or not tracker.available  # not read again to learn that
+    ip.user_ns["big"][BIG // 2] = 7  # written here in place: sent again
+    run(ip, "%%kt --name perf-big\ns = int(big.sum())")
+    assert "big" in magics(ip).last_outcome.pushed and ip.user_ns["s"] == 7
+    run(ip, "%%kt --name perf-big\ns = int(big.sum())")
+    run(ip, "%%kt --name perf-big\nbig[-1] = 5")  # written there in place: comes back
+    assert int(ip.user_ns["big"].sum()) == 12
+    run(ip, "%%kt --name perf-big\ns = int(big.sum())")
+    assert ip.user_ns["s"] == 12 and magics(ip).last_outcome.bytes_pushed == 0
