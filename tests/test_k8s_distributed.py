@@ -190,6 +190,10 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
     assert sorted(pods) == ["tester-ddpk-0", "tester-ddpk-1"]
     assert pods["tester-ddpk-1"]["spec"]["subdomain"] == "tester-ddpk"
     assert pods["tester-ddpk-1"]["metadata"]["labels"]["apps.kubernetes.io/pod-index"] == "1"
+    run(ip, "%kt status ddpk")
+    status = capsys.readouterr().out
+    assert "ddpk: 2 pytorch workers (ddpk-r0, ddpk-r1)" in status
+    assert "--- rank 1\nready: pod tester-ddpk-1 on node fake-node-1" in status
     # another worker count under the same name is a clear error; a single kernel of that name too
     with pytest.raises(Exception, match="runs 2 pytorch workers, not 3 pytorch"):
         run(ip, "%%kt --workers 3 --name ddpk\n1")

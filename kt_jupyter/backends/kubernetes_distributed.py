@@ -48,7 +48,7 @@ from ..manifests_distributed import (
 )
 from ..pod_security import notebook_peer
 from ..startup import notebook_install_env
-from . import KernelHandle
+from . import KernelHandle, KernelInfo
 from . import kubernetes_events as ev
 from .kubernetes_api import KINDS, KubeApi
 from .kubernetes_launch import LOG_LINES_IN_ERRORS, unschedulable_grace_s
@@ -371,6 +371,23 @@ def find_group(compute: Compute) -> tuple[DistributedConfig, list[KernelHandle]]
         return config, [_handle(kube, compute.with_overrides(distributed=config.to_dict()), r, by_rank[r],
                                 token_text, kind) for r in range(wanted)]
     return None
+
+
+def rank_status(name: str, rank: int) -> KernelInfo:
+    """The state of one rank of the distributed compute ``name`` (its pod's, as for a single kernel); ray: rank 0
+    is the head. NotFoundError when no such group or rank exists."""
+    backend = _backend()
+    compute = backend._compute_for(name)
+    kube = backend._kube(compute)
+    found = find_group(compute)
+    if found is None or not 0 <= rank < (1 if found[0].framework == "ray" else found[0].workers):
+        raise NotFoundError(f"no rank {rank} of a distributed Kubernetes compute named {name!r} in namespace "
+                            f"{compute.namespace!r}; `%kt list` shows what runs")
+    kind = workload_kind(found[0])
+    workload = kube.get(kind, compute.service_name, compute.namespace) or {}
+    pods = [p for p in kube.list("Pod", compute.namespace, label_selector=label_selector(compute))
+            if _rank_of(compute, p, found[0].framework == "ray") == rank]
+    return backend._info(kube, rank_name(name, rank), compute.namespace, kind, workload, pods)  # as for one kernel
 
 
 def delete_group(name: str, namespace: str | None = None, grace_period_s: float = 5.0) -> bool:

@@ -144,4 +144,13 @@ def status(backend: str, name: str, show: Callable[[str, str], Any]) -> None:
     print(f"{name}: {workers} {framework} workers ({', '.join(rank_name(name, r) for r in range(workers))})")
     for rank in range(workers):
         print(f"--- rank {rank}")
-        show(rank_name(name, rank), backend)
+        if backend != "kubernetes":
+            show(rank_name(name, rank), backend)
+            continue
+        from ..backends.kubernetes_distributed import rank_status
+
+        if framework == "ray" and rank:
+            print("a Ray worker pod (Ray's own node, no pod kernel)")
+            continue
+        info = rank_status(name, rank)  # the pod's state: the backend knows computes by Deployment, not ranks
+        print(f"{info.phase}: {info.where}" + (f"\n{info.detail}" if info.detail else ""))
