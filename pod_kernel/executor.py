@@ -203,7 +203,11 @@ def _make_shell(executor: "Executor"):
 
     class KtCompiler(CachingCompiler):
         next_name: str | None = None
-        labels: dict[str, str] = {}
+
+        def __init__(self) -> None:
+            super().__init__()
+            #: cell file -> the notebook's label ("In[7]"), for the last HISTORY_CELLS_KEPT cells (see Executor.run)
+            self.labels: dict[str, str] = {}
 
         def get_code_name(self, raw_code, transformed_code, number):
             if self.next_name:

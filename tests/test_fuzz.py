@@ -182,18 +182,23 @@ def bundle_abuse(rng: random.Random, ws, req_id: str) -> tuple[str, int]:
     return "bundle_truncated_frame", 3
 
 
-@pytest.mark.parametrize("depth", [1_000, 100_000, 400_000])
-def test_deeply_nested_header_is_a_protocol_error_not_a_crash(depth):
-    """json.loads raises RecursionError (not ValueError) on deep nesting: it must still be a ProtocolError."""
+@pytest.mark.parametrize("depth, refusal", [
+    (10, None),  # shallow: parses
+    (100_000, "maximum recursion depth"),  # json.loads raises RecursionError (not ValueError) on deep nesting
+    (400_000, "maximum recursion depth"),
+    (600_000, "exceeds"),  # over the header limit: refused before parsing
+])
+def test_deeply_nested_header_is_a_protocol_error_not_a_crash(depth, refusal):
+    """A header nested too deep to parse is a ProtocolError, whatever json.loads raised; a shallow one parses."""
     body = b'{"type":"ping","id":"x","deep":' + b"[" * depth + b"]" * depth + b"}"
     frame = struct.pack(">I", len(body)) + body
-    if len(body) > P.MAX_HEADER_BYTES:
-        pytest.skip("over the header limit: refused before parsing")
-    try:
+    assert (len(body) > P.MAX_HEADER_BYTES) == (refusal == "exceeds")
+    if refusal is None:
         header, _ = P.decode_frame(frame)
-    except P.ProtocolError:
+        assert header["type"] == "ping"
         return
-    assert header["type"] == "ping"  # shallow enough to parse: fine too
+    with pytest.raises(P.ProtocolError, match=refusal):
+        P.decode_frame(frame)
 
 
 class GoodClient:
@@ -386,8 +391,7 @@ def test_bulk_port_garbage_and_wrong_tickets_grant_nothing(kernel):
     handle, s = kernel
     welcome = s.connect()
     port = welcome.get("bulk_port")
-    if not port:
-        pytest.skip("this pod kernel has no bulk channel")
+    assert port, "every pod kernel listens on a bulk channel"
     rng = random.Random(SEED + 1)
     s.execute("fz_before = sorted(k for k in globals() if not k.startswith('_'))")
     for i in range(200):
