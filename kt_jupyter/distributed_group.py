@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .backends import KernelHandle, get_backend
+from .backends import KernelHandle, get_backend, spec_mismatch, spec_mismatch_error
 from .client import client_loop
 from .compute import Compute
 from .connection import ComputeConnection
@@ -121,7 +121,7 @@ def existing_group(backend_name: str, name: str) -> tuple[int, str] | None:
         from .backends.kubernetes_distributed import find_group
 
         found = find_group(_kubernetes_compute(name))
-        return (found[0].workers, found[0].framework) if found is not None else None
+        return (found.config.workers, found.config.framework) if found is not None else None
     handle = get_backend(backend_name).find(rank_name(name, 0))
     spec = (handle.spec or {}).get("distributed") if handle is not None else None
     if not isinstance(spec, dict):
@@ -155,6 +155,9 @@ def connect_group(compute: Compute, *, keep: bool = False,
         group = _groups.get(key)
         if group is not None:
             _check_same(compute, group.config.workers, group.config.framework)
+            mismatch = "" if compute is group.compute else spec_mismatch(compute, group.compute.to_dict())
+            if mismatch:
+                raise spec_mismatch_error(compute.name, mismatch)
             why = group.liveness()
             if why is None:
                 return group
@@ -215,10 +218,13 @@ def _attach_or_launch_kubernetes(compute: Compute, say: Callable[[str], None]) -
 
     found = kd.find_group(compute)
     if found is not None:
-        _check_same(compute, found[0].workers, found[0].framework)
-        if found[1]:
-            say(f"reusing the running {found[0].workers} {found[0].framework} workers of {compute.name!r}")
-            return _group(compute, found[1])
+        _check_same(compute, found.config.workers, found.config.framework)
+        mismatch = spec_mismatch(compute, found.running.to_dict())  # the workers run what any process applied
+        if mismatch:
+            raise spec_mismatch_error(compute.name, mismatch)
+        if found.pods:
+            say(f"reusing the running {found.config.workers} {found.config.framework} workers of {compute.name!r}")
+            return _group(compute, kd.connect_ranks(compute, found))
     return _group(compute, kd.launch_group(compute, on_event=say))
 
 

@@ -20,7 +20,7 @@ from test_compute_api import _strict, schema_errors
 import kt_jupyter as kt
 from kt_jupyter.backends import kubernetes_distributed as kd
 from kt_jupyter.compute import Compute
-from kt_jupyter.distributed_group import connect_group, free_port
+from kt_jupyter.distributed_group import connect_group, forget, free_port
 from kt_jupyter.errors import BackendUnavailable, ImagePullError
 from kt_jupyter.manifests import (
     CONTAINER_NAME,
@@ -199,6 +199,11 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
         run(ip, "%%kt --workers 3 --name ddpk\n1")
     with pytest.raises(Exception, match="runs as 2 pytorch workers; add --workers 2"):
         run(ip, "%%kt --name ddpk\n1")
+    with pytest.raises(Exception, match=r"already running with memory=None \(not '3Gi'\)"):
+        run(ip, "%%kt --workers 2 --memory 3Gi --name ddpk\n1")
+    forget("kubernetes", "ddpk")  # another process: it finds the StatefulSet's spec and compares
+    with pytest.raises(Exception, match=r"already running with memory=None \(not '3Gi'\)"):
+        connect_group(compute.with_overrides(memory="3Gi"))
     run(ip, "%kt down ddpk")
     for plural in ("statefulsets", "pods", "services", "secrets", "configmaps"):
         assert not cluster.objects(plural, label_selector(compute)), plural

@@ -23,6 +23,7 @@ import json
 import queue
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..compute import POD_KERNEL_PORT, Compute
@@ -340,11 +341,27 @@ def _handle(kube: KubeApi, compute: Compute, rank: int, pod: dict[str, Any], tok
         bulk_resolver=lambda port: backend._bulk_address(rank_compute, live, port))
 
 
-def find_group(compute: Compute) -> tuple[DistributedConfig, list[KernelHandle]] | None:
-    """The running group of ``compute``'s name: its settings and, when every rank is Ready, a handle per rank.
+@dataclass
+class RunningGroup:
+    """A distributed compute found in the cluster (by any process): what runs, and its Ready rank pods."""
 
-    None when no workload of that name exists. The handles list is empty while some rank is not Ready.
-    """
+    #: the workload: ``StatefulSet`` or ``RayCluster``
+    kind: str
+    #: the group compute that was applied (from the workload's ``kt.dev/spec`` annotation)
+    running: Compute
+    #: the Ready pod of each rank, rank order (ray: the head); empty while some rank is not Ready
+    pods: list[dict[str, Any]]
+    #: the compute's token ('' when its Secret is missing)
+    token: str = field(repr=False, default="")
+
+    @property
+    def config(self) -> DistributedConfig:
+        """The running group's framework, worker count and options."""
+        return self.running.distributed_config  # type: ignore[return-value]
+
+
+def find_group(compute: Compute) -> RunningGroup | None:
+    """The distributed compute of ``compute``'s name and namespace in the cluster, or None. Connects nothing."""
     backend = _backend()
     kube = backend._kube(compute)
     for kind in ("StatefulSet", "RayCluster"):  # no RayCluster resource (no KubeRay): None
@@ -353,7 +370,7 @@ def find_group(compute: Compute) -> tuple[DistributedConfig, list[KernelHandle]]
             continue
         try:
             running = Compute.from_dict(json.loads(workload["metadata"]["annotations"][SPEC_ANNOTATION]))
-        except (KeyError, ValueError, KtError):
+        except (KeyError, ValueError, TypeError, KtError):
             continue  # not one of ours
         config = running.distributed_config
         if config is None:
@@ -365,12 +382,15 @@ def find_group(compute: Compute) -> tuple[DistributedConfig, list[KernelHandle]]
                 if ev.is_ready(p) and not ev.is_terminating(p)]
         wanted = 1 if ray else config.workers
         by_rank = {r: p for p in pods if (r := _rank_of(running, p, ray)) is not None and r < wanted}
-        if not token or len(by_rank) < wanted:
-            return config, []
-        token_text = base64.b64decode(token).decode()
-        return config, [_handle(kube, compute.with_overrides(distributed=config.to_dict()), r, by_rank[r],
-                                token_text, kind) for r in range(wanted)]
+        ready = [by_rank[r] for r in range(wanted)] if len(by_rank) == wanted and token else []
+        return RunningGroup(kind, running, ready, base64.b64decode(token).decode() if token else "")
     return None
+
+
+def connect_ranks(compute: Compute, group: RunningGroup) -> list[KernelHandle]:
+    """A handle on each Ready rank of a running group (a forward and a liveness watch each), rank order."""
+    kube = _backend()._kube(compute)
+    return [_handle(kube, compute, r, pod, group.token, group.kind) for r, pod in enumerate(group.pods)]
 
 
 def rank_status(name: str, rank: int) -> KernelInfo:
@@ -380,14 +400,14 @@ def rank_status(name: str, rank: int) -> KernelInfo:
     compute = backend._compute_for(name)
     kube = backend._kube(compute)
     found = find_group(compute)
-    if found is None or not 0 <= rank < (1 if found[0].framework == "ray" else found[0].workers):
+    ray = found is not None and found.config.framework == "ray"
+    if found is None or not 0 <= rank < (1 if ray else found.config.workers):
         raise NotFoundError(f"no rank {rank} of a distributed Kubernetes compute named {name!r} in namespace "
                             f"{compute.namespace!r}; `%kt list` shows what runs")
-    kind = workload_kind(found[0])
-    workload = kube.get(kind, compute.service_name, compute.namespace) or {}
+    workload = kube.get(found.kind, compute.service_name, compute.namespace) or {}
     pods = [p for p in kube.list("Pod", compute.namespace, label_selector=label_selector(compute))
-            if _rank_of(compute, p, found[0].framework == "ray") == rank]
-    return backend._info(kube, rank_name(name, rank), compute.namespace, kind, workload, pods)  # as for one kernel
+            if _rank_of(compute, p, ray) == rank]
+    return backend._info(kube, rank_name(name, rank), compute.namespace, found.kind, workload, pods)  # as for one
 
 
 def delete_group(name: str, namespace: str | None = None, grace_period_s: float = 5.0) -> bool:
