@@ -412,7 +412,7 @@ def test_ten_thousand_cells_without_memory_growth(kernel):
     marks: dict[int, tuple[int, int]] = {}
     t0 = time.perf_counter()
     for i in range(1, total + 1):
-        r = s.execute(f"x = {i}\nx + 1")
+        r = s.execute(f"x = {i}\nx + 1", cell_label=f"In[{i}]")
         assert r.data == {"text/plain": str(i + 1)}
         if i in (1000, total):
             gc.collect()
@@ -420,6 +420,8 @@ def test_ten_thousand_cells_without_memory_growth(kernel):
     elapsed = time.perf_counter() - t0
     # IPython's per-cell names (_iN, _N) are kept for the last 1000 cells only: the namespace is bounded too
     assert int(s.execute("len(globals())").data["text/plain"]) < 2 * 1000 + 100
+    # and so are the traceback labels ("Cell In[7]") the pod's compiler keeps per cell
+    assert int(s.execute("len(get_ipython().compile.labels)").data["text/plain"]) <= 1000
     kernel_growth = marks[total][0] - marks[1000][0]
     client_growth = marks[total][1] - marks[1000][1]
     record("load", "cells", total)
@@ -588,6 +590,15 @@ def test_outbox_unit_flood_tail_and_budgets():
         loop.close()
 
 
+def join_all(threads: list[threading.Thread], timeout_s: float) -> None:
+    """Join every thread within one deadline; fail naming how many are still running (hung)."""
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    hung = [t.name for t in threads if t.is_alive()]
+    assert not hung, f"{len(hung)} threads still running after {timeout_s:g} s: {hung[:3]}"
+
+
 def test_hundred_concurrent_seed_api_calls(cleanup_connections):
     import kt_jupyter as kt
 
@@ -610,11 +621,10 @@ def test_hundred_concurrent_seed_api_calls(cleanup_connections):
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(100)]
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(100)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=120)
+    join_all(threads, 120)
     elapsed = time.perf_counter() - t0
     assert not errors, errors[:3]
     assert [r[0] for r in results] == list(range(100))
@@ -628,6 +638,7 @@ def test_hundred_threads_of_session_operations(kernel):
     _, s = kernel
     s.push({f"v{i}": np.full(1000, i) for i in range(100)})
     errors: list[BaseException] = []
+    finished: set[int] = set()
     start = threading.Barrier(100)
 
     def worker(i):
@@ -638,16 +649,17 @@ def test_hundred_threads_of_session_operations(kernel):
             assert s.metrics()["rss_bytes"] > 0
             s.ping()
             assert s.execute(f"int(v{i}.sum())").data == {"text/plain": str(i * 1000)}
+            finished.add(i)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(100)]
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(100)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=120)
+    join_all(threads, 120)  # a thread hung in a session call fails here (before, only errors were counted)
     assert not errors, errors[:3]
+    assert finished == set(range(100))
     record("load", "concurrent_session_threads", 100)
     record("load", "concurrent_session_ops_seconds", round(time.perf_counter() - t0, 2))
 
