@@ -164,8 +164,9 @@ def kubernetes_shell(name: str) -> int:
     core = client.CoreV1Api(load_api_client(compute.kubeconfig_path))  # stream() patches its client: a fresh one
     resp = stream(core.connect_get_namespaced_pod_exec, ready[0]["metadata"]["name"], compute.namespace,
                   container=CONTAINER_NAME, command=["/bin/sh", "-c", 'exec "${SHELL:-/bin/sh}"'],
-                  stdin=True, stdout=True, stderr=True, tty=True, _preload_content=False)
-    stdin = sys.stdin.fileno()
+                  stdin=True, stdout=True, stderr=True, tty=True, _preload_content=False,
+                  binary=True)  # bytes: a character split between two messages stays whole
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
 
     def resize() -> None:
         size = _window_size(stdin)
@@ -179,15 +180,14 @@ def kubernetes_shell(name: str) -> int:
         while resp.is_open():
             resp.update(timeout=RELAY_POLL_S)
             for read in (resp.read_stdout, resp.read_stderr):
-                text = read(timeout=0) if resp.is_open() else ""
-                if text:
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
-            if select.select([stdin], [], [], 0)[0]:
+                data = read(timeout=0)  # also once closed: the last update may have buffered the last output
+                while data:  # a terminal may take part of a write
+                    data = data[os.write(stdout, data):]
+            if resp.is_open() and select.select([stdin], [], [], 0)[0]:
                 data = os.read(stdin, RELAY_READ_BYTES)
                 if not data:
                     break
-                resp.write_stdin(data.decode(errors="replace"))
+                resp.write_stdin(data)
     finally:
         restore()
         resp.close()

@@ -1,5 +1,7 @@
 """Compute.ssh(): a shell beside a real local pod kernel through real ptys (pexpect drives our terminal),
-and the server extension's terminal route on a real Jupyter server with terminado; client_port()."""
+and the server extension's terminal route on a real Jupyter server with terminado; client_port().
+On Kubernetes the same through the fake cluster: ``pods/exec`` over the WebSocket channel protocol
+(:mod:`k8s_fake.exec`) and the production port-forward."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import os
 import socket
 import sys
 
+import psutil
 import pytest
 
 pexpect = pytest.importorskip("pexpect")
@@ -17,8 +20,12 @@ pytest.importorskip("pytest_jupyter", reason="needs pytest-jupyter[server] (the 
 from pytest_jupyter.jupyter_server import *  # noqa: E402,F401,F403  (jp_serverapp, jp_fetch and what they need)
 from tornado.httpclient import HTTPClientError  # noqa: E402
 
+from kt_jupyter import backends as backends_mod  # noqa: E402
+from kt_jupyter.backends.kubernetes import KubernetesBackend  # noqa: E402
 from kt_jupyter.compute import Compute  # noqa: E402
 from kt_jupyter.shell import open_server_terminal  # noqa: E402
+from k8s_fake.cluster import NS, fake_cluster  # noqa: E402
+from k8s_fake.exec import install_exec  # noqa: E402
 
 #: Seconds any one expected answer may take.
 ANSWER_TIMEOUT_S = 15
@@ -37,6 +44,24 @@ def pod_kernel(tmp_path, local_backend):
     compute = Compute(name="sh1", working_dir=str(pod), env_vars={"KT_MARK": "mark-123", "SHELL": "/bin/sh"})
     local_backend.launch(compute)
     return compute, pod
+
+
+@pytest.fixture
+def k8s_pod_kernel(tmp_path, monkeypatch, kt_home):
+    """A compute on the fake cluster, reached through the production port-forward; the fake API serves exec.
+    Yields the compute and the fake container's working directory."""
+    with fake_cluster(tmp_path, monkeypatch) as cluster:
+        install_exec(cluster.kubelet)
+        backend = KubernetesBackend()  # outside a cluster: the real PortForwardConnector
+        monkeypatch.setitem(backends_mod._instances, "kubernetes", backend)
+        compute = Compute(name="ksh", backend="kubernetes", env_vars={"KT_MARK": "mark-k8s", "SHELL": "/bin/sh"})
+        backend.launch(compute)
+        pod = cluster.pods(compute)[0]["metadata"]["name"]
+        try:
+            yield compute, psutil.Process(cluster.kubelet.pid(NS, pod)).cwd()
+        finally:
+            for live in list(backend._live.values()):
+                live.close()
 
 
 def _shell_env() -> dict[str, str]:
@@ -91,6 +116,36 @@ def test_client_port_reaches_the_local_kernel(pod_kernel, cleanup_connections):
         assert sock.recv(64).startswith(b"HTTP/1.1 200")
 
 
+def test_kubernetes_shell_is_an_exec_on_a_tty_in_the_pods_directory_and_client_port_reaches_it(
+        k8s_pod_kernel, cleanup_connections):
+    compute, pod_dir = k8s_pod_kernel
+    port = compute.client_port()  # a local port of the port-forward through the API server
+    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_TIMEOUT_S) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+
+    child = pexpect.spawn(sys.executable, ["-m", "kt_jupyter.shell", "--backend", "kubernetes", compute.name],
+                          env={**_shell_env(), "KT_MARK": "not-the-pods"}, timeout=ANSWER_TIMEOUT_S,
+                          encoding="utf-8", dimensions=(40, 100))
+    try:
+        child.expect(r"[$#] $")
+        child.sendline('echo "[$KT_MARK:$(pwd)]"; tty; stty size')
+        child.expect_exact(f"[mark-k8s:{pod_dir}]")  # the container's environment and working directory
+        child.expect(r"/dev/pts/\d+")  # tty=true: a terminal in the pod
+        child.expect_exact("40 100")  # the window size travelled on the resize channel
+        child.setwinsize(30, 90)
+        child.sendline("stty size")
+        child.expect_exact("30 90")
+        child.sendline("seq 1 30000")
+        child.expect_exact("\r\n30000\r\n")  # 170 KB as many messages, none lost or reordered
+        child.sendline("echo bye; exit 3")
+        child.expect_exact("\r\nbye\r\n")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 3  # from the error channel's Status (reason ExitCode)
+
+
 # ---------------------------------------------------------------------- the server's terminal route
 
 def _post_terminal(jp_fetch, loop, backend: str, name: str, headers: dict | None = None):
@@ -132,6 +187,30 @@ def test_terminal_route_opens_a_shell_on_the_compute(pod_kernel, jp_fetch, jp_ws
         assert exc.code == 404, exc
     second = jp_asyncio_loop.run_until_complete(jp_fetch("api", "terminals", url.rsplit("/", 1)[1], method="DELETE"))
     assert second.code == 204
+
+
+def test_terminal_route_opens_a_shell_in_a_kubernetes_pod(k8s_pod_kernel, jp_fetch, jp_ws_fetch, jp_asyncio_loop):
+    compute, pod_dir = k8s_pod_kernel
+    code, body = _post_terminal(jp_fetch, jp_asyncio_loop, "kubernetes", compute.name)
+    assert code == 201 and body["backend"] == "kubernetes"
+
+    async def shell_says() -> str:
+        ws = await jp_ws_fetch("terminals", "websocket", body["name"])
+        ws.write_message(json.dumps(["stdin", 'echo "[$KT_MARK:$(pwd)]"\r']))
+        seen = ""
+        while f"[mark-k8s:{pod_dir}]" not in seen:
+            message = json.loads(await asyncio.wait_for(ws.read_message(), ANSWER_TIMEOUT_S))
+            if message[0] == "stdout":
+                seen += message[1]
+        ws.write_message(json.dumps(["stdin", "exit\r"]))
+        ws.close()
+        return seen
+
+    assert f"[mark-k8s:{pod_dir}]" in jp_asyncio_loop.run_until_complete(shell_says())
+    try:
+        jp_asyncio_loop.run_until_complete(jp_fetch("api", "terminals", body["name"], method="DELETE"))
+    except HTTPClientError as exc:
+        assert exc.code == 404, exc
 
 
 def test_terminal_route_refuses_what_it_must(pod_kernel, jp_fetch, jp_asyncio_loop):

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 #: Subprotocols the fake serves, in the order it prefers them.
 EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 STDIN, STDOUT, STDERR, ERROR, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
+#: Seconds the server waits for the client's close frame after its own, as a real one does.
+CLOSE_WAIT_S = 10.0
 #: Bytes read from the command's output per message.
 EXEC_READ_BYTES = 32 << 10
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -186,6 +188,9 @@ def _run(ws: ServerWebSocket, argv: list[str], cwd: str, env: dict[str, str], *,
     try:
         ws.send(0x2, bytes([ERROR]) + json.dumps(exit_status(128 - code if code < 0 else code)).encode())
         ws.send(0x8, b"")
+        # the closing handshake: the connection stays until the client's close frame (or it goes away), so
+        # output it has not read yet is not dropped by a reset
+        reader.join(CLOSE_WAIT_S)
     except OSError:
         pass
     finally:
