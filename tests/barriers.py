@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 #: Code for a cell: wait until the file named by the cell's global ``go`` exists (60 s at most).
 WAIT_FOR_GO = ("import os as _os, time as _time\n"
@@ -16,12 +16,15 @@ WAIT_FOR_GO = ("import os as _os, time as _time\n"
                "while not _os.path.exists(go) and _time.monotonic() < _deadline:\n    _time.sleep(0.005)\n")
 
 
-def wait_until(condition: Callable[[], object], timeout_s: float = 60.0, what: str = "condition",
-               poll_s: float = 0.01) -> None:
-    """Return once ``condition()`` is true; AssertionError naming ``what`` after ``timeout_s``."""
+def wait_until(condition: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition",
+               poll_s: float = 0.01) -> Any:
+    """``condition()``'s first true value; AssertionError naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:g} s"
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
         time.sleep(poll_s)
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from barriers import WAIT_FOR_GO, wait_until
 from traitlets import TraitError
 
 from kt_jupyter import connection as conn_mod
@@ -36,17 +37,6 @@ GPU_SAMPLE = {
     "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "utilization_percent": 93, "memory_used_bytes": 40 << 30,
               "memory_total_bytes": 80 << 30, "temperature_c": 61, "power_w": 402.4}],
 }
-
-
-def wait_until(predicate, timeout_s: float = 15.0, what: str = "condition"):
-    """Poll ``predicate`` until true or fail after the deadline (no fixed sleeps in the assertions)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @pytest.fixture(autouse=True)
@@ -622,7 +612,7 @@ def test_picker_view_follows_model_and_buttons_act(local_backend):
 # ---------------------------------------------------------------------- the monitor on a real pod kernel
 
 
-def test_monitor_follows_a_real_kernel_until_it_stops(local_backend):
+def test_monitor_follows_a_real_kernel_until_it_stops(local_backend, tmp_path):
     from kt_jupyter.widgets.monitor import monitor_for
     from kt_jupyter.widgets.panel import ComputePanel
 
@@ -639,10 +629,18 @@ def test_monitor_follows_a_real_kernel_until_it_stops(local_backend):
 
     seen_running = threading.Event()
     mon.status.observe(lambda ch: ch["new"] and seen_running.set(), names=["running"])
-    conn.run_cell("import time\nprint('marker from the cell')\ntime.sleep(1.0)", {}, on_output=lambda _m: None)
-    wait_until(lambda: any(c and "marker from the cell" in t for _l, t, c in mon.logs.lines),
-               what="the cell's print in the log, marked as cell output")
-    assert seen_running.wait(5), "the monitor never saw the cell running"
+    go = tmp_path / "go"  # the cell runs until the test has seen what it waits for
+    cell = threading.Thread(target=lambda: conn.run_cell(f"print('marker from the cell', flush=True)\n{WAIT_FOR_GO}",
+                                                         {"go": str(go)}, on_output=lambda _m: None), daemon=True)
+    cell.start()
+    try:
+        assert seen_running.wait(30), "the monitor never saw the cell running"
+        wait_until(lambda: any(c and "marker from the cell" in t for _l, t, c in mon.logs.lines),
+                   what="the cell's print in the log, marked as cell output")
+    finally:
+        go.touch()
+    cell.join(30)
+    assert not cell.is_alive()
     wait_until(lambda: not mon.status.running and mon.status.cells_run == 1, what="idle after the cell")
     assert mon.status.phase == "ready" and mon.status.activity.startswith("idle ")
     assert "marker from the cell" not in panel.log_view.box.value  # the cell showed it: hidden by default
