@@ -21,7 +21,7 @@ import kt_jupyter as kt
 from kt_jupyter.backends import kubernetes_distributed as kd
 from kt_jupyter.compute import Compute
 from kt_jupyter.distributed_group import connect_group, forget, free_port
-from kt_jupyter.errors import BackendUnavailable, ImagePullError
+from kt_jupyter.errors import BackendUnavailable, ImagePullError, UnschedulableError
 from kt_jupyter.manifests import (
     CONTAINER_NAME,
     SPEC_ANNOTATION,
@@ -214,6 +214,14 @@ def test_a_rank_that_cannot_start_is_named_and_its_statefulset_deleted(cluster):
     with pytest.raises(ImagePullError, match=r"worker rank \d \(bad-r\d\) did not start, so none of the 2 workers"):
         connect_group(compute)
     assert cluster.store.get("statefulsets", NS, "tester-bad") is None
+
+
+def test_an_unschedulable_rank_is_named_once_its_grace_has_passed(cluster, monkeypatch):
+    monkeypatch.setenv("KT_UNSCHEDULABLE_GRACE", "0.5")  # no autoscaler adds a node with this many CPUs
+    compute = Compute(name="big", backend="kubernetes", cpus=64).distribute("pytorch", workers=2)
+    with pytest.raises(UnschedulableError, match=r"worker rank \d \(big-r\d\) did not start.*Insufficient cpu"):
+        connect_group(compute)
+    assert cluster.store.get("statefulsets", NS, "tester-big") is None
 
 
 def test_a_ray_compute_without_kuberay_names_the_operator(cluster, monkeypatch):

@@ -77,11 +77,6 @@ CLOCK_CHECK_S = 1.0
 DELETE_WAIT_S = 60.0
 
 
-def workload_kind(config: DistributedConfig) -> str:
-    """``StatefulSet`` (pytorch) or ``RayCluster`` (ray)."""
-    return "RayCluster" if config.framework == "ray" else "StatefulSet"
-
-
 def group_objects(compute: Compute, token: str) -> list[dict[str, Any]]:
     """Every object of a distributed compute in apply order, the workload (stamped with its template hash) last."""
     config = compute.distributed_config
