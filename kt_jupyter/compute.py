@@ -15,21 +15,35 @@ import getpass
 import json
 import os
 import shlex
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from pod_kernel.protocol import SERIALIZATIONS
 
 from .autoscaling import AutoscalingConfig
 from .distributed import DistributedConfig
-from .errors import BackendUnavailable, ComputeSpecError, NotFoundError
+from .errors import ComputeSpecError
 from .gpus import check_gpu_node_selector, check_gpu_type
 from .image import Image, as_image, check_env_vars
-from .lifecycle import ComputeLifecycle
+from .k8s_fields import (
+    LoggingConfig,
+    Secret,
+    Volume,
+    as_logging_config,
+    as_secrets,
+    as_volumes,
+    check_abs_path,
+    check_bool,
+    check_dns_label,
+    check_dns_subdomain,
+    check_label_value,
+    check_string_map,
+    check_tolerations,
+    dns1123_label,
+    resolve_namespace,
+)
+from .lifecycle import ComputeLifecycle, operations
 from .names import check_compute_name
-from .k8s_fields import (LoggingConfig, Secret, Volume, as_logging_config, as_secrets, as_volumes, check_abs_path,
-                         check_bool,
-                         check_dns_label, check_dns_subdomain, check_label_value, check_string_map,
-                         check_tolerations, dns1123_label, resolve_namespace)
 from .quantities import parse_cpus, parse_duration, parse_gpus, parse_memory
 
 if TYPE_CHECKING:
@@ -105,14 +119,62 @@ class Compute(ComputeLifecycle):
       or its ``to_dict()``), so copies and specs sent over REST keep it.
     - ``distributed``: what :meth:`distribute` sets (a :class:`~kt_jupyter.distributed.DistributedConfig`
       or its ``to_dict()``), likewise.
+
+    Every attribute below is set once, validated, by the constructor; none can be set afterwards.
     """
+
+    name: str
+    #: ``"local"`` or ``"kubernetes"``
+    backend: str
+    #: Kubernetes' canonical CPU quantity (``"500m"``) and the same in cores
+    cpus: str | None
+    cpu_cores: float | None
+    #: canonical quantities (``"4Gi"``) and the same in bytes
+    memory: str | None
+    memory_bytes: int | None
+    disk_size: str | None
+    disk_bytes: int | None
+    gpu_memory: str | None
+    gpu_memory_bytes: int | None
+    shared_memory_limit: str | None
+    shm_bytes: int | None
+    gpu_type: str | None
+    #: whole GPUs (``gpu_type``/``gpu_memory`` imply one); ``gpus`` the same as a string, None for none
+    gpu_count: int
+    gpus: str | None
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    node_selector: dict[str, str]
+    tolerations: list[dict[str, Any]]
+    service_account_name: str | None
+    service_template: dict[str, Any]
+    image: Image
+    env_vars: dict[str, str]
+    secrets: list[Secret]
+    volumes: list[Volume]
+    working_dir: str | None
+    queue: str | None
+    priority_class_name: str | None
+    replicas: int
+    freeze: bool
+    inactivity_ttl_s: float | None
+    launch_timeout_s: float
+    image_pull_policy: str | None
+    gpu_anti_affinity: bool
+    logging_config: LoggingConfig
+    kubeconfig_path: str | None
+    allowed_serialization: list[str]
+    _namespace: str | None
+    _resolved_namespace: str | None
+    _autoscaling: AutoscalingConfig | None
+    _distributed: DistributedConfig | None
 
     def __init__(
         self,
         *,
         name: str = "default",
         backend: str = "local",
-        cpus: str | int | float | None = None,
+        cpus: str | float | None = None,
         memory: str | int | None = None,
         disk_size: str | int | None = None,
         gpus: str | int | None = None,
@@ -135,8 +197,8 @@ class Compute(ComputeLifecycle):
         priority_class_name: str | None = None,
         replicas: int = 1,
         freeze: bool = False,
-        inactivity_ttl: str | int | float | None = None,
-        launch_timeout: str | int | float | None = None,
+        inactivity_ttl: str | float | None = None,
+        launch_timeout: str | float | None = None,
         image_pull_policy: str | None = None,
         gpu_anti_affinity: bool | None = None,
         logging_config: LoggingConfig | dict[str, Any] | None = None,
@@ -214,7 +276,7 @@ class Compute(ComputeLifecycle):
         s(self, "env_vars", env)
         s(self, "secrets", as_secrets(secrets))
         s(self, "volumes", as_volumes(volumes))
-        mounts = [v.mount_path for v in self.volumes] + [x.mount_path for x in self.secrets if x.mount_path]
+        mounts = [m for m in [v.mount_path for v in self.volumes] + [x.mount_path for x in self.secrets] if m]
         dup = sorted({m for m in mounts if mounts.count(m) > 1} | ({"/dev/shm"} & set(mounts)))
         if dup:
             raise ComputeSpecError(
@@ -317,9 +379,11 @@ class Compute(ComputeLifecycle):
         """The Kubernetes namespace: explicit, else resolved once by :func:`resolve_namespace`."""
         if self._namespace is not None:
             return self._namespace
-        if self._resolved_namespace is None:
-            object.__setattr__(self, "_resolved_namespace", resolve_namespace(kubeconfig_path=self.kubeconfig_path)[0])
-        return self._resolved_namespace
+        resolved = self._resolved_namespace
+        if resolved is None:
+            resolved = resolve_namespace(kubeconfig_path=self.kubeconfig_path)[0]
+            object.__setattr__(self, "_resolved_namespace", resolved)
+        return resolved
 
     @property
     def username(self) -> str:
@@ -373,7 +437,7 @@ class Compute(ComputeLifecycle):
         return self._distributed
 
     def distribute(self, framework: str = "pytorch", workers: int | None = None,
-                   distribution_args: dict[str, Any] | None = None) -> "Compute":
+                   distribution_args: dict[str, Any] | None = None) -> Compute:
         """Run on ``workers`` pod kernels that ``framework``'s engine connects: ``"pytorch"`` or ``"ray"``.
 
         As in the seed (and like :meth:`autoscale`), this changes the compute in place before it is
@@ -389,7 +453,7 @@ class Compute(ComputeLifecycle):
         return self
 
     def autoscale(self, min_replicas: int | None = None, max_replicas: int | None = None,
-                  target_concurrency: float | None = None, **knative: Any) -> "Compute":
+                  target_concurrency: float | None = None, **knative: Any) -> Compute:
         """Run as a Knative Serving ``Service`` that scales between ``min_replicas`` and ``max_replicas``.
 
         As in the seed, this changes the compute in place (before it is launched) and returns it,
@@ -430,9 +494,7 @@ class Compute(ComputeLifecycle):
     @property
     def manifest(self) -> dict[str, Any]:
         """The Deployment this compute runs as (see :mod:`kt_jupyter.manifests`)."""
-        from .manifests import build_deployment
-
-        return build_deployment(self)
+        return operations().deployment(self)
 
     @property
     def pod_spec(self) -> dict[str, Any]:
@@ -476,7 +538,7 @@ class Compute(ComputeLifecycle):
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(names)}"
                 raise ComputeSpecError(f"{where}: unknown Compute parameter {key!r}{hint}")
 
-    def with_overrides(self, **overrides: Any) -> "Compute":
+    def with_overrides(self, **overrides: Any) -> Compute:
         """A new Compute: this one's parameters with ``overrides`` applied (validated again).
 
         Values may be strings, as magics pass them (``replicas="2"``, ``freeze="yes"``);
@@ -496,7 +558,7 @@ class Compute(ComputeLifecycle):
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Compute":
+    def from_dict(cls, data: dict[str, Any]) -> Compute:
         """Rebuild a Compute from :meth:`to_dict` output (e.g. a spec sent over REST)."""
         if not isinstance(data, dict):
             raise ComputeSpecError(f"a Compute spec must be a dict; got {type(data).__name__}")
@@ -504,16 +566,14 @@ class Compute(ComputeLifecycle):
         return cls(**data)
 
     @classmethod
-    def from_template(cls, service_info: dict[str, Any]) -> "Compute":
+    def from_template(cls, service_info: dict[str, Any]) -> Compute:
         """The Compute of an existing Deployment: ``{"resource": manifest}`` or the manifest itself."""
-        from .manifests import compute_from_deployment
-
         resource = service_info.get("resource", service_info) if isinstance(service_info, dict) else None
         if not isinstance(resource, dict) or resource.get("kind") != "Deployment":
             raise ComputeSpecError(
                 "from_template expects {'resource': <Deployment manifest dict>}; got "
                 f"{type(resource).__name__ if not isinstance(resource, dict) else resource.get('kind')!r}")
-        return compute_from_deployment(resource)
+        return operations().from_deployment(resource)
 
     def magic_line(self) -> str:
         """The ``%%kt`` line that asks for this compute (options the magic has; others left out)."""
@@ -548,37 +608,23 @@ class Compute(ComputeLifecycle):
             shown.append(f"image={self.image!r}")
         return f"Compute({', '.join(shown)})"
 
-    # ------------------------------------------------------------------ cluster state (via the backend)
+    # ------------------------------------------------------------------ cluster state (through kt_jupyter.operations)
 
-    def _backend(self) -> Any:
-        from .backends import get_backend
-
-        return get_backend(self.backend)
-
-    def status(self) -> "KernelInfo":
+    def status(self) -> KernelInfo:
         """This compute's state as its backend reports it."""
-        return self._backend().status(self.name)
+        return operations().status(self)
 
     def is_up(self) -> bool:
         """Whether the pod kernel is running and ready."""
-        try:
-            return self.status().phase in ("ready", "running")
-        except NotFoundError:
-            return False
+        return operations().is_up(self)
 
     def logs(self, follow: bool = False, tail: int | None = 100) -> str | Iterator[str]:
         """The last ``tail`` log lines (all with None); with ``follow``, an iterator of new output."""
-        backend = self._backend()
-        if not follow:
-            return backend.logs(self.name, tail=tail)
-        follow_logs = getattr(backend, "follow_logs", None)
-        if follow_logs is None:
-            raise BackendUnavailable(f"the {self.backend} backend cannot follow logs; call logs() without follow")
-        return follow_logs(self.name)
+        return operations().logs(self, follow, tail)
 
-    def rsync(self, paths: str | os.PathLike | list[str | os.PathLike], dest: str | None = None, *,
+    def rsync(self, paths: str | os.PathLike[str] | list[str | os.PathLike[str]], dest: str | None = None, *,
               contents: bool = False, delete: bool = False, exclude: list[str] | tuple[str, ...] = (),
-              progress: bool | Callable[[int, int, int, int], None] = True) -> "RsyncResult":
+              progress: bool | Callable[[int, int, int, int], None] = True) -> RsyncResult:
         """Copy files and directories to the pod's working directory (or ``dest`` there), sending only changes.
 
         ``"src"`` lands as ``src/``; ``"src/"`` or ``contents=True`` copies what is inside. Files deleted
@@ -586,11 +632,8 @@ class Compute(ComputeLifecycle):
         ``exclude``: name patterns (``"*.pyc"``, ``".git"``). ``progress``: a line on stderr, or a callback
         ``(bytes_sent, bytes_total, files_done, files_total)``. Launches the compute if it is not running.
         """
-        from .connection import connect
-        from .rsync import rsync
-
-        return rsync(connect(self).session, paths, dest, pickle_ok="pickle" in self.allowed_serialization,
-                     contents=contents, delete=delete, exclude=exclude, progress=progress)
+        return operations().sync_files(
+            self, paths, dest, contents=contents, delete=delete, exclude=exclude, progress=progress)
 
     def ssh(self) -> int | None:
         """An interactive shell where the pod kernel runs (launching it if needed), in its working directory.
@@ -599,28 +642,14 @@ class Compute(ComputeLifecycle):
         In a notebook: a Jupyter terminal opened by the server extension, and a link to it shown.
         Local: ``$SHELL`` with the kernel's environment; Kubernetes: ``kubectl exec -it`` through the API.
         """
-        from .connection import connect
-        from .shell import ssh
-
-        connect(self)
-        return ssh(self.backend, self.name)
+        return operations().ssh(self)
 
     def client_port(self) -> int:
         """The local port that reaches the pod kernel (launching it if needed): on Kubernetes a port-forward
         to its port, locally the kernel's own port on 127.0.0.1."""
-        from urllib.parse import urlsplit
-
-        from .connection import connect
-
-        url = urlsplit(connect(self).handle.url)
-        if url.hostname == "127.0.0.1" and url.port:
-            return url.port
-        return self._backend().forward_port(self.name, POD_KERNEL_PORT)
+        return operations().client_port(self)
 
     def pods(self) -> list[Any]:
         """The pods of this compute (Kubernetes backend)."""
-        backend = self._backend()
-        pods = getattr(backend, "pods", None)
-        if pods is None:
-            raise BackendUnavailable(f"the {self.backend} backend has no pods; use backend='kubernetes'")
-        return pods(self.name)
+        return operations().pods(self)
+

@@ -148,7 +148,7 @@ class AsyncSession(Transport):
     async def apull(self, names: Iterable[str], *, serialization: str = "pickle",
                     on_progress: ProgressCallback | None = None) -> dict[str, Any]:
         """Fetch named values (big ones over the bulk channel when there is one)."""
-        header = {"type": "pull", "names": list(names), "serialization": serialization}
+        header: dict[str, Any] = {"type": "pull", "names": list(names), "serialization": serialization}
         if self._bulk_address() is not None:
             header["bulk"] = True
         bundle = await self.arequest(header, on_progress=on_progress)

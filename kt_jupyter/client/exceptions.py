@@ -24,8 +24,8 @@ def _exception_by_name(ename: str, evalue: str, allow_import: bool = True) -> Ba
         typ = getattr(importlib.import_module(module), name) if module else getattr(builtins, name)
         if isinstance(typ, type) and issubclass(typ, BaseException) and module not in ("__main__",):
             return typ(evalue)
-    except Exception:
-        pass
+    except Exception:  # not importable here, or its constructor wants other arguments
+        return None
     return None
 
 
@@ -56,5 +56,5 @@ def rebuild_exception(reply: Mapping[str, Any], payload: bytes, accept_pickle: b
         exc._render_traceback_ = lambda: lines or [f"{reply.get('ename')}: {reply.get('evalue')}"]  # type: ignore[attr-defined]
     except AttributeError:  # an exception type without __dict__
         exc = RemoteError(str(reply.get("ename", "Exception")), str(reply.get("evalue", "")), tb_text)
-        exc._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
+        exc._render_traceback_ = lambda: lines  # type: ignore[method-assign]
     return exc

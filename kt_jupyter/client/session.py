@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -232,7 +233,5 @@ class Session(AsyncSession):
 
     def close_quietly(self) -> None:
         """Close, ignoring a connection that is already gone."""
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass

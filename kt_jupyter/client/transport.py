@@ -402,9 +402,9 @@ class Transport:
         kind = header["type"]
         if kind in ("display", "execute_result") and header.pop("data_in_payload", False):
             header["data"] = json.loads(bytes(payload))  # a mime bundle too big for a header (up to 4 MiB)
-        ex = self._executions.get(header.get("id"))
+        ex = self._executions.get(header.get("id", ""))
         if ex is None:
-            callback = self._streams.get(header.get("id")) or self.on_unsolicited
+            callback = self._streams.get(header.get("id", "")) or self.on_unsolicited
             if callback is not None:
                 callback(header)
             return
@@ -415,7 +415,7 @@ class Transport:
             ex.on_output(header)
 
     def _on_input_request(self, header: dict[str, Any], payload: memoryview) -> None:
-        ex = self._executions.get(header.get("id"))
+        ex = self._executions.get(header.get("id", ""))
         if ex is not None and ex.answers_input and ex.on_output is not None:
             ex.on_output(header)  # Session.execute answers it in the caller's thread
         elif ex is not None:  # nobody here can type: continue pdb, EOFError for input()
@@ -424,7 +424,7 @@ class Transport:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _on_execute_reply(self, header: dict[str, Any], payload: memoryview) -> None:
-        ex = self._executions.get(header.get("id"))
+        ex = self._executions.get(header.get("id", ""))
         if ex is not None and not ex.reply.done():
             ex.reply.set_result((header, bytes(payload)))
         elif ex is None and self.on_unsolicited is not None:
@@ -432,7 +432,7 @@ class Transport:
 
     def _waiting(self, header: dict[str, Any]) -> _Pending | None:
         """The value request a frame answers, if one still waits for it."""
-        pending = self._pending.get(header.get("id"))
+        pending = self._pending.get(header.get("id", ""))
         return None if pending is None or pending.reply.done() else pending
 
     def _on_reply(self, header: dict[str, Any], payload: memoryview) -> None:
@@ -448,7 +448,7 @@ class Transport:
                  "traceback": [header.get("traceback", "")]}, bytes(payload), self.accept_pickle))
 
     def _on_values(self, header: dict[str, Any], payload: memoryview) -> None:
-        pending = self._pending.get(header.get("id"))
+        pending = self._pending.get(header.get("id", ""))
         if pending is None:
             return
         pending.header = header
@@ -459,12 +459,12 @@ class Transport:
             self._bundle_progress(pending)
 
     def _on_bulk_ready(self, header: dict[str, Any], payload: memoryview) -> None:
-        pending = self._pending.get(header.get("id"))
+        pending = self._pending.get(header.get("id", ""))
         if pending is not None and pending.bulk_ready is not None and not pending.bulk_ready.done():
             pending.bulk_ready.set_result(header["ticket"])
 
     def _on_chunk(self, header: dict[str, Any], payload: memoryview) -> None:
-        pending = self._pending.get(header.get("id"))
+        pending = self._pending.get(header.get("id", ""))
         if pending is not None and pending.assembler is not None:
             pending.assembler.feed(payload)
             self._bundle_progress(pending)
