@@ -10,16 +10,32 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .compute import Compute  # noqa: E402
-from .debugging import deep_breakpoint  # noqa: E402
-from .errors import KtError, RemoteError  # noqa: E402
-from .image import Image, images  # noqa: E402
-from .k8s_fields import LoggingConfig, Secret, Volume  # noqa: E402
-from .remote import Cls, Fn, RemoteObjectRef, cls, fn  # noqa: E402
+from .compute import Compute
+from .debugging import deep_breakpoint
+from .errors import KtError, RemoteError
+from .image import Image, images
+from .k8s_fields import LoggingConfig, Secret, Volume
+from .remote import Cls, Fn, RemoteObjectRef, cls, fn
 
-__all__ = ["Cls", "Compute", "Fn", "deep_breakpoint", "Image", "KtError", "LoggingConfig", "RemoteError",
-           "RemoteObjectRef", "Secret", "Volume", "cls", "fn", "images", "load_ipython_extension",
-           "unload_ipython_extension", "__version__"]
+__all__ = [
+    "Cls",
+    "Compute",
+    "Fn",
+    "Image",
+    "KtError",
+    "LoggingConfig",
+    "RemoteError",
+    "RemoteObjectRef",
+    "Secret",
+    "Volume",
+    "__version__",
+    "cls",
+    "deep_breakpoint",
+    "fn",
+    "images",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -381,10 +381,8 @@ class ComputeConnection:
 
     @staticmethod
     def _dump(values: dict[str, Any]) -> P.Bundle:
-        try:
+        with suppress(Exception):  # else one of them cannot travel: each is tried alone below, to name it
             return P.dump_values(values)
-        except Exception:
-            pass
         problems = []
         for name, value in values.items():
             try:

@@ -35,7 +35,8 @@ import json
 import logging
 import socket
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("kt_jupyter.debug_panel")
 
@@ -271,7 +272,7 @@ def uninstall(shell: Any) -> None:
     KtDebuggerMixin._point_handlers(debugger)  # type: ignore[arg-type]
 
 
-def active_debugger(shell: Any) -> "KtDebuggerMixin | None":
+def active_debugger(shell: Any) -> KtDebuggerMixin | None:
     """The notebook kernel's KtDebugger when JupyterLab's debugger is on, else None."""
     debugger = getattr(getattr(shell, "kernel", None), "debugger", None)
     if isinstance(debugger, KtDebuggerMixin) and debugger.is_started:

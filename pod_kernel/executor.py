@@ -21,10 +21,11 @@ import sys
 import threading
 import traceback
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, TextIO
+from typing import Any, ClassVar, TextIO
 
 from . import logfile
 from .calls import call_sink
@@ -108,7 +109,7 @@ class CellStream:
     encoding = "utf-8"
     errors = "replace"
 
-    def __init__(self, executor: "Executor", name: str, fallback: TextIO) -> None:
+    def __init__(self, executor: Executor, name: str, fallback: TextIO) -> None:
         self._executor = executor
         self.name = name
         self._fallback = fallback
@@ -152,7 +153,7 @@ class CellStream:
         return True
 
 
-def _make_shell(executor: "Executor"):
+def _make_shell(executor: Executor):
     """Build the InteractiveShell subclass whose display paths feed ``executor``."""
     from IPython.core.compilerop import CachingCompiler
     from IPython.core.displayhook import DisplayHook
@@ -178,8 +179,8 @@ def _make_shell(executor: "Executor"):
             executor.emit({"type": "clear_output", "wait": bool(wait)})
 
     class KtDisplayHook(DisplayHook):
-        _data: dict = {}
-        _md: dict = {}
+        _data: ClassVar[dict] = {}  # replaced per result by start_displayhook / write_format_data
+        _md: ClassVar[dict] = {}
 
         def start_displayhook(self):
             self._data, self._md = {}, {}
@@ -345,8 +346,8 @@ class Executor:
             sys.stdout.flush()
             self.debug.wait_for_client()
         except KeyboardInterrupt as exc:
-            self.last_traceback = ["KeyboardInterrupt: interrupted while waiting for a debugger to attach; "
-                                   "the cell did not run"]
+            self.last_traceback = [("KeyboardInterrupt: interrupted while waiting for a debugger to attach; "
+                                    "the cell did not run")]
             return exc
         except RuntimeError as exc:  # debugpy missing or failing: say so, do not run the cell
             self.last_traceback = [f"RuntimeError: {exc}; the cell did not run"]

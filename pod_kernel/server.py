@@ -19,18 +19,18 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import psutil
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from . import coherence, logfile
+from . import coherence, logfile, tensors
 from . import protocol as P
-from . import tensors
 from .bulk import BULK_MIN_BYTES, BulkServer, listen_socket
 from .calls import CallRunner
 from .codesync import CodeSync

@@ -7,8 +7,9 @@ neither is a sleep standing in for "long enough".
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: Code for a cell: wait until the file named by the cell's global ``go`` exists (60 s at most).
 WAIT_FOR_GO = ("import os as _os, time as _time\n"

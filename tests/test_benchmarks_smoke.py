@@ -1,4 +1,11 @@
-"""A quick run of the benchmark command, so it never rots (its figures are not asserted as targets)."""
+"""A quick run of the benchmark command, so it never rots.
+
+No timing is asserted (a loaded CI box makes any figure slower, and a ratio of
+two timings can flip): what is asserted is that every section ran and
+reported. The properties behind the figures are asserted by the benchmark
+itself as it runs (an unchanged rerun sends 0 bytes and skips the array), so a
+regression there fails this run too.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +22,12 @@ def test_benchmark_command_quick_run(tmp_path, kt_home):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, KT_HOME=str(kt_home)),
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, KT_HOME=str(kt_home)), check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     for key in ("round_trip", "transfers", "unchanged_rerun", "hot_reload", "cold_start", "fn_call"):
         assert key in results, key
     assert "| %%kt (kt_jupyter) |" in proc.stdout and "ipyparallel" in proc.stdout
-    assert results["unchanged_rerun"]["ratio"] < 1.0
+    rerun = results["unchanged_rerun"]
+    assert rerun["first_runs"] > 0 and rerun["reruns"] > 0  # the benchmark checked each rerun sent nothing

@@ -17,15 +17,16 @@ import socket
 import struct
 import threading
 import time
+from typing import Self
 
 import numpy as np
 import psutil
 import pytest
 from figures import record
 from websockets.exceptions import ConnectionClosed
+from wire import raw_connect
 
 from pod_kernel import protocol as P
-from wire import raw_connect
 
 MiB = 1 << 20
 SEED = 20261124
@@ -119,7 +120,7 @@ def framing_garbage(rng: random.Random) -> tuple[str, bytes | str | list]:
     if kind == 7:  # a known type missing or mistyping a required field
         t = rng.choice([t for t in P.CLIENT_TYPES if t != "chunk"])
         header = {"type": t, "id": "x"}
-        for name, typ in P.CLIENT_TYPES[t].items():
+        for name in P.CLIENT_TYPES[t]:
             if name != "type" and rng.random() < 0.7:
                 header[name] = junk_value(rng)
         fields = [f for f in P.CLIENT_TYPES[t]]
@@ -223,12 +224,12 @@ class GoodClient:
                 assert r.data == {"text/plain": str(n)}
                 self.session.ping(timeout=30)
                 self.ok += 1
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
+            except BaseException as exc:
                 self.errors.append(exc)
                 return
             self.worst_s = max(self.worst_s, time.perf_counter() - t0)
 
-    def __enter__(self) -> "GoodClient":
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -388,7 +389,7 @@ def test_many_concurrent_half_open_bundles_and_idle_connections(kernel):
 
 def test_bulk_port_garbage_and_wrong_tickets_grant_nothing(kernel):
     """The bulk side channel: no ticket, a wrong one, a truncated one -> closed, nothing read or written."""
-    handle, s = kernel
+    _, s = kernel
     welcome = s.connect()
     port = welcome.get("bulk_port")
     assert port, "every pod kernel listens on a bulk channel"

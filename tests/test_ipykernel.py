@@ -46,7 +46,7 @@ def test_stream_display_result_and_namespace(kc):
     assert reply["status"] == "ok"
     streams = "".join(c["text"] for c in outputs(msgs, "stream") if c["name"] == "stdout")
     remote_pid = int(streams.split("hello from")[1].split()[0])
-    kernel_pid_reply, kmsgs = run_cell(client, "import os; os.getpid()")
+    _, kmsgs = run_cell(client, "import os; os.getpid()")
     kernel_pid = int(outputs(kmsgs, "execute_result")[0]["data"]["text/plain"])
     assert remote_pid != kernel_pid  # the cell ran in another process
     htmls = [c["data"].get("text/html") for c in outputs(msgs, "display_data")]

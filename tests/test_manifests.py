@@ -16,10 +16,24 @@ from kt_jupyter.compute import Compute
 from kt_jupyter.errors import ComputeSpecError
 from kt_jupyter.image import Image
 from kt_jupyter.k8s_fields import Secret, Volume
-from kt_jupyter.manifests import (CACHE_DIR, COMPUTE_LABEL, GPU_TOLERATION, MANAGED_BY_LABEL, MAX_SOURCE_BYTES,
-                                  SPEC_ANNOTATION, SRC_DIR, build_all, build_deployment, build_secret, build_service,
-                                  build_source_configmap, build_volume_claims, deep_merge, label_selector,
-                                  source_hash)
+from kt_jupyter.manifests import (
+    CACHE_DIR,
+    COMPUTE_LABEL,
+    GPU_TOLERATION,
+    MANAGED_BY_LABEL,
+    MAX_SOURCE_BYTES,
+    SPEC_ANNOTATION,
+    SRC_DIR,
+    build_all,
+    build_deployment,
+    build_secret,
+    build_service,
+    build_source_configmap,
+    build_volume_claims,
+    deep_merge,
+    label_selector,
+    source_hash,
+)
 from kt_jupyter.startup import INSTALL_ENV_VARS, pinned_deps, startup_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,8 +373,8 @@ def test_source_configmap_carries_the_pod_kernel_package():
     ({"a b.py": ""}, "must be relative"),
     ({"x.py": b"bytes"}, "source file 'x.py' must be text"),
     ({"a/b.py": "", "a__b.py": ""}, "source file paths collide"),
-    ({"big.py": "x" * (MAX_SOURCE_BYTES + 1)}, "more than a ConfigMap holds (921600); use a prebuilt pod-kernel image "
-                                              "with freeze=True instead"),
+    ({"big.py": "x" * (MAX_SOURCE_BYTES + 1)}, ("more than a ConfigMap holds (921600); use a prebuilt pod-kernel "
+                                               "image with freeze=True instead")),
     (["x.py"], "source files must be a dict of relative path -> text"),
 ])
 def test_source_configmap_errors(files, needle):

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from ipshell import run
 import pytest
 from figures import bump, record
+from ipshell import run
 from tcp_proxy import DropProxy
 
 from kt_jupyter import connection as conn_mod
@@ -363,7 +363,7 @@ def test_oom_names_the_limit_state_survives_and_retry_doubles_memory(ip, capsys)
     err = capsys.readouterr().err
     assert ip.user_ns["n"] == 1536 << 20
     assert "memory=1Gi" in err and "memory=2Gi" in err and "variables are lost" in err
-    conn = [c for c in conn_mod.connections() if c.name == "oom"][0]
+    conn = next(c for c in conn_mod.connections() if c.name == "oom")
     assert conn.compute.memory == "2Gi" and conn.handle.pid != pid
     bump("faults", "oom_retried")
 
@@ -580,7 +580,7 @@ def test_outbox_unit_flood_tail_and_budgets():
         assert "other request\n" in [m.get("text") for m in msgs]
         kinds = [m["type"] for m in msgs if m.get("id") == "a"]
         assert kinds[-1] == "execute_reply" and kinds.count("notice") == 2
-        summary = [m for m in msgs if "elided_chars" in m][0]
+        summary = next(m for m in msgs if "elided_chars" in m)
         assert summary["elided_chars"] + len(a_text) == 120_000
         big = outbox_mod.fit_header({"type": "execute_reply", "id": "a", "status": "error", "ename": "E",
                                      "evalue": "e" * 5_000_000, "traceback": ["t" * 100] * 50_000})
@@ -618,7 +618,7 @@ def test_hundred_concurrent_seed_api_calls(cleanup_connections):
     def call(i):
         try:
             results[i] = remote(i)
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(100)]
@@ -650,7 +650,7 @@ def test_hundred_threads_of_session_operations(kernel):
             s.ping()
             assert s.execute(f"int(v{i}.sum())").data == {"text/plain": str(i * 1000)}
             finished.add(i)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     t0 = time.perf_counter()

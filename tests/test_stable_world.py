@@ -10,6 +10,7 @@ import sys
 import threading
 
 from barriers import WAIT_FOR_GO, wait_until
+
 from kt_jupyter import connection as conn_mod
 from kt_jupyter.backends import local_registry as registry
 from kt_jupyter.compute import Compute

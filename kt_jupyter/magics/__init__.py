@@ -34,7 +34,7 @@ def unload(shell: Any) -> None:
 
     magics = shell.magics_manager.registry.pop(MAGICS_NAME, None)
     if magics is not None:
-        for kind, table in shell.magics_manager.magics.items():
+        for table in shell.magics_manager.magics.values():
             for name, func in list(table.items()):
                 if getattr(func, "__self__", None) is magics:
                     del table[name]
