@@ -455,7 +455,8 @@ def build_all(compute: "Compute", token: str, source_files: dict[str, str] | Non
 # ---------------------------------------------------------------------- back from a manifest
 
 def compute_from_deployment(manifest: dict[str, Any]) -> "Compute":
-    """The Compute behind a Deployment: from its ``kt.dev/spec`` annotation, else read from its fields."""
+    """The Compute behind a Deployment (or a Job, which carries the same metadata and pod template): from its
+    ``kt.dev/spec`` annotation, else read from its fields."""
     from .compute import Compute
 
     meta = manifest.get("metadata") or {}

@@ -69,6 +69,7 @@ def test_idle_gpu_compute_ends_its_job_and_frees_the_gpu_with_edit_rights_alone(
     info = cluster.backend.status("idle")
     assert info.phase == "stopped" and "stopped: idle for" in info.detail and "(inactivity_ttl 1 s)" in info.detail
     assert cluster.backend.find("idle") is None
+    assert [(i.name, i.phase) for i in cluster.backend.list()] == [("idle", "stopped")]
 
     # no restart loop: nothing starts again over two more TTLs
     with pytest.raises(TimeoutError):

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import json
-import queue
 import threading
 import time
 from datetime import datetime
@@ -48,17 +47,14 @@ from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, KUEUE_QUEUE_LABEL, MANAG
 from ..names import check_compute_name
 from . import KernelHandle, KernelInfo, spec_mismatch, spec_mismatch_error
 from . import kubernetes_events as ev
-from .kubernetes_api import KINDS, ApiStatusError, KubeApi, load_api_client, object_path
+from .kubernetes_api import ApiStatusError, KubeApi, load_api_client
 from .kubernetes_launch import LaunchWaiter
-from .kubernetes_live import LiveKernel, job_condition, job_stopped_idle, workload_stopped
+from .kubernetes_live import LiveKernel
 from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION, WORKLOAD_KINDS, backend_objects, workload_kind
-from .kubernetes_watch import WatchThread
+from .kubernetes_workloads import (DELETE_WAIT_S, clear_way, find_workload, job_condition, job_stopped_idle,
+                                   set_suspended, wait_deleted, workload_stopped)
 from .portforward import Connector, PodTarget, default_connector
 
-KINDS.setdefault("Job", ("/apis/batch/v1", "jobs"))  # until kubernetes_api.KINDS lists it (a line for its owner)
-
-#: Seconds ``delete`` waits for the pods to go, beyond their grace period.
-DELETE_WAIT_S = 60.0
 #: The least grace a pod gets: never a force delete (grace 0), which frees the API object before the container.
 MIN_GRACE_S = 1.0
 #: Kinds ``delete`` removes besides the workloads and Pods, in order.
@@ -154,13 +150,13 @@ class KubernetesBackend:
         objects = self.manifests(compute, token)
         workload = objects[-1]
         expected_hash = workload["spec"]["template"]["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]
-        resume = self._clear_way(kube, compute, expected_hash, say)
+        resume = clear_way(kube, compute, expected_hash, say)
         say(f"applying {', '.join(o['kind'] for o in objects)} for {svc!r} in namespace {ns!r}")
         waiter = LaunchWaiter(kube, compute, say)  # events from now on: none of an earlier attempt
         try:
             applied = self._apply(kube, compute, objects)
             if resume:
-                applied = self._set_suspended(kube, compute, False)
+                applied = set_suspended(kube, compute, False)
             try:
                 pod = waiter.wait(applied, workload["kind"], expected_hash, t0 + compute.launch_timeout_s)
             except BaseException as exc:
@@ -171,32 +167,6 @@ class KubernetesBackend:
         say(f"pod kernel {compute.name!r} ready in {time.monotonic() - t0:.1f} s on node {ev.node_of(pod)} "
             f"({self._live[(ns, svc)].forward.description})")
         return handle
-
-    def _clear_way(self, kube: KubeApi, compute: Compute, expected_hash: str, say: Callable[[str], None]) -> bool:
-        """Delete what of this name the launch cannot apply over, and wait until it is gone: the other workload
-        kind (its ``inactivity_ttl`` changed while it was stopped), or a Job that finished (stopped idle, or
-        failed) or runs another pod template (a Job's template cannot change). True when a suspended Job
-        stays, for the launch to resume (Kueue resumes a queued one itself, once it admits it)."""
-        ns, svc, kind = compute.namespace, compute.service_name, workload_kind(compute)
-        resume = False
-        for other in WORKLOAD_KINDS:
-            existing = kube.get(other, svc, ns)
-            if existing is None:
-                continue
-            if other != kind:
-                why = f"it ran as a {other}; with{'' if kind == 'Job' else 'out'} inactivity_ttl it runs as a {kind}"
-            elif other == "Job" and (job_condition(existing, "Complete") or job_condition(existing, "Failed")):
-                why = "its Job has finished"
-            elif other == "Job" and (((existing.get("spec") or {}).get("template") or {}).get("metadata") or {}) \
-                    .get("annotations", {}).get(TEMPLATE_HASH_ANNOTATION) != expected_hash:
-                why = "its Job runs another pod template, which a Job cannot change"
-            else:
-                resume = other == "Job" and bool((existing.get("spec") or {}).get("suspend")) and not compute.queue
-                continue
-            say(f"replacing {other} {svc!r}: {why}")
-            kube.delete(other, svc, ns, propagation="Foreground")
-            self._wait_gone(kube, compute, DELETE_WAIT_S)
-        return resume
 
     @staticmethod
     def _apply(kube: KubeApi, compute: Compute, objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -216,14 +186,6 @@ class KubernetesBackend:
                                          f"compute's): `%kt down {compute.name}` deletes them.") from None
         return applied
 
-    @staticmethod
-    def _set_suspended(kube: KubeApi, compute: Compute, suspended: bool) -> dict[str, Any]:
-        """Set the compute's Job's ``spec.suspend`` (a merge patch); the Job as it is now."""
-        ns, svc = compute.namespace, compute.service_name
-        return kube.request("PATCH", object_path("Job", ns, svc),
-                            action=f"{'suspending' if suspended else 'resuming'} Job {ns}/{svc}",
-                            body={"spec": {"suspend": suspended}}, content_type="application/merge-patch+json")
-
     def _launch_failed(self, kube: KubeApi, compute: Compute, exc: BaseException,
                        say: Callable[[str], None], *, stop: bool = True) -> BaseException:
         """Stop the compute's workload after any failure while waiting (a Deployment scaled to 0, a Job
@@ -236,7 +198,7 @@ class KubernetesBackend:
             if kind == "Deployment":
                 kube.scale(compute.service_name, compute.namespace, 0)
             else:
-                self._set_suspended(kube, compute, True)
+                set_suspended(kube, compute, True)
             note = (f"\nIts {kind} was {done} so it holds no resources; running the cell again "
                     f"retries, `%kt down {compute.name}` deletes it.")
         except Exception as stop_exc:  # noqa: BLE001 - the launch error is what matters
@@ -307,19 +269,9 @@ class KubernetesBackend:
         where = urlsplit(forward.url)
         return (where.hostname, where.port) if where.hostname and where.port else None
 
-    @staticmethod
-    def _workload(kube: KubeApi, compute: Compute) -> tuple[str, dict[str, Any]] | None:
-        """The compute's Deployment or Job (the kind its spec runs as asked first) and its kind, or None."""
-        first = workload_kind(compute)
-        for kind in sorted(WORKLOAD_KINDS, key=lambda k: k != first):
-            obj = kube.get(kind, compute.service_name, compute.namespace)
-            if obj is not None:
-                return kind, obj
-        return None
-
     def _find(self, kube: KubeApi, compute: Compute) -> KernelHandle | None:
         ns = compute.namespace
-        found = self._workload(kube, compute)
+        found = find_workload(kube, compute)
         if found is None or workload_stopped(*found):
             return None
         dep = found[1]
@@ -442,7 +394,7 @@ class KubernetesBackend:
             return knative
         compute = self._compute_for(name)
         kube = self._kube(compute)
-        found = self._workload(kube, compute)
+        found = find_workload(kube, compute)
         if found is None:
             raise NotFoundError(f"no Kubernetes compute named {name!r} in namespace {compute.namespace!r}; "
                                 "`%kt list` shows those that exist")
@@ -536,20 +488,20 @@ class KubernetesBackend:
         token stay."""
         compute = self._compute_for(name)
         kube = self._kube(compute)
-        found = self._workload(kube, compute)
+        found = find_workload(kube, compute)
         if found is None:
             raise NotFoundError(f"no Kubernetes compute named {name!r} in namespace {compute.namespace!r}")
         if found[0] == "Deployment":
             kube.scale(compute.service_name, compute.namespace, 0)
             self._forget_live(compute, "was stopped: suspended (its Deployment was scaled to 0)")
         else:
-            self._set_suspended(kube, compute, True)
+            set_suspended(kube, compute, True)
             self._forget_live(compute, "was stopped: suspended (its Job was suspended)")
 
     def resume(self, name: str, on_event: Callable[[str], None] | None = None) -> KernelHandle:
         """Scale a suspended compute back up (re-applying its recorded spec) and wait until it is ready."""
         compute = self._compute_for(name)
-        found = self._workload(self._kube(compute), compute)
+        found = find_workload(self._kube(compute), compute)
         if found is None:
             raise NotFoundError(f"no Kubernetes compute named {name!r} in namespace {compute.namespace!r}")
         if name not in self._known:
@@ -586,40 +538,5 @@ class KubernetesBackend:
             for obj in kube.list(kind, ns, label_selector=selector):
                 existed |= kube.delete(kind, ev.name_of(obj), ns)
         if pods or workloads:
-            self._wait_gone(kube, compute, grace_s + DELETE_WAIT_S)
+            wait_deleted(kube, compute, grace_s + DELETE_WAIT_S)
         return existed
-
-    def _wait_gone(self, kube: KubeApi, compute: Compute, timeout_s: float) -> None:
-        """Block until the compute's pods and workloads have left the API (or raise after ``timeout_s``)."""
-        updates: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
-        ns, selector = compute.namespace, label_selector(compute)
-        left: dict[tuple[str, str], str] = {}
-        watches = []
-        try:
-            for kind in ("Pod",) + WORKLOAD_KINDS:
-                reply = kube.list_reply(kind, ns, label_selector=selector)
-                items = reply.get("items") or []
-                left.update({(kind, ev.name_of(o)): kind.lower() for o in items})
-                if items:
-                    watches.append(WatchThread(kube, kind, ns, updates, kind,
-                                               resource_version=(reply.get("metadata") or {}).get("resourceVersion"),
-                                               known=items, label_selector=selector))
-            deadline = time.monotonic() + timeout_s
-            while left:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    what = ", ".join(f"{k} {n}" for (_kind, n), k in sorted(left.items()))
-                    raise KubernetesAPIError(f"{what} of compute {compute.name!r} were still terminating after "
-                                             f"{timeout_s:g} s; `kubectl get pods,deployments,jobs -n {ns}` shows "
-                                             "why")
-                try:
-                    tag, kind, obj = updates.get(timeout=remaining)
-                except queue.Empty:
-                    continue
-                if kind == "ERROR":
-                    raise obj
-                if kind == "DELETED":  # objects created after our deletes (a racing launch) are not waited for
-                    left.pop((tag, ev.name_of(obj)), None)
-        finally:
-            for watch in watches:
-                watch.stop()

@@ -345,10 +345,10 @@ def diagnose_pod(compute: str, pod: dict[str, Any], *, pull_detail: str = "",
 
 
 def refused_failure(compute: str, event: dict[str, Any]) -> Failure | None:
-    """A ReplicaSet's FailedCreate that retries will not cure (PodSecurity, forbidden, quota), else None.
+    """A ReplicaSet's (or Job's) FailedCreate that retries will not cure (PodSecurity, forbidden, quota), else None.
 
     Webhook timeouts and quota update races are transient: the ReplicaSet
-    controller retries them, so they are progress, not failures.
+    and Job controllers retry them, so they are progress, not failures.
     """
     if event.get("reason") != "FailedCreate" or event.get("type") != "Warning":
         return None

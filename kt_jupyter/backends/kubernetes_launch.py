@@ -28,9 +28,9 @@ from ..errors import ComputeSpecError, LaunchError
 from ..manifests import CONTAINER_NAME, label_selector
 from . import kubernetes_events as ev
 from .kubernetes_api import KubeApi
-from .kubernetes_live import job_condition
 from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION
 from .kubernetes_watch import WatchThread
+from .kubernetes_workloads import job_condition
 
 #: ``KT_UNSCHEDULABLE_GRACE``: seconds a pod may stay Unschedulable before the launch gives up.
 UNSCHEDULABLE_GRACE_ENV = "KT_UNSCHEDULABLE_GRACE"

@@ -15,44 +15,19 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from datetime import datetime
 from typing import Any
 
 from ..compute import Compute
-from ..manifests import CONTAINER_NAME, INACTIVITY_TTL_ANNOTATION
+from ..manifests import CONTAINER_NAME
 from . import kubernetes_events as ev
 from .kubernetes_api import KubeApi
 from .kubernetes_objects import workload_kind
+from .kubernetes_workloads import job_condition, job_stopped_idle, workload_stopped
 from .kubernetes_watch import WatchThread
 from .portforward import Forward
 
 #: Log lines quoted in the liveness sentence of a restarted container.
 LOG_LINES_IN_ERRORS = 20
-
-
-def job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    """The Job's condition of that type (``Complete``, ``Failed``, ``Suspended``) when it is True, else None."""
-    return next((c for c in (job.get("status") or {}).get("conditions") or []
-                 if c.get("type") == kind and c.get("status") == "True"), None)
-
-
-def workload_stopped(kind: str, workload: dict[str, Any]) -> bool:
-    """Whether the Deployment (0 replicas) or Job (suspended, or finished) runs no pod kernel now."""
-    spec = workload.get("spec") or {}
-    if kind == "Deployment":
-        return not spec.get("replicas")
-    return bool(spec.get("suspend")) or any(job_condition(workload, c) for c in ("Complete", "Failed"))
-
-
-def job_stopped_idle(job: dict[str, Any]) -> str:
-    """'stopped: idle for N s (inactivity_ttl T s)' for a Job its pod kernel completed by stopping itself."""
-    ttl_s = float(((job.get("metadata") or {}).get("annotations") or {}).get(INACTIVITY_TTL_ANNOTATION) or 0)
-    done = (job.get("status") or {}).get("completionTime") or ""
-    try:
-        since_s = max(0.0, time.time() - datetime.fromisoformat(done.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        since_s = 0.0
-    return f"stopped: idle for {ttl_s + since_s:.0f} s (inactivity_ttl {ttl_s:g} s)"
 
 
 class LiveKernel:
