@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic_arguments import argument, argument_group
+from IPython.core.magic_arguments import argument, argument_group, kwds, magic_arguments, parse_argstring
 
 from .. import oom
 from ..compute import Compute
-from ..connection import TransferOptions
+from ..connection import TransferOptions, default_compute
 from ..errors import ComputeSpecError
 from ..quantities import parse_size
 
@@ -92,6 +93,41 @@ distributed_args = _stack(
     argument("--all-ranks", dest="all_ranks", action="store_true",
              help="show rich output and results of every rank, not only rank 0's"),
 )
+
+#: Every option of the ``%%kt`` line, group by group (the magic's parser, and :func:`parse_cell_line`'s).
+cell_line_args = _stack(
+    argument("-h", "--help", action="store_true", help=argparse.SUPPRESS),
+    compute_args, transfer_args, execution_args, debugging_args, distributed_args,
+)
+
+
+@magic_arguments()
+@kwds(usage="%%kt [options]")
+@cell_line_args
+def _cell_line(line: str) -> None:
+    """The options of a ``%%kt`` line, for :func:`parse_cell_line` (the magic has the same ones)."""
+
+
+def parse_cell_line(line: str) -> argparse.Namespace:
+    """The options of a ``%%kt`` line (the text after ``%%kt``); a UsageError for one the magic rejects."""
+    try:
+        return parse_argstring(_cell_line, line)
+    except ValueError as exc:  # shlex: an unclosed quote
+        raise UsageError(f"%%kt line: {exc}; close the quote") from None
+
+
+def compute_of_cell(code: str) -> str:
+    """The compute name a ``%%kt`` cell runs on: its ``--name``, else the default compute's.
+
+    A line the magic will reject names the default compute here (the magic says why when the cell runs).
+    """
+    line = code.lstrip().split("\n", 1)[0].removeprefix("%%kt")
+    default = default_compute()
+    try:
+        return compute_from_args(parse_cell_line(line), default)[0].name
+    except (UsageError, ComputeSpecError):
+        return default.name
+
 
 _COMPUTE_KEYS = ("name", "backend", "cpus", "memory", "gpus", "gpu_type", "image", "namespace",
                  "launch_timeout", "inactivity_ttl")
