@@ -9,13 +9,11 @@ continue follow. The pod kernel is a real local one; every wait has a deadline.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
 
 import pytest
-from jupyter_client.manager import start_new_kernel
 
 from kt_jupyter.debug_panel import ID_SPAN
 
@@ -103,18 +101,11 @@ class Frontend:
 
 
 @pytest.fixture(scope="module")
-def nb(tmp_path_factory):
-    home = tmp_path_factory.mktemp("kt_home_panel")
-    env = dict(os.environ, KT_HOME=str(home), KT_USERNAME="tester")
-    km, client = start_new_kernel(kernel_name="python3", env=env)
-    reply = client.execute_interactive("%load_ext kt_jupyter", timeout=TIMEOUT_S)
-    assert reply["content"]["status"] == "ok"
-    front = Frontend(client)
+def nb(notebook_kernel):
+    """JupyterLab's debugger, as far as these tests drive it, on the module's notebook kernel (tests/conftest.py)."""
+    front = Frontend(notebook_kernel[1])
     yield front
-    assert front.reply_of(client.execute("%kt down --all"))["status"] == "ok"
-    front.close()
-    client.stop_channels()
-    km.shutdown_kernel(now=True)
+    front.close()  # before the fixture stops the computes: its iopub reader goes first
 
 
 CELL = (

@@ -16,7 +16,6 @@ import threading
 import time
 
 import pytest
-from jupyter_client.manager import start_new_kernel
 
 from dap import DapClient
 from kt_jupyter.debugging import NO_STDIN_INPUT, NO_STDIN_PDB
@@ -26,16 +25,9 @@ CELL_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def kc(tmp_path_factory):
-    """A real IPython kernel (own process) with kt loaded, and its blocking client."""
-    home = tmp_path_factory.mktemp("kt_home_dbg")
-    env = dict(os.environ, KT_HOME=str(home), KT_USERNAME="tester")
-    km, client = start_new_kernel(kernel_name="python3", env=env)
-    _run(client, "%load_ext kt_jupyter")
-    yield km, client
-    _run(client, "%kt down --all")
-    client.stop_channels()
-    km.shutdown_kernel(now=True)
+def kc(notebook_kernel):
+    """The module's real notebook kernel with kt loaded (tests/conftest.py): (manager, its blocking client)."""
+    return notebook_kernel
 
 
 class Typist:

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import os
+import queue
 import re
 import threading
 import time
 
 import pytest
-from jupyter_client.manager import start_new_kernel
+from barriers import WAIT_FOR_GO
 
 
 @pytest.fixture(scope="module")
-def kc(tmp_path_factory):
-    """A real IPython kernel (own process) with kt loaded, and its client."""
-    home = tmp_path_factory.mktemp("kt_home_ipk")
-    env = dict(os.environ, KT_HOME=str(home))
-    km, client = start_new_kernel(kernel_name="python3", env=env)
-    run_cell(client, "%load_ext kt_jupyter")
-    yield km, client
-    run_cell(client, "%kt down --all")
-    client.stop_channels()
-    km.shutdown_kernel(now=True)
+def kc(notebook_kernel):
+    """The module's real notebook kernel with kt loaded (tests/conftest.py): (manager, client)."""
+    return notebook_kernel
 
 
 def run_cell(client, code: str, timeout: float = 60, stdin_replies: list[str] | None = None):
@@ -117,20 +110,32 @@ def test_interrupt_kernel_interrupts_remote_cell_and_state_survives(kc):
     assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "'alive'"
 
 
-def test_async_cell_output_lands_in_its_own_cell(kc):
+def _next_iopub(client, matches, what: str, timeout_s: float = 60):
+    """The first iopub message that ``matches`` within the deadline (others are dropped)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            msg = client.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if matches(msg):
+            return msg
+        assert not (msg["msg_type"] == "stream" and "late line" in msg["content"]["text"]), f"late line before {what}"
+    raise AssertionError(f"no {what} within {timeout_s} s")
+
+
+def test_async_cell_output_lands_in_its_own_cell(kc, tmp_path):
     _, client = kc
-    msg_id = client.execute("%%kt --async\nimport time\ntime.sleep(0.3)\nprint('late line')\nlate = 1")
-    first_idle = False
-    late_parent = None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and late_parent is None:
-        msg = client.get_iopub_msg(timeout=60)
-        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status" \
-                and msg["content"]["execution_state"] == "idle":
-            first_idle = True  # the notebook was free before the remote cell printed
-        if msg["msg_type"] == "stream" and "late line" in msg["content"]["text"]:
-            late_parent = msg["parent_header"].get("msg_id")
-    assert first_idle and late_parent == msg_id
+    go = tmp_path / "go"  # the remote cell prints only once the test saw the notebook free
+    msg_id = client.execute(f"%%kt --async\ngo = {str(go)!r}\n{WAIT_FOR_GO}print('late line')\nlate = 1")
+    try:
+        _next_iopub(client, lambda m: m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status"
+                    and m["content"]["execution_state"] == "idle", "the notebook free (idle) after starting it")
+    finally:
+        go.touch()
+    late = _next_iopub(client, lambda m: m["msg_type"] == "stream" and "late line" in m["content"]["text"]
+                       and m["parent_header"].get("msg_id") == msg_id, "the late line in its own cell")
+    assert late["parent_header"]["msg_id"] == msg_id
     reply, _ = run_cell(client, "%kt wait --timeout 30")
     assert reply["status"] == "ok"
     _, msgs = run_cell(client, "late")

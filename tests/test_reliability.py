@@ -18,12 +18,12 @@ import sys
 import textwrap
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
+from conftest import notebook_kernel_process
 from figures import bump, record
 from ipshell import run
 from tcp_proxy import DropProxy
@@ -246,19 +246,6 @@ def test_frozen_kernel_is_noticed_by_the_heartbeat_within_bound(kernel):
 # ---------------------------------------------------------------------------- notebook restart
 
 
-@contextmanager
-def notebook_kernel(kt_home: Path, **env: str):
-    """A real ipykernel (jupyter_client) with kt loaded."""
-    from jupyter_client.manager import start_new_kernel
-
-    km, kc = start_new_kernel(kernel_name="python3", env=dict(os.environ, KT_HOME=str(kt_home), **env))
-    try:
-        yield km, kc
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
-
-
 def nb_run(kc, code: str, timeout: float = 120) -> tuple[dict, list[dict]]:
     """Execute in the notebook kernel: (reply content, iopub messages other than status)."""
     msgs: list[dict] = []
@@ -294,8 +281,7 @@ def test_notebook_kernel_restart_reattaches_computes_with_their_state(kt_home, c
     waits out the grace period (KT_OWNER_GRACE_S) for the restarted kernel to
     reattach, and says so. The next cell on a kernel that is gone says its state is lost.
     """
-    with notebook_kernel(kt_home, KT_OWNER_GRACE_S="120") as (km, kc):
-        nb_run(kc, "%load_ext kt_jupyter")
+    with notebook_kernel_process(kt_home, KT_OWNER_GRACE_S="120") as (km, kc):
         assert nb_result(kc, "%%kt --keep --name kept\nimport os\nmodel = {'w': 41}\nos.getpid()")
         kept_pid = int(nb_result(kc, "%%kt --name kept\nos.getpid()"))
         fleeting_pid = int(nb_result(kc, "%%kt --name fleeting\nimport os\nscratch = 1\nos.getpid()"))
