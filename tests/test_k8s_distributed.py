@@ -201,6 +201,11 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
         run(ip, "%%kt --name ddpk\n1")
     with pytest.raises(Exception, match=r"already running with memory=None \(not '3Gi'\)"):
         run(ip, "%%kt --workers 2 --memory 3Gi --name ddpk\n1")
+    cluster.store.delete("pods", NS, "tester-ddpk-1", grace_period_s=1)  # evicted: the world lost a rank
+    why = group.ranks[1].handle.close_hook.__self__.wait_gone(30)  # its pod watch tells, no API request
+    assert why.startswith("pod kernel 'ddpk-r1' (pod tester-ddpk-1) was deleted or evicted (its StatefulSet is "
+                          "starting it again)"), why
+    assert group.liveness() == f"rank 1 of 'ddpk': {why}"  # the group's answer names the rank
     forget("kubernetes", "ddpk")  # another process: it finds the StatefulSet's spec and compares
     with pytest.raises(Exception, match=r"already running with memory=None \(not '3Gi'\)"):
         connect_group(compute.with_overrides(memory="3Gi"))

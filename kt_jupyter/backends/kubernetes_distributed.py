@@ -243,13 +243,14 @@ class RankKernel(LiveKernel):
     """A rank's pod as a :class:`~kt_jupyter.backends.kubernetes_live.LiveKernel`: gone sentences name the group's
     workload, not a Deployment."""
 
-    def __init__(self, kube: KubeApi, compute: Compute, pod: dict[str, Any], forward: Any, kind: str) -> None:
+    def __init__(self, kube: KubeApi, compute: Compute, pod: dict[str, Any], forward: Any, kind: str,
+                 workload: str) -> None:
         super().__init__(kube, compute, pod, forward)
-        self.kind = kind
+        self.kind, self.workload = kind, workload
 
     def _why_deleted(self) -> str:
         try:
-            workload = self.kube.get(self.kind, self.compute.service_name, self.compute.namespace)
+            workload = self.kube.get(self.kind, self.workload, self.compute.namespace)
         except KtError:
             return "is gone"
         if workload is None or (workload.get("metadata") or {}).get("deletionTimestamp"):
@@ -327,7 +328,8 @@ def _handle(kube: KubeApi, compute: Compute, rank: int, pod: dict[str, Any], tok
     name = rank_name(compute.name, rank)
     target = PodTarget(compute.namespace, ev.name_of(pod), compute.service_name, POD_KERNEL_PORT)
     rank_compute = compute.with_overrides(name=name, distributed=None)
-    live = RankKernel(kube, rank_compute, pod, backend._connector_for(compute).open(target), kind)
+    live = RankKernel(kube, rank_compute, pod, backend._connector_for(compute).open(target), kind,
+                      compute.service_name)
     spec = dict(compute.to_dict(), name=name)  # keeps the group's settings: that is how a rank is known as one
     return KernelHandle(
         name=name, backend="kubernetes", url=live.forward.url, token=token, pid=None,
