@@ -38,6 +38,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pod_kernel.debugging import SKIP_MODULES
+
 log = logging.getLogger("kt_jupyter.debug_panel")
 
 #: Ids of a pod's debugpy are shifted into their own range of this size.
@@ -48,8 +50,9 @@ EVENTS_KEPT = 256
 DAP_TIMEOUT_S = 30.0
 #: Worker threads that wait on pods' debugpy for JupyterLab's requests (never on the control channel's loop).
 DAP_WORKERS = 4
-#: Modules whose frames a pod's stack traces leave out: what runs a cell, not the cell.
-HIDDEN_MODULES = ("IPython", "pod_kernel", "asyncio", "concurrent", "threading", "runpy", "traitlets", "contextlib")
+#: Modules whose frames a pod's stack traces leave out: what runs a cell, not the cell. The ones pdb skips in
+#: the pod (one list), as debugpy names them: a module rule covers its submodules ("IPython" hides "IPython.core").
+HIDDEN_MODULES = tuple(dict.fromkeys(pattern.removesuffix(".*") for pattern in SKIP_MODULES))
 #: Requests whose ``threadId`` argument names the thread they act on.
 THREAD_REQUESTS = frozenset({"stackTrace", "continue", "next", "stepIn", "stepOut", "pause", "stepBack",
                              "reverseContinue", "goto", "restartFrame"})
