@@ -148,3 +148,13 @@ def test_a_cluster_without_knative_serving_is_one_clear_message(tmp_path, monkey
             err.value) and "drop autoscale()" in str(err.value)
         assert not cluster.objects("secrets")  # nothing applied before the check
         assert not cluster.backend.delete("nokn")  # and a name that is nowhere is no error
+
+
+def test_inside_the_cluster_without_a_port_forward_it_says_what_to_do_before_touching_the_cluster():
+    from kt_jupyter.backends.portforward import ServiceDNSConnector
+
+    backend = KubernetesBackend(api_client=object(), connector=ServiceDNSConnector())  # any API call would fail
+    with pytest.raises(BackendUnavailable) as err:
+        backend.launch(autoscaled("svc", 0))
+    assert "routes only port 80 through Knative's ingress" in str(err.value)
+    assert "KT_K8S_CONNECT=port-forward" in str(err.value)
