@@ -36,19 +36,20 @@ import sys
 import threading
 import uuid
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from pod_kernel.calls import UnknownFunction
 
 from . import connection as conn_mod
+from .backends import get_backend
 from .client import OPEN_TIMEOUT_S, Session, client_loop
 from .codetravel import Shipment, ship
 from .compute import Compute
+from .distributed_cells import STOP_GRACE_S, rank_error
+from .distributed_group import WorkerGroup, connect_group, delete_group
 from .errors import KtError
 from .names import check_compute_name
-
-if TYPE_CHECKING:
-    from .distributed_group import WorkerGroup
 
 log = logging.getLogger("kt_jupyter.remote")
 
@@ -94,7 +95,7 @@ class _Releases:
     async def _send(session: Session, refs: list[str], calls: list[str]) -> None:
         try:
             await session.arequest({"type": "release", "refs": refs, "calls": calls})
-        except Exception as exc:  # noqa: BLE001 - a pod that is gone holds nothing any more
+        except Exception as exc:
             log.debug("release on %s failed: %s", session.name, exc)
 
     async def _drain(self) -> None:
@@ -107,7 +108,7 @@ class _Releases:
         fut = asyncio.run_coroutine_threadsafe(self._drain(), client_loop())
         try:
             fut.result(timeout_s)
-        except Exception:  # noqa: BLE001 - best effort: the pod may be gone or slow; the caller goes on
+        except Exception:
             fut.cancel()
 
 
@@ -120,7 +121,7 @@ class RemoteObjectRef:
     When the last reference to it here goes, the pod's copy is released.
     """
 
-    def __init__(self, module: "Module", ref: str, type_name: str, size: int) -> None:
+    def __init__(self, module: Module, ref: str, type_name: str, size: int) -> None:
         self._module = module
         self.ref = ref
         self.type = type_name
@@ -152,7 +153,7 @@ def _encode_refs(value: Any) -> Any:
 
 
 #: Per session: the code by value given to its pod, by key (done, or under way: concurrent calls share one).
-_defined: "weakref.WeakKeyDictionary[Session, dict[str, asyncio.Future]]" = weakref.WeakKeyDictionary()
+_defined: weakref.WeakKeyDictionary[Session, dict[str, asyncio.Future]] = weakref.WeakKeyDictionary()
 
 
 async def _define(session: Session, shipment: Shipment, force: bool = False) -> None:
@@ -257,7 +258,7 @@ class Module:
 
     def to(self, compute: Compute, init_args: dict[str, Any] | None = None, stream_logs: bool | None = None,
            get_if_exists: bool | None = None, reload_prefixes: list[str] | None = None,
-           dryrun: bool = False) -> "Module":
+           dryrun: bool = False) -> Module:
         """Deploy to ``compute`` (launch or reuse the kernel named after this module).
 
         With ``get_if_exists`` and ``reload_prefixes``, a running service named
@@ -280,15 +281,13 @@ class Module:
     def _existing_name(self, compute: Compute) -> str:
         """The first ``{prefix}-{name}`` of ``reload_prefixes`` that runs, else the name as given."""
         if self.get_if_exists and self.reload_prefixes:
-            from .backends import get_backend
-
             backend = get_backend(compute.backend)
             for prefix in self.reload_prefixes:
                 if backend.find(f"{prefix}-{self._given_name}") is not None:
                     return f"{prefix}-{self._given_name}"
         return self._given_name
 
-    def deploy(self) -> "Module":
+    def deploy(self) -> Module:
         """Deploy with the settings given so far."""
         self._deploy(None)
         return self
@@ -309,9 +308,7 @@ class Module:
             return self._workers().head  # Ray: where calls run; pytorch: what code travel is prepared for
         return conn_mod.connect(self.compute, keep=True)
 
-    def _workers(self) -> "WorkerGroup":
-        from .distributed_group import connect_group
-
+    def _workers(self) -> WorkerGroup:
         return connect_group(self.compute, keep=True)
 
     @property
@@ -328,11 +325,7 @@ class Module:
 
     def teardown(self) -> None:
         """Delete the service and its kernel."""
-        from .backends import get_backend
-
         if self.compute.distributed_config is not None:
-            from .distributed_group import delete_group
-
             delete_group(self.compute.backend, self._name)
             return
         conn_mod.disconnect(self._name, self.compute.backend)
@@ -350,7 +343,8 @@ class Module:
                      keep: bool = False, construct: dict | None = None, deploy: bool = False,
                      conn: conn_mod.ComputeConnection | None = None, cancel_key: str | None = None,
                      on_output: Callable[[dict[str, Any]], None] | None = None) -> Any:
-        conn = conn or await asyncio.to_thread(self._connection)
+        if conn is None:
+            conn = await asyncio.to_thread(self._connection)
         await asyncio.to_thread(conn.sync_code)
         session = conn.session
         stream = opts.get("stream_logs", self.stream_logs)
@@ -380,8 +374,6 @@ class Module:
     async def _acall_ranks(self, shipment: Shipment, args: tuple, kwargs: dict[str, Any], opts: dict[str, Any],
                            deploy: bool = False) -> list[Any]:
         """The call on every worker at once; results in rank order, or the first failed rank's error."""
-        from .distributed_cells import STOP_GRACE_S, rank_error
-
         group = await asyncio.to_thread(self._workers)
         n = len(group.ranks)
         for conn in group.ranks[1:]:  # each rank's code tree gets the user's modules too (synced per rank)
@@ -435,10 +427,12 @@ class Module:
 def _wait(factory: Callable[[], Any]) -> Any:
     """Run a call on the client loop and wait for it here; Ctrl-C cancels it there and on the pod."""
     loop = client_loop()
-    running: list[asyncio.Task] = []
+    running: list[asyncio.Task[Any]] = []
 
     async def run() -> Any:
-        running.append(asyncio.current_task())
+        task = asyncio.current_task()
+        if task is not None:  # always: this runs as a task
+            running.append(task)
         return await factory()
 
     fut = asyncio.run_coroutine_threadsafe(run(), loop)
@@ -455,7 +449,7 @@ def _wait(factory: Callable[[], Any]) -> Any:
 
         try:
             asyncio.run_coroutine_threadsafe(stop(), loop).result(CANCEL_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - the KeyboardInterrupt is what the caller must see
+        except Exception as exc:
             log.warning("could not tell the pod to cancel: %s", exc)
         raise
 
