@@ -21,7 +21,7 @@ import kt_jupyter as kt
 from kt_jupyter.backends import kubernetes_distributed as kd
 from kt_jupyter.compute import Compute
 from kt_jupyter.distributed_group import connect_group, forget, free_port
-from kt_jupyter.errors import BackendUnavailable, ImagePullError, UnschedulableError
+from kt_jupyter.errors import BackendUnavailable, ImagePullError, KubernetesAPIError, UnschedulableError
 from kt_jupyter.manifests import (
     CONTAINER_NAME,
     SPEC_ANNOTATION,
@@ -227,6 +227,15 @@ def test_an_unschedulable_rank_is_named_once_its_grace_has_passed(cluster, monke
     with pytest.raises(UnschedulableError, match=r"worker rank \d \(big-r\d\) did not start.*Insufficient cpu"):
         connect_group(compute)
     assert cluster.store.get("statefulsets", NS, "tester-big") is None
+
+
+def test_a_namespace_that_forbids_network_policies_says_how_to_go_on(cluster):
+    cluster.store.denied.add(("patch", "networkpolicies"))
+    compute = Compute(name="np", backend="kubernetes").distribute("pytorch", workers=2)
+    with pytest.raises(KubernetesAPIError, match="allow networkpolicies in namespace 'kt-test', or set "
+                                                 "KT_NETWORK_POLICY=0") as raised:
+        connect_group(compute)
+    assert "`%kt down np` removes the rest" in str(raised.value)
 
 
 def test_a_ray_compute_without_kuberay_names_the_operator(cluster, monkeypatch):

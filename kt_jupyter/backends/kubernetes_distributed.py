@@ -32,6 +32,7 @@ from ..errors import (
     BackendUnavailable,
     ComputeSpecError,
     KtError,
+    KubernetesAPIError,
     LaunchError,
     NotFoundError,
 )
@@ -51,10 +52,11 @@ from ..pod_security import notebook_peer
 from ..startup import notebook_install_env
 from . import KernelHandle, KernelInfo
 from . import kubernetes_events as ev
-from .kubernetes_api import KINDS, KubeApi
+from .kubernetes_api import KINDS, ApiStatusError, KubeApi
 from .kubernetes_launch import LOG_LINES_IN_ERRORS, unschedulable_grace_s
 from .kubernetes_live import LiveKernel
 from .kubernetes_objects import (
+    NETWORK_POLICY_ENV,
     TEMPLATE_HASH_ANNOTATION,
     network_policy_wanted,
     pod_kernel_source_files,
@@ -267,6 +269,13 @@ def _backend() -> Any:
 def _apply(kube: KubeApi, compute: Compute, obj: dict[str, Any]) -> dict[str, Any]:
     try:
         return kube.apply(obj)
+    except ApiStatusError as exc:
+        if obj["kind"] != "NetworkPolicy" or exc.status != 403:
+            raise
+        raise KubernetesAPIError(
+            f"Kubernetes forbids creating the NetworkPolicy that lets only this notebook, and the workers each "
+            f"other, reach compute {compute.name!r} ({exc.message}); ask your admin to allow networkpolicies in "
+            f"namespace {compute.namespace!r}, or set {NETWORK_POLICY_ENV}=0") from None
     except NotFoundError:
         if obj["kind"] != "RayCluster":
             raise
