@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REPS_TRANSFER = 5
 #: Before timing one side, wait (at most this long) until the processes of the run are idle: a peer that
 #: digests a gigabyte after its call returned (ipyparallel's hub and schedulers do) must not slow the next row.
-QUIET_WAIT_S = 20.0
+QUIET_WAIT_S = 5.0
 sys.path.insert(0, str(ROOT))
 
 
@@ -420,21 +420,33 @@ def bench_hot_reload(reps: int, results: dict[str, Any]) -> None:
 
 
 def bench_cold_start(reps: int, ipp_cold_s: float, results: dict[str, Any]) -> None:
-    """Launch a local pod kernel and get the first result."""
+    """Launch a local pod kernel and get the first result: a fresh process, and the process kept started ahead
+    (what a notebook that loaded the extension gets: it had time to start while the user typed the cell)."""
     from kt_jupyter.backends import get_backend
     from kt_jupyter.compute import Compute
 
     backend = get_backend("local")
-    samples = []
-    for i in range(reps):
-        t0 = time.perf_counter()
-        handle = backend.launch(Compute(name=f"bench-cold-{i}"))
-        session = handle.session()
-        session.execute("1")
-        samples.append(time.perf_counter() - t0)
-        session.close()
-        backend.delete(f"bench-cold-{i}", grace_period_s=1)
-    results["cold_start"] = {"kt_p50_s": pct(samples, 50), "kt_p95_s": pct(samples, 95), "reps": reps,
+    samples: dict[str, list[float]] = {"fresh": [], "prestarted": []}
+    ahead = hasattr(backend, "prestart")  # (an older checkout, measured for comparison, has no such thing)
+    for kind, taken in samples.items():
+        if kind == "prestarted" and ahead:
+            backend.prestart()
+        for i in range(reps):
+            if kind == "prestarted" and ahead:
+                backend._spares.ready_pid()
+                wait_quiet()  # its imports are done once it is idle
+            t0 = time.perf_counter()
+            handle = backend.launch(Compute(name=f"bench-cold-{i}"))
+            session = handle.session()
+            session.execute("1")
+            taken.append(time.perf_counter() - t0)
+            session.close()
+            backend.delete(f"bench-cold-{i}", grace_period_s=1)
+    if ahead:
+        backend.stop_prestart()
+    results["cold_start"] = {"kt_p50_s": pct(samples["prestarted"], 50), "kt_p95_s": pct(samples["prestarted"], 95),
+                             "fresh_process_p50_s": pct(samples["fresh"], 50),
+                             "fresh_process_p95_s": pct(samples["fresh"], 95), "reps": reps,
                              "ipyparallel_cluster_s": ipp_cold_s}
 
 
@@ -520,8 +532,10 @@ def table(results: dict[str, Any]) -> str:
         r = results["cold_start"]
         out += ["| cold start to first result | p50 s | p95 s | ipyparallel cluster start s | reps |",
                 "|---|---|---|---|---|",
-                f"| local pod kernel (target <= 1 s) | {r['kt_p50_s']:.3f} | {r['kt_p95_s']:.3f} "
-                f"| {r['ipyparallel_cluster_s']:.2f} | {r['reps']} |", ""]
+                f"| local pod kernel, started ahead (target <= 0.1 s) | {r['kt_p50_s']:.3f} | {r['kt_p95_s']:.3f} "
+                f"| {r['ipyparallel_cluster_s']:.2f} | {r['reps']} |",
+                f"| local pod kernel, fresh process | {r.get('fresh_process_p50_s', float('nan')):.3f} "
+                f"| {r.get('fresh_process_p95_s', float('nan')):.3f} | | {r['reps']} |", ""]
     if "fn_call" in results:
         out += ["| call overhead | p50 ms | p95 ms | reps |", "|---|---|---|---|"]
         out += [f"| {k} | {v['p50_ms']:.2f} | {v['p95_ms']:.2f} | {v['reps']} |" for k, v in results["fn_call"].items()]

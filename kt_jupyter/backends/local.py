@@ -33,6 +33,7 @@ import psutil
 from ..errors import ComputeSpecError, LaunchError, NotFoundError
 from . import KernelHandle, KernelInfo, kt_home, spec_mismatch, spec_mismatch_error
 from . import local_registry as registry
+from .local_spare import SparePool
 from .rlimits import apply_memory_limit
 
 if TYPE_CHECKING:
@@ -58,6 +59,16 @@ def _no_debugger_hooks() -> Any:
     monkey = sys.modules.get("_pydev_bundle.pydev_monkey")
     skip = getattr(monkey, "skip_subprocess_arg_patch", None)
     return skip() if callable(skip) else contextlib.nullcontext()
+
+
+def _base_env() -> dict[str, str]:
+    """This process's environment as every pod kernel starts with it: pod_kernel importable, output unbuffered
+    (a compute's own variables, its token file and GPUs are added at launch)."""
+    env = dict(os.environ)
+    env.pop("KT_TOKEN", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_POD_KERNEL_ROOT, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 def owner_grace_s() -> float:
@@ -170,6 +181,16 @@ class LocalBackend:
     def __init__(self, root: Path | None = None) -> None:
         self._root = root
         self._children: dict[int, subprocess.Popen] = {}
+        self._spares = SparePool(_base_env, _no_debugger_hooks)
+
+    def prestart(self) -> None:
+        """Keep a pod kernel process started ahead (Python up, its modules imported), so that a launch takes
+        it instead of waiting for a new one; it exits with this process (``KT_PRESTART=0``: never)."""
+        self._spares.enable()
+
+    def stop_prestart(self) -> None:
+        """Stop keeping a process ahead; the one kept goes."""
+        self._spares.close()
 
     @property
     def root(self) -> Path:
@@ -245,7 +266,7 @@ class LocalBackend:
     def _start(self, compute: "Compute", keep: bool, on_event: Callable[[str], None]) -> KernelHandle:
         name = compute.name
         gpus = int(getattr(compute, "gpu_count", 0) or 0)
-        env = dict(os.environ)
+        env = _base_env()
         env.update({str(k): str(v) for k, v in (getattr(compute, "env_vars", None) or {}).items()})
         if gpus:
             have = machine_gpu_count()
@@ -262,8 +283,8 @@ class LocalBackend:
             f.write(token)
         env.pop("KT_TOKEN", None)
         env["KT_TOKEN_FILE"] = str(token_path)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_POD_KERNEL_ROOT, env.get("PYTHONPATH")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
+        if "PYTHONPATH" in (getattr(compute, "env_vars", None) or {}):
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_POD_KERNEL_ROOT, env.get("PYTHONPATH")) if p)
         ttl = getattr(compute, "inactivity_ttl_s", None)
         allowed = list(getattr(compute, "allowed_serialization", None) or ["json", "pickle"])
         owner = None if keep else os.getpid()
@@ -275,20 +296,24 @@ class LocalBackend:
             argv += ["--inactivity-ttl", str(float(ttl))]
         if owner:
             argv += ["--owner-pid", str(owner), "--owner-grace", str(owner_grace_s())]
-        read_fd, write_fd = os.pipe()
-        env["KT_READY_FD"] = str(write_fd)
         log_path = d / "kernel.log"
+        cwd = getattr(compute, "working_dir", None) or os.getcwd()
         on_event(f"starting pod kernel {name!r} (local subprocess)")
         t0 = time.monotonic()
         with os.fdopen(registry.create_private(log_path, append=True), "ab") as log_file, _no_debugger_hooks():
-            try:
-                proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                    env=env, pass_fds=(write_fd,), start_new_session=True,
-                    cwd=getattr(compute, "working_dir", None) or os.getcwd(),
-                )
-            finally:
-                os.close(write_fd)
+            spare = self._spares.take(env, argv[4:], cwd, str(log_path))  # a process started ahead, if any
+            if spare is not None:
+                proc, read_fd = spare.proc, spare.ready_read_fd
+            else:
+                read_fd, write_fd = os.pipe()
+                try:
+                    proc = subprocess.Popen(
+                        argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                        env=dict(env, KT_READY_FD=str(write_fd)), pass_fds=(write_fd,), start_new_session=True,
+                        cwd=cwd,
+                    )
+                finally:
+                    os.close(write_fd)
         self._children[proc.pid] = proc
         if getattr(compute, "memory_bytes", None):  # past it, allocations raise MemoryError (rlimits.py)
             apply_memory_limit(proc.pid, compute.memory_bytes)
@@ -297,6 +322,7 @@ class LocalBackend:
             ready = self._wait_ready(read_fd, proc, timeout_s, log_path, name)
         finally:
             os.close(read_fd)
+            self._spares.refill()  # the next launch's process starts now, in the background
         info = {
             "name": name,
             "pid": proc.pid,

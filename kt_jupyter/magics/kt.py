@@ -126,6 +126,9 @@ class KtMagics(Magics):
         self._raw_cell: str | None = None
         shell.events.register("pre_run_cell", self._remember_cell)
         install_post_mortem(shell)  # %debug and %pdb on reach a failed %%kt cell's frames on its pod
+        # the first %%kt cell's kernel is started ahead on the default backend (backends/local_spare.py); the
+        # default compute itself is only built by the first cell (a bad KT_* variable fails that cell, not this)
+        get_backend("local").prestart()
 
     def _remember_cell(self, info: Any) -> None:
         self._raw_cell = getattr(info, "raw_cell", None)
