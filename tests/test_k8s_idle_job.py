@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 
 from kt_jupyter.compute import Compute
+from kt_jupyter.errors import ImagePullError
 from kt_jupyter.manifests import label_selector
 from k8s_fake import FakeNode
-from k8s_fake.cluster import NS, fake_cluster
+from k8s_fake.cluster import MISSING_IMAGE, NS, fake_cluster
 
 #: One node with one GPU: a second GPU pod fits only once the first has let go of it.
 GPU_NODE = FakeNode("gpu-node-1", {"kubernetes.io/hostname": "gpu-node-1"},
@@ -58,11 +59,13 @@ def test_idle_gpu_compute_ends_its_job_and_frees_the_gpu_with_edit_rights_alone(
     assert cluster.deployment(compute) is None and cluster.job(compute)["spec"]["backoffLimit"] >= 1
     [pod] = cluster.pods(compute)
     assert pod["spec"]["restartPolicy"] == "OnFailure" and "serviceAccountName" not in pod["spec"]
+    container = cluster.kubelet.pods[(NS, pod["metadata"]["name"])].runs[-1].proc
 
     # idle for its TTL: the kernel exits 0, the Job completes, its pod ends and lets go of the GPU
     cluster.store.wait_for(lambda: job_done(cluster, compute), 30)
     [done] = cluster.pods(compute)
     assert done["status"]["phase"] == "Succeeded" and done["metadata"]["name"] == pod["metadata"]["name"]
+    assert container.poll() == 0  # the kernel exited by itself, cleanly: nothing runs in the pod
     assert cluster.job(compute)["status"]["completionTime"]
     why = cluster.backend.wait_gone("idle", 10)
     assert why == handle.liveness() and "stopped itself (idle for its inactivity_ttl of 1 s)" in why
@@ -109,6 +112,17 @@ def test_a_job_compute_suspends_resumes_and_goes_down(cluster):
     selector = label_selector(compute)
     assert not any(cluster.objects(k, selector) for k in ("jobs", "pods", "services", "secrets", "configmaps"))
     assert ("jobs", compute.service_name, 1, "Foreground") in cluster.store.deletions
+
+
+def test_a_failed_job_launch_suspends_the_job_and_says_so(cluster):
+    compute = k8s("badimg", image=MISSING_IMAGE, inactivity_ttl="1h")
+    with pytest.raises(ImagePullError) as info:
+        cluster.backend.launch(compute)
+    assert f"cannot pull the image {MISSING_IMAGE!r}" in str(info.value)
+    assert "Its Job was suspended so it holds no resources" in str(info.value)
+    assert cluster.job(compute)["spec"]["suspend"] is True
+    cluster.store.wait_for(lambda: not cluster.pods(compute, live_only=False), 15)
+    assert cluster.backend.status("badimg").phase == "stopped"
 
 
 def test_the_fake_job_controller_restarts_crashes_in_place_then_gives_up(cluster):
