@@ -11,9 +11,11 @@ most, never a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..backends import BACKENDS, KernelHandle, KernelInfo, get_backend
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError, RemoteTimeoutError
@@ -139,7 +141,7 @@ class MetricsProbe:
     def __init__(self, timeout_s: float = 2.0) -> None:
         self.timeout_s = timeout_s
         # (backend, name) -> (identity of the kernel, session); touched only on the client loop
-        self._sessions: dict[tuple[str, str], tuple[tuple[Any, ...], "Session"]] = {}
+        self._sessions: dict[tuple[str, str], tuple[tuple[Any, ...], Session]] = {}
 
     async def sample(self, handle: KernelHandle) -> dict[str, Any]:
         """One metrics sample of ``handle``'s kernel; RemoteTimeoutError when it does not answer in time."""
@@ -148,7 +150,7 @@ class MetricsProbe:
         future = asyncio.run_coroutine_threadsafe(self._sample(handle), client_loop())
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s + 1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RemoteTimeoutError(
                 f"compute {handle.name!r} did not answer a metrics request within {self.timeout_s:g} s") from None
 
@@ -172,10 +174,8 @@ class MetricsProbe:
     async def _drop(self, key: tuple[str, str]) -> None:
         entry = self._sessions.pop(key, None)
         if entry is not None:
-            try:
+            with contextlib.suppress(Exception):  # the connection is gone already
                 await entry[1].aclose()
-            except Exception:  # the connection is gone already
-                pass
 
     async def _sample(self, handle: KernelHandle) -> dict[str, Any]:
         key = (handle.backend, handle.name)
@@ -186,7 +186,7 @@ class MetricsProbe:
             entry = self._sessions[key] = (ident, handle.session(reconnect_timeout_s=self.timeout_s))
         try:
             reply = await asyncio.wait_for(entry[1].arequest({"type": "metrics"}), self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._drop(key)
             raise RemoteTimeoutError(
                 f"compute {handle.name!r} did not answer a metrics request within {self.timeout_s:g} s") from None

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
+from tornado.http1connection import HTTP1Connection
 
 from ..backends import BACKENDS
 from ..errors import ComputeSpecError, KtError, NotFoundError, RemoteTimeoutError
@@ -37,6 +39,9 @@ from ..names import check_compute_name, shown
 from . import computes
 from .computes import SPEC_EXAMPLE
 from .terminals import TerminalsDisabled, open_terminal
+
+if TYPE_CHECKING:
+    from .app import KtServerApp
 
 #: The authorisation resource every kt handler checks (``Authorizer.is_authorized(..., resource="kt")``).
 AUTH_RESOURCE = "kt"
@@ -94,6 +99,11 @@ class KtHandler(ExtensionHandlerMixin, APIHandler):
 
     auth_resource = AUTH_RESOURCE
 
+    @property
+    def kt_app(self) -> KtServerApp:
+        """The extension app: its thread pool, metrics probe, listings in flight and settings."""
+        return cast("KtServerApp", self.extensionapp)
+
     async def prepare(self) -> None:  # type: ignore[override]
         """Bound the body: one declared past :data:`MAX_DISCARD_BYTES` is refused before any of it is read."""
         self._body_chunks: list[bytes] = []
@@ -105,7 +115,8 @@ class KtHandler(ExtensionHandlerMixin, APIHandler):
         self._declared_bytes = int(length)
         if self._declared_bytes > MAX_DISCARD_BYTES:
             raise ApiError(413, self._too_big_message())
-        self.request.connection.set_max_body_size(MAX_DISCARD_BYTES)
+        if isinstance(self.request.connection, HTTP1Connection):  # always, under jupyter_server's HTTP server
+            self.request.connection.set_max_body_size(MAX_DISCARD_BYTES)
 
     def data_received(self, chunk: bytes) -> None:
         """Keep the body's chunks up to :data:`MAX_BODY_BYTES`; drop the rest (the request gets a 413)."""
@@ -143,7 +154,7 @@ class KtHandler(ExtensionHandlerMixin, APIHandler):
         """Run ``fn(*args)`` in the thread pool; kt errors become JSON errors with a fitting status."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.extensionapp.executor, fn, *args)
+            return await loop.run_in_executor(self.kt_app.executor, fn, *args)
         except KtError as exc:
             raise ApiError(_status_for(exc, 500), str(exc)) from None
 
@@ -161,7 +172,7 @@ class KtHandler(ExtensionHandlerMixin, APIHandler):
             handle = await self.blocking(computes.live_handle, info.backend, info.name)
             if handle is None:
                 return computes.summarize(info, metrics_error="not running")
-            metrics = await self.extensionapp.probe.sample(handle)
+            metrics = await self.kt_app.probe.sample(handle)
         except ApiError as exc:
             return computes.summarize(info, metrics_error=exc.message)
         except KtError as exc:
@@ -190,14 +201,14 @@ class ComputesHandler(KtHandler):
         A slow backend (an unreachable cluster) keeps at most one listing in
         flight: later requests wait on that one instead of taking more threads.
         """
-        app = self.extensionapp
+        app = self.kt_app
         pending = app.listings.get(name)
         if pending is None or pending.done():
             pending = app.listings[name] = asyncio.get_running_loop().run_in_executor(
                 app.executor, computes.list_backend, name)
         try:
             return await asyncio.wait_for(asyncio.shield(pending), app.list_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return [], {"name": name, "available": False,
                         "message": f"the {name} backend did not answer within {app.list_timeout_s:g} s"}
 
@@ -235,7 +246,7 @@ class ComputeHandler(KtHandler):
         """Stop the compute's kernel and remove it."""
         backend, name = checked_target(backend, name)
         await self.blocking(computes.stop_compute, backend, name)
-        await self.extensionapp.probe.forget(backend, name)
+        await self.kt_app.probe.forget(backend, name)
         self.reply({"name": name, "backend": backend, "stopped": True})
 
 
@@ -248,7 +259,7 @@ class LogsHandler(KtHandler):
         """The last ``tail`` lines (default 200) as ``{"logs": text}``."""
         backend, name = checked_target(backend, name)
         raw = self.get_query_argument("tail", str(DEFAULT_TAIL_LINES))
-        limit = self.extensionapp.max_log_lines
+        limit = self.kt_app.max_log_lines
         try:
             tail = int(raw)
         except ValueError:
@@ -272,7 +283,7 @@ class MetricsHandler(KtHandler):
         if handle is None:
             raise ApiError(409, f"{backend} compute {name!r} is not running; launch it again to see metrics")
         try:
-            metrics = await self.extensionapp.probe.sample(handle)
+            metrics = await self.kt_app.probe.sample(handle)
         except KtError as exc:
             raise ApiError(_status_for(exc, 502), str(exc)) from None
         self.reply({"name": name, "backend": backend, "metrics": metrics})
