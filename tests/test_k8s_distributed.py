@@ -194,6 +194,8 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
     status = capsys.readouterr().out
     assert "ddpk: 2 pytorch workers (ddpk-r0, ddpk-r1)" in status
     assert "--- rank 1\nready: pod tester-ddpk-1 on node fake-node-1" in status
+    whole = kd.status_of_name("ddpk")  # the group as one compute (what the backend's status says of it)
+    assert (whole.phase, whole.detail) == ("ready", "2 pytorch workers (ddpk-r0, ddpk-r1)")
     # another worker count under the same name is a clear error; a single kernel of that name too
     with pytest.raises(Exception, match="runs 2 pytorch workers, not 3 pytorch"):
         run(ip, "%%kt --workers 3 --name ddpk\n1")
@@ -206,6 +208,7 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
     assert why.startswith("pod kernel 'ddpk-r1' (pod tester-ddpk-1) was deleted or evicted (its StatefulSet is "
                           "starting it again)"), why
     assert group.liveness() == f"rank 1 of 'ddpk': {why}"  # the group's answer names the rank
+    assert kd.status_of_name("ddpk").phase in ("launching", "ready")  # the StatefulSet brings rank 1 back
     forget("kubernetes", "ddpk")  # another process: it finds the StatefulSet's spec and compares
     with pytest.raises(Exception, match=r"already running with memory=None \(not '3Gi'\)"):
         connect_group(compute.with_overrides(memory="3Gi"))
@@ -260,6 +263,10 @@ def test_a_ray_compute_runs_its_cells_in_the_kuberay_head_pod(cluster, ip, capsy
     assert "the Ray head (its workers join it) of 'rk' ready in" in capsys.readouterr().err
     rc = cluster.store.get("rayclusters", NS, "tester-rk")
     assert rc["spec"]["workerGroupSpecs"][0]["replicas"] == 2 and rc["status"]["desiredWorkerReplicas"] == 2
+    run(ip, "%kt status rk")
+    status = capsys.readouterr().out
+    assert "--- rank 0\nready: pod tester-rk-head on node fake-node-1" in status
+    assert "--- rank 2\na Ray worker pod (a Ray node, no pod kernel)" in status
     with pytest.raises(Exception, match="runs 3 ray workers, not 2 ray"):
         run(ip, "%%kt --workers 2 --framework ray --name rk\n1")
     run(ip, "%kt down rk")

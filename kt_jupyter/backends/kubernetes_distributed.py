@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import queue
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -414,6 +415,34 @@ def rank_status(name: str, rank: int) -> KernelInfo:
     pods = [p for p in kube.list("Pod", compute.namespace, label_selector=label_selector(compute))
             if _rank_of(compute, p, ray) == rank]
     return backend._info(kube, rank_name(name, rank), compute.namespace, found.kind, workload, pods)  # as for one
+
+
+#: A rank's compute name, ``{group}-r{rank}`` (:func:`~kt_jupyter.distributed.rank_name`).
+_RANK_NAME_RE = re.compile(r"^(?P<group>.+)-r(?P<rank>[0-9]+)$")
+
+
+def status_of_name(name: str) -> KernelInfo | None:
+    """The state of ``name`` when it is a distributed compute (ready once every rank is; else the first rank that
+    is not, named) or one of its ranks (``NAME-rR``); None when it is neither."""
+    match = _RANK_NAME_RE.match(name)
+    if match:
+        try:
+            return rank_status(match["group"], int(match["rank"]))
+        except NotFoundError:
+            pass  # a compute of its own that happens to end in -rN
+    compute = _backend()._compute_for(name)
+    found = find_group(compute)
+    if found is None:
+        return None
+    config = found.config
+    ranks = [rank_status(name, r) for r in range(1 if config.framework == "ray" else config.workers)]
+    behind = next((r for r in ranks if r.phase != "ready"), None)
+    detail = f"{config.workers} {config.framework} workers ({', '.join(r.name for r in ranks)})"
+    if behind is not None:
+        detail += f"; {behind.name} is {behind.phase}" + (f": {behind.detail}" if behind.detail else "")
+    return KernelInfo(name=name, backend="kubernetes", phase="ready" if behind is None else behind.phase,
+                      where=f"{found.kind} {compute.service_name} (namespace {compute.namespace})",
+                      started=min(r.started for r in ranks), spec=found.running.to_dict(), detail=detail)
 
 
 def delete_group(name: str, namespace: str | None = None, grace_period_s: float = 5.0) -> bool:

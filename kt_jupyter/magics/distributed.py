@@ -147,10 +147,10 @@ def status(backend: str, name: str, show: Callable[[str, str], Any]) -> None:
         if backend != "kubernetes":
             show(rank_name(name, rank), backend)
             continue
-        from ..backends.kubernetes_distributed import rank_status
+        from ..backends.kubernetes_distributed import status_of_name
 
-        if framework == "ray" and rank:
-            print("a Ray worker pod (Ray's own node, no pod kernel)")
+        info = status_of_name(rank_name(name, rank))  # the pod's state, read as the backend reads one kernel's
+        if info is None:  # Ray's worker pods hold Ray only
+            print("a Ray worker pod (a Ray node, no pod kernel)")
             continue
-        info = rank_status(name, rank)  # the pod's state: the backend knows computes by Deployment, not ranks
         print(f"{info.phase}: {info.where}" + (f"\n{info.detail}" if info.detail else ""))
