@@ -13,10 +13,11 @@ import pytest
 from kt_jupyter import backends as backends_mod
 from kt_jupyter.backends.kubernetes import KubernetesBackend
 from kt_jupyter.compute import Compute
-from kt_jupyter.errors import BackendUnavailable, ComputeSpecError, LaunchError, NotFoundError
+from kt_jupyter.errors import BackendUnavailable, ComputeSpecError, KubernetesAPIError, LaunchError, NotFoundError
 from k8s_fake.cluster import MISSING_IMAGE, NS, fake_cluster
 from k8s_fake.knative import SERVICES, FakeKnativeServing
 
+SECURITY_FLAG = "kubernetes.podspec-securitycontext"
 #: Seconds the fake cluster may take to remove what a test deleted.
 GONE_TIMEOUT_S = 30
 
@@ -25,7 +26,8 @@ GONE_TIMEOUT_S = 30
 def knative(tmp_path, monkeypatch, kt_home):
     """A fake cluster with Knative Serving; the process's `kubernetes` backend uses the real port-forward."""
     with fake_cluster(tmp_path, monkeypatch) as cluster:
-        cluster.knative = FakeKnativeServing(cluster.kubelet).start()
+        # as an admin enables it for kt's pod (its restricted securityContext): see the flags test below
+        cluster.knative = FakeKnativeServing(cluster.kubelet, features={SECURITY_FLAG: "enabled"}).start()
         backend = KubernetesBackend()  # outside a cluster: the production PortForwardConnector
         monkeypatch.setitem(backends_mod._instances, "kubernetes", backend)
         cluster.backend = backend
@@ -138,6 +140,22 @@ def test_an_image_the_registry_lacks_is_knatives_revision_failure(knative):
     assert info.phase == "failed" and "RevisionFailed" in info.detail
     assert knative.backend.delete("noimg")
     assert knative.store.get(SERVICES, NS, compute.service_name) is None
+
+
+def test_a_knative_that_has_not_enabled_the_pods_fields_is_told_which_flags_to_enable(tmp_path, monkeypatch,
+                                                                                      kt_home):
+    with fake_cluster(tmp_path, monkeypatch) as cluster:
+        FakeKnativeServing(cluster.kubelet).start()  # config-features as Knative ships it
+        compute = autoscaled("flags", 1, node_selector={"pool": "cpu"})
+        with pytest.raises(KubernetesAPIError) as err:
+            cluster.backend.launch(compute)
+        message = str(err.value)
+        assert "must not set the field(s): spec.template.spec.nodeSelector" in message  # Knative's own words
+        assert "spec.template.spec.securityContext.fsGroup" in message
+        assert "config-features ConfigMap (namespace knative-serving)" in message
+        assert f"{SECURITY_FLAG}: enabled" in message and "kubernetes.podspec-nodeselector: enabled" in message
+        assert cluster.store.get(SERVICES, NS, compute.service_name) is None and not cluster.pods(compute)
+        assert "%kt down flags" in message  # the Secret and ConfigMap applied before it stay, and it says so
 
 
 def test_a_cluster_without_knative_serving_is_one_clear_message(tmp_path, monkeypatch, kt_home):

@@ -42,7 +42,7 @@ from ..knative import API_VERSION, knative_objects, required_feature_flags
 from ..manifests import CONTAINER_NAME, SPEC_ANNOTATION, label_selector, token_secret_name
 from . import SPEC_KEYS, KernelHandle, KernelInfo, spec_mismatch, spec_mismatch_error
 from . import kubernetes_events as ev
-from .kubernetes_api import FIELD_MANAGER, KubeApi
+from .kubernetes_api import FIELD_MANAGER, ApiStatusError, KubeApi
 from .kubernetes_objects import pod_kernel_source_files
 from .kubernetes_watch import WatchThread
 
@@ -247,11 +247,20 @@ def launch(backend: "KubernetesBackend", compute: Compute,
                      content_type="application/apply-patch+yaml")
         pod = _wait_ready(kube, compute, say, t0 + compute.launch_timeout_s)
     except BaseException as exc:
-        note = f"\nThe Knative Service stays; `%kt down {compute.name}` deletes it."
+        note = f"\nWhat was applied stays (labelled as this compute's); `%kt down {compute.name}` deletes it."
         if isinstance(exc, NotFoundError):
             raise knative_missing(compute) from None
-        if isinstance(exc, (LaunchError, KubernetesAPIError)):
+        if isinstance(exc, ApiStatusError) and "must not set the field" in exc.message:
+            raise KubernetesAPIError(
+                f"Knative Serving on this cluster refused compute {compute.name!r}'s pod: {exc.message}.\nKnative "
+                "admits those pod fields only with flags in its config-features ConfigMap (namespace "
+                f"knative-serving): {', '.join(f'{flag}: enabled' for flag in flags)}; ask your admin to set them "
+                "(`kubectl edit configmap config-features -n knative-serving`), or leave out the options that "
+                f"need them.{note}") from None
+        if isinstance(exc, LaunchError):
             raise type(exc)(f"{exc}{note}") from None
+        if isinstance(exc, KubernetesAPIError):
+            raise KubernetesAPIError(f"{exc}{note}") from None
         raise
     handle = _handle(backend, kube, compute, pod, token)
     say(f"pod kernel {compute.name!r} ready in {time.monotonic() - t0:.1f} s on node {ev.node_of(pod)} "

@@ -22,6 +22,7 @@ the pod's TTL guard call, with the API's URL layout, verbs and JSON shapes:
 * exec (``pods/exec``, :mod:`k8s_fake.exec`): ``v5``/``v4.channel.k8s.io``, the command run beside
   the fake container (its directory and environment), on a pty with ``tty=true``, its exit code as
   the real error-channel Status;
+* validating admission webhooks (:attr:`FakeStore.validating_webhooks`) on create and apply;
 * resources by (API group, plural): Knative's ``services.serving.knative.dev`` is not the core
   ``services``; CRD groups (:data:`~k8s_fake.store.CRD_GROUPS`) are served only once installed
   (:attr:`FakeStore.installed_groups`), else 404 as on a cluster without them;
@@ -183,12 +184,17 @@ class _Handler(BaseHTTPRequestHandler):
             if obj is None:
                 raise FakeApiError(404, "NotFound", f'{plural} "{name}" not found')
             return self._send_json(200, obj)
+        webhook = store.validating_webhooks.get(plural)
         if verb == "create":
+            if webhook is not None:
+                webhook(self._body() or {})
             return self._send_json(201, store.create(plural, ns, self._body() or {}))
         if verb == "patch":
             ctype = self.headers.get("Content-Type", "")
             body = self._body() or {}
             if ctype.startswith("application/apply-patch"):
+                if webhook is not None:
+                    webhook(body)
                 if not query.get("fieldManager"):
                     raise FakeApiError(422, "Invalid", "PatchOptions.meta.k8s.io is invalid: fieldManager: "
                                                        "Required value: is required for apply patch")

@@ -21,6 +21,11 @@ What Knative does with a ``serving.knative.dev/v1`` Service, at the API:
 * deletion: Foreground keeps the Service (finalizer) until its Deployments' pods are gone; any
   deletion takes the Configuration, Route, Revisions and Deployments with it.
 
+Its validating webhook refuses a pod that uses what ``config-features`` has not enabled, with the
+real message (``admission webhook "validation.webhook.serving.knative.dev" denied the request:
+validation failed: must not set the field(s): spec.template.spec.nodeSelector``); the flags are
+Knative's defaults (:data:`DEFAULT_FEATURES`) unless the test enables more, as an admin would.
+
 The autoscaler's decision to scale to zero is :meth:`FakeKnativeServing.scale_to_zero`, called by the
 test (the real one acts after the stable window without requests); it honours ``min-scale``.
 """
@@ -30,7 +35,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
-from .store import now_rfc3339
+from .store import FakeApiError, now_rfc3339
 
 if TYPE_CHECKING:
     from .kubelet import FakeKubelet
@@ -40,6 +45,16 @@ SERVICES = f"services.{GROUP}"
 CONFIGURATIONS, REVISIONS, ROUTES = "configurations", "revisions", "routes"
 SERVICE_LABEL, REVISION_LABEL = f"{GROUP}/service", f"{GROUP}/revision"
 MIN_SCALE, INITIAL_SCALE = "autoscaling.knative.dev/min-scale", "autoscaling.knative.dev/initial-scale"
+#: ``config-features`` as Knative ships it: the pod fields (and volume kinds) that need a flag, and the
+#: flags on by default (emptyDir since it went beta); a pod-level securityContext needs its flag for any field.
+GATED_POD_FIELDS = {"affinity": "kubernetes.podspec-affinity", "nodeSelector": "kubernetes.podspec-nodeselector",
+                    "tolerations": "kubernetes.podspec-tolerations",
+                    "priorityClassName": "kubernetes.podspec-priorityclassname",
+                    "schedulerName": "kubernetes.podspec-schedulername",
+                    "securityContext": "kubernetes.podspec-securitycontext"}
+GATED_VOLUMES = {"emptyDir": "kubernetes.podspec-emptydir",
+                 "persistentVolumeClaim": "kubernetes.podspec-persistent-volume-claim"}
+DEFAULT_FEATURES = {"kubernetes.podspec-emptydir": "enabled"}
 QUEUE_PROXY_IMAGE = "gcr.io/knative-releases/knative.dev/serving/cmd/queue@sha256:" + "0" * 64
 
 
@@ -64,14 +79,35 @@ class FakeKnativeServing:
     """Knative Serving (its CRDs, service/configuration/revision controllers, a scale-to-zero switch) on a
     :class:`~k8s_fake.FakeKubelet`, registered as its controller for ``services.serving.knative.dev``."""
 
-    def __init__(self, kubelet: "FakeKubelet") -> None:
+    def __init__(self, kubelet: "FakeKubelet", features: dict[str, str] | None = None) -> None:
         self.kubelet, self.store = kubelet, kubelet.store
+        #: The ``config-features`` ConfigMap: Knative's defaults, with ``features`` on top.
+        self.features = {**DEFAULT_FEATURES, **(features or {})}
 
     def start(self) -> "FakeKnativeServing":
-        """Install the CRDs and start reconciling."""
+        """Install the CRDs and the webhook, and start reconciling."""
         self.store.installed_groups.add(GROUP)
+        self.store.validating_webhooks[SERVICES] = self.validate
         self.kubelet.controllers[SERVICES] = self
         return self
+
+    def validate(self, service: dict[str, Any]) -> None:
+        """Knative's validating webhook on a Service: fields behind a disabled feature flag are refused."""
+        pod = ((service.get("spec") or {}).get("template") or {}).get("spec") or {}
+        path = "spec.template.spec"
+        refused = []
+        for field, flag in GATED_POD_FIELDS.items():
+            if pod.get(field) and self.features.get(flag) not in ("enabled", "allowed"):
+                value = pod[field]
+                refused += [f"{path}.{field}.{k}" for k in sorted(value)] if field == "securityContext" \
+                    else [f"{path}.{field}"]
+        for i, volume in enumerate(pod.get("volumes") or []):
+            refused += [f"{path}.volumes[{i}].{kind}" for kind, flag in GATED_VOLUMES.items()
+                        if kind in volume and self.features.get(flag) not in ("enabled", "allowed")]
+        if refused:
+            raise FakeApiError(400, "BadRequest", 'admission webhook "validation.webhook.serving.knative.dev" denied '
+                                                  f"the request: validation failed: must not set the field(s): "
+                                                  f"{', '.join(refused)}")
 
     # -- the FakeController interface
 

@@ -216,6 +216,9 @@ class FakeStore:
         self.log_follower: Callable[[str, str, str], Iterator[bytes]] | None = None
         #: (namespace, pod, port) -> the 127.0.0.1 port the fake pod listens on, provided by the fake kubelet
         self.port_resolver: Callable[[str, str, int], int] | None = None
+        #: Validating admission webhooks by store name: called with the body of a create or apply through the
+        #: API, they raise :class:`FakeApiError` to deny it (Knative's webhook, :mod:`k8s_fake.knative`).
+        self.validating_webhooks: dict[str, Callable[[dict[str, Any]], None]] = {}
         #: (namespace, pod, container) -> (working directory, environment) of the running container, for
         #: ``pods/exec``; None when it is not running (:func:`k8s_fake.exec.install_exec`)
         self.exec_resolver: Callable[[str, str, str], tuple[str, dict[str, str]] | None] | None = None
