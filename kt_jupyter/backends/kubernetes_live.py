@@ -109,8 +109,9 @@ class LiveKernel:
             return "is gone"
         if dep is None or (dep.get("metadata") or {}).get("deletionTimestamp"):
             return f"was deleted with its {kind} (`%kt down`, or kubectl)"
-        if kind == "Job" and job_condition(dep, "Failed") is not None:
-            return f"failed for good: its Job gave up ({job_condition(dep, 'Failed').get('message') or 'Failed'})"
+        failed = job_condition(dep, "Failed") if kind == "Job" else None
+        if failed is not None:
+            return f"failed for good: its Job gave up ({failed.get('message') or 'Failed'})"
         if kind == "Job" and job_condition(dep, "Complete") is not None:
             return f"was {job_stopped_idle(dep)}: its Job completed"
         if workload_stopped(kind, dep):
