@@ -43,8 +43,8 @@ def _count(value: object, param: str, minimum: int, example: int) -> int | None:
 def _positive(value: object, param: str, example: float, maximum: float | None = None) -> float | None:
     if value is None:
         return None
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-    if not ok or (maximum is not None and value > maximum):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
+            or (maximum is not None and value > maximum):
         bound = f" and at most {maximum:g}" if maximum is not None else ""
         raise ComputeSpecError(f"autoscale: {param} must be a number above 0{bound}, e.g. {param}={example:g}; "
                                f"got {value!r}")
@@ -190,4 +190,4 @@ class AutoscalingConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ComputeSpecError(f"autoscaling: unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        return cls.from_arguments(**{renamed.get(k, k): v for k, v in data.items()})
+        return cls.from_arguments(**{renamed.get(str(k), str(k)): v for k, v in data.items()})

@@ -157,7 +157,7 @@ class InputRelay:
         global RELAY
         builtins.input = self.input
         getpass.getpass = self.getpass
-        sys.stdin = CellStdin(self, self._stdin)  # type: ignore[assignment]
+        sys.stdin = CellStdin(self, self._stdin)
         sys.breakpointhook = breakpointhook
         pdb.set_trace = set_trace
         RELAY = self

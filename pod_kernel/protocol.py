@@ -171,7 +171,7 @@ def encode_frame(header: Mapping[str, Any], payload: bytes | memoryview = b"") -
     return b"".join((_LEN.pack(len(head)), head, payload))
 
 
-def decode_frame(frame: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memoryview]:
+def decode_frame(frame: bytes | bytearray | memoryview | str) -> tuple[dict[str, Any], memoryview]:
     """Split a frame into its header (a dict with a string ``type``) and payload view."""
     if isinstance(frame, str):
         raise ProtocolError("text messages are not part of this protocol; send binary frames")

@@ -77,8 +77,9 @@ class LogView(ModelView, W.VBox):
     def _hint_html(self) -> str:
         return f'<span class="kt-log-hint" style="{FONT} color:{FG2}">{escape(self.model.hint)}</span>'
 
-    def _redraw(self, change: Any) -> None:
-        if change["name"] == "visible":
+    def _redraw(self, change: Any = None) -> None:
+        """Show what changed (everything for ``change`` None)."""
+        if change is None or change["name"] == "visible":
             self.box.value = log_html(self.model)
-        else:
+        if change is None or change["name"] != "visible":
             self.hint.value = self._hint_html()

@@ -74,7 +74,7 @@ class PickerView(ModelView, W.VBox):
         self.rows = W.VBox()
         self.rows.add_class("kt-pick-running")
         self.launch.on_click(lambda _b: self._start_launch())
-        self.set_default.on_click(lambda _b: (self._clear_progress(), model.make_default()))
+        self.set_default.on_click(self._make_default)
         self.refresh.on_click(lambda _b: model.refresh_running())
         running_title = W.HTML(f'<span style="{FONT} font-weight:600; color:{FG1}">Computes</span>')
         refresh_bar = W.HBox([running_title, self.refresh], layout=W.Layout(align_items="center", margin="8px 0 2px 0"))
@@ -107,6 +107,10 @@ class PickerView(ModelView, W.VBox):
         """Stop refreshing, then close."""
         self._closed.set()
         super().close()
+
+    def _make_default(self, _button: Any) -> None:
+        self._clear_progress()
+        self.model.make_default()
 
     def _clear_progress(self) -> None:
         """Drop the last launch's progress line: it is not news any more."""
