@@ -139,7 +139,7 @@ def status(backend: str, name: str, show: Callable[[str, str], Any]) -> None:
     """``%kt status NAME``: each worker's status, rank by rank."""
     group = group_named(backend, name)
     found = dg.existing_group(backend, name)
-    workers = len(group.ranks) if group is not None else (found[0] if found else 0)
+    workers = group.config.workers if group is not None else (found[0] if found else 0)
     framework = group.config.framework if group is not None else (found[1] if found else "?")
     print(f"{name}: {workers} {framework} workers ({', '.join(rank_name(name, r) for r in range(workers))})")
     for rank in range(workers):
