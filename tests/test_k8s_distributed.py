@@ -194,6 +194,8 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
     status = capsys.readouterr().out
     assert "ddpk: 2 pytorch workers (ddpk-r0, ddpk-r1)" in status
     assert "--- rank 1\nready: pod tester-ddpk-1 on node fake-node-1" in status
+    assert [p["metadata"]["name"] for p in kd.rank_pods_of_name("ddpk-r1")] == ["tester-ddpk-1"]  # its logs
+    assert kd.rank_pods_of_name("ddpk-r2") == [] and kd.status_of_name("ddpk-r2") is None
     whole = kd.status_of_name("ddpk")  # the group as one compute (what the backend's status says of it)
     assert (whole.phase, whole.detail) == ("ready", "2 pytorch workers (ddpk-r0, ddpk-r1)")
     # another worker count under the same name is a clear error; a single kernel of that name too

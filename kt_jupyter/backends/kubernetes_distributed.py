@@ -421,6 +421,19 @@ def rank_status(name: str, rank: int) -> KernelInfo:
 _RANK_NAME_RE = re.compile(r"^(?P<group>.+)-r(?P<rank>[0-9]+)$")
 
 
+def rank_pods_of_name(name: str) -> list[dict[str, Any]]:
+    """The pods of the rank ``name`` (``NAME-rR``) of a distributed compute, for its logs; [] when it is none."""
+    match = _RANK_NAME_RE.match(name)
+    if not match:
+        return []
+    compute = _backend()._compute_for(match["group"])
+    found = find_group(compute)
+    if found is None:
+        return []
+    pods = _backend()._kube(compute).list("Pod", compute.namespace, label_selector=label_selector(compute))
+    return [p for p in pods if _rank_of(compute, p, found.config.framework == "ray") == int(match["rank"])]
+
+
 def status_of_name(name: str) -> KernelInfo | None:
     """The state of ``name`` when it is a distributed compute (ready once every rank is; else the first rank that
     is not, named) or one of its ranks (``NAME-rR``); None when it is neither."""
