@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pod_kernel import coherence
 from pod_kernel import protocol as P
@@ -238,19 +238,19 @@ class ComputeConnection:
             try:
                 for _attempt in range(MISSING_RETRIES + 1):
                     check = self._check(analysis.mentions, transfer)
-                    outcome.result = self.session.execute(
+                    result = outcome.result = self.session.execute(
                         source, on_output, cell_name=cell_name, cell_label=cell_label, timeout=timeout_s,
                         on_input=on_input, debug_wait=debug_wait, check=check, post_mortem=post_mortem,
                         requires=requires)
-                    if not outcome.result.missing:
+                    if not result.missing:
                         break
                     # the pod lost values we did not send again (another notebook deleted them): sent now, then run
-                    lost = outcome.result.missing
+                    lost = result.missing
                     outcome.skipped_unchanged = [n for n in outcome.skipped_unchanged if n not in lost]
                     requires = [n for n in requires if n not in lost]
                     self._push(lost, user_ns, outcome, force=set(lost), on_progress=on_progress)
                 else:
-                    raise TransferError(f"compute {self.name!r} keeps losing {', '.join(outcome.result.missing)} "
+                    raise TransferError(f"compute {self.name!r} keeps losing {', '.join(result.missing)} "
                                         "before the cell can run (another notebook deletes them?); nothing ran")
             except BaseException as exc:
                 outcome.timings_s["execute"] = time.perf_counter() - t1
@@ -345,15 +345,15 @@ class ComputeConnection:
                     )
                 continue  # the pod holds the real value already
             held = self.held.get(name)
-            same_object = held is not None and id(value) == held.local_id and held.pod_id is not None
-            if same_object and not held.stable and name not in force:  # known by identity only
+            same = held if held is not None and id(value) == held.local_id and held.pod_id is not None else None
+            if same is not None and not same.stable and name not in force:  # known by identity only
                 maybe_held.append(name)
                 continue
             t_fp = time.perf_counter()
             fp = prints[name] = P.fingerprint(value)
-            if fp and same_object and fp != held.fingerprint and P.fingerprint(value) != fp:
-                held.stable = False  # pickles differently each time: its identity is its version
-                fp = held.fingerprint
+            if fp and same is not None and fp != same.fingerprint and P.fingerprint(value) != fp:
+                same.stable = False  # pickles differently each time: its identity is its version
+                fp = same.fingerprint
             outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_fp
             if fp and name not in force and held is not None and held.fingerprint == fp and held.pod_id is not None:
                 maybe_held.append(name)
@@ -369,9 +369,9 @@ class ComputeConnection:
         self.session.push_bundle(bundle, on_progress=progress)
         ids = self.session.last_push_ids
         for name, value in send.items():
-            fp = prints.get(name)
-            if fp is None:  # an unstable value, sent again: fingerprinted now for the record
-                fp = P.fingerprint(value)
+            known = prints.get(name)
+            # an unstable value, sent again: fingerprinted now for the record
+            fp = known if known is not None else P.fingerprint(value)
             old = self.held.get(name)
             self.held[name] = Held(fp, ids.get(name), id(value), old.stable if old else True, fp,
                                    old.pod_stable if old else True)
@@ -506,7 +506,8 @@ class ComputeConnection:
             self._pull_values(dict(items[:half]), user_ns, outcome, stays, on_progress)
             self._pull_values(dict(items[half:]), user_ns, outcome, stays, on_progress)
             return
-        values = coherence.adopt_functions(values, user_ns)  # notebook functions see the notebook's globals
+        # notebook functions see the notebook's globals (a dict: IPython's user_ns, or a test's)
+        values = coherence.adopt_functions(values, cast(dict, user_ns))
         for name, value in values.items():
             user_ns[name] = value
             self.refs.discard(name)
@@ -621,7 +622,7 @@ def connect(compute: Compute | None = None, *, keep: bool = False,
 def _resource_diff(wanted: Compute, running: Compute, only: Iterable[str] | None = None) -> str:
     """'' when alike (in ``only`` if given), else e.g. "gpus=None (not 1)"."""
     dw, dr = wanted.to_dict(), running.to_dict()
-    keys = ("backend", "cpus", "memory", "gpus", "gpu_type", "image", "env_vars", "namespace")
+    keys: tuple[str, ...] = ("backend", "cpus", "memory", "gpus", "gpu_type", "image", "env_vars", "namespace")
     if only is not None:
         keys = tuple(k for k in keys if k in set(only))
     return ", ".join(f"{k}={dr.get(k)!r} (not {dw.get(k)!r})" for k in keys if dw.get(k) != dr.get(k))
@@ -677,8 +678,9 @@ class _no_new_pyplot_figures:
         if helpers is not None:
             for num in set(helpers.Gcf.figs) - self.before:
                 manager = helpers.Gcf.figs.pop(num, None)
-                if manager is not None and getattr(manager.canvas, "manager", None) is manager:
-                    manager.canvas.manager = None
+                canvas = getattr(manager, "canvas", None)
+                if manager is not None and canvas is not None and canvas.manager is manager:
+                    canvas.manager = None
 
 
 def _merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:

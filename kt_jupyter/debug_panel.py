@@ -36,9 +36,14 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pod_kernel.debugging import SKIP_MODULES
+
+if TYPE_CHECKING:  # the mixin's methods call ipykernel's Debugger's (super()): it is mixed into that class
+    from ipykernel.debugger import Debugger as _DebuggerBase
+else:
+    _DebuggerBase = object
 
 log = logging.getLogger("kt_jupyter.debug_panel")
 
@@ -258,7 +263,7 @@ def install(shell: Any) -> bool:
     if type(debugger) is not Debugger:  # a kernel with its own debugger: leave it alone
         return False
     debugger.__class__ = _debugger_class()  # keeps its state: the panel may be on already
-    debugger._kt_init()
+    cast(KtDebuggerMixin, debugger)._kt_init()
     return True
 
 
@@ -271,8 +276,8 @@ def uninstall(shell: Any) -> None:
 
     debugger.detach_pods()
     debugger.kt_pool.shutdown(wait=False)
-    debugger.__class__ = Debugger
-    KtDebuggerMixin._point_handlers(debugger)  # type: ignore[arg-type]
+    debugger.__class__ = Debugger  # type: ignore[assignment]  # back to the class it was
+    KtDebuggerMixin._point_handlers(debugger)  # ipykernel's own methods again
 
 
 def active_debugger(shell: Any) -> KtDebuggerMixin | None:
@@ -290,7 +295,7 @@ def _debugger_class() -> type:
     return type("KtDebugger", (KtDebuggerMixin, Debugger), {"__doc__": KtDebuggerMixin.__doc__})
 
 
-class KtDebuggerMixin:
+class KtDebuggerMixin(_DebuggerBase):
     """ipykernel's debugger, plus the pod kernels of ``%%kt`` cells (see the module docstring).
 
     Mixed into :class:`ipykernel.debugger.Debugger` by :func:`install`.
@@ -363,7 +368,7 @@ class KtDebuggerMixin:
 
     async def process_request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Requests about a pod's thread, frame or variable go to that pod's debugpy; the rest as before."""
-        command = message.get("command")
+        command = str(message.get("command") or "")
         arguments = message.get("arguments") or {}
         target = routing_id(command, arguments)
         if (self.is_started and command == "continue" and isinstance(target, int) and target < ID_SPAN
@@ -463,19 +468,20 @@ class KtDebuggerMixin:
 
     def _pod_event(self, msg: dict[str, Any], offset: int) -> None:
         body = msg.get("body")
-        if isinstance(body, dict):
-            shift_body(msg.get("event", ""), body, offset)
+        if not isinstance(body, dict):
+            body = {}
+        shift_body(msg.get("event", ""), body, offset)
         event = msg.get("event")
-        if event == "stopped" and isinstance((body or {}).get("threadId"), int):
+        if event == "stopped" and isinstance(body.get("threadId"), int):
             with self.kt_lock:
                 self.stopped_threads.add(body["threadId"])
                 self.kt_stops[body["threadId"]] = self.kt_stops.get(body["threadId"], 0) + 1
             body["allThreadsStopped"] = False  # JupyterLab asks for this thread; ipykernel's queue is local-only
         elif event == "continued":
-            if (body or {}).get("allThreadsContinued"):
+            if body.get("allThreadsContinued"):
                 self.stopped_threads = {t for t in self.stopped_threads if not offset <= t < offset + ID_SPAN}
             else:
-                self.stopped_threads.discard((body or {}).get("threadId"))
+                self.stopped_threads.discard(body.get("threadId"))
         elif event in ("initialized", "process", "output", "module", "loadedSource", "debugpyWaitingForServer",
                        "debugpySockets", "terminated", "exited", "breakpoint"):
             return  # the pod's session housekeeping: JupyterLab's session is the notebook kernel's

@@ -268,6 +268,7 @@ def _make_shell(executor: Executor):
     shell = KtShell.instance(config=cfg)
     # IPython keeps every cell's output in history_manager.outputs, forever: a kernel that lives
     # for days (or one 100 MB print) must not; Out[] / _ still work through the display hook.
+    assert shell.history_manager is not None  # made by InteractiveShell.__init__
     shell.history_manager.outputs = _NoOutputs()
     return shell
 
@@ -325,8 +326,8 @@ class Executor:
         #: a SIGINT came for the current cell before its code started: it stops the cell before it starts
         self._interrupt_pending = False
         log_out, log_err = sys.stdout, sys.stderr
-        sys.stdout = CellStream(self, "stdout", log_out)  # type: ignore[assignment]
-        sys.stderr = CellStream(self, "stderr", log_err)  # type: ignore[assignment]
+        sys.stdout = CellStream(self, "stdout", log_out)
+        sys.stderr = CellStream(self, "stderr", log_err)
         os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
         self.shell = _make_shell(self)
         _cell_logging()
@@ -362,7 +363,7 @@ class Executor:
             signal.signal(signal.SIGINT, self._on_sigint)
             import pdb
 
-            pdb.Pdb._previous_sigint_handler = None
+            setattr(pdb.Pdb, "_previous_sigint_handler", None)  # noqa: B010  (a private class attribute of pdb)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         """Raise KeyboardInterrupt only inside the running cell's code, never in our own bookkeeping.
@@ -474,7 +475,7 @@ class Executor:
             sys.stdout.flush()
             tb = exc.__traceback__ if exc is not None else None  # taken first: the reply pickles exc without it
             reply, payload = self._reply(exc)
-            if tb is not None and not is_quit(exc) and job.post_mortem is None:
+            if exc is not None and tb is not None and not is_quit(exc) and job.post_mortem is None:
                 self.failures[job.outbox] = (job.req_id, tb)  # kept for %debug, as sys.last_traceback is
                 reply["post_mortem"] = True
             if job.check is not None:  # the notebook's coherence check, answered in this same reply

@@ -22,7 +22,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import psutil
 from websockets.asyncio.server import ServerConnection, serve
@@ -115,12 +116,12 @@ class PodKernelServer:
         compute_name: str = "default",
         allowed_serialization: tuple[str, ...] = P.SERIALIZATIONS,
         inactivity_ttl_s: float | None = None,
-        code_dir: str | None = None,
+        code_dir: str | Path | None = None,
     ) -> None:
         self.executor = executor
         self.calls = CallRunner(executor.namespace)
         tensors.NAMESPACE = executor.namespace
-        self.code = CodeSync(code_dir or executor.cells_dir.parent / "code")
+        self.code = CodeSync(Path(code_dir) if code_dir else executor.cells_dir.parent / "code")
         self._token = token.encode()
         self.compute_name = compute_name
         self.allowed_serialization = tuple(allowed_serialization)
@@ -163,6 +164,12 @@ class PodKernelServer:
         }
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop :meth:`serve` runs on (what runs on it runs only while it does)."""
+        assert self.loop is not None, "the pod kernel server is not serving"
+        return self.loop
 
     async def serve(self, host: str, port: int, on_ready: Callable[[int], None]) -> None:
         """Listen until stopped; ``on_ready(port)`` is called once bound."""
@@ -234,12 +241,12 @@ class PodKernelServer:
             log.info("process %d reattached and owns this kernel now", pid)
 
         def _gone() -> None:
-            self.loop.remove_reader(fd)
+            self.running_loop.remove_reader(fd)
             os.close(fd)
             if self.owners is not None and self.owners.pop(pid, None) is not None and not self.owners:
                 self._orphaned(f"owner process {pid} exited")
 
-        self.loop.add_reader(fd, _gone)
+        self.running_loop.add_reader(fd, _gone)
 
     def _orphaned(self, why: str) -> None:
         grace = self.owner_grace_s
@@ -247,17 +254,16 @@ class PodKernelServer:
             self.request_stop(why)
             return
         log.info("%s; stopping in %g s unless a notebook reattaches", why, grace)
-        self._orphan_timer = self.loop.call_later(
+        self._orphan_timer = self.running_loop.call_later(
             grace, self.request_stop, f"{why} and no notebook reattached within {grace:g} s")
 
     def _flush_rejections(self) -> None:
         """Log the refused-connections summary of each window, also when no more refusals come."""
         self.rejections.flush()
-        self.loop.call_later(self.rejections.window_s, self._flush_rejections)
+        self.running_loop.call_later(self.rejections.window_s, self._flush_rejections)
 
     def _arm_ttl(self, delay_s: float) -> None:
-        assert self.loop is not None
-        self.loop.call_later(max(delay_s, 0.05), self._check_ttl)
+        self.running_loop.call_later(max(delay_s, 0.05), self._check_ttl)
 
     def _check_ttl(self) -> None:
         ttl = self.inactivity_ttl_s or 0
@@ -308,12 +314,13 @@ class PodKernelServer:
 
     async def handle(self, ws: ServerConnection) -> None:
         """Serve one connection of a session until it closes."""
+        assert ws.request is not None  # served connections completed their handshake
         headers = ws.request.headers  # validated by check_handshake
         sid = headers.get(P.HEADER_SESSION) or uuid.uuid4().hex
         last_seq = int(headers.get(P.HEADER_LAST_SEQ, "0"))
         session = self.sessions.get(sid)
         if session is None:
-            session = self.sessions[sid] = Session(sid, Outbox(self.loop, on_text=_tee_to_log))
+            session = self.sessions[sid] = Session(sid, Outbox(self.running_loop, on_text=_tee_to_log))
         elif session.ws is not None:
             await session.ws.close(1000, "replaced by a newer connection of the same session")
         session.ws = ws  # a connection is not activity (kt-idle): a sidebar or status poll must not keep a GPU alive
@@ -341,7 +348,7 @@ class PodKernelServer:
         try:
             async for message in ws:
                 try:
-                    header, payload = P.decode_frame(message)
+                    header, payload = P.decode_frame(cast(bytes, message))  # it refuses a text frame itself
                     if inbound is not None:
                         inbound = await self._continue_inbound(session, ws, inbound, header, payload)
                         continue
@@ -372,7 +379,7 @@ class PodKernelServer:
                 if session.outbox.last_seq == 0 and not session.seen_exec:
                     self.sessions.pop(sid, None)  # nothing to replay: nothing to keep
                 else:
-                    self.loop.call_later(SESSION_KEEP_S, self._forget_session, sid)
+                    self.running_loop.call_later(SESSION_KEEP_S, self._forget_session, sid)
                     self._cap_detached_sessions()
 
     def _detached_report(self, joining: Session) -> list[dict[str, Any]]:
@@ -406,7 +413,7 @@ class PodKernelServer:
         running = self.executor.current
         if session is None or session.ws is not None or (running is not None and running.outbox is session.outbox):
             if session is not None and session.ws is None:
-                self.loop.call_later(SESSION_KEEP_S, self._forget_session, sid)  # its cell still runs
+                self.running_loop.call_later(SESSION_KEEP_S, self._forget_session, sid)  # its cell still runs
             return
         del self.sessions[sid]
         log.info("forgot session %s (not resumed within %d s)", sid[:8], SESSION_KEEP_S)
@@ -506,6 +513,7 @@ class PodKernelServer:
         """The bundle's bytes come over the bulk channel; the request completes when they are in."""
         loop = asyncio.get_running_loop()
         asm = inbound.assembler
+        assert asm is not None  # a refused bulk push was answered before its bytes came
 
         def done(error: BaseException | None) -> None:
             async def finish() -> None:
@@ -538,6 +546,7 @@ class PodKernelServer:
                 raise P.ProtocolError("more bundle bytes than its declared sizes")
             inbound.discard_left -= len(payload)
             if inbound.discard_left == 0:
+                assert inbound.refusal is not None  # an inbound bundle with no assembler is a refused one
                 await self._send_error(ws, inbound.header["id"], inbound.refusal)
                 return None
             return inbound
@@ -746,6 +755,7 @@ class PodKernelServer:
 
     async def on_metrics(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         """One resource sample plus the kernel's state."""
+        assert self._sampler is not None  # made by serve() before any connection
         sample = await asyncio.to_thread(self._sampler.sample)
         running = self.executor.current
         sample.update(
