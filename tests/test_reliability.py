@@ -468,7 +468,7 @@ def test_output_flood_is_bounded_live_and_says_what_was_elided(kernel):
     try:
         r = s.execute(code, on_output=on_output, timeout=300)
         elapsed = time.monotonic() - t0
-        ping_s = s.ping()  # still answering at once
+        s.ping(timeout=5.0)  # still answering: a deadline (RemoteTimeoutError past it), not a figure to beat
     finally:
         stop.set()
         sampler.join()
@@ -489,7 +489,7 @@ def test_output_flood_is_bounded_live_and_says_what_was_elided(kernel):
     client_peak = peaks["client"] - base["client"]
     kernel_peak = peaks["kernel"] - base["kernel"]
     assert client_peak < 64 * MiB  # the notebook side; the pod side: test_pod_kernel_keeps_no_cell_output
-    assert first_output_at[0] < elapsed and ping_s < 1.0
+    assert first_output_at[0] < elapsed
     assert f"{flood_mb * lines_per_block - 1:09d}" in get_backend("local").logs("t", tail=30)  # all of it logged
     record("load", "flood_mb", flood_mb)
     record("load", "flood_seconds", round(elapsed, 2))
