@@ -109,7 +109,7 @@ class AutoscalingConfig:
                        metric: Any = None, target: Any = None, target_utilization: Any = None, window: Any = None,
                        initial_replicas: Any = None, scale_down_delay: Any = None,
                        scale_to_zero_pod_retention_period: Any = None, container_concurrency: Any = None,
-                       autoscaler_class: Any = None) -> "AutoscalingConfig":
+                       autoscaler_class: Any = None) -> AutoscalingConfig:
         """Validate ``autoscale()``'s arguments (see the class docstring) into a config."""
         low = _count(min_replicas, "min_replicas", 0, 0)
         high = _count(max_replicas, "max_replicas", 0, 10)
@@ -177,7 +177,7 @@ class AutoscalingConfig:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "AutoscalingConfig":
+    def from_dict(cls, data: Any) -> AutoscalingConfig:
         """The config of :meth:`to_dict` output (e.g. a spec sent over REST), validated again."""
         if isinstance(data, AutoscalingConfig):
             return data

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import sys
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from pod_kernel import protocol as P
 
@@ -89,7 +90,7 @@ def ship(obj: Any, code: CodeTree, allow_pickle: bool) -> Shipment:
         try:
             P.dump_values({"fn": obj})
             why = "it cannot be pickled"
-        except Exception as exc:  # noqa: BLE001 - any pickling error is the message
+        except Exception as exc:  # any pickling error is the message
             why = f"{type(exc).__name__}: {exc}"
         raise KtError(f"cannot ship {name!r} to the pod by value ({why}). Move it (and what it uses) to a "
                       "module, which the pod then imports by name.") from None

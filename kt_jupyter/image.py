@@ -13,8 +13,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ComputeSpecError
 
@@ -117,12 +118,12 @@ class Image:
 
     # ------------------------------------------------------------------ builders
 
-    def from_docker(self, image_id: str) -> "Image":
+    def from_docker(self, image_id: str) -> Image:
         """Use ``image_id`` as the base image."""
         self.image_id = check_image_id(image_id)
         return self
 
-    def pip_install(self, reqs: list[str] | str, force: bool = False) -> "Image":
+    def pip_install(self, reqs: list[str] | str, force: bool = False) -> Image:
         """Install Python packages (pip requirement specifiers) at start; ``force`` reinstalls."""
         items = [reqs] if isinstance(reqs, str) else reqs
         if not isinstance(items, (list, tuple)) or not items:
@@ -134,14 +135,14 @@ class Image:
         self._steps.append(SetupStep("pip_install", (tuple(r.strip() for r in items), bool(force))))
         return self
 
-    def run_bash(self, command: str, force: bool = False) -> "Image":
+    def run_bash(self, command: str, force: bool = False) -> Image:
         """Run a shell command at start (once per container; ``force`` runs it every start)."""
         if not isinstance(command, str) or not command.strip():
             raise ComputeSpecError(f"run_bash expects a shell command like 'apt-get install -y git'; got {command!r}")
         self._steps.append(SetupStep("run_bash", (command, bool(force))))
         return self
 
-    def set_env_vars(self, env_vars: dict[str, str]) -> "Image":
+    def set_env_vars(self, env_vars: dict[str, str]) -> Image:
         """Set environment variables in the container (``Compute.env_vars`` wins on a clash)."""
         env = check_env_vars(env_vars, "set_env_vars")
         if not env:
@@ -177,7 +178,7 @@ class Image:
                 "install_cmd": self.install_cmd, "steps": [s.to_dict() for s in self._steps]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Image":
+    def from_dict(cls, data: dict[str, Any]) -> Image:
         """Rebuild an Image from :meth:`to_dict` output."""
         if not isinstance(data, dict):
             raise ComputeSpecError(f"image must be an Image, an image name or a dict; got {data!r}")
@@ -197,7 +198,7 @@ class Image:
                 raise ComputeSpecError(f"image: unknown setup step {kind!r}; known: {', '.join(STEP_KINDS)}")
         return image
 
-    def copy(self) -> "Image":
+    def copy(self) -> Image:
         """An independent copy (a Compute keeps one, so later builder calls do not change it)."""
         return Image.from_dict(self.to_dict())
 
@@ -212,7 +213,7 @@ class Image:
         return f"Image(image_id={self.image_id!r}){steps}"
 
 
-def as_image(value: "Image | str | dict[str, Any] | None") -> Image:
+def as_image(value: Image | str | dict[str, Any] | None) -> Image:
     """An Image from an Image (copied), an image name, a :meth:`Image.to_dict` dict or None (default)."""
     if value is None:
         return Image()
@@ -226,26 +227,26 @@ def as_image(value: "Image | str | dict[str, Any] | None") -> Image:
         f"image must be an Image (e.g. Image(image_id='python:3.11-slim')) or an image name; got {value!r}")
 
 
-class images:  # noqa: N801 - mirrors the seed's ``kt.images.Debian()`` namespace
+class images:  # lowercase: mirrors the seed's ``kt.images.Debian()`` namespace
     """Ready-made base images, as in the seed (``images.Debian()``, ``images.Python312()``, ...)."""
 
     @staticmethod
-    def Debian() -> Image:  # noqa: N802
+    def Debian() -> Image:
         """Debian with the notebook's Python version."""
         return Image(name="debian", image_id=DEFAULT_IMAGE_ID)
 
     @staticmethod
-    def Python311() -> Image:  # noqa: N802
+    def Python311() -> Image:
         """Python 3.11 (slim Debian)."""
         return Image(name="python311", image_id="python:3.11-slim")
 
     @staticmethod
-    def Python312() -> Image:  # noqa: N802
+    def Python312() -> Image:
         """Python 3.12 (slim Debian)."""
         return Image(name="python312", image_id="python:3.12-slim")
 
     @staticmethod
-    def Python313() -> Image:  # noqa: N802
+    def Python313() -> Image:
         """Python 3.13 (slim Debian)."""
         return Image(name="python313", image_id="python:3.13-slim")
 

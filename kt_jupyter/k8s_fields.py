@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ComputeSpecError
 from .quantities import parse_memory
@@ -231,12 +232,12 @@ class Secret:
 
     @classmethod
     def from_name(cls, name: str, mount_path: str | None = None,
-                  env_vars: dict[str, str] | None = None) -> "Secret":
+                  env_vars: dict[str, str] | None = None) -> Secret:
         """An existing Kubernetes Secret in the compute's namespace."""
         return cls(name=name, mount_path=mount_path, env_vars=env_vars or {})
 
     @classmethod
-    def from_provider(cls, provider: str) -> "Secret":
+    def from_provider(cls, provider: str) -> Secret:
         """The conventional Secret ``kt-{provider}`` of a known provider (see :data:`PROVIDERS`)."""
         if provider not in PROVIDERS:
             raise ComputeSpecError(f"unknown secret provider {provider!r}; known: {', '.join(sorted(PROVIDERS))}")
@@ -282,7 +283,7 @@ class Volume:
                 f"volume {self.name!r} access_mode must be one of {', '.join(_ACCESS_MODES)}; got {self.access_mode!r}")
 
     @classmethod
-    def from_name(cls, name: str, mount_path: str | None = None) -> "Volume":
+    def from_name(cls, name: str, mount_path: str | None = None) -> Volume:
         """An existing PersistentVolumeClaim."""
         return cls(name=name, mount_path=mount_path)
 
@@ -341,7 +342,7 @@ def as_secrets(value: object) -> list[Secret]:
            for v in items]
     names = [s.name for s in out]
     if len(set(names)) != len(names):
-        raise ComputeSpecError(f"secrets: {sorted(n for n in names if names.count(n) > 1)[0]!r} is listed twice")
+        raise ComputeSpecError(f"secrets: {min(n for n in names if names.count(n) > 1)!r} is listed twice")
     return out
 
 
@@ -354,7 +355,7 @@ def as_volumes(value: object) -> list[Volume]:
            for v in items]
     names = [v.name for v in out]
     if len(set(names)) != len(names):
-        raise ComputeSpecError(f"volumes: {sorted(n for n in names if names.count(n) > 1)[0]!r} is listed twice")
+        raise ComputeSpecError(f"volumes: {min(n for n in names if names.count(n) > 1)!r} is listed twice")
     return out
 
 

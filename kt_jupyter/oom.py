@@ -17,7 +17,8 @@ OOMKilled (Kubernetes).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, MutableMapping
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 import psutil
 
@@ -53,7 +54,7 @@ def grown_memory(compute: Compute, growth: float = MEMORY_GROWTH, max_bytes: int
         return None
     if max_bytes is None and compute.backend == "local":
         max_bytes = psutil.virtual_memory().total
-    bigger = int(math.ceil(current * growth / (1 << 20))) << 20  # whole MiB
+    bigger = math.ceil(current * growth / (1 << 20)) << 20  # whole MiB
     if max_bytes is not None:
         bigger = min(bigger, max_bytes)
     return canonical_bytes(bigger) if bigger > current else None

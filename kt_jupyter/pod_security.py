@@ -18,9 +18,10 @@ outside the cluster keeps working behind a policy that admits no pod at all.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .k8s_fields import (
     SERVICE_ACCOUNT_NAMESPACE_PATH,
@@ -87,7 +88,7 @@ def notebook_peer(environ: Mapping[str, str] | None = None,
     return NotebookPeer(in_cluster=True, labels=labels, namespace=namespace)
 
 
-def build_network_policy(compute: "Compute", peer: NotebookPeer, metadata: dict[str, Any],
+def build_network_policy(compute: Compute, peer: NotebookPeer, metadata: dict[str, Any],
                          pod_labels: dict[str, str]) -> dict[str, Any]:
     """A NetworkPolicy admitting ingress to the compute's pods (``pod_labels``) from ``peer`` only, on every port."""
     ingress: list[dict[str, Any]] = []

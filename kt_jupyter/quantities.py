@@ -73,7 +73,7 @@ def _plain(d: Decimal) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-def parse_cpus(value: int | float | str, param: str = "cpus") -> tuple[str, float]:
+def parse_cpus(value: float | str, param: str = "cpus") -> tuple[str, float]:
     """CPU quantity -> (Kubernetes canonical string, cores).
 
     ``2`` -> ``("2", 2.0)``, ``"0.5"`` and ``"500m"`` -> ``("500m", 0.5)``.
@@ -107,7 +107,7 @@ def canonical_bytes(n: int, binary: bool = True) -> str:
     return str(n)
 
 
-def parse_memory(value: int | float | str, param: str = "memory") -> tuple[int, str]:
+def parse_memory(value: float | str, param: str = "memory") -> tuple[int, str]:
     """Memory or disk quantity -> (bytes, canonical string).
 
     Binary units (``"1.5Gi"``) canonicalise to binary ones (``"1536Mi"``);
@@ -140,7 +140,7 @@ def parse_memory(value: int | float | str, param: str = "memory") -> tuple[int, 
     return n, canonical_bytes(n, binary)
 
 
-def format_bytes(n: int | float) -> str:
+def format_bytes(n: float) -> str:
     """Human-readable binary size: ``1536`` -> ``"1.5 KiB"``, ``512`` -> ``"512 B"``."""
     sign = "-" if n < 0 else ""
     n = abs(n)
@@ -173,7 +173,7 @@ def parse_size(value: int | str, param: str = "size") -> int:
     return int((number * factor).to_integral_value(rounding=ROUND_CEILING))
 
 
-def parse_duration(value: int | float | str, param: str = "duration") -> float:
+def parse_duration(value: float | str, param: str = "duration") -> float:
     """A positive duration -> seconds: ``90``, ``"90"``, ``"30s"``, ``"30m"``, ``"1h30m"``, ``"1d"``."""
     example = "30m"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):

@@ -166,7 +166,8 @@ class TransferProgress:
 INTERNAL_PATH_RE = re.compile(r"[/\\](pod_kernel|kt_jupyter)[/\\][\w/\\]*\.py")
 _TOPLINE_RE = re.compile(r"^-{20,}$")
 _HEAD_RE = re.compile(r"^(\S+)(\s+)(Traceback \(most recent call last\))$")
-_FRAME_RE = re.compile(r"^(\s*)(Cell In\[[^\]]*\]|File [^\n]+?:\d+|File [^,\n]+)(, line \d+)?(?:(, in )(\w[\w.<>]*)(\(.*\))?)?$")
+_FRAME_RE = re.compile(
+    r"^(\s*)(Cell In\[[^\]]*\]|File [^\n]+?:\d+|File [^,\n]+)(, line \d+)?(?:(, in )(\w[\w.<>]*)(\(.*\))?)?$")
 _CODE_RE = re.compile(r"^(\s*-*> ?|\s+)(\d+)( .*)?$")
 _EXC_RE = re.compile(r"^([A-Za-z_][\w.]*)(:.*)?$")
 

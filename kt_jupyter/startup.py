@@ -17,7 +17,8 @@ import importlib.metadata
 import os
 import re
 import shlex
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from .compute import POD_KERNEL_PORT
 
@@ -58,14 +59,14 @@ def pinned_deps() -> tuple[str, ...]:
     return tuple(out)
 
 
-def notebook_install_env(compute: "Compute", environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def notebook_install_env(compute: Compute, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The notebook's :data:`INSTALL_ENV_VARS` that are set and that the compute's own env does not set."""
     env = os.environ if environ is None else environ
     own = {**compute.image.env_vars, **compute.env_vars}
     return {k: env[k] for k in INSTALL_ENV_VARS if env.get(k) and k not in own}
 
 
-def split_env(compute: "Compute") -> tuple[dict[str, str], dict[str, str]]:
+def split_env(compute: Compute) -> tuple[dict[str, str], dict[str, str]]:
     """(plain env for the container spec, env with ``$`` references the shell must expand)."""
     env = {**compute.image.env_vars, **compute.env_vars}
     expand = {k: v for k, v in env.items() if "$" in v}
@@ -82,20 +83,21 @@ def _writable_dirs() -> list[str]:
     return [
         "# any uid: HOME, caches and pip's user site in the emptyDir (restricted pods run as a uid with no home)",
         '{ [ -n "${HOME:-}" ] && [ "$HOME" != / ] && [ -w "$HOME" ]; } || export HOME="$KT_CACHE_DIR/home"',
-        'export PYTHONUSERBASE="${PYTHONUSERBASE:-$KT_CACHE_DIR/user}" XDG_CACHE_HOME="${XDG_CACHE_HOME:-$HOME/.cache}"',
+        'export PYTHONUSERBASE="${PYTHONUSERBASE:-$KT_CACHE_DIR/user}"',
+        'export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$HOME/.cache}"',
         'export USER="${USER:-kt}" LOGNAME="${LOGNAME:-kt}" PIP_BREAK_SYSTEM_PACKAGES=1',
         'mkdir -p "$HOME" "$PYTHONUSERBASE"',
         "# a proxy must not see in-cluster traffic (the API server, Services)",
         'if [ -n "${HTTPS_PROXY:-}${https_proxy:-}${HTTP_PROXY:-}${http_proxy:-}" ]; then',
         '  KT_NO_PROXY="${NO_PROXY:-${no_proxy:-}}"',
-        '  export NO_PROXY="${KT_NO_PROXY:+$KT_NO_PROXY,}localhost,127.0.0.1,::1,.svc,.cluster.local'
-        '${KUBERNETES_SERVICE_HOST:+,$KUBERNETES_SERVICE_HOST}"',
+        ('  export NO_PROXY="${KT_NO_PROXY:+$KT_NO_PROXY,}localhost,127.0.0.1,::1,.svc,.cluster.local'
+        '${KUBERNETES_SERVICE_HOST:+,$KUBERNETES_SERVICE_HOST}"'),
         '  export no_proxy="$NO_PROXY"',
         "fi",
     ]
 
 
-def _deps_lines(compute: "Compute") -> list[str]:
+def _deps_lines(compute: Compute) -> list[str]:
     pins = pinned_deps()
     cloudpickle = next(p for p in pins if p.startswith("cloudpickle"))
     want = cloudpickle.partition("==")[2]
@@ -104,12 +106,13 @@ def _deps_lines(compute: "Compute") -> list[str]:
                 + (f' or cloudpickle.__version__ != "{want}")' if want else ")"))
     check = f'"$KT_PY" -c {shlex.quote(check_py)} 2>/dev/null'
     if compute.freeze:
-        lines = [f'"$KT_PY" -c {shlex.quote("import websockets, cloudpickle, IPython, psutil")} 2>/dev/null || '
+        lines = [(f'"$KT_PY" -c {shlex.quote("import websockets, cloudpickle, IPython, psutil")} 2>/dev/null || '
                  f'{{ echo "[kt] freeze=True but the image lacks the pod kernel dependencies '
-                 f'({", ".join(POD_KERNEL_DEPS)}); bake them in or drop freeze" >&2; exit 1; }}']
+                 f'({", ".join(POD_KERNEL_DEPS)}); bake them in or drop freeze" >&2; exit 1; }}')]
         if want:
             same = f'import sys, cloudpickle; sys.exit(cloudpickle.__version__ != "{want}")'
-            lines.append(f'"$KT_PY" -c {shlex.quote(same)} 2>/dev/null || echo "[kt] warning: the image\'s cloudpickle is not {want}, the notebook\'s; '
+            lines.append(f'"$KT_PY" -c {shlex.quote(same)} 2>/dev/null || '
+                         f'echo "[kt] warning: the image\'s cloudpickle is not {want}, the notebook\'s; '
                          'values may not load on the other side: rebuild the image with cloudpickle=='
                          f'{want}" >&2')
         return lines
@@ -118,30 +121,30 @@ def _deps_lines(compute: "Compute") -> list[str]:
                                                                        if not d.startswith("cloudpickle")))
     return [
         f"if ! {check}; then",
-        '  echo "[kt] installing pod kernel dependencies at the notebook\'s versions (cached for container '
-        'restarts)" >&2',
+        ('  echo "[kt] installing pod kernel dependencies at the notebook\'s versions (cached for container '
+        'restarts)" >&2'),
         f"  {target} {' '.join(shlex.quote(p) for p in pins)} || {{",
         '    echo "[kt] the notebook\'s exact versions did not install; trying the oldest that work" >&2',
         f"    {target} {floors}",
         "  } || {",
-        '    echo "[kt] cannot install the pod kernel dependencies: give the notebook PIP_INDEX_URL or HTTPS_PROXY '
+        ('    echo "[kt] cannot install the pod kernel dependencies: give the notebook PIP_INDEX_URL or HTTPS_PROXY '
         'for a package index the pod can reach, or use an image that has them (KT_POD_IMAGE, '
-        'pod_kernel/Dockerfile)" >&2',
+        'pod_kernel/Dockerfile)" >&2'),
         "    exit 1",
         "  }",
         "fi",
     ]
 
 
-def _setup_lines(compute: "Compute") -> list[str]:
+def _setup_lines(compute: Compute) -> list[str]:
     image = compute.image
     if not image.steps:
         return []
     lines = [
         "# image setup steps: once per container (the marker is on the container's own filesystem)",
         f'KT_SETUP_MARKER="${{KT_MARKER_DIR:-${{TMPDIR:-/tmp}}}}/.kt-setup-{image.setup_hash}"',
-        'if [ -f "$KT_SETUP_MARKER" ]; then KT_SETUP_DONE=1; else KT_SETUP_DONE=0; '
-        f'echo "[kt] running {len(image.steps)} image setup step(s)" >&2; fi',
+        ('if [ -f "$KT_SETUP_MARKER" ]; then KT_SETUP_DONE=1; else KT_SETUP_DONE=0; '
+        f'echo "[kt] running {len(image.steps)} image setup step(s)" >&2; fi'),
     ]
     if image.install_cmd:
         install = image.install_cmd
@@ -178,7 +181,7 @@ def _setup_lines(compute: "Compute") -> list[str]:
     return lines
 
 
-def startup_script(compute: "Compute") -> str:
+def startup_script(compute: Compute) -> str:
     """The container's ``/bin/sh -c`` script: writable dirs, dependencies, image setup, ``exec python -m pod_kernel``.
 
     Idempotent: dependencies go to an emptyDir that outlives container

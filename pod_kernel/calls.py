@@ -39,9 +39,10 @@ import inspect
 import itertools
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from . import protocol as P
 
@@ -124,7 +125,8 @@ class CallRunner:
         elif kind == "method":
             name = str(target["instance"])
             if name not in self.instances:
-                raise CallError(f"no instance {name!r} on this pod kernel; it was never created or the kernel restarted")
+                raise CallError(
+                    f"no instance {name!r} on this pod kernel; it was never created or the kernel restarted")
             return getattr(self.instances[name], str(target["method"]))
         else:
             raise CallError(f"unknown call target kind {kind!r}")

@@ -45,7 +45,7 @@ QUIT_MESSAGE = "[kt] the debugger was quit: the cell stopped there (the pod kern
 DEBUG_HOST = "127.0.0.1"
 
 #: The relay of the pod kernel running in this process (None outside a pod kernel).
-RELAY: "InputRelay | None" = None
+RELAY: InputRelay | None = None
 
 _POD_KERNEL_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -143,7 +143,7 @@ def is_pdb_prompt(prompt: str) -> bool:
 class InputRelay:
     """``input()`` and friends of the pod kernel: a running cell's reads go to its client."""
 
-    def __init__(self, executor: "Executor") -> None:
+    def __init__(self, executor: Executor) -> None:
         self.executor = executor
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -162,7 +162,7 @@ class InputRelay:
         pdb.set_trace = set_trace
         RELAY = self
 
-    def job(self) -> "CellJob | None":
+    def job(self) -> CellJob | None:
         """The cell whose client answers this thread's reads, or None (no cell, or a seed-API call)."""
         job = self.executor.current
         if job is None or call_sink.get() is not None or threading.current_thread().name.startswith("kt-call"):
@@ -187,7 +187,7 @@ class InputRelay:
 
     # ------------------------------------------------------------------ request and answer
 
-    def ask(self, job: "CellJob", prompt: str, password: bool = False) -> str:
+    def ask(self, job: CellJob, prompt: str, password: bool = False) -> str:
         """Send an input_request for ``job`` and wait for its answer (EOFError if the client has none)."""
         waiter = _Waiter()
         input_id = next(self._ids)
@@ -249,7 +249,7 @@ class CellStdin:
         except EOFError:
             return ""
 
-    def __iter__(self) -> "CellStdin":
+    def __iter__(self) -> CellStdin:
         return self
 
     def __next__(self) -> str:

@@ -77,15 +77,15 @@ class MetricsSampler:
         for index, handle in enumerate(self._gpu_handles):
             entry: dict[str, Any] = {"index": index}
             for key, read in (
-                ("name", lambda: nv.nvmlDeviceGetName(handle)),
-                ("utilization_percent", lambda: nv.nvmlDeviceGetUtilizationRates(handle).gpu),
-                ("memory_used_bytes", lambda: nv.nvmlDeviceGetMemoryInfo(handle).used),
-                ("memory_total_bytes", lambda: nv.nvmlDeviceGetMemoryInfo(handle).total),
-                ("temperature_c", lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)),
-                ("power_w", lambda: nv.nvmlDeviceGetPowerUsage(handle) / 1000.0),
+                ("name", lambda h: nv.nvmlDeviceGetName(h)),
+                ("utilization_percent", lambda h: nv.nvmlDeviceGetUtilizationRates(h).gpu),
+                ("memory_used_bytes", lambda h: nv.nvmlDeviceGetMemoryInfo(h).used),
+                ("memory_total_bytes", lambda h: nv.nvmlDeviceGetMemoryInfo(h).total),
+                ("temperature_c", lambda h: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+                ("power_w", lambda h: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
             ):
                 try:
-                    value = read()
+                    value = read(handle)
                     entry[key] = value.decode() if isinstance(value, bytes) else value
                 except Exception:
                     entry[key] = None

@@ -24,7 +24,8 @@ import asyncio
 import json
 import threading
 from collections import OrderedDict, deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .protocol import CHUNK_BYTES, MAX_HEADER_BYTES, ProtocolError, encode_frame
 

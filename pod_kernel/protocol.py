@@ -54,8 +54,9 @@ import logging
 import os
 import pickle
 import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, ClassVar
 
 from . import write_tracking
 
@@ -269,8 +270,8 @@ def _pickler_class() -> type:
         """cloudpickle, plus torch tensors as numpy arrays (out of band, no copy) on the CPU."""
 
         to_cpu = True
-        dispatch_table = collections.ChainMap({types.CodeType: _code_reduce_keeping_filename},
-                                              cloudpickle.Pickler.dispatch_table)
+        dispatch_table: ClassVar[collections.ChainMap[Any, Any]] = collections.ChainMap(
+            {types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table)
 
         def reducer_override(self, obj: Any) -> Any:
             if type(obj).__module__.startswith("torch") and type(obj).__name__ in ("Tensor", "Parameter"):

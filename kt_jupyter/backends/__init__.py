@@ -9,9 +9,10 @@ deletes it. It never knows what a cell is: callers get a
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..client import Session
@@ -46,7 +47,7 @@ class KernelHandle:
     #: without a resolver the bulk channel is at ``bulk_host`` and the pod's own port
     bulk_resolver: Callable[[int], tuple[str, int] | None] | None = field(default=None, repr=False, compare=False)
 
-    def session(self, **kw: Any) -> "Session":
+    def session(self, **kw: Any) -> Session:
         """A new client session to this kernel (not yet connected)."""
         from ..client import Session
 
@@ -74,7 +75,7 @@ class Backend(Protocol):
 
     name: str
 
-    def launch(self, compute: "Compute", *, keep: bool = False,
+    def launch(self, compute: Compute, *, keep: bool = False,
                on_event: Callable[[str], None] | None = None) -> KernelHandle:
         """Start a pod kernel for ``compute`` (or return the running one of that name)."""
 
@@ -107,7 +108,7 @@ SPEC_KEYS = ("cpus", "memory", "disk_size", "gpus", "gpu_type", "gpu_memory", "s
              "allowed_serialization", "image_pull_policy", "gpu_anti_affinity", "namespace")
 
 
-def spec_mismatch(requested: "Compute", running: dict[str, Any], keys: tuple[str, ...] = SPEC_KEYS) -> str:
+def spec_mismatch(requested: Compute, running: dict[str, Any], keys: tuple[str, ...] = SPEC_KEYS) -> str:
     """'' when the running kernel's spec (``to_dict`` form) has what ``requested`` asks for, else what differs.
 
     Only what ``requested`` sets (a value other than ``Compute()``'s) counts:
@@ -122,7 +123,7 @@ def spec_mismatch(requested: "Compute", running: dict[str, Any], keys: tuple[str
                      and running[key] != asked[key])
 
 
-def spec_mismatch_error(name: str, mismatch: str) -> "KtError":
+def spec_mismatch_error(name: str, mismatch: str) -> KtError:
     """The error for a request a running kernel of that name does not match."""
     from ..errors import ComputeSpecError
 

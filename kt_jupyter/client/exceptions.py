@@ -53,7 +53,8 @@ def rebuild_exception(reply: Mapping[str, Any], payload: bytes, accept_pickle: b
         exc.remote_traceback = tb_text  # type: ignore[attr-defined]
         exc.remote_ename = reply.get("ename")  # type: ignore[attr-defined]
         # IPython (and so the notebook) shows this instead of a local traceback through our code
-        exc._render_traceback_ = lambda: lines or [f"{reply.get('ename')}: {reply.get('evalue')}"]  # type: ignore[attr-defined]
+        shown = lines or [f"{reply.get('ename')}: {reply.get('evalue')}"]
+        exc._render_traceback_ = lambda: shown  # type: ignore[attr-defined]
     except AttributeError:  # an exception type without __dict__
         exc = RemoteError(str(reply.get("ename", "Exception")), str(reply.get("evalue", "")), tb_text)
         exc._render_traceback_ = lambda: lines  # type: ignore[method-assign]

@@ -14,7 +14,8 @@ Code; plain text in terminal IPython, without ipywidgets, or with
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..render import PROGRESS_MIN_BYTES, TransferProgress, show_notice
 from .frontend import widgets_available

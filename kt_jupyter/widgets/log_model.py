@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from traitlets import Bool, CaselessStrEnum, HasTraits, Int, TraitError, Tuple, Unicode, observe, validate
 
@@ -36,8 +37,8 @@ def classify_line(line: str, previous: str = "INFO") -> str:
     if m:
         return _LEVEL_WORDS[m.group(1)]
     if previous in ("WARNING", "ERROR", "CRITICAL") and (
-            line[:1].isspace() or line.startswith("Traceback") or _EXC_LINE_RE.match(line)
-            or line.startswith("During handling") or line.startswith("The above exception")):
+            line[:1].isspace() or _EXC_LINE_RE.match(line)
+            or line.startswith(("Traceback", "During handling", "The above exception"))):
         return previous
     return "INFO"
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from traitlets import Bool, Dict, Enum, Float, HasTraits, Int, TraitError, Tuple, Unicode, validate
 
@@ -299,15 +300,15 @@ class MetricsModel(HasTraits):
             cpu = sample.get("cpu_percent")
             cpu_values = self._push("cpu", cpu)
             cpu_top = max([100.0] + [v for v in cpu_values if v is not None])
-            rows.append(dict(key="cpu", label="CPU", values=cpu_values, vmax=cpu_top,
-                             current="-" if cpu is None else f"{cpu:.0f}%"))
+            rows.append({"key": "cpu", "label": "CPU", "values": cpu_values, "vmax": cpu_top,
+                         "current": "-" if cpu is None else f"{cpu:.0f}%"})
             rss = sample.get("rss_bytes")
             rss_values = self._push("rss", rss)
             cur = "-" if rss is None else format_bytes(rss)
             limit = self.memory_limit_bytes  # the compute's own limit, never the host's memory
             rss_top = float(limit) if limit else (max([v for v in rss_values if v is not None] or [0]) * 1.25 or None)
-            rows.append(dict(key="rss", label="Memory", values=rss_values, vmax=rss_top,
-                             current=cur + (f" of {format_bytes(limit)}" if limit else "")))
+            rows.append({"key": "rss", "label": "Memory", "values": rss_values, "vmax": rss_top,
+                         "current": cur + (f" of {format_bytes(limit)}" if limit else "")})
             for gpu in sample.get("gpus") or []:
                 i = gpu.get("index", len(rows))
                 util = gpu.get("utilization_percent")
@@ -316,15 +317,16 @@ class MetricsModel(HasTraits):
                     extra.append(f"{gpu['temperature_c']:.0f}°C")
                 if gpu.get("power_w") is not None:
                     extra.append(f"{gpu['power_w']:.0f} W")
-                rows.append(dict(key=f"gpu{i}_util", label=f"GPU {i}", values=self._push(f"gpu{i}_util", util),
-                                 vmax=100.0, title=str(gpu.get("name") or ""),
-                                 current=("-" if util is None else f"{util:.0f}%")
-                                 + (f" · {' · '.join(extra)}" if extra else "")))
+                rows.append({"key": f"gpu{i}_util", "label": f"GPU {i}", "values": self._push(f"gpu{i}_util", util),
+                             "vmax": 100.0, "title": str(gpu.get("name") or ""),
+                             "current": ("-" if util is None else f"{util:.0f}%")
+                             + (f" · {' · '.join(extra)}" if extra else "")})
                 used, total = gpu.get("memory_used_bytes"), gpu.get("memory_total_bytes")
-                rows.append(dict(key=f"gpu{i}_mem", label=f"GPU {i} mem", values=self._push(f"gpu{i}_mem", used),
-                                 vmax=float(total) if total else None, title=str(gpu.get("name") or ""),
-                                 current=("-" if used is None else format_bytes(used))
-                                 + (f" of {format_bytes(total)}" if total else "")))
+                rows.append({"key": f"gpu{i}_mem", "label": f"GPU {i} mem",
+                             "values": self._push(f"gpu{i}_mem", used),
+                             "vmax": float(total) if total else None, "title": str(gpu.get("name") or ""),
+                             "current": ("-" if used is None else format_bytes(used))
+                             + (f" of {format_bytes(total)}" if total else "")})
             with self.hold_trait_notifications():
                 self.running = bool(sample.get("running"))
                 self.error = ""

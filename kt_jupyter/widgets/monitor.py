@@ -84,7 +84,7 @@ class ComputeMonitor:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "ComputeMonitor":
+    def start(self) -> ComputeMonitor:
         """Start polling in a daemon thread (once)."""
         with self._lock:
             if self._thread is None and not self._stop.is_set():
@@ -93,7 +93,7 @@ class ComputeMonitor:
         _refresh_after_cells()
         return self
 
-    def acquire(self) -> "ComputeMonitor":
+    def acquire(self) -> ComputeMonitor:
         """A panel starts using this monitor."""
         with self._lock:
             self._users += 1

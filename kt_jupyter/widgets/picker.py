@@ -27,8 +27,8 @@ PICKER_REFRESH_S = 3.0
 
 
 def _field(key: str) -> W.ValueWidget:
-    common = dict(description=_LABELS[key], placeholder=_PLACEHOLDERS[key], style=_FIELD_STYLE,
-                  layout=W.Layout(width="280px"), continuous_update=True)
+    common = {"description": _LABELS[key], "placeholder": _PLACEHOLDERS[key], "style": _FIELD_STYLE,
+              "layout": W.Layout(width="280px"), "continuous_update": True}
     if key == "gpu_type":
         box = W.Combobox(options=list(GPU_TYPES), ensure_option=False, **common)
     else:

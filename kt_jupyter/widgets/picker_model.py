@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import shlex
 import threading
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Enum, HasTraits, Tuple, Unicode, observe, validate
@@ -95,7 +96,7 @@ class PickerModel(HasTraits):
         self._show_default()
 
     @classmethod
-    def from_compute(cls, compute: Compute, **kw: Any) -> "PickerModel":
+    def from_compute(cls, compute: Compute, **kw: Any) -> PickerModel:
         """A picker filled in from ``compute`` (e.g. the current default)."""
         d = compute.to_dict() if hasattr(compute, "to_dict") else {}
         values = {k: _text(d.get(k, getattr(compute, k, None))) for k in FIELDS}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from html import escape
-from typing import Sequence
 
 #: Default size of a sparkline, in CSS pixels.
 SPARK_WIDTH_PX = 120

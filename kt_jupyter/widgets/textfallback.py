@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .log_model import LogModel
 from .models import MetricsModel, StatusModel, format_age, phase_word
