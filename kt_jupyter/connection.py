@@ -149,6 +149,7 @@ class ComputeConnection:
         self.lock = threading.RLock()
         #: threads waiting for :attr:`lock` (a cell queued behind an ``--async`` cell on this compute)
         self.waiting = 0
+        self._waiting_lock = threading.Lock()
         self.code = CodeTree()
         #: whether output left behind by earlier notebook sessions was shown (done by the first cell)
         self.caught_up = False
@@ -178,11 +179,13 @@ class ComputeConnection:
                 on_output({"type": "notice", "level": "info",
                            "text": f"[kt] waiting for the cell running in the background on compute {self.name!r} "
                                    "to end (`%kt wait` shows it); this cell runs after it"})
-            self.waiting += 1
+            with self._waiting_lock:
+                self.waiting += 1
             try:
                 self.lock.acquire()
             finally:
-                self.waiting -= 1
+                with self._waiting_lock:
+                    self.waiting -= 1
         try:
             yield
         finally:
