@@ -12,8 +12,9 @@ import pytest
 
 from kt_jupyter import backends as backends_mod
 from kt_jupyter.backends.kubernetes import KubernetesBackend
-from kt_jupyter.compute import Compute
-from kt_jupyter.errors import BackendUnavailable, ComputeSpecError, KubernetesAPIError, LaunchError, NotFoundError
+from kt_jupyter.compute import Compute, Image
+from kt_jupyter.errors import (BackendUnavailable, ComputeSpecError, CrashLoopError, KubernetesAPIError, LaunchError,
+                               NotFoundError)
 from k8s_fake.cluster import MISSING_IMAGE, NS, fake_cluster
 from k8s_fake.knative import SERVICES, FakeKnativeServing
 
@@ -140,6 +141,16 @@ def test_an_image_the_registry_lacks_is_knatives_revision_failure(knative):
     assert info.phase == "failed" and "RevisionFailed" in info.detail
     assert knative.backend.delete("noimg")
     assert knative.store.get(SERVICES, NS, compute.service_name) is None
+
+
+def test_a_crashing_revision_pod_is_diagnosed_as_a_deployments_is(knative):
+    image = Image().run_bash("echo 'cannot reach the dataset bucket' >&2; exit 3")
+    with pytest.raises(CrashLoopError) as err:
+        knative.backend.launch(autoscaled("crash", 1, image=image))
+    text = str(err.value)
+    assert "CrashLoopBackOff" in text and "exit code 3" in text and "cannot reach the dataset bucket" in text
+    assert "%kt down crash" in text
+    assert knative.backend.delete("crash", grace_period_s=1)
 
 
 def test_a_knative_that_has_not_enabled_the_pods_fields_is_told_which_flags_to_enable(tmp_path, monkeypatch,
