@@ -443,8 +443,9 @@ class ComputeConnection:
             if d.get("module"):
                 self._import(name, d, user_ns, outcome, stays)
             elif d["size"] > transfer.pull_limit_bytes:
+                limit = format_bytes(transfer.pull_limit_bytes)
                 stays.append(RemoteRef(name, self.name, d["type"], d["size"],
-                                       reason=f"larger than the pull limit ({format_bytes(transfer.pull_limit_bytes)})"))
+                                       reason=f"larger than the pull limit ({limit})"))
             elif self._unchanged_here(name, d, user_ns):
                 continue
             else:
