@@ -57,6 +57,11 @@ if resolves:
 """
 
 
+def deleting(obj: dict | None) -> bool:
+    """Gone, or being deleted in the foreground (a deletionTimestamp while its pods go)."""
+    return obj is None or bool(obj["metadata"].get("deletionTimestamp"))
+
+
 def torch_compute(name: str = "ddp", workers: int = 2, distribution_args: dict | None = None, **kw) -> Compute:
     return Compute(name=name, backend="kubernetes", **{"namespace": "ml", **kw}).distribute(
         "pytorch", workers=workers, distribution_args=distribution_args)
@@ -223,7 +228,7 @@ def test_a_rank_that_cannot_start_is_named_and_its_statefulset_deleted(cluster):
     compute = Compute(name="bad", backend="kubernetes", image=MISSING_IMAGE).distribute("pytorch", workers=2)
     with pytest.raises(ImagePullError, match=r"worker rank \d \(bad-r\d\) did not start, so none of the 2 workers"):
         connect_group(compute)
-    assert cluster.store.get("statefulsets", NS, "tester-bad") is None
+    assert deleting(cluster.store.get("statefulsets", NS, "tester-bad"))
 
 
 def test_an_unschedulable_rank_is_named_once_its_grace_has_passed(cluster, monkeypatch):
@@ -231,7 +236,7 @@ def test_an_unschedulable_rank_is_named_once_its_grace_has_passed(cluster, monke
     compute = Compute(name="big", backend="kubernetes", cpus=64).distribute("pytorch", workers=2)
     with pytest.raises(UnschedulableError, match=r"worker rank \d \(big-r\d\) did not start.*Insufficient cpu"):
         connect_group(compute)
-    assert cluster.store.get("statefulsets", NS, "tester-big") is None
+    assert deleting(cluster.store.get("statefulsets", NS, "tester-big"))
 
 
 def test_a_namespace_that_forbids_network_policies_says_how_to_go_on(cluster):
