@@ -442,9 +442,9 @@ def test_status_text_is_aligned_and_complete():
     mm.add_sample(GPU_SAMPLE)
     text = status_text(st, mm)
     assert text.splitlines()[0] == "compute 'train' (local): ready"
-    for expected in ("  activity:  idle 0s", "  where:     local pid 7", "  resources: 2 CPU · 4Gi", "  age:       1m 0s",
-                     "  cells:     4", "  cpu:       88%", "  memory:    3 GiB of 4 GiB", "  gpu 0:     93% · 61°C · 402 W",
-                     "  gpu 0 mem: 40 GiB of 80 GiB"):
+    for expected in ("  activity:  idle 0s", "  where:     local pid 7", "  resources: 2 CPU · 4Gi",
+                     "  age:       1m 0s", "  cells:     4", "  cpu:       88%", "  memory:    3 GiB of 4 GiB",
+                     "  gpu 0:     93% · 61°C · 402 W", "  gpu 0 mem: 40 GiB of 80 GiB"):
         assert expected in text.splitlines(), (expected, text)
     failed = StatusModel(name="x")
     failed.add_event("starting")
