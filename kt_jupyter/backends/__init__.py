@@ -12,12 +12,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from ..client import Session
-    from ..compute import Compute
-    from ..errors import KtError
+from ..client import Session
+from ..compute import Compute
+from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError
 
 BACKENDS = ("local", "kubernetes")
 
@@ -49,8 +48,6 @@ class KernelHandle:
 
     def session(self, **kw: Any) -> Session:
         """A new client session to this kernel (not yet connected)."""
-        from ..client import Session
-
         kw.setdefault("bulk_host", self.bulk_host)
         kw.setdefault("bulk_resolver", self.bulk_resolver)
         return Session(self.url, self.token, name=self.name, liveness=self.liveness, **kw)
@@ -115,8 +112,6 @@ def spec_mismatch(requested: Compute, running: dict[str, Any], keys: tuple[str, 
     a request that leaves memory unset takes the running kernel's memory.
     The answer reads like ``memory='512Mi' (not '1Gi'), gpus=None (not '1')``.
     """
-    from ..compute import Compute
-
     asked, default = requested.to_dict(), Compute().to_dict()
     return ", ".join(f"{key}={running.get(key)!r} (not {asked[key]!r})" for key in keys
                      if key in asked and asked[key] != default.get(key) and key in running
@@ -125,8 +120,6 @@ def spec_mismatch(requested: Compute, running: dict[str, Any], keys: tuple[str, 
 
 def spec_mismatch_error(name: str, mismatch: str) -> KtError:
     """The error for a request a running kernel of that name does not match."""
-    from ..errors import ComputeSpecError
-
     return ComputeSpecError(f"compute {name!r} is already running with {mismatch}; `%kt down {name}` then run "
                             "this cell again (its variables are lost), or pick another --name")
 
@@ -136,8 +129,6 @@ _instances: dict[str, Any] = {}
 
 def get_backend(name: str) -> Backend:
     """The backend object for ``name`` (``local`` or ``kubernetes``)."""
-    from ..errors import BackendUnavailable, ComputeSpecError
-
     if name not in BACKENDS:
         raise ComputeSpecError(f"unknown backend {name!r}; use one of: {', '.join(BACKENDS)}")
     if name not in _instances:
@@ -163,8 +154,6 @@ def backend_with(name: str, preferred: str) -> str:
     whatever the default backend is. A backend that cannot be asked (no
     cluster configured) is skipped; with no backend knowing the name, ``preferred``.
     """
-    from ..errors import KtError, NotFoundError
-
     for backend in [preferred] + [b for b in BACKENDS if b != preferred]:
         try:
             get_backend(backend).status(name)

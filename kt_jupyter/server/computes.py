@@ -15,13 +15,12 @@ import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..backends import BACKENDS, KernelHandle, KernelInfo, get_backend
+from ..client import Session, client_loop
+from ..compute import Compute
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError, RemoteTimeoutError
-
-if TYPE_CHECKING:
-    from ..client import Session
 
 #: Spec fields shown as a compute's resources (those set; None left out).
 RESOURCE_KEYS = ("cpus", "memory", "gpus", "gpu_type", "gpu_memory", "disk_size")
@@ -115,8 +114,6 @@ def stop_compute(backend: str, name: str) -> None:
 
 def launch_compute(spec: Any) -> tuple[KernelInfo, bool]:
     """Start a compute from a Compute spec dict (kept after this server exits); (state, created)."""
-    from ..compute import Compute
-
     try:
         compute = Compute.from_dict(spec)
     except KtError:
@@ -145,8 +142,6 @@ class MetricsProbe:
 
     async def sample(self, handle: KernelHandle) -> dict[str, Any]:
         """One metrics sample of ``handle``'s kernel; RemoteTimeoutError when it does not answer in time."""
-        from ..client import client_loop
-
         future = asyncio.run_coroutine_threadsafe(self._sample(handle), client_loop())
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s + 1.0)
@@ -156,14 +151,10 @@ class MetricsProbe:
 
     async def forget(self, backend: str, name: str) -> None:
         """Close the cached session of a compute (after it was stopped)."""
-        from ..client import client_loop
-
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._drop((backend, name)), client_loop()))
 
     async def aclose(self) -> None:
         """Close every cached session."""
-        from ..client import client_loop
-
         async def close_all() -> None:
             for key in list(self._sessions):
                 await self._drop(key)
