@@ -225,12 +225,12 @@ def build_raycluster(compute: Compute, *, source_files: dict[str, str] | None = 
     head = _template(compute, {"RAY_ADDRESS": f"127.0.0.1:{ray_port(compute)}", "RAY_USAGE_STATS_ENABLED": "0"},
                      source_files, install_env)
     container = _container(head)
-    # KubeRay's ray start (with --block) in the background, the pod kernel in the foreground: the container
-    # lives as long as the kernel; a Ray head that exits is seen by ray.init() in the cell.
-    container["command"][-1] = f'{_ULIMIT}\n${RAY_START_CMD_ENV} &\n' + container["command"][-1]
+    # KubeRay's ray start (with --block; eval: its words may be quoted) in the background, the pod kernel in the
+    # foreground: the container lives as long as the kernel; a Ray head that exits is seen by ray.init() in a cell.
+    container["command"][-1] = f'{_ULIMIT}\neval "${RAY_START_CMD_ENV}" &\n' + container["command"][-1]
     workers = _template(compute, {"RAY_USAGE_STATS_ENABLED": "0"}, source_files, install_env)
     worker = _container(workers)
-    worker["command"] = ["/bin/sh", "-c", f'{_ULIMIT}\nexec ${RAY_START_CMD_ENV}']
+    worker["command"] = ["/bin/sh", "-c", f'{_ULIMIT}\neval "exec ${RAY_START_CMD_ENV}"']
     for key in ("ports", "startupProbe", "readinessProbe"):
         worker.pop(key, None)  # KubeRay gives Ray's own probes to a container without them
     _spread(head, compute)

@@ -134,13 +134,13 @@ def test_raycluster_passes_the_kuberay_crd_schema(ray_schema):
     assert spec["rayVersion"] == "2.60.0" and spec["authOptions"] == {"mode": "token"}
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["name"] == CONTAINER_NAME and "readinessProbe" in head  # the pod kernel runs in the head pod
-    assert "$KUBERAY_GEN_RAY_START_CMD &" in head["command"][-1] and "-m pod_kernel" in head["command"][-1]
+    assert 'eval "$KUBERAY_GEN_RAY_START_CMD" &' in head["command"][-1] and "-m pod_kernel" in head["command"][-1]
     assert {e["name"]: e.get("value") for e in head["env"]}["RAY_ADDRESS"] == "127.0.0.1:6379"
     (group,) = spec["workerGroupSpecs"]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 2)
     assert group["rayStartParams"] == {"num-cpus": "2"}
     worker = group["template"]["spec"]["containers"][0]
-    assert worker["command"][-1].endswith("exec $KUBERAY_GEN_RAY_START_CMD") and "readinessProbe" not in worker
+    assert worker["command"][-1].endswith('eval "exec $KUBERAY_GEN_RAY_START_CMD"') and "readinessProbe" not in worker
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
@@ -172,7 +172,7 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
     compute = kt.Compute(name="ddpk", backend="kubernetes").distribute("pytorch", workers=2,
                                                                       distribution_args={"master_port": port})
     lines: list[str] = []
-    group = connect_group(compute, on_event=lines.append)  # the seed API: the StatefulSet, both ranks ready, one connection each
+    group = connect_group(compute, on_event=lines.append)  # seed API: the StatefulSet, both ranks ready, connected
     assert [c.handle.where.split()[1] for c in group.ranks] == ["tester-ddpk-0", "tester-ddpk-1"]
     assert any("all 2 workers of 'ddpk' ready in" in line for line in lines)
     master = f"tester-ddpk-0.tester-ddpk.{NS}.svc"
