@@ -162,3 +162,27 @@ def test_notebook_sees_good_news_muted_warnings_on_stderr_and_coloured_short_syn
     plain = re.sub(r"\x1b\[[0-9;]*m", "", tb)
     assert re.search(r"Cell In\[\d+\], line 3", plain) and "SyntaxError" in plain
     assert "kt_jupyter" not in plain and "Traceback" not in plain
+
+
+def test_unload_gives_ipykernel_its_debugger_back_and_reload_restores_ours(kc):
+    _, client = kc
+    debugger_class = "type(get_ipython().kernel.debugger).__name__"
+    _, msgs = run_cell(client, debugger_class)
+    assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "'KtDebugger'"
+    reply, _ = run_cell(client, "%unload_ext kt_jupyter")
+    assert reply["status"] == "ok"
+    try:
+        _, msgs = run_cell(client, debugger_class)
+        assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "'Debugger'"
+        reply, _ = run_cell(client, "%%kt\n1")
+        assert reply["status"] == "error"  # no %%kt now
+    finally:
+        reply, _ = run_cell(client, "%load_ext kt_jupyter")
+    assert reply["status"] == "ok"
+    reply, _ = run_cell(client, "%reload_ext kt_jupyter")
+    assert reply["status"] == "ok"
+    _, msgs = run_cell(client, f"{debugger_class}, len([c for c in get_ipython().events.callbacks['pre_run_cell'] "
+                               "if type(getattr(c, '__self__', None)).__name__ == 'KtMagics'])")
+    assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "('KtDebugger', 1)"
+    _, msgs = run_cell(client, "%%kt\n6 * 7")
+    assert outputs(msgs, "execute_result")[0]["data"]["text/plain"] == "42"
