@@ -248,6 +248,14 @@ def test_a_namespace_that_forbids_network_policies_says_how_to_go_on(cluster):
     assert "`%kt down np` removes the rest" in str(raised.value)
 
 
+def test_a_user_who_may_not_read_statefulsets_still_runs_single_kernels(cluster, ip):
+    from ipshell import run
+
+    cluster.store.denied |= {("get", "statefulsets"), ("get", "rayclusters")}  # a namespace's edit-less role
+    run(ip, "%%kt --backend kubernetes --name one\nx = 41 + 1")
+    assert ip.user_ns["x"] == 42
+
+
 def test_a_ray_compute_without_kuberay_names_the_operator(cluster, monkeypatch):
     from k8s_fake import api_server
 

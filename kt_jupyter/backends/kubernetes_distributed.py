@@ -372,7 +372,12 @@ def find_group(compute: Compute) -> RunningGroup | None:
     backend = _backend()
     kube = backend._kube(compute)
     for kind in ("StatefulSet", "RayCluster"):  # no RayCluster resource (no KubeRay): None
-        workload = kube.get(kind, compute.service_name, compute.namespace)
+        try:
+            workload = kube.get(kind, compute.service_name, compute.namespace)
+        except ApiStatusError as exc:
+            if exc.status != 403:
+                raise
+            continue  # not allowed to read them: then nobody with these rights made one (a single kernel's user)
         if workload is None or (workload.get("metadata") or {}).get("deletionTimestamp"):
             continue
         try:
