@@ -14,13 +14,15 @@ one as a parameter, so tests can hand it another (they do, and name it a fake).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger("kt_jupyter.portforward")
 
@@ -139,10 +141,8 @@ class PortForwardConnector:
                 error = pf.error(target.port)
                 if error:
                     log.warning("port-forward to pod %s/%s: %s", target.namespace, target.pod, error)
-                try:
+                with contextlib.suppress(Exception):  # closing a dead stream must not raise
                     pf.close()
-                except Exception:  # noqa: BLE001 - closing a dead stream must not raise
-                    pass
 
         def accept() -> None:
             while not stopped.is_set():
