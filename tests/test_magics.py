@@ -279,6 +279,10 @@ def _kt_callbacks(ip) -> list:
             if type(getattr(cb, "__self__", None)).__name__ == "KtMagics"]
 
 
+def _spares() -> list:
+    return [p for p in psutil.Process().children() if "pod_kernel.spare" in " ".join(p.cmdline())]
+
+
 def test_reload_registers_once_and_unload_removes_what_load_added(ip):
     assert len(_kt_callbacks(ip)) == 1
     ip.run_line_magic("reload_ext", "kt_jupyter")
@@ -287,6 +291,7 @@ def test_reload_registers_once_and_unload_removes_what_load_added(ip):
     ip.run_line_magic("unload_ext", "kt_jupyter")
     try:
         assert _kt_callbacks(ip) == []
+        assert _spares() == []  # the process started ahead for the first cell is gone too
         assert "KtMagics" not in ip.magics_manager.registry
         assert "kt" not in ip.magics_manager.magics["cell"] and "kt" not in ip.magics_manager.magics["line"]
         assert not getattr(ip.debugger, "kt_post_mortem", False)  # IPython's own %debug again

@@ -2,8 +2,9 @@
 
 Loading adds: the :class:`~kt_jupyter.magics.kt.KtMagics` (``%%kt``, ``%kt``),
 their ``pre_run_cell`` callback (the raw text of the running cell), the
-``%debug`` hook that reaches a failed ``%%kt`` cell's pod kernel, and, in a
-notebook kernel, JupyterLab's debugger extended to pod kernels. Unloading
+``%debug`` hook that reaches a failed ``%%kt`` cell's pod kernel, a local pod
+kernel process started ahead, and, in a notebook kernel, JupyterLab's
+debugger extended to pod kernels. Unloading
 removes each of them; computes and their pod kernels are left running (they
 outlive the notebook kernel by design: ``%kt down`` stops them). Reloading is
 unload, then load: never two callbacks.
@@ -31,6 +32,7 @@ def load(shell: Any) -> None:
 def unload(shell: Any) -> None:
     """Remove what :func:`load` added to ``shell``."""
     from .. import debug_panel
+    from ..backends import get_backend
 
     magics = shell.magics_manager.registry.pop(MAGICS_NAME, None)
     if magics is not None:
@@ -46,3 +48,4 @@ def unload(shell: Any) -> None:
     if getattr(hook, "kt_post_mortem", False):
         del shell.debugger  # IPython's own post-mortem again
     debug_panel.uninstall(shell)
+    get_backend("local").stop_prestart()  # the pod kernel process KtMagics started ahead goes
