@@ -19,9 +19,9 @@ from test_compute_api import _strict, schema_errors
 
 import kt_jupyter as kt
 from kt_jupyter.backends import kubernetes_distributed as kd
-from kt_jupyter.compute import Compute
+from kt_jupyter.compute import Compute, Image
 from kt_jupyter.distributed_group import connect_group, forget, free_port
-from kt_jupyter.errors import BackendUnavailable, ImagePullError, KubernetesAPIError, UnschedulableError
+from kt_jupyter.errors import BackendUnavailable, CrashLoopError, ImagePullError, KubernetesAPIError, UnschedulableError
 from kt_jupyter.manifests import (
     CONTAINER_NAME,
     SPEC_ANNOTATION,
@@ -229,6 +229,15 @@ def test_a_rank_that_cannot_start_is_named_and_its_statefulset_deleted(cluster):
     with pytest.raises(ImagePullError, match=r"worker rank \d \(bad-r\d\) did not start, so none of the 2 workers"):
         connect_group(compute)
     assert deleting(cluster.store.get("statefulsets", NS, "tester-bad"))
+
+
+def test_a_crash_looping_rank_is_named_with_its_last_log_lines(cluster):
+    image = Image().run_bash("echo 'cannot reach the dataset bucket' >&2; exit 3")
+    compute = Compute(name="crash", backend="kubernetes", image=image).distribute("pytorch", workers=2)
+    with pytest.raises(CrashLoopError, match=r"worker rank \d \(crash-r\d\) did not start") as raised:
+        connect_group(compute)
+    assert "Last log lines of the container:\n" in str(raised.value)
+    assert "cannot reach the dataset bucket" in str(raised.value)
 
 
 def test_an_unschedulable_rank_is_named_once_its_grace_has_passed(cluster, monkeypatch):

@@ -38,6 +38,7 @@ from ..errors import (
     NotFoundError,
 )
 from ..manifests import (
+    CONTAINER_NAME,
     SPEC_ANNOTATION,
     label_selector,
     network_policy,
@@ -117,7 +118,7 @@ def _rank_of(compute: Compute, pod: dict[str, Any], ray: bool) -> int | None:
         return 0 if labels.get(RAY_NODE_TYPE_LABEL) == "head" else None
     prefix, name = f"{compute.service_name}-", ev.name_of(pod)
     suffix = name[len(prefix):] if name.startswith(prefix) else ""
-    return int(suffix) if suffix.isdigit() else None
+    return int(suffix) if suffix.isascii() and suffix.isdigit() else None
 
 
 class GroupWaiter:
@@ -213,7 +214,7 @@ class GroupWaiter:
         if failure is not None:
             logs, why = ("", "")
             if failure.wants_logs:
-                logs, why = self.kube.pod_log_or_why(name, self.compute.namespace, "pod-kernel",
+                logs, why = self.kube.pod_log_or_why(name, self.compute.namespace, CONTAINER_NAME,
                                                      LOG_LINES_IN_ERRORS, previous=failure.previous_logs)
             raise self._naming(failure.exception(logs, why), pod)
         message = ev.unschedulable_message(pod)
