@@ -213,10 +213,7 @@ def startup_script(compute: Compute) -> str:
             "--log-level", compute.logging_config.level.upper()]
     kernel = (f'"$KT_PY" -m pod_kernel --host {KERNEL_HOST} --port "${{KT_PORT:-{POD_KERNEL_PORT}}}" '
               + " ".join(shlex.quote(a) for a in argv))
-    if compute.inactivity_ttl_s:
-        # on Kubernetes an exited kernel would be restarted: the guard scales the Deployment to 0 instead
-        # (kt_jupyter/backends/pod_guard.py, shipped as kt_pod_guard)
-        kernel = (f'"$KT_PY" -m kt_pod_guard --namespace {shlex.quote(compute.namespace)} --deployment '
-                  f'{shlex.quote(compute.service_name)} -- {kernel} --inactivity-ttl {compute.inactivity_ttl_s:g}')
+    if compute.inactivity_ttl_s:  # on Kubernetes the compute is then a Job, which its kernel's exit 0 completes
+        kernel += f" --inactivity-ttl {compute.inactivity_ttl_s:g}"
     lines.append(f"exec {kernel}")
     return "\n".join(lines) + "\n"

@@ -233,15 +233,6 @@ def test_a_deployments_compute_is_not_autoscaled():
     assert compute_from_deployment(build_deployment(c, install_env={})).deployment_mode == "deployment"
 
 
-def test_the_kubernetes_backend_refuses_an_autoscaled_compute_clearly_before_touching_the_cluster():
-    from kt_jupyter.backends.kubernetes import KubernetesBackend
-    from kt_jupyter.errors import BackendUnavailable
-
-    with pytest.raises(BackendUnavailable) as err:
-        KubernetesBackend(api_client=object()).launch(autoscaled())  # any API call on object() would fail
-    assert "autoscaled (a Knative Service)" in str(err.value) and "knative_objects" in str(err.value)
-
-
 # ---------------------------------------------------------------------- rsync
 
 def _tree(root: Path) -> None:

@@ -27,7 +27,7 @@ from IPython.core.error import UsageError
 from kt_jupyter import connection as conn_mod
 from kt_jupyter.backends import kubernetes_events as ev
 from kt_jupyter.backends.kubernetes import KubernetesBackend
-from kt_jupyter.backends.kubernetes_objects import GUARD_MODULE, TEMPLATE_HASH_ANNOTATION
+from kt_jupyter.backends.kubernetes_objects import TEMPLATE_HASH_ANNOTATION
 from kt_jupyter.backends.portforward import (PodTarget, PortForwardConnector, ServiceDNSConnector,
                                              default_connector)
 from kt_jupyter.compute import POD_KERNEL_PORT, Compute, Image, Volume
@@ -342,17 +342,6 @@ def test_delete_removes_everything_labelled_and_keeps_volumes_unless_asked(clust
         cluster.backend.status("bye")
 
 
-def test_guard_passes_on_crashes_without_scaling(cluster, tmp_path):
-    env = {"PYTHONPATH": str(ROOT / "kt_jupyter" / "backends"), "PATH": "/usr/bin:/bin",
-           "KT_KUBE_API": cluster.api.url, "KT_KUBE_TOKEN_FILE": str(tmp_path / "none")}
-    guard = [sys.executable, "-c", "import pod_guard, sys; sys.exit(pod_guard.main())",
-             "--namespace", NS, "--deployment", "x", "--"]
-    assert subprocess.run(guard + [sys.executable, "-c", "raise SystemExit(3)"], env=env).returncode == 3
-    done = subprocess.run(guard + [sys.executable, "-c", "pass"], env=env, capture_output=True, text=True)
-    assert done.returncode == 0 and "could not scale deployment kt-test/x to 0" in done.stderr
-    assert not [r for r in cluster.store.requests if r["path"].endswith("/deployments/x/scale")]
-
-
 # ---------------------------------------------------------------------- list, status, ownership
 
 
@@ -420,15 +409,14 @@ def test_connector_choice_in_and_out_of_the_cluster(monkeypatch):
     assert isinstance(default_connector(lambda: None), ServiceDNSConnector)
 
 
-def test_the_configmap_ships_pod_kernel_and_the_guard(cluster):
+def test_the_configmap_ships_pod_kernel_and_a_ttl_compute_is_a_job_its_kernel_ends(cluster):
     compute = k8s("src", inactivity_ttl="30m")
     objects = cluster.backend.manifests(compute, "t0ken")
     cm = next(o for o in objects if o["kind"] == "ConfigMap")
-    assert f"{GUARD_MODULE}.py" in cm["data"] and "pod_kernel____main__.py" in cm["data"]
+    assert "pod_kernel____main__.py" in cm["data"] and all(k.startswith("pod_kernel__") for k in cm["data"])
     job = objects[-1]
     script = job["spec"]["template"]["spec"]["containers"][0]["command"][2]
-    assert f"-m {GUARD_MODULE} --namespace kt-test --deployment tester-src -- " in script
-    assert script.rstrip().endswith("--inactivity-ttl 1800")
+    assert script.rstrip().endswith("--inactivity-ttl 1800") and "exec \"$KT_PY\" -m pod_kernel " in script
     assert TEMPLATE_HASH_ANNOTATION in job["spec"]["template"]["metadata"]["annotations"]
     assert [o["kind"] for o in objects] == ["Secret", "ConfigMap", "Service", "NetworkPolicy", "Job"]
 
@@ -470,17 +458,15 @@ def test_dockerfile_bakes_in_what_the_startup_script_checks(tmp_path):
         pinned = f'"{name}==${{{name.upper()}_VERSION}}"'
         assert f'"{dep}"' in install or (pinned in install and f"ARG {name.upper()}_VERSION=" in text), dep
     copies = [line.split()[1:] for line in text.splitlines() if line.startswith("COPY ")]
-    assert copies == [["pod_kernel/*.py", "/opt/kt/lib/pod_kernel/"],
-                      ["kt_jupyter/backends/pod_guard.py", f"/opt/kt/lib/{GUARD_MODULE}.py"]]
+    assert copies == [["pod_kernel/*.py", "/opt/kt/lib/pod_kernel/"]]
     assert "ENV PYTHONPATH=/opt/kt/lib" in text
     # the layout the COPY lines make imports on its own (what the RUN check does in the build)
     lib = tmp_path / "lib"
     (lib / "pod_kernel").mkdir(parents=True)
     for src in (ROOT / "pod_kernel").glob("*.py"):
         (lib / "pod_kernel" / src.name).write_text(src.read_text())
-    (lib / f"{GUARD_MODULE}.py").write_text((ROOT / "kt_jupyter/backends/pod_guard.py").read_text())
     check = subprocess.run([sys.executable, "-c", "import pod_kernel.__main__, pod_kernel.server, "
-                            f"pod_kernel.executor, {GUARD_MODULE}; print(pod_kernel.__file__)"],
+                            "pod_kernel.executor; print(pod_kernel.__file__)"],
                            env={"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"}, cwd=tmp_path,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr

@@ -25,7 +25,6 @@ from kt_jupyter.backends.kubernetes import KubernetesBackend  # noqa: E402
 from kt_jupyter.compute import Compute  # noqa: E402
 from kt_jupyter.shell import open_server_terminal  # noqa: E402
 from k8s_fake.cluster import NS, fake_cluster  # noqa: E402
-from k8s_fake.exec import install_exec  # noqa: E402
 
 #: Seconds any one expected answer may take.
 ANSWER_TIMEOUT_S = 15
@@ -48,10 +47,9 @@ def pod_kernel(tmp_path, local_backend):
 
 @pytest.fixture
 def k8s_pod_kernel(tmp_path, monkeypatch, kt_home):
-    """A compute on the fake cluster, reached through the production port-forward; the fake API serves exec.
+    """A compute on the fake cluster, reached through the production port-forward; the fake API serves exec (as a real kubelet does).
     Yields the compute and the fake container's working directory."""
     with fake_cluster(tmp_path, monkeypatch) as cluster:
-        install_exec(cluster.kubelet)
         backend = KubernetesBackend()  # outside a cluster: the real PortForwardConnector
         monkeypatch.setitem(backends_mod._instances, "kubernetes", backend)
         compute = Compute(name="ksh", backend="kubernetes", env_vars={"KT_MARK": "mark-k8s", "SHELL": "/bin/sh"})

@@ -1,7 +1,6 @@
 """What the Kubernetes backend applies beyond :func:`kt_jupyter.manifests.build_all`. Pure.
 
-* the files the source ConfigMap carries: the ``pod_kernel`` package, and the
-  TTL guard (:mod:`~kt_jupyter.backends.pod_guard`) as the module ``kt_pod_guard``;
+* the files the source ConfigMap carries: the ``pod_kernel`` package;
 * for a compute with ``inactivity_ttl``, a single-kernel Job instead of the
   Deployment (:func:`build_job`): the pod kernel exits 0 when idle, the Job
   completes and its pod ends, so the node (and its GPU) is free with no RBAC
@@ -31,8 +30,6 @@ if TYPE_CHECKING:
 
 #: Pod-template annotation: a hash of the template we applied, so readiness ignores older pods.
 TEMPLATE_HASH_ANNOTATION = "kt.dev/template-hash"
-#: The module name :mod:`~kt_jupyter.backends.pod_guard` has in the pod.
-GUARD_MODULE = "kt_pod_guard"
 #: ``KT_NETWORK_POLICY=0`` (or false/off): apply no NetworkPolicy (a namespace that forbids creating them).
 NETWORK_POLICY_ENV = "KT_NETWORK_POLICY"
 #: Crashes (container restarts) a compute's Job survives before it fails for good; an idle exit (0) completes it.
@@ -42,13 +39,11 @@ WORKLOAD_KINDS = ("Deployment", "Job")
 
 
 def pod_kernel_source_files() -> dict[str, str]:
-    """What the ConfigMap carries: the ``pod_kernel`` package and the TTL guard (``kt_pod_guard.py``)."""
+    """What the ConfigMap carries: the ``pod_kernel`` package."""
     import pod_kernel
 
     root = Path(pod_kernel.__file__).resolve().parent
-    files = {f"pod_kernel/{p.name}": p.read_text() for p in sorted(root.glob("*.py"))}
-    files[f"{GUARD_MODULE}.py"] = (Path(__file__).resolve().parent / "pod_guard.py").read_text()
-    return files
+    return {f"pod_kernel/{p.name}": p.read_text() for p in sorted(root.glob("*.py"))}
 
 
 def workload_kind(compute: "Compute") -> str:

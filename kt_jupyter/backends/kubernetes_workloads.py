@@ -18,11 +18,9 @@ from ..compute import Compute
 from ..errors import KubernetesAPIError
 from ..manifests import INACTIVITY_TTL_ANNOTATION, label_selector
 from . import kubernetes_events as ev
-from .kubernetes_api import KINDS, KubeApi, object_path
+from .kubernetes_api import KubeApi, object_path
 from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION, WORKLOAD_KINDS, workload_kind
 from .kubernetes_watch import WatchThread
-
-KINDS.setdefault("Job", ("/apis/batch/v1", "jobs"))  # until kubernetes_api.KINDS lists it (a line for its owner)
 
 #: Seconds ``delete`` waits for the pods to go, beyond their grace period.
 DELETE_WAIT_S = 60.0

@@ -1,7 +1,7 @@
 """FakeKubeApiServer: a fake of the Kubernetes API server, over real HTTP on 127.0.0.1 (a test double).
 
 It implements what the kt_jupyter backend (through the official client) and
-the pod's TTL guard call, with the API's URL layout, verbs and JSON shapes:
+the pod kernel call, with the API's URL layout, verbs and JSON shapes:
 
 * server-side apply (``PATCH`` ``application/apply-patch+yaml``, ``fieldManager``
   required, ``force`` recorded) — simplified: one applier owns the whole object;

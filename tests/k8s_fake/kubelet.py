@@ -121,6 +121,8 @@ class FakeKubelet:
         self.store.log_source = self.log
         self.store.log_follower = self.follow_log
         self.store.port_resolver = self.local_port
+        from .exec import install_exec  # pods/exec beside the containers, as every real kubelet serves it
+        install_exec(self)
         self._thread.start()
         return self
 

@@ -349,7 +349,8 @@ class FakeStore:
             cur = self.objects.get((*resource, namespace, name))
             if cur is None:
                 raise FakeApiError(404, "NotFound", f'{plural} "{name}" not found')
-            owners = (("apps", "deployments"), ("apps", "replicasets"), ("serving.knative.dev", "services"))
+            owners = (("apps", "deployments"), ("apps", "replicasets"), ("serving.knative.dev", "services"),
+                      ("batch", "jobs"))
             if propagation == "Foreground" and resource in owners and self.listeners:
                 def finalize(obj: dict[str, Any]) -> None:
                     meta = obj["metadata"]
