@@ -333,6 +333,8 @@ class KtDebuggerMixin(_DebuggerBase):
         reply = await super().dumpCell(message)
         code = message["arguments"]["code"]
         if code.lstrip().startswith("%%kt"):
+            from .magics.args import compute_of_cell  # the line's own parser: not the magics themselves
+
             self.kt_cells[reply["body"]["sourcePath"]] = compute_of_cell(code)
             self.kt_code[reply["body"]["sourcePath"]] = code
         return reply
@@ -507,22 +509,6 @@ def _literal(text: str) -> Any:
     import ast
 
     return ast.literal_eval(text)
-
-
-def compute_of_cell(code: str) -> str:
-    """The compute name a ``%%kt`` cell runs on (its ``--name``, else the default compute's)."""
-    from IPython.core.magic_arguments import parse_argstring
-
-    from .connection import default_compute
-    from .magics.args import compute_from_args
-    from .magics.kt import KtMagics
-
-    line = code.lstrip().split("\n", 1)[0][len("%%kt"):]
-    try:
-        compute, _explicit = compute_from_args(parse_argstring(KtMagics.kt, line), default_compute())
-        return compute.name
-    except Exception:  # a line the magic itself will reject: it says why when the cell runs
-        return default_compute().name
 
 
 def pod_source(cell_text: str) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import psutil
 from websockets.asyncio.server import ServerConnection, serve
@@ -348,7 +348,7 @@ class PodKernelServer:
         try:
             async for message in ws:
                 try:
-                    header, payload = P.decode_frame(cast(bytes, message))  # it refuses a text frame itself
+                    header, payload = P.decode_frame(message)  # it refuses a text frame itself
                     if inbound is not None:
                         inbound = await self._continue_inbound(session, ws, inbound, header, payload)
                         continue

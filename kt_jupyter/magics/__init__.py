@@ -33,6 +33,7 @@ def unload(shell: Any) -> None:
     """Remove what :func:`load` added to ``shell``."""
     from .. import debug_panel
     from ..backends import get_backend
+    from ..backends.local import LocalBackend
 
     magics = shell.magics_manager.registry.pop(MAGICS_NAME, None)
     if magics is not None:
@@ -48,4 +49,6 @@ def unload(shell: Any) -> None:
     if getattr(hook, "kt_post_mortem", False):
         del shell.debugger  # IPython's own post-mortem again
     debug_panel.uninstall(shell)
-    get_backend("local").stop_prestart()  # the pod kernel process KtMagics started ahead goes
+    local = get_backend("local")
+    if isinstance(local, LocalBackend):
+        local.stop_prestart()  # the pod kernel process KtMagics started ahead goes
