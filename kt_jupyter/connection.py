@@ -177,8 +177,8 @@ class ComputeConnection:
         if not self.lock.acquire(blocking=False):
             if on_output is not None:
                 on_output({"type": "notice", "level": "info",
-                           "text": f"[kt] waiting for the cell running in the background on compute {self.name!r} "
-                                   "to end (`%kt wait` shows it); this cell runs after it"})
+                           "text": f"[kt] a cell runs in the background on compute {self.name!r} (--async): this "
+                                   "cell runs when it ends, so that it sees the values it started with"})
             with self._waiting_lock:
                 self.waiting += 1
             try:
