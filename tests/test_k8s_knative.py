@@ -83,6 +83,7 @@ def test_autoscaled_compute_runs_as_a_knative_service_and_down_deletes_it(knativ
     # status, reuse, and another notebook finding it by name
     info = knative.backend.status("auto")
     assert info.phase == "ready" and "Knative" in info.where
+    assert [(i.name, i.phase) for i in knative.backend.list()] == [("auto", "ready")]  # %kt list shows it once
     again: list[str] = []
     assert knative.backend.launch(compute, on_event=again.append).token == handle.token
     assert "reusing the running pod kernel 'auto'" in again[0]
@@ -177,6 +178,7 @@ def test_a_cluster_without_knative_serving_is_one_clear_message(tmp_path, monkey
             err.value) and "drop autoscale()" in str(err.value)
         assert not cluster.objects("secrets")  # nothing applied before the check
         assert not cluster.backend.delete("nokn")  # and a name that is nowhere is no error
+        assert cluster.backend.list() == []  # %kt list: no Knative API is no error either
 
 
 def test_inside_the_cluster_without_a_port_forward_it_says_what_to_do_before_touching_the_cluster():

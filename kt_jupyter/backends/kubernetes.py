@@ -47,6 +47,7 @@ from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, KUEUE_QUEUE_LABEL, MANAG
 from ..names import check_compute_name
 from . import KernelHandle, KernelInfo, spec_mismatch, spec_mismatch_error
 from . import kubernetes_events as ev
+from . import kubernetes_knative as knative  # an autoscaled compute is a Knative Service
 from .kubernetes_api import ApiStatusError, KubeApi, load_api_client
 from .kubernetes_launch import LaunchWaiter
 from .kubernetes_live import LiveKernel
@@ -131,8 +132,7 @@ class KubernetesBackend:
         ``keep`` changes nothing here: pods outlive the notebook; ``inactivity_ttl`` stops idle ones.
         """
         if compute.deployment_mode == "knative":  # an autoscaled compute is a Knative Service (kubernetes_knative)
-            from .kubernetes_knative import launch as launch_knative
-            return launch_knative(self, compute, on_event)
+            return knative.launch(self, compute, on_event)
         say = on_event or (lambda _msg: None)
         ns, svc = compute.namespace, compute.service_name
         with self._lock:
@@ -295,17 +295,15 @@ class KubernetesBackend:
     def find(self, name: str, namespace: str | None = None) -> KernelHandle | None:
         """The running (ready) kernel of that name, reattached by reading its token Secret; else None."""
         compute = self._compute_for(name, namespace)
-        from .kubernetes_knative import find as find_knative  # an autoscaled compute is a Knative Service
         kube = self._kube(compute)
-        return self._find(kube, compute) or find_knative(self, kube, compute)
+        return self._find(kube, compute) or knative.find(self, kube, compute)
 
     def get_if_exists(self, compute: Compute) -> KernelHandle | None:
         """The running kernel of ``compute`` (its name and namespace), or None; launches nothing."""
         with self._lock:
             self._known.setdefault(compute.name, compute)
-        from .kubernetes_knative import find as find_knative  # an autoscaled compute is a Knative Service
         kube = self._kube(compute)
-        return self._find(kube, compute) or find_knative(self, kube, compute)
+        return self._find(kube, compute) or knative.find(self, kube, compute)
 
     # ------------------------------------------------------------------ inspect
 
@@ -314,25 +312,33 @@ class KubernetesBackend:
         return list(dict.fromkeys([default] + [c.namespace for c in self._known.values()]))
 
     def list(self) -> list[KernelInfo]:
-        """This user's computes in the default namespace and in those this process launched into."""
+        """This user's computes (Deployments, Jobs and autoscaled Knative Services) in the default namespace and
+        in those this process launched into."""
         out = []
         selector = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
         for ns in self._namespaces():
             compute = Compute(name="default", backend="kubernetes", namespace=ns)
             kube = self._kube(compute)
-            pods = kube.list("Pod", ns, label_selector=selector)
-            for kind, dep in [(k, o) for k in WORKLOAD_KINDS for o in kube.list(k, ns, label_selector=selector)]:
-                labels = (dep.get("metadata") or {}).get("labels") or {}
-                name = labels.get(NAME_LABEL, "")
+
+            def owned(obj: dict[str, Any]) -> str | None:
+                """The compute name of one of this user's kt_jupyter objects, else None."""
+                name = ((obj.get("metadata") or {}).get("labels") or {}).get(NAME_LABEL, "")
                 try:
                     check_compute_name(name)
                 except ComputeSpecError:
-                    continue  # not a name kt_jupyter gives: not ours
-                if ev.name_of(dep) != dns1123_label(f"{compute.username}-{name}"):
-                    continue  # another user's compute
+                    return None  # not a name kt_jupyter gives: not ours
+                return name if ev.name_of(obj) == dns1123_label(f"{compute.username}-{name}") else None
+
+            pods = kube.list("Pod", ns, label_selector=selector)
+            for kind, dep in [(k, o) for k in WORKLOAD_KINDS for o in kube.list(k, ns, label_selector=selector)]:
+                name = owned(dep)
+                if name is None:
+                    continue
+                labels = (dep.get("metadata") or {}).get("labels") or {}
                 mine = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(COMPUTE_LABEL)
                         == labels.get(COMPUTE_LABEL)]
                 out.append(self._info(kube, name, ns, kind, dep, mine))
+            out += knative.listed(self, kube, ns, owned)
         return out
 
     def _info(self, kube: KubeApi, name: str, ns: str, kind: str, dep: dict[str, Any],
@@ -388,10 +394,9 @@ class KubernetesBackend:
 
     def status(self, name: str) -> KernelInfo:
         """One compute's state: ready, launching, failed (with why) or stopped."""
-        from .kubernetes_knative import status_of_name  # an autoscaled compute is a Knative Service
-        knative = status_of_name(self, name)
-        if knative is not None:
-            return knative
+        autoscaled = knative.status_of_name(self, name)
+        if autoscaled is not None:
+            return autoscaled
         compute = self._compute_for(name)
         kube = self._kube(compute)
         found = find_workload(kube, compute)
@@ -525,8 +530,7 @@ class KubernetesBackend:
         ns, selector = compute.namespace, label_selector(compute)
         grace_s = max(MIN_GRACE_S, grace_period_s)
         self._forget_live(compute, "was deleted (delete / `%kt down`)")
-        from .kubernetes_knative import delete as delete_knative  # an autoscaled compute: its Knative Service first
-        delete_knative(self, kube, compute, grace_s)
+        knative.delete(self, kube, compute, grace_s)
         existed = False
         pods = kube.list("Pod", ns, label_selector=selector)  # before their workload goes, to set their grace
         workloads = [(k, o) for k in WORKLOAD_KINDS for o in kube.list(k, ns, label_selector=selector)]

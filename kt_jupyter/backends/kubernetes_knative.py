@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..compute import Compute
 from ..errors import BackendUnavailable, KtError, KubernetesAPIError, LaunchError, NotFoundError
 from ..knative import API_VERSION, knative_objects, required_feature_flags
-from ..manifests import CONTAINER_NAME, SPEC_ANNOTATION, label_selector, token_secret_name
+from ..manifests import (CONTAINER_NAME, MANAGED_BY, MANAGED_BY_LABEL, SPEC_ANNOTATION, label_selector,
+                         token_secret_name)
 from . import SPEC_KEYS, KernelHandle, KernelInfo, spec_mismatch, spec_mismatch_error
 from . import kubernetes_events as ev
 from .kubernetes_api import FIELD_MANAGER, ApiStatusError, KubeApi
@@ -191,6 +192,25 @@ def status(backend: "KubernetesBackend", kube: KubeApi, compute: Compute) -> Ker
     started = _epoch((pod.get("status") or {}).get("startTime")) if pod else 0.0
     return KernelInfo(name=compute.name, backend="kubernetes", phase=phase, where=where, started=started,
                       spec=_running_spec(service), detail=detail)
+
+
+def listed(backend: "KubernetesBackend", kube: KubeApi, namespace: str,
+           owned: Callable[[dict[str, Any]], str | None]) -> list[KernelInfo]:
+    """The state of each autoscaled compute of this user in ``namespace`` (none without Knative Serving).
+    ``owned(service)`` is the compute name when the object is this user's kt_jupyter compute, else None."""
+    try:
+        reply = kube.request("GET", _path(namespace), action=f"listing Knative Services in namespace {namespace}",
+                             query={"labelSelector": f"{MANAGED_BY_LABEL}={MANAGED_BY}"})
+    except NotFoundError:
+        return []  # no Knative Serving here: nothing autoscaled to list
+    out = []
+    for service in reply.get("items") or []:
+        name = owned(service)
+        if name is not None:
+            info = status(backend, kube, Compute(name=name, backend="kubernetes", namespace=namespace))
+            if info is not None:
+                out.append(info)
+    return out
 
 
 def status_of_name(backend: "KubernetesBackend", name: str) -> KernelInfo | None:
