@@ -14,7 +14,7 @@ import yaml
 from jsonschema import Draft7Validator
 from k8s_fake.cluster import MISSING_IMAGE, NS, fake_cluster
 from k8s_fake.kuberay import FakeKubeRayOperator
-from k8s_fake.statefulsets import FakeStatefulSetController, cluster_dns_available
+from k8s_fake.statefulsets import cluster_dns_available
 from test_compute_api import _strict, schema_errors
 
 import kt_jupyter as kt
@@ -159,7 +159,6 @@ def test_the_ray_schema_check_refuses_what_the_api_server_would(ray_schema):
 def cluster(tmp_path, monkeypatch, kt_home):
     """A fake cluster with the StatefulSet controller; the `kubernetes` backend of this process uses it."""
     with fake_cluster(tmp_path, monkeypatch) as cluster:
-        FakeStatefulSetController.install(cluster.kubelet)
         yield cluster
 
 
@@ -195,6 +194,8 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
     assert sorted(pods) == ["tester-ddpk-0", "tester-ddpk-1"]
     assert pods["tester-ddpk-1"]["spec"]["subdomain"] == "tester-ddpk"
     assert pods["tester-ddpk-1"]["metadata"]["labels"]["apps.kubernetes.io/pod-index"] == "1"
+    run(ip, "%kt logs ddpk-r1 --tail 50")  # one rank's log, by its name
+    assert "serving on 127.0.0.1" in capsys.readouterr().out
     run(ip, "%kt status ddpk")
     status = capsys.readouterr().out
     assert "ddpk: 2 pytorch workers (ddpk-r0, ddpk-r1)" in status
@@ -265,10 +266,7 @@ def test_a_user_who_may_not_read_statefulsets_still_runs_single_kernels(cluster,
     assert ip.user_ns["x"] == 42
 
 
-def test_a_ray_compute_without_kuberay_names_the_operator(cluster, monkeypatch):
-    from k8s_fake import api_server
-
-    monkeypatch.setattr(api_server, "CRD_GROUPS", api_server.CRD_GROUPS | {"ray.io"})  # KubeRay not installed
+def test_a_ray_compute_without_kuberay_names_the_operator(cluster):
     compute = Compute(name="rc", backend="kubernetes").distribute("ray", workers=2)
     with pytest.raises(BackendUnavailable, match=f"KubeRay operator.*KubeRay {kd.KUBERAY_MIN_VERSION} or later") \
             as raised:

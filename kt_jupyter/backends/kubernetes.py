@@ -401,6 +401,10 @@ class KubernetesBackend:
         kube = self._kube(compute)
         found = find_workload(kube, compute)
         if found is None:
+            from .kubernetes_distributed import status_of_name as group_status  # a distributed compute, a rank
+            group = group_status(name)
+            if group is not None:
+                return group
             raise NotFoundError(f"no Kubernetes compute named {name!r} in namespace {compute.namespace!r}; "
                                 "`%kt list` shows those that exist")
         return self._info(kube, name, compute.namespace, *found,
@@ -409,7 +413,12 @@ class KubernetesBackend:
     def pods(self, name: str) -> list[dict[str, Any]]:
         """The compute's pods, as the API returns them."""
         compute = self._compute_for(name)
-        return self._kube(compute).list("Pod", compute.namespace, label_selector=label_selector(compute))
+        pods = self._kube(compute).list("Pod", compute.namespace, label_selector=label_selector(compute))
+        if not pods:
+            from .kubernetes_distributed import rank_pods_of_name  # NAME-rR: one rank of a distributed compute
+
+            pods = rank_pods_of_name(name)
+        return pods
 
     def wait_gone(self, name: str, timeout_s: float) -> str | None:
         """Block until the pod kernel this process reaches for ``name`` is gone; its liveness sentence.

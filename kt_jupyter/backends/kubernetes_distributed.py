@@ -54,7 +54,7 @@ from ..pod_security import notebook_peer
 from ..startup import notebook_install_env
 from . import KernelHandle, KernelInfo
 from . import kubernetes_events as ev
-from .kubernetes_api import KINDS, ApiStatusError, KubeApi
+from .kubernetes_api import ApiStatusError, KubeApi
 from .kubernetes_launch import LOG_LINES_IN_ERRORS, unschedulable_grace_s
 from .kubernetes_live import LiveKernel
 from .kubernetes_objects import (
@@ -66,10 +66,6 @@ from .kubernetes_objects import (
 )
 from .kubernetes_watch import WatchThread
 from .portforward import PodTarget
-
-# the two workload kinds of distributed computes, for KubeApi's paths (until kubernetes_api.KINDS lists them)
-KINDS.setdefault("StatefulSet", ("/apis/apps/v1", "statefulsets"))
-KINDS.setdefault("RayCluster", ("/apis/ray.io/v1", "rayclusters"))
 
 #: The KubeRay release a RayCluster here needs (``authOptions`` token mode; overwrite-container-cmd came in 1.1).
 KUBERAY_MIN_VERSION = "1.5.0"

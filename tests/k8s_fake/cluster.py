@@ -30,6 +30,7 @@ from .api_server import FakeKubeApiServer
 from .autoscaler import FakeClusterAutoscaler, FakeNodeGroup
 from .jobs import install as install_job_controller
 from .kubelet import FakeKubelet
+from .statefulsets import FakeStatefulSetController
 
 NS = "kt-test"
 MISSING_IMAGE = "ghcr.io/example/does-not-exist:1.0"
@@ -89,6 +90,7 @@ def fake_cluster(tmp_path: Path, monkeypatch: Any, *, node_groups: list[FakeNode
                        restart_backoff_s=0.2)
         kubelet = FakeKubelet(api, tmp_path / "node", **{**options, **kubelet_kwargs})
         install_job_controller(kubelet)
+        FakeStatefulSetController.install(kubelet)
         kubelet.start()
         groups = [FakeNodeGroup("cpu-nodes", max_size=2)] if node_groups is None else node_groups
         if groups:

@@ -59,7 +59,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
 }
 #: API groups a real cluster has only once their CRDs are installed (the fake Knative Serving installs its own):
 #: until then the API server answers 404 "the server could not find the requested resource".
-CRD_GROUPS = frozenset({"serving.knative.dev"})
+CRD_GROUPS = frozenset({"serving.knative.dev", "ray.io"})
 
 
 def resource_name(group: str, plural: str) -> str:
@@ -349,8 +349,8 @@ class FakeStore:
             cur = self.objects.get((*resource, namespace, name))
             if cur is None:
                 raise FakeApiError(404, "NotFound", f'{plural} "{name}" not found')
-            owners = (("apps", "deployments"), ("apps", "replicasets"), ("serving.knative.dev", "services"),
-                      ("batch", "jobs"))
+            owners = (("apps", "deployments"), ("apps", "replicasets"), ("apps", "statefulsets"), ("batch", "jobs"),
+                      ("ray.io", "rayclusters"), ("serving.knative.dev", "services"))
             if propagation == "Foreground" and resource in owners and self.listeners:
                 def finalize(obj: dict[str, Any]) -> None:
                     meta = obj["metadata"]
