@@ -288,9 +288,14 @@ def test_reload_registers_once_and_unload_removes_what_load_added(ip):
     ip.run_line_magic("reload_ext", "kt_jupyter")
     assert len(_kt_callbacks(ip)) == 1  # not one more per reload
     assert getattr(ip.debugger, "kt_post_mortem", False)
+    from kt_jupyter.widgets import monitor
+
+    monitor._refresh_after_cells()  # what the first status panel does: the monitors refresh as cells run
+    assert monitor._poke in ip.events.callbacks["post_run_cell"]
     ip.run_line_magic("unload_ext", "kt_jupyter")
     try:
         assert _kt_callbacks(ip) == []
+        assert monitor._poke not in ip.events.callbacks["post_run_cell"] + ip.events.callbacks["pre_run_cell"]
         assert _spares() == []  # the process started ahead for the first cell is gone too
         assert "KtMagics" not in ip.magics_manager.registry
         assert "kt" not in ip.magics_manager.magics["cell"] and "kt" not in ip.magics_manager.magics["line"]

@@ -33,6 +33,7 @@ def unload(shell: Any) -> None:
     """Remove what :func:`load` added to ``shell``."""
     from .. import debug_panel
     from ..backends import get_backend
+    from ..widgets import monitor
     from ..backends.local import LocalBackend
 
     magics = shell.magics_manager.registry.pop(MAGICS_NAME, None)
@@ -49,6 +50,7 @@ def unload(shell: Any) -> None:
     if getattr(hook, "kt_post_mortem", False):
         del shell.debugger  # IPython's own post-mortem again
     debug_panel.uninstall(shell)
+    monitor.unhook(shell)  # the monitors' pre/post_run_cell callback
     local = get_backend("local")
     if isinstance(local, LocalBackend):
         local.stop_prestart()  # the pod kernel process KtMagics started ahead goes

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..backends import get_backend
 from ..errors import ComputeSpecError, KtError, NotFoundError
@@ -317,7 +317,13 @@ def poke_all() -> None:
         mon.poke()
 
 
-_hooked: set[int] = set()
+#: The shells whose cells poke the monitors: id(shell) -> (its events, the callback registered), so unload can remove it.
+_hooked: dict[int, tuple[Any, Callable[..., None]]] = {}
+
+
+def _poke(*_args: Any) -> None:
+    """IPython's ``pre_run_cell`` / ``post_run_cell`` callback: :func:`poke_all`."""
+    poke_all()
 
 
 def _refresh_after_cells() -> None:
@@ -331,9 +337,20 @@ def _refresh_after_cells() -> None:
     events = getattr(shell, "events", None)
     if events is None or id(shell) in _hooked:
         return
-    _hooked.add(id(shell))
-    events.register("pre_run_cell", lambda *_a: poke_all())
-    events.register("post_run_cell", lambda *_a: poke_all())
+    _hooked[id(shell)] = (events, _poke)
+    events.register("pre_run_cell", _poke)
+    events.register("post_run_cell", _poke)
+
+
+def unhook(shell: Any) -> None:
+    """Undo :func:`_refresh_after_cells` for ``shell`` (``%unload_ext``)."""
+    events, callback = _hooked.pop(id(shell), (None, None))
+    for event in ("pre_run_cell", "post_run_cell"):
+        try:
+            if events is not None:
+                events.unregister(event, callback)
+        except ValueError:
+            pass  # already gone
 
 
 def stop_all() -> None:
