@@ -19,6 +19,7 @@ from kt_jupyter.client import client_loop
 from kt_jupyter.compute import Compute
 from kt_jupyter.errors import AuthError, KernelDiedError, ProtocolMismatchError, RemoteError
 from pod_kernel import protocol as P
+from barriers import wait_until
 from wire import handshake, raw_connect, upgrade_headers
 
 
@@ -434,7 +435,8 @@ def test_restarted_notebook_adopts_its_kernel_within_the_grace_period(kt_home, l
     assert said[0].startswith("starting pod kernel")
     assert old.ask("run model = {'w': 41}; 'set'") == "'set'"
     old.exit()
-    time.sleep(0.5)  # the kernel has noticed (pidfd) and is in its grace period
+    # the kernel noticed (pidfd) and is in its grace period: it says so in its log, and still runs
+    wait_until(lambda: "unless a notebook reattaches" in local_backend.logs("restarted"), 30, "the kernel to notice")
     assert psutil.pid_exists(pid)
     adopted_pid, said = new.ask("attach restarted")
     assert adopted_pid == pid
