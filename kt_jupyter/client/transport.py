@@ -137,7 +137,7 @@ class Transport:
         self.allowed_serialization: list[str] = list(P.SERIALIZATIONS)
         self._ids = itertools.count(1)
         self._conn: _Conn | None = None
-        self._connect_lock: asyncio.Lock | None = None
+        self._connect_lock = asyncio.Lock()  # binds to the client loop on first contention
         self._send_lock = asyncio.Lock()
         self._executions: dict[str, _Execution] = {}
         self._streams: dict[str, OutputCallback] = {}
@@ -295,8 +295,6 @@ class Transport:
         conn = self._conn
         if conn is not None and not conn.closed.done():
             return conn
-        if self._connect_lock is None:
-            self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
             conn = self._conn
             if conn is not None and not conn.closed.done():
