@@ -1,11 +1,13 @@
 """A 1 GB push (and pull) on the Kubernetes backend through a port-forward, next to the local backend.
 
-    .venv/bin/python benchmarks/k8s_portforward.py [--mib 1024] [--reps 3]
+    .venv/bin/python benchmarks/k8s_portforward.py [--mib 1024] [--reps 3] [--client own|official]
 
 There is no cluster here: the Kubernetes side is the fake cluster of the tests
 (``tests/k8s_fake``). The backend is the production one with its production
-:class:`~kt_jupyter.backends.portforward.PortForwardConnector` (the official
-client's ``kubernetes.stream.portforward``), and the fake API server relays
+:class:`~kt_jupyter.backends.portforward.PortForwardConnector`: our own
+``v4.channel.k8s.io`` stream (``--client own``, the default) or the official
+client's ``kubernetes.stream.portforward`` (``--client official``, its
+fallback; slow: its buffers grow and shrink by copying), and the fake API server relays
 each forwarded connection over loopback to the fake pod's process, in Python
 (WebSocket frames unmasked and re-framed), as a real API server and kubelet
 relay it over the network. So the figure is that relay's cost on this
@@ -58,6 +60,7 @@ def main() -> None:
     import os
 
     from k8s_fake import FakeKubeApiServer, FakeKubelet
+
     from kt_jupyter.backends import get_backend
     from kt_jupyter.backends.kubernetes import KubernetesBackend
     from kt_jupyter.compute import Compute
@@ -65,10 +68,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mib", type=int, default=1024)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--ws-mib", type=int, default=256, help="size for the WebSocket-only run (it is slow)")
+    p.add_argument("--ws-mib", type=int, default=256, help="size for the WebSocket-only run (it is slow; 0: none)")
+    p.add_argument("--client", choices=("own", "official"), default="own", help="which port-forward stream")
     args = p.parse_args()
+    if args.client == "official":
+        from kt_jupyter.backends import portforward
+
+        portforward.unsupported_reason = lambda cfg: "benchmark --client official"
     arr = np.random.default_rng(0).integers(0, 255, size=args.mib << 20, dtype=np.uint8)
-    results: dict[str, Any] = {"MiB": args.mib, "reps_median_of": args.reps}
+    results: dict[str, Any] = {"MiB": args.mib, "reps_median_of": args.reps, "client": args.client}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["KT_HOME"] = str(Path(tmp) / "kt")
         local = get_backend("local").launch(Compute(name="bench-pf-local"))
@@ -95,11 +103,13 @@ def main() -> None:
                 forwarded = sorted({r["query"].get("ports") for r in api.store.requests
                                     if r["path"].endswith("/portforward")})
                 results["ports_forwarded"] = forwarded
-                ws_only = handle.session(bulk_host=None)
-                ws_only.connect()
-                small = arr[: args.ws_mib << 20]
-                results["kubernetes_port_forward_websocket_only"] = dict(_rates(ws_only, small, 1), MiB=args.ws_mib)
-                ws_only.close()
+                if args.ws_mib:
+                    ws_only = handle.session(bulk_host=None)
+                    ws_only.connect()
+                    small = arr[: args.ws_mib << 20]
+                    results["kubernetes_port_forward_websocket_only"] = dict(_rates(ws_only, small, 1),
+                                                                             MiB=args.ws_mib)
+                    ws_only.close()
                 backend.delete("bench-pf")
             finally:
                 for live in list(backend._live.values()):

@@ -3,8 +3,10 @@
 Outside the cluster, :class:`PortForwardConnector` does what ``kubectl
 port-forward`` does: a listener on ``127.0.0.1`` (a free port) in a
 background thread, and for each accepted connection a port-forward stream
-through the API server (``kubernetes.stream.portforward``) to the pod's
-port, bytes pumped both ways. Inside the cluster (a notebook in JupyterHub on
+through the API server to the pod's port, bytes pumped both ways: our own
+``v4.channel.k8s.io`` client (:mod:`~kt_jupyter.backends.portforward_ws`),
+or the official ``kubernetes.stream.portforward`` where a kubeconfig setting
+needs it (it is slow for big values). Inside the cluster (a notebook in JupyterHub on
 Kubernetes), :class:`ServiceDNSConnector` uses the Service's DNS name and
 nothing runs locally.
 
@@ -23,6 +25,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from .portforward_ws import PortForwardError, open_stream, pump, unsupported_reason
 
 log = logging.getLogger("kt_jupyter.portforward")
 
@@ -51,6 +55,8 @@ class Forward:
     url: str
     description: str
     close: Callable[[], None] = field(default=lambda: None, repr=False)
+    #: Why the last forwarded connection failed or ended (a port-forward's refusal or error channel), or "".
+    last_error: str = ""
 
 
 class Connector(Protocol):
@@ -83,10 +89,13 @@ class ServiceDNSConnector:
 class PortForwardConnector:
     """Outside the cluster: a local 127.0.0.1 listener forwarding through the API server to the pod.
 
-    ``api_client_factory`` returns a fresh ``kubernetes.client.ApiClient``:
-    ``kubernetes.stream.portforward`` swaps ``call_api`` on the client it is
-    given while it opens the stream, so port-forwards get their own client
-    (never the one the watches use) and open one at a time.
+    ``api_client_factory`` returns a ``kubernetes.client.ApiClient``; each
+    connection's stream takes its URL, TLS and (fresh) bearer token from that
+    client's configuration. Where our stream cannot honour a setting
+    (:func:`~kt_jupyter.backends.portforward_ws.unsupported_reason`) the
+    official ``kubernetes.stream.portforward`` is used: it swaps ``call_api``
+    on the client it is given while it opens the stream, so it gets its own
+    client (never the one the watches use) and opens one at a time.
     """
 
     #: A port-forward connects inside the pod's network namespace: its loopback ports are reachable.
@@ -94,19 +103,48 @@ class PortForwardConnector:
 
     def __init__(self, api_client_factory: Callable[[], Any]) -> None:
         self._factory = api_client_factory
+        self._client: Any = None
         self._core: Any = None
         self._open_lock = threading.Lock()
+        self._fallback_said = False
 
-    def _connect_pod(self, target: PodTarget) -> tuple[Any, Any]:
+    def _configuration(self) -> Any:
+        with self._open_lock:
+            if self._client is None:
+                self._client = self._factory()
+            return self._client.configuration
+
+    def _forward_official(self, conn: socket.socket, target: PodTarget, stopped: threading.Event) -> str:
+        """Pump ``conn`` through ``kubernetes.stream.portforward``; the error channel's text, if any."""
         from kubernetes import client
         from kubernetes.stream import portforward
 
         with self._open_lock:
             if self._core is None:
-                self._core = client.CoreV1Api(self._factory())
+                self._core = client.CoreV1Api(self._client)
             pf = portforward(self._core.connect_get_namespaced_pod_portforward, target.pod, target.namespace,
                              ports=str(target.port))
-        return pf, pf.socket(target.port)
+        remote = pf.socket(target.port)
+        try:
+            _pump(conn, remote, stopped)
+        finally:
+            with contextlib.suppress(OSError):
+                remote.close()
+            with contextlib.suppress(Exception):  # closing a dead stream must not raise
+                pf.close()
+        return pf.error(target.port) or ""
+
+    def _forward(self, conn: socket.socket, target: PodTarget, stopped: threading.Event) -> str:
+        """Pump ``conn`` to the pod until either ends; why it ended, when the API server said."""
+        cfg = self._configuration()
+        reason = unsupported_reason(cfg)
+        if reason is None:
+            with open_stream(cfg, target.namespace, target.pod, target.port) as ws:
+                return pump(conn, ws, target.port, stopped)
+        if not self._fallback_said:
+            self._fallback_said = True
+            log.warning("port-forward through the official Kubernetes client (slow for big values): %s", reason)
+        return self._forward_official(conn, target, stopped)
 
     def open(self, target: PodTarget) -> Forward:
         """Listen on 127.0.0.1:<free port>; every connection there becomes a stream to the pod."""
@@ -120,29 +158,20 @@ class PortForwardConnector:
         lock = threading.Lock()
 
         def serve(conn: socket.socket) -> None:
-            try:
-                pf, remote = self._connect_pod(target)
-            except Exception as exc:  # the client sees a closed connection and asks the backend why
-                log.warning("port-forward to pod %s/%s failed: %s", target.namespace, target.pod, exc)
-                conn.close()
-                return
             with lock:
                 active.add(conn)
             try:
-                _pump(conn, remote, stopped)
+                error = self._forward(conn, target, stopped)
+            except Exception as exc:  # the client sees a closed connection and asks the backend why
+                error = str(exc) if isinstance(exc, PortForwardError) else f"{type(exc).__name__}: {exc}"
             finally:
                 with lock:
                     active.discard(conn)
-                for s in (conn, remote):
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
-                error = pf.error(target.port)
-                if error:
-                    log.warning("port-forward to pod %s/%s: %s", target.namespace, target.pod, error)
-                with contextlib.suppress(Exception):  # closing a dead stream must not raise
-                    pf.close()
+            if error:  # said before the local client sees the end, so whoever asks why finds it
+                forward.last_error = error
+                log.warning("port-forward to pod %s/%s: %s", target.namespace, target.pod, error)
+            with contextlib.suppress(OSError):
+                conn.close()
 
         def accept() -> None:
             while not stopped.is_set():
@@ -155,24 +184,21 @@ class PortForwardConnector:
 
         def close() -> None:
             stopped.set()
-            try:
+            with contextlib.suppress(OSError):
                 listener.close()
-            except OSError:
-                pass
             with lock:
                 for conn in list(active):
-                    try:
+                    with contextlib.suppress(OSError):
                         conn.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
 
+        forward = Forward(f"ws://127.0.0.1:{port}",
+                          f"port-forward 127.0.0.1:{port} -> pod {target.pod}:{target.port}", close)
         threading.Thread(target=accept, name=f"kt-pf-accept-{target.pod}", daemon=True).start()
-        return Forward(f"ws://127.0.0.1:{port}",
-                       f"port-forward 127.0.0.1:{port} -> pod {target.pod}:{target.port}", close)
+        return forward
 
 
 def _pump(a: socket.socket, b: Any, stopped: threading.Event) -> None:
-    """Copy bytes both ways between two sockets until either side closes."""
+    """Copy bytes both ways between two sockets until either side closes (the official client's socket pair)."""
     peers = {a: b, b: a}
     while not stopped.is_set():
         readable, _, _ = select.select([a, b], [], [], 1.0)

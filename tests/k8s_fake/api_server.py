@@ -37,6 +37,7 @@ assert how the backend talked to the API.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -292,14 +293,19 @@ class _Handler(BaseHTTPRequestHandler):
             send(0x2, b"\x01" + f"error forwarding port {port} to pod {name}: nothing listens".encode())
             send(0x8, b"")
             return
+        stream = (ws, upstream, name, port)
+        with self.server.pf_lock:
+            self.server.portforwards.add(stream)
 
         def from_pod() -> None:
+            buf = bytearray(RELAY_CHUNK_BYTES)
+            view = memoryview(buf)
             try:
                 while True:
-                    data = upstream.recv(RELAY_CHUNK_BYTES)
-                    if not data:
+                    n = upstream.recv_into(buf)
+                    if not n:
                         break
-                    send(0x2, b"\x00" + data)
+                    send(0x2, b"\x00", view[:n])  # one frame, written without joining the bytes
             except OSError:
                 pass
             try:
@@ -320,10 +326,12 @@ class _Handler(BaseHTTPRequestHandler):
                 if opcode == 0x9:
                     send(0xA, data)
                 elif opcode == 0x2 and data[:1] == b"\x00" and len(data) > 1:
-                    upstream.sendall(data[1:])
+                    upstream.sendall(memoryview(data)[1:])
         except OSError:
             pass
         finally:
+            with self.server.pf_lock:
+                self.server.portforwards.discard(stream)
             try:
                 upstream.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -412,6 +420,9 @@ class FakeKubeApiServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.store = store or FakeStore()
         self.open_watches: set[_Watcher] = set()
+        #: Open port-forward streams: (server WebSocket, connection to the pod, pod name, port).
+        self.portforwards: set[tuple[ServerWebSocket, socket.socket, str, int]] = set()
+        self.pf_lock = threading.Lock()
         #: Seconds between BOOKMARK events on a quiet watch that asked for them (a real server: about 60).
         self.bookmark_interval_s = 60.0
         self._thread = threading.Thread(target=self.serve_forever, name="fake-kube-api", daemon=True)
@@ -455,6 +466,21 @@ class FakeKubeApiServer(ThreadingHTTPServer):
         for watcher in watchers:
             watcher.events.put("bookmark-and-end" if bookmark else None)
         return watchers
+
+    def break_portforwards(self) -> int:
+        """Cut every open port-forward as the kubelet does when its pod goes: the error channel says why, then close.
+
+        Returns how many streams were cut.
+        """
+        with self.pf_lock:
+            streams = list(self.portforwards)
+        for ws, upstream, name, port in streams:
+            with contextlib.suppress(OSError):
+                ws.send(0x2, b"\x01" + (f"error forwarding port {port} to pod {name}, uid : failed to find sandbox "
+                                        f"in store: not found").encode())
+            with contextlib.suppress(OSError):
+                upstream.shutdown(socket.SHUT_RDWR)  # the relay's reader then ends the stream with a close frame
+        return len(streams)
 
     def close(self) -> None:
         """End open watches, stop serving."""
