@@ -505,10 +505,15 @@ HASH_CHUNK_BYTES = 16 << 20
 
 
 @functools.lru_cache(maxsize=1)
-def _hash_pool() -> Any:
+def _hash_pool_of(pid: int) -> Any:
     from concurrent.futures import ThreadPoolExecutor
 
     return ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="kt-hash")
+
+
+def _hash_pool() -> Any:
+    """This process's hashing threads (a forked child has none of its parent's: it starts its own)."""
+    return _hash_pool_of(os.getpid())
 
 
 def _hash_buffer(digest: Any, data: memoryview) -> None:

@@ -7,6 +7,8 @@ is the same with or without tracking.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -69,3 +71,20 @@ def test_fingerprint_is_the_same_with_and_without_tracking():
                              cwd=root, env={"KT_NO_WRITE_TRACKING": "1", "PATH": "/usr/bin:/bin"})
     assert with_tracking.returncode == 0 and without.returncode == 0, with_tracking.stderr + without.stderr
     assert with_tracking.stdout == without.stdout and with_tracking.stdout.startswith(("xxh3:", "b2:"))
+
+
+@needs_tracking
+def test_after_fork_each_side_sees_its_own_writes():
+    a = np.zeros(BIG, dtype=np.uint8)
+    first = P.fingerprint(a)
+    assert P.fingerprint(a) == first  # protected now
+    pid = os.fork()
+    if pid == 0:  # the child: its own copy, its own tracker and hashing threads (the parent's are not here)
+        signal.alarm(30)  # a child stuck on hashing threads it does not have dies, and the test fails
+        a[0] = 9
+        os._exit(0 if P.fingerprint(a) != first else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert P.fingerprint(a) == first  # the child's write was to its copy
+    a[1] = 7  # a copy-on-write fault here: still a write
+    assert P.fingerprint(a) != first
