@@ -196,3 +196,18 @@ def test_stream_options_follow_the_official_configuration(tmp_path):
     assert stream_options(cfg, NS, POD, PORT).extra.get("proxy") == "http://proxy.corp:3128"
     cfg.proxy_headers = {"proxy-authorization": "Basic eDp5"}
     assert "proxy headers" in (unsupported_reason(cfg) or "")
+
+
+def test_a_setting_our_stream_cannot_honour_falls_back_to_the_official_client(api, caplog):
+    _attach(api, EchoPod())
+    cfg = _configuration(api)
+    cfg.proxy_headers = {"proxy-authorization": "Basic eDp5"}  # no proxy-url: the official client goes direct
+    forward = _connector(cfg).open(PodTarget(NS, POD, "alice-train", PORT))
+    with caplog.at_level(logging.WARNING, logger="kt_jupyter.portforward"):
+        sock = _local(forward.url)
+        sock.sendall(b"ping" * 1024)
+        assert _recv_exactly(sock, 4096) == b"ping" * 1024
+        sock.close()
+        forward.close()
+    said = [r.getMessage() for r in caplog.records if "official Kubernetes client" in r.getMessage()]
+    assert len(said) == 1 and "proxy headers" in said[0]
