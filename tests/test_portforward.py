@@ -211,3 +211,46 @@ def test_a_setting_our_stream_cannot_honour_falls_back_to_the_official_client(ap
         forward.close()
     said = [r.getMessage() for r in caplog.records if "official Kubernetes client" in r.getMessage()]
     assert len(said) == 1 and "proxy headers" in said[0]
+
+
+def _tls_files(tmp_path: Any, name: str) -> tuple[str, str, str]:
+    """A CA and a server certificate for ``name`` signed by it (openssl), as a cluster's API server has."""
+    import subprocess
+
+    ca, ca_key, crt, key, csr = (str(tmp_path / f) for f in ("ca.pem", "ca.key", "srv.pem", "srv.key", "srv.csr"))
+    ext = tmp_path / "ext.cnf"
+    ext.write_text(f"subjectAltName=DNS:{name}\n")
+    for argv in (["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1",
+                  "-subj", "/CN=fake-cluster-ca"],
+                 ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={name}"],
+                 ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", crt,
+                  "-days", "1", "-extfile", str(ext)]):
+        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=60)
+    return ca, crt, key
+
+
+def test_tls_with_the_kubeconfig_ca_and_tls_server_name(tmp_path):
+    import ssl
+
+    ca, crt, key = _tls_files(tmp_path, "kubernetes.default")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(crt, key)
+    server = FakeKubeApiServer()
+    server.socket = server_ctx.wrap_socket(server.socket, server_side=True)
+    with server as api:
+        api.store.create("pods", NS, {"metadata": {"name": POD}, "spec": {"containers": [{"name": "kernel"}]}})
+        pod = EchoPod()
+        _attach(api, pod)
+        cfg = _configuration(api)
+        cfg.host = api.url.replace("http://", "https://")
+        cfg.ssl_ca_cert = ca
+        with pytest.raises(PortForwardError, match="certificate"):  # the certificate names another host
+            open_stream(cfg, NS, POD, PORT)
+        cfg.tls_server_name = "kubernetes.default"  # the kubeconfig's tls-server-name
+        forward = _connector(cfg).open(PodTarget(NS, POD, "alice-train", PORT))
+        sock = _local(forward.url)
+        sock.sendall(b"hello")
+        assert _recv_exactly(sock, 5) == b"hello"
+        sock.close()
+        forward.close()
+        assert forward.last_error == ""

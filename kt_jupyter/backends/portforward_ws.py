@@ -178,6 +178,7 @@ def open_stream(configuration: Any, namespace: str, pod: str, port: int) -> Clie
         return connect(opts.url, additional_headers=opts.headers, subprotocols=[PORTFORWARD_PROTOCOL],  # type: ignore[list-item]
                        ssl=opts.ssl, server_hostname=opts.server_hostname, compression=None,
                        max_size=MAX_FRAME_BYTES, max_queue=MAX_QUEUED_FRAMES, open_timeout=OPEN_TIMEOUT_S,
+                       ping_interval=None,  # as kubectl and the official client: the stream inside keeps it alive
                        **opts.extra)
     except InvalidStatus as exc:
         raise _refusal(exc.response.status_code, exc.response.body or b"", namespace, pod, port) from None
