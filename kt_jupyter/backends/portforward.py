@@ -168,8 +168,9 @@ class PortForwardConnector:
                 with lock:
                     active.discard(conn)
             if error:  # said before the local client sees the end, so whoever asks why finds it
+                if error != forward.last_error:  # once, not once per retry of the client
+                    log.warning("port-forward to pod %s/%s: %s", target.namespace, target.pod, error)
                 forward.last_error = error
-                log.warning("port-forward to pod %s/%s: %s", target.namespace, target.pod, error)
             with contextlib.suppress(OSError):
                 conn.close()
 
