@@ -56,8 +56,9 @@ MAX_FRAME_BYTES = 16 << 20
 MAX_QUEUED_FRAMES = 8
 #: Seconds to open the stream (TCP, TLS, upgrade).
 OPEN_TIMEOUT_S = 30.0
+_CONNECT_PARAMETERS = inspect.signature(connect).parameters
 #: Whether this websockets can go through an HTTP proxy (15.0 and later).
-_PROXY_SUPPORTED = "proxy" in inspect.signature(connect).parameters
+_PROXY_SUPPORTED = "proxy" in _CONNECT_PARAMETERS
 
 
 class PortForwardError(KtError):
@@ -126,6 +127,8 @@ def stream_options(configuration: Any, namespace: str, pod: str, port: int) -> S
     if scheme == "wss":
         opts.ssl = _ssl_context(configuration)
         opts.server_hostname = getattr(configuration, "tls_server_name", None) or None
+    if "ping_interval" in _CONNECT_PARAMETERS:  # 15.0 and later ping by default; kubectl and the official client
+        opts.extra["ping_interval"] = None  # do not (the stream inside keeps the connection alive)
     if _PROXY_SUPPORTED:
         proxy = getattr(configuration, "proxy", None)
         no_proxy = getattr(configuration, "no_proxy", None)
@@ -178,7 +181,6 @@ def open_stream(configuration: Any, namespace: str, pod: str, port: int) -> Clie
         return connect(opts.url, additional_headers=opts.headers, subprotocols=[PORTFORWARD_PROTOCOL],  # type: ignore[list-item]
                        ssl=opts.ssl, server_hostname=opts.server_hostname, compression=None,
                        max_size=MAX_FRAME_BYTES, max_queue=MAX_QUEUED_FRAMES, open_timeout=OPEN_TIMEOUT_S,
-                       ping_interval=None,  # as kubectl and the official client: the stream inside keeps it alive
                        **opts.extra)
     except InvalidStatus as exc:
         raise _refusal(exc.response.status_code, exc.response.body or b"", namespace, pod, port) from None
