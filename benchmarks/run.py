@@ -21,8 +21,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 
 import numpy as np
 import psutil
@@ -116,11 +117,11 @@ class PeakRSS:
                     pass
             self._stop.wait(0.001)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -503,12 +504,12 @@ def table(results: dict[str, Any]) -> str:
         out += [f"| {k} | {v['p50_ms']:.2f} | {v['p95_ms']:.2f} | {v['reps']} |" for k, v in rt.items()]
         above = paired_p50_ms(rt["%%kt (kt_jupyter)"], rt["local cell (same ipykernel)"])
         out += [f"| **%%kt / %%px (target <= 0.5)** | **{kt_ / px:.2f}** | | |",
-                f"| **%%kt above a local cell, median of paired differences (target <= 1.0 ms)** | **{above:.2f}** "
-                "| | |", ""]
+                (f"| **%%kt above a local cell, median of paired differences (target <= 1.0 ms)** | **{above:.2f}** "
+                "| | |"), ""]
     if "workers" in results:
-        out += ["| N workers, via ipykernel | all ranks ready s: %%kt --workers N (median, max) "
+        out += [("| N workers, via ipykernel | all ranks ready s: %%kt --workers N (median, max) "
                 "| ipyparallel N engines started and answering s (median, max) | warm cell p50 ms: %%kt --workers N "
-                "| %%px on N engines | p95 ms: kt, px |", "|---|---|---|---|---|---|"]
+                "| %%px on N engines | p95 ms: kt, px |"), "|---|---|---|---|---|---|"]
         for n, w in results["workers"].items():
             ready, rt_ = w["all_ranks_ready_s"], list(w["round_trip"].values())
             out.append(f"| {n} | {ready['kt']:.2f}, {ready['kt_max']:.2f} | {ready['ipp']:.2f}, {ready['ipp_max']:.2f} "
@@ -519,11 +520,11 @@ def table(results: dict[str, Any]) -> str:
         def mbps(r: dict[str, float]) -> str:
             return f"{r['MBps']:.0f} ({r['min_MBps']:.0f}-{r['max_MBps']:.0f})"
 
-        out += [f"MB/s, median of {REPS_TRANSFER} fresh arrays (slowest-fastest); kt push = a %%kt cell reading the "
-                "array, kt pull = `%kt pull`; ipyparallel = view.push / view.pull", "",
-                "| array | raw TCP | raw TCP, fresh memory | kt push | kt pull | ipp push | ipp pull "
+        out += [(f"MB/s, median of {REPS_TRANSFER} fresh arrays (slowest-fastest); kt push = a %%kt cell reading the "
+                "array, kt pull = `%kt pull`; ipyparallel = view.push / view.pull"), "",
+                ("| array | raw TCP | raw TCP, fresh memory | kt push | kt pull | ipp push | ipp pull "
                 "| kt/TCP push, pull (target >= 0.8) | kt/TCP-fresh push, pull | kt/ipp push, pull "
-                "| kt peak extra x payload (notebook, pod) |",
+                "| kt peak extra x payload (notebook, pod) |"),
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for size, r in results["transfers"].items():
             pe, pu = r["kt_push_peak_extra_x_payload"], r["kt_pull_peak_extra_x_payload"]
@@ -537,25 +538,25 @@ def table(results: dict[str, Any]) -> str:
         out.append("")
     if "unchanged_rerun" in results:
         r = results["unchanged_rerun"]
-        out += ["| unchanged global re-run | first run s (median) | rerun s (median) | rerun p95 s | runs | "
-                "rerun/first (target <= 0.05) |",
+        out += [("| unchanged global re-run | first run s (median) | rerun s (median) | rerun p95 s | runs | "
+                "rerun/first (target <= 0.05) |"),
                 "|---|---|---|---|---|---|",
-                f"| {r['size_bytes'] / 2**20:g} MiB | {r['first_s']:.3f} | {r['second_s']:.3f} | "
-                f"{r['second_p95_s']:.3f} | {r['first_runs']} + {r['reruns']} | {r['ratio']:.3f} |", ""]
+                (f"| {r['size_bytes'] / 2**20:g} MiB | {r['first_s']:.3f} | {r['second_s']:.3f} | "
+                f"{r['second_p95_s']:.3f} | {r['first_runs']} + {r['reruns']} | {r['ratio']:.3f} |"), ""]
     if "hot_reload" in results:
         r = results["hot_reload"]
         out += ["| edit local module -> effect | p50 ms | p95 ms | restart kernel instead, ms | reps |",
                 "|---|---|---|---|---|",
-                f"| kt.fn call after edit (target <= 50 ms) | {r['edit_to_effect_p50_ms']:.1f} "
-                f"| {r['edit_to_effect_p95_ms']:.1f} | {r['restart_kernel_ms']:.0f} | {r['reps']} |", ""]
+                (f"| kt.fn call after edit (target <= 50 ms) | {r['edit_to_effect_p50_ms']:.1f} "
+                f"| {r['edit_to_effect_p95_ms']:.1f} | {r['restart_kernel_ms']:.0f} | {r['reps']} |"), ""]
     if "cold_start" in results:
         r = results["cold_start"]
         out += ["| cold start to first result | p50 s | p95 s | ipyparallel cluster start s | reps |",
                 "|---|---|---|---|---|",
-                f"| local pod kernel, started ahead (target <= 0.1 s) | {r['kt_p50_s']:.3f} | {r['kt_p95_s']:.3f} "
-                f"| {r['ipyparallel_cluster_s']:.2f} | {r['reps']} |",
-                f"| local pod kernel, fresh process | {r.get('fresh_process_p50_s', float('nan')):.3f} "
-                f"| {r.get('fresh_process_p95_s', float('nan')):.3f} | | {r['reps']} |", ""]
+                (f"| local pod kernel, started ahead (target <= 0.1 s) | {r['kt_p50_s']:.3f} | {r['kt_p95_s']:.3f} "
+                f"| {r['ipyparallel_cluster_s']:.2f} | {r['reps']} |"),
+                (f"| local pod kernel, fresh process | {r.get('fresh_process_p50_s', float('nan')):.3f} "
+                f"| {r.get('fresh_process_p95_s', float('nan')):.3f} | | {r['reps']} |"), ""]
     if "fn_call" in results:
         out += ["| call overhead | p50 ms | p95 ms | reps |", "|---|---|---|---|"]
         out += [f"| {k} | {v['p50_ms']:.2f} | {v['p95_ms']:.2f} | {v['reps']} |" for k, v in results["fn_call"].items()]
