@@ -54,6 +54,8 @@ SEND_CHUNK_BYTES = 1 << 20
 MAX_FRAME_BYTES = 16 << 20
 #: Frames websockets queues from the API server before it stops reading (memory: this times the frame size).
 MAX_QUEUED_FRAMES = 8
+#: Most characters of the error channel's text kept (it is a sentence; the rest is dropped).
+MAX_ERROR_CHARS = 4096
 #: Seconds to open the stream (TCP, TLS, upgrade).
 OPEN_TIMEOUT_S = 30.0
 _CONNECT_PARAMETERS = inspect.signature(connect).parameters
@@ -211,7 +213,7 @@ class _Channels:
             self.opened[channel] = True
             data = data[2:]
         if channel == ERROR_CHANNEL:
-            self.error += bytes(data).decode(errors="replace")
+            self.error = (self.error + bytes(data[:MAX_ERROR_CHARS]).decode(errors="replace"))[:MAX_ERROR_CHARS]
             return None
         return data
 
