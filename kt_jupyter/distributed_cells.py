@@ -162,7 +162,7 @@ def run_cell(group: WorkerGroup, source: str, user_ns: MutableMapping[str, Any],
                                     on_progress=on_progress if rank == 0 else None,
                                     cell_name=cell_name, cell_label=cell_label, timeout_s=timeout_s)
             events.put(("done", rank, outcome))
-        except BaseException as exc:  # noqa: BLE001 - reported in the notebook's thread
+        except BaseException as exc:  # reported in the notebook's thread
             events.put(("failed", rank, exc))
 
     threads = [threading.Thread(target=one, args=(r,), name=f"kt-rank-{r}", daemon=True) for r in range(n)]
@@ -175,6 +175,7 @@ def run_cell(group: WorkerGroup, source: str, user_ns: MutableMapping[str, Any],
     pending = set(range(n))
     stop_deadline: float | None = None
     interrupted = False
+    port: int | None = None  # the next world's MASTER_PORT, chosen at the first error or interrupt
     while pending:
         try:
             remaining = None if stop_deadline is None else max(0.0, stop_deadline - time.monotonic())
@@ -184,6 +185,7 @@ def run_cell(group: WorkerGroup, source: str, user_ns: MutableMapping[str, Any],
         except KeyboardInterrupt:
             if not interrupted:
                 interrupted = True
+                port = port or group.fresh_master_port()
                 _interrupt(group, pending)
                 stop_deadline = time.monotonic() + STOP_GRACE_S
             continue
@@ -195,12 +197,13 @@ def run_cell(group: WorkerGroup, source: str, user_ns: MutableMapping[str, Any],
             outcomes[rank] = item
             continue
         errors[rank] = item
+        port = port or group.fresh_master_port()
         if first is None:
             first = rank
             if not interrupted:
                 _interrupt(group, pending)
                 stop_deadline = time.monotonic() + STOP_GRACE_S
-        group.abort_process_groups([rank])  # frees peers blocked in a collective with this rank
+        group.abort_process_groups([rank], port)  # frees peers blocked in a collective with this rank
     labeller.flush()
     back = [k for k in mentions if k in user_ns and before.get(k, _SKIP) != id(user_ns[k])]  # rank 0's names
     for ns in namespaces[1:]:
@@ -210,7 +213,7 @@ def run_cell(group: WorkerGroup, source: str, user_ns: MutableMapping[str, Any],
     if errors or pending:
         if not errors:
             raise KeyboardInterrupt
-        group.abort_process_groups([r for r in range(n) if r not in pending and r not in errors])
+        group.abort_process_groups([r for r in range(n) if r not in pending and r not in errors], port)
         raise rank_error(errors[first if first is not None else min(errors)],
                          first if first is not None else min(errors), n, errors, sorted(pending), group.name)
     return GroupOutcome(outcomes, {"total": time.perf_counter() - t0})
@@ -221,7 +224,7 @@ def _interrupt(group: WorkerGroup, ranks: set[int]) -> None:
     def one(rank: int) -> None:
         try:
             group.ranks[rank].session.interrupt()
-        except Exception as exc:  # noqa: BLE001 - a rank that cannot be reached is reported when its cell ends
+        except Exception as exc:  # a rank that cannot be reached is reported when its cell ends
             log.debug("interrupt of rank %s failed: %s", rank, exc)
 
     threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in ranks]

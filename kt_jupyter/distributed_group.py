@@ -37,6 +37,8 @@ from .errors import ComputeSpecError, KtError, LaunchError
 ABORT_TARGET = {"kind": "module", "module": "pod_kernel.distributed", "qualname": "abort_process_group"}
 #: Seconds to wait for one rank's answer to a teardown request.
 ABORT_TIMEOUT_S = 10.0
+#: Ports above the configured MASTER_PORT that worlds formed again in pods cycle through.
+MAX_PORT_GENERATIONS = 100
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -66,6 +68,8 @@ class WorkerGroup:
         self.ranks = ranks
         #: cleanups to run when the group is stopped (the Ray token file, Ray's temp directory)
         self.on_delete: list[Callable[[], None]] = []
+        #: worlds formed again after a failure or an interrupt (each on a fresh MASTER_PORT)
+        self.generation = 0
 
     @property
     def name(self) -> str:
@@ -88,14 +92,28 @@ class WorkerGroup:
                 return f"rank {rank} of {self.name!r}: {why}"
         return None
 
-    def abort_process_groups(self, ranks: list[int] | None = None) -> None:
+    def abort_process_groups(self, ranks: list[int] | None = None, master_port: int | None = None) -> None:
         """Tear down torch.distributed's group on these ranks (all by default), so no peer stays blocked in a
-        collective; the next cell calls ``init_process_group()`` again. Unreachable ranks are skipped."""
+        collective; the next cell calls ``init_process_group()`` again, on ``master_port`` when given (see
+        :meth:`fresh_master_port`). Unreachable ranks are skipped."""
+        kwargs = {} if master_port is None else {"master_port": master_port}
         for rank in range(len(self.ranks)) if ranks is None else ranks:
             try:
-                call_rank(self.ranks[rank], ABORT_TARGET, {}, ABORT_TIMEOUT_S)
+                call_rank(self.ranks[rank], ABORT_TARGET, kwargs, ABORT_TIMEOUT_S)
             except (KtError, concurrent.futures.TimeoutError):
                 continue
+
+    def fresh_master_port(self) -> int:
+        """The rendezvous port of the next world after a failed or interrupted one: never the last one, whose
+        TCPStore server rank 0 may still hold with the old world's keys (:mod:`pod_kernel.distributed`).
+        Locally a free port; in pods the configured port plus a count (the ranks admit each other on any port).
+        """
+        self.generation += 1
+        if self.compute.backend != "kubernetes":
+            return free_port()
+        from .manifests_distributed import master_port
+
+        return master_port(self.compute) + 1 + (self.generation - 1) % MAX_PORT_GENERATIONS
 
     def close(self) -> None:
         """Close this process's sessions (the kernels keep running)."""

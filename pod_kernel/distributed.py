@@ -4,6 +4,7 @@
   rank tears down its torch.distributed default group. A rank blocked in a
   collective waiting for a peer (native code no interrupt reaches) is freed
   when a peer closes its connections: gloo raises "Connection closed by peer".
+  Every rank is given a fresh ``MASTER_PORT`` for the next world (see there why).
 - :func:`start_ray_node`: the Ray node of this worker (the head on rank 0),
   ``ray start --block`` as a child of the pod kernel: in its process group
   (stopping the kernel stops it) and told to stop when the kernel exits.
@@ -31,14 +32,24 @@ RAY_ERROR_LINES = 12
 _ray_node: subprocess.Popen | None = None
 
 
-def abort_process_group() -> bool:
-    """Destroy torch.distributed's default process group if this process has one; True if it had."""
+def abort_process_group(master_port: int | None = None) -> bool:
+    """Destroy torch.distributed's default process group if this process has one (True if it had); with
+    ``master_port``, the next ``init_process_group()`` here rendezvous on that port (``MASTER_PORT``).
+
+    A fresh port is what lets the world form again after a failed collective: rank 0's old process group
+    outlives ``destroy_process_group()`` then (held inside torch, not by Python; a cleanly destroyed group is
+    freed), and with it its TCPStore server, which torch's env:// rendezvous shares per port. A new world on
+    the same port would reuse that server and read the old world's keys: every rank would dial the old
+    ranks' closed gloo addresses ("Gloo connectFullMesh failed ... Connection refused").
+    """
+    if master_port is not None:
+        os.environ["MASTER_PORT"] = str(int(master_port))
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return False
     try:
         dist.destroy_process_group()
-    except Exception as exc:  # noqa: BLE001 - already broken: nothing left to tear down
+    except Exception as exc:  # already broken: nothing left to tear down
         log.warning("destroy_process_group: %s", exc)
     return True
 

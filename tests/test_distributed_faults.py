@@ -1,0 +1,94 @@
+"""``%%kt --workers 2`` when things go wrong (issue 22): a cell that raises on one rank only, and "interrupt
+kernel" while a rank waits in a collective. Real pod kernels joined by torch.distributed over gloo; every wait
+has a deadline.
+
+Each test checks last that the same two kernels run a collective again.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+from barriers import wait_until
+from ipshell import run
+
+from kt_jupyter import distributed_group as dg
+
+pytest.importorskip("torch")
+
+#: The head of every cell: join the world when this rank has no process group (the first cell, or after a
+#: failed or interrupted cell tore it down).
+JOIN = ("import os, torch, torch.distributed as dist\n"
+        "if not dist.is_initialized():\n    dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n")
+#: A collective over both ranks: the sum of rank+1 is 3.
+ALL_REDUCE = JOIN + "t = torch.tensor([float(rank + 1)])\ndist.all_reduce(t)\n"
+#: Rank 1 raises; rank 0 waits in a collective rank 1 never joins.
+FAIL_ON_RANK_ONE = JOIN + ("if rank == 1:\n    raise ValueError('bad shard on rank 1')\n"
+                           "dist.all_reduce(torch.ones(1))\n")
+NAME = "ddpf"
+
+
+def _cell(code: str) -> str:
+    return f"%%kt --workers 2 --name {NAME}\n{code}"
+
+
+def test_error_on_one_rank_names_it_frees_rank_zero_and_the_next_cell_works(ip):
+    run(ip, _cell(ALL_REDUCE))
+    assert ip.user_ns["t"].tolist() == [3.0]
+    for attempt in range(3):  # the world is torn down and formed again each time, on the same MASTER_PORT
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match="bad shard on rank 1") as info:
+            run(ip, _cell(FAIL_ON_RANK_ONE))
+        assert info.value.rank == 1, attempt
+        notes = info.value.__notes__
+        assert any("rank 1 of 2 workers of 'ddpf' failed" in n for n in notes)
+        assert not any("still run" in n for n in notes), notes  # rank 0 was freed from its all_reduce
+        assert time.monotonic() - t0 < 30
+        del ip.user_ns["t"]
+        run(ip, _cell(ALL_REDUCE))
+        assert ip.user_ns["t"].tolist() == [3.0], attempt  # the next cell forms the world again and works
+
+
+def _interrupt_when(paths: list, timeout_s: float = 60.0) -> threading.Thread:
+    """Ctrl-C ("interrupt kernel") in this (main) thread once every file in ``paths`` exists."""
+    main = threading.main_thread().ident
+
+    def go() -> None:
+        wait_until(lambda: all(p.exists() for p in paths), timeout_s, "both ranks in the cell")
+        signal.pthread_kill(main, signal.SIGINT)
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_interrupt_during_a_collective_reaches_every_rank_and_the_world_forms_again(ip, tmp_path):
+    ip.user_ns["mark"] = str(tmp_path)
+    # rank 0 blocks in all_reduce (native code no KeyboardInterrupt reaches); rank 1 waits in Python
+    cell = JOIN + ("import pathlib, time\n"
+                   "pathlib.Path(mark, f'r{rank}').touch()\n"
+                   "if rank == 0:\n    dist.all_reduce(torch.ones(1))\n"
+                   "else:\n    deadline = time.monotonic() + 120\n"
+                   "    while time.monotonic() < deadline:\n        time.sleep(0.01)\n")
+    try:
+        thread = _interrupt_when([tmp_path / "r0", tmp_path / "r1"])
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt) as info:
+            run(ip, _cell(cell))
+        thread.join(10)
+        elapsed_s = time.monotonic() - t0
+        assert not any("still run" in n for n in getattr(info.value, "__notes__", [])), info.value.__notes__
+        assert elapsed_s < 60
+        grp = next(g for g in dg.groups() if g.name == NAME)
+        pids = [c.handle.pid for c in grp.ranks]
+        assert grp.liveness() is None  # both kernels survived the interrupt
+        run(ip, _cell(ALL_REDUCE + "alive = dist.is_initialized()\n"))
+        assert ip.user_ns["t"].tolist() == [3.0]  # the next cell formed the world again
+        assert [c.handle.pid for c in grp.ranks] == pids  # on the same kernels (their state kept)
+        print(f"interrupt during all_reduce: cell ended in {elapsed_s:.2f} s")
+    finally:
+        ip.run_line_magic("kt", f"down {NAME}")
