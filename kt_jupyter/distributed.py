@@ -18,7 +18,7 @@ works the same on the local backend (GPUs split through
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ComputeSpecError
@@ -155,3 +155,44 @@ def split_gpus(per_worker: int, workers: int, available: int, name: str) -> list
             f"compute {name!r} asks for {per_worker} GPU(s) on each of {workers} workers ({wanted} in all) but this "
             f"machine has {available}; ask for fewer workers or GPUs, or use --backend kubernetes")
     return [",".join(str(rank * per_worker + i) for i in range(per_worker)) for rank in range(workers)]
+
+
+#: How a distributed compute's phase follows its ranks': the first of these any rank is in.
+GROUP_PHASE_ORDER = ("failed", "stopped", "launching", "running", "ready")
+
+
+def fold_workers(rows: list[Any]) -> list[Any]:
+    """``list`` rows (:class:`~kt_jupyter.backends.KernelInfo`) with each distributed compute's ranks
+    (``{name}-r{k}``, known by the ``distributed`` settings their spec keeps) folded into one row: ``NAME``,
+    ``N pytorch workers``, in the phase of its least ready rank, the ranks that are not ready in its detail."""
+    groups: dict[str, list[tuple[int, Any]]] = {}
+    out: list[Any] = []
+    for row in rows:
+        spec = (row.spec or {}).get("distributed")
+        base, _, rank = row.name.rpartition("-r")
+        if not isinstance(spec, dict) or not base or not rank.isdigit():
+            out.append(row)
+            continue
+        if base not in groups:
+            groups[base] = []
+            out.append(base)  # the group's place in the list: where its rank 0 (or first rank) was
+        groups[base].append((int(rank), row))
+    return [_group_row(item, groups[item]) if isinstance(item, str) else item for item in out]
+
+
+def _group_row(name: str, ranks: list[tuple[int, Any]]) -> Any:
+    ranks.sort(key=lambda pair: pair[0])
+    first = ranks[0][1]
+    try:
+        config = DistributedConfig.from_dict(first.spec["distributed"])
+    except ComputeSpecError:
+        config = DistributedConfig("pytorch", len(ranks))
+    phases = {r: row.phase for r, row in ranks}
+    missing = [r for r in range(config.workers) if r not in phases]
+    phase = "stopped" if missing and "failed" not in phases.values() else \
+        next((p for p in GROUP_PHASE_ORDER if p in phases.values()), first.phase)
+    notes = [f"rank {r}: {row.phase}" + (f" - {row.detail.splitlines()[0]}" if row.detail else "")
+             for r, row in ranks if row.phase != "ready"] + [f"rank {r}: gone" for r in missing]
+    where = f"{config.workers} {config.framework} workers (rank 0: {dict(ranks).get(0, first).where})"
+    return replace(first, name=name, phase=phase, where=where, detail="; ".join(notes),
+                   pid=dict(ranks)[0].pid if 0 in dict(ranks) else None)

@@ -14,7 +14,7 @@ import pytest
 import kt_jupyter as kt
 from kt_jupyter import distributed_group as dg
 from kt_jupyter.backends import get_backend
-from kt_jupyter.distributed import DistributedConfig, split_gpus, torch_env
+from kt_jupyter.distributed import DistributedConfig, fold_workers, split_gpus, torch_env
 from kt_jupyter.errors import ComputeSpecError
 
 torch = pytest.importorskip("torch")
@@ -120,6 +120,23 @@ def test_rank_environment_and_gpu_split():
         dg.connect_group(kt.Compute(name="g", gpus=1).distribute("pytorch", workers=2))
 
 
+def test_list_folds_a_groups_workers_into_one_row():
+    from kt_jupyter.backends import KernelInfo
+
+    spec = {"distributed": {"framework": "pytorch", "workers": 3}}
+    rows = [KernelInfo("solo", "local", "ready", "local pid 1"),
+            KernelInfo("ddp-r1", "local", "stopped", "local pid 3", spec=spec, detail="process is gone"),
+            KernelInfo("ddp-r0", "local", "ready", "local pid 2", pid=2, spec=spec),
+            KernelInfo("not-r0", "local", "ready", "local pid 4")]  # no distributed spec: a plain name
+    folded = fold_workers(rows)
+    assert [r.name for r in folded] == ["solo", "ddp", "not-r0"]
+    ddp = folded[1]
+    assert (ddp.phase, ddp.where, ddp.pid) == ("stopped", "3 pytorch workers (rank 0: local pid 2)", 2)
+    assert ddp.detail == "rank 1: stopped - process is gone; rank 2: gone"
+    ready = fold_workers([KernelInfo(f"g-r{r}", "local", "ready", f"local pid {r}", spec=spec) for r in range(3)])
+    assert [(r.name, r.phase, r.detail) for r in ready] == [("g", "ready", "")]
+
+
 def test_seed_api_all_reduce_on_every_rank(torch_group):
     compute, group, ready_s = torch_group
     print(f"two workers ready in {ready_s:.2f} s")
@@ -152,7 +169,8 @@ def test_cell_on_every_rank_labelled_names_from_rank_zero(ip, capsys):
     from ipshell import run
 
     ip.user_ns["scale"] = 10.0  # a notebook global the cell reads: pushed to each rank
-    run(ip, "%%kt --workers 2 --name ddpm\n" + ALL_REDUCE + "me = dist.get_rank()\nprint(f'rank {me} sum {t.item() * scale}')")
+    run(ip, "%%kt --workers 2 --name ddpm\n" + ALL_REDUCE
+        + "me = dist.get_rank()\nprint(f'rank {me} sum {t.item() * scale}')")
     out = capsys.readouterr().out
     assert "[stdout:0] rank 0 sum 30.0" in out and "[stdout:1] rank 1 sum 30.0" in out
     assert ip.user_ns["me"] == 0 and ip.user_ns["t"].tolist() == [3.0]  # names come back from rank 0

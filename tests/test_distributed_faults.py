@@ -66,7 +66,7 @@ def _interrupt_when(paths: list, timeout_s: float = 60.0) -> threading.Thread:
     return thread
 
 
-def test_interrupt_during_a_collective_reaches_every_rank_and_the_world_forms_again(ip, tmp_path):
+def test_interrupt_during_a_collective_reaches_every_rank_and_the_world_forms_again(ip, tmp_path, capsys):
     ip.user_ns["mark"] = str(tmp_path)
     # rank 0 blocks in all_reduce (native code no KeyboardInterrupt reaches); rank 1 waits in Python
     cell = JOIN + ("import pathlib, time\n"
@@ -89,6 +89,10 @@ def test_interrupt_during_a_collective_reaches_every_rank_and_the_world_forms_ag
         run(ip, _cell(ALL_REDUCE + "alive = dist.is_initialized()\n"))
         assert ip.user_ns["t"].tolist() == [3.0]  # the next cell formed the world again
         assert [c.handle.pid for c in grp.ranks] == pids  # on the same kernels (their state kept)
+        capsys.readouterr()
+        ip.run_line_magic("kt", "list --backend local")
+        listed = capsys.readouterr().out
+        assert "2 pytorch workers (rank 0: local pid" in listed and "ddpf-r" not in listed, listed  # once
         print(f"interrupt during all_reduce: cell ended in {elapsed_s:.2f} s")
     finally:
         ip.run_line_magic("kt", f"down {NAME}")

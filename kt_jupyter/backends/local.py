@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import psutil
 
+from ..distributed import fold_workers
 from ..errors import ComputeSpecError, LaunchError, NotFoundError
 from . import KernelHandle, KernelInfo, kt_home, spec_mismatch, spec_mismatch_error
 from . import local_registry as registry
@@ -420,14 +421,14 @@ class LocalBackend:
     # ------------------------------------------------------------------ inspect
 
     def list(self) -> list[KernelInfo]:
-        """Every registered local compute, live or not."""
+        """Every registered local compute, live or not; a distributed one once (its workers folded into one row)."""
         out = []
         for name in registry.entry_names(self.root):
             try:
                 out.append(self.status(name))
             except NotFoundError:  # removed meanwhile, or its files are not ours: not a compute of ours
                 continue
-        return out
+        return fold_workers(out)
 
     def status(self, name: str) -> KernelInfo:
         """State of one compute: ready (process alive) or stopped."""
