@@ -57,6 +57,13 @@ if resolves:
 """
 
 
+def kt_backend():
+    """The Kubernetes backend of this process (the fake cluster's)."""
+    from kt_jupyter.backends import get_backend
+
+    return get_backend("kubernetes")
+
+
 def deleting(obj: dict | None) -> bool:
     """Gone, or being deleted in the foreground (a deletionTimestamp while its pods go)."""
     return obj is None or bool(obj["metadata"].get("deletionTimestamp"))
@@ -204,6 +211,10 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
     assert kd.rank_pods_of_name("ddpk-r2") == [] and kd.status_of_name("ddpk-r2") is None
     whole = kd.status_of_name("ddpk")  # the group as one compute (what the backend's status says of it)
     assert (whole.phase, whole.detail) == ("ready", "2 pytorch workers (ddpk-r0, ddpk-r1)")
+    run(ip, "%kt list --backend kubernetes")  # the group once, by its name, not a row per rank
+    listed = capsys.readouterr().out
+    assert "2 pytorch workers: StatefulSet tester-ddpk" in listed and "ddpk-r" not in listed, listed
+    assert [r.name for r in kt_backend().list()] == ["ddpk"]
     # another worker count under the same name is a clear error; a single kernel of that name too
     with pytest.raises(Exception, match="runs 2 pytorch workers, not 3 pytorch"):
         run(ip, "%%kt --workers 3 --name ddpk\n1")
@@ -262,8 +273,10 @@ def test_a_user_who_may_not_read_statefulsets_still_runs_single_kernels(cluster,
     from ipshell import run
 
     cluster.store.denied |= {("get", "statefulsets"), ("get", "rayclusters")}  # a namespace's edit-less role
+    cluster.store.denied |= {("list", "statefulsets"), ("list", "rayclusters")}
     run(ip, "%%kt --backend kubernetes --name one\nx = 41 + 1")
     assert ip.user_ns["x"] == 42
+    assert [r.name for r in kt_backend().list()] == ["one"]  # what it may not read it has none of
 
 
 def test_a_ray_compute_without_kuberay_names_the_operator(cluster):
@@ -285,6 +298,8 @@ def test_a_ray_compute_runs_its_cells_in_the_kuberay_head_pod(cluster, ip, capsy
     assert "the Ray head (its workers join it) of 'rk' ready in" in capsys.readouterr().err
     rc = cluster.store.get("rayclusters", NS, "tester-rk")
     assert rc["spec"]["workerGroupSpecs"][0]["replicas"] == 2 and rc["status"]["desiredWorkerReplicas"] == 2
+    assert [(r.name, r.where) for r in kt_backend().list()] == [
+        ("rk", f"3 ray workers: RayCluster tester-rk (namespace {NS})")]
     run(ip, "%kt status rk")
     status = capsys.readouterr().out
     assert "--- rank 0\nready: pod tester-rk-head on node fake-node-1" in status

@@ -49,6 +49,7 @@ from . import KernelHandle, KernelInfo, spec_mismatch, spec_mismatch_error
 from . import kubernetes_events as ev
 from . import kubernetes_knative as knative  # an autoscaled compute is a Knative Service
 from .kubernetes_api import ApiStatusError, KubeApi, load_api_client
+from .kubernetes_distributed_list import listed as distributed_listed  # a StatefulSet or RayCluster per group
 from .kubernetes_launch import LaunchWaiter
 from .kubernetes_live import LiveKernel
 from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION, WORKLOAD_KINDS, backend_objects, workload_kind
@@ -312,8 +313,8 @@ class KubernetesBackend:
         return list(dict.fromkeys([default] + [c.namespace for c in self._known.values()]))
 
     def list(self) -> list[KernelInfo]:
-        """This user's computes (Deployments, Jobs and autoscaled Knative Services) in the default namespace and
-        in those this process launched into."""
+        """This user's computes (Deployments, Jobs, autoscaled Knative Services, distributed computes) in the default
+        namespace and in those this process launched into."""
         out = []
         selector = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
         for ns in self._namespaces():
@@ -339,6 +340,7 @@ class KubernetesBackend:
                         == labels.get(COMPUTE_LABEL)]
                 out.append(self._info(kube, name, ns, kind, dep, mine))
             out += knative.listed(self, kube, ns, owned)
+            out += distributed_listed(self, kube, ns, owned)  # each StatefulSet / RayCluster once
         return out
 
     def _info(self, kube: KubeApi, name: str, ns: str, kind: str, dep: dict[str, Any],

@@ -449,15 +449,23 @@ def status_of_name(name: str) -> KernelInfo | None:
     found = find_group(compute)
     if found is None:
         return None
-    config = found.config
-    ranks = [rank_status(name, r) for r in range(1 if config.framework == "ray" else config.workers)]
+    ranks = [rank_status(name, r) for r in range(1 if found.config.framework == "ray" else found.config.workers)]
+    return group_info(name, found.kind, found.running, compute, ranks)
+
+
+def group_info(name: str, kind: str, running: Compute, compute: Compute, ranks: list[KernelInfo]) -> KernelInfo:
+    """The distributed compute ``name`` as one compute: ready once every rank is, else the first rank that is
+    not, named (``ranks``: each rank's own state; ray: the head's only)."""
+    config = running.distributed_config
+    assert config is not None
     behind = next((r for r in ranks if r.phase != "ready"), None)
     detail = f"{config.workers} {config.framework} workers ({', '.join(r.name for r in ranks)})"
     if behind is not None:
         detail += f"; {behind.name} is {behind.phase}" + (f": {behind.detail}" if behind.detail else "")
     return KernelInfo(name=name, backend="kubernetes", phase="ready" if behind is None else behind.phase,
-                      where=f"{found.kind} {compute.service_name} (namespace {compute.namespace})",
-                      started=min(r.started for r in ranks), spec=found.running.to_dict(), detail=detail)
+                      where=f"{config.workers} {config.framework} workers: {kind} {compute.service_name} "
+                            f"(namespace {compute.namespace})",
+                      started=min(r.started for r in ranks), spec=running.to_dict(), detail=detail)
 
 
 def delete_group(name: str, namespace: str | None = None, grace_period_s: float = 5.0) -> bool:
