@@ -162,6 +162,32 @@ def test_seed_api_error_on_one_rank_names_it_and_frees_the_others(torch_group):
     assert [r["sum"] for r in kt.fn(all_reduce_rank, name="ddp").to(compute)()] == [3.0, 3.0]  # the world forms again
 
 
+def test_status_panel_shows_every_worker_with_its_own_sparklines(torch_group):
+    pytest.importorskip("ipywidgets")
+    from test_widgets import GPU_SAMPLE
+
+    from kt_jupyter.widgets.panel import GroupPanel, group_monitors
+
+    _compute, group, _ = torch_group
+    monitors = group_monitors(["ddp-r0", "ddp-r1"], "local")
+    panel = GroupPanel("ddp", "2 pytorch workers", monitors)
+    try:
+        assert "<b>ddp</b>: 2 pytorch workers" in panel.children[1].value
+        assert [v.model.name for v in panel.status_views] == ["ddp-r0", "ddp-r1"]
+        assert [m.status.phase for m in monitors] == ["ready", "ready"]
+        assert [m.status.where for m in monitors] == [f"local pid {c.handle.pid}" for c in group.ranks]
+        for monitor, view in zip(monitors, panel.metrics_views):  # each rank's own CPU sample and sparkline
+            assert view.model is monitor.metrics and monitor.metrics.current("cpu").endswith("%")
+            assert 'data-kt-key="cpu"' in view.value and "<svg" in view.value
+        monitors[1].metrics.add_sample(GPU_SAMPLE)  # a rank with a GPU gets its GPU sparklines; the other none
+        assert 'data-kt-key="gpu0_util"' in panel.metrics_views[1].value
+        assert "gpu0" not in panel.metrics_views[0].value
+        assert all(m.alive for m in monitors)  # followed while the panel is open
+    finally:
+        panel.close()
+    assert all(m.wait_stopped(10) for m in monitors)
+
+
 # ---------------------------------------------------------------------- %%kt --workers N
 
 

@@ -211,6 +211,13 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
     assert kd.rank_pods_of_name("ddpk-r2") == [] and kd.status_of_name("ddpk-r2") is None
     whole = kd.status_of_name("ddpk")  # the group as one compute (what the backend's status says of it)
     assert (whole.phase, whole.detail) == ("ready", "2 pytorch workers (ddpk-r0, ddpk-r1)")
+    from kt_jupyter.widgets.panel import group_monitors
+
+    monitors = group_monitors(["ddpk-r0", "ddpk-r1"], "kubernetes", [c.handle for c in group.ranks])
+    assert [m.status.where.split()[1] for m in monitors] == ["tester-ddpk-0", "tester-ddpk-1"]
+    assert all(m.metrics.current("cpu").endswith("%") for m in monitors)  # each rank's own sample, via its pod
+    for m in monitors:
+        m.stop()
     run(ip, "%kt list --backend kubernetes")  # the group once, by its name, not a row per rank
     listed = capsys.readouterr().out
     assert "2 pytorch workers: StatefulSet tester-ddpk" in listed and "ddpk-r" not in listed, listed

@@ -21,7 +21,7 @@ from ..distributed import rank_name
 from ..distributed_cells import RankNamespace, pull_from_rank, run_cell
 from ..errors import ComputeSpecError
 from ..render import RemoteResult, present_error, show_notice, show_output
-from ..widgets import launch_reporter, transfer_reporter
+from ..widgets import launch_reporter, transfer_reporter, widgets_available
 
 
 def wants_workers(args: argparse.Namespace) -> bool:
@@ -142,6 +142,13 @@ def status(backend: str, name: str, show: Callable[[str, str], Any]) -> None:
     workers = group.config.workers if group is not None else (found[0] if found else 0)
     framework = group.config.framework if group is not None else (found[1] if found else "?")
     print(f"{name}: {workers} {framework} workers ({', '.join(rank_name(name, r) for r in range(workers))})")
+    kernels = 1 if backend == "kubernetes" and framework == "ray" else workers  # KubeRay's workers run Ray only
+    if widgets_available() and kernels:  # one panel: every worker's status and its own sparklines
+        from ..widgets.panel import show_group_panel
+
+        show_group_panel(name, f"{workers} {framework} workers", [rank_name(name, r) for r in range(kernels)],
+                         backend, [c.handle for c in group.ranks] if group is not None else None)
+        return
     for rank in range(workers):
         print(f"--- rank {rank}")
         if backend != "kubernetes":

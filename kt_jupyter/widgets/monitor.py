@@ -68,6 +68,9 @@ class ComputeMonitor:
         self._log_id: tuple[int, int] | None = None
         self._log_tail: list[str] = []
         self._fast_until = 0.0
+        #: where the kernel's handle comes from (default: the backend's ``find``; a distributed compute's rank on
+        #: Kubernetes: the group's own connection to it, which the backend's ``find`` does not know)
+        self.find_handle: Callable[[str], Any] | None = None
 
     def __repr__(self) -> str:
         return f"<ComputeMonitor {self.backend_name}:{self.name} {self.status.phase}>"
@@ -178,7 +181,7 @@ class ComputeMonitor:
         if self._session is not None and (pid is None or pid == self._session_pid):
             return self._session
         self._close_session()
-        handle = self.backend.find(self.name)
+        handle = (self.find_handle or self.backend.find)(self.name)
         if handle is None:
             return None
         session = handle.session()

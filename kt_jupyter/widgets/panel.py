@@ -4,11 +4,16 @@ A cell that launches a compute shows it through :class:`LaunchReporter`
 (the ``on_event`` callback of ``connection.connect``): the first launch
 event displays the panel in phase 'launching' with the events as they come;
 it then follows the compute: ready, running a cell or idle, until it stops.
+
+A distributed compute (``%%kt --workers N``) is shown by :class:`GroupPanel`:
+one row per worker (rank), each with its own status line and its own CPU,
+memory and GPU sparklines, from a monitor per rank kernel (``NAME-rR``).
 """
 
 from __future__ import annotations
 
 import threading
+from html import escape
 from typing import Any
 
 import ipywidgets as W
@@ -46,6 +51,58 @@ class ComputePanel(W.VBox):
             view.close()
         self.monitor.release()
         super().close()
+
+
+class GroupPanel(W.VBox):
+    """Every worker of a distributed compute: a header, then per rank its status line and its own sparklines."""
+
+    def __init__(self, name: str, title: str, monitors: list[ComputeMonitor], **kw: Any) -> None:
+        self.name = name
+        self.monitors = monitors
+        self.status_views = [StatusView(m.status) for m in monitors]
+        self.metrics_views = [MetricsView(m.metrics, layout=W.Layout(margin="0 0 4px 12px")) for m in monitors]
+        header = W.HTML(f'<div class="kt-group-title"><b>{escape(name)}</b>: {escape(title)}</div>')
+        rows = [W.VBox([status, metrics], layout=W.Layout(margin="2px 0"))
+                for status, metrics in zip(self.status_views, self.metrics_views)]
+        super().__init__([style_widget(), header, *rows],
+                         layout=W.Layout(border="1px solid var(--jp-border-color2, #ddd)",
+                                         padding="6px 12px 8px 12px", max_width="900px"), **kw)
+        self.add_class("kt-panel")
+        self.add_class("kt-group-panel")
+        for monitor in monitors:
+            monitor.acquire()
+
+    def close(self) -> None:
+        """Close the views; each rank's monitor stops when no panel uses it any more."""
+        if getattr(self, "_kt_closed", False):
+            return
+        self._kt_closed = True
+        for view in self.status_views + self.metrics_views:
+            view.close()
+        for monitor in self.monitors:
+            monitor.release()
+        super().close()
+
+
+def group_monitors(rank_names: list[str], backend: str, handles: list[Any] | None = None) -> list[ComputeMonitor]:
+    """A monitor per rank kernel, each refreshed once (NotFoundError when a rank does not exist); ``handles``: the
+    group's own handle on each rank, where the backend's ``find`` does not know rank kernels (Kubernetes)."""
+    monitors = [monitor_for(rank, backend) for rank in rank_names]
+    for rank, monitor in enumerate(monitors):
+        if handles is not None and rank < len(handles):
+            monitor.find_handle = lambda _name, handle=handles[rank]: handle
+        if not monitor.alive:
+            monitor.refresh(logs=False)
+    return monitors
+
+
+def show_group_panel(name: str, title: str, rank_names: list[str], backend: str,
+                     handles: list[Any] | None = None) -> GroupPanel:
+    """Display a :class:`GroupPanel` of ``name``'s workers in the current cell (each rank's text fallback)."""
+    panel = GroupPanel(name, title, group_monitors(rank_names, backend, handles))
+    text = "\n".join([f"{name}: {title}"] + [status_text(m.status, m.metrics) for m in panel.monitors])
+    display_widget(panel, text)
+    return panel
 
 
 def show_panel(monitor: ComputeMonitor) -> ComputePanel:
