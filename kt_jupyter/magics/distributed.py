@@ -21,7 +21,7 @@ from ..distributed import rank_name
 from ..distributed_cells import RankNamespace, pull_from_rank, run_cell
 from ..errors import ComputeSpecError
 from ..render import RemoteResult, present_error, show_notice, show_output
-from ..widgets import launch_reporter, transfer_reporter, widgets_available
+from ..widgets import transfer_reporter, widgets_available
 
 
 def wants_workers(args: argparse.Namespace) -> bool:
@@ -57,12 +57,20 @@ class DistributedCells:
         self.namespaces: dict[tuple[str, str], list[RankNamespace]] = {}
 
     def connect(self, compute: Compute, keep: bool) -> dg.WorkerGroup:
-        """The group (launching it), launch progress shown as for one kernel."""
-        report = launch_reporter(compute.name, compute.backend)
+        """The group (launching it): launch progress as notices, then (in a notebook) the panel of every worker."""
+        said: list[str] = []
+
+        def report(text: str) -> None:
+            said.append(text)
+            show_notice(text)
+
         try:
-            return dg.connect_group(compute, keep=keep, on_event=report)
+            group = dg.connect_group(compute, keep=keep, on_event=report)
         except ComputeSpecError as exc:
             raise UsageError(str(exc)) from None
+        if said and widgets_available():  # launched (or started again): show it as `%kt status NAME` would
+            status(compute.backend, compute.name, lambda *_a: None, quiet=True)
+        return group
 
     def _namespaces(self, group: dg.WorkerGroup, user_ns: MutableMapping[str, Any]) -> list[RankNamespace]:
         key = (group.compute.backend, group.name)
@@ -135,13 +143,14 @@ def down(backend: str, name: str, cells: DistributedCells) -> bool:
     return existed
 
 
-def status(backend: str, name: str, show: Callable[[str, str], Any]) -> None:
-    """``%kt status NAME``: each worker's status, rank by rank."""
+def status(backend: str, name: str, show: Callable[[str, str], Any], quiet: bool = False) -> None:
+    """``%kt status NAME``: each worker's status, rank by rank (``quiet``: the panel only, no heading line)."""
     group = group_named(backend, name)
-    found = dg.existing_group(backend, name)
+    found = dg.existing_group(backend, name) if group is None else None
     workers = group.config.workers if group is not None else (found[0] if found else 0)
     framework = group.config.framework if group is not None else (found[1] if found else "?")
-    print(f"{name}: {workers} {framework} workers ({', '.join(rank_name(name, r) for r in range(workers))})")
+    if not quiet:
+        print(f"{name}: {workers} {framework} workers ({', '.join(rank_name(name, r) for r in range(workers))})")
     kernels = 1 if backend == "kubernetes" and framework == "ray" else workers  # KubeRay's workers run Ray only
     if widgets_available() and kernels:  # one panel: every worker's status and its own sparklines
         from ..widgets.panel import show_group_panel
