@@ -22,6 +22,15 @@ hostname's suffix (``<sts>-<ordinal>``, set on every Kubernetes version; the
 ``apps.kubernetes.io/pod-index`` label says the same on 1.28+). Ranks are
 spread over nodes by a preferred pod anti-affinity on the hostname.
 
+``volumes`` are shared: every rank mounts the one PersistentVolumeClaim of
+each volume, as a single kernel does, because what ranks keep on a volume
+(the dataset they read, rank 0's checkpoints the others load) is meant to be
+seen by all of them; a claim per rank (``volumeClaimTemplates``) would give
+each rank a private disk and an empty one to a rank added later. A sized
+volume therefore needs ``access_mode="ReadWriteMany"`` once ranks run on
+several nodes (``ReadWriteOnce`` mounts on one node only; ``ReadWriteOncePod``
+is refused).
+
 **ray**: a KubeRay ``ray.io/v1`` ``RayCluster``: the head group's pod runs
 the pod kernel next to the Ray head (``ray.io/overwrite-container-cmd``: our
 command starts KubeRay's generated ``ray start`` itself, KubeRay >= 1.1), and
@@ -164,6 +173,7 @@ def build_statefulset(compute: Compute, *, source_files: dict[str, str] | None =
                       install_env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The StatefulSet of the N ranks: torch.distributed's environment, RANK from the pod's ordinal."""
     config = _config(compute, "pytorch")
+    check_shared_volumes(compute, config.workers)
     port = master_port(compute)
     env = {k: v for k, v in torch_env(0, config.workers, rank_dns_name(compute, 0), port).items()
            if k not in ("RANK", "NODE_RANK", "GROUP_RANK")}
@@ -185,6 +195,17 @@ def build_statefulset(compute: Compute, *, source_files: dict[str, str] | None =
             "template": template,
         },
     }
+
+
+def check_shared_volumes(compute: Compute, workers: int) -> None:
+    """Every rank mounts the same claim of each volume (one PVC per volume, as for one kernel): refuse a volume
+    made ``ReadWriteOncePod``, which only one pod can mount, when there are several ranks."""
+    for vol in compute.volumes:
+        if workers > 1 and vol.access_mode == "ReadWriteOncePod":
+            raise ComputeSpecError(
+                f"volume {vol.name!r} is ReadWriteOncePod, but all {workers} workers of {compute.name!r} mount it "
+                "(one claim shared by every rank); use access_mode='ReadWriteMany' (ranks on several nodes) or "
+                "'ReadWriteOnce' (all ranks on one node)")
 
 
 # ---------------------------------------------------------------------- ray: a KubeRay RayCluster

@@ -21,7 +21,14 @@ import kt_jupyter as kt
 from kt_jupyter.backends import kubernetes_distributed as kd
 from kt_jupyter.compute import Compute, Image
 from kt_jupyter.distributed_group import connect_group, forget, free_port
-from kt_jupyter.errors import BackendUnavailable, CrashLoopError, ImagePullError, KubernetesAPIError, UnschedulableError
+from kt_jupyter.errors import (
+    BackendUnavailable,
+    ComputeSpecError,
+    CrashLoopError,
+    ImagePullError,
+    KubernetesAPIError,
+    UnschedulableError,
+)
 from kt_jupyter.manifests import (
     CONTAINER_NAME,
     SPEC_ANNOTATION,
@@ -115,6 +122,20 @@ def test_what_a_pytorch_group_applies_validates_against_the_kubernetes_schema(kt
             policy["spec"]["ingress"]
     for obj in objects:
         assert validate(obj, version, strict=True), obj["kind"]
+
+
+def test_a_sized_volume_is_one_claim_every_rank_mounts(kt_home):
+    shared = kt.Volume("data", size="10Gi", access_mode="ReadWriteMany")
+    objects = kd.group_objects(torch_compute(workers=3, volumes=[shared]), "t0ken")
+    claims = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    assert [(c["metadata"]["name"], c["spec"]["accessModes"]) for c in claims] == [("data", ["ReadWriteMany"])]
+    sts = objects[-1]
+    assert "volumeClaimTemplates" not in sts["spec"]  # not a disk per rank: the one claim, in the pod template
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "data"}} in \
+        sts["spec"]["template"]["spec"]["volumes"]
+    with pytest.raises(ComputeSpecError, match="'data' is ReadWriteOncePod, but all 2 workers of 'ddp' mount it"):
+        build_statefulset(torch_compute(volumes=[kt.Volume("data", size="1Gi", access_mode="ReadWriteOncePod")]))
+    build_statefulset(torch_compute(workers=1, volumes=[kt.Volume("data", size="1Gi", access_mode="ReadWriteOncePod")]))
 
 
 def test_inactivity_ttl_is_refused_with_a_clear_error():
