@@ -175,7 +175,6 @@ def run_cell(group: WorkerGroup, source: str, user_ns: MutableMapping[str, Any],
     pending = set(range(n))
     stop_deadline: float | None = None
     interrupted = False
-    port: int | None = None  # the next world's MASTER_PORT, chosen at the first error or interrupt
     while pending:
         try:
             remaining = None if stop_deadline is None else max(0.0, stop_deadline - time.monotonic())
@@ -185,7 +184,6 @@ def run_cell(group: WorkerGroup, source: str, user_ns: MutableMapping[str, Any],
         except KeyboardInterrupt:
             if not interrupted:
                 interrupted = True
-                port = port or group.fresh_master_port()
                 _interrupt(group, pending)
                 stop_deadline = time.monotonic() + STOP_GRACE_S
             continue
@@ -197,13 +195,12 @@ def run_cell(group: WorkerGroup, source: str, user_ns: MutableMapping[str, Any],
             outcomes[rank] = item
             continue
         errors[rank] = item
-        port = port or group.fresh_master_port()
         if first is None:
             first = rank
             if not interrupted:
                 _interrupt(group, pending)
                 stop_deadline = time.monotonic() + STOP_GRACE_S
-        group.abort_process_groups([rank], port)  # frees peers blocked in a collective with this rank
+        group.abort_process_groups([rank])  # frees peers blocked in a collective with this rank
     labeller.flush()
     back = [k for k in mentions if k in user_ns and before.get(k, _SKIP) != id(user_ns[k])]  # rank 0's names
     for ns in namespaces[1:]:
@@ -213,7 +210,7 @@ def run_cell(group: WorkerGroup, source: str, user_ns: MutableMapping[str, Any],
     if errors or pending:
         if not errors:
             raise KeyboardInterrupt
-        group.abort_process_groups([r for r in range(n) if r not in pending and r not in errors], port)
+        group.abort_process_groups([r for r in range(n) if r not in pending and r not in errors])
         raise rank_error(errors[first if first is not None else min(errors)],
                          first if first is not None else min(errors), n, errors, sorted(pending), group.name)
     return GroupOutcome(outcomes, {"total": time.perf_counter() - t0})

@@ -70,6 +70,8 @@ class WorkerGroup:
         self.on_delete: list[Callable[[], None]] = []
         #: worlds formed again after a failure or an interrupt (each on a fresh MASTER_PORT)
         self.generation = 0
+        #: the MASTER_PORT ranks torn down since the group was last used get (None: none chosen yet)
+        self.next_master_port: int | None = None
 
     @property
     def name(self) -> str:
@@ -92,16 +94,24 @@ class WorkerGroup:
                 return f"rank {rank} of {self.name!r}: {why}"
         return None
 
-    def abort_process_groups(self, ranks: list[int] | None = None, master_port: int | None = None) -> None:
+    def abort_process_groups(self, ranks: list[int] | None = None) -> None:
         """Tear down torch.distributed's group on these ranks (all by default), so no peer stays blocked in a
-        collective; the next cell calls ``init_process_group()`` again, on ``master_port`` when given (see
-        :meth:`fresh_master_port`). Unreachable ranks are skipped."""
-        kwargs = {} if master_port is None else {"master_port": master_port}
+        collective; the next cell calls ``init_process_group()`` again, on a fresh ``MASTER_PORT`` (the same one
+        for every rank torn down until the group is next used: :meth:`fresh_master_port`). Unreachable ranks
+        are skipped."""
+        if self.next_master_port is None:
+            self.next_master_port = self.fresh_master_port()
+        kwargs = {"master_port": self.next_master_port}
         for rank in range(len(self.ranks)) if ranks is None else ranks:
             try:
                 call_rank(self.ranks[rank], ABORT_TARGET, kwargs, ABORT_TIMEOUT_S)
             except (KtError, concurrent.futures.TimeoutError):
                 continue
+
+    def in_use(self) -> WorkerGroup:
+        """Mark the start of a cell or call on the group: a teardown from now on chooses a new port."""
+        self.next_master_port = None
+        return self
 
     def fresh_master_port(self) -> int:
         """The rendezvous port of the next world after a failed or interrupted one: never the last one, whose
@@ -178,14 +188,14 @@ def connect_group(compute: Compute, *, keep: bool = False,
                 raise spec_mismatch_error(compute.name, mismatch)
             why = group.liveness()
             if why is None:
-                return group
+                return group.in_use()
             say(f"{why.splitlines()[0]}\nStarting all {group.config.workers} workers again: a distributed "
                 "world cannot go on without a rank, so every worker's variables are lost.")
             _groups.pop(key)
             delete_group(compute.backend, compute.name, group)
         group = _attach_or_launch(compute, keep, say)
         _groups[key] = group
-        return group
+        return group.in_use()
 
 
 def _check_same(compute: Compute, workers: int, framework: str) -> None:

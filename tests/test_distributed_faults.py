@@ -36,10 +36,18 @@ def _cell(code: str) -> str:
     return f"%%kt --workers 2 --name {NAME}\n{code}"
 
 
-def test_error_on_one_rank_names_it_frees_rank_zero_and_the_next_cell_works(ip):
-    run(ip, _cell(ALL_REDUCE))
+def _ports(out: str) -> list[str]:
+    """Each rank's MASTER_PORT as the cell printed it (``[stdout:R] port P``), rank order."""
+    return [next(line.split()[-1] for line in out.splitlines() if line.startswith(f"[stdout:{r}] port "))
+            for r in (0, 1)]
+
+
+def test_error_on_one_rank_names_it_frees_rank_zero_and_the_next_cell_works(ip, capsys):
+    show_port = "print('port', os.environ['MASTER_PORT'])\n"
+    run(ip, _cell(ALL_REDUCE + show_port))
     assert ip.user_ns["t"].tolist() == [3.0]
-    for attempt in range(3):  # the world is torn down and formed again each time, on the same MASTER_PORT
+    seen = [_ports(capsys.readouterr().out)]
+    for attempt in range(3):  # the world is torn down and formed again each time
         t0 = time.monotonic()
         with pytest.raises(ValueError, match="bad shard on rank 1") as info:
             run(ip, _cell(FAIL_ON_RANK_ONE))
@@ -49,8 +57,12 @@ def test_error_on_one_rank_names_it_frees_rank_zero_and_the_next_cell_works(ip):
         assert not any("still run" in n for n in notes), notes  # rank 0 was freed from its all_reduce
         assert time.monotonic() - t0 < 30
         del ip.user_ns["t"]
-        run(ip, _cell(ALL_REDUCE))
+        capsys.readouterr()
+        run(ip, _cell(ALL_REDUCE + show_port))
         assert ip.user_ns["t"].tolist() == [3.0], attempt  # the next cell forms the world again and works
+        seen.append(_ports(capsys.readouterr().out))
+    # every new world on a port both ranks agree on, never the last world's (rank 0 may still hold its server)
+    assert all(p0 == p1 for p0, p1 in seen) and len({p0 for p0, _ in seen}) == len(seen), seen
 
 
 def _interrupt_when(paths: list, timeout_s: float = 60.0) -> threading.Thread:
