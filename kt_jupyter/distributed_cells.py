@@ -55,12 +55,12 @@ class RankNamespace(MutableMapping):
     def _live(self, key: object) -> bool:
         if key not in self.own:
             return False
-        basis = self.basis.get(key, -1)  # type: ignore[arg-type]
-        value = self.base.get(key, _SKIP)  # type: ignore[arg-type]
+        basis = self.basis.get(key, -1)
+        value = self.base.get(key, _SKIP)
         if basis == -1 or basis == (None if value is _SKIP else id(value)):
             return True
-        del self.own[key]  # type: ignore[arg-type]
-        self.basis.pop(key, None)  # type: ignore[arg-type]
+        del self.own[key]
+        self.basis.pop(key, None)
         return False
 
     def settle(self, from_rank0: list[str]) -> None:

@@ -221,10 +221,11 @@ def _attach_or_launch(compute: Compute, keep: bool, say: Callable[[str], None]) 
     found = existing_group(compute.backend, compute.name)
     if found is not None:
         _check_same(compute, *found)
-        handles = [backend.find(rank_name(compute.name, r)) for r in range(config.workers)]
-        if all(h is not None for h in handles):  # another notebook (or an earlier session) started them
+        found_handles = [backend.find(rank_name(compute.name, r)) for r in range(config.workers)]
+        handles = [h for h in found_handles if h is not None]
+        if len(handles) == config.workers:  # another notebook (or an earlier session) started them
             return _group(compute, [backend.launch(_rank_spec(compute, h), keep=keep)  # adopts it
-                                    for h in handles])  # type: ignore[arg-type]
+                                    for h in handles])
         say(f"some workers of {compute.name!r} are gone; starting all {config.workers} again: their variables "
             "are lost")
     delete_group(compute.backend, compute.name)
