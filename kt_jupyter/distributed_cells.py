@@ -235,7 +235,8 @@ def rank_error(exc: BaseException, rank: int, workers: int, errors: dict[int, Ba
                stuck: list[int], name: str) -> BaseException:
     """``exc`` (rank ``rank``'s own error, its real type) saying which rank raised it and what the others did."""
     others = [f"rank {r}: {type(e).__name__}" for r, e in sorted(errors.items()) if r != rank]
-    lines = [(f"[kt] rank {rank} of {workers} workers of {name!r} failed; the other ranks were interrupted and "
+    what = "was interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    lines = [(f"[kt] rank {rank} of {workers} workers of {name!r} {what}; the other ranks were interrupted and "
               "every rank's torch.distributed group torn down (call init_process_group() again)")]
     if others:
         lines.append("[kt] then " + ", ".join(others))

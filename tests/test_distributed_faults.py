@@ -93,7 +93,11 @@ def test_interrupt_during_a_collective_reaches_every_rank_and_the_world_forms_ag
             run(ip, _cell(cell))
         thread.join(10)
         elapsed_s = time.monotonic() - t0
-        assert not any("still run" in n for n in getattr(info.value, "__notes__", [])), info.value.__notes__
+        notes = getattr(info.value, "__notes__", [])
+        first = info.value.rank  # the first rank whose cell ended; the note names the other's interrupt too
+        assert f"[kt] rank {first} of 2 workers of 'ddpf' was interrupted" in notes[0], notes
+        assert f"[kt] then rank {1 - first}: KeyboardInterrupt" in notes, notes  # it reached every rank
+        assert not any("still run" in n for n in notes), notes
         assert elapsed_s < 60
         grp = next(g for g in dg.groups() if g.name == NAME)
         pids = [c.handle.pid for c in grp.ranks]
