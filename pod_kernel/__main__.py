@@ -62,6 +62,15 @@ def _env_int(name: str, default: int) -> int:
     return int(raw) if raw.isdigit() else default
 
 
+#: Seconds a stopping kernel waits for the interrupted cell to end before it exits without it (``KT_STOP_GRACE_S``).
+STOP_GRACE_S = 10
+
+
+def stop_grace_s() -> float:
+    """How long a stopping kernel waits for its interrupted cell (``KT_STOP_GRACE_S``, whole seconds, at least 1)."""
+    return max(_env_int("KT_STOP_GRACE_S", STOP_GRACE_S), 1)
+
+
 def read_token(args: argparse.Namespace) -> str:
     """The token from KT_TOKEN, or from a 0600 file; exits with a clear message if absent."""
     token = os.environ.pop("KT_TOKEN", None)
@@ -116,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             server.watch_owner(args.owner_pid, args.owner_grace)  # on_ready runs on the server's loop
 
     failed = threading.Event()
+    served = threading.Event()  # the main thread is out of its last cell
 
     def network() -> None:
         try:
@@ -125,11 +135,19 @@ def main(argv: list[str] | None = None) -> None:
             failed.set()
         finally:
             executor.stop()
+            grace_s = stop_grace_s()
+            if not served.wait(grace_s):  # the cell ignored its interrupt (native code, a swallowed KeyboardInterrupt)
+                logging.getLogger("pod_kernel").warning(
+                    "the running cell did not stop within %g s of its interrupt (blocked in native code, such as a "
+                    "collective or a rendezvous?): exiting without waiting for it", grace_s)
+                sys.stdout.flush()
+                os._exit(1 if failed.is_set() else 0)
 
     signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop("received SIGTERM"))
     thread = threading.Thread(target=network, name="kt-network", daemon=True)
     thread.start()
     executor.serve_forever()
+    served.set()
     thread.join(timeout=5)
     logging.getLogger("pod_kernel").info("pod kernel exited")
     sys.stdout.flush()

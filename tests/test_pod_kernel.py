@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -570,3 +571,32 @@ def test_code_sync_from_two_sessions_at_once_never_collides(tmp_path):
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors[:3]
     assert (tmp_path / "code" / "pkg" / "mod.py").read_text() == "Y = 1\n"
+
+
+def test_a_stopping_kernel_exits_even_when_its_cell_ignores_the_interrupt(local_backend, monkeypatch):
+    """A cell stuck where SIGINT cannot reach it (native code: a collective, a rendezvous; here a cell that swallows
+    KeyboardInterrupt) must not keep a stopped kernel alive: it exits KT_STOP_GRACE_S after the interrupt."""
+    monkeypatch.setenv("KT_STOP_GRACE_S", "1")
+    handle = local_backend.launch(Compute(name="stuck"))
+    session = handle.session()
+    session.connect()
+    pid = handle.pid
+    started = threading.Event()
+    code = ("import time\nprint('in', flush=True)\nwhile True:\n    try:\n        time.sleep(60)\n"
+            "    except KeyboardInterrupt:\n        pass\n")
+    runner = threading.Thread(target=lambda: _quiet(session.execute, code, on_output=lambda m: started.set()),
+                              daemon=True)
+    runner.start()
+    assert started.wait(30)
+    os.kill(pid, signal.SIGTERM)  # what the kubelet sends; a vanished owner asks the same way
+    proc = psutil.Process(pid)
+    proc.wait(timeout=30)  # psutil.TimeoutExpired here: the kernel would have run forever
+    assert "did not stop within 1 s of its interrupt" in local_backend.logs("stuck")
+    session.close()
+
+
+def _quiet(fn, *args, **kw):
+    try:
+        fn(*args, **kw)
+    except Exception:  # noqa: BLE001 - the session ends with the kernel: what matters is that the kernel exits
+        pass
