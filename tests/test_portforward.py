@@ -157,6 +157,24 @@ def test_a_forbidden_port_forward_names_the_rbac_permission(api, caplog):
     assert sum("`create pods/portforward`" in r.getMessage() for r in caplog.records) == 1  # once, not per retry
 
 
+def test_a_session_through_a_refused_port_forward_says_why(api, monkeypatch):
+    """The notebook's error names the refusal, not only 'cannot reach pod kernel ... at ws://127.0.0.1:N'."""
+    from kt_jupyter.client import Session, transport
+    from kt_jupyter.errors import ConnectionLostError
+
+    _attach(api, EchoPod())
+    api.store.denied.add(("create", "pods/portforward"))
+    forward = _connector(_configuration(api)).open(PodTarget(NS, POD, "alice-train", PORT))
+    monkeypatch.setattr(transport, "OPEN_TIMEOUT_S", 1.0)
+    session = Session(forward.url, "token", name="train", path_error=lambda: forward.last_error)
+    try:
+        with pytest.raises(ConnectionLostError, match="cannot reach pod kernel 'train'.*`create pods/portforward`"):
+            session.connect()
+    finally:
+        session.close()
+        forward.close()
+
+
 def test_each_stream_sends_the_token_the_refresh_hook_gives(api):
     pod = EchoPod()
     _attach(api, pod)

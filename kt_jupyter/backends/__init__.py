@@ -45,11 +45,14 @@ class KernelHandle:
     #: the pod's bulk port -> the address reaching it from here (a port-forward's), None: WebSocket only;
     #: without a resolver the bulk channel is at ``bulk_host`` and the pod's own port
     bulk_resolver: Callable[[int], tuple[str, int] | None] | None = field(default=None, repr=False, compare=False)
+    #: why the way to the kernel (a port-forward) last failed, e.g. RBAC refusing it ("" when it did not)
+    path_error: Callable[[], str] | None = field(default=None, repr=False, compare=False)
 
     def session(self, **kw: Any) -> Session:
         """A new client session to this kernel (not yet connected)."""
         kw.setdefault("bulk_host", self.bulk_host)
         kw.setdefault("bulk_resolver", self.bulk_resolver)
+        kw.setdefault("path_error", self.path_error)
         return Session(self.url, self.token, name=self.name, liveness=self.liveness, **kw)
 
 

@@ -247,6 +247,7 @@ class KubernetesBackend:
             where=f"pod {live.pod} on node {ev.node_of(pod)} (namespace {compute.namespace})",
             spec=compute.to_dict(), liveness=live.liveness, close_hook=live.close,
             bulk_resolver=lambda port: self._bulk_address(compute, live, port),
+            path_error=lambda: live.forward.last_error,
         )
 
     def _bulk_address(self, compute: Compute, live: LiveKernel, port: int) -> tuple[str, int] | None:

@@ -116,6 +116,7 @@ class Session(AsyncSession):
         """
         outputs: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         follower = Session(self.url, self._token, name=self.name, liveness=self.liveness, accept_pickle=False,
+                           path_error=self.path_error,
                            heartbeat_interval_s=self.heartbeat_interval_s,
                            heartbeat_timeout_s=self.heartbeat_timeout_s)
         follower.session_id = str(detached["session"])

@@ -111,8 +111,11 @@ class Transport:
         bulk_host: str | None = None,
         accept_pickle: bool = True,
         bulk_resolver: Callable[[int], tuple[str, int] | None] | None = None,
+        path_error: Callable[[], str] | None = None,
     ) -> None:
         self.url = url
+        #: why the way to the kernel (a port-forward) failed last, when it knows ("" when it does not)
+        self.path_error = path_error
         #: whether pickled payloads from the pod are loaded here; False for a JSON-only compute, so a
         #: misbehaving pod cannot make the notebook unpickle anything (False too once the pod says it is)
         self.accept_pickle = accept_pickle
@@ -337,6 +340,8 @@ class Transport:
                 last_error = exc
             if time.monotonic() >= deadline:
                 why = f"{self.last_drop}, and " if reconnecting and self.last_drop else ""
+                path = self.path_error() if self.path_error is not None else ""
+                why += f"{path}; " if path else ""
                 err = ConnectionLostError(
                     f"cannot reach pod kernel {self.name!r} at {self.url}: {why}{last_error or 'no answer'}. "
                     "Check it with `%kt status`; `%kt restart` starts it again."
