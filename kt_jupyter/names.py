@@ -15,6 +15,8 @@ import re
 from .errors import ComputeSpecError
 
 #: Longest compute name (a Kubernetes label value).
+#: Where pod kernels can live: the backends, in the order a name is looked for.
+BACKENDS = ("local", "kubernetes")
 MAX_NAME_CHARS = 63
 #: Characters of a rejected value quoted back in an error message.
 MAX_ECHO_CHARS = 80

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BackendUnavailable, KtError, NotFoundError
-from .names import check_compute_name
+from .names import BACKENDS, check_compute_name
 
 #: Bytes read from either side per relay step.
 RELAY_READ_BYTES = 64 << 10
@@ -243,7 +243,7 @@ def ssh(backend: str, name: str) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m kt_jupyter.shell [--backend B] NAME``: a shell on the compute; errors as one line."""
     parser = argparse.ArgumentParser(prog="python -m kt_jupyter.shell", description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=("local", "kubernetes"), default="local")
+    parser.add_argument("--backend", choices=BACKENDS, default="local")
     parser.add_argument("name")
     args = parser.parse_args(argv)
     try:

@@ -33,12 +33,11 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .calls import call_sink
+from .protocol import PDB_PROMPT
 
 if TYPE_CHECKING:
     from .executor import CellJob, Executor
 
-#: What pdb's prompt contains; an unanswerable one is answered "c" by clients.
-PDB_PROMPT = "(Pdb)"
 #: What a cell ended by ``q`` at a pdb prompt says (instead of a traceback through pdb).
 QUIT_MESSAGE = "[kt] the debugger was quit: the cell stopped there (the pod kernel and its variables are intact)"
 #: Interface debugpy listens on inside the pod: loopback only (debugpy has no auth).

@@ -76,6 +76,13 @@ HEADER_LAST_SEQ = "X-KT-Last-Seq"
 HEADER_NONCE = "X-KT-Nonce"
 #: Path of the unauthenticated health endpoint on the WebSocket port (probes).
 HEALTH_PATH = "/healthz"
+#: Seconds between heartbeats (WebSocket pings) on both sides, whether a cell runs or not.
+HEARTBEAT_INTERVAL_S = 10.0
+#: A peer that answers no heartbeat within this many seconds is taken as unreachable. Generous, because a cell
+#: in native code that holds the GIL also keeps the pod's network thread from answering.
+HEARTBEAT_TIMEOUT_S = 30.0
+#: What pdb's prompt contains; a prompt nothing can answer is answered "c" by clients (the cell goes on).
+PDB_PROMPT = "(Pdb)"
 #: Bytes of randomness in a client's handshake nonce (sent as hex).
 NONCE_BYTES = 32
 

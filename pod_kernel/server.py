@@ -187,8 +187,8 @@ class PodKernelServer:
             create_connection=KtServerConnection,
             compression=None,
             max_size=P.MAX_FRAME_BYTES,
-            ping_interval=10,
-            ping_timeout=30,
+            ping_interval=P.HEARTBEAT_INTERVAL_S,
+            ping_timeout=P.HEARTBEAT_TIMEOUT_S,
             server_header=None,
         ) as server:
             self.port = server.sockets[0].getsockname()[1]

@@ -17,8 +17,7 @@ from typing import Any, Protocol
 from ..client import Session
 from ..compute import Compute
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError
-
-BACKENDS = ("local", "kubernetes")
+from ..names import BACKENDS
 
 
 def kt_home() -> Path:

@@ -21,11 +21,8 @@ ws_log.addFilter(P.RedactBearer())
 
 #: Connection attempt timeout (TCP + WebSocket handshake).
 OPEN_TIMEOUT_S = 10.0
-#: Seconds between heartbeats (WebSocket pings), whether a cell runs or not.
-HEARTBEAT_INTERVAL_S = 10.0
-#: A pod kernel that answers no heartbeat within this many seconds is taken as unreachable. Generous,
-#: because a cell in native code that holds the GIL also keeps the pod's network thread from answering.
-HEARTBEAT_TIMEOUT_S = 30.0
+HEARTBEAT_INTERVAL_S = P.HEARTBEAT_INTERVAL_S
+HEARTBEAT_TIMEOUT_S = P.HEARTBEAT_TIMEOUT_S
 
 
 class KtClientConnection(ClientConnection):

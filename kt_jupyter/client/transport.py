@@ -44,8 +44,7 @@ Liveness = Callable[[], str | None]
 #: A frame's handler: (header, payload).
 Handler = Callable[[dict[str, Any], memoryview], None]
 
-#: What pdb's prompt contains (a prompt nothing can answer gets "c": the cell goes on).
-PDB_PROMPT = "(Pdb)"
+PDB_PROMPT = P.PDB_PROMPT
 #: Output messages of a running cell (``error``: a callback's error after the cell, shown as output).
 OUTPUT_TYPES = ("stream", "display", "clear_output", "execute_result", "error")
 

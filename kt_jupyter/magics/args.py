@@ -14,6 +14,7 @@ from .. import oom
 from ..compute import Compute
 from ..connection import TransferOptions, default_compute
 from ..errors import ComputeSpecError
+from ..names import BACKENDS
 from ..quantities import parse_size
 
 _F = Callable[..., Any]
@@ -39,7 +40,7 @@ def _stack(*decorators: Callable[[_F], _F]) -> Callable[[_F], _F]:
 compute_args = _stack(
     argument_group("compute", "Where the cell runs (unset options keep the default compute's values)"),
     argument("--name", "-n", help="compute name; the same name reaches the same warm kernel (default: 'default')"),
-    argument("--backend", choices=["local", "kubernetes"], help="local subprocess or Kubernetes pod"),
+    argument("--backend", choices=list(BACKENDS), help="local subprocess or Kubernetes pod"),
     argument("--cpus", help="CPU request, e.g. 2, 0.5, 500m"),
     argument("--memory", help="memory request, e.g. 4Gi, 512Mi"),
     argument("--gpus", help="number of GPUs, e.g. 1"),

@@ -10,6 +10,7 @@ from typing import Any
 import ipywidgets as W
 from traitlets import link
 
+from ..names import BACKENDS
 from .frontend import ModelView, display_widget
 from .models import ProgressModel, format_age, phase_word
 from .picker_model import FIELDS, GPU_TYPES, PickerModel
@@ -44,7 +45,7 @@ class PickerView(ModelView, W.VBox):
         self.model = model
         title = W.HTML(f'<span style="{FONT} font-size:13.5px; font-weight:600; color:{FG1}">Pick a compute</span>')
         self.default = W.HTML()
-        self.backend = W.ToggleButtons(options=["local", "kubernetes"], style={"button_width": "100px"},
+        self.backend = W.ToggleButtons(options=list(BACKENDS), style={"button_width": "100px"},
                                        tooltips=["a subprocess on this machine", "a pod on a Kubernetes cluster"])
         self.backend.add_class("kt-pick-backend")
         backend_label = W.HTML(f'<div style="{FONT} color:{FG1}; text-align:right; padding-right:8px">Backend</div>',
