@@ -31,7 +31,11 @@ Ordering: messages the pod kernel sends about cells (``stream``, ``display``,
 session. The pod kernel keeps the recent ones; a client reconnecting with
 ``X-KT-Last-Seq: n`` first receives every kept message after ``n``. Replies
 to value requests (push/pull/inventory/metrics) carry no ``seq``: a client
-whose connection dropped sends those requests again.
+whose connection dropped sends those requests again. A ``push`` or ``delete``
+is applied in the pod's main thread between cells, never under a running one
+(an ``--async`` cell sees a stable namespace); while it waits, the connection
+goes on serving pings and interrupts, and the ``metrics`` reply counts the
+waiting jobs in ``queued``.
 
 Values: a set of named values travels as a *bundle*: ``serialization``
 (``"pickle"`` or ``"json"``) and ``sizes``, the byte length of each part. For
