@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
+from kernels import notebook_kernel_process
 
 ROOT = Path(__file__).resolve().parents[1]
 # The suite's notebook kernels (ipykernel, nbval, browser tests) come and go by the dozen: their pod kernels
@@ -100,30 +98,6 @@ def cleanup_connections(kt_home):
     """Forget this process's connections and stop every local compute afterwards."""
     yield
     _forget_and_stop_local_computes()
-
-
-#: Seconds a notebook kernel gets for one request of the fixture's own (loading kt, stopping computes).
-NOTEBOOK_REQUEST_TIMEOUT_S = 120
-
-
-@contextmanager
-def notebook_kernel_process(home: Path, **env: str) -> Iterator[tuple[Any, Any]]:
-    """A real notebook kernel (ipykernel, its own process, ``KT_HOME=home``) with kt loaded:
-    (kernel manager, blocking client). Afterwards its computes are stopped and the kernel shut down."""
-    from jupyter_client.manager import start_new_kernel
-
-    km, client = start_new_kernel(kernel_name="python3",
-                                  env=dict(os.environ, KT_HOME=str(home), KT_USERNAME="tester", **env))
-    try:
-        reply = client.execute_interactive("%load_ext kt_jupyter", timeout=NOTEBOOK_REQUEST_TIMEOUT_S)
-        assert reply["content"]["status"] == "ok", reply["content"]
-        yield km, client
-        if client.is_alive():  # a test may have shut it down or restarted it; its computes stop with it then
-            reply = client.execute_interactive("%kt down --all", timeout=NOTEBOOK_REQUEST_TIMEOUT_S)
-            assert reply["content"]["status"] == "ok", reply["content"]
-    finally:
-        client.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import notebook_kernel_process
 from figures import bump, record
 from ipshell import run
+from kernels import notebook_kernel_process
 from tcp_proxy import DropProxy
 
 from kt_jupyter import connection as conn_mod
