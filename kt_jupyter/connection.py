@@ -34,6 +34,7 @@ from pod_kernel import protocol as P
 from .backends import KernelHandle, get_backend, kt_home
 from .cells import analyze_cell, filter_pushable
 from .client import (
+    ExecuteOptions,
     ExecuteResult,
     InputCallback,
     OutputCallback,
@@ -241,10 +242,10 @@ class ComputeConnection:
             try:
                 for _attempt in range(MISSING_RETRIES + 1):
                     check = self._check(analysis.mentions, transfer)
+                    options = ExecuteOptions(cell_name=cell_name, cell_label=cell_label, debug_wait=debug_wait,
+                                             check=check, post_mortem=post_mortem, requires=tuple(requires))
                     result = outcome.result = self.session.execute(
-                        source, on_output, cell_name=cell_name, cell_label=cell_label, timeout=timeout_s,
-                        on_input=on_input, debug_wait=debug_wait, check=check, post_mortem=post_mortem,
-                        requires=requires)
+                        source, on_output, options, timeout=timeout_s, on_input=on_input)
                     if not result.missing:
                         break
                     # the pod lost values we did not send again (another notebook deleted them): sent now, then run

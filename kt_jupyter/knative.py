@@ -20,7 +20,8 @@ Some pod fields need a Knative feature flag on the cluster
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from .compute import POD_KERNEL_PORT
 from .errors import ComputeSpecError
@@ -52,7 +53,7 @@ FEATURE_FLAGS = {
 }
 
 
-def build_knative_service(compute: "Compute", *, source_files: dict[str, str] | None = None,
+def build_knative_service(compute: Compute, *, source_files: dict[str, str] | None = None,
                           install_env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The Knative ``Service`` of an autoscaled compute (see the module docstring)."""
     config = compute.autoscaling_config
@@ -81,7 +82,7 @@ def build_knative_service(compute: "Compute", *, source_files: dict[str, str] | 
     return {"apiVersion": API_VERSION, "kind": "Service", "metadata": metadata, "spec": {"template": template}}
 
 
-def knative_objects(compute: "Compute", token: str, source_files: dict[str, str] | None = None, *,
+def knative_objects(compute: Compute, token: str, source_files: dict[str, str] | None = None, *,
                     install_env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Every object of an autoscaled compute, in apply order: Secret, ConfigMap, PVCs, Knative Service."""
     if install_env is None:

@@ -24,7 +24,8 @@ import hashlib
 import json
 import math
 import re
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from .compute import POD_KERNEL_PORT
 from .errors import ComputeSpecError
@@ -40,8 +41,14 @@ from .pod_security import (
     container_security_context,
     pod_security_context,
 )
-from .startup import CACHE_DIR, SRC_DIR, notebook_install_env, split_env, startup_script
-from .startup import POD_KERNEL_DEPS  # noqa: F401  (re-exported: tests import it from here)
+from .startup import (
+    CACHE_DIR,
+    POD_KERNEL_DEPS,  # noqa: F401  (re-exported: tests import it from here)
+    SRC_DIR,
+    notebook_install_env,
+    split_env,
+    startup_script,
+)
 
 if TYPE_CHECKING:
     from .compute import Compute
@@ -85,34 +92,34 @@ _SOURCE_PATH_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 # ---------------------------------------------------------------------- names and labels
 
-def token_secret_name(compute: "Compute") -> str:
+def token_secret_name(compute: Compute) -> str:
     """Name of the Secret holding the compute's token."""
     return f"{compute.service_name}-token"
 
 
-def source_configmap_name(compute: "Compute") -> str:
+def source_configmap_name(compute: Compute) -> str:
     """Name of the ConfigMap holding the pod_kernel source."""
     return f"{compute.service_name}-src"
 
 
-def selector_labels(compute: "Compute") -> dict[str, str]:
+def selector_labels(compute: Compute) -> dict[str, str]:
     """The labels that select this compute's pods (and, with :func:`label_selector`, all its objects)."""
     return {COMPUTE_LABEL: compute.service_name}
 
 
-def label_selector(compute: "Compute") -> str:
+def label_selector(compute: Compute) -> str:
     """A label selector string matching every object of this compute."""
     return f"{MANAGED_BY_LABEL}={MANAGED_BY},{COMPUTE_LABEL}={compute.service_name}"
 
 
-def object_labels(compute: "Compute", component: str) -> dict[str, str]:
+def object_labels(compute: Compute, component: str) -> dict[str, str]:
     """User labels plus ours: managed-by, compute, name and component."""
     ours = {MANAGED_BY_LABEL: MANAGED_BY, COMPUTE_LABEL: compute.service_name, NAME_LABEL: compute.name,
             COMPONENT_LABEL: component}
     return dict(sorted({**compute.labels, **ours}.items()))
 
 
-def _metadata(compute: "Compute", name: str, component: str,
+def _metadata(compute: Compute, name: str, component: str,
               annotations: dict[str, str] | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": compute.namespace, "labels": object_labels(compute, component)}
     if annotations:
@@ -122,7 +129,7 @@ def _metadata(compute: "Compute", name: str, component: str,
 
 # ---------------------------------------------------------------------- Secret, ConfigMap, Service, PVCs
 
-def build_secret(compute: "Compute", token: str, install_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def build_secret(compute: Compute, token: str, install_env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The Secret holding the token (key ``token``) the pod kernel reads as ``KT_TOKEN``, and the
     notebook's package index and proxy settings (``install_env``, default: from the environment;
     an index URL may carry credentials, so they stay out of the Deployment)."""
@@ -168,7 +175,7 @@ def source_hash(files: dict[str, str]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def build_source_configmap(compute: "Compute", files: dict[str, str]) -> dict[str, Any]:
+def build_source_configmap(compute: Compute, files: dict[str, str]) -> dict[str, Any]:
     """The ConfigMap carrying ``files`` (relative path -> text), mounted at :data:`SRC_DIR`."""
     files = _check_source(files)
     return {
@@ -179,7 +186,7 @@ def build_source_configmap(compute: "Compute", files: dict[str, str]) -> dict[st
     }
 
 
-def build_service(compute: "Compute") -> dict[str, Any]:
+def build_service(compute: Compute) -> dict[str, Any]:
     """A ClusterIP Service on the pod kernel's port."""
     return {
         "apiVersion": "v1", "kind": "Service",
@@ -194,7 +201,7 @@ def build_service(compute: "Compute") -> dict[str, Any]:
     }
 
 
-def build_volume_claims(compute: "Compute") -> list[dict[str, Any]]:
+def build_volume_claims(compute: Compute) -> list[dict[str, Any]]:
     """PersistentVolumeClaims for the volumes that give a size (the others must exist)."""
     claims = []
     for vol in compute.volumes:
@@ -210,12 +217,12 @@ def build_volume_claims(compute: "Compute") -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------- the Deployment
 
-def pod_node_selector(compute: "Compute") -> dict[str, str]:
+def pod_node_selector(compute: Compute) -> dict[str, str]:
     """Node selector: the compute's (``gpu_type`` is a node affinity, see :func:`pod_affinity`)."""
     return dict(sorted(compute.node_selector.items()))
 
 
-def pod_tolerations(compute: "Compute") -> list[dict[str, Any]]:
+def pod_tolerations(compute: Compute) -> list[dict[str, Any]]:
     """Tolerations: the compute's, plus the GPU toleration when a GPU is asked for and none covers it."""
     tolerations = [dict(t) for t in compute.tolerations]
     if compute.gpu_count and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
@@ -223,7 +230,7 @@ def pod_tolerations(compute: "Compute") -> list[dict[str, Any]]:
     return tolerations
 
 
-def pod_affinity(compute: "Compute") -> dict[str, Any] | None:
+def pod_affinity(compute: Compute) -> dict[str, Any] | None:
     """Required node affinity: nodes with ``gpu_type`` (any labelling scheme), or, with
     ``gpu_anti_affinity`` and no GPU asked for, nodes without a GPU under every scheme."""
     if compute.gpu_type:
@@ -235,7 +242,7 @@ def pod_affinity(compute: "Compute") -> dict[str, Any] | None:
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
 
 
-def container_resources(compute: "Compute") -> dict[str, dict[str, str]]:
+def container_resources(compute: Compute) -> dict[str, dict[str, str]]:
     """The compute's resources; a GPU pod that names no cpus or memory requests some per GPU (Burstable, not
     BestEffort: the first evicted and OOM-killed)."""
     resources = copy.deepcopy(compute.resources)
@@ -247,7 +254,7 @@ def container_resources(compute: "Compute") -> dict[str, dict[str, str]]:
     return resources
 
 
-def _probes(compute: "Compute") -> dict[str, dict[str, Any]]:
+def _probes(compute: Compute) -> dict[str, dict[str, Any]]:
     """Startup (covering launch_timeout, so a slow first install is not killed) and readiness, on /healthz."""
     get = {"path": HEALTH_PATH, "port": PORT_NAME}
     startup_failures = max(1, math.ceil(compute.launch_timeout_s / STARTUP_PROBE_PERIOD_S))
@@ -259,7 +266,7 @@ def _probes(compute: "Compute") -> dict[str, dict[str, Any]]:
     }
 
 
-def _scheduler(compute: "Compute") -> tuple[str | None, str | None]:
+def _scheduler(compute: Compute) -> tuple[str | None, str | None]:
     """(schedulerName we set, the label key for ``queue``): KAI for gpu_memory or a kai-scheduler
     schedulerName in service_template, else Kueue's queue label and the default scheduler."""
     template = ((compute.service_template.get("spec") or {}).get("template") or {}).get("spec") or {}
@@ -267,7 +274,7 @@ def _scheduler(compute: "Compute") -> tuple[str | None, str | None]:
     return (KAI_SCHEDULER if compute.gpu_memory else None), (KAI_QUEUE_LABEL if kai else KUEUE_QUEUE_LABEL)
 
 
-def _container_env(compute: "Compute", install_env: Mapping[str, str]) -> list[dict[str, Any]]:
+def _container_env(compute: Compute, install_env: Mapping[str, str]) -> list[dict[str, Any]]:
     own = token_secret_name(compute)
     env: list[dict[str, Any]] = [
         {"name": "KT_TOKEN", "valueFrom": {"secretKeyRef": {"name": own, "key": "token"}}},
@@ -286,7 +293,7 @@ def _container_env(compute: "Compute", install_env: Mapping[str, str]) -> list[d
     return env
 
 
-def _volumes(compute: "Compute", with_source: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(compute: Compute, with_source: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     gpu_memory = f"{DEFAULT_GPU_POD_MEMORY_GI_PER_GPU * compute.gpu_count}Gi" if compute.gpu_count else None
     shm = {"medium": "Memory",
            "sizeLimit": compute.shared_memory_limit or compute.memory or gpu_memory or DEFAULT_SHM_SIZE}
@@ -310,7 +317,7 @@ def _source_items(files: dict[str, str]) -> list[dict[str, str]]:
     return [{"key": _source_key(p), "path": p} for p in sorted(files)]
 
 
-def build_deployment(compute: "Compute", *, source_files: dict[str, str] | None = None,
+def build_deployment(compute: Compute, *, source_files: dict[str, str] | None = None,
                      suspended: bool = False, install_env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The Deployment running the pod kernel; ``suspended`` sets replicas to 0.
 
@@ -421,13 +428,13 @@ def _named_items(items: list[Any]) -> bool:
     return bool(items) and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items)
 
 
-def network_policy(compute: "Compute", peer: NotebookPeer) -> dict[str, Any]:
+def network_policy(compute: Compute, peer: NotebookPeer) -> dict[str, Any]:
     """The NetworkPolicy letting only the notebook (``peer``) reach this compute's pods."""
     return build_network_policy(compute, peer, _metadata(compute, compute.service_name, "network-policy"),
                                 selector_labels(compute))
 
 
-def supporting_objects(compute: "Compute", token: str, source_files: dict[str, str] | None,
+def supporting_objects(compute: Compute, token: str, source_files: dict[str, str] | None,
                        install_env: Mapping[str, str]) -> list[dict[str, Any]]:
     """What a compute's pod needs, whatever runs it (Deployment or Knative): Secret, source ConfigMap, PVCs."""
     objects = [build_secret(compute, token, install_env)]
@@ -436,7 +443,7 @@ def supporting_objects(compute: "Compute", token: str, source_files: dict[str, s
     return objects + build_volume_claims(compute)
 
 
-def build_all(compute: "Compute", token: str, source_files: dict[str, str] | None = None, *,
+def build_all(compute: Compute, token: str, source_files: dict[str, str] | None = None, *,
               suspended: bool = False, install_env: Mapping[str, str] | None = None,
               peer: NotebookPeer | None = None) -> list[dict[str, Any]]:
     """Every object of a compute, in apply order: Secret, ConfigMap, PVCs, Service, NetworkPolicy
@@ -454,7 +461,7 @@ def build_all(compute: "Compute", token: str, source_files: dict[str, str] | Non
 
 # ---------------------------------------------------------------------- back from a manifest
 
-def compute_from_deployment(manifest: dict[str, Any]) -> "Compute":
+def compute_from_deployment(manifest: dict[str, Any]) -> Compute:
     """The Compute behind a Deployment (or a Job, which carries the same metadata and pod template): from its
     ``kt.dev/spec`` annotation, else read from its fields."""
     from .compute import Compute

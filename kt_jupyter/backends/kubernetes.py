@@ -31,19 +31,32 @@ stopped idle, the next launch of that name starts it again, and ``suspend`` /
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from ..compute import POD_KERNEL_PORT, Compute
 from ..errors import ComputeSpecError, KtError, KubernetesAPIError, LaunchError, NotFoundError
 from ..k8s_fields import dns1123_label
-from ..manifests import (COMPUTE_LABEL, CONTAINER_NAME, KUEUE_QUEUE_LABEL, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL,
-                         POD_KERNEL_BULK_PORT, SPEC_ANNOTATION, build_secret, compute_from_deployment, label_selector,
-                         token_secret_name)
+from ..manifests import (
+    COMPUTE_LABEL,
+    CONTAINER_NAME,
+    KUEUE_QUEUE_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    NAME_LABEL,
+    POD_KERNEL_BULK_PORT,
+    SPEC_ANNOTATION,
+    build_secret,
+    compute_from_deployment,
+    label_selector,
+    token_secret_name,
+)
 from ..names import check_compute_name
 from . import KernelHandle, KernelInfo, spec_mismatch, spec_mismatch_error
 from . import kubernetes_events as ev
@@ -53,8 +66,16 @@ from .kubernetes_distributed_list import listed as distributed_listed  # a State
 from .kubernetes_launch import LaunchWaiter
 from .kubernetes_live import LiveKernel
 from .kubernetes_objects import TEMPLATE_HASH_ANNOTATION, WORKLOAD_KINDS, backend_objects, workload_kind
-from .kubernetes_workloads import (DELETE_WAIT_S, clear_way, find_workload, job_condition, job_stopped_idle,
-                                   set_suspended, wait_deleted, workload_stopped)
+from .kubernetes_workloads import (
+    DELETE_WAIT_S,
+    clear_way,
+    find_workload,
+    job_condition,
+    job_stopped_idle,
+    set_suspended,
+    wait_deleted,
+    workload_stopped,
+)
 from .portforward import Connector, PodTarget, default_connector
 
 #: The least grace a pod gets: never a force delete (grace 0), which frees the API object before the container.
@@ -67,7 +88,7 @@ def _epoch(timestamp: str | None) -> float:
     if not timestamp:
         return 0.0
     try:
-        return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+        return datetime.fromisoformat(timestamp).timestamp()
     except ValueError:
         return 0.0
 
@@ -202,7 +223,7 @@ class KubernetesBackend:
                 set_suspended(kube, compute, True)
             note = (f"\nIts {kind} was {done} so it holds no resources; running the cell again "
                     f"retries, `%kt down {compute.name}` deletes it.")
-        except Exception as stop_exc:  # noqa: BLE001 - the launch error is what matters
+        except Exception as stop_exc:
             note = f"\nIts {kind} could not be {done} ({stop_exc}); `%kt down {compute.name}` deletes it."
         if not isinstance(exc, Exception):  # KeyboardInterrupt: the user stopped the wait
             say(f"launch of {compute.name!r} interrupted.{note}")
@@ -285,10 +306,9 @@ class KubernetesBackend:
         spec = (dep.get("metadata") or {}).get("annotations", {}).get(SPEC_ANNOTATION)
         running = compute
         if spec:
-            try:
+            # an annotation this version cannot read: the running spec is taken as asked
+            with contextlib.suppress(Exception):
                 running = compute_from_deployment(dep)
-            except Exception:  # noqa: BLE001 - an unreadable annotation: the name is enough
-                pass
         handle = self._handle(kube, compute if compute.name in self._known else running, ready[0],
                               base64.b64decode(token).decode())
         handle.spec = running.to_dict()  # what runs, whatever this process asked for
@@ -318,19 +338,20 @@ class KubernetesBackend:
         namespace and in those this process launched into."""
         out = []
         selector = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+        username = Compute(name="default", backend="kubernetes").username
+
+        def owned(obj: dict[str, Any]) -> str | None:
+            """The compute name of one of this user's kt_jupyter objects, else None."""
+            name = ((obj.get("metadata") or {}).get("labels") or {}).get(NAME_LABEL, "")
+            try:
+                check_compute_name(name)
+            except ComputeSpecError:
+                return None  # not a name kt_jupyter gives: not ours
+            return name if ev.name_of(obj) == dns1123_label(f"{username}-{name}") else None
+
         for ns in self._namespaces():
             compute = Compute(name="default", backend="kubernetes", namespace=ns)
             kube = self._kube(compute)
-
-            def owned(obj: dict[str, Any]) -> str | None:
-                """The compute name of one of this user's kt_jupyter objects, else None."""
-                name = ((obj.get("metadata") or {}).get("labels") or {}).get(NAME_LABEL, "")
-                try:
-                    check_compute_name(name)
-                except ComputeSpecError:
-                    return None  # not a name kt_jupyter gives: not ours
-                return name if ev.name_of(obj) == dns1123_label(f"{compute.username}-{name}") else None
-
             pods = kube.list("Pod", ns, label_selector=selector)
             for kind, dep in [(k, o) for k in WORKLOAD_KINDS for o in kube.list(k, ns, label_selector=selector)]:
                 name = owned(dep)

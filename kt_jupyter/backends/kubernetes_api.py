@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from ..errors import BackendUnavailable, KtError, KubernetesAPIError, NotFoundError
@@ -264,7 +265,7 @@ class KubeApi:
         """Delete one object (``propagation``: what happens to its dependents); False when it was already gone."""
         body: dict[str, Any] = {"propagationPolicy": propagation}
         if grace_period_s is not None:
-            body["gracePeriodSeconds"] = max(0, int(round(grace_period_s)))
+            body["gracePeriodSeconds"] = max(0, round(grace_period_s))
         try:
             self.request("DELETE", object_path(kind, namespace, name), action=f"deleting {kind} {namespace}/{name}",
                          body=body)

@@ -9,11 +9,11 @@ where a message needs them.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
-from ..errors import (CrashLoopError, ImagePullError, LaunchError, LaunchTimeoutError, OOMKilledError,
-                      UnschedulableError)
+from ..errors import CrashLoopError, ImagePullError, LaunchError, LaunchTimeoutError, OOMKilledError, UnschedulableError
 from ..manifests import CONTAINER_NAME
 
 #: Waiting reasons that mean the image cannot be pulled (yet: the kubelet retries ErrImagePull).
@@ -23,16 +23,17 @@ IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "E
 IMAGE_PULL_FINAL_REASONS = ("InvalidImageName", "ErrImageNeverPull")
 #: What a registry says when the image is not there or not ours to pull: final.
 _PULL_FINAL_RE = re.compile(r"not found|manifest unknown|NotFound|unauthorized|Unauthorized|authorization failed|"
-                            r"access denied|denied:|repository does not exist|401|403 Forbidden|forbidden", re.I)
+                            r"access denied|denied:|repository does not exist|401|403 Forbidden|forbidden",
+                            re.IGNORECASE)
 #: Seconds a pull may keep failing for a reason we cannot call final before we call it lasting.
 PULL_BACKOFF_GRACE_S = 120.0
 #: What an autoscaler's NotTriggerScaleUp says when a scale-up may still come (capacity, back-off, limits).
 _SCALE_UP_HOPE_RE = re.compile(r"max node group size reached|max cluster|backoff|back-off|in backoff|"
-                               r"limit reached|quota|not ready for scale-up|failed scale-up", re.I)
+                               r"limit reached|quota|not ready for scale-up|failed scale-up", re.IGNORECASE)
 #: FailedCreate messages of transient causes: the ReplicaSet controller retries them.
 _CREATE_TRANSIENT_RE = re.compile(r"Operation cannot be fulfilled|deadline exceeded|Timeout|timed out|"
                                   r"connection refused|try again|unavailable|TooManyRequests|"
-                                  r"Internal error occurred: failed calling webhook", re.I)
+                                  r"Internal error occurred: failed calling webhook", re.IGNORECASE)
 #: Waiting reasons that mean the container cannot be created as specified.
 CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 #: Events quoted in a timeout message.

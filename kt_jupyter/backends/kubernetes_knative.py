@@ -33,14 +33,14 @@ import base64
 import json
 import queue
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..compute import Compute
 from ..errors import BackendUnavailable, KtError, KubernetesAPIError, LaunchError, NotFoundError
 from ..knative import API_VERSION, knative_objects, required_feature_flags
-from ..manifests import (CONTAINER_NAME, MANAGED_BY, MANAGED_BY_LABEL, SPEC_ANNOTATION, label_selector,
-                         token_secret_name)
+from ..manifests import CONTAINER_NAME, MANAGED_BY, MANAGED_BY_LABEL, SPEC_ANNOTATION, label_selector, token_secret_name
 from . import SPEC_KEYS, KernelHandle, KernelInfo, spec_mismatch, spec_mismatch_error
 from . import kubernetes_events as ev
 from .kubernetes_api import FIELD_MANAGER, ApiStatusError, KubeApi
@@ -97,7 +97,7 @@ def _pods(kube: KubeApi, compute: Compute, revision: str | None = None) -> list[
 
 def _epoch(timestamp: str | None) -> float:
     try:
-        return datetime.fromisoformat((timestamp or "").replace("Z", "+00:00")).timestamp()
+        return datetime.fromisoformat(timestamp or "").timestamp()
     except ValueError:
         return 0.0
 
@@ -115,7 +115,7 @@ def zero_sentence(compute: Compute) -> str:
             "see): its pod is gone, and the kernel's state (variables, imports) with it")
 
 
-def _handle(backend: "KubernetesBackend", kube: KubeApi, compute: Compute, pod: dict[str, Any],
+def _handle(backend: KubernetesBackend, kube: KubeApi, compute: Compute, pod: dict[str, Any],
             token: str) -> KernelHandle:
     """The Deployment path's handle for a Revision's pod; when the pod ends because Knative scaled the compute to
     zero (its Service is still there, with no pods), its liveness sentence says that."""
@@ -151,7 +151,7 @@ def _token_of(kube: KubeApi, compute: Compute) -> str | None:
 
 # ---------------------------------------------------------------------- the backend's hooks
 
-def find(backend: "KubernetesBackend", kube: KubeApi, compute: Compute) -> KernelHandle | None:
+def find(backend: KubernetesBackend, kube: KubeApi, compute: Compute) -> KernelHandle | None:
     """The running (ready) kernel of an autoscaled compute of that name, else None."""
     service = get_service(kube, compute)
     if service is None or (service.get("metadata") or {}).get("deletionTimestamp"):
@@ -168,7 +168,7 @@ def find(backend: "KubernetesBackend", kube: KubeApi, compute: Compute) -> Kerne
     return handle
 
 
-def status(backend: "KubernetesBackend", kube: KubeApi, compute: Compute) -> KernelInfo | None:
+def status(backend: KubernetesBackend, kube: KubeApi, compute: Compute) -> KernelInfo | None:
     """An autoscaled compute's state (None when it has no Knative Service)."""
     service = get_service(kube, compute)
     if service is None:
@@ -194,7 +194,7 @@ def status(backend: "KubernetesBackend", kube: KubeApi, compute: Compute) -> Ker
                       spec=_running_spec(service), detail=detail)
 
 
-def listed(backend: "KubernetesBackend", kube: KubeApi, namespace: str,
+def listed(backend: KubernetesBackend, kube: KubeApi, namespace: str,
            owned: Callable[[dict[str, Any]], str | None]) -> list[KernelInfo]:
     """The state of each autoscaled compute of this user in ``namespace`` (none without Knative Serving).
     ``owned(service)`` is the compute name when the object is this user's kt_jupyter compute, else None."""
@@ -213,13 +213,13 @@ def listed(backend: "KubernetesBackend", kube: KubeApi, namespace: str,
     return out
 
 
-def status_of_name(backend: "KubernetesBackend", name: str) -> KernelInfo | None:
+def status_of_name(backend: KubernetesBackend, name: str) -> KernelInfo | None:
     """:func:`status` of the compute of that name (None when it is not an autoscaled one)."""
     compute = backend._compute_for(name)
     return status(backend, backend._kube(compute), compute)
 
 
-def launch(backend: "KubernetesBackend", compute: Compute,
+def launch(backend: KubernetesBackend, compute: Compute,
            on_event: Callable[[str], None] | None = None) -> KernelHandle:
     """Apply the compute's Knative Service (and what it needs), wait for a ready pod of its Revision, connect."""
     say = on_event or (lambda _msg: None)
@@ -290,7 +290,7 @@ def launch(backend: "KubernetesBackend", compute: Compute,
 
 def _wait_ready(kube: KubeApi, compute: Compute, say: Callable[[str], None], deadline: float) -> dict[str, Any]:
     """The first Ready pod of the Service's latest Revision once the Service is Ready; raise on what will not heal."""
-    updates: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
+    updates: queue.Queue[tuple[str, str, Any]] = queue.Queue()
     watch = WatchThread(kube, "Pod", compute.namespace, updates, "pod", label_selector=label_selector(compute))
     said: set[str] = set()
     try:
@@ -333,14 +333,14 @@ def _wait_ready(kube: KubeApi, compute: Compute, say: Callable[[str], None], dea
         watch.stop()
 
 
-def delete(backend: "KubernetesBackend", kube: KubeApi, compute: Compute, grace_s: float) -> bool:
+def delete(backend: KubernetesBackend, kube: KubeApi, compute: Compute, grace_s: float) -> bool:
     """Delete the compute's Knative Service (foreground) and wait until it and its pods have left; False if none."""
     service = get_service(kube, compute)
     if service is None:
         return False
     ns, svc = compute.namespace, compute.service_name
     pods = _pods(kube, compute)
-    updates: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
+    updates: queue.Queue[tuple[str, str, Any]] = queue.Queue()
     watch = WatchThread(kube, "Pod", ns, updates, "pod", label_selector=label_selector(compute), replay=False)
     try:
         try:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import queue
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..compute import Compute
 from ..errors import ComputeSpecError, LaunchError
@@ -71,7 +72,7 @@ class LaunchWaiter:
 
     def __init__(self, kube: KubeApi, compute: Compute, say: Callable[[str], None]) -> None:
         self.kube, self.compute, self._say = kube, compute, say
-        self.updates: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
+        self.updates: queue.Queue[tuple[str, str, Any]] = queue.Queue()
         self.grace_s = unschedulable_grace_s(compute.launch_timeout_s)
         self.watches = [WatchThread(kube, "Event", compute.namespace, self.updates, "event", replay=False)]
         self.pods: dict[str, dict[str, Any]] = {}

@@ -22,8 +22,8 @@ from ..manifests import CONTAINER_NAME
 from . import kubernetes_events as ev
 from .kubernetes_api import KubeApi
 from .kubernetes_objects import workload_kind
-from .kubernetes_workloads import job_condition, job_stopped_idle, workload_stopped
 from .kubernetes_watch import WatchThread
+from .kubernetes_workloads import job_condition, job_stopped_idle, workload_stopped
 from .portforward import Forward
 
 #: Log lines quoted in the liveness sentence of a restarted container.
@@ -43,7 +43,7 @@ class LiveKernel:
         #: Other pod ports reached for this pod (the debugger's), by port; closed with the pod's forward.
         self.extra_forwards: dict[int, Forward] = {}
         self.gone: str | None = None
-        self._events: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
+        self._events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
         self._lock = threading.Lock()
         self._watch_failed = False
         self._watch = WatchThread(kube, "Pod", compute.namespace, self._events, "live",
@@ -105,7 +105,7 @@ class LiveKernel:
         kind = workload_kind(self.compute)
         try:
             dep = self.kube.get(kind, self.compute.service_name, self.compute.namespace)
-        except Exception:  # noqa: BLE001 - the sentence is still useful without the reason
+        except Exception:
             return "is gone"
         if dep is None or (dep.get("metadata") or {}).get("deletionTimestamp"):
             return f"was deleted with its {kind} (`%kt down`, or kubectl)"

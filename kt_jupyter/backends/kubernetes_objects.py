@@ -19,8 +19,9 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..manifests import COMPONENT_LABEL, build_all
 from ..pod_security import notebook_peer
@@ -46,7 +47,7 @@ def pod_kernel_source_files() -> dict[str, str]:
     return {f"pod_kernel/{p.name}": p.read_text() for p in sorted(root.glob("*.py"))}
 
 
-def workload_kind(compute: "Compute") -> str:
+def workload_kind(compute: Compute) -> str:
     """What runs the compute's pod: a Job when it stops when idle (``inactivity_ttl``), else a Deployment."""
     return "Job" if compute.inactivity_ttl_s else "Deployment"
 
@@ -78,13 +79,13 @@ def stamp_template(workload: dict[str, Any]) -> str:
     return annotations[TEMPLATE_HASH_ANNOTATION]
 
 
-def network_policy_wanted(environ: "Mapping[str, str] | None" = None) -> bool:
+def network_policy_wanted(environ: Mapping[str, str] | None = None) -> bool:
     """Whether computes get a NetworkPolicy: yes unless ``KT_NETWORK_POLICY`` is 0, false or off."""
     env = os.environ if environ is None else environ
     return env.get(NETWORK_POLICY_ENV, "1").strip().lower() not in ("0", "false", "off")
 
 
-def backend_objects(compute: "Compute", token: str) -> list[dict[str, Any]]:
+def backend_objects(compute: Compute, token: str) -> list[dict[str, Any]]:
     """Every object the backend applies, in order: build_all's (with the NetworkPolicy that admits only
     the notebook, unless ``KT_NETWORK_POLICY=0``), the workload last (:func:`workload_kind`), stamped."""
     peer = notebook_peer() if network_policy_wanted() else None

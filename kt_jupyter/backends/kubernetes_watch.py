@@ -12,6 +12,7 @@ vanished as ``DELETED``, and the watch goes on from the new list.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -48,7 +49,7 @@ class WatchThread:
     queue as ``(tag, "ERROR", exception)`` and ends the watch. :meth:`stop` ends it.
     """
 
-    def __init__(self, kube: KubeApi, kind: str, namespace: str, out: "queue.Queue[tuple[str, str, Any]]",
+    def __init__(self, kube: KubeApi, kind: str, namespace: str, out: queue.Queue[tuple[str, str, Any]],
                  tag: str, resource_version: str | None = None, *, replay: bool = True,
                  known: list[dict[str, Any]] | None = None,
                  label_selector: str | None = None, field_selector: str | None = None) -> None:
@@ -66,7 +67,7 @@ class WatchThread:
         if not self._listed:  # the first list here, so what the caller does next is seen by the watch
             try:
                 self._list()
-            except Exception as exc:  # noqa: BLE001 - reported through the queue like any watch failure
+            except Exception as exc:
                 self._stopped.set()
                 self.out.put((self.tag, "ERROR", self._error(exc)))
                 return
@@ -85,7 +86,7 @@ class WatchThread:
             except _Expired:
                 self._version = None
                 self.relists += 1
-            except Exception as exc:  # noqa: BLE001 - reported to the waiting thread, never lost
+            except Exception as exc:
                 if self._stopped.is_set():
                     return
                 failures += 1
@@ -179,8 +180,6 @@ class WatchThread:
         self._stopped.set()
         response = self._response
         if response is not None:
-            try:
+            with contextlib.suppress(Exception):  # already closed or broken: the watch ends either way
                 shutdown = getattr(response, "shutdown", None)  # urllib3 >= 2.3: unblocks the read
                 (shutdown or response.close)()
-            except Exception:  # noqa: BLE001 - the connection may be gone already
-                pass

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 from ..compute import Compute
 from ..errors import KubernetesAPIError
@@ -45,7 +46,7 @@ def job_stopped_idle(job: dict[str, Any]) -> str:
     ttl_s = float(((job.get("metadata") or {}).get("annotations") or {}).get(INACTIVITY_TTL_ANNOTATION) or 0)
     done = (job.get("status") or {}).get("completionTime") or ""
     try:
-        since_s = max(0.0, time.time() - datetime.fromisoformat(done.replace("Z", "+00:00")).timestamp())
+        since_s = max(0.0, time.time() - datetime.fromisoformat(done).timestamp())
     except ValueError:
         since_s = 0.0
     return f"stopped: idle for {ttl_s + since_s:.0f} s (inactivity_ttl {ttl_s:g} s)"
@@ -98,7 +99,7 @@ def clear_way(kube: KubeApi, compute: Compute, expected_hash: str, say: Callable
 
 def wait_deleted(kube: KubeApi, compute: Compute, timeout_s: float) -> None:
     """Block until the compute's pods and workloads have left the API (or raise after ``timeout_s``)."""
-    updates: "queue.Queue[tuple[str, str, Any]]" = queue.Queue()
+    updates: queue.Queue[tuple[str, str, Any]] = queue.Queue()
     ns, selector = compute.namespace, label_selector(compute)
     left: dict[tuple[str, str], str] = {}
     watches = []

@@ -24,9 +24,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import psutil
 
@@ -133,7 +134,7 @@ def tail_of(f: BinaryIO, n: int | None) -> str:
     return "\n".join(lines[-n:]) if n else ""
 
 
-def _spec_at_rest(compute: "Compute") -> dict[str, Any]:
+def _spec_at_rest(compute: Compute) -> dict[str, Any]:
     """The spec kept in kernel.json: the Compute's parameters, with env var names but never their values."""
     spec = compute.to_dict() if hasattr(compute, "to_dict") else {"name": compute.name}
     env = spec.pop("env_vars", None) or {}
@@ -217,7 +218,7 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ launch / find
 
-    def launch(self, compute: "Compute", *, keep: bool = False,
+    def launch(self, compute: Compute, *, keep: bool = False,
                on_event: Callable[[str], None] | None = None) -> KernelHandle:
         """Start a pod kernel for ``compute``, or return the live one of the same name."""
         name = compute.name
@@ -264,7 +265,7 @@ class LocalBackend:
     def _write_info(self, name: str, info: dict[str, Any]) -> None:
         registry.write_private(self._dir(name) / "kernel.json", json.dumps(info).encode())
 
-    def _start(self, compute: "Compute", keep: bool, on_event: Callable[[str], None]) -> KernelHandle:
+    def _start(self, compute: Compute, keep: bool, on_event: Callable[[str], None]) -> KernelHandle:
         name = compute.name
         gpus = int(getattr(compute, "gpu_count", 0) or 0)
         env = _base_env()

@@ -33,8 +33,8 @@ def unload(shell: Any) -> None:
     """Remove what :func:`load` added to ``shell``."""
     from .. import debug_panel
     from ..backends import get_backend
-    from ..widgets import monitor
     from ..backends.local import LocalBackend
+    from ..widgets import monitor
 
     magics = shell.magics_manager.registry.pop(MAGICS_NAME, None)
     if magics is not None:

@@ -90,7 +90,7 @@ class DistributedCells:
                                transfer=transfer, on_output=show_output, all_ranks=all_ranks,
                                cell_name=cell_name, cell_label=label, timeout_s=timeout_s,
                                on_progress=transfer_reporter())
-        except BaseException as exc:  # noqa: BLE001 - shown as IPython shows a local cell's error, rank named
+        except BaseException as exc:
             raise present_error(exc, shell, count) from None
         results = [o.result if o is not None else None for o in outcome.outcomes]
         if all_ranks:

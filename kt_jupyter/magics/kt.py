@@ -16,11 +16,12 @@ import shlex
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import MagicArgumentParser, argument, kwds, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import MagicArgumentParser, kwds, magic_arguments, parse_argstring
 
 from .. import connection as conn_mod
 from .. import debug_panel, oom
@@ -33,8 +34,7 @@ from ..names import check_compute_name
 from ..render import RemoteResult, present_error, show_notice, show_output
 from ..widgets import launch_reporter, transfer_reporter
 from . import distributed as kt_dist
-from .args import (KtHelpFormatter, compute_args, compute_from_args, debugging_args, distributed_args, execution_args,
-                   parse_seconds, transfer_args, transfer_from_args)
+from .args import KtHelpFormatter, cell_line_args, compute_from_args, parse_seconds, transfer_from_args
 
 #: Usage line of the cell magic (argparse %-formats it: '%%%%' shows as '%%').
 CELL_USAGE = "%%%%kt [options]      (the first line of a cell; the rest of the cell runs remotely)"
@@ -137,12 +137,7 @@ class KtMagics(Magics):
 
     @magic_arguments()
     @kwds(usage=CELL_USAGE, formatter_class=KtHelpFormatter, epilog=CELL_EPILOG)
-    @argument("-h", "--help", action="store_true", help=argparse.SUPPRESS)
-    @compute_args
-    @transfer_args
-    @execution_args
-    @debugging_args
-    @distributed_args
+    @cell_line_args
     @cell_magic
     def kt(self, line: str, cell: str) -> Any:
         """Run this cell on a warm pod kernel (local subprocess or Kubernetes pod).
@@ -545,7 +540,7 @@ class KtMagics(Magics):
                                  f"can no longer be fetched; run the cell that makes them again")
             connection = self._connect(compute)
             progress = transfer_reporter()
-            pulled += connection.pull(names, ns, on_progress=lambda d, t: progress("pull", d, t))
+            pulled += connection.pull(names, ns, on_progress=lambda d, t, report=progress: report("pull", d, t))
         print(f"[kt] pulled {', '.join(pulled)}")
         return None
 

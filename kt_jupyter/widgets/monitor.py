@@ -18,8 +18,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..backends import get_backend
 from ..errors import ComputeSpecError, KtError, NotFoundError
@@ -320,7 +321,7 @@ def poke_all() -> None:
         mon.poke()
 
 
-#: The shells whose cells poke the monitors: id(shell) -> (its events, the callback registered), so unload can remove it.
+#: The shells whose cells poke the monitors: id(shell) -> (its events, the callback), so unload can remove it.
 _hooked: dict[int, tuple[Any, Callable[..., None]]] = {}
 
 
