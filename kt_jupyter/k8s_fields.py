@@ -140,7 +140,7 @@ def check_tolerations(value: object) -> list[dict[str, Any]]:
     example = "[{'key': 'dedicated', 'operator': 'Equal', 'value': 'ml', 'effect': 'NoSchedule'}]"
     if not isinstance(value, (list, tuple)):
         raise ComputeSpecError(f"tolerations must be a list of dicts like {example}; got {value!r}")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, tol in enumerate(value):
         where = f"tolerations[{i}]"
         if not isinstance(tol, dict):
@@ -150,7 +150,7 @@ def check_tolerations(value: object) -> list[dict[str, Any]]:
             raise ComputeSpecError(
                 f"{where}: unknown key {unknown[0]!r}; a toleration has key, operator, value, effect, "
                 "tolerationSeconds")
-        t = {_TOLERATION_KEYS[k]: v for k, v in tol.items() if v is not None}
+        t: dict[str, Any] = {_TOLERATION_KEYS[k]: v for k, v in tol.items() if v is not None}
         op = t.setdefault("operator", "Equal")
         if op not in ("Equal", "Exists"):
             raise ComputeSpecError(f"{where}: operator must be 'Equal' or 'Exists'; got {op!r}")

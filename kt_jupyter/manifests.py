@@ -266,7 +266,7 @@ def _probes(compute: Compute) -> dict[str, dict[str, Any]]:
     }
 
 
-def _scheduler(compute: Compute) -> tuple[str | None, str | None]:
+def _scheduler(compute: Compute) -> tuple[str | None, str]:
     """(schedulerName we set, the label key for ``queue``): KAI for gpu_memory or a kai-scheduler
     schedulerName in service_template, else Kueue's queue label and the default scheduler."""
     template = ((compute.service_template.get("spec") or {}).get("template") or {}).get("spec") or {}
@@ -336,7 +336,7 @@ def build_deployment(compute: Compute, *, source_files: dict[str, str] | None = 
     if source_files and with_source:
         pod_annotations[SOURCE_HASH_ANNOTATION] = source_hash(source_files)
         next(v for v in volumes if v["name"] == "kt-src")["configMap"]["items"] = _source_items(source_files)
-    if compute.gpu_memory:
+    if compute.gpu_memory and compute.gpu_memory_bytes is not None:
         pod_annotations["gpu-memory"] = str(-(-compute.gpu_memory_bytes // 2**20))  # KAI: MiB, rounded up
     pod_labels = object_labels(compute, "pod-kernel")
     scheduler_name, queue_label = _scheduler(compute)

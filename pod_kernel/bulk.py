@@ -241,7 +241,7 @@ class BulkServer:
                 for key, _ in events:
                     if key.data is None:
                         self._accept_one(sel, pending, drop, rest, now)
-                    else:
+                    elif isinstance(key.fileobj, socket.socket):  # always: only accepted conns carry data
                         self._read_ticket(sel, key.fileobj, pending, drop)
                 for conn in [c for c, st in pending.items() if st[1] < now]:
                     drop(conn)  # no ticket within the handshake deadline

@@ -176,7 +176,7 @@ def status(backend: KubernetesBackend, kube: KubeApi, compute: Compute) -> Kerne
     ns = compute.namespace
     pods = _pods(kube, compute)
     ready = [p for p in pods if ev.is_ready(p)]
-    pod = (ready or pods or [None])[0]
+    pod = ready[0] if ready else pods[0] if pods else None
     where = f"pod {ev.name_of(pod)} on node {ev.node_of(pod) or '(unscheduled)'} (namespace {ns}, Knative)" \
         if pod else f"Knative Service {service['metadata']['name']} (namespace {ns})"
     cond = _conditions(service).get("Ready") or {}
