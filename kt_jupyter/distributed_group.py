@@ -238,7 +238,7 @@ def _attach_or_launch(compute: Compute, keep: bool, say: Callable[[str], None]) 
 
 def _kubernetes_compute(name: str) -> Compute:
     """The Kubernetes compute of that name this process knows (its namespace), else a default one."""
-    return get_backend("kubernetes")._compute_for(name)  # type: ignore[attr-defined]
+    return get_backend("kubernetes")._compute_for(name)
 
 
 def _attach_or_launch_kubernetes(compute: Compute, say: Callable[[str], None]) -> WorkerGroup:

@@ -12,12 +12,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 
 from ..client import Session
 from ..compute import Compute
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError
 from ..names import BACKENDS
+
+if TYPE_CHECKING:
+    from .kubernetes import KubernetesBackend
+    from .local import LocalBackend
 
 
 def kt_home() -> Path:
@@ -127,6 +131,14 @@ def spec_mismatch_error(name: str, mismatch: str) -> KtError:
 
 
 _instances: dict[str, Any] = {}
+
+
+@overload
+def get_backend(name: Literal["local"]) -> LocalBackend: ...
+@overload
+def get_backend(name: Literal["kubernetes"]) -> KubernetesBackend: ...
+@overload
+def get_backend(name: str) -> Backend: ...
 
 
 def get_backend(name: str) -> Backend:

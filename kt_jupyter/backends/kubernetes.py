@@ -31,6 +31,7 @@ stopped idle, the next launch of that name starts it again, and ``suspend`` /
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import json
 import threading
@@ -366,7 +367,7 @@ class KubernetesBackend:
         return out
 
     def _info(self, kube: KubeApi, name: str, ns: str, kind: str, dep: dict[str, Any],
-              pods: list[dict[str, Any]]) -> KernelInfo:
+              pods: builtins.list[dict[str, Any]]) -> KernelInfo:  # builtins: list is a method here
         spec_json = ((dep.get("metadata") or {}).get("annotations") or {}).get(SPEC_ANNOTATION)
         try:
             spec = json.loads(spec_json) if spec_json else {}
@@ -374,7 +375,7 @@ class KubernetesBackend:
             spec = {}
         pods = [p for p in pods if not ev.is_terminating(p)]
         ready = [p for p in pods if ev.is_ready(p)]
-        pod = (ready or pods or [None])[0]
+        pod = ready[0] if ready else pods[0] if pods else None
         where = f"pod {ev.name_of(pod)} on node {ev.node_of(pod) or '(unscheduled)'} (namespace {ns})" if pod \
             else f"namespace {ns}"
         started = _epoch((pod.get("status") or {}).get("startTime")) if pod else \
@@ -434,7 +435,7 @@ class KubernetesBackend:
         return self._info(kube, name, compute.namespace, *found,
                           kube.list("Pod", compute.namespace, label_selector=label_selector(compute)))
 
-    def pods(self, name: str) -> list[dict[str, Any]]:
+    def pods(self, name: str) -> builtins.list[dict[str, Any]]:  # builtins: list is a method here
         """The compute's pods, as the API returns them."""
         compute = self._compute_for(name)
         pods = self._kube(compute).list("Pod", compute.namespace, label_selector=label_selector(compute))

@@ -14,6 +14,7 @@ started. It exits by itself when the notebook kernel that launched it exits
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import json
@@ -136,7 +137,7 @@ def tail_of(f: BinaryIO, n: int | None) -> str:
 
 def _spec_at_rest(compute: Compute) -> dict[str, Any]:
     """The spec kept in kernel.json: the Compute's parameters, with env var names but never their values."""
-    spec = compute.to_dict() if hasattr(compute, "to_dict") else {"name": compute.name}
+    spec: dict[str, Any] = compute.to_dict() if hasattr(compute, "to_dict") else {"name": compute.name}
     env = spec.pop("env_vars", None) or {}
     if env:
         spec["env_var_names"] = sorted(env)
@@ -317,8 +318,9 @@ class LocalBackend:
                 finally:
                     os.close(write_fd)
         self._children[proc.pid] = proc
-        if getattr(compute, "memory_bytes", None):  # past it, allocations raise MemoryError (rlimits.py)
-            apply_memory_limit(proc.pid, compute.memory_bytes)
+        memory_bytes = getattr(compute, "memory_bytes", None)
+        if memory_bytes:  # past it, allocations raise MemoryError (rlimits.py)
+            apply_memory_limit(proc.pid, memory_bytes)
         timeout_s = float(getattr(compute, "launch_timeout_s", None) or 60.0)
         try:
             ready = self._wait_ready(read_fd, proc, timeout_s, log_path, name)
@@ -450,7 +452,7 @@ class LocalBackend:
         self._read_info(name)  # an entry (or kernel.json) that is not ours is refused, not shown
         entry = self._entry(name)
         fd = None if entry is None else registry.open_file(name, entry / "kernel.log", private=False)
-        if fd is None:
+        if entry is None or fd is None:
             raise NotFoundError(f"no logs for local compute {name!r}")
         with os.fdopen(fd, "rb") as f:
             return _with_rotated(entry / "kernel.log", tail_of(f, tail), tail)
@@ -487,7 +489,7 @@ class LocalBackend:
                     return
                 time.sleep(poll_s)
 
-    def attached(self, name: str) -> list[int]:
+    def attached(self, name: str) -> builtins.list[int]:  # builtins: list is a method here
         """Pids of the live notebook (or terminal IPython) kernels that use this compute."""
         info = self._read_info(name) or {}
         owners = info.get("owners") or ([info["owner_pid"]] if info.get("owner_pid") else [])

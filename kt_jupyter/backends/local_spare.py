@@ -99,7 +99,7 @@ class SparePool:
             return
         finally:
             os.close(write_fd)
-        spare = Spare(proc, read_fd, write_fd, startup_env(env))
+        spare: Spare | None = Spare(proc, read_fd, write_fd, startup_env(env))
         with self._lock:
             if self.enabled and self._spare is None:
                 self._spare, spare = spare, None
