@@ -38,7 +38,7 @@ import symtable
 import sys
 import tokenize
 import types
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -350,17 +350,17 @@ class _Walker:
         self.bound = set.intersection(*live) if live else set(start)
         self.reachable = was_reachable and bool(live)
 
-    def visit(self, *nodes: ast.AST | list[ast.AST] | None) -> None:
+    def visit(self, *nodes: ast.AST | Sequence[ast.AST | None] | None) -> None:
         """Visit nodes in order (lists flattened, None skipped), each through its ``_Type`` handler."""
         for node in nodes:
-            if isinstance(node, list):
-                self.visit(*node)
-            elif node is not None:
+            if isinstance(node, ast.AST):
                 handler = getattr(self, "_" + type(node).__name__, None)
                 if handler is not None:
                     handler(node)
                 else:
                     self.visit(*ast.iter_child_nodes(node))
+            elif node is not None:
+                self.visit(*node)
 
     # statements ----------------------------------------------------------
     def _Assign(self, node: ast.Assign) -> None:
@@ -513,8 +513,8 @@ class _Walker:
         if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call)
                 and isinstance(func.value.func, ast.Name) and func.value.func.id == "get_ipython"):
             return
-        args = [a.value if isinstance(a, ast.Constant) and isinstance(a.value, str) else None for a in node.args]
-        if None in args or not args:
+        args = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        if len(args) != len(node.args) or not args:  # only string literals name what runs
             return
         if func.attr in ("system", "getoutput"):
             self._expanded(args[0])
