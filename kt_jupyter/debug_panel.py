@@ -440,7 +440,7 @@ class KtDebuggerMixin(_DebuggerBase):
         """Whether a ``%%kt`` cell with this file should run under the panel's debugger (it has breakpoints)."""
         return bool(self.kt_breakpoints.get(cell_file))
 
-    def link_pod(self, compute: str, host: str, port: int, write_file: Callable[[str, str], None]) -> None:
+    def link_pod(self, compute: str, host: str, port: int, write_file: Callable[[str, str], object]) -> None:
         """Attach to a pod kernel's debugpy (once per compute) with the breakpoints of its cells.
 
         ``write_file(path, text)`` puts a cell's file in the pod (debugpy only

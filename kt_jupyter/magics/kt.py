@@ -10,6 +10,7 @@ notebook shows.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import posixpath
 import shlex
@@ -17,7 +18,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -35,6 +37,9 @@ from ..render import RemoteResult, present_error, show_notice, show_output
 from ..widgets import launch_reporter, transfer_reporter
 from . import distributed as kt_dist
 from .args import KtHelpFormatter, cell_line_args, compute_from_args, parse_seconds, transfer_from_args
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 #: Usage line of the cell magic (argparse %-formats it: '%%%%' shows as '%%').
 CELL_USAGE = "%%%%kt [options]      (the first line of a cell; the rest of the cell runs remotely)"
@@ -60,7 +65,7 @@ def running_cell_count(shell: Any) -> int:
     tracebacks show. Outside a cell: the shell's ``execution_count``.
     """
     numbers = getattr(getattr(shell, "compile", None), "_filename_map", None)
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and isinstance(numbers, dict):
         number = numbers.get(frame.f_code.co_filename)
         if isinstance(number, int):
@@ -110,7 +115,9 @@ def _subcommand_parser(prog: str, description: str) -> MagicArgumentParser:
 class KtMagics(Magics):
     """The kt magics."""
 
-    def __init__(self, shell: Any) -> None:
+    shell: InteractiveShell  # Magics allows None; these are always built with the shell they run in
+
+    def __init__(self, shell: InteractiveShell) -> None:
         super().__init__(shell)
         self.async_cells: list[AsyncCell] = []
         #: %%kt --workers cells: each group's per-rank namespaces
@@ -298,14 +305,17 @@ class KtMagics(Magics):
             show_notice(f"this cell runs on a new pod kernel {here[1]!r} ({handle.where or here[0]}): "
                         "the variables earlier cells left there are gone", "warning")
 
-    def _start_async(self, run: Callable[[], conn_mod.CellOutcome], label: str, compute: str) -> AsyncCell:
+    def _start_async(self, run: Callable[[], conn_mod.CellOutcome], label: str, compute: str) -> None:
         job = AsyncCell(label, compute)
         parent = getattr(self.shell, "parent_header", None)
+        # ipykernel's shell has set/reset_thread_parent; a terminal IPython's has neither
+        set_thread_parent = getattr(self.shell, "set_thread_parent", None)
+        reset_thread_parent = getattr(self.shell, "reset_thread_parent", None)
 
         def target() -> None:
             tokens = None
-            if parent is not None and hasattr(self.shell, "set_thread_parent"):
-                tokens = self.shell.set_thread_parent(parent)  # our output goes to the cell that started us
+            if parent is not None and set_thread_parent is not None:
+                tokens = set_thread_parent(parent)  # our output goes to the cell that started us
             try:
                 job.outcome = run()
                 result = job.outcome.result
@@ -315,19 +325,18 @@ class KtMagics(Magics):
                 job.error = present_error(exc, self.shell)
                 self.shell.showtraceback((type(exc), exc, exc.__traceback__))
             finally:
-                if tokens is not None:
-                    self.shell.reset_thread_parent(tokens)
+                if tokens is not None and reset_thread_parent is not None:
+                    reset_thread_parent(tokens)
                 job.done.set()
 
         job.thread = threading.Thread(target=target, name=f"kt-async-{label}", daemon=True)
         self.async_cells.append(job)
         job.thread.start()
         show_notice(f"{label} is running on {compute!r} in the background; `%kt wait` waits for it", "info")
-        return None
 
     # ------------------------------------------------------------------ %kt
 
-    @line_magic("kt")
+    @line_magic("kt")  # type: ignore[arg-type]  # IPython types line_magic(name) as returning "_F | decorator", not a decorator
     def kt_line(self, line: str) -> Any:
         """Manage computes: %kt list | status | logs | down | restart | pull | config | pick | wait | help.
 
@@ -427,7 +436,7 @@ class KtMagics(Magics):
                 return c.compute
         return default.with_overrides(name=name, backend=backend_with(name, default.backend))
 
-    def _list(self, args: Any) -> list:
+    def _list(self, args: Any) -> None:
         rows = []
         for backend_name in [args.backend] if args.backend else BACKENDS:
             try:
@@ -444,7 +453,6 @@ class KtMagics(Magics):
         )
 
         print(computes_table(rows))
-        return None
 
     def _status(self, args: Any) -> None:
         from ..widgets import show_status  # a live panel in a notebook, text elsewhere
@@ -519,14 +527,14 @@ class KtMagics(Magics):
         self._connect(compute)
         print(f"[kt] {compute.name} restarted: a fresh kernel, no variables")
 
-    def _pull(self, args: Any) -> list[str]:
+    def _pull(self, args: Any) -> None:
         ns = self.shell.user_ns
         if args.rank is not None or args.all_ranks:  # from the ranks of a distributed compute
             compute = self._named(args.name)
             bound = kt_dist.pull(kt_dist.group_named(compute.backend, compute.name), compute.name, list(args.vars),
                                  args.rank, ns)
             print(f"[kt] pulled {', '.join(bound)}")
-            return None
+            return
         by_compute: dict[str, list[str]] = {}
         for var in args.vars:
             value = ns.get(var)
@@ -540,9 +548,9 @@ class KtMagics(Magics):
                                  f"can no longer be fetched; run the cell that makes them again")
             connection = self._connect(compute)
             progress = transfer_reporter()
-            pulled += connection.pull(names, ns, on_progress=lambda d, t, report=progress: report("pull", d, t))
+            pulled += connection.pull(names, ns, on_progress=functools.partial(progress, "pull"))
         print(f"[kt] pulled {', '.join(pulled)}")
-        return None
+        return
 
     def _config(self, args: Any) -> None:
         if args.reset:
@@ -575,8 +583,8 @@ class KtMagics(Magics):
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not job.done.wait(remaining):
                 raise UsageError(f"{job.label} still running after {args.timeout:g} s")
-        failed = [j for j in self.async_cells if j.error is not None]
+        failed = [j.error for j in self.async_cells if j.error is not None]
         self.async_cells = [j for j in self.async_cells if not j.done.is_set()]
         print(f"[kt] {len(pending)} background cell(s) finished" + (f", {len(failed)} failed" if failed else ""))
         if failed:
-            raise failed[0].error
+            raise failed[0]
