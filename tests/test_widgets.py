@@ -655,6 +655,29 @@ def test_monitor_follows_a_real_kernel_until_it_stops(local_backend, tmp_path):
     panel.close()
 
 
+def test_a_cell_event_between_samples_resends_no_chart(local_backend):
+    """Every cell start and end pokes the monitor (a status refresh); the charts gain a point, and the panel
+    resends them to the browser, only once per sampling interval, not on every quick cell."""
+    from kt_jupyter.widgets.metrics import MetricsView
+    from kt_jupyter.widgets.monitor import monitor_for
+
+    conn_mod.connect(Compute(name="quiet-charts"))
+    mon = monitor_for("quiet-charts", "local")
+    mon.fast_s = mon.slow_s = 60.0
+    view = MetricsView(mon.metrics)
+    sent = []
+    view.observe(lambda ch: sent.append(ch["new"]), names=["value"])  # a value change is a comm_msg
+    mon.refresh_status()
+    assert len(sent) == 1 and mon.metrics.samples == 1
+    for _event in ("pre_run_cell", "post_run_cell", "pre_run_cell", "post_run_cell"):
+        mon.refresh_status()  # what a poke does
+    assert mon.status.phase == "ready" and len(sent) == 1 and mon.metrics.samples == 1
+    mon.fast_s = 0.0  # the sampling interval has passed: the next sample is drawn
+    mon.refresh_status()
+    assert len(sent) == 2 and mon.metrics.samples == 2
+    view.close()
+
+
 def test_an_old_panel_never_shows_a_newer_kernel(local_backend):
     """A kernel replaced under the same name (`%kt restart`, down then up): the old panel says so and stops."""
     from kt_jupyter.widgets.monitor import monitor_for

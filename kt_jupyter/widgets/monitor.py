@@ -9,7 +9,9 @@ newer kernel replaces the one it showed (a panel shows one kernel instance,
 never its successor), or when the last panel using it is closed. As every
 notebook cell starts and ends (IPython's ``pre_run_cell`` and ``post_run_cell``) the live
 monitors refresh at once, so a panel is right as soon as a cell or a
-``%kt down`` ends.
+``%kt down`` ends; a run of quick cells refreshes it at most every
+``POKE_MIN_GAP_S``, and the charts gain a point per sampling interval, not per
+cell (a quick warm cell costs neither a pod request nor a redraw sent to the browser).
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ LOG_FILE_INTERVAL_S = 0.5
 LOG_POLL_INTERVAL_S = 2.0
 #: How much of a log file's end is read when following starts.
 LOG_START_BYTES = 256 << 10
+#: Pokes refresh the status at once, but at most once per this many seconds (a run of quick cells refreshes it
+#: as they go, not twice per cell: each refresh is a request to the pod kernel and, when a number changed, a
+#: redraw sent to the browser).
+POKE_MIN_GAP_S = 0.25
+#: A sample is drawn in the charts when at least this share of the fast interval passed since the last one drawn
+#: (a timed sample is never skipped for jitter; one a cell event asked for in between is).
+CHART_GAP_TOLERANCE = 0.8
 #: After a poke (a cell starts or ends), how long status is sampled at the fast interval.
 POKE_FAST_S = 10.0
 
@@ -69,6 +78,7 @@ class ComputeMonitor:
         self._log_id: tuple[int, int] | None = None
         self._log_tail: list[str] = []
         self._fast_until = 0.0
+        self._charted_at: float | None = None  # monotonic time of the latest sample drawn in the charts
         #: where the kernel's handle comes from (default: the backend's ``find``; a distributed compute's rank on
         #: Kubernetes: the group's own connection to it, which the backend's ``find`` does not know)
         self.find_handle: Callable[[str], Any] | None = None
@@ -174,6 +184,14 @@ class ComputeMonitor:
             log.debug("metrics of %s failed", self.name, exc_info=True)
             return
         self.status.apply_metrics(sample)
+        # The charts are a time series at the sampling interval: a sample a poke asked for (every cell starts
+        # and ends) updates the status line, but adds a point only when the fast interval has passed since
+        # the last one; otherwise each quick cell would redraw and resend every chart for nothing new.
+        now = time.monotonic()
+        recent = self._charted_at is not None and now - self._charted_at < self.fast_s * CHART_GAP_TOLERANCE
+        if recent and not self.metrics.error:  # (a failed sample's note goes as soon as one works)
+            return
+        self._charted_at = now
         self.metrics.memory_limit_bytes = memory_limit_bytes(self.status.resources)
         self.metrics.interval_s = self.fast_s if sample.get("running") else self.slow_s
         self.metrics.add_sample(sample)
@@ -260,6 +278,7 @@ class ComputeMonitor:
         file_logs = getattr(self.backend, "log_path", None) is not None
         log_every = LOG_FILE_INTERVAL_S if file_logs else LOG_POLL_INTERVAL_S
         next_status = next_logs = next_tick = time.monotonic()
+        refreshed_at = next_status - POKE_MIN_GAP_S
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
@@ -270,10 +289,15 @@ class ComputeMonitor:
                     if self.refresh_logs() and self.status.phase == "ready" and not self.status.running:
                         next_status = min(next_status, now + 0.2)  # output while idle: a cell may have started
                     next_logs = now + log_every
-                if now >= next_status or self._wake.is_set():
+                woken = self._wake.is_set()
+                if now >= next_status or (woken and now >= refreshed_at + POKE_MIN_GAP_S):
                     self._wake.clear()
                     self.refresh_status()
-                    next_status = time.monotonic() + self._interval()
+                    refreshed_at = time.monotonic()
+                    next_status = refreshed_at + self._interval()
+                elif woken:  # pokes from quick cells in a row: one refresh per gap, the last cell's state
+                    self._wake.clear()
+                    next_status = min(next_status, refreshed_at + POKE_MIN_GAP_S)
                 if self.status.terminal:
                     self.refresh_logs()  # its last words
                     break
