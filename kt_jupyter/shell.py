@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import inspect
 import json
 import os
 import pty
@@ -149,6 +150,7 @@ def kubernetes_shell(name: str) -> int:
     """``kubectl exec -it`` into the pod kernel's container, relaying this terminal; the shell's exit code."""
     from kubernetes import client
     from kubernetes.stream import stream
+    from kubernetes.stream.ws_client import WSClient
 
     from .backends import get_backend
     from .backends.kubernetes_api import load_api_client
@@ -162,10 +164,11 @@ def kubernetes_shell(name: str) -> int:
         raise NotFoundError(f"compute {name!r} has no ready pod in namespace {compute.namespace!r}; run a cell on "
                             "it (or launch it) first")
     core = client.CoreV1Api(load_api_client(compute.kubeconfig_path))  # stream() patches its client: a fresh one
+    # bytes: a character split between two messages stays whole (older clients, e.g. 29, relay text only)
+    binary = {"binary": True} if "binary" in inspect.signature(WSClient.__init__).parameters else {}
     resp = stream(core.connect_get_namespaced_pod_exec, ready[0]["metadata"]["name"], compute.namespace,
                   container=CONTAINER_NAME, command=["/bin/sh", "-c", 'exec "${SHELL:-/bin/sh}"'],
-                  stdin=True, stdout=True, stderr=True, tty=True, _preload_content=False,
-                  binary=True)  # bytes: a character split between two messages stays whole
+                  stdin=True, stdout=True, stderr=True, tty=True, _preload_content=False, **binary)
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
 
     def resize() -> None:
@@ -181,6 +184,7 @@ def kubernetes_shell(name: str) -> int:
             resp.update(timeout=RELAY_POLL_S)
             for read in (resp.read_stdout, resp.read_stderr):
                 data = read(timeout=0)  # also once closed: the last update may have buffered the last output
+                data = data.encode() if isinstance(data, str) else data
                 while data:  # a terminal may take part of a write
                     data = data[os.write(stdout, data):]
             if resp.is_open() and select.select([stdin], [], [], 0)[0]:
