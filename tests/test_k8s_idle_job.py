@@ -11,12 +11,12 @@ RoleBindings, modelled by refusing those verbs), and needs to.
 from __future__ import annotations
 
 import pytest
+from k8s_fake import FakeNode
+from k8s_fake.cluster import MISSING_IMAGE, NS, fake_cluster, run_cell
 
 from kt_jupyter.compute import Compute
 from kt_jupyter.errors import ImagePullError
 from kt_jupyter.manifests import label_selector
-from k8s_fake import FakeNode
-from k8s_fake.cluster import MISSING_IMAGE, NS, fake_cluster
 
 #: One node with one GPU: a second GPU pod fits only once the first has let go of it.
 GPU_NODE = FakeNode("gpu-node-1", {"kubernetes.io/hostname": "gpu-node-1"},
@@ -43,19 +43,11 @@ def job_done(cluster, compute: Compute, kind: str = "Complete") -> bool:
     return any(c["type"] == kind and c["status"] == "True" for c in (job.get("status") or {}).get("conditions") or [])
 
 
-def run(handle, code: str) -> dict:
-    session = handle.session()
-    session.connect()
-    try:
-        return session.execute(code).data
-    finally:
-        session.close()
-
 
 def test_idle_gpu_compute_ends_its_job_and_frees_the_gpu_with_edit_rights_alone(cluster):
     compute = k8s("idle", gpus=1, inactivity_ttl=1)
     handle = cluster.backend.launch(compute)
-    assert run(handle, "6 * 7") == {"text/plain": "42"}
+    assert run_cell(handle, "6 * 7") == {"text/plain": "42"}
     assert cluster.deployment(compute) is None and cluster.job(compute)["spec"]["backoffLimit"] >= 1
     [pod] = cluster.pods(compute)
     assert pod["spec"]["restartPolicy"] == "OnFailure" and "serviceAccountName" not in pod["spec"]
@@ -80,14 +72,14 @@ def test_idle_gpu_compute_ends_its_job_and_frees_the_gpu_with_edit_rights_alone(
                                or cluster.pods(compute)[0]["status"]["phase"] != "Succeeded", 2.5)
     # the GPU is free: another one-GPU compute fits on the one-GPU node while the finished pod is still listed
     other = cluster.backend.launch(k8s("other", gpus=1))
-    assert run(other, "1 + 1") == {"text/plain": "2"}
+    assert run_cell(other, "1 + 1") == {"text/plain": "2"}
     cluster.backend.delete("other", grace_period_s=1)
 
     # the next cell on that name launches it again: a new Job, same token
     messages: list[str] = []
     again = cluster.backend.launch(compute, on_event=messages.append)
     assert any("replacing Job" in m and "its Job has finished" in m for m in messages)
-    assert again.token == handle.token and run(again, "'back'") == {"text/plain": "'back'"}
+    assert again.token == handle.token and run_cell(again, "'back'") == {"text/plain": "'back'"}
     assert [p["metadata"]["name"] for p in cluster.pods(compute)] != [pod["metadata"]["name"]]
     assert not cluster.objects("roles") and not cluster.objects("rolebindings")
     assert not [r for r in cluster.store.requests if "rbac.authorization.k8s.io" in r["path"]]
@@ -106,7 +98,7 @@ def test_a_job_compute_suspends_resumes_and_goes_down(cluster):
 
     resumed = cluster.backend.resume("nap")
     assert cluster.job(compute)["spec"]["suspend"] is False and resumed.token == handle.token
-    assert run(resumed, "'fresh'") == {"text/plain": "'fresh'"}
+    assert run_cell(resumed, "'fresh'") == {"text/plain": "'fresh'"}
 
     assert cluster.backend.delete("nap", grace_period_s=1) is True
     selector = label_selector(compute)

@@ -15,14 +15,20 @@ import threading
 import time
 
 import pytest
+from k8s_fake import FakeNode, FakeNodeGroup
+from k8s_fake.cluster import FLAKY_IMAGE, NS, Lines, fake_cluster, finished, launch_in_thread, run_cell
+from k8s_fake.store import POD_SECURITY_LABEL
 
 from kt_jupyter.backends.kubernetes_launch import UNSCHEDULABLE_GRACE_ENV, unschedulable_grace_s
 from kt_jupyter.compute import Compute, Image
-from kt_jupyter.errors import (ComputeSpecError, CrashLoopError, KubernetesAPIError, LaunchTimeoutError,
-                               OOMKilledError, UnschedulableError)
-from k8s_fake import FakeNode, FakeNodeGroup
-from k8s_fake.cluster import FLAKY_IMAGE, NS, Lines, fake_cluster, finished, launch_in_thread
-from k8s_fake.store import POD_SECURITY_LABEL
+from kt_jupyter.errors import (
+    ComputeSpecError,
+    CrashLoopError,
+    KubernetesAPIError,
+    LaunchTimeoutError,
+    OOMKilledError,
+    UnschedulableError,
+)
 
 GATED_IMAGE = "ghcr.io/example/gated:1.0"
 GPU_NODE = {"cpu": "8", "memory": "32Gi", "pods": "110", "nvidia.com/gpu": "4"}
@@ -59,14 +65,6 @@ def bare_cluster(tmp_path, monkeypatch, kt_home):
 def k8s(name: str, **kw) -> Compute:
     return Compute(name=name, backend="kubernetes", **kw)
 
-
-def cell(handle, code: str):
-    session = handle.session()
-    session.connect()
-    try:
-        return session.execute(code).data
-    finally:
-        session.close()
 
 
 # ---------------------------------------------------------------------- item 2: watches outlive the watch cache
@@ -106,7 +104,7 @@ def test_watches_survive_410_expired_and_bookmarks_keep_them_fresh(cluster):
     gate.set()
     handle = finished(thread, outcome)
     assert {r["path"].rsplit("/", 1)[-1] for r in expired()} >= {"pods", "events", "replicasets"}
-    assert cell(handle, "6 * 7") == {"text/plain": "42"}
+    assert run_cell(handle, "6 * 7") == {"text/plain": "42"}
 
     # the liveness watch of the running kernel recovers the same way, and still sees the pod go
     churn()
@@ -141,7 +139,7 @@ def test_gpu_pod_waits_for_the_autoscaler_and_runs_on_the_new_node(gpu_cluster):
     assert "waiting for a node: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu." in text
     assert "the cluster autoscaler is adding a node: pod triggered scale-up: [{eks-gpu-nodes 0->1 (max: 4)}]" in text
     assert "on node eks-gpu-nodes-1" in handle.where and elapsed_s < 30
-    assert cell(handle, "'on a GPU node'") == {"text/plain": "'on a GPU node'"}
+    assert run_cell(handle, "'on a GPU node'") == {"text/plain": "'on a GPU node'"}
 
 
 def test_unschedulable_waits_for_a_node_a_person_adds(bare_cluster, monkeypatch):
@@ -186,7 +184,7 @@ def test_a_registry_429_is_retried_by_the_kubelet(cluster):
     handle = cluster.backend.launch(k8s("flaky", image=FLAKY_IMAGE), on_event=messages.append)
     assert any("image pull failed; the kubelet retries it (ErrImagePull:" in m and "429 Too Many Requests" in m
                for m in messages)
-    assert cell(handle, "1 + 1") == {"text/plain": "2"}
+    assert run_cell(handle, "1 + 1") == {"text/plain": "2"}
 
 
 def test_a_webhook_timeout_is_retried_by_the_replicaset_controller(cluster):
@@ -246,7 +244,7 @@ def test_a_neighbour_with_a_longer_name_does_not_lend_its_events(cluster):
         kube.apply(obj)
     cluster.store.wait_for(lambda: cluster.events("FailedCreate"), 20)
     handle = cluster.backend.launch(k8s("train"))  # tester-train: its pods' names are a prefix of tester-train-big's
-    assert cell(handle, "'mine'") == {"text/plain": "'mine'"}
+    assert run_cell(handle, "'mine'") == {"text/plain": "'mine'"}
 
 
 def test_a_quick_relaunch_does_not_fail_on_the_previous_attempt_s_event(cluster):
@@ -255,7 +253,7 @@ def test_a_quick_relaunch_does_not_fail_on_the_previous_attempt_s_event(cluster)
     with pytest.raises(UnschedulableError, match="ResourceQuota"):
         cluster.backend.launch(compute)
     handle = cluster.backend.launch(compute)  # the quota was freed; the same ReplicaSet still carries the event
-    assert cell(handle, "'second try'") == {"text/plain": "'second try'"}
+    assert run_cell(handle, "'second try'") == {"text/plain": "'second try'"}
 
 
 # ---------------------------------------------------------------------- item 6: errors survive missing logs

@@ -146,6 +146,20 @@ def test_kubernetes_shell_is_an_exec_on_a_tty_in_the_pods_directory_and_client_p
 
 # ---------------------------------------------------------------------- the server's terminal route
 
+async def _terminal_echo(jp_ws_fetch, terminal: str, mark: str) -> str:
+    """Type `echo "[$KT_MARK:$(pwd)]"` into a server terminal; what it printed up to ``mark``, then exit."""
+    ws = await jp_ws_fetch("terminals", "websocket", terminal)
+    ws.write_message(json.dumps(["stdin", 'echo "[$KT_MARK:$(pwd)]"\r']))
+    seen = ""
+    while mark not in seen:
+        message = json.loads(await asyncio.wait_for(ws.read_message(), ANSWER_TIMEOUT_S))
+        if message[0] == "stdout":
+            seen += message[1]
+    ws.write_message(json.dumps(["stdin", "exit\r"]))
+    ws.close()
+    return seen
+
+
 def _post_terminal(jp_fetch, loop, backend: str, name: str, headers: dict | None = None):
     try:
         reply = loop.run_until_complete(jp_fetch("kt", "api", "computes", backend, name, "terminal", method="POST",
@@ -161,19 +175,8 @@ def test_terminal_route_opens_a_shell_on_the_compute(pod_kernel, jp_fetch, jp_ws
     code, body = _post_terminal(jp_fetch, jp_asyncio_loop, "local", compute.name)
     assert code == 201 and body["path"] == f"terminals/{body['name']}" and body["compute"] == "sh1"
 
-    async def shell_says() -> str:
-        ws = await jp_ws_fetch("terminals", "websocket", body["name"])
-        ws.write_message(json.dumps(["stdin", 'echo "[$KT_MARK:$(pwd)]"\r']))
-        seen = ""
-        while f"[mark-123:{pod}]" not in seen:
-            message = json.loads(await asyncio.wait_for(ws.read_message(), ANSWER_TIMEOUT_S))
-            if message[0] == "stdout":
-                seen += message[1]
-        ws.write_message(json.dumps(["stdin", "exit\r"]))
-        ws.close()
-        return seen
-
-    assert f"[mark-123:{pod}]" in jp_asyncio_loop.run_until_complete(shell_says())
+    mark = f"[mark-123:{pod}]"
+    assert mark in jp_asyncio_loop.run_until_complete(_terminal_echo(jp_ws_fetch, body["name"], mark))
 
     # what ssh() in a notebook does: find the server, ask it, get the page's URL
     server = {"url": f"http://localhost:{jp_http_port}{jp_base_url}", "token": jp_serverapp.identity_provider.token}
@@ -192,19 +195,8 @@ def test_terminal_route_opens_a_shell_in_a_kubernetes_pod(k8s_pod_kernel, jp_fet
     code, body = _post_terminal(jp_fetch, jp_asyncio_loop, "kubernetes", compute.name)
     assert code == 201 and body["backend"] == "kubernetes"
 
-    async def shell_says() -> str:
-        ws = await jp_ws_fetch("terminals", "websocket", body["name"])
-        ws.write_message(json.dumps(["stdin", 'echo "[$KT_MARK:$(pwd)]"\r']))
-        seen = ""
-        while f"[mark-k8s:{pod_dir}]" not in seen:
-            message = json.loads(await asyncio.wait_for(ws.read_message(), ANSWER_TIMEOUT_S))
-            if message[0] == "stdout":
-                seen += message[1]
-        ws.write_message(json.dumps(["stdin", "exit\r"]))
-        ws.close()
-        return seen
-
-    assert f"[mark-k8s:{pod_dir}]" in jp_asyncio_loop.run_until_complete(shell_says())
+    mark = f"[mark-k8s:{pod_dir}]"
+    assert mark in jp_asyncio_loop.run_until_complete(_terminal_echo(jp_ws_fetch, body["name"], mark))
     try:
         jp_asyncio_loop.run_until_complete(jp_fetch("api", "terminals", body["name"], method="DELETE"))
     except HTTPClientError as exc:

@@ -142,3 +142,13 @@ def finished(thread: threading.Thread, outcome: dict, timeout_s: float = 60) -> 
     if "error" in outcome:
         raise outcome["error"]
     return outcome["handle"]
+
+
+def run_cell(handle: Any, code: str) -> dict:
+    """Run ``code`` in the kernel behind ``handle`` through a session of its own; the result's mime bundle."""
+    session = handle.session()
+    session.connect()
+    try:
+        return session.execute(code).data
+    finally:
+        session.close()
