@@ -181,15 +181,21 @@ class VSCodeHost:
         self.build = build
         self.page_errors: list[str] = []
         self.console_errors: list[str] = []
+        #: "STATUS METHOD URL" of every answer of 400 or more (a console error names no URL)
+        self.failed_responses: list[str] = []
         page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
         page.on("console", lambda msg: self.console_errors.append(msg.text) if msg.type == "error" else None)
+        page.on("response", lambda resp: self.failed_responses.append(
+            f"{resp.status} {resp.request.method} {resp.url.split('?')[0]}") if resp.status >= 400 else None)
         page.route(f"{server.url}{HOST_ROUTE}**", self._serve)
         # Chromium's Local Network Access checks block a page that did not come from the network (route.fulfill)
         # from opening WebSockets to 127.0.0.1; a person would be asked to allow it: grant it for this origin
         # (a Playwright or Chromium without these checks has no such permission: nothing to grant then)
         with contextlib.suppress(PlaywrightError):
             page.context.grant_permissions(["local-network-access"], origin=server.url)
-        page.goto(f"{server.url}{HOST_ROUTE}host.html?token={server.token}")
+        # VS Code's extension host starts the kernel and the webview connects to it: the test starts it
+        kernel = server.api("POST", "/api/kernels", {"name": "python3"})
+        page.goto(f"{server.url}{HOST_ROUTE}host.html?token={server.token}&kernel={kernel['id']}")
         try:
             expect(page.locator("body")).not_to_have_attribute("data-state", "starting", timeout=KERNEL_TIMEOUT_MS)
         except AssertionError as exc:
@@ -270,7 +276,8 @@ def test_status_panel_and_picker_under_vscode_widget_manager(page: Page, vscode_
     # the views came from VS Code's manager (its loadClass found the controls through RequireJS), without errors
     state = host.state()
     assert host.page_errors == [], f"uncaught page errors: {host.page_errors}"
-    assert host.console_errors == [], f"errors logged in the page: {host.console_errors}"
+    assert host.console_errors == [], (f"errors logged in the page: {host.console_errors}\n"
+                                       f"answers of 400 or more: {host.failed_responses}")
     assert state["widgetLoadErrors"] == [], f"VS Code's manager could not load widget classes: {state}"
     assert state["renderErrors"] == [], f"render sequence failed: {state}"
     assert state["widgetScriptRequests"] == [], f"manager asked for third-party widget scripts: {state}"

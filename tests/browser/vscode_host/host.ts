@@ -22,7 +22,7 @@
  */
 
 import '@jupyter-widgets/controls/css/labvariables.css';
-import { Kernel, KernelManager, KernelMessage, ServerConnection } from '@jupyterlab/services';
+import { Kernel, KernelAPI, KernelConnection, KernelMessage, ServerConnection } from '@jupyterlab/services';
 
 const WIDGET_MIMETYPE = 'application/vnd.jupyter.widget-view+json';
 
@@ -269,10 +269,17 @@ async function main(): Promise<void> {
 
     // The kernel, and the two connections to it: cells run on `extension` (VS Code's extension host side), the
     // widget manager gets `webview`, which sees the same iopub stream (VS Code forwards it over postMessage).
-    const kernels = new KernelManager({ serverSettings });
-    const extension = await kernels.startNew({ name: 'python3' }, { handleComms: false });
-    host.kernelId = extension.id;
-    const webview = kernels.connectTo({ model: extension.model, handleComms: true });
+    // As in VS Code, the kernel was started outside the webview (here by the test, through the server's REST API:
+    // a page polling GET /api/kernels while a kernel starts meets jupyter_server's 500 for a kernel without its
+    // last_activity yet); the page only connects to it, by the id in its URL.
+    const kernelId = new URLSearchParams(location.search).get('kernel') ?? '';
+    const model = await KernelAPI.getKernelModel(kernelId, serverSettings);
+    if (!model) {
+        throw new Error(`no kernel ${kernelId} on the server`);
+    }
+    host.kernelId = model.id;
+    const extension = new KernelConnection({ model, serverSettings, handleComms: false });
+    const webview = new KernelConnection({ model, serverSettings, handleComms: true });
     await Promise.all([extension.info, webview.info]);
 
     manager = new JupyterLabWidgetManager(
