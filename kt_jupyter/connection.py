@@ -102,6 +102,15 @@ class Held:
     pod_fingerprint: str = ""
     #: False when the pod's object pickles differently each time
     pod_stable: bool = True
+    #: the notebook's :func:`~pod_kernel.protocol.head_digest` of a big value ('' for small ones)
+    head: str = ""
+
+
+def _head(value: Any) -> str:
+    """A big array's head digest (see :attr:`Held.head`); '' for anything else: a small value fingerprints in
+    little time, and a value without ``nbytes`` (a DataFrame) could take long just to size."""
+    nbytes = getattr(value, "nbytes", None)
+    return P.head_digest(value) if isinstance(nbytes, int) and nbytes >= P.HASH_PARALLEL_MIN_BYTES else ""
 
 
 @dataclass
@@ -353,6 +362,10 @@ class ComputeConnection:
             if same is not None and not same.stable and name not in force:  # known by identity only
                 maybe_held.append(name)
                 continue
+            if same is None and (name in force or held is None or (held.head and _head(value) != held.head)):
+                # sent whatever its fingerprint: taken as its bytes go (the bulk channel's digests), not before
+                send[name] = value
+                continue
             t_fp = time.perf_counter()
             fp = prints[name] = P.fingerprint(value)
             if fp and same is not None and fp != same.fingerprint and P.fingerprint(value) != fp:
@@ -372,13 +385,16 @@ class ComputeConnection:
         progress = None if on_progress is None else (lambda done, total: on_progress("push", done, total))
         self.session.push_bundle(bundle, on_progress=progress)
         ids = self.session.last_push_ids
+        digested = bundle.known_digests()  # the big buffers' digests, taken as they were sent
+        t_fp = time.perf_counter()
         for name, value in send.items():
             known = prints.get(name)
-            # an unstable value, sent again: fingerprinted now for the record
-            fp = known if known is not None else P.fingerprint(value)
+            # sent without a fingerprint, or an unstable value sent again: fingerprinted now for the record
+            fp = known if known is not None else P.fingerprint(value, digested)
             old = self.held.get(name)
             self.held[name] = Held(fp, ids.get(name), id(value), old.stable if old else True, fp,
-                                   old.pod_stable if old else True)
+                                   old.pod_stable if old else True, _head(value))
+        outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_fp
         outcome.pushed += list(send)
         outcome.bytes_pushed += bundle.nbytes
         return maybe_held
@@ -495,9 +511,10 @@ class ComputeConnection:
         if not described:
             return
         progress = None if on_progress is None else (lambda done, total: on_progress("pull", done, total))
+        known: dict[tuple[int, int], bytes] = {}  # digests of the big buffers, sent with them
         try:
             with _no_new_pyplot_figures():
-                values = self.session.pull(list(described), on_progress=progress)
+                values = self.session.pull(list(described), on_progress=progress, known=known)
         except Exception as exc:
             if not _value_failure(exc):  # the connection or the kernel failed
                 raise
@@ -517,11 +534,11 @@ class ComputeConnection:
             user_ns[name] = value
             self.refs.discard(name)
             d = described[name]
-            fp = P.fingerprint(value)
+            fp = P.fingerprint(value, known)
             # pickles the same way twice here: a stable value; else it is known by identity from now on
-            stable = bool(fp) and (fp == d.get("fingerprint") or P.fingerprint(value) == fp)
+            stable = bool(fp) and (fp == d.get("fingerprint") or P.fingerprint(value, known) == fp)
             self.held[name] = Held(fp, d.get("id"), id(value), stable, d.get("fingerprint") or "",
-                                   bool(d.get("stable", True)))
+                                   bool(d.get("stable", True)), _head(value))
             outcome.pulled.append(name)
 
     def pull(self, names: Iterable[str], user_ns: MutableMapping[str, Any],
@@ -529,11 +546,12 @@ class ComputeConnection:
         """Fetch names into ``user_ns`` whatever their size (``%kt pull``)."""
         names = list(names)
         with self.turn():
-            values = self.session.pull(names, on_progress=on_progress)
+            known: dict[tuple[int, int], bytes] = {}
+            values = self.session.pull(names, on_progress=on_progress, known=known)
             for name, value in values.items():
                 user_ns[name] = value
                 # not known to be the pod's object: sent again when read
-                self.held[name] = Held(P.fingerprint(value), None, id(value))
+                self.held[name] = Held(P.fingerprint(value, known), None, id(value), head=_head(value))
         return list(values)
 
     def forget_state(self) -> None:

@@ -23,7 +23,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol as P
 
 log = logging.getLogger("pod_kernel.bulk")
 
@@ -109,22 +112,78 @@ def bulk_port() -> int:
     return int(raw) if raw.isdigit() and 0 < int(raw) < 65536 else 0
 
 
-def send_parts(sock: socket.socket, parts: list[memoryview], progress: ProgressFn | None = None) -> None:
-    """Write every part in order (no copies beyond the kernel's)."""
+#: Big parts are sent in pieces this small, each hashed just before it is sent: read from cache, not memory.
+DIGEST_IO_BYTES = 1 << 20
+#: Longest hash name a trailer may carry.
+MAX_DIGEST_PREFIX = 16
+
+
+def _digested(part: Any) -> bool:
+    """Whether a part of this size travels with its digest (see :func:`send_parts`)."""
+    return memoryview(part).nbytes >= P.HASH_PARALLEL_MIN_BYTES
+
+
+def send_parts(sock: socket.socket, parts: list[memoryview], progress: ProgressFn | None = None) -> dict[int, bytes]:
+    """Write every part in order (no copies beyond the kernel's), then the trailer; returns the digests sent.
+
+    Each part of at least :data:`~pod_kernel.protocol.HASH_PARALLEL_MIN_BYTES` is
+    hashed as it goes (:func:`~pod_kernel.protocol.buffer_digest`, a piece just
+    before it is sent, so it is read from memory once), and the trailer after
+    the last part carries those digests: the length of the hash's name, the
+    name, then the digests in part order. Both sides then know a big value's
+    fingerprint without reading it again: 1 GiB costs ~20 ms more to send and
+    saves ~60 ms of hashing on each side. Without xxhash (blake2b would slow the
+    send) the trailer is one zero byte.
+    """
+    prefix, kind = P.hash_kind()
+    digesting = prefix == "xxh3:"
     total = sum(p.nbytes for p in parts)
     done = 0
-    for part in parts:
+    digests: dict[int, bytes] = {}
+    for index, part in enumerate(parts):
         view = part.cast("B") if part.format != "B" or part.ndim != 1 else part
-        for start in range(0, view.nbytes, IO_BYTES):
-            piece = view[start:start + IO_BYTES]
-            sock.sendall(piece)
-            done += piece.nbytes
-            if progress is not None:
-                progress(done, total)
+        if not (digesting and _digested(view)):
+            for start in range(0, view.nbytes, IO_BYTES):
+                piece = view[start:start + IO_BYTES]
+                sock.sendall(piece)
+                done += piece.nbytes
+                if progress is not None:
+                    progress(done, total)
+            continue
+        pieces = []
+        report = done + IO_BYTES  # progress every IO_BYTES, as for the other parts
+        for start in range(0, view.nbytes, P.HASH_CHUNK_BYTES):
+            digest = kind()
+            for sub in range(start, min(start + P.HASH_CHUNK_BYTES, view.nbytes), DIGEST_IO_BYTES):
+                piece = view[sub:min(sub + DIGEST_IO_BYTES, start + P.HASH_CHUNK_BYTES)]
+                digest.update(piece)
+                sock.sendall(piece)
+                done += piece.nbytes
+                if progress is not None and (done >= report or sub + piece.nbytes == view.nbytes):
+                    progress(done, total)
+                    report = done + IO_BYTES
+            pieces.append(digest.digest())
+        digests[index] = b"".join(pieces)
+    name = prefix.encode() if digesting else b""
+    sock.sendall(bytes([len(name)]) + name + b"".join(digests[i] for i in sorted(digests)))
+    return digests
 
 
-def recv_parts(sock: socket.socket, parts: list[bytearray], progress: ProgressFn | None = None) -> None:
-    """Fill every preallocated part in order; EOF before the end is a ConnectionError."""
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError(f"bulk connection closed in the trailer ({len(out)} of {n} bytes)")
+        out += chunk
+    return bytes(out)
+
+
+def recv_parts(sock: socket.socket, parts: list[Any], progress: ProgressFn | None = None,
+               digests: dict[int, bytes] | None = None) -> dict[int, bytes]:
+    """Fill every preallocated part in order, then read the trailer (see :func:`send_parts`); EOF before the
+    end is a ConnectionError. Returns the digests of the big parts (into ``digests`` when given) when the
+    sender's hash is this side's, else none."""
     total = sum(len(p) for p in parts)
     done = 0
     for part in parts:
@@ -138,6 +197,23 @@ def recv_parts(sock: socket.socket, parts: list[bytearray], progress: ProgressFn
                 if progress is not None:
                     progress(done + got, total)
         done += got
+    digests = {} if digests is None else digests
+    length = _recv_exact(sock, 1)[0]
+    if not length:
+        return digests
+    if length > MAX_DIGEST_PREFIX:
+        raise ConnectionError(f"bulk trailer names a hash of {length} bytes")
+    name = _recv_exact(sock, length)
+    big = [i for i, part in enumerate(parts) if _digested(part)]
+    piece_bytes = P.hash_kind()[1]().digest_size
+    sizes = [-(-len(parts[i]) // P.HASH_CHUNK_BYTES) * piece_bytes for i in big]
+    raw = _recv_exact(sock, sum(sizes))  # as many as the parts we allocated say: bounded
+    if name.decode("ascii", "replace") == P.hash_kind()[0]:
+        offset = 0
+        for i, size in zip(big, sizes):
+            digests[i] = raw[offset:offset + size]
+            offset += size
+    return digests
 
 
 @dataclass
@@ -152,6 +228,8 @@ class Ticket:
     owner: object = None
     #: run in the transfer thread once the ticket is presented (e.g. fault receive buffers in)
     prepare: Callable[[], None] | None = None
+    #: a receive fills it: part index -> the digest the sender's trailer gave
+    digests: dict[int, bytes] = field(default_factory=dict)
 
     def release(self) -> None:
         """Give the parts' memory back now: maps unmapped, views released (a failed or dropped transfer)."""
@@ -185,13 +263,15 @@ class BulkServer:
         threading.Thread(target=self._accept, name="kt-bulk-accept", daemon=True).start()
 
     def issue(self, receive: bool, parts: list, on_done: Callable[[BaseException | None], None],
-              owner: object = None, prepare: Callable[[], None] | None = None) -> str:
-        """A one-time ticket (hex) for a transfer of ``parts``, revoked when ``owner`` closes (see :meth:`revoke`)."""
+              owner: object = None, prepare: Callable[[], None] | None = None,
+              digests: dict[int, bytes] | None = None) -> str:
+        """A one-time ticket (hex) for a transfer of ``parts``, revoked when ``owner`` closes (see :meth:`revoke`);
+        a receive puts the sender's digests of the big parts into ``digests``."""
         ticket = secrets.token_bytes(TICKET_BYTES)
         self.expire()
         with self._lock:
             self._tickets[ticket] = Ticket(receive, parts, on_done, time.monotonic() + self.ticket_ttl_s,
-                                           owner, prepare)
+                                           owner, prepare, {} if digests is None else digests)
         return ticket.hex()
 
     def expire(self) -> None:
@@ -318,7 +398,7 @@ class BulkServer:
                 if ticket.receive:
                     if ticket.prepare is not None:
                         ticket.prepare()  # memory committed now that the bytes are coming, not at the header
-                    recv_parts(conn, ticket.parts)
+                    recv_parts(conn, ticket.parts, digests=ticket.digests)
                 else:
                     send_parts(conn, ticket.parts)
                     conn.shutdown(socket.SHUT_WR)
@@ -368,13 +448,16 @@ class _Backoff:
 
 
 def client_transfer(address: tuple[str, int], ticket: str, *, send: list[memoryview] | None = None,
-                    receive: list[bytearray] | None = None, progress: ProgressFn | None = None) -> None:
-    """The client side of one bulk transfer (blocking; run it in a thread)."""
+                    receive: list[Any] | None = None, progress: ProgressFn | None = None) -> dict[int, bytes]:
+    """The client side of one bulk transfer (blocking; run it in a thread); the big parts' digests, sent or
+    received (see :func:`send_parts`)."""
+    digests: dict[int, bytes] = {}
     with socket.create_connection(address, timeout=30) as sock:
         sock.settimeout(IDLE_TIMEOUT_S)  # a transfer that stalls this long fails instead of hanging
         sock.sendall(bytes.fromhex(ticket))
         if send is not None:
-            send_parts(sock, send, progress)
+            digests = send_parts(sock, send, progress)
             sock.shutdown(socket.SHUT_WR)
         if receive is not None:
-            recv_parts(sock, receive, progress)
+            digests = recv_parts(sock, receive, progress)
+    return digests

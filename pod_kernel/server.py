@@ -516,6 +516,9 @@ class PodKernelServer:
         assert asm is not None  # a refused bulk push was answered before its bytes came
 
         def done(error: BaseException | None) -> None:
+            if error is None:  # in the transfer thread, before anything can write to the parts
+                asm.vouch()
+
             async def finish() -> None:
                 if error is None:
                     asm.received = asm.total
@@ -534,7 +537,7 @@ class PodKernelServer:
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(finish()))
 
         # expired (bulk.TICKET_TTL_S) or revoked with this connection; buffers faulted in once presented
-        ticket = self.bulk.issue(True, asm.parts, done, owner=ws, prepare=asm.prefault)
+        ticket = self.bulk.issue(True, asm.parts, done, owner=ws, prepare=asm.prefault, digests=asm.digests)
         await ws.send(P.encode_frame({"type": "bulk_ready", "id": inbound.header["id"], "ticket": ticket}))
 
     async def _continue_inbound(self, session: Session, ws: ServerConnection, inbound: Inbound,

@@ -46,3 +46,40 @@ def test_in_place_writes_to_a_big_tracked_global_are_seen_after_unchanged_reruns
     assert int(ip.user_ns["big"].sum()) == 12
     run(ip, "%%kt --name perf-big\ns = int(big.sum())")
     assert ip.user_ns["s"] == 12 and magics(ip).last_outcome.bytes_pushed == 0
+
+
+def test_big_values_are_fingerprinted_in_transit_not_read_again(ip, monkeypatch):
+    """A big array going either way is hashed as its bytes cross the bulk channel (the sender's digests come
+    with them); a new array that differs from the one the pod holds is sent without being hashed first, and
+    one with the same bytes is not sent at all. Every recorded fingerprint is the array's true one."""
+    from pod_kernel import protocol as P
+
+    hashed: list[int] = []
+    real = P.buffer_digest
+    monkeypatch.setattr(P, "buffer_digest", lambda data: hashed.append(data.nbytes) or real(data))
+    conn_of = lambda: next(c for c in conn_mod.connections() if c.name == "perf-transit")  # noqa: E731
+
+    first = np.arange(BIG // 8, dtype=np.int64)
+    ip.user_ns["big"] = first
+    run(ip, "%%kt --name perf-transit\ns = int(big[-1])")
+    assert ip.user_ns["s"] == BIG // 8 - 1 and magics(ip).last_outcome.pushed == ["big"]
+    assert hashed == []  # never pushed before: sent at once, its fingerprint taken on the way
+    monkeypatch.setattr(P, "buffer_digest", real)
+    assert conn_of().held["big"].fingerprint == P.fingerprint(first.copy())  # the true one (a copy: no cache)
+    monkeypatch.setattr(P, "buffer_digest", lambda data: hashed.append(data.nbytes) or real(data))
+
+    ip.user_ns["big"] = first + 1  # a new array, other bytes: its head differs, so it goes unhashed
+    run(ip, "%%kt --name perf-transit\ns = int(big[-1])")
+    assert ip.user_ns["s"] == BIG // 8 and magics(ip).last_outcome.pushed == ["big"] and hashed == []
+
+    ip.user_ns["big"] = ip.user_ns["big"].copy()  # a new array, the same bytes: hashed once, not sent
+    run(ip, "%%kt --name perf-transit\ns = int(big[0])")
+    assert magics(ip).last_outcome.pushed == [] and magics(ip).last_outcome.skipped_unchanged == ["big"]
+    assert hashed == [BIG]
+
+    hashed.clear()
+    run(ip, f"%%kt --name perf-transit\nimport numpy as np\nmade = np.full({BIG // 8}, 3)")
+    made = ip.user_ns["made"]
+    assert int(made.sum()) == 3 * (BIG // 8) and hashed == []  # pulled: the pod's digests came with it
+    monkeypatch.setattr(P, "buffer_digest", real)
+    assert conn_of().held["made"].fingerprint == P.fingerprint(made.copy())

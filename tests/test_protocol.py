@@ -164,3 +164,42 @@ def test_torch_tensors_travel_out_of_band_and_come_back_on_cpu():
     out = P.load_values(bundle)
     assert torch.equal(out["t"], t) and out["t"].device.type == "cpu"
     assert out["g"].requires_grad
+
+
+def test_bulk_trailer_digests_are_taken_only_from_a_sender_of_the_same_hash():
+    import socket
+    import threading
+
+    from pod_kernel import bulk
+
+    data = np.arange(P.HASH_PARALLEL_MIN_BYTES // 8, dtype=np.int64)
+    parts = [memoryview(b"head"), memoryview(data).cast("B")]
+
+    def transfer(write_trailer) -> dict:
+        left, right = socket.socketpair()
+        with left, right:
+            sent: dict = {}
+            sender = threading.Thread(target=lambda: sent.update(write_trailer(left)))
+            sender.start()
+            got = bulk.recv_parts(right, [bytearray(4), bytearray(data.nbytes)])
+            sender.join()
+            return {"sent": sent, "got": got}
+
+    same = transfer(lambda sock: bulk.send_parts(sock, parts))
+    if P.hash_kind()[0] == "xxh3:":
+        assert same["got"] == same["sent"] == {1: P.buffer_digest(parts[1])}
+
+    def other_hash(sock) -> dict:
+        for part in parts:
+            sock.sendall(part)
+        pieces = -(-data.nbytes // P.HASH_CHUNK_BYTES)
+        sock.sendall(bytes([4]) + b"md5:" + b"\1" * 16 * pieces)
+        return {}
+
+    assert transfer(other_hash)["got"] == {}  # read (the stream stays in step) but not taken
+
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(b"abcd" + bytes([200]) + b"x" * 200)
+        with pytest.raises(ConnectionError, match="hash of 200 bytes"):
+            bulk.recv_parts(right, [bytearray(4)])

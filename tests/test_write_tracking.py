@@ -88,3 +88,19 @@ def test_after_fork_each_side_sees_its_own_writes():
     assert P.fingerprint(a) == first  # the child's write was to its copy
     a[1] = 7  # a copy-on-write fault here: still a write
     assert P.fingerprint(a) != first
+
+
+@needs_tracking
+def test_a_received_buffer_seeded_with_its_senders_digest_is_vouched_for_until_written():
+    t = W.tracker()
+    buf = P._buffer(BIG)
+    P._prefault(buf)
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    arr[::4096] = 7  # "received" bytes
+    digest = P.buffer_digest(memoryview(arr))
+    assert t.seed(memoryview(buf), digest, buf)
+    expected = P.fingerprint(arr.copy())
+    before = t.vouched
+    assert P.fingerprint(arr) == expected and t.vouched == before + 1  # not read: the seeded digest vouched
+    arr[BIG // 3] = 1  # the cell writes it in place
+    assert P.fingerprint(arr) != expected

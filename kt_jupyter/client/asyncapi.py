@@ -146,13 +146,19 @@ class AsyncSession(Transport):
         return list(reply["names"])
 
     async def apull(self, names: Iterable[str], *, serialization: str = "pickle",
-                    on_progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """Fetch named values (big ones over the bulk channel when there is one)."""
+                    on_progress: ProgressCallback | None = None,
+                    known: dict[tuple[int, int], bytes] | None = None) -> dict[str, Any]:
+        """Fetch named values (big ones over the bulk channel when there is one). ``known`` gets the digests
+        the pod sent with their big buffers, for :func:`pod_kernel.protocol.fingerprint` (valid while the
+        values live)."""
         header: dict[str, Any] = {"type": "pull", "names": list(names), "serialization": serialization}
         if self._bulk_address() is not None:
             header["bulk"] = True
         bundle = await self.arequest(header, on_progress=on_progress)
-        return await asyncio.to_thread(self._load, bundle)
+        values = await asyncio.to_thread(self._load, bundle)
+        if known is not None:
+            known.update(bundle.known_digests())
+        return values
 
     async def ainventory(self, names: Iterable[str] | None = None, *,
                          fingerprints: bool = False) -> list[dict[str, Any]]:

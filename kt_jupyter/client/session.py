@@ -174,9 +174,10 @@ class Session(AsyncSession):
         return self._run(self.apush_bundle(bundle, on_progress=on_progress))
 
     def pull(self, names: Iterable[str], *, serialization: str = "pickle",
-             on_progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """Fetch named values from the pod kernel's namespace."""
-        return self._run(self.apull(names, serialization=serialization, on_progress=on_progress))
+             on_progress: ProgressCallback | None = None,
+             known: dict[tuple[int, int], bytes] | None = None) -> dict[str, Any]:
+        """Fetch named values from the pod kernel's namespace (``known``: see :meth:`apull`)."""
+        return self._run(self.apull(names, serialization=serialization, on_progress=on_progress, known=known))
 
     def inventory(self, names: Iterable[str] | None = None, *, fingerprints: bool = False) -> list[dict[str, Any]]:
         """Name, type, size (and content fingerprint when asked) of the pod's values."""
