@@ -379,16 +379,24 @@ def _buffer(size: int) -> Any:
     fault cost, not the copy, is what bounds a transfer. Measured here for 1 GiB:
     ``bytearray(n)`` 0.58 s; a lazy mmap faulted by the copy 0.58 s; an mmap with
     MAP_POPULATE (4 KiB pages faulted in-kernel) 0.29 s; the same map advised
-    MADV_HUGEPAGE and then populated (MADV_POPULATE_WRITE, 2 MiB pages) 0.044 s.
+    MADV_HUGEPAGE and then populated (MADV_POPULATE_WRITE, 2 MiB pages) 0.044 s on
+    a quiet day, 0.12-0.2 s on others (zeroing the pages is memory-bound).
     Transparent huge pages in "madvise" or "always" mode give the fast path; with
     THP off, or a kernel without MADV_POPULATE_WRITE, pages are touched one by one.
     The map is only reserved here (no memory committed); :func:`_prefault` faults
     it in where the bytes are sure to follow at once (a presented bulk ticket).
+    A map of the same size whose value is gone is reused instead, faulted in
+    already (``recvpool.py``): no fault cost at all.
     """
     if size < MMAP_MIN_BYTES:
         return bytearray(size)
     import mmap
 
+    from . import recvpool
+
+    reused = recvpool.pool().take(size)  # a map whose value is gone, faulted in already (see recvpool.py)
+    if reused is not None:
+        return reused
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     buf = mmap.mmap(-1, size, flags=flags)
     huge = getattr(mmap, "MADV_HUGEPAGE", None)
@@ -397,6 +405,7 @@ def _buffer(size: int) -> Any:
             buf.madvise(huge)
         except OSError:  # THP compiled out: 4 KiB pages it is
             pass
+    recvpool.pool().lend(buf)
     return buf  # else the copy faults pages as chunks arrive (huge pages: 512x fewer faults)
 
 

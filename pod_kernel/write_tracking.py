@@ -51,6 +51,7 @@ def _iowr(kind: int, number: int, size: int) -> int:
 
 _UFFDIO_API = _iowr(0xAA, 0x3F, 24)
 _UFFDIO_REGISTER = _iowr(0xAA, 0x00, 32)
+_UFFDIO_UNREGISTER = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x01  # _IOR: the kernel only reads the range
 _UFFDIO_WRITEPROTECT = _iowr(0xAA, 0x06, 24)
 _UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
 _PAGEMAP_SCAN = _iowr(0x66, 16, 96)
@@ -181,6 +182,18 @@ class WriteTracker:
             self._entries[key] = _Entry(start, end, digest, ref, armed=True, calm=True)
         weakref.finalize(owner, self._forget, key)
         return True
+
+    def unprotect(self, buf: Any) -> None:
+        """Lift write protection from ``buf``'s pages and forget digests there: memory about to be reused for
+        other bytes (a receive buffer), which would otherwise fault on every page it is written."""
+        if not self.available or os.getpid() != self._pid:
+            return
+        with memoryview(buf) as view:
+            start, end = _pages(buffer_address(view), view.nbytes)
+        with self._lock:
+            self._entries = {k: e for k, e in self._entries.items() if not (e.start < end and start < e.end)}
+            whole = (ctypes.c_uint64 * 2)(start, end - start)
+            self._libc.ioctl(self._uffd, _UFFDIO_UNREGISTER, ctypes.byref(whole))  # not registered: a no-op
 
     def _disarm_others(self, key: tuple[int, int], start: int, end: int) -> None:
         """Arming [start, end) cleared the written marks of other entries' pages there: they vouch no more."""

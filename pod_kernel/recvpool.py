@@ -1,0 +1,176 @@
+"""Big receive buffers kept for the next receive: memory already faulted in instead of fresh pages.
+
+A new 1 GiB value needs 1 GiB of new memory, and the kernel zeroes each page
+of it on first touch: ~120 ms per GiB here with huge pages (~290 ms with
+4 KiB pages), close to half of what loopback TCP takes to move the bytes. A
+cell that pushes a new array of the same shape each time (a loop over
+batches, a benchmark) would pay that every time. So the anonymous maps big
+values are received into (``protocol._buffer``) are lent from this pool:
+when the value living in one is gone (replaced by the next push of its name,
+deleted), the map is not unmapped at once but kept, and the next receive of
+exactly that size takes it, faulted in and ready.
+
+A map is free when nothing but the pool refers to it: every array, view or
+bundle built on it holds a reference (CPython's reference count says so
+without walking anything). Free maps are kept at most :data:`IDLE_TTL_S` and
+at most :func:`idle_cap_bytes` in all (oldest unmapped first); a thread of
+the pool checks once a second. Write protection (``write_tracking``) left on
+a reused map is lifted before it is handed out, so the receive does not
+fault on every page. ``KT_RECV_POOL_BYTES=0`` turns the pool off.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import write_tracking
+
+#: Maps at least this big are lent from the pool; smaller ones cost little to fault in.
+POOL_MIN_BYTES = 16 << 20
+#: A free map nobody took within this long is unmapped.
+IDLE_TTL_S = 60.0
+#: How often the pool's thread unmaps what it may not keep.
+TICK_S = 1.0
+#: Largest default idle cap (bytes) whatever the memory.
+MAX_DEFAULT_CAP_BYTES = 4 << 30
+
+
+def _memory_limit() -> int:
+    """This process's memory limit: its cgroup's when it has one, else the machine's."""
+    try:
+        raw = open("/sys/fs/cgroup/memory.max").read().strip()
+        if raw.isdigit():
+            return int(raw)
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def idle_cap_bytes() -> int:
+    """Most bytes of free maps kept: ``KT_RECV_POOL_BYTES`` when it is a number, else an eighth of the memory
+    limit, at most :data:`MAX_DEFAULT_CAP_BYTES`."""
+    raw = os.environ.get("KT_RECV_POOL_BYTES", "").strip()
+    if raw.isdigit():
+        return int(raw)
+    return min(MAX_DEFAULT_CAP_BYTES, _memory_limit() // 8)
+
+
+@dataclass
+class _Lent:
+    buf: mmap.mmap
+    #: when it was first seen free (None: in use)
+    free_since: float | None = None
+
+
+@dataclass
+class RecvPool:
+    """The maps lent for receives, and the free ones among them."""
+
+    cap_bytes: int = field(default_factory=idle_cap_bytes)
+    _lent: list[_Lent] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread: threading.Thread | None = None
+    #: receives that got a reused map (for tests and the benchmark)
+    reused: int = 0
+
+    def take(self, size: int) -> mmap.mmap | None:
+        """A free map of exactly ``size`` bytes, unprotected and faulted in; None when there is none."""
+        if self.cap_bytes <= 0:
+            return None
+        with self._lock:
+            for lent in self._lent:
+                if not lent.buf.closed and len(lent.buf) == size and self._free(lent):
+                    lent.free_since = None
+                    self.reused += 1
+                    buf = lent.buf
+                    break
+            else:
+                return None
+        write_tracking.tracker().unprotect(buf)  # a receive must not fault on every page it writes
+        return buf
+
+    def lend(self, buf: mmap.mmap) -> None:
+        """Keep ``buf`` (a new receive map) for reuse once its value is gone."""
+        if self.cap_bytes <= 0 or len(buf) < POOL_MIN_BYTES:
+            return
+        with self._lock:
+            self._lent.append(_Lent(buf))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kt-recv-pool", daemon=True)
+                self._thread.start()
+
+    def _free(self, lent: _Lent) -> bool:
+        """Whether only the pool refers to the map: no value, view or bundle is built on it any more."""
+        return _references(lent) <= _FREE_REFERENCES
+
+    def idle_bytes(self) -> int:
+        """Bytes of free maps kept now."""
+        with self._lock:
+            return sum(len(lent.buf) for lent in self._lent if not lent.buf.closed and self._free(lent))
+
+    def trim(self, now: float | None = None) -> int:
+        """Unmap free maps past :data:`IDLE_TTL_S` or beyond the cap (oldest first); how many went."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            keep: list[_Lent] = []
+            free: list[_Lent] = []
+            for lent in self._lent:
+                if lent.buf.closed:
+                    continue
+                if not self._free(lent):
+                    lent.free_since = None
+                    keep.append(lent)
+                    continue
+                lent.free_since = now if lent.free_since is None else lent.free_since
+                free.append(lent)
+            free.sort(key=lambda lent: lent.free_since or now, reverse=True)  # newest first
+            kept_bytes = 0
+            dropped: list[_Lent] = []
+            for lent in free:
+                if now - (lent.free_since or now) < IDLE_TTL_S and kept_bytes + len(lent.buf) <= self.cap_bytes:
+                    kept_bytes += len(lent.buf)
+                    keep.append(lent)
+                else:
+                    dropped.append(lent)
+            self._lent = keep
+        for lent in dropped:
+            write_tracking.tracker().unprotect(lent.buf)
+            lent.buf.close()
+        return len(dropped)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(TICK_S)
+            try:
+                self.trim()
+            except Exception:  # never let the pool's thread die: maps would then be kept forever
+                pass
+
+
+def _references(lent: _Lent) -> int:
+    return sys.getrefcount(lent.buf)
+
+
+#: What :func:`_references` says of a map only a pool entry holds, measured (not assumed) on this interpreter.
+_FREE_REFERENCES = _references(_Lent(mmap.mmap(-1, mmap.PAGESIZE)))
+
+_pool: RecvPool | None = None
+_pool_pid = 0
+_pool_lock = threading.Lock()
+
+
+def pool() -> RecvPool:
+    """This process's pool (a forked child starts its own: the parent's thread is not there)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool, _pool_pid = RecvPool(), os.getpid()
+        return _pool
