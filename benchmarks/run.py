@@ -11,6 +11,7 @@ kernel) is measured in the same run, never copied from elsewhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -137,11 +138,10 @@ def raw_tcp_transfer(payload: np.ndarray, fresh: bool = False) -> float:
     """Seconds to move ``payload`` over loopback TCP into a preallocated buffer (the machine's limit).
 
     ``fresh``: the receiver allocates new memory inside the timed region, as any
-    receiver of a new value must (an anonymous map populated by the kernel, the
-    cheapest way measured here); otherwise the buffer was written before timing.
+    receiver of a new value must (an anonymous map advised to huge pages and
+    populated by the kernel, the cheapest way measured here); otherwise the
+    buffer was written before timing.
     """
-    import mmap
-
     view = memoryview(payload).cast("B")
     n = view.nbytes
     dest = None if fresh else bytearray(n)
@@ -153,8 +153,7 @@ def raw_tcp_transfer(payload: np.ndarray, fresh: bool = False) -> float:
 
     def receive() -> None:
         conn, _ = srv.accept()
-        buf = dest if dest is not None else mmap.mmap(
-            -1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
+        buf = dest if dest is not None else _fresh_map(n)
         got, mv = 0, memoryview(buf)
         while got < n:
             got += conn.recv_into(mv[got:], min(n - got, 8 << 20))
@@ -172,6 +171,20 @@ def raw_tcp_transfer(payload: np.ndarray, fresh: bool = False) -> float:
     srv.close()
     t.join()
     return elapsed
+
+
+def _fresh_map(n: int) -> Any:
+    """New memory, faulted in the cheapest way: huge pages where the kernel gives them, populated in bulk."""
+    import mmap
+
+    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        buf.madvise(23)  # MADV_POPULATE_WRITE (Linux 5.14+)
+    except OSError:
+        buf.write(bytes(n))
+    return buf
 
 
 class IPP:
@@ -255,20 +268,27 @@ def bench_kernel_round_trips(reps: int, results: dict[str, Any], worker_counts: 
         km.shutdown_kernel(now=True)
 
 
+def pod_pool(conn: Any, ns: dict[str, Any]) -> tuple[int, int]:
+    """The pod's receive pool: receives that reused a buffer so far, and bytes it keeps idle now."""
+    conn.run_cell("from pod_kernel import recvpool\n_kt_pool = [recvpool.pool().reused, recvpool.pool().idle_bytes()]",
+                  ns)
+    reused, idle = ns.pop("_kt_pool")
+    return int(reused), int(idle)
+
+
 def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP) -> dict[str, Any]:
     """One row of :func:`bench_transfers`: every way of moving ``size`` bytes, side by side."""
     from kt_jupyter.connection import TransferOptions
 
     no_pull = TransferOptions(no_pull=True)
     base = np.random.default_rng(0).integers(0, 255, size=size, dtype=np.uint8)
+    reused_before, _idle = pod_pool(conn, ns)
     gc.collect()
     tcp = [raw_tcp_transfer(base) for _ in range(REPS_TRANSFER)]
     tcp_fresh = [raw_tcp_transfer(base, fresh=True) for _ in range(REPS_TRANSFER)]
 
     def fresh(i: int) -> np.ndarray:
-        array = base.copy()  # a new array, written (as any computed array is) before it moves
-        array[:8] = i
-        return array
+        return base + np.uint8(i + 1)  # a new array, other bytes throughout, written before it moves
 
     # each way: (set up sample i, untimed) -> (move it, timed); peak memory is sampled around the move only
     def kt_push_setup(i: int) -> None:
@@ -324,7 +344,9 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP) -> dict[str
             move()
         peaks[name] = mem.extra()
     ns.pop("b", None)
-    row: dict[str, Any] = {"raw_tcp": rate(size, tcp), "raw_tcp_fresh_memory": rate(size, tcp_fresh)}
+    reused, idle = pod_pool(conn, ns)
+    reuse = {"pod_receives_into_reused_buffers": reused - reused_before, "pod_idle_pool_bytes": idle}
+    row: dict[str, Any] = {"raw_tcp": rate(size, tcp), "raw_tcp_fresh_memory": rate(size, tcp_fresh), **reuse}
     row.update({name: rate(size, v) for name, v in samples.items()})
     for side in ("push", "pull"):
         row[f"kt_{side}_vs_tcp"] = row[f"kt_{side}"]["MBps"] / row["raw_tcp"]["MBps"]
@@ -536,6 +558,11 @@ def table(results: dict[str, Any]) -> str:
                 f"| {r['kt_push_vs_ipp']:.2f}, {r['kt_pull_vs_ipp']:.2f} "
                 f"| push {pe['notebook']:.2f}, {pe['pod']:.2f}; pull {pu['notebook']:.2f}, {pu['pod']:.2f} |")
         out.append("")
+        out += ["The pod's receives into a reused buffer (recvpool.py; the others faulted fresh memory in), and the "
+                "memory its pool kept idle after the row: " + "; ".join(
+                    f"{size}: {r['pod_receives_into_reused_buffers']} of {REPS_TRANSFER + 1} pushes, "
+                    f"{r['pod_idle_pool_bytes'] / 2**20:.0f} MiB idle"
+                    for size, r in results["transfers"].items() if "pod_idle_pool_bytes" in r), ""]
     if "unchanged_rerun" in results:
         r = results["unchanged_rerun"]
         out += [("| unchanged global re-run | first run s (median) | rerun s (median) | rerun p95 s | runs | "
