@@ -301,6 +301,11 @@ class _NoOutputs(dict):
         pass
 
 
+#: Longest the idle main thread waits for a job in one go. A signal sent to the process (the kubelet's SIGTERM) is
+#: delivered to whichever thread does not block it, and Python runs its handler only in the main thread, once that
+#: thread runs again: a main thread blocked for good on an empty queue would never stop (about 1 in 10 SIGTERMs here).
+JOB_WAIT_S = 0.2
+
 #: Cells whose IPython history names (``_iN``, ``_N``) and traceback labels the pod keeps.
 HISTORY_CELLS_KEPT = 1000
 
@@ -434,7 +439,10 @@ class Executor:
     def serve_forever(self) -> None:
         """Run queued cells until :meth:`stop`; must be called from the main thread."""
         while True:
-            job = self.jobs.get()
+            try:
+                job = self.jobs.get(timeout=JOB_WAIT_S)
+            except queue.Empty:
+                continue  # back in Python for a moment: a signal that landed on another thread is handled now
             if isinstance(job, _Stop):
                 return
             if isinstance(job, NamespaceJob):

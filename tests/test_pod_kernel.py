@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -600,3 +601,22 @@ def _quiet(fn, *args, **kw):
         fn(*args, **kw)
     except Exception:  # noqa: BLE001 - the session ends with the kernel: what matters is that the kernel exits
         pass
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64", reason="tgkill by syscall number")
+def test_sigterm_delivered_to_another_thread_still_stops_an_idle_kernel(local_backend):
+    """The kernel picks any thread that does not block a process-directed signal; Python runs the handler in the
+    main thread only. Sent straight to a non-main thread (tgkill), as the kernel sometimes does with the kubelet's
+    SIGTERM, it must still stop an idle pod kernel (it used to wait in an empty queue for good)."""
+    import ctypes
+
+    handle = local_backend.launch(Compute(name="sigterm-thread"))
+    session = handle.session()
+    session.connect()
+    assert session.execute("1").data == {"text/plain": "1"}
+    pid = handle.pid
+    other = next(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(234, pid, other, signal.SIGTERM) == 0, ctypes.get_errno()  # tgkill(pid, tid, SIGTERM)
+    psutil.Process(pid).wait(timeout=10)  # psutil.TimeoutExpired: the signal was never handled
+    session.close()
