@@ -21,14 +21,18 @@ fault on every page. ``KT_RECV_POOL_BYTES=0`` turns the pool off.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import write_tracking
+
+log = logging.getLogger("pod_kernel.recvpool")
 
 #: Maps at least this big are lent from the pool; smaller ones cost little to fault in.
 POOL_MIN_BYTES = 16 << 20
@@ -43,7 +47,7 @@ MAX_DEFAULT_CAP_BYTES = 4 << 30
 def _memory_limit() -> int:
     """This process's memory limit: its cgroup's when it has one, else the machine's."""
     try:
-        raw = open("/sys/fs/cgroup/memory.max").read().strip()
+        raw = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if raw.isdigit():
             return int(raw)
     except OSError:
@@ -152,7 +156,7 @@ class RecvPool:
             try:
                 self.trim()
             except Exception:  # never let the pool's thread die: maps would then be kept forever
-                pass
+                log.exception("receive pool: trimming failed; trying again in %g s", TICK_S)
 
 
 def _references(lent: _Lent) -> int:
