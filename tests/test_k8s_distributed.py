@@ -7,12 +7,13 @@ rank 0's name), where a cell runs torch.distributed's all_reduce over gloo.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from jsonschema import Draft7Validator
-from k8s_fake.cluster import MISSING_IMAGE, NS, fake_cluster
+from k8s_fake.cluster import FLAKY_IMAGE, MISSING_IMAGE, NS, fake_cluster
 from k8s_fake.kuberay import FakeKubeRayOperator
 from k8s_fake.statefulsets import cluster_dns_available
 from test_compute_api import _strict, schema_errors
@@ -278,6 +279,17 @@ def test_a_crash_looping_rank_is_named_with_its_last_log_lines(cluster):
         connect_group(compute)
     assert "Last log lines of the container:\n" in str(raised.value)
     assert "cannot reach the dataset bucket" in str(raised.value)
+
+
+def test_a_rank_whose_image_pull_meets_a_registry_429_is_said_and_retried(cluster):
+    """A rank's pod is judged as a single kernel's: a 429 the kubelet retries is a progress line naming the rank,
+    not silence (nor a failure), and the group starts once the pull goes through."""
+    messages: list[str] = []
+    compute = Compute(name="flaky", backend="kubernetes", image=FLAKY_IMAGE).distribute("pytorch", workers=2)
+    group = connect_group(compute, on_event=messages.append)
+    assert any(re.match(r"worker rank \d \(flaky-r\d\): image pull failed; the kubelet retries it \(ErrImagePull:", m)
+               and "429 Too Many Requests" in m for m in messages), messages
+    assert len(group.ranks) == 2
 
 
 def test_an_unschedulable_rank_is_named_once_its_grace_has_passed(cluster, monkeypatch):

@@ -38,7 +38,6 @@ from ..errors import (
     NotFoundError,
 )
 from ..manifests import (
-    CONTAINER_NAME,
     SPEC_ANNOTATION,
     label_selector,
     network_policy,
@@ -55,7 +54,7 @@ from ..startup import notebook_install_env
 from . import KernelHandle, KernelInfo
 from . import kubernetes_events as ev
 from .kubernetes_api import ApiStatusError, KubeApi
-from .kubernetes_launch import LOG_LINES_IN_ERRORS, unschedulable_grace_s
+from .kubernetes_launch import CLOCK_CHECK_S, PodJudge
 from .kubernetes_live import LiveKernel
 from .kubernetes_objects import (
     NETWORK_POLICY_ENV,
@@ -71,8 +70,6 @@ from .portforward import PodTarget
 KUBERAY_MIN_VERSION = "1.5.0"
 #: KubeRay's label saying which kind of Ray node a pod is.
 RAY_NODE_TYPE_LABEL = "ray.io/node-type"
-#: Seconds between checks of the unschedulable grace while nothing arrives.
-CLOCK_CHECK_S = 1.0
 #: Seconds ``delete_group`` waits for the pods to go, beyond their grace period.
 DELETE_WAIT_S = 60.0
 
@@ -117,37 +114,32 @@ def _rank_of(compute: Compute, pod: dict[str, Any], ray: bool) -> int | None:
     return int(suffix) if suffix.isascii() and suffix.isdigit() else None
 
 
-class GroupWaiter:
-    """One launch attempt of a group: its events (watched from before the apply) and pods, until all are Ready."""
+class GroupWaiter(PodJudge):
+    """One launch attempt of a group: its events (watched from before the apply) and pods, until all are Ready.
+    A pod is judged as a single kernel's is (:class:`~kt_jupyter.backends.kubernetes_launch.PodJudge`), named by
+    its rank."""
 
     def __init__(self, kube: KubeApi, compute: Compute, say: Callable[[str], None]) -> None:
-        self.kube, self.compute, self.say = kube, compute, say
+        super().__init__(kube, compute, say)
         self.config: DistributedConfig = compute.distributed_config  # type: ignore[assignment]
         self.ray = self.config.framework == "ray"
-        self.updates: queue.Queue[tuple[str, str, Any]] = queue.Queue()
-        self.watches = [WatchThread(kube, "Event", compute.namespace, self.updates, "event", replay=False)]
-        self.grace_s = unschedulable_grace_s(compute.launch_timeout_s)
-        self.pods: dict[str, dict[str, Any]] = {}
-        self.events: list[dict[str, Any]] = []
-        self._pull_detail: dict[str, str] = {}
-        self._unschedulable_since: dict[str, float] = {}
-        self._said: set[str] = set()
-
-    def stop(self) -> None:
-        """Stop every watch."""
-        for watch in self.watches:
-            watch.stop()
-
-    def _tell(self, line: str | None) -> None:
-        if line and line not in self._said:
-            self._said.add(line)
-            self.say(line)
 
     def _who(self, pod: dict[str, Any]) -> str:
         rank = _rank_of(self.compute, pod, self.ray)
         if rank is None:
             return f"Ray worker pod {ev.name_of(pod)} of {self.compute.name!r}"
         return f"worker rank {rank} ({rank_name(self.compute.name, rank)})"
+
+    def _label(self, pod: dict[str, Any]) -> str:
+        rank = _rank_of(self.compute, pod, self.ray)
+        return rank_name(self.compute.name, rank) if rank is not None else ev.name_of(pod)
+
+    def _prefix(self, pod: dict[str, Any]) -> str:
+        return f"{self._who(pod)}: "
+
+    def _fail(self, error: LaunchError, pod: dict[str, Any]) -> LaunchError:
+        return type(error)(f"{self._who(pod)} did not start, so none of the {self.config.workers} workers of "
+                           f"{self.compute.name!r} runs: {error}")
 
     def wait(self, expected_hash: str, deadline: float) -> list[dict[str, Any]]:
         """The Ready pod of every rank, rank order (ray: the head's); raise the first failure, naming its rank."""
@@ -186,7 +178,7 @@ class GroupWaiter:
             return
         self.pods[name] = pod
         for line in ev.pod_progress(pod):
-            self._tell(f"{self._who(pod)}: {line}")
+            self.tell(f"{self._who(pod)}: {line}")
         self._judge(pod)
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -197,42 +189,7 @@ class GroupWaiter:
         if involved.get("uid") != (pod.get("metadata") or {}).get("uid"):
             return
         self.events.append(event)
-        detail = ev.pull_failure_detail(event)
-        if detail:
-            self._pull_detail[involved["name"]] = detail
-        self._judge(pod)
-
-    def _judge(self, pod: dict[str, Any]) -> None:
-        name = ev.name_of(pod)
-        rank = _rank_of(self.compute, pod, self.ray)
-        label = rank_name(self.compute.name, rank) if rank is not None else name
-        failure = ev.diagnose_pod(label, pod, pull_detail=self._pull_detail.get(name, ""))
-        if failure is not None:
-            logs, why = ("", "")
-            if failure.wants_logs:
-                logs, why = self.kube.pod_log_or_why(name, self.compute.namespace, CONTAINER_NAME,
-                                                     LOG_LINES_IN_ERRORS, previous=failure.previous_logs)
-            raise self._naming(failure.exception(logs, why), pod)
-        message = ev.unschedulable_message(pod)
-        if message is None:
-            self._unschedulable_since.pop(name, None)
-            return
-        self._unschedulable_since.setdefault(name, time.monotonic())
-        self._tell(f"{self._who(pod)}: waiting for a node: {message}")
-
-    def _check_clocks(self, now: float) -> None:
-        for name, since in list(self._unschedulable_since.items()):
-            pod = self.pods.get(name)
-            if pod is not None and not self.compute.queue and now - since >= self.grace_s:
-                rank = _rank_of(self.compute, pod, self.ray)
-                label = rank_name(self.compute.name, rank) if rank is not None else name
-                failure = ev.unschedulable_failure(label, pod, ev.unschedulable_message(pod) or "Unschedulable",
-                                                   f"still unschedulable after {now - since:.0f} s")
-                raise self._naming(failure.exception(), pod)
-
-    def _naming(self, error: LaunchError, pod: dict[str, Any]) -> LaunchError:
-        return type(error)(f"{self._who(pod)} did not start, so none of the {self.config.workers} workers of "
-                           f"{self.compute.name!r} runs: {error}")
+        self._note_pod_event(event, pod)
 
     def _timeout(self) -> LaunchError:
         pods = sorted(self.pods.values(), key=ev.name_of)

@@ -67,8 +67,13 @@ def _owners(obj: dict[str, Any]) -> set[str]:
     return {r.get("uid", "") for r in (obj.get("metadata") or {}).get("ownerReferences") or []}
 
 
-class LaunchWaiter:
-    """The watches and the state of one launch attempt; :meth:`wait` returns the Ready pod or raises."""
+class PodJudge:
+    """The watches and the judgement of one launch attempt's pods: what waiting may still cure (an Unschedulable
+    pod within its grace, a pull the kubelet retries, a gated pod) is said as progress; what it cannot is raised.
+
+    Shared by :class:`LaunchWaiter` (one pod kernel) and the distributed group's waiter, which names a pod by its
+    rank (:meth:`_label`, :meth:`_prefix`) and says which rank kept the group from starting (:meth:`_fail`).
+    """
 
     def __init__(self, kube: KubeApi, compute: Compute, say: Callable[[str], None]) -> None:
         self.kube, self.compute, self._say = kube, compute, say
@@ -77,17 +82,12 @@ class LaunchWaiter:
         self.watches = [WatchThread(kube, "Event", compute.namespace, self.updates, "event", replay=False)]
         self.pods: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
-        self._uids: set[str] = set()
-        self._rs_uids: set[str] = set()
-        self._pending: dict[str, list[dict[str, Any]]] = {}
         self._said: set[str] = set()
         self._scaling_up: set[str] = set()
         self._not_triggered: dict[str, str] = {}
         self._pull_detail: dict[str, str] = {}
         self._pull_since: dict[str, float] = {}
         self._unschedulable_since: dict[str, float] = {}
-        #: Set when the workload was deleted while waiting (`%kt down` elsewhere, kubectl): nothing to stop.
-        self.workload_deleted = False
 
     def tell(self, line: str | None) -> None:
         """Say a progress line once."""
@@ -99,6 +99,110 @@ class LaunchWaiter:
         """Stop every watch."""
         for watch in self.watches:
             watch.stop()
+
+    # ------------------------------------------------------------------ naming (the group's waiter names ranks)
+
+    def _label(self, pod: dict[str, Any]) -> str:
+        """The name a failure of ``pod`` gives: the compute's."""
+        return self.compute.name
+
+    def _prefix(self, pod: dict[str, Any]) -> str:
+        """What a progress line about ``pod`` starts with: nothing, there is one pod."""
+        return ""
+
+    def _fail(self, error: LaunchError, pod: dict[str, Any]) -> LaunchError:
+        """The error the launch raises for ``pod``'s failure."""
+        return error
+
+    # ------------------------------------------------------------------ judging
+
+    def _note_pod_event(self, event: dict[str, Any], pod: dict[str, Any] | None) -> None:
+        """A Pod event of this attempt: what it says of scale-ups and pulls; then judge the pod, if known."""
+        uid, reason = (event.get("involvedObject") or {}).get("uid") or "", event.get("reason")
+        if ev.is_scale_up_signal(event):
+            self._scaling_up.add(uid)
+            self._not_triggered.pop(uid, None)
+        elif reason == "NotTriggerScaleUp":
+            self._not_triggered[uid] = (event.get("message") or "").strip()
+        detail = ev.pull_failure_detail(event)
+        if detail:
+            self._pull_detail[uid] = detail
+        if pod is not None:
+            self._judge(pod)
+
+    def _judge(self, pod: dict[str, Any]) -> None:
+        """Raise the pod's failure when waiting cannot cure it."""
+        uid, now, prefix = _uid(pod), time.monotonic(), self._prefix(pod)
+        waiting = ((ev.container_status(pod) or {}).get("state") or {}).get("waiting") or {}
+        pulling = waiting.get("reason") in ev.IMAGE_PULL_REASONS
+        if pulling:
+            failing_s = now - self._pull_since.setdefault(uid, now)
+        else:
+            self._pull_since.pop(uid, None)
+            failing_s = 0.0
+        failure = ev.diagnose_pod(self._label(pod), pod, pull_detail=self._pull_detail.get(uid, ""),
+                                  pull_failing_s=failing_s)
+        if failure is not None:
+            raise self._fail(self._with_logs(failure, pod), pod)
+        if pulling:
+            detail = self._pull_detail.get(uid) or waiting.get("message") or "no detail"
+            self.tell(f"{prefix}image pull failed; the kubelet retries it ({waiting['reason']}: {detail})")
+        gated = ev.gated_message(pod, self.compute.queue)
+        if gated:  # Kueue: a state to wait in (the queue admits it when there is quota), not an error
+            self.tell(f"{prefix}{gated}")
+            return
+        message = ev.unschedulable_message(pod)
+        if message is None:
+            self._unschedulable_since.pop(uid, None)
+            return
+        self._unschedulable_since.setdefault(uid, now)
+        self.tell(f"{prefix}waiting for a node: {message}")
+        said = self._not_triggered.get(uid)
+        if said is not None and uid not in self._scaling_up and ev.scale_up_hopeless(said) \
+                and not self.compute.queue:
+            raise self._fail(ev.unschedulable_failure(
+                self._label(pod), pod, message,
+                f"no node group of the cluster autoscaler can take it: {said}").exception(), pod)
+
+    def _check_clocks(self, now: float) -> None:
+        """Grace of an Unschedulable pod, lasting pull failures: the limits that pass while nothing happens."""
+        for pod in list(self.pods.values()):
+            uid = _uid(pod)
+            since = self._unschedulable_since.get(uid)
+            if since is not None and not self.compute.queue and now - since >= self.grace_s:
+                message = ev.unschedulable_message(pod) or "Unschedulable"
+                raise self._fail(ev.unschedulable_failure(self._label(pod), pod, message,
+                                                          self._gave_up(now - since)).exception(), pod)
+            if uid in self._pull_since:
+                self._judge(pod)
+
+    def _gave_up(self, waited_s: float) -> str:
+        hint = (f"raise {UNSCHEDULABLE_GRACE_ENV} (seconds) and launch_timeout to wait longer for a node"
+                if self.grace_s < self.compute.launch_timeout_s else
+                "raise launch_timeout to wait longer for a node")
+        return f"still unschedulable after {waited_s:.0f} s; {hint}"
+
+    def _with_logs(self, failure: ev.Failure, pod: dict[str, Any]) -> LaunchError:
+        if not failure.wants_logs:
+            return failure.exception()
+        ns, name = self.compute.namespace, ev.name_of(pod)
+        logs, why = self.kube.pod_log_or_why(name, ns, CONTAINER_NAME, LOG_LINES_IN_ERRORS,
+                                             previous=failure.previous_logs)
+        if not logs.strip() and not why and failure.previous_logs:
+            logs, why = self.kube.pod_log_or_why(name, ns, CONTAINER_NAME, LOG_LINES_IN_ERRORS)
+        return failure.exception(logs, why)
+
+
+class LaunchWaiter(PodJudge):
+    """The watches and the state of one launch attempt; :meth:`wait` returns the Ready pod or raises."""
+
+    def __init__(self, kube: KubeApi, compute: Compute, say: Callable[[str], None]) -> None:
+        super().__init__(kube, compute, say)
+        self._uids: set[str] = set()
+        self._rs_uids: set[str] = set()
+        self._pending: dict[str, list[dict[str, Any]]] = {}
+        #: Set when the workload was deleted while waiting (`%kt down` elsewhere, kubectl): nothing to stop.
+        self.workload_deleted = False
 
     # ------------------------------------------------------------------ the wait
 
@@ -182,23 +286,13 @@ class LaunchWaiter:
         self.events.append(event)
         self.tell(ev.event_progress(event))
         involved = event.get("involvedObject") or {}
-        uid, reason = involved.get("uid") or "", event.get("reason")
         if involved.get("kind") != "Pod":
             failure = ev.refused_failure(self.compute.name, event)
             if failure is not None:
                 raise failure.exception()
             return
-        if ev.is_scale_up_signal(event):
-            self._scaling_up.add(uid)
-            self._not_triggered.pop(uid, None)
-        elif reason == "NotTriggerScaleUp":
-            self._not_triggered[uid] = (event.get("message") or "").strip()
-        detail = ev.pull_failure_detail(event)
-        if detail:
-            self._pull_detail[uid] = detail
-        pod = next((p for p in self.pods.values() if _uid(p) == uid), None)
-        if pod is not None:
-            self._judge(pod)
+        uid = involved.get("uid") or ""
+        self._note_pod_event(event, next((p for p in self.pods.values() if _uid(p) == uid), None))
 
     def _on_pod(self, kind: str, pod: dict[str, Any]) -> dict[str, Any] | None:
         name = ev.name_of(pod)
@@ -214,68 +308,6 @@ class LaunchWaiter:
             return pod
         self._judge(pod)
         return None
-
-    # ------------------------------------------------------------------ judging
-
-    def _judge(self, pod: dict[str, Any]) -> None:
-        """Raise the pod's failure when waiting cannot cure it."""
-        uid, now = _uid(pod), time.monotonic()
-        waiting = ((ev.container_status(pod) or {}).get("state") or {}).get("waiting") or {}
-        pulling = waiting.get("reason") in ev.IMAGE_PULL_REASONS
-        if pulling:
-            failing_s = now - self._pull_since.setdefault(uid, now)
-        else:
-            self._pull_since.pop(uid, None)
-            failing_s = 0.0
-        failure = ev.diagnose_pod(self.compute.name, pod, pull_detail=self._pull_detail.get(uid, ""),
-                                  pull_failing_s=failing_s)
-        if failure is not None:
-            raise self._with_logs(failure, pod)
-        if pulling:
-            detail = self._pull_detail.get(uid) or waiting.get("message") or "no detail"
-            self.tell(f"image pull failed; the kubelet retries it ({waiting['reason']}: {detail})")
-        gated = ev.gated_message(pod, self.compute.queue)
-        if gated:  # Kueue: a state to wait in (the queue admits it when there is quota), not an error
-            self.tell(gated)
-            return
-        message = ev.unschedulable_message(pod)
-        if message is None:
-            self._unschedulable_since.pop(uid, None)
-            return
-        self._unschedulable_since.setdefault(uid, now)
-        self.tell(f"waiting for a node: {message}")
-        said = self._not_triggered.get(uid)
-        if said is not None and uid not in self._scaling_up and ev.scale_up_hopeless(said) \
-                and not self.compute.queue:
-            raise ev.unschedulable_failure(self.compute.name, pod, message,
-                                           f"no node group of the cluster autoscaler can take it: {said}").exception()
-
-    def _check_clocks(self, now: float) -> None:
-        """Grace of an Unschedulable pod, lasting pull failures: the limits that pass while nothing happens."""
-        for pod in list(self.pods.values()):
-            uid = _uid(pod)
-            since = self._unschedulable_since.get(uid)
-            if since is not None and not self.compute.queue and now - since >= self.grace_s:
-                message = ev.unschedulable_message(pod) or "Unschedulable"
-                raise ev.unschedulable_failure(self.compute.name, pod, message, self._gave_up(now - since)).exception()
-            if uid in self._pull_since:
-                self._judge(pod)
-
-    def _gave_up(self, waited_s: float) -> str:
-        hint = (f"raise {UNSCHEDULABLE_GRACE_ENV} (seconds) and launch_timeout to wait longer for a node"
-                if self.grace_s < self.compute.launch_timeout_s else
-                "raise launch_timeout to wait longer for a node")
-        return f"still unschedulable after {waited_s:.0f} s; {hint}"
-
-    def _with_logs(self, failure: ev.Failure, pod: dict[str, Any]) -> LaunchError:
-        if not failure.wants_logs:
-            return failure.exception()
-        ns, name = self.compute.namespace, ev.name_of(pod)
-        logs, why = self.kube.pod_log_or_why(name, ns, CONTAINER_NAME, LOG_LINES_IN_ERRORS,
-                                             previous=failure.previous_logs)
-        if not logs.strip() and not why and failure.previous_logs:
-            logs, why = self.kube.pod_log_or_why(name, ns, CONTAINER_NAME, LOG_LINES_IN_ERRORS)
-        return failure.exception(logs, why)
 
     def _timeout(self) -> LaunchError:
         pods = list(self.pods.values())
