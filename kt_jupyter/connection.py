@@ -19,6 +19,7 @@ by the notebook's stale copy.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import sys
 import threading
@@ -77,6 +78,17 @@ class RemoteRef:
     def __repr__(self) -> str:
         return (f"<RemoteRef {self.name}: {self.type}, {format_bytes(self.size)} on compute "
                 f"{self.compute!r} ({self.reason}); `%kt pull {self.name}` fetches it>")
+
+
+@dataclass
+class _PushInFlight:
+    """A push sent without waiting for its reply (the execute that follows names it in ``after``)."""
+
+    req_id: str
+    reply: concurrent.futures.Future[dict[str, Any]]
+    send: dict[str, Any]
+    prints: dict[str, str]
+    bundle: P.Bundle
 
 
 @dataclass
@@ -244,17 +256,26 @@ class ComputeConnection:
             if missing:
                 raise TransferError(f"--push names {', '.join(missing)}, which the notebook does not define")
             self._forget_deleted_here(user_ns)
-            requires = self._push(names, user_ns, outcome, force=set(transfer.push), on_progress=on_progress)
+            # the execute follows the push at once, without waiting for its reply: the pod runs the cell once
+            # the values are in (one round trip less per cell that sends something)
+            requires, pushing = self._push(names, user_ns, outcome, force=set(transfer.push),
+                                           on_progress=on_progress, pipeline=True)
             outcome.timings_s["push"] = time.perf_counter() - t0
 
             t1 = time.perf_counter()
             try:
                 for _attempt in range(MISSING_RETRIES + 1):
-                    check = self._check(analysis.mentions, transfer)
+                    check = self._check(analysis.mentions, transfer, sending=pushing.send if pushing else {})
                     options = ExecuteOptions(cell_name=cell_name, cell_label=cell_label, debug_wait=debug_wait,
-                                             check=check, post_mortem=post_mortem, requires=tuple(requires))
-                    result = outcome.result = self.session.execute(
-                        source, on_output, options, timeout=timeout_s, on_input=on_input)
+                                             check=check, post_mortem=post_mortem, requires=tuple(requires),
+                                             after=pushing.req_id if pushing else None)
+                    try:
+                        result = outcome.result = self.session.execute(
+                            source, on_output, options, timeout=timeout_s, on_input=on_input)
+                    finally:
+                        if pushing is not None:  # its failure (the cell did not run) is the one raised
+                            sent, pushing = pushing, None
+                            self._finish_push(sent, outcome)
                     if not result.missing:
                         break
                     # the pod lost values we did not send again (another notebook deleted them): sent now, then run
@@ -342,9 +363,12 @@ class ComputeConnection:
     # ------------------------------------------------------------------ moving values
 
     def _push(self, names: Iterable[str], user_ns: MutableMapping[str, Any], outcome: CellOutcome,
-              force: set[str], on_progress: Callable[[str, int, int], None] | None) -> list[str]:
+              force: set[str], on_progress: Callable[[str, int, int], None] | None,
+              pipeline: bool = False) -> tuple[list[str], _PushInFlight | None]:
         """Send the values of ``names`` the pod does not hold unchanged; returns the names left unsent because
-        the pod holds them (the execute requires them: a pod that lost one answers so, without running)."""
+        the pod holds them (the execute requires them: a pod that lost one answers so, without running), and,
+        with ``pipeline``, the push still in flight (:meth:`_finish_push` once the execute that follows it
+        returns; without, it has been answered and recorded)."""
         send: dict[str, Any] = {}
         prints: dict[str, str] = {}
         maybe_held: list[str] = []
@@ -380,11 +404,26 @@ class ComputeConnection:
         # this copy). The execute request requires them, so no round trip of its own asks whether it still does.
         outcome.skipped_unchanged += maybe_held
         if not send:
-            return maybe_held
+            return maybe_held, None
         bundle = self._dump(send)
         progress = None if on_progress is None else (lambda done, total: on_progress("push", done, total))
+        outcome.pushed += list(send)
+        outcome.bytes_pushed += bundle.nbytes
+        if pipeline:
+            req_id, reply = self.session.start_push(bundle, on_progress=progress)
+            return maybe_held, _PushInFlight(req_id, reply, send, prints, bundle)
         self.session.push_bundle(bundle, on_progress=progress)
-        ids = self.session.last_push_ids
+        self._record_push(send, prints, bundle, self.session.last_push_ids, outcome)
+        return maybe_held, None
+
+    def _finish_push(self, pushing: _PushInFlight, outcome: CellOutcome) -> None:
+        """Wait for a pipelined push's reply (raising its failure) and record what the pod now holds."""
+        reply = pushing.reply.result()
+        self._record_push(pushing.send, pushing.prints, pushing.bundle, dict(reply.get("ids") or {}), outcome)
+
+    def _record_push(self, send: dict[str, Any], prints: dict[str, str], bundle: P.Bundle, ids: Mapping[str, int],
+                     outcome: CellOutcome) -> None:
+        """The pod holds ``send`` now, as the objects ``ids`` names."""
         digested = bundle.known_digests()  # the big buffers' digests, taken as they were sent
         t_fp = time.perf_counter()
         for name, value in send.items():
@@ -395,9 +434,6 @@ class ComputeConnection:
             self.held[name] = Held(fp, ids.get(name), id(value), old.stable if old else True, fp,
                                    old.pod_stable if old else True, _head(value))
         outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_fp
-        outcome.pushed += list(send)
-        outcome.bytes_pushed += bundle.nbytes
-        return maybe_held
 
     @staticmethod
     def _dump(values: dict[str, Any]) -> P.Bundle:
@@ -414,11 +450,14 @@ class ComputeConnection:
             + "\nCreate these inside the %%kt cell instead, or leave them out of it."
         )
 
-    def _check(self, mentions: Iterable[str], transfer: TransferOptions) -> dict[str, Any]:
+    def _check(self, mentions: Iterable[str], transfer: TransferOptions,
+               sending: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What the pod checks when the cell ends: the names it mentions, and what this notebook believes the
-        pod holds (its id and fingerprint of each value), answered in the execute_reply."""
+        pod holds (its id and fingerprint of each value), answered in the execute_reply. Names ``sending`` (a
+        push not answered yet) are left out: the pod adds them, as the objects that push set."""
+        sending = sending or {}
         held = {n: [h.pod_id, h.pod_fingerprint or h.fingerprint, h.pod_stable]
-                for n, h in self.held.items() if h.pod_id is not None}
+                for n, h in self.held.items() if h.pod_id is not None and n not in sending}
         return {"names": sorted(mentions), "held": held, "fingerprint_max_bytes": transfer.pull_limit_bytes}
 
     def _reconcile(self, check: dict[str, Any], state: dict[str, Any] | None, user_ns: MutableMapping[str, Any],

@@ -55,6 +55,12 @@ class CellJob:
     post_mortem: str | None = None
     #: names the notebook left here and did not send again: lacking one, the cell does not run (reply "missing")
     requires: list[str] = field(default_factory=list)
+    #: the change queued just before it that sets the values it reads (a push): failed, the cell does not run
+    gate: concurrent.futures.Future | None = None
+
+
+class _GateFailed(Exception):
+    """The push a cell was queued behind failed to set its values: the cell does not run."""
 
 
 @dataclass
@@ -457,6 +463,8 @@ class Executor:
         payload = b""
         try:
             self.current = job
+            if job.gate is not None and job.gate.done() and job.gate.exception() is not None:
+                raise _GateFailed(job.gate.exception())
             lacking = [n for n in job.requires if n not in self.namespace]
             if lacking:  # deleted since the notebook left them (another notebook): it sends them, then asks again
                 raise _Lacking(lacking)
@@ -490,6 +498,11 @@ class Executor:
                 reply["state"] = self._check(job)
         except _Lacking as exc:
             reply = {"status": "missing", "missing": exc.names}
+        except _GateFailed as exc:
+            reason = exc.args[0]
+            reply = {"status": "error", "ename": "PushFailed", "evalue": f"{type_name(reason)}: {reason}",
+                     "traceback": [f"the values this cell reads did not arrive: {type_name(reason)}: {reason}"],
+                     "exception": False}
         except CellFileError as exc:  # a file a debugger needs cannot be written, or a refused path
             reply = {"status": "error", "ename": "CellFileError", "evalue": str(exc),
                      "traceback": [f"CellFileError: {exc}"], "exception": False}

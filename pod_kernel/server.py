@@ -49,6 +49,12 @@ logging.getLogger("websockets.server").addFilter(P.RedactBearer())
 SEEN_IDS_KEPT = 4096
 #: How long a disconnected session's replay buffer waits for the client to resume.
 SESSION_KEEP_S = 600
+#: Push requests whose outcome an execute may still wait for (``after``), newest kept.
+PUSHES_TRACKED = 256
+#: Longest an execute waits for the push it follows to arrive, or to be sent again after a dropped connection.
+PUSH_WAIT_S = 120.0
+#: Pushed values up to this many bytes in all are fingerprinted on the loop for the cell's check, more in a thread.
+INLINE_FINGERPRINT_BYTES = 8 << 20
 #: Disconnected sessions kept for resuming at most; the oldest are dropped first.
 SESSIONS_DETACHED_MAX = 64
 #: Detached sessions a welcome reports at most (the most recent).
@@ -96,6 +102,15 @@ class Session:
     detached_at: float = 0.0
 
 
+def _held_entries(values: dict[str, Any]) -> dict[str, list[Any]]:
+    """``[pod id, fingerprint, stable]`` of values just pushed, for the check of the cell that reads them."""
+    return {n: [id(v), P.fingerprint(v), True] for n, v in values.items()}
+
+
+class _PushInterrupted(Exception):
+    """A push that failed with its connection: its client sends it again once reconnected."""
+
+
 @dataclass
 class Inbound:
     """A bundle being received on a connection: header and assembler (or bytes to discard)."""
@@ -141,6 +156,10 @@ class PodKernelServer:
         self.rejections = RejectionLog()
         #: requests served in tasks of their own (:meth:`_in_background`)
         self._tasks: set[asyncio.Task] = set()
+        #: push request id -> its outcome (the values it set, or its failure): an execute ``after`` it waits
+        self.pushes: dict[str, asyncio.Future] = {}
+        #: push request id -> the cell that arrived before that push's values did: queued right behind them
+        self.push_followers: dict[str, CellJob] = {}
         self.handlers: dict[str, Callable[[Session, ServerConnection, dict, memoryview], Awaitable[None]]] = {
             "execute": self.on_execute,
             "interrupt": self.on_interrupt,
@@ -439,7 +458,90 @@ class PodKernelServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # ------------------------------------------------------------------ pushes an execute follows
+
+    def _push_started(self, req_id: str) -> None:
+        """A push's header arrived (again, after a reconnect: a failed attempt's outcome is replaced)."""
+        fut = self.pushes.get(req_id)
+        if fut is None or fut.done():
+            self.pushes.pop(req_id, None)
+            self.pushes[req_id] = asyncio.get_running_loop().create_future()
+            while len(self.pushes) > PUSHES_TRACKED:
+                self.pushes.pop(next(iter(self.pushes)))
+
+    def _push_ended(self, req_id: str, values: dict[str, Any] | None = None, error: BaseException | None = None,
+                    final: bool = True) -> None:
+        """A push set its ``values``, or failed with ``error``: for good (``final``: refused, or failed while its
+        connection stays open), or with its connection (its client sends it again once reconnected)."""
+        fut = self.pushes.get(req_id)
+        if fut is None or fut.done():
+            return
+        if error is None:
+            fut.set_result(values or {})
+            return
+        fut.set_exception(error if final else _PushInterrupted(str(error)))
+        fut.exception()  # retrieved: nobody may be waiting for it
+
+    async def _after_push(self, push_id: str) -> dict[str, Any]:
+        """The values push ``push_id`` set, once it has (waiting for it to arrive, or to be sent again when its
+        connection dropped); its refusal or failure is raised."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PUSH_WAIT_S
+        while True:
+            fut = self.pushes.get(push_id)
+            if fut is not None and fut.done():
+                error = fut.exception()
+                if error is None:
+                    return fut.result()
+                if not isinstance(error, _PushInterrupted):
+                    raise error  # refused or failed for good; a dropped connection: its client sends it again
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"the values this cell reads (push {push_id}) did not arrive within "
+                                   f"{PUSH_WAIT_S:g} s")
+            if fut is not None and not fut.done():
+                await asyncio.wait({fut}, timeout=min(remaining, 1.0))
+            else:
+                await asyncio.sleep(min(remaining, 0.05))
+
+    async def _execute_after_push(self, push_id: str, job: CellJob) -> None:
+        """Queue ``job`` once the push it follows has set its values, which join the cell's check as held (the
+        notebook sent them without knowing their ids here); a failed push fails the cell, which does not run.
+
+        A cell that arrives before its push's values (the usual case) is left for :meth:`on_push`, which queues
+        it right behind the change that sets them, in the same thread: no wait for that change here first."""
+        fut = self.pushes.get(push_id)
+        if fut is not None and not fut.done():
+            self.push_followers.setdefault(push_id, job)
+        try:
+            values = await self._after_push(push_id)
+        except Exception as exc:
+            if self.push_followers.get(push_id) is job:
+                del self.push_followers[push_id]
+            if job.gate is None:  # not queued: say why it does not run
+                why = f"{P.type_name(exc)}: {exc}"
+                job.outbox.append({"type": "execute_reply", "id": job.req_id, "status": "error",
+                                   "ename": "PushFailed", "evalue": why,
+                                   "traceback": [f"the values this cell reads did not arrive: {why}"],
+                                   "exception": False, "execution_count": self.executor.shell.execution_count})
+            return
+        if job.gate is not None:  # queued behind the values by on_push
+            return
+        if self.push_followers.get(push_id) is job:
+            del self.push_followers[push_id]
+        if job.check is not None and values:
+            def held() -> dict[str, list[Any]]:
+                return _held_entries(values)
+
+            # a few MiB hash in well under a millisecond: here; more (a big value the write tracker may not
+            # vouch for) in a thread, off the loop
+            small = sum(P.approx_size(v) for v in values.values()) <= INLINE_FINGERPRINT_BYTES
+            job.check.held.update(held() if small else await asyncio.to_thread(held))
+        self.executor.submit(job)
+
     async def _send_error(self, ws: ServerConnection, req_id: str, exc: Exception) -> None:
+        # an execute following that push fails with it, unless the push's connection is gone (it comes again)
+        self._push_ended(req_id, error=exc, final=ws.close_code is None)
         payload = b""
         if isinstance(exc, RequestRefused):
             ename, tb = exc.ename, ""
@@ -473,6 +575,8 @@ class PodKernelServer:
 
     async def _start_inbound(self, session: Session, ws: ServerConnection, header: dict,
                              payload: memoryview) -> Inbound | None:
+        if header["type"] == "push":
+            self._push_started(header["id"])
         ser = header["serialization"]
         sizes = header["sizes"]
         if not all(isinstance(s, int) and s >= 0 for s in sizes):
@@ -516,13 +620,19 @@ class PodKernelServer:
         assert asm is not None  # a refused bulk push was answered before its bytes came
 
         def done(error: BaseException | None) -> None:
+            loaded: list[Any] = []
             if error is None:  # in the transfer thread, before anything can write to the parts
                 asm.vouch()
+                asm.received = asm.total
+                bundle = asm.bundle()
+                try:  # unpickled here, in this thread already: one hop less before the values are set
+                    loaded.append(P.load_values(bundle))
+                except Exception as exc:
+                    loaded.append(exc)
 
             async def finish() -> None:
                 if error is None:
-                    asm.received = asm.total
-                    await self._complete_bundle(session, ws, inbound.header, asm.bundle())
+                    await self._complete_bundle(session, ws, inbound.header, bundle, loaded[0])
                     return
                 if isinstance(error, MemoryError):
                     failure: Exception = RequestRefused(
@@ -560,14 +670,18 @@ class PodKernelServer:
         await self._complete_bundle(session, ws, inbound.header, inbound.assembler.bundle())
         return None
 
-    async def _complete_bundle(self, session: Session, ws: ServerConnection, header: dict, bundle: P.Bundle) -> None:
-        """A request's bundle has fully arrived: hand its values to the request's handler."""
+    async def _complete_bundle(self, session: Session, ws: ServerConnection, header: dict, bundle: P.Bundle,
+                               loaded: dict[str, Any] | Exception | None = None) -> None:
+        """A request's bundle has fully arrived: hand its values to the request's handler (``loaded``: its
+        values, or the failure to unpickle them, when the bulk channel's thread loaded them already)."""
         self.last_activity = time.monotonic()
         handler = self.bundle_handlers[header["type"]]
 
         async def _handle() -> None:
             try:
-                values = await asyncio.to_thread(P.load_values, bundle)
+                if isinstance(loaded, Exception):
+                    raise loaded
+                values = loaded if loaded is not None else await asyncio.to_thread(P.load_values, bundle)
                 await handler(session, ws, header, values)
             except ConnectionClosed:
                 pass
@@ -585,13 +699,21 @@ class PodKernelServer:
         """Set the pushed names in the namespace (notebook functions run in it, as they did in the notebook's),
         between cells: a running cell keeps the values it started with."""
         ns = self.executor.namespace
+        follower = self.push_followers.pop(header["id"], None)  # its cell, sent right behind it
 
         def apply() -> dict[str, Any]:
             adopted = coherence.adopt_functions(values, ns)
             ns.update(adopted)
+            if follower is not None and follower.check is not None:  # as the notebook holds them now
+                follower.check.held.update(_held_entries(adopted))
             return adopted
 
-        values = await asyncio.wrap_future(self.executor.change(apply))
+        change = self.executor.change(apply)
+        if follower is not None:
+            follower.gate = change  # runs next in the same thread, unless the change failed
+            self.executor.submit(follower)
+        values = await asyncio.wrap_future(change)
+        self._push_ended(header["id"], values)
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "names": sorted(values),
                                       "ids": {n: id(v) for n, v in values.items()}}))
 
@@ -664,15 +786,18 @@ class PodKernelServer:
         while len(session.seen_exec) > SEEN_IDS_KEPT:
             session.seen_exec.pop(next(iter(session.seen_exec)))
         cell_name, label = header.get("cell_name"), header.get("cell_label")
-        post_mortem, requires = header.get("post_mortem"), header.get("requires")
-        self.executor.submit(CellJob(req_id, header["code"], session.outbox,
-                                     cell_name if isinstance(cell_name, str) else None,
-                                     label if isinstance(label, str) else None,
-                                     debug_wait=bool(header.get("debug_wait")),
-                                     check=coherence.parse_check(header.get("check")),
-                                     post_mortem=post_mortem if isinstance(post_mortem, str) else None,
-                                     requires=[n for n in requires if isinstance(n, str)]
-                                     if isinstance(requires, list) else []))
+        post_mortem, requires, after = header.get("post_mortem"), header.get("requires"), header.get("after")
+        job = CellJob(req_id, header["code"], session.outbox,
+                      cell_name if isinstance(cell_name, str) else None,
+                      label if isinstance(label, str) else None,
+                      debug_wait=bool(header.get("debug_wait")),
+                      check=coherence.parse_check(header.get("check")),
+                      post_mortem=post_mortem if isinstance(post_mortem, str) else None,
+                      requires=[n for n in requires if isinstance(n, str)] if isinstance(requires, list) else [])
+        if isinstance(after, str) and after:  # sent right behind a push, before its reply: runs once it is in
+            self._in_background(self._execute_after_push(after, job))
+            return
+        self.executor.submit(job)
 
     async def on_input_reply(self, session: Session, ws: ServerConnection, header: dict,
                              payload: memoryview) -> None:

@@ -389,6 +389,49 @@ def test_push_larger_than_the_memory_limit_is_refused_not_retried_forever(local_
     assert s.reconnects == 0
 
 
+def test_a_cell_sent_right_behind_its_push_does_not_run_when_the_push_is_refused(local_backend, monkeypatch):
+    """The execute follows the push without waiting for its reply (``after``: one round trip less); a push the
+    pod refuses fails the cell at once, unrun, with the push's own error, and the next cell runs normally."""
+    headers: list[dict] = []
+    until_reply = Session._until_reply
+
+    async def recording(self, header, *args, **kwargs):
+        headers.append(dict(header))
+        return await until_reply(self, header, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "_until_reply", recording)
+    conn = conn_mod.connect(Compute(name="behind", memory="512Mi"))
+    ns: dict = {"small": np.arange(3 * MiB // 8)}
+    conn.run_cell("total = int(small.sum())", ns)
+    push, execute = [h for h in headers if h["type"] in ("push", "execute")][-2:]
+    assert execute["after"] == push["id"] and ns["total"] == int(np.arange(3 * MiB // 8).sum())
+    ns["big"] = np.ones(96 * MiB)  # 768 MiB: more than the pod may hold
+    t0 = time.monotonic()
+    with pytest.raises(MemoryError, match="does not fit"):
+        conn.run_cell("ran = True\nn = big.nbytes", ns)
+    assert time.monotonic() - t0 < 10  # not the execute's wait for a push that will never come
+    del ns["big"]
+    conn.run_cell("ran_before = 'ran' in dir()", ns)
+    assert ns["ran_before"] is False and "ran" not in ns
+
+
+class _FailsToUnpickle:
+    """Pickles here; unpickling it there raises ValueError (``int("not a number")``)."""
+
+    def __reduce__(self):
+        return int, ("not a number",)
+
+
+def test_a_cell_queued_behind_a_push_whose_values_cannot_be_loaded_does_not_run(local_backend):
+    conn = conn_mod.connect(Compute(name="unloadable"))
+    ns: dict = {"arr": np.ones(2 * MiB // 8), "odd": _FailsToUnpickle()}  # 2 MiB: the bulk channel's thread loads it
+    with pytest.raises(ValueError, match="not a number"):
+        conn.run_cell("ran = True\nx = (arr.sum(), odd)", ns)
+    del ns["odd"]
+    conn.run_cell("ran_before = 'ran' in dir()\ntotal = float(arr.sum())", ns)
+    assert ns["ran_before"] is False and ns["total"] == 2 * MiB // 8
+
+
 # ============================================================================ load
 
 

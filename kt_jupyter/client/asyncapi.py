@@ -48,6 +48,9 @@ class ExecuteOptions:
     post_mortem: str | None = None
     #: names the pod must hold, else it runs nothing and says which it lacks (:attr:`ExecuteResult.missing`)
     requires: tuple[str, ...] = ()
+    #: the id of a push sent just before, not yet answered: the pod runs the cell once that push is in (and
+    #: fails it, unrun, with the push's failure)
+    after: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requires", tuple(self.requires))
@@ -67,6 +70,8 @@ class ExecuteOptions:
             header["post_mortem"] = self.post_mortem
         if self.requires:
             header["requires"] = list(self.requires)
+        if self.after:
+            header["after"] = self.after
         return header
 
 

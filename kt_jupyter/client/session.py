@@ -173,6 +173,25 @@ class Session(AsyncSession):
         """Send values already serialized with :func:`pod_kernel.protocol.dump_values`."""
         return self._run(self.apush_bundle(bundle, on_progress=on_progress))
 
+    def start_push(self, bundle: P.Bundle, *, on_progress: ProgressCallback | None = None,
+                   ) -> tuple[str, concurrent.futures.Future[dict[str, Any]]]:
+        """Send a push without waiting for its reply: returns its request id (an execute's ``after``) and the
+        future of its reply, once what must precede a later request is on the wire (a bulk push's header;
+        else all of it)."""
+        req_id = self.new_id()
+        sent: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def on_sent() -> None:
+            if not sent.done():
+                sent.set_result(None)
+
+        reply = asyncio.run_coroutine_threadsafe(
+            self.arequest({"type": "push"}, bundle=bundle, on_progress=on_progress, req_id=req_id,
+                          on_sent=on_sent), client_loop())
+        reply.add_done_callback(lambda _f: on_sent())  # failed before a byte went: nothing to wait for
+        sent.result()
+        return req_id, reply
+
     def pull(self, names: Iterable[str], *, serialization: str = "pickle",
              on_progress: ProgressCallback | None = None,
              known: dict[tuple[int, int], bytes] | None = None) -> dict[str, Any]:

@@ -173,11 +173,13 @@ class Transport:
 
     async def arequest(self, header: dict[str, Any], *, bundle: P.Bundle | None = None,
                        on_progress: ProgressCallback | None = None, req_id: str | None = None,
-                       resend: bool = True) -> Any:
+                       resend: bool = True, on_sent: Callable[[], None] | None = None) -> Any:
         """Send a request and return its reply header or bundle.
 
         After a reconnect the request is sent again, unless ``resend`` is
         False (a call that may already have run): then ConnectionLostError.
+        ``on_sent`` is called once what must precede a later request on the
+        WebSocket is written: the header of a bulk push, else every frame.
         """
         req_id = req_id or self.new_id()
         header = dict(header, id=req_id)
@@ -187,7 +189,7 @@ class Transport:
             self._pending[req_id] = pending
             try:
                 reply, _payload = await self._until_reply(header, pending.reply, bundle, on_progress, once=True,
-                                                          bulk_ready=pending.bulk_ready)
+                                                          bulk_ready=pending.bulk_ready, on_sent=on_sent)
                 return reply
             except _Resend:
                 if not resend:
@@ -218,7 +220,7 @@ class Transport:
     async def _until_reply(self, header: dict[str, Any], reply: asyncio.Future[Any],
                            bundle: P.Bundle | None = None, on_progress: ProgressCallback | None = None,
                            once: bool = False, bulk_ready: asyncio.Future[str] | None = None,
-                           ) -> tuple[Any, bytes]:
+                           on_sent: Callable[[], None] | None = None) -> tuple[Any, bytes]:
         """Send ``header`` (and bundle) and wait for ``reply``, resending after reconnects.
 
         A big bundle goes over the bulk channel when the pod has one: the
@@ -232,6 +234,8 @@ class Transport:
                 if bundle is not None and address is not None and bulk_ready is not None:
                     await conn.ws.send(P.encode_frame(dict(header, bulk=True, serialization=bundle.serialization,
                                                            sizes=bundle.sizes)))
+                    if on_sent is not None:
+                        on_sent()
                     await asyncio.wait([bulk_ready, reply, conn.closed], return_when=asyncio.FIRST_COMPLETED)
                     if bulk_ready.done() and not reply.done():
                         try:
@@ -244,6 +248,8 @@ class Transport:
                 else:
                     async with self._send_lock:
                         await self._send(conn, header, bundle, on_progress)
+                    if on_sent is not None:
+                        on_sent()
             except ConnectionClosed:
                 pass
             await asyncio.wait([reply, conn.closed], return_when=asyncio.FIRST_COMPLETED)
