@@ -35,7 +35,12 @@ whose connection dropped sends those requests again. A ``push`` or ``delete``
 is applied in the pod's main thread between cells, never under a running one
 (an ``--async`` cell sees a stable namespace); while it waits, the connection
 goes on serving pings and interrupts, and the ``metrics`` reply counts the
-waiting jobs in ``queued``.
+waiting jobs in ``queued``. An ``execute`` may name, in ``after``, the id of a
+push sent just before it and not answered yet: the cell is queued right
+behind the change that sets those values (and its check holds them as the
+objects just set); a push refused or failed for good fails the cell unrun
+(``PushFailed``), and one cut off with its connection is waited for until it
+is sent again (up to ``PUSH_WAIT_S`` in server.py).
 
 Values: a set of named values travels as a *bundle*: ``serialization``
 (``"pickle"`` or ``"json"``) and ``sizes``, the byte length of each part. For

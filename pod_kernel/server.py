@@ -469,21 +469,22 @@ class PodKernelServer:
             while len(self.pushes) > PUSHES_TRACKED:
                 self.pushes.pop(next(iter(self.pushes)))
 
-    def _push_ended(self, req_id: str, values: dict[str, Any] | None = None, error: BaseException | None = None,
+    def _push_ended(self, req_id: str, names: list[str] | None = None, error: BaseException | None = None,
                     final: bool = True) -> None:
-        """A push set its ``values``, or failed with ``error``: for good (``final``: refused, or failed while its
-        connection stays open), or with its connection (its client sends it again once reconnected)."""
+        """A push set ``names``, or failed with ``error``: for good (``final``: refused, or failed while its
+        connection stays open), or with its connection (its client sends it again once reconnected). Only the
+        names are kept, never the values (a tracked push must not keep its arrays alive)."""
         fut = self.pushes.get(req_id)
         if fut is None or fut.done():
             return
         if error is None:
-            fut.set_result(values or {})
+            fut.set_result(list(names or []))
             return
         fut.set_exception(error if final else _PushInterrupted(str(error)))
         fut.exception()  # retrieved: nobody may be waiting for it
 
-    async def _after_push(self, push_id: str) -> dict[str, Any]:
-        """The values push ``push_id`` set, once it has (waiting for it to arrive, or to be sent again when its
+    async def _after_push(self, push_id: str) -> list[str]:
+        """The names push ``push_id`` set, once it has (waiting for it to arrive, or to be sent again when its
         connection dropped); its refusal or failure is raised."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PUSH_WAIT_S
@@ -514,7 +515,7 @@ class PodKernelServer:
         if fut is not None and not fut.done():
             self.push_followers.setdefault(push_id, job)
         try:
-            values = await self._after_push(push_id)
+            names = await self._after_push(push_id)
         except Exception as exc:
             if self.push_followers.get(push_id) is job:
                 del self.push_followers[push_id]
@@ -529,6 +530,8 @@ class PodKernelServer:
             return
         if self.push_followers.get(push_id) is job:
             del self.push_followers[push_id]
+        ns = self.executor.namespace
+        values = {n: ns[n] for n in names if n in ns}  # as that push set them (between cells: nothing ran since)
         if job.check is not None and values:
             def held() -> dict[str, list[Any]]:
                 return _held_entries(values)
@@ -713,7 +716,7 @@ class PodKernelServer:
             follower.gate = change  # runs next in the same thread, unless the change failed
             self.executor.submit(follower)
         values = await asyncio.wrap_future(change)
-        self._push_ended(header["id"], values)
+        self._push_ended(header["id"], sorted(values))
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "names": sorted(values),
                                       "ids": {n: id(v) for n, v in values.items()}}))
 

@@ -415,6 +415,17 @@ def test_a_cell_sent_right_behind_its_push_does_not_run_when_the_push_is_refused
     assert ns["ran_before"] is False and "ran" not in ns
 
 
+def test_a_replaced_pushed_value_is_freed_on_the_pod(local_backend):
+    """What the pod keeps of a push for the execute that follows it is names, not values: the array a later push
+    replaces dies at once (its memory is then free to reuse), whether or not a cell followed it."""
+    conn = conn_mod.connect(Compute(name="freed"))
+    ns: dict = {"arr": np.ones(2 * MiB // 8)}  # the bulk channel: the pod unpickles it in the transfer thread
+    conn.run_cell("import weakref, gc\n_first = weakref.ref(arr)", ns)
+    ns["arr"] = np.zeros(2 * MiB // 8)
+    conn.run_cell("gc.collect()\nfreed = _first() is None and float(arr.sum()) == 0.0", ns)  # reads the new arr
+    assert ns["freed"] is True
+
+
 class _FailsToUnpickle:
     """Pickles here; unpickling it there raises ValueError (``int("not a number")``)."""
 
