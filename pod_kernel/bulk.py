@@ -142,28 +142,27 @@ def send_parts(sock: socket.socket, parts: list[memoryview], progress: ProgressF
     digests: dict[int, bytes] = {}
     for index, part in enumerate(parts):
         view = part.cast("B") if part.format != "B" or part.ndim != 1 else part
-        if not (digesting and _digested(view)):
-            for start in range(0, view.nbytes, IO_BYTES):
-                piece = view[start:start + IO_BYTES]
-                sock.sendall(piece)
-                done += piece.nbytes
-                if progress is not None:
-                    progress(done, total)
-            continue
-        pieces = []
-        report = done + IO_BYTES  # progress every IO_BYTES, as for the other parts
-        for start in range(0, view.nbytes, P.HASH_CHUNK_BYTES):
-            digest = kind()
-            for sub in range(start, min(start + P.HASH_CHUNK_BYTES, view.nbytes), DIGEST_IO_BYTES):
-                piece = view[sub:min(sub + DIGEST_IO_BYTES, start + P.HASH_CHUNK_BYTES)]
+        hashing = digesting and _digested(view)
+        digest = kind() if hashing else None
+        pieces: list[bytes] = []
+        report = done + IO_BYTES  # progress every IO_BYTES
+        # a hashed part goes in DIGEST_IO_BYTES pieces, which never straddle a HASH_CHUNK_BYTES boundary
+        step = DIGEST_IO_BYTES if hashing else IO_BYTES
+        for start in range(0, view.nbytes, step):
+            piece = view[start:start + step]
+            end = start + piece.nbytes
+            if digest is not None:
                 digest.update(piece)
-                sock.sendall(piece)
-                done += piece.nbytes
-                if progress is not None and (done >= report or sub + piece.nbytes == view.nbytes):
-                    progress(done, total)
-                    report = done + IO_BYTES
-            pieces.append(digest.digest())
-        digests[index] = b"".join(pieces)
+                if end % P.HASH_CHUNK_BYTES == 0 or end == view.nbytes:
+                    pieces.append(digest.digest())
+                    digest = kind()
+            sock.sendall(piece)
+            done += piece.nbytes
+            if progress is not None and (done >= report or end == view.nbytes):
+                progress(done, total)
+                report = done + IO_BYTES
+        if hashing:
+            digests[index] = b"".join(pieces)
     name = prefix.encode() if digesting else b""
     sock.sendall(bytes([len(name)]) + name + b"".join(digests[i] for i in sorted(digests)))
     return digests

@@ -63,6 +63,13 @@ class _GateFailed(Exception):
     """The push a cell was queued behind failed to set its values: the cell does not run."""
 
 
+def push_failed_reply(reason: BaseException) -> dict[str, Any]:
+    """The execute_reply fields of a cell that did not run because the push it follows failed."""
+    why = f"{type_name(reason)}: {reason}"
+    return {"status": "error", "ename": "PushFailed", "evalue": why,
+            "traceback": [f"the values this cell reads did not arrive: {why}"], "exception": False}
+
+
 @dataclass
 class NamespaceJob:
     """A change to the namespace from the network (a push, a delete): made in the main thread, between cells.
@@ -499,10 +506,7 @@ class Executor:
         except _Lacking as exc:
             reply = {"status": "missing", "missing": exc.names}
         except _GateFailed as exc:
-            reason = exc.args[0]
-            reply = {"status": "error", "ename": "PushFailed", "evalue": f"{type_name(reason)}: {reason}",
-                     "traceback": [f"the values this cell reads did not arrive: {type_name(reason)}: {reason}"],
-                     "exception": False}
+            reply = push_failed_reply(exc.args[0])
         except CellFileError as exc:  # a file a debugger needs cannot be written, or a refused path
             reply = {"status": "error", "ename": "CellFileError", "evalue": str(exc),
                      "traceback": [f"CellFileError: {exc}"], "exception": False}

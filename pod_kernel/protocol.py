@@ -534,18 +534,26 @@ def fingerprint(value: Any, known: Mapping[tuple[int, int], bytes] | None = None
     (address, length) -> :func:`buffer_digest` of big buffers whose digest was
     taken as their bytes crossed the bulk channel; those are not read again.
     """
-    import cloudpickle
-
-    prefix, digest = _hasher()
-    buffers: list[pickle.PickleBuffer] = []
-    try:
-        stream = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-    except Exception:
+    pickled = _out_of_band(value)
+    if pickled is None:
         return ""
+    stream, buffers = pickled
+    prefix, digest = _hasher()
     digest.update(stream)
     for buf in buffers:
         _hash_buffer(digest, buf.raw(), known)
     return prefix + digest.hexdigest()
+
+
+def _out_of_band(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]] | None:
+    """``value``'s cloudpickle stream and its out-of-band buffers (not copied), or None if it does not pickle."""
+    import cloudpickle
+
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        return cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append), buffers
+    except Exception:
+        return None
 
 
 #: Bytes of each end of a big buffer that :func:`head_digest` reads.
@@ -556,14 +564,12 @@ def head_digest(value: Any) -> str:
     """A cheap digest of ``value``: its pickle without the buffers, each buffer's length and its first and
     last :data:`HEAD_BYTES`. Two values whose head digests differ differ (their fingerprints would too); equal
     head digests say nothing. '' if unpicklable."""
-    import cloudpickle
-
-    prefix, digest = _hasher()
-    buffers: list[pickle.PickleBuffer] = []
-    try:
-        digest.update(cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append))
-    except Exception:
+    pickled = _out_of_band(value)
+    if pickled is None:
         return ""
+    stream, buffers = pickled
+    prefix, digest = _hasher()
+    digest.update(stream)
     for buf in buffers:
         data = buf.raw()
         digest.update(data.nbytes.to_bytes(8, "little"))

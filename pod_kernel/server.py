@@ -35,7 +35,7 @@ from . import protocol as P
 from .bulk import BULK_MIN_BYTES, BulkServer, listen_socket
 from .calls import CallRunner
 from .codesync import CodeSync
-from .executor import CellJob, Executor, write_cell_file
+from .executor import CellJob, Executor, push_failed_reply, write_cell_file
 from .metrics import MetricsSampler
 from .outbox import Outbox
 from .rejections import RejectionLog
@@ -156,7 +156,7 @@ class PodKernelServer:
         self.rejections = RejectionLog()
         #: requests served in tasks of their own (:meth:`_in_background`)
         self._tasks: set[asyncio.Task] = set()
-        #: push request id -> its outcome (the values it set, or its failure): an execute ``after`` it waits
+        #: push request id -> its outcome (the names it set, or its failure): an execute ``after`` it waits
         self.pushes: dict[str, asyncio.Future] = {}
         #: push request id -> the cell that arrived before that push's values did: queued right behind them
         self.push_followers: dict[str, CellJob] = {}
@@ -520,11 +520,8 @@ class PodKernelServer:
             if self.push_followers.get(push_id) is job:
                 del self.push_followers[push_id]
             if job.gate is None:  # not queued: say why it does not run
-                why = f"{P.type_name(exc)}: {exc}"
-                job.outbox.append({"type": "execute_reply", "id": job.req_id, "status": "error",
-                                   "ename": "PushFailed", "evalue": why,
-                                   "traceback": [f"the values this cell reads did not arrive: {why}"],
-                                   "exception": False, "execution_count": self.executor.shell.execution_count})
+                job.outbox.append(dict(push_failed_reply(exc), type="execute_reply", id=job.req_id,
+                                       execution_count=self.executor.shell.execution_count))
             return
         if job.gate is not None:  # queued behind the values by on_push
             return
