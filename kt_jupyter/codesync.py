@@ -13,8 +13,10 @@ under are synced (their top-level files and packages), to
 
 A file's hash is cached by (mtime, size), and the list of files by the
 mtimes of the directories walked, so an unchanged tree costs one ``stat`` per
-file and directory; nothing is sent when the manifest has not changed since
-the last sync. The pod reloads the modules whose files changed.
+file and directory; on Linux, where the directories are on a local
+filesystem, an inotify watch on each (:mod:`kt_jupyter.dirwatch`) says that
+nothing changed for one ``read``. Nothing is sent when the manifest has not
+changed since the last sync. The pod reloads the modules whose files changed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, Literal
 
 from pod_kernel.codesync import PROJECTS_DIR, content_hash
 
+from .dirwatch import DirWatch
 from .errors import KtError
 
 #: Directories never synced.
@@ -115,6 +118,9 @@ class CodeTree:
         self._listed: frozenset[str] = frozenset()
         #: (packages and projects, directory -> mtime_ns, listing) of the last walk
         self._walked: tuple[Any, dict[str, int], list[tuple[str, list[tuple[str, str]]]]] | None = None
+        #: the directories walked, watched (Linux): while nothing changes there, the last manifest holds
+        self._watch = DirWatch()
+        self._manifest: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ what the pod needs
 
@@ -160,6 +166,7 @@ class CodeTree:
             self.projects[key] = project
         if directory not in project.import_roots:
             project.import_roots.append(directory)
+            self._manifest = None
         return project
 
     # ------------------------------------------------------------------ the manifest
@@ -244,13 +251,21 @@ class CodeTree:
         return listing
 
     def manifest(self) -> dict[str, str]:
-        """Relative path on the pod -> content hash of every file to sync."""
+        """Relative path on the pod -> content hash of every file to sync (the last one's very dict, when the
+        directory watch vouches that nothing changed since)."""
+        if self._manifest is not None and not self._watch.changed():
+            return self._manifest
+        self._watch.changed()  # events until now are covered by this walk; later ones stay queued
         out: dict[str, str] = {}
         for prefix, files in self._listing():
             self._hashed(files, out, prefix)
         for project in self.projects.values():
             out[f"{PROJECTS_DIR}/{project.id}.pth"] = content_hash(project.pth().encode())
         self._listed = frozenset(out)
+        assert self._walked is not None
+        # a directory watched only from now on may have changed since it was walked: the next call walks again
+        fresh = self._watch.watch(self._walked[1])
+        self._manifest = out if self._watch.usable and not fresh else None
         return out
 
     def read(self, rel: str) -> str:
