@@ -1,7 +1,9 @@
 """Cells' source files: where a name from the wire may put one, how many are kept, and writes that fail.
 
-A cell's source is written to a file before it runs, so tracebacks quote its
-lines and a debugger can set breakpoints in it. The name comes from the
+A cell's source is written to a file before it runs once a debugger listens,
+so an IDE can set breakpoints in it; until then the newest cells' sources
+wait in memory and are written when debugpy starts (tracebacks and pdb quote
+a cell's lines from IPython's line cache either way). The name comes from the
 client, so it is confined here, in one place:
 
 - a relative name (``kt-cell-7.py``) becomes a sanitized basename inside the
@@ -30,6 +32,7 @@ import hashlib
 import os
 import re
 import stat
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -154,6 +157,11 @@ class CellFiles:
         self._counter = 0
         existing = sorted((p for p in self.dir.glob("*.py") if p.is_file()), key=lambda p: p.stat().st_mtime)
         self._written: OrderedDict[str, None] = OrderedDict((p.name, None) for p in existing)
+        #: files not written yet (no debugger listens), name -> source, newest last
+        self._kept_in_memory: OrderedDict[str, str] = OrderedDict()
+        #: whether a debugger listens: each cell's file is written before it runs
+        self.eager = False
+        self._lock = threading.Lock()  # the main thread writes cells, the thread that starts debugpy kept ones
 
     def path(self, cell_name: str | None, code: str) -> Path:
         """Where a cell's source goes: a debugger's absolute path as it is, else a file in the cells directory."""
@@ -172,14 +180,44 @@ class CellFiles:
         return self.dir / base
 
     def write(self, path: Path, code: str, required: bool) -> str | None:
-        """Write a cell's file; None when written, else a warning saying the cell runs from memory.
+        """Write a cell's file, or keep it in memory until a debugger listens; None, or a warning saying the
+        cell runs from memory (its file could not be written).
 
-        A debugger's path (outside the cells directory) and a ``required`` file
-        that cannot be written raise CellFileError instead.
+        A file is written at once when it is ``required`` (``--debug wait``: the IDE sets breakpoints in it
+        first) or once a debugger listens (:meth:`write_kept`); before that no IDE can set a breakpoint, and
+        tracebacks and pdb read IPython's line cache, so a file would cost each cell ~0.1 ms for nothing.
+        A debugger's path (outside the cells directory) and a ``required`` file that cannot be written
+        raise CellFileError instead.
         """
         if path.parent != self.dir:
             write_cell_file(str(path), code)  # kept when the notebook side wrote it already
             return None
+        with self._lock:
+            self._kept_in_memory.pop(path.name, None)
+            if not (required or self.eager):
+                self._kept_in_memory[path.name] = code
+                while len(self._kept_in_memory) > self.kept:
+                    self._kept_in_memory.popitem(last=False)
+                return None
+        why = self._write_now(path, code)
+        if why is None:
+            return None
+        if required:
+            raise CellFileError(f"{why}: a debugger needs it, so the cell did not run; "
+                                "free some space and run it again")
+        return f"[kt] {why}: the cell runs from memory, and breakpoints in it will not work\n"
+
+    def write_kept(self) -> list[str]:
+        """A debugger listens: write the files of the cells kept in memory, and from now on each cell's file
+        before it runs. Returns why files could not be written (none when all were)."""
+        with self._lock:
+            self.eager = True
+            kept, self._kept_in_memory = self._kept_in_memory, OrderedDict()
+        failures = [self._write_now(self.dir / name, code) for name, code in kept.items()]
+        return [why for why in failures if why is not None]
+
+    def _write_now(self, path: Path, code: str) -> str | None:
+        """Write a file of the cells directory, dropping the oldest beyond :attr:`kept`; why it failed, if."""
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
@@ -189,16 +227,13 @@ class CellFiles:
                     path.unlink()  # no half-written file for a debugger to open
                 raise
         except OSError as exc:
-            why = (f"could not write this cell's file {path} ({exc.strerror or exc}; "
-                   f"{free_space(path.parent)} free on that disk)")
-            if required:
-                raise CellFileError(f"{why}: a debugger needs it, so the cell did not run; "
-                                    "free some space and run it again") from None
-            return f"[kt] {why}: the cell runs from memory, and breakpoints in it will not work\n"
-        self._written[path.name] = None
-        self._written.move_to_end(path.name)
-        while len(self._written) > self.kept:
-            old, _ = self._written.popitem(last=False)
+            return (f"could not write this cell's file {path} ({exc.strerror or exc}; "
+                    f"{free_space(path.parent)} free on that disk)")
+        with self._lock:
+            self._written[path.name] = None
+            self._written.move_to_end(path.name)
+            dropped = [self._written.popitem(last=False)[0] for _ in range(len(self._written) - self.kept)]
+        for old in dropped:
             with contextlib.suppress(OSError):
                 (self.dir / old).unlink()
         return None

@@ -28,6 +28,8 @@ import os
 import pdb
 import sys
 import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
@@ -53,6 +55,32 @@ SKIP_MODULES = ("IPython.*", "pod_kernel.*", "traitlets.*", "asyncio.*", "concur
                 "threading", "queue", "contextlib")
 
 
+#: Called (once each) when a debugger first starts in this process, pdb or debugpy: the executor then writes the
+#: cell files it kept in memory, so the paths a debugger shows and sets breakpoints in are real files.
+_DEBUGGER_STARTS: list[weakref.WeakMethod[Callable[[], None]]] = []
+
+
+_debugger_started = False
+
+
+def when_a_debugger_starts(hook: Callable[[], None]) -> None:
+    """Call ``hook`` (a bound method, held weakly) when pdb or debugpy first starts in this process (at once if
+    one did already)."""
+    if _debugger_started:
+        hook()
+    else:
+        _DEBUGGER_STARTS.append(weakref.WeakMethod(hook))
+
+
+def _a_debugger_starts() -> None:
+    global _debugger_started
+    _debugger_started = True
+    while _DEBUGGER_STARTS:
+        hook = _DEBUGGER_STARTS.pop()()
+        if hook is not None:
+            hook()
+
+
 class KtPdb(pdb.Pdb):
     """pdb for cells: it walks the cell's lines and the user's frames, not IPython's.
 
@@ -63,6 +91,7 @@ class KtPdb(pdb.Pdb):
     """
 
     def __init__(self, **kwargs: Any) -> None:
+        _a_debugger_starts()
         kwargs.setdefault("skip", SKIP_MODULES)
         super().__init__(**kwargs)
         self._to_next_statement = False
@@ -384,6 +413,7 @@ class DebugServer:
             if "error" in result:
                 raise RuntimeError(f"debugpy.listen failed: {result['error']}")
             self.port = int(result["address"][1])
+            _a_debugger_starts()
             sys.breakpointhook = breakpointhook  # importing pydevd replaced it
             tracing = sys.modules.get("pydevd_tracing")
             if tracing is not None:  # pdb's sys.settrace (no IDE attached) is on purpose: no warning in the cell

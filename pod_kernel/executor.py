@@ -31,7 +31,7 @@ from . import logfile
 from .calls import call_sink
 from .cellfiles import CellFileError, CellFiles, write_cell_file  # noqa: F401  (server.py imports it here)
 from .coherence import CellCheck, StateTracker
-from .debugging import DEBUG_SERVER, QUIT_MESSAGE, InputRelay, is_quit, post_mortem
+from .debugging import DEBUG_SERVER, QUIT_MESSAGE, InputRelay, is_quit, post_mortem, when_a_debugger_starts
 from .outbox import Outbox
 from .protocol import exception_payload, type_name
 
@@ -319,8 +319,12 @@ class _NoOutputs(dict):
 #: thread runs again: a main thread blocked for good on an empty queue would never stop (about 1 in 10 SIGTERMs here).
 JOB_WAIT_S = 0.2
 
-#: Cells whose IPython history names (``_iN``, ``_N``) and traceback labels the pod keeps.
+#: Cells whose traceback labels the pod keeps.
 HISTORY_CELLS_KEPT = 1000
+#: Cells whose IPython history names (``_i7``, ``_7``) stay in the namespace. Every cell's coherence snapshot walks
+#: the namespace, so a thousand of them cost ~0.3 ms a cell; the pod's own count is not the notebook's anyway (its
+#: ``In`` and ``Out`` keep the rest, and ``_i``, ``_ii``, ``_iii``, ``_``, ``__``, ``___`` are always there).
+HISTORY_NAMES_KEPT = 32
 
 
 class Executor:
@@ -353,8 +357,14 @@ class Executor:
         self.relay = InputRelay(self)  # input() / pdb in a cell ask the notebook
         self.relay.install()
         self.debug = DEBUG_SERVER
+        when_a_debugger_starts(self._write_kept_cells)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _write_kept_cells(self) -> None:
+        """A debugger starts: the cell files kept in memory are written, and each cell's from now on."""
+        for why in self.cell_files.write_kept():
+            log.warning("%s (breakpoints in that cell will not work)", why)
 
     def _wait_for_debugger(self, path: Path) -> BaseException | None:
         """Block until an IDE attached (the cell's file is written already); the interrupt if one came."""
@@ -565,13 +575,13 @@ class Executor:
         post_mortem(tb)
 
     def _trim_history(self) -> None:
-        """Forget IPython's per-cell names (``_i7``, ``_7``) of all but the last :data:`HISTORY_CELLS_KEPT` cells.
+        """Forget IPython's per-cell names (``_i7``, ``_7``) of all but the last :data:`HISTORY_NAMES_KEPT` cells.
 
         IPython keeps one input name per cell in the namespace forever (its outputs
         it already caps at ``cache_size``); a kernel that runs for days would grow,
         and every cell's coherence snapshot would walk them all.
         """
-        ns, last = self.namespace, self.shell.execution_count - HISTORY_CELLS_KEPT
+        ns, last = self.namespace, self.shell.execution_count - HISTORY_NAMES_KEPT
         for n in range(self._history_trimmed + 1, last + 1):
             ns.pop(f"_i{n}", None)
             ns.pop(f"_{n}", None)

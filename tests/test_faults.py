@@ -160,6 +160,10 @@ def test_full_disk_never_kills_the_kernel_and_says_which_disk(tmp_path):
             """))
         assert s.execute("filled").data == {"text/plain": "28"}  # ENOSPC
         out: list[dict] = []
+        s.execute("state['before_debugger'] = 1", on_output=out.append)  # no debugger listens: no file to write
+        assert "could not write" not in stream_text(out)
+        s.debug()  # from now on each cell's file is written before it runs (the earlier ones too, here in vain)
+        out.clear()
         r = s.execute("state['after'] = 1\nstate['precious'] + 1", on_output=out.append)
         assert r.data == {"text/plain": "43"}  # ran from memory
         said = stream_text(out, "stderr")
@@ -171,7 +175,7 @@ def test_full_disk_never_kills_the_kernel_and_says_which_disk(tmp_path):
         os.remove(disk / "filler")
         out.clear()
         s.execute("print(sorted(state))", on_output=out.append)
-        assert "could not write" not in stream_text(out) and "['after', 'precious']" in stream_text(out)
+        assert "could not write" not in stream_text(out) and "['after', 'before_debugger', 'precious']" in stream_text(out)
         assert pod.alive()
         record("disk", "full_disk_kernel_survived", True)
 
@@ -186,6 +190,7 @@ def test_unwritable_cell_file_is_a_warning_and_the_cell_runs(tmp_path):
             p.unlink()
         cells.rmdir()
         cells.write_text("not a directory")
+        s.debug()  # a debugger listens: each cell's file is written before it runs
         out: list[dict] = []
         assert s.execute("kept * 2", on_output=out.append).data == {"text/plain": "'yesyes'"}
         assert "could not write this cell's file" in stream_text(out, "stderr")
@@ -211,7 +216,8 @@ def test_debugger_cell_paths_are_confined(tmp_path):
             s.execute("v = 8", cell_name=str(outside))
         assert not outside.exists()
         assert s.execute("v").data == {"text/plain": "7"}
-        # a relative name is confined to the cells directory (basename, sanitized)
+        # a relative name is confined to the cells directory (basename, sanitized); written once a debugger listens
+        s.debug()
         s.execute("w = 1", cell_name="../../escape.py")
         assert not (tmp_path / "escape.py").exists() and (tmp_path / "cells" / "escape.py").exists()
         # JupyterLab's shape: <tmp>/ipykernel_<pid>/<digits>.py; the parent is made 0700
@@ -262,13 +268,21 @@ def test_kernel_log_is_rotated_and_capped_under_a_flood(tmp_path):
 
 
 def test_cells_dir_keeps_only_the_newest_cells(tmp_path):
+    """Until a debugger listens, cells' files wait in memory (the newest 50 here); it writes them, then each
+    cell's own before it runs, never more than 50 files."""
     with pod_kernel(tmp_path, KT_CELLS_KEPT="50") as pod:
         s = pod.session
         for i in range(80):
-            s.execute(f"n = {i}")
+            s.execute(f"n = {i}", cell_name=f"kt-cell-{i}.py")
+        assert list((tmp_path / "cells").iterdir()) == []
+        s.debug()
+        written = {p.name: p.read_text() for p in (tmp_path / "cells").iterdir()}
+        assert written == {f"kt-cell-{i}.py": f"n = {i}" for i in range(30, 80)}
+        for i in range(80, 110):
+            s.execute(f"n = {i}", cell_name=f"kt-cell-{i}.py")
         names = sorted(p.name for p in (tmp_path / "cells").iterdir())
-        assert len(names) == 50, names
-        assert s.execute("n").data == {"text/plain": "79"}
+        assert names == sorted(f"kt-cell-{i}.py" for i in range(60, 110)), names
+        assert s.execute("n").data == {"text/plain": "109"}
         with pytest.raises(ZeroDivisionError):  # the newest cell's file exists (tracebacks, debuggers)
             s.execute("1 / 0")
         record("logs", "cell_files_after_80_cells_keep_50", len(names))

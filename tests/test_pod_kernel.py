@@ -41,6 +41,22 @@ def test_execute_streams_output_and_returns_last_value(kernel):
     assert s.execute("x * 2").data == {"text/plain": "82"}
 
 
+def test_history_names_are_bounded_and_history_kept(kernel):
+    """IPython binds ``_iN`` per cell forever; the pod keeps the last few in the namespace (each cell's
+    coherence snapshot walks it) and all of them in ``In``."""
+    from pod_kernel.executor import HISTORY_NAMES_KEPT
+
+    _, s = kernel
+    n = HISTORY_NAMES_KEPT + 10
+    for i in range(n):
+        s.execute(f"v = {i}")
+    first = int(s.execute("In.index('v = 0')").data["text/plain"])
+    names = eval(s.execute("sorted(n for n in globals() if n[:2] == '_i' and n[2:].isdigit())").data["text/plain"])
+    assert f"_i{first}" not in names and f"_i{first + n - 1}" in names
+    assert len(names) <= HISTORY_NAMES_KEPT + 1, names
+    assert s.execute(f"_i{first + n - 1}").data == {"text/plain": f"'v = {n - 1}'"}
+
+
 def test_stream_is_coalesced_not_one_message_per_write(kernel):
     _, s = kernel
     out = []
