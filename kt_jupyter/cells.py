@@ -177,21 +177,22 @@ def _automagic(source: str, line_magics: Collection[str] | None) -> str | None:
         return None
     name, rest = match.group(1), match.group(2)
     rest = rest or ""
-    if (name not in (_line_magic_names() if line_magics is None else line_magics) or hasattr(builtins, name)
+    if (not (_is_line_magic(name) if line_magics is None else name in line_magics) or hasattr(builtins, name)
             or (rest.startswith("=") and not rest.startswith("=="))):
         return None
     return f"{header}get_ipython().run_line_magic({name!r}, {rest!r})\n"
 
 
-def _line_magic_names() -> frozenset[str]:
-    """Line magics and aliases of the running IPython (less its variables), else IPython's default aliases."""
+def _is_line_magic(name: str) -> bool:
+    """Whether ``name`` is a line magic or alias of the running IPython not shadowed by one of its variables
+    (outside IPython: one of IPython's default aliases)."""
     from IPython import get_ipython
     from IPython.core.alias import default_aliases
 
     shell = get_ipython()
-    if shell is None or not shell.automagic:
-        return frozenset(name for name, _cmd in default_aliases()) if shell is None else frozenset()
-    return frozenset(shell.magics_manager.magics["line"]) - shell.user_ns.keys()
+    if shell is None:
+        return any(alias == name for alias, _cmd in default_aliases())
+    return bool(shell.automagic) and name in shell.magics_manager.magics["line"] and name not in shell.user_ns
 
 
 def _magic_code(code: str) -> ast.Module | None:

@@ -678,6 +678,43 @@ def test_a_cell_event_between_samples_resends_no_chart(local_backend):
     view.close()
 
 
+def test_quick_cells_wake_the_monitor_once_per_refresh_gap_and_the_last_poke_is_refreshed(local_backend):
+    """A poke (every cell's start and end) wakes the monitor's thread only when it would sleep past the next
+    refresh a poke may make: 200 quick pokes, a handful of wakes (each wake takes the GIL while a cell runs),
+    and the state after the last poke is still refreshed within the gap."""
+    import threading
+
+    from kt_jupyter.widgets import monitor as monitor_mod
+    from kt_jupyter.widgets.monitor import monitor_for
+
+    conn_mod.connect(Compute(name="pokes"))
+    mon = monitor_for("pokes", "local")
+    mon.fast_s = mon.slow_s = 60.0
+    waits, refreshes = [], []
+
+    class CountingEvent(threading.Event):
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            return super().wait(timeout)
+
+    mon._wake = CountingEvent()
+    real_refresh = mon.refresh_status
+    mon.refresh_status = lambda *a, **k: (refreshes.append(time.monotonic()), real_refresh(*a, **k))
+    mon.start()
+    try:
+        wait_until(lambda: refreshes, 5, "the first refresh")
+        idle = threading.Event()  # never set: its timed wait paces the pokes
+        for _ in range(200):
+            mon.poke()
+            idle.wait(0.0025)
+        last_poke = time.monotonic()
+        wait_until(lambda: refreshes[-1] >= last_poke, 2, "a refresh after the last poke")
+        assert refreshes[-1] - last_poke <= monitor_mod.POKE_MIN_GAP_S + 0.5
+        assert len(waits) < 40, f"{len(waits)} wakes for 200 pokes"
+    finally:
+        mon.stop()
+
+
 def test_an_old_panel_never_shows_a_newer_kernel(local_backend):
     """A kernel replaced under the same name (`%kt restart`, down then up): the old panel says so and stops."""
     from kt_jupyter.widgets.monitor import monitor_for

@@ -78,6 +78,11 @@ class ComputeMonitor:
         self._log_id: tuple[int, int] | None = None
         self._log_tail: list[str] = []
         self._fast_until = 0.0
+        #: a cell poked since the thread last looked; when the thread's wait ends; the earliest refresh a poke
+        #: may make (see :meth:`poke`)
+        self._poked = False
+        self._sleeps_until = 0.0
+        self._poke_refresh_at = 0.0
         self._charted_at: float | None = None  # monotonic time of the latest sample drawn in the charts
         #: where the kernel's handle comes from (default: the backend's ``find``; a distributed compute's rank on
         #: Kubernetes: the group's own connection to it, which the backend's ``find`` does not know)
@@ -129,9 +134,16 @@ class ComputeMonitor:
             self._close_session()
 
     def poke(self) -> None:
-        """Refresh now, then sample fast for a while (a cell just started or ended here)."""
+        """Refresh now, then sample fast for a while (a cell just started or ended here).
+
+        The thread is woken only when it would otherwise sleep past the earliest refresh a poke may make
+        (:data:`POKE_MIN_GAP_S` after the last): quick cells in a row do not wake it twice per cell, each
+        wake costing the notebook's other threads the GIL just while a cell runs.
+        """
         self._fast_until = time.monotonic() + POKE_FAST_S
-        self._wake.set()
+        self._poked = True  # set before the wake time is read: the thread reads them in the other order
+        if self._sleeps_until > self._poke_refresh_at:
+            self._wake.set()
 
     def wait_stopped(self, timeout_s: float | None = None) -> bool:
         """Wait for the thread to end; True when it has."""
@@ -289,19 +301,23 @@ class ComputeMonitor:
                     if self.refresh_logs() and self.status.phase == "ready" and not self.status.running:
                         next_status = min(next_status, now + 0.2)  # output while idle: a cell may have started
                     next_logs = now + log_every
-                woken = self._wake.is_set()
+                woken = self._poked or self._wake.is_set()
+                self._poked = False
+                self._wake.clear()
                 if now >= next_status or (woken and now >= refreshed_at + POKE_MIN_GAP_S):
-                    self._wake.clear()
                     self.refresh_status()
                     refreshed_at = time.monotonic()
                     next_status = refreshed_at + self._interval()
                 elif woken:  # pokes from quick cells in a row: one refresh per gap, the last cell's state
-                    self._wake.clear()
                     next_status = min(next_status, refreshed_at + POKE_MIN_GAP_S)
                 if self.status.terminal:
                     self.refresh_logs()  # its last words
                     break
-                self._wake.wait(max(0.01, min(next_status, next_logs, next_tick) - time.monotonic()))
+                self._poke_refresh_at = refreshed_at + POKE_MIN_GAP_S
+                self._sleeps_until = until = max(time.monotonic() + 0.01, min(next_status, next_logs, next_tick))
+                if self._poked:  # poked since it looked, by a poke that saw the previous wake time: look again
+                    continue
+                self._wake.wait(until - time.monotonic())
         except Exception:  # never a traceback in the notebook from a helper thread
             log.exception("monitor of %s failed", self.name)
         finally:
