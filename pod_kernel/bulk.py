@@ -9,6 +9,14 @@ connects, sends the 32-byte ticket, and then the bytes flow with
 ``sendall`` / ``recv_into`` on preallocated buffers, in threads that release
 the GIL. Tickets are single-use, expire, and are only ever sent over the
 authenticated session: the bulk port alone grants nothing.
+
+A push need not wait for its ticket: each connection holds a few *spare*
+tickets (:meth:`BulkServer.reserve`, handed out in the welcome and replaced
+as they are used); a client names one in its push header and connects at
+once, and the header *binds* it (:meth:`BulkServer.bind`) to the buffers it
+declares. A connection that presents a spare before its header is bound
+waits for it (at most :data:`SPARE_BIND_WAIT_S`); a spare refused with its
+header, or revoked with its connection, ends that connection unread.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import errno
 import logging
 import mmap
 import os
+import queue
 import secrets
 import selectors
 import socket
@@ -43,6 +52,12 @@ MAX_PENDING_HANDSHAKES = 64
 IDLE_TIMEOUT_S = 120.0
 #: Largest recv/send call.
 IO_BYTES = 8 << 20
+#: A transfer thread with nothing to do for this long ends (starting one costs 0.1-0.3 ms here).
+WORKER_IDLE_S = 60.0
+#: Spare tickets (pushes that need no round trip for their ticket) one connection holds at most.
+SPARES_PER_OWNER = 2
+#: How long a connection that presented a spare ticket waits for the push header that binds it.
+SPARE_BIND_WAIT_S = 30.0
 #: How often the accept thread wakes with nothing to do (expiring tickets and silent connections).
 TICK_S = 0.5
 #: After accept() fails for lack of resources, the listener rests this long, doubling up to the max.
@@ -229,6 +244,9 @@ class Ticket:
     prepare: Callable[[], None] | None = None
     #: a receive fills it: part index -> the digest the sender's trailer gave
     digests: dict[int, bytes] = field(default_factory=dict)
+    #: a spare ticket (see :meth:`BulkServer.reserve`): set once a push header bound it, or refused it
+    bound: threading.Event | None = None
+    refused: bool = False
 
     def release(self) -> None:
         """Give the parts' memory back now: maps unmapped, views released (a failed or dropped transfer)."""
@@ -257,8 +275,11 @@ class BulkServer:
         self.port = self._sock.getsockname()[1]
         self.ticket_ttl_s = ticket_ttl or ticket_ttl_s()
         self._tickets: dict[bytes, Ticket] = {}
+        #: spare tickets not bound to a push yet (presented or not)
+        self._spares: dict[bytes, Ticket] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._workers = _Workers()
         threading.Thread(target=self._accept, name="kt-bulk-accept", daemon=True).start()
 
     def issue(self, receive: bool, parts: list, on_done: Callable[[BaseException | None], None],
@@ -273,6 +294,46 @@ class BulkServer:
                                            owner, prepare, {} if digests is None else digests)
         return ticket.hex()
 
+    def reserve(self, owner: object) -> str | None:
+        """A spare ticket (hex) for a push of ``owner``'s: its client sends the bytes right behind the push's
+        header, which binds it (:meth:`bind`); revoked with ``owner``, never expires before. None when
+        ``owner`` holds :data:`SPARES_PER_OWNER` already."""
+        with self._lock:
+            if sum(1 for t in self._spares.values() if t.owner is owner) >= SPARES_PER_OWNER:
+                return None
+            token = secrets.token_bytes(TICKET_BYTES)
+            spare = Ticket(True, [], _no_report, float("inf"), owner, bound=threading.Event())
+            self._tickets[token] = self._spares[token] = spare
+        return token.hex()
+
+    def bind(self, spare: Any, owner: object, parts: list, on_done: Callable[[BaseException | None], None],
+             prepare: Callable[[], None] | None = None, digests: dict[int, bytes] | None = None) -> bool:
+        """Give ``owner``'s spare ticket (hex, from the wire) a push's buffers, as :meth:`issue` would; from
+        now on it expires like any ticket. False (nothing bound) for a ticket that is not such a spare."""
+        token = _token(spare)
+        with self._lock:
+            ticket = self._spares.get(token) if token is not None else None
+            if token is None or ticket is None or ticket.owner is not owner:
+                return False
+            del self._spares[token]
+            ticket.parts, ticket.on_done, ticket.prepare = parts, on_done, prepare
+            ticket.digests = {} if digests is None else digests
+            ticket.expires = time.monotonic() + self.ticket_ttl_s
+        assert ticket.bound is not None
+        ticket.bound.set()
+        return True
+
+    def refuse(self, spare: Any, owner: object) -> None:
+        """``owner``'s spare ticket goes unused (its push was refused): a connection that presented it ends."""
+        token = _token(spare)
+        with self._lock:
+            ticket = self._spares.get(token) if token is not None else None
+            if token is None or ticket is None or ticket.owner is not owner:
+                return
+            del self._spares[token]
+            self._tickets.pop(token, None)
+        _wake_refused([ticket])
+
     def expire(self) -> None:
         """Drop tickets past their time (their buffers are freed; their requests fail)."""
         now = time.monotonic()
@@ -281,10 +342,14 @@ class BulkServer:
         self._end(expired, TimeoutError("bulk transfer ticket expired unused"))
 
     def revoke(self, owner: object) -> int:
-        """Drop the unused tickets ``owner`` asked for (its connection closed); how many there were."""
+        """Drop the unused tickets ``owner`` asked for (its connection closed), spares included; how many
+        there were."""
         with self._lock:
             revoked = [self._tickets.pop(k) for k, t in list(self._tickets.items()) if t.owner is owner]
-        self._end(revoked, ConnectionError("bulk transfer ticket revoked: the connection that asked for it closed"))
+            spares = [self._spares.pop(k) for k, t in list(self._spares.items()) if t.owner is owner]
+        _wake_refused(spares)
+        self._end([t for t in revoked if t.bound is None or not t.refused],
+                  ConnectionError("bulk transfer ticket revoked: the connection that asked for it closed"))
         return len(revoked)
 
     @staticmethod
@@ -385,7 +450,7 @@ class BulkServer:
             return
         conn.settimeout(IDLE_TIMEOUT_S)
         try:
-            threading.Thread(target=self._transfer, args=(conn, ticket), name="kt-bulk", daemon=True).start()
+            self._workers.run(self._transfer, conn, ticket)
         except RuntimeError as exc:  # cannot start a thread: fail this transfer, keep serving
             conn.close()
             self._end([ticket], exc)
@@ -393,6 +458,14 @@ class BulkServer:
     def _transfer(self, conn: socket.socket, ticket: Ticket) -> None:
         error: BaseException | None = None
         with conn:
+            if ticket.bound is not None and not ticket.bound.wait(SPARE_BIND_WAIT_S):
+                with self._lock:  # presented, but no push header came to bind it: nothing to fill
+                    for token, spare in list(self._spares.items()):
+                        if spare is ticket:
+                            del self._spares[token]
+                return
+            if ticket.refused:
+                return  # its push was refused, or its connection closed: nothing is read
             try:
                 if ticket.receive:
                     if ticket.prepare is not None:
@@ -414,6 +487,71 @@ class BulkServer:
         """Stop listening."""
         self._closed.set()
         self._sock.close()
+
+
+class _Workers:
+    """Daemon threads that run transfers, one each, and wait up to :data:`WORKER_IDLE_S` for the next: a
+    transfer starts without starting a thread. As many run as transfers do (a transfer blocks its thread for
+    as long as it takes), and daemon threads never hold up the process's exit."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        #: threads waiting for a job, less the jobs queued for them already
+        self._idle = 0
+
+    def run(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` in a waiting thread, else in a new one (RuntimeError if none can start)."""
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1  # that thread's next job is this one
+        if spawn:
+            threading.Thread(target=self._work, args=((fn, args),), name="kt-bulk", daemon=True).start()
+        else:
+            self._jobs.put((fn, args))
+
+    def _work(self, job: tuple[Callable[..., None], tuple[Any, ...]]) -> None:
+        while True:
+            fn, args = job
+            try:
+                fn(*args)
+            except Exception:  # _transfer reports its own failures; never lose the thread to one
+                log.exception("bulk channel: a transfer failed unexpectedly")
+            del job, fn, args  # nothing of the last transfer stays referenced while waiting
+            with self._lock:
+                self._idle += 1
+            while True:
+                try:
+                    job = self._jobs.get(timeout=WORKER_IDLE_S)
+                    break
+                except queue.Empty:
+                    with self._lock:
+                        if self._idle > 0:  # not counted on for a queued job: this thread may go
+                            self._idle -= 1
+                            return
+
+
+def _no_report(_error: BaseException | None) -> None:
+    """What an unbound spare ticket reports when it ends: nothing (no request waits on it)."""
+
+
+def _wake_refused(spares: list[Ticket]) -> None:
+    """Spare tickets that will never be bound: a transfer thread waiting on one ends its connection."""
+    for spare in spares:
+        spare.refused = True
+        if spare.bound is not None:
+            spare.bound.set()
+
+
+def _token(spare: Any) -> bytes | None:
+    """A spare ticket's bytes from the wire (hex of :data:`TICKET_BYTES` bytes); None for anything else."""
+    if not isinstance(spare, str) or len(spare) != 2 * TICKET_BYTES:
+        return None
+    try:
+        return bytes.fromhex(spare)
+    except ValueError:
+        return None
 
 
 class _Backoff:

@@ -50,6 +50,14 @@ lies); for json there is one part. The parts' bytes, concatenated, are the
 payload of the bundle's own frame and of the ``chunk`` frames that follow it
 (at most :data:`CHUNK_BYTES` each), so no frame is large and progress can be
 reported.
+
+Bundles of ``bulk.BULK_MIN_BYTES`` and more may say ``bulk: true`` instead:
+their bytes go over the bulk channel (``pod_kernel/bulk.py``), with a ticket
+the pod answers in ``bulk_ready``, or, for a push, with one of the
+connection's spare tickets named in the header's ``ticket`` (the welcome's
+``bulk_spares``; each one used is replaced by a ``spare_ticket`` message), so
+that the bytes leave with the header, without a round trip. Both fields are
+optional on both sides: a peer that does not know them goes the old way.
 """
 
 from __future__ import annotations
@@ -139,6 +147,7 @@ SERVER_TYPES = frozenset(
         "chunk",  # more bytes of the bundle before it
         "error_reply",  # a request failed: ename, evalue, traceback
         "bulk_ready",  # a bulk push may start: its one-time ticket
+        "spare_ticket",  # a new spare bulk ticket, replacing one a push just used (see pod_kernel/bulk.py)
         "notice",  # something the user should know (output elided, shutting down ...)
         "input_request",  # a running cell reads input (pdb, input()): prompt, password, input_id
         "error",  # an error output that is not the cell's own end (a callback's, e.g. a matplotlib draw)
@@ -556,8 +565,8 @@ def _out_of_band(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]] | None:
         return None
 
 
-#: Bytes of each end of a big buffer that :func:`head_digest` reads.
-HEAD_BYTES = 1 << 20
+#: Bytes of each end of a buffer that :func:`head_digest` reads (a new array of other bytes differs there).
+HEAD_BYTES = 64 << 10
 
 
 def head_digest(value: Any) -> str:

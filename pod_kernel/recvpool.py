@@ -34,8 +34,12 @@ from . import write_tracking
 
 log = logging.getLogger("pod_kernel.recvpool")
 
-#: Maps at least this big are lent from the pool; smaller ones cost little to fault in.
-POOL_MIN_BYTES = 16 << 20
+#: Maps at least this big are lent from the pool: every map a value is received into (``protocol.MMAP_MIN_BYTES``;
+#: smaller values live in bytes objects). Even 1 MiB of fresh pages took 0.1-0.3 ms to fault in here.
+POOL_MIN_BYTES = 1 << 20
+#: A receive looks at most this many maps of its size for a free one (newest first): a notebook holding
+#: thousands of same-sized pushed arrays does not make every receive walk them all.
+TAKE_SCAN_MAX = 64
 #: A free map nobody took within this long is unmapped.
 IDLE_TTL_S = 60.0
 #: How often the pool's thread unmaps what it may not keep.
@@ -90,8 +94,9 @@ class RecvPool:
         if self.cap_bytes <= 0:
             return None
         with self._lock:
-            for lent in self._lent:
-                if not lent.buf.closed and len(lent.buf) == size and self._free(lent):
+            same = [lent for lent in reversed(self._lent) if len(lent.buf) == size and not lent.buf.closed]
+            for lent in same[:TAKE_SCAN_MAX]:
+                if self._free(lent):
                     lent.free_since = None
                     self.reused += 1
                     buf = lent.buf

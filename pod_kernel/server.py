@@ -32,7 +32,7 @@ from websockets.http11 import Request, Response
 
 from . import coherence, logfile, tensors
 from . import protocol as P
-from .bulk import BULK_MIN_BYTES, BulkServer, listen_socket
+from .bulk import BULK_MIN_BYTES, SPARES_PER_OWNER, BulkServer, listen_socket
 from .calls import CallRunner
 from .codesync import CodeSync
 from .executor import CellJob, Executor, push_failed_reply, write_cell_file
@@ -358,6 +358,8 @@ class PodKernelServer:
                     "allowed_serialization": list(self.allowed_serialization),
                     "started": self.started,
                     "bulk_port": self.bulk.port,
+                    # pushes that name one send their bytes at once (see pod_kernel/bulk.py)
+                    "bulk_spares": [t for t in (self.bulk.reserve(ws) for _ in range(SPARES_PER_OWNER)) if t],
                     "detached": self._detached_report(session),
                 }
             )
@@ -602,6 +604,7 @@ class PodKernelServer:
                 refusal = RequestRefused("MemoryError", f"a push of {total} bytes does not fit in the pod "
                                                         f"kernel's memory ({type(exc).__name__}: {exc})")
         if refusal is not None and header.get("bulk"):
+            self.bulk.refuse(header.get("ticket"), ws)  # its bytes, if they come already, are not read
             await self._send_error(ws, header["id"], refusal)
             return None
         if refusal is not None:
@@ -647,8 +650,19 @@ class PodKernelServer:
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(finish()))
 
         # expired (bulk.TICKET_TTL_S) or revoked with this connection; buffers faulted in once presented
-        ticket = self.bulk.issue(True, asm.parts, done, owner=ws, prepare=asm.prefault, digests=asm.digests)
-        await ws.send(P.encode_frame({"type": "bulk_ready", "id": inbound.header["id"], "ticket": ticket}))
+        spare = inbound.header.get("ticket")
+        if spare is None:
+            ticket = self.bulk.issue(True, asm.parts, done, owner=ws, prepare=asm.prefault, digests=asm.digests)
+            await ws.send(P.encode_frame({"type": "bulk_ready", "id": inbound.header["id"], "ticket": ticket}))
+            return
+        # a spare this connection was given: its bytes follow the header already, no bulk_ready
+        if not self.bulk.bind(spare, ws, asm.parts, done, prepare=asm.prefault, digests=asm.digests):
+            await self._send_error(ws, inbound.header["id"], RequestRefused(
+                "BulkTicketRefused", "the push names a bulk ticket that is not a spare of this connection"))
+            return
+        replacement = self.bulk.reserve(ws)
+        if replacement is not None:
+            await ws.send(P.encode_frame({"type": "spare_ticket", "ticket": replacement}))
 
     async def _continue_inbound(self, session: Session, ws: ServerConnection, inbound: Inbound,
                                 header: dict | None, payload: memoryview) -> Inbound | None:

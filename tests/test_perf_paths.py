@@ -83,3 +83,40 @@ def test_big_values_are_fingerprinted_in_transit_not_read_again(ip, monkeypatch)
     assert int(made.sum()) == 3 * (BIG // 8) and hashed == []  # pulled: the pod's digests came with it
     monkeypatch.setattr(P, "buffer_digest", real)
     assert conn_of().held["made"].fingerprint == P.fingerprint(made.copy())
+
+
+def test_a_new_mid_size_array_is_sent_at_once_and_fingerprinted_while_the_pod_runs_the_cell(ip, monkeypatch):
+    """From 1 MiB (the bulk channel) a value has a head digest: a new array whose head differs from the held
+    one's is sent without being hashed first; it is fingerprinted while the pod takes it and runs the cell
+    (the notebook's thread would only wait), not before the push nor after the cell. One with the same bytes
+    is hashed before, and not sent."""
+    import inspect
+
+    from pod_kernel import protocol as P
+
+    callers: list[str] = []
+    real = P.fingerprint
+
+    def spy(value, *args, **kwargs):
+        if isinstance(value, np.ndarray):
+            callers.append(inspect.stack()[1].function)
+        return real(value, *args, **kwargs)
+
+    monkeypatch.setattr(conn_mod.P, "fingerprint", spy)
+    mid = np.arange(2 * 2**20 // 8, dtype=np.int64)
+    ip.user_ns["mid"] = mid
+    run(ip, "%%kt --name perf-mid\ns = int(mid[-1])")
+    assert magics(ip).last_outcome.pushed == ["mid"] and callers == ["_fingerprint_sent"]
+    conn = next(c for c in conn_mod.connections() if c.name == "perf-mid")
+    assert conn.held["mid"].fingerprint == real(mid.copy())
+    callers.clear()
+    ip.user_ns["mid"] = mid + 1
+    run(ip, "%%kt --name perf-mid\ns = int(mid[-1])")
+    assert ip.user_ns["s"] == len(mid) and magics(ip).last_outcome.pushed == ["mid"]
+    assert callers == ["_fingerprint_sent"]
+    assert conn.held["mid"].fingerprint == real(ip.user_ns["mid"].copy())
+    callers.clear()
+    ip.user_ns["mid"] = ip.user_ns["mid"].copy()  # a new array, the same bytes: hashed first, not sent
+    run(ip, "%%kt --name perf-mid\ns = int(mid[0])")
+    assert magics(ip).last_outcome.pushed == [] and magics(ip).last_outcome.skipped_unchanged == ["mid"]
+    assert callers == ["_push"]

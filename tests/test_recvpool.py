@@ -85,3 +85,20 @@ def test_the_pool_can_be_turned_off(monkeypatch):
     del first
     _second, other = receive(pool, monkeypatch, 2)
     assert other() is not buf() and pool.reused == 0
+
+
+def test_a_receive_looks_at_the_newest_maps_of_its_size_only():
+    """Thousands of same-sized values held: a receive checks at most TAKE_SCAN_MAX maps (newest first)."""
+    import mmap
+
+    pool = recvpool.RecvPool(cap_bytes=1 << 40)
+    held = [mmap.mmap(-1, SIZE) for _ in range(recvpool.TAKE_SCAN_MAX + 6)]
+    for buf in held:
+        pool.lend(buf)
+    del buf
+    oldest = held.pop(0)  # free now, but behind TAKE_SCAN_MAX newer maps in use
+    del oldest
+    assert pool.take(SIZE) is None
+    newest = held.pop()  # free, the newest
+    del newest
+    assert pool.take(SIZE) is not None and pool.reused == 1

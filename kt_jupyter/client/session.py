@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import queue
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -21,6 +22,8 @@ from ..errors import RemoteTimeoutError
 from .asyncapi import AsyncSession, ExecuteOptions, ExecuteResult, execute_options
 from .loop import client_loop
 from .transport import OPEN_TIMEOUT_S, InputCallback, OutputCallback, ProgressCallback, fallback_answer
+
+log = logging.getLogger("kt_jupyter.client")
 
 T = TypeVar("T")
 
@@ -42,7 +45,7 @@ class Session(AsyncSession):
 
     def execute(self, code: str, on_output: OutputCallback | None = None, options: ExecuteOptions | None = None,
                 *, timeout: float | None = None, on_input: InputCallback | None = None,
-                **fields: Any) -> ExecuteResult:
+                while_waiting: Callable[[], None] | None = None, **fields: Any) -> ExecuteResult:
         """Run ``code``; output messages reach ``on_output`` in this thread as they arrive.
 
         ``options`` (or its fields by keyword: ``cell_name=``, ``check=``, ...)
@@ -54,7 +57,8 @@ class Session(AsyncSession):
         from it: EOFError remotely); without ``on_input`` a pdb prompt is
         answered "c" and ``input()`` gets EOFError. A cell given up on
         (``timeout``) is interrupted; when it was sent with a ``check``, its
-        answer is left in :meth:`take_orphan_states` once it ends.
+        answer is left in :meth:`take_orphan_states` once it ends. ``while_waiting`` is called in this
+        thread once the request is on its way, before the wait (work that would otherwise follow it).
         """
         options = execute_options(options, fields)
         outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -64,6 +68,11 @@ class Session(AsyncSession):
             self._aexecute(code, outputs.put, options, req_id=req_id, answers_input=True), client_loop())
         fut.add_done_callback(lambda _f: outputs.put(done))
         deadline = None if timeout is None else time.monotonic() + timeout
+        if while_waiting is not None:
+            try:
+                while_waiting()
+            except Exception:  # the cell runs on regardless, and is waited for
+                log.exception("work done while a cell runs failed")
         while True:
             try:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from pod_kernel import protocol as P
-from pod_kernel.bulk import BULK_MIN_BYTES, client_transfer
+from pod_kernel.bulk import BULK_MIN_BYTES, TICKET_BYTES, client_transfer
 
 from ..errors import AuthError, ConnectionLostError, KernelDiedError, KtError, ProtocolMismatchError, TransferError
 from .exceptions import rebuild_exception
@@ -80,6 +80,21 @@ class _Conn:
     ws: ClientConnection
     closed: asyncio.Future[None]
     welcome: dict[str, Any]
+    #: spare bulk tickets the pod gave this connection: a push naming one sends its bytes at once
+    spares: list[str] = field(default_factory=list)
+
+
+#: Spare bulk tickets a connection keeps at most (the pod hands out two).
+MAX_SPARES = 4
+
+
+def _spare_tickets(value: Any) -> list[str]:
+    """The spare bulk tickets in a welcome or spare_ticket message: hex strings of the ticket's length, at most
+    :data:`MAX_SPARES` (anything else from the wire is dropped)."""
+    if not isinstance(value, list):
+        return []
+    return [t for t in value if isinstance(t, str) and len(t) == 2 * TICKET_BYTES
+            and all(c in "0123456789abcdef" for c in t)][:MAX_SPARES]
 
 
 class _Resend(Exception):
@@ -163,6 +178,7 @@ class Transport:
             "error_reply": self._on_error_reply,
             "values": self._on_values,
             "bulk_ready": self._on_bulk_ready,
+            "spare_ticket": self._on_spare_ticket,
             "chunk": self._on_chunk,
             "notice": self._on_notice,
         }
@@ -232,17 +248,23 @@ class Transport:
             address = self._bulk_address() if bundle is not None and bundle.nbytes >= BULK_MIN_BYTES else None
             try:
                 if bundle is not None and address is not None and bulk_ready is not None:
-                    await conn.ws.send(P.encode_frame(dict(header, bulk=True, serialization=bundle.serialization,
-                                                           sizes=bundle.sizes)))
+                    # a spare ticket: the bytes go at once, else the pod answers the header with a ticket
+                    spare = conn.spares.pop() if conn.spares else None
+                    bulk_header = dict(header, bulk=True, serialization=bundle.serialization, sizes=bundle.sizes)
+                    if spare is not None:
+                        bulk_header["ticket"] = spare
+                    await conn.ws.send(P.encode_frame(bulk_header))
                     if on_sent is not None:
                         on_sent()
-                    await asyncio.wait([bulk_ready, reply, conn.closed], return_when=asyncio.FIRST_COMPLETED)
-                    if bulk_ready.done() and not reply.done():
+                    ticket = spare
+                    if ticket is None:
+                        await asyncio.wait([bulk_ready, reply, conn.closed], return_when=asyncio.FIRST_COMPLETED)
+                        ticket = bulk_ready.result() if bulk_ready.done() and not reply.done() else None
+                    if ticket is not None:
                         try:
                             # the digests taken as the big parts went: this side's fingerprints of them
                             bundle.digests.update(await asyncio.to_thread(
-                                client_transfer, address, bulk_ready.result(), send=bundle.parts,
-                                progress=on_progress))
+                                client_transfer, address, ticket, send=bundle.parts, progress=on_progress))
                         except OSError as exc:  # the pod answers a failed transfer, or the connection drops
                             log.debug("bulk push to %s failed: %s", self.name, exc)
                 else:
@@ -364,7 +386,7 @@ class Transport:
         if "pickle" not in self.allowed_serialization:
             self.accept_pickle = False
         closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        conn = _Conn(ws, closed, welcome)
+        conn = _Conn(ws, closed, welcome, _spare_tickets(welcome.get("bulk_spares")))
         asyncio.create_task(self._read(conn))
         return conn
 
@@ -467,6 +489,11 @@ class Transport:
             asyncio.ensure_future(self._bulk_receive(pending, header["bulk"]))
         else:
             self._bundle_progress(pending)
+
+    def _on_spare_ticket(self, header: dict[str, Any], payload: memoryview) -> None:
+        conn = self._conn
+        if conn is not None and len(conn.spares) < MAX_SPARES:
+            conn.spares.extend(_spare_tickets([header.get("ticket")]))
 
     def _on_bulk_ready(self, header: dict[str, Any], payload: memoryview) -> None:
         pending = self._pending.get(header.get("id", ""))
