@@ -40,7 +40,7 @@ push sent just before it and not answered yet: the cell is queued right
 behind the change that sets those values (and its check holds them as the
 objects just set); a push refused or failed for good fails the cell unrun
 (``PushFailed``), and one cut off with its connection is waited for until it
-is sent again (up to ``PUSH_WAIT_S`` in server.py).
+is sent again (up to ``PUSH_WAIT_S`` in pushes.py).
 
 Values: a set of named values travels as a *bundle*: ``serialization``
 (``"pickle"`` or ``"json"``) and ``sizes``, the byte length of each part. For

@@ -35,9 +35,10 @@ from . import protocol as P
 from .bulk import BULK_MIN_BYTES, SPARES_PER_OWNER, BulkServer, listen_socket
 from .calls import CallRunner
 from .codesync import CodeSync
-from .executor import CellJob, Executor, push_failed_reply, write_cell_file
+from .executor import CellJob, Executor, write_cell_file
 from .metrics import MetricsSampler
 from .outbox import Outbox
+from .pushes import Pushes
 from .rejections import RejectionLog
 
 log = logging.getLogger("pod_kernel.server")
@@ -49,12 +50,6 @@ logging.getLogger("websockets.server").addFilter(P.RedactBearer())
 SEEN_IDS_KEPT = 4096
 #: How long a disconnected session's replay buffer waits for the client to resume.
 SESSION_KEEP_S = 600
-#: Push requests whose outcome an execute may still wait for (``after``), newest kept.
-PUSHES_TRACKED = 256
-#: Longest an execute waits for the push it follows to arrive, or to be sent again after a dropped connection.
-PUSH_WAIT_S = 120.0
-#: Pushed values up to this many bytes in all are fingerprinted on the loop for the cell's check, more in a thread.
-INLINE_FINGERPRINT_BYTES = 8 << 20
 #: Disconnected sessions kept for resuming at most; the oldest are dropped first.
 SESSIONS_DETACHED_MAX = 64
 #: Detached sessions a welcome reports at most (the most recent).
@@ -102,15 +97,6 @@ class Session:
     detached_at: float = 0.0
 
 
-def _held_entries(values: dict[str, Any]) -> dict[str, list[Any]]:
-    """``[pod id, fingerprint, stable]`` of values just pushed, for the check of the cell that reads them."""
-    return {n: [id(v), P.fingerprint(v), True] for n, v in values.items()}
-
-
-class _PushInterrupted(Exception):
-    """A push that failed with its connection: its client sends it again once reconnected."""
-
-
 @dataclass
 class Inbound:
     """A bundle being received on a connection: header and assembler (or bytes to discard)."""
@@ -156,10 +142,8 @@ class PodKernelServer:
         self.rejections = RejectionLog()
         #: requests served in tasks of their own (:meth:`_in_background`)
         self._tasks: set[asyncio.Task] = set()
-        #: push request id -> its outcome (the names it set, or its failure): an execute ``after`` it waits
-        self.pushes: dict[str, asyncio.Future] = {}
-        #: push request id -> the cell that arrived before that push's values did: queued right behind them
-        self.push_followers: dict[str, CellJob] = {}
+        #: pushes an execute may follow (``after``): their outcomes, and the cells queued behind their values
+        self.pushes = Pushes(executor)
         self.handlers: dict[str, Callable[[Session, ServerConnection, dict, memoryview], Awaitable[None]]] = {
             "execute": self.on_execute,
             "interrupt": self.on_interrupt,
@@ -460,90 +444,9 @@ class PodKernelServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # ------------------------------------------------------------------ pushes an execute follows
-
-    def _push_started(self, req_id: str) -> None:
-        """A push's header arrived (again, after a reconnect: a failed attempt's outcome is replaced)."""
-        fut = self.pushes.get(req_id)
-        if fut is None or fut.done():
-            self.pushes.pop(req_id, None)
-            self.pushes[req_id] = asyncio.get_running_loop().create_future()
-            while len(self.pushes) > PUSHES_TRACKED:
-                self.pushes.pop(next(iter(self.pushes)))
-
-    def _push_ended(self, req_id: str, names: list[str] | None = None, error: BaseException | None = None,
-                    final: bool = True) -> None:
-        """A push set ``names``, or failed with ``error``: for good (``final``: refused, or failed while its
-        connection stays open), or with its connection (its client sends it again once reconnected). Only the
-        names are kept, never the values (a tracked push must not keep its arrays alive)."""
-        fut = self.pushes.get(req_id)
-        if fut is None or fut.done():
-            return
-        if error is None:
-            fut.set_result(list(names or []))
-            return
-        fut.set_exception(error if final else _PushInterrupted(str(error)))
-        fut.exception()  # retrieved: nobody may be waiting for it
-
-    async def _after_push(self, push_id: str) -> list[str]:
-        """The names push ``push_id`` set, once it has (waiting for it to arrive, or to be sent again when its
-        connection dropped); its refusal or failure is raised."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + PUSH_WAIT_S
-        while True:
-            fut = self.pushes.get(push_id)
-            if fut is not None and fut.done():
-                error = fut.exception()
-                if error is None:
-                    return fut.result()
-                if not isinstance(error, _PushInterrupted):
-                    raise error  # refused or failed for good; a dropped connection: its client sends it again
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(f"the values this cell reads (push {push_id}) did not arrive within "
-                                   f"{PUSH_WAIT_S:g} s")
-            if fut is not None and not fut.done():
-                await asyncio.wait({fut}, timeout=min(remaining, 1.0))
-            else:
-                await asyncio.sleep(min(remaining, 0.05))
-
-    async def _execute_after_push(self, push_id: str, job: CellJob) -> None:
-        """Queue ``job`` once the push it follows has set its values, which join the cell's check as held (the
-        notebook sent them without knowing their ids here); a failed push fails the cell, which does not run.
-
-        A cell that arrives before its push's values (the usual case) is left for :meth:`on_push`, which queues
-        it right behind the change that sets them, in the same thread: no wait for that change here first."""
-        fut = self.pushes.get(push_id)
-        if fut is not None and not fut.done():
-            self.push_followers.setdefault(push_id, job)
-        try:
-            names = await self._after_push(push_id)
-        except Exception as exc:
-            if self.push_followers.get(push_id) is job:
-                del self.push_followers[push_id]
-            if job.gate is None:  # not queued: say why it does not run
-                job.outbox.append(dict(push_failed_reply(exc), type="execute_reply", id=job.req_id,
-                                       execution_count=self.executor.shell.execution_count))
-            return
-        if job.gate is not None:  # queued behind the values by on_push
-            return
-        if self.push_followers.get(push_id) is job:
-            del self.push_followers[push_id]
-        ns = self.executor.namespace
-        values = {n: ns[n] for n in names if n in ns}  # as that push set them (between cells: nothing ran since)
-        if job.check is not None and values:
-            def held() -> dict[str, list[Any]]:
-                return _held_entries(values)
-
-            # a few MiB hash in well under a millisecond: here; more (a big value the write tracker may not
-            # vouch for) in a thread, off the loop
-            small = sum(P.approx_size(v) for v in values.values()) <= INLINE_FINGERPRINT_BYTES
-            job.check.held.update(held() if small else await asyncio.to_thread(held))
-        self.executor.submit(job)
-
     async def _send_error(self, ws: ServerConnection, req_id: str, exc: Exception) -> None:
         # an execute following that push fails with it, unless the push's connection is gone (it comes again)
-        self._push_ended(req_id, error=exc, final=ws.close_code is None)
+        self.pushes.ended(req_id, error=exc, final=ws.close_code is None)
         payload = b""
         if isinstance(exc, RequestRefused):
             ename, tb = exc.ename, ""
@@ -578,7 +481,7 @@ class PodKernelServer:
     async def _start_inbound(self, session: Session, ws: ServerConnection, header: dict,
                              payload: memoryview) -> Inbound | None:
         if header["type"] == "push":
-            self._push_started(header["id"])
+            self.pushes.started(header["id"])
         ser = header["serialization"]
         sizes = header["sizes"]
         if not all(isinstance(s, int) and s >= 0 for s in sizes):
@@ -712,22 +615,8 @@ class PodKernelServer:
     async def on_push(self, session: Session, ws: ServerConnection, header: dict, values: dict) -> None:
         """Set the pushed names in the namespace (notebook functions run in it, as they did in the notebook's),
         between cells: a running cell keeps the values it started with."""
-        ns = self.executor.namespace
-        follower = self.push_followers.pop(header["id"], None)  # its cell, sent right behind it
-
-        def apply() -> dict[str, Any]:
-            adopted = coherence.adopt_functions(values, ns)
-            ns.update(adopted)
-            if follower is not None and follower.check is not None:  # as the notebook holds them now
-                follower.check.held.update(_held_entries(adopted))
-            return adopted
-
-        change = self.executor.change(apply)
-        if follower is not None:
-            follower.gate = change  # runs next in the same thread, unless the change failed
-            self.executor.submit(follower)
-        values = await asyncio.wrap_future(change)
-        self._push_ended(header["id"], sorted(values))
+        values = await asyncio.wrap_future(self.pushes.apply(header["id"], values))
+        self.pushes.ended(header["id"], sorted(values))
         await ws.send(P.encode_frame({"type": "reply", "id": header["id"], "names": sorted(values),
                                       "ids": {n: id(v) for n, v in values.items()}}))
 
@@ -809,7 +698,7 @@ class PodKernelServer:
                       post_mortem=post_mortem if isinstance(post_mortem, str) else None,
                       requires=[n for n in requires if isinstance(n, str)] if isinstance(requires, list) else [])
         if isinstance(after, str) and after:  # sent right behind a push, before its reply: runs once it is in
-            self._in_background(self._execute_after_push(after, job))
+            self._in_background(self.pushes.execute_after(after, job))
             return
         self.executor.submit(job)
 
