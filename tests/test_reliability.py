@@ -8,6 +8,7 @@ measure (faults survived, lines lost, memory bounds) go to
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -35,6 +36,7 @@ from kt_jupyter.client import Session
 from kt_jupyter.compute import Compute
 from kt_jupyter.errors import ConnectionLostError, KernelDiedError, OutOfMemoryError, RemoteError
 from pod_kernel import outbox as outbox_mod
+from pod_kernel import protocol as P
 
 MiB = 1 << 20
 
@@ -413,6 +415,40 @@ def test_a_cell_sent_right_behind_its_push_does_not_run_when_the_push_is_refused
     del ns["big"]
     conn.run_cell("ran_before = 'ran' in dir()", ns)
     assert ns["ran_before"] is False and "ran" not in ns
+
+
+def test_the_execute_goes_on_the_wire_after_its_push(local_backend, monkeypatch):
+    """The notebook's thread hands the push and the execute that follows it to the client loop without waiting
+    between them; the loop still sends the execute only after the push's header (bulk) or all of its frames
+    (WebSocket), so the pod meets the values first."""
+    from websockets.asyncio.client import ClientConnection
+
+    sent: list[str] = []
+    real_send = ClientConnection.send
+
+    async def recording(self, message, *args, **kwargs):
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            header, _ = P.decode_frame(bytes(message))
+            sent.append(header["type"] + ("/bulk" if header.get("bulk") else ""))
+        return await real_send(self, message, *args, **kwargs)
+
+    monkeypatch.setattr(ClientConnection, "send", recording)
+    until_reply = Session._until_reply
+
+    async def push_held_up(self, header, *args, **kwargs):  # as when its connection is being opened again
+        if header["type"] == "push":
+            await asyncio.sleep(0.05)
+        return await until_reply(self, header, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "_until_reply", push_held_up)
+    conn = conn_mod.connect(Compute(name="order"))
+    for size, push in ((3 * MiB, "push/bulk"), (64 * 1024, "push")):  # bulk channel; WebSocket frames
+        ns: dict = {"v": np.arange(size // 8)}
+        sent.clear()
+        conn.run_cell("total = int(v.sum())", ns)
+        assert ns["total"] == int(np.arange(size // 8).sum())
+        moves = [t for t in sent if t.startswith(("push", "execute", "chunk"))]
+        assert moves[0] == push and moves[-1] == "execute", sent
 
 
 def test_a_replaced_pushed_value_is_freed_on_the_pod(local_backend):

@@ -116,6 +116,9 @@ class AsyncSession(Transport):
         """
         req_id = req_id or self.new_id()
         t0 = time.perf_counter()
+        preceding = self._preceding.get(options.after) if options.after else None
+        if preceding is not None:  # the push it follows goes first on the wire (its header, for a bulk push)
+            await preceding
         ex = _Execution(on_output, asyncio.get_running_loop().create_future(),
                         answers_input=answers_input and on_output is not None)
         self._executions[req_id] = ex

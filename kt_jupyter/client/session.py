@@ -184,22 +184,29 @@ class Session(AsyncSession):
 
     def start_push(self, bundle: P.Bundle, *, on_progress: ProgressCallback | None = None,
                    ) -> tuple[str, concurrent.futures.Future[dict[str, Any]]]:
-        """Send a push without waiting for its reply: returns its request id (an execute's ``after``) and the
-        future of its reply, once what must precede a later request is on the wire (a bulk push's header;
-        else all of it)."""
+        """Send a push without waiting for it: returns its request id (an execute's ``after``) and the future
+        of its reply at once. An execute naming it in ``after`` goes on the wire only after what must precede
+        it (a bulk push's header; else all of the push): ordered on the client loop, so this thread makes one
+        hop there for both, not a hop and a wait for the push."""
         req_id = self.new_id()
-        sent: concurrent.futures.Future[None] = concurrent.futures.Future()
+        reply = asyncio.run_coroutine_threadsafe(self._apush_first(req_id, bundle, on_progress), client_loop())
+        return req_id, reply
+
+    async def _apush_first(self, req_id: str, bundle: P.Bundle,
+                           on_progress: ProgressCallback | None) -> dict[str, Any]:
+        sent = asyncio.get_running_loop().create_future()
+        self._preceding[req_id] = sent  # before anything is awaited: the execute's task runs after this one
 
         def on_sent() -> None:
             if not sent.done():
                 sent.set_result(None)
 
-        reply = asyncio.run_coroutine_threadsafe(
-            self.arequest({"type": "push"}, bundle=bundle, on_progress=on_progress, req_id=req_id,
-                          on_sent=on_sent), client_loop())
-        reply.add_done_callback(lambda _f: on_sent())  # failed before a byte went: nothing to wait for
-        sent.result()
-        return req_id, reply
+        try:
+            return await self.arequest({"type": "push"}, bundle=bundle, on_progress=on_progress, req_id=req_id,
+                                       on_sent=on_sent)
+        finally:
+            on_sent()  # failed before a byte went: nothing to wait for
+            self._preceding.pop(req_id, None)
 
     def pull(self, names: Iterable[str], *, serialization: str = "pickle",
              on_progress: ProgressCallback | None = None,

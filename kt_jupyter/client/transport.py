@@ -157,6 +157,9 @@ class Transport:
         self._connect_lock = asyncio.Lock()  # binds to the client loop on first contention
         self._send_lock = asyncio.Lock()
         self._executions: dict[str, _Execution] = {}
+        #: pushes started without waiting (Session.start_push) -> done once what must precede a request that
+        #: follows them is on the wire: an execute naming one in ``after`` is sent only then
+        self._preceding: dict[str, asyncio.Future[None]] = {}
         self._streams: dict[str, OutputCallback] = {}
         self._pending: dict[str, _Pending] = {}
         self._closed = False
