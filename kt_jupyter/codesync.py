@@ -268,6 +268,11 @@ class CodeTree:
         self._manifest = out if self._watch.usable and not fresh else None
         return out
 
+    def close(self) -> None:
+        """Stop watching the tree (its compute is disconnected)."""
+        self._watch.close()
+        self._manifest = None
+
     def read(self, rel: str) -> str:
         """The text of a file of the last manifest (the pod names it: nothing else is read)."""
         if rel not in self._listed:

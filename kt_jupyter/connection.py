@@ -349,6 +349,7 @@ def connect(compute: Compute | None = None, *, keep: bool = False,
                 return conn
             say(f"{why.splitlines()[0]}\nStarting a new pod kernel: the previous one's variables are lost.")
             conn.session.close_quietly()
+            conn.code.close()
             # the spec it was launched with (memory, TTL, ...), with what this cell asked for explicitly
             compute = conn.compute.with_overrides(**{k: v for k, v in compute.to_dict().items() if k in strict})
             backend.delete(compute.name)  # its default grace: the container stops and frees its GPU first
@@ -380,6 +381,7 @@ def disconnect(name: str, backend: str | None = None) -> ComputeConnection | Non
                 conn = _connections.pop(key, None)
             if conn is not None:
                 conn.session.close_quietly()
+                conn.code.close()
                 return conn
     return None
 

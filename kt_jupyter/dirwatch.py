@@ -24,6 +24,7 @@ import errno
 import os
 import struct
 import sys
+import threading
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -42,6 +43,11 @@ _MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_
 #: caller then checks everything, and watches the directories it finds).
 _ALWAYS = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_Q_OVERFLOW | _IN_IGNORED | _IN_ISDIR
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
+#: inotify instances this process opens at most (one per compute it syncs code to); the user's limit is
+#: shared with every program of theirs (128 by default), so more computes check their trees by ``stat``.
+MAX_INSTANCES = 8
+_open_instances = 0
+_instances_lock = threading.RLock()  # reentrant: a collected watcher may close inside another's open
 
 
 @lru_cache(maxsize=1)
@@ -86,22 +92,33 @@ class DirWatch:
     subdirectory in one of them may have changed since the last call."""
 
     def __init__(self) -> None:
-        libc = _libc()
-        self._fd = -1
-        if libc is not None:
-            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-            self._fd = fd if fd >= 0 else -1
+        self._fd = -1  # opened by the first watch
         self._by_wd: dict[int, str] = {}  # watch descriptor -> directory
         self._watched: set[str] = set()
         self._mounts: list[tuple[str, str]] | None = None
         #: whether every directory asked for is watched (else :meth:`changed` is always True)
-        self.usable = self._fd >= 0
+        self.usable = _libc() is not None
+
+    def _open(self) -> bool:
+        global _open_instances
+        libc = _libc()
+        with _instances_lock:
+            if libc is None or _open_instances >= MAX_INSTANCES:
+                return False
+            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+            if fd < 0:
+                return False
+            self._fd = fd
+            _open_instances += 1
+        return True
 
     def watch(self, directories: Iterable[str]) -> int:
         """Watch these directories too; how many were not watched before. A directory that cannot be
         watched (another filesystem, the inotify limits) makes this watcher unusable for good."""
         libc = _libc()
         added = 0
+        if self.usable and self._fd < 0 and not self._open():
+            self.usable = False
         for directory in directories:
             if not self.usable or libc is None:
                 return added
@@ -125,7 +142,7 @@ class DirWatch:
     def changed(self) -> bool:
         """Whether anything that matters happened in the watched directories since the last call (reads
         every pending event); always True when not :attr:`usable`."""
-        if not self.usable:
+        if not self.usable or self._fd < 0:  # unusable, or watching nothing yet
             return True
         changed = False
         while True:
@@ -147,9 +164,13 @@ class DirWatch:
                     changed = True
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Stop watching (the file descriptor goes back now, not when this object is collected)."""
+        global _open_instances
+        with _instances_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+                _open_instances -= 1
         self.usable = False
 
     def __del__(self) -> None:

@@ -137,3 +137,30 @@ def dirwatch_type(path: str, mounts: list[tuple[str, str]]) -> str | None:
     from kt_jupyter.dirwatch import filesystem_type
 
     return filesystem_type(path, mounts)
+
+
+def test_a_process_opens_few_inotify_instances_and_gives_them_back(tmp_path, monkeypatch):
+    """The user's inotify instances are shared with all their programs (128 by default): at most
+    MAX_INSTANCES trees of this process watch theirs (the others check by stat), and a closed tree's goes back."""
+    import kt_jupyter.dirwatch as dirwatch
+
+    import gc
+
+    gc.collect()  # other tests' trees give theirs back first
+    monkeypatch.setattr(dirwatch, "_open_instances", 0)
+    (tmp_path / "a.py").write_text("A = 1\n")
+    trees = [CodeTree(tmp_path) for _ in range(dirwatch.MAX_INSTANCES + 2)]
+    for tree in trees:
+        tree.manifest()
+    if not trees[0]._watch.usable:
+        pytest.skip("no inotify for this directory here")
+    assert [t._watch.usable for t in trees] == [True] * dirwatch.MAX_INSTANCES + [False, False]
+    assert dirwatch._open_instances == dirwatch.MAX_INSTANCES
+    trees[0].close()
+    assert dirwatch._open_instances == dirwatch.MAX_INSTANCES - 1
+    late = CodeTree(tmp_path)
+    late.manifest()
+    assert late._watch.usable and dirwatch._open_instances == dirwatch.MAX_INSTANCES
+    for tree in trees[1:] + [late]:
+        tree.close()
+    assert dirwatch._open_instances == 0
