@@ -328,29 +328,29 @@ class PodKernelServer:
             await session.ws.close(1000, "replaced by a newer connection of the same session")
         session.ws = ws  # a connection is not activity (kt-idle): a sidebar or status poll must not keep a GPU alive
         running = self.executor.current
-        await ws.send(
-            P.encode_frame(
-                {
-                    "type": "welcome",
-                    "protocol": P.PROTOCOL_VERSION,
-                    "proof": P.pod_proof(self._token, headers[P.HEADER_NONCE], sid),
-                    "pid": os.getpid(),
-                    "compute": self.compute_name,
-                    "session": sid,
-                    "last_seq": session.outbox.last_seq,
-                    "running": running.req_id if running and running.outbox is session.outbox else None,
-                    "allowed_serialization": list(self.allowed_serialization),
-                    "started": self.started,
-                    "bulk_port": self.bulk.port,
-                    # pushes that name one send their bytes at once (see pod_kernel/bulk.py)
-                    "bulk_spares": [t for t in (self.bulk.reserve(ws) for _ in range(SPARES_PER_OWNER)) if t],
-                    "detached": self._detached_report(session),
-                }
-            )
+        welcome = P.encode_frame(
+            {
+                "type": "welcome",
+                "protocol": P.PROTOCOL_VERSION,
+                "proof": P.pod_proof(self._token, headers[P.HEADER_NONCE], sid),
+                "pid": os.getpid(),
+                "compute": self.compute_name,
+                "session": sid,
+                "last_seq": session.outbox.last_seq,
+                "running": running.req_id if running and running.outbox is session.outbox else None,
+                "allowed_serialization": list(self.allowed_serialization),
+                "started": self.started,
+                "bulk_port": self.bulk.port,
+                # pushes that name one send their bytes at once (see pod_kernel/bulk.py)
+                "bulk_spares": [t for t in (self.bulk.reserve(ws) for _ in range(SPARES_PER_OWNER)) if t],
+                "detached": self._detached_report(session),
+            }
         )
-        pump = asyncio.create_task(self._pump(session, ws, last_seq))
+        pump: asyncio.Task | None = None
         inbound: Inbound | None = None
         try:
+            await ws.send(welcome)  # in the try: a connection gone already gives its spare tickets back below
+            pump = asyncio.create_task(self._pump(session, ws, last_seq))
             async for message in ws:
                 try:
                     header, payload = P.decode_frame(message)  # it refuses a text frame itself
@@ -376,7 +376,8 @@ class PodKernelServer:
         except ConnectionClosed:
             pass
         finally:
-            pump.cancel()
+            if pump is not None:
+                pump.cancel()
             self.bulk.revoke(ws)  # its unused tickets: nobody can present them now; their buffers go at once
             if session.ws is ws:
                 session.ws = None
