@@ -319,8 +319,8 @@ class BulkServer:
             ticket.parts, ticket.on_done, ticket.prepare = parts, on_done, prepare
             ticket.digests = {} if digests is None else digests
             ticket.expires = time.monotonic() + self.ticket_ttl_s
-        assert ticket.bound is not None
-        ticket.bound.set()
+            assert ticket.bound is not None
+            ticket.bound.set()  # under the lock: a transfer thread giving up on it sees this (see _transfer)
         return True
 
     def refuse(self, spare: Any, owner: object) -> None:
@@ -459,11 +459,14 @@ class BulkServer:
         error: BaseException | None = None
         with conn:
             if ticket.bound is not None and not ticket.bound.wait(SPARE_BIND_WAIT_S):
-                with self._lock:  # presented, but no push header came to bind it: nothing to fill
-                    for token, spare in list(self._spares.items()):
-                        if spare is ticket:
-                            del self._spares[token]
-                return
+                with self._lock:  # presented, but no push header came to bind it (unless one just did)
+                    given_up = not ticket.bound.is_set()
+                    if given_up:
+                        for token, spare in list(self._spares.items()):
+                            if spare is ticket:
+                                del self._spares[token]
+                if given_up:
+                    return
             if ticket.refused:
                 return  # its push was refused, or its connection closed: nothing is read
             try:

@@ -458,6 +458,32 @@ def test_transfers_reuse_their_threads():
         server.close()
 
 
+def test_a_presented_spare_waits_for_its_header_and_gives_up_in_time(monkeypatch):
+    """A connection that presented a spare ticket waits for the push header that binds it, not forever; a spare
+    is bound only by its own connection, and a connection holds SPARES_PER_OWNER at most."""
+    from pod_kernel import bulk
+
+    monkeypatch.setattr(bulk, "SPARE_BIND_WAIT_S", 0.3)
+    server = bulk.BulkServer("127.0.0.1")
+    try:
+        owner, other = object(), object()
+        spares = [server.reserve(owner) for _ in range(bulk.SPARES_PER_OWNER)]
+        assert all(spares) and server.reserve(owner) is None and server.reserve(other) is not None
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(bytes.fromhex(spares[0]))
+            t0 = time.monotonic()
+            assert sock.recv(1) == b""  # no header came: closed, unread
+            assert time.monotonic() - t0 < 5
+        assert not server.bind(spares[0], owner, [bytearray(8)], lambda _error: None)  # given up: gone
+        assert not server.bind(spares[1], other, [bytearray(8)], lambda _error: None)  # not its spare
+        received, done = [bytearray(2 * MiB)], threading.Event()
+        assert server.bind(spares[1], owner, received, lambda _error: done.set())
+        bulk.client_transfer(("127.0.0.1", server.port), spares[1], send=[memoryview(b"k" * (2 * MiB))])
+        assert done.wait(10) and received[0] == b"k" * (2 * MiB)
+    finally:
+        server.close()
+
+
 def test_pull_tickets_expire_and_free_their_memory(tmp_path):
     with pod_kernel(tmp_path, KT_BULK_TICKET_TTL_S="1") as pod:
         s = pod.session
