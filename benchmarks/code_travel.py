@@ -72,8 +72,9 @@ def main() -> None:
 
         import statistics as installed
 
-        import kt_jupyter as kt
         from bigproj import core
+
+        import kt_jupyter as kt
 
         out: dict[str, float | int] = {"files": args.files, "project_bytes": size}
         t0 = time.perf_counter()
