@@ -32,6 +32,10 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 #: Each transfer is repeated this many times; the median and the spread (min, max) are reported.
 REPS_TRANSFER = 5
+#: Rows up to this size take more samples (REPS_SMALL_TRANSFER): a sample costs milliseconds, and a 1 MiB
+#: transfer's time swings by half from one sample to the next on a shared machine.
+SMALL_TRANSFER_BYTES = 8 << 20
+REPS_SMALL_TRANSFER = 21
 #: Before timing one side, wait (at most this long) until the processes of the run are idle: a peer that
 #: digests a gigabyte after its call returned (ipyparallel's hub and schedulers do) must not slow the next row.
 QUIET_WAIT_S = 5.0
@@ -276,16 +280,16 @@ def pod_pool(conn: Any, ns: dict[str, Any]) -> tuple[int, int]:
     return int(reused), int(idle)
 
 
-def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP) -> dict[str, Any]:
-    """One row of :func:`bench_transfers`: every way of moving ``size`` bytes, side by side."""
+def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int = REPS_TRANSFER) -> dict[str, Any]:
+    """One row of :func:`bench_transfers`: every way of moving ``size`` bytes, side by side, ``reps`` times."""
     from kt_jupyter.connection import TransferOptions
 
     no_pull = TransferOptions(no_pull=True)
     base = np.random.default_rng(0).integers(0, 255, size=size, dtype=np.uint8)
     reused_before, _idle = pod_pool(conn, ns)
     gc.collect()
-    tcp = [raw_tcp_transfer(base) for _ in range(REPS_TRANSFER)]
-    tcp_fresh = [raw_tcp_transfer(base, fresh=True) for _ in range(REPS_TRANSFER)]
+    tcp = [raw_tcp_transfer(base) for _ in range(reps)]
+    tcp_fresh = [raw_tcp_transfer(base, fresh=True) for _ in range(reps)]
 
     def fresh(i: int) -> np.ndarray:
         return base + np.uint8(i + 1)  # a new array, other bytes throughout, written before it moves
@@ -324,7 +328,7 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP) -> dict[str
     ways = {"kt_push": (kt_push_setup, kt_push), "kt_pull": (kt_pull_setup, kt_pull),
             "ipp_push": (ipp_push_setup, ipp_push), "ipp_pull": (ipp_pull_setup, ipp_pull)}
     samples: dict[str, list[float]] = {name: [] for name in ways}
-    for i in range(REPS_TRANSFER):  # interleaved: the load of a shared box falls on every way alike
+    for i in range(reps):  # interleaved: the load of a shared box falls on every way alike
         for name, (setup, move) in ways.items():
             setup(i)
             gc.collect()
@@ -337,7 +341,7 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP) -> dict[str
     peaks = {}
     for name in ("kt_push", "kt_pull"):
         setup, move = ways[name]
-        setup(REPS_TRANSFER)
+        setup(reps)
         gc.collect()
         wait_quiet()
         with PeakRSS(os.getpid(), conn.handle.pid) as mem:
@@ -359,7 +363,7 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP) -> dict[str
     return row
 
 
-def bench_transfers(sizes: list[int], ipp: IPP, results: dict[str, Any]) -> None:
+def bench_transfers(sizes: list[int], ipp: IPP, results: dict[str, Any], quick: bool = False) -> None:
     """Push and pull of fresh numpy arrays along the user's path: kt vs ipyparallel vs raw loopback TCP.
 
     kt push: a ``%%kt`` cell that reads a fresh array of the notebook (``conn.run_cell``: fingerprint, send,
@@ -379,7 +383,8 @@ def bench_transfers(sizes: list[int], ipp: IPP, results: dict[str, Any]) -> None
     rows = {}
     try:
         for size in sizes:
-            rows[f"{size / 2**20:g} MiB"] = transfer_row(size, conn, ns, ipp)
+            reps = REPS_SMALL_TRANSFER if size <= SMALL_TRANSFER_BYTES and not quick else REPS_TRANSFER
+            rows[f"{size / 2**20:g} MiB"] = transfer_row(size, conn, ns, ipp, reps)
     finally:
         conn_mod.disconnect("bench-xfer")
         get_backend("local").delete("bench-xfer")
@@ -542,8 +547,8 @@ def table(results: dict[str, Any]) -> str:
         def mbps(r: dict[str, float]) -> str:
             return f"{r['MBps']:.0f} ({r['min_MBps']:.0f}-{r['max_MBps']:.0f})"
 
-        out += [(f"MB/s, median of {REPS_TRANSFER} fresh arrays (slowest-fastest); kt push = a %%kt cell reading the "
-                "array, kt pull = `%kt pull`; ipyparallel = view.push / view.pull"), "",
+        out += [("MB/s, median of the row's fresh arrays (slowest-fastest; how many: after the size); kt push = a "
+                 "%%kt cell reading the array, kt pull = `%kt pull`; ipyparallel = view.push / view.pull"), "",
                 ("| array | raw TCP | raw TCP, fresh memory | kt push | kt pull | ipp push | ipp pull "
                 "| kt/TCP push, pull (target >= 0.8) | kt/TCP-fresh push, pull | kt/ipp push, pull "
                 "| kt peak extra x payload (notebook, pod) |"),
@@ -551,7 +556,8 @@ def table(results: dict[str, Any]) -> str:
         for size, r in results["transfers"].items():
             pe, pu = r["kt_push_peak_extra_x_payload"], r["kt_pull_peak_extra_x_payload"]
             out.append(
-                f"| {size} | {mbps(r['raw_tcp'])} | {mbps(r['raw_tcp_fresh_memory'])} | {mbps(r['kt_push'])} "
+                f"| {size} ({r['kt_push']['reps']}) | {mbps(r['raw_tcp'])} | {mbps(r['raw_tcp_fresh_memory'])} "
+                f"| {mbps(r['kt_push'])} "
                 f"| {mbps(r['kt_pull'])} | {mbps(r['ipp_push'])} | {mbps(r['ipp_pull'])} "
                 f"| {r['kt_push_vs_tcp']:.2f}, {r['kt_pull_vs_tcp']:.2f} "
                 f"| {r['kt_push_vs_tcp_fresh']:.2f}, {r['kt_pull_vs_tcp_fresh']:.2f} "
@@ -560,7 +566,7 @@ def table(results: dict[str, Any]) -> str:
         out.append("")
         out += ["The pod's receives into a reused buffer (recvpool.py; the others faulted fresh memory in), and the "
                 "memory its pool kept idle after the row: " + "; ".join(
-                    f"{size}: {r['pod_receives_into_reused_buffers']} of {REPS_TRANSFER + 1} pushes, "
+                    f"{size}: {r['pod_receives_into_reused_buffers']} of {r['kt_push']['reps'] + 1} pushes, "
                     f"{r['pod_idle_pool_bytes'] / 2**20:.0f} MiB idle"
                     for size, r in results["transfers"].items() if "pod_idle_pool_bytes" in r), ""]
     if "unchanged_rerun" in results:
@@ -609,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench_kernel_round_trips(reps, results, worker_counts=(2,) if args.quick else (2, 4),
                                  cold_reps=1 if args.quick else 3)
-        bench_transfers(sizes, ipp, results)
+        bench_transfers(sizes, ipp, results, quick=args.quick)
         bench_fn_call(reps, ipp, results)
     finally:
         ipp.stop()
