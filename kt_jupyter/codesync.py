@@ -253,9 +253,9 @@ class CodeTree:
     def manifest(self) -> dict[str, str]:
         """Relative path on the pod -> content hash of every file to sync (the last one's very dict, when the
         directory watch vouches that nothing changed since)."""
-        if self._manifest is not None and not self._watch.changed():
+        changed = self._watch.changed()  # events until now are read: a walk now covers them, later ones queue
+        if self._manifest is not None and not changed:
             return self._manifest
-        self._watch.changed()  # events until now are covered by this walk; later ones stay queued
         out: dict[str, str] = {}
         for prefix, files in self._listing():
             self._hashed(files, out, prefix)

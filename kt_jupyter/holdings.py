@@ -63,6 +63,7 @@ class _PushInFlight:
     send: dict[str, Any]
     prints: dict[str, str]
     bundle: P.Bundle
+    heads: dict[str, str]
 
 
 @dataclass
@@ -165,6 +166,7 @@ class Holdings:
         returns; without, it has been answered and recorded)."""
         send: dict[str, Any] = {}
         prints: dict[str, str] = {}
+        heads: dict[str, str] = {}  # the head digests taken here: the record of the push needs them too
         maybe_held: list[str] = []
         for name in names:
             value = user_ns[name]
@@ -180,7 +182,8 @@ class Holdings:
             if same is not None and not same.stable and name not in force:  # known by identity only
                 maybe_held.append(name)
                 continue
-            if same is None and (name in force or held is None or (held.head and _head(value) != held.head)):
+            if same is None and (name in force or held is None
+                                 or (held.head and heads.setdefault(name, _head(value)) != held.head)):
                 # sent whatever its fingerprint: taken as its bytes go (the bulk channel's digests), not before
                 send[name] = value
                 continue
@@ -205,9 +208,9 @@ class Holdings:
         outcome.bytes_pushed += bundle.nbytes
         if pipeline:
             req_id, reply = self.session.start_push(bundle, on_progress=progress)
-            return maybe_held, _PushInFlight(req_id, reply, send, prints, bundle)
+            return maybe_held, _PushInFlight(req_id, reply, send, prints, bundle, heads)
         self.session.push_bundle(bundle, on_progress=progress)
-        self._record_push(send, prints, bundle, self.session.last_push_ids, outcome)
+        self._record_push(send, prints, bundle, self.session.last_push_ids, outcome, heads)
         return maybe_held, None
 
     @staticmethod
@@ -226,10 +229,11 @@ class Holdings:
     def _finish_push(self, pushing: _PushInFlight, outcome: CellOutcome) -> None:
         """Wait for a pipelined push's reply (raising its failure) and record what the pod now holds."""
         reply = pushing.reply.result()
-        self._record_push(pushing.send, pushing.prints, pushing.bundle, dict(reply.get("ids") or {}), outcome)
+        self._record_push(pushing.send, pushing.prints, pushing.bundle, dict(reply.get("ids") or {}), outcome,
+                          pushing.heads)
 
     def _record_push(self, send: dict[str, Any], prints: dict[str, str], bundle: P.Bundle, ids: Mapping[str, int],
-                     outcome: CellOutcome) -> None:
+                     outcome: CellOutcome, heads: Mapping[str, str]) -> None:
         """The pod holds ``send`` now, as the objects ``ids`` names."""
         digested = bundle.known_digests()  # the big buffers' digests, taken as they were sent
         t_fp = time.perf_counter()
@@ -239,7 +243,7 @@ class Holdings:
             fp = known if known is not None else P.fingerprint(value, digested)
             old = self.held.get(name)
             self.held[name] = Held(fp, ids.get(name), id(value), old.stable if old else True, fp,
-                                   old.pod_stable if old else True, _head(value))
+                                   old.pod_stable if old else True, heads[name] if name in heads else _head(value))
         outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_fp
 
     @staticmethod
