@@ -310,7 +310,7 @@ class BulkServer:
              prepare: Callable[[], None] | None = None, digests: dict[int, bytes] | None = None) -> bool:
         """Give ``owner``'s spare ticket (hex, from the wire) a push's buffers, as :meth:`issue` would; from
         now on it expires like any ticket. False (nothing bound) for a ticket that is not such a spare."""
-        token = _token(spare)
+        token = parse_ticket(spare)
         with self._lock:
             ticket = self._spares.get(token) if token is not None else None
             if token is None or ticket is None or ticket.owner is not owner:
@@ -325,7 +325,7 @@ class BulkServer:
 
     def refuse(self, spare: Any, owner: object) -> None:
         """``owner``'s spare ticket goes unused (its push was refused): a connection that presented it ends."""
-        token = _token(spare)
+        token = parse_ticket(spare)
         with self._lock:
             ticket = self._spares.get(token) if token is not None else None
             if token is None or ticket is None or ticket.owner is not owner:
@@ -547,14 +547,16 @@ def _wake_refused(spares: list[Ticket]) -> None:
             spare.bound.set()
 
 
-def _token(spare: Any) -> bytes | None:
-    """A spare ticket's bytes from the wire (hex of :data:`TICKET_BYTES` bytes); None for anything else."""
-    if not isinstance(spare, str) or len(spare) != 2 * TICKET_BYTES:
+def parse_ticket(value: Any) -> bytes | None:
+    """A ticket from the wire (hex of :data:`TICKET_BYTES` bytes) as its bytes; None for anything else (both
+    sides check the tickets they are sent here)."""
+    if not isinstance(value, str) or len(value) != 2 * TICKET_BYTES:
         return None
     try:
-        return bytes.fromhex(spare)
+        raw = bytes.fromhex(value)
     except ValueError:
         return None
+    return raw if len(raw) == TICKET_BYTES else None
 
 
 class _Backoff:

@@ -58,8 +58,6 @@ SKIP_MODULES = ("IPython.*", "pod_kernel.*", "traitlets.*", "asyncio.*", "concur
 #: Called (once each) when a debugger first starts in this process, pdb or debugpy: the executor then writes the
 #: cell files it kept in memory, so the paths a debugger shows and sets breakpoints in are real files.
 _DEBUGGER_STARTS: list[weakref.WeakMethod[Callable[[], None]]] = []
-
-
 _debugger_started = False
 
 

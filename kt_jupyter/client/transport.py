@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from pod_kernel import protocol as P
-from pod_kernel.bulk import BULK_MIN_BYTES, TICKET_BYTES, client_transfer
+from pod_kernel.bulk import BULK_MIN_BYTES, client_transfer, parse_ticket
 
 from ..errors import AuthError, ConnectionLostError, KernelDiedError, KtError, ProtocolMismatchError, TransferError
 from .exceptions import rebuild_exception
@@ -93,8 +93,7 @@ def _spare_tickets(value: Any) -> list[str]:
     :data:`MAX_SPARES` (anything else from the wire is dropped)."""
     if not isinstance(value, list):
         return []
-    return [t for t in value if isinstance(t, str) and len(t) == 2 * TICKET_BYTES
-            and all(c in "0123456789abcdef" for c in t)][:MAX_SPARES]
+    return [t for t in value if parse_ticket(t) is not None][:MAX_SPARES]
 
 
 class _Resend(Exception):
