@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from IPython.core.error import UsageError
 from ipshell import run
+from IPython.core.error import UsageError
 from k8s_fake import FakePortForwardConnector
 from k8s_fake.cluster import MISSING_IMAGE, NS, SLOW_IMAGE, Lines, fake_cluster, finished, launch_in_thread
+from k8s_fake.kubelet import FORCE_DELETE_GRACE_S
 from k8s_fake.store import KUEUE_GATE
 
 from kt_jupyter import connection as conn_mod
@@ -86,13 +87,25 @@ def test_the_fake_force_delete_frees_the_api_object_before_the_container(cluster
     compute = k8s("forced")
     cluster.backend.launch(compute)
     (pod,) = cluster.pods(compute)
-    runtime = cluster.kubelet.pods[(NS, pod["metadata"]["name"])]
+    name = pod["metadata"]["name"]
+    runtime = cluster.kubelet.pods[(NS, name)]
     process = cluster.process(compute)
-    cluster.store.delete("pods", NS, pod["metadata"]["name"], grace_period_s=0)
-    assert cluster.store.get("pods", NS, pod["metadata"]["name"]) is None
-    assert process.is_running() and runtime.runs[-1].proc.poll() is None  # still holding what it holds
+    # what the kubelet finds when it comes to stop the container (its own thread, some time after the delete:
+    # a check here, right after the delete returns, would race with it)
+    found: list[tuple[bool, bool, float]] = []
+    real_stop = runtime.stop
+
+    def stop(grace_s: float) -> None:
+        found.append((cluster.store.get("pods", NS, name) is None, process.is_running(), grace_s))
+        real_stop(grace_s)
+
+    runtime.stop = stop
+    cluster.store.delete("pods", NS, name, grace_period_s=0)
+    assert cluster.store.get("pods", NS, name) is None
     runtime.thread.join(15)
     assert runtime.runs[-1].proc.poll() is not None
+    # gone from the API first; the container, still holding what it holds, stopped only after that
+    assert found == [(True, True, FORCE_DELETE_GRACE_S)]
 
 
 def test_relaunch_after_a_kernel_death_never_force_deletes_and_waits_for_the_old_container(cluster):
