@@ -536,7 +536,7 @@ class Executor:
             self._restore_sigint()
         self.cells_run += 1
         reply.update(type="execute_reply", id=job.req_id, execution_count=self.shell.execution_count - 1)
-        job.outbox.append(reply, payload)
+        job.outbox.append(reply, payload, now=True)  # the notebook waits for it: written from here at once
 
     def _check(self, job: CellJob) -> dict[str, Any] | None:
         """What changed for the notebook (see :meth:`StateTracker.check`); None if our check failed (logged):

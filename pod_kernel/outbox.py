@@ -165,6 +165,9 @@ class Outbox:
         self._streamed: OrderedDict[str, int] = OrderedDict()  # request id -> characters sent live
         self._elided: dict[str, _Elided] = {}
         self.changed = asyncio.Event()
+        #: writes what was appended and not sent yet from the calling thread, when the connection can take it
+        #: (the server's ``send_direct``); returns whether all of it went. None: only the loop sends
+        self.direct: Callable[[], bool] | None = None
 
     @property
     def last_seq(self) -> int:
@@ -192,15 +195,26 @@ class Outbox:
         if arm:
             self._call_in_loop(self._arm_timer)
 
-    def append(self, header: dict[str, Any], payload: bytes = b"") -> int:
-        """Append a sequenced message (pending stream text goes first); return its seq."""
+    def append(self, header: dict[str, Any], payload: bytes = b"", *, now: bool = False) -> int:
+        """Append a sequenced message (pending stream text goes first); return its seq.
+
+        ``now``: write it (and anything before it not sent yet) from this thread at once, when its
+        connection can take it (see :attr:`direct`): a request's last message, which its client waits
+        for. The loop's thread is woken only for what did not go.
+        """
         with self._lock:
             self._flush_locked()
             req_id = header.get("id")
             if req_id in self._elided:
                 self._add_elided_locked(req_id, self._elided.pop(req_id))
             seq = self._add_locked(header, payload)
-            self._notify_locked()
+            direct = self.direct if now else None
+            if direct is None:
+                self._notify_locked()
+                return seq
+        if not direct():
+            with self._lock:
+                self._notify_locked()
         return seq
 
     def flush(self) -> None:
@@ -211,12 +225,20 @@ class Outbox:
                 self._flush_locked()
                 self._notify_locked()
 
-    def since(self, seq: int) -> tuple[list[bytes], int, int]:
-        """Frames after ``seq``: (frames, last seq included, count of lost messages before them)."""
+    def since(self, seq: int) -> tuple[list[tuple[int, bytes]], int]:
+        """Messages after ``seq``, oldest first, as (seq, frame); and the count of lost ones before them.
+
+        Only the newest entries are looked at: a session's log keeps thousands.
+        """
         with self._lock:
             lost = max(0, self._trimmed_through - seq)
-            frames = [f for s, f in self._entries if s > seq]
-            return frames, self._next_seq - 1, lost
+            newer = []
+            for entry in reversed(self._entries):
+                if entry[0] <= seq:
+                    break
+                newer.append(entry)
+            newer.reverse()
+            return newer, lost
 
     # ------------------------------------------------------------------ internals
 

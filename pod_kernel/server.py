@@ -21,6 +21,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from .metrics import MetricsSampler
 from .outbox import Outbox
 from .pushes import Pushes
 from .rejections import RejectionLog
+from .wsconn import DirectWrites
 
 log = logging.getLogger("pod_kernel.server")
 
@@ -71,16 +73,22 @@ class RequestRefused(Exception):
         self.ename = ename
 
 
-class KtServerConnection(ServerConnection):
-    """A server connection whose heartbeat pings never touch the user's ``random`` state.
+class KtServerConnection(DirectWrites, ServerConnection):
+    """A server connection whose heartbeat pings never touch the user's ``random`` state (see
+    :mod:`pod_kernel.wsconn`)."""
 
-    websockets draws ping payloads from the global :mod:`random` module: the
-    pod's keepalive pings would shift a seeded notebook's numbers.
-    """
 
-    async def ping(self, data: Any = None) -> Any:
-        """Send a ping; its payload comes from ``os.urandom`` when none is given."""
-        return await super().ping(os.urandom(8) if data is None else data)
+class Pump:
+    """How far one connection got through its session's messages; shared by the loop's pump (:meth:`Server._pump`)
+    and the main thread's direct writes (:meth:`Server.send_direct`), under :attr:`lock`."""
+
+    def __init__(self, ws: KtServerConnection, sent: int) -> None:
+        self.ws = ws
+        #: the last seq written on ``ws``
+        self.sent = sent
+        #: the pump is writing (a direct write now would pass messages it has not written yet)
+        self.busy = False
+        self.lock = threading.Lock()
 
 
 @dataclass
@@ -91,10 +99,16 @@ class Session:
     outbox: Outbox
     ws: ServerConnection | None = None
     seen_exec: dict[str, None] = field(default_factory=dict)
-    #: the last seq sent to a client, and its value when the last connection dropped (after it: unseen)
-    sent_seq: int = 0
+    #: the connection's pump (None: no connection yet)
+    pump: Pump | None = None
+    #: the last seq sent to a client when the last connection dropped (after it: unseen)
     detached_seq: int = 0
     detached_at: float = 0.0
+
+    @property
+    def sent_seq(self) -> int:
+        """The last seq sent to a client."""
+        return self.pump.sent if self.pump is not None else 0
 
 
 @dataclass
@@ -324,6 +338,7 @@ class PodKernelServer:
         session = self.sessions.get(sid)
         if session is None:
             session = self.sessions[sid] = Session(sid, Outbox(self.running_loop, on_text=_tee_to_log))
+            session.outbox.direct = partial(self.send_direct, session)
         elif session.ws is not None:
             await session.ws.close(1000, "replaced by a newer connection of the same session")
         session.ws = ws  # a connection is not activity (kt-idle): a sidebar or status poll must not keep a GPU alive
@@ -350,7 +365,9 @@ class PodKernelServer:
         inbound: Inbound | None = None
         try:
             await ws.send(welcome)  # in the try: a connection gone already gives its spare tickets back below
-            pump = asyncio.create_task(self._pump(session, ws, last_seq))
+            assert isinstance(ws, KtServerConnection)  # what serve's create_connection makes
+            session.pump = Pump(ws, last_seq)
+            pump = asyncio.create_task(self._pump(session, session.pump))
             async for message in ws:
                 try:
                     header, payload = P.decode_frame(message)  # it refuses a text frame itself
@@ -458,24 +475,49 @@ class PodKernelServer:
         await ws.send(P.encode_frame({"type": "error_reply", "id": req_id, "ename": ename,
                                       "evalue": str(exc), "traceback": tb}, payload))
 
-    async def _pump(self, session: Session, ws: ServerConnection, after_seq: int) -> None:
-        """Send the session's sequenced messages after ``after_seq``, then new ones as they come."""
-        sent = after_seq
-        outbox = session.outbox
+    async def _pump(self, session: Session, pump: Pump) -> None:
+        """Send the session's sequenced messages after ``pump.sent``, then new ones as they come."""
+        outbox, ws = session.outbox, pump.ws
         try:
             while True:
                 outbox.changed.clear()
-                frames, last, lost = outbox.since(sent)
-                if lost:
-                    await ws.send(P.encode_frame({"type": "notice", "level": "warning", "lost": lost,
-                                                  "text": f"{lost} output messages were dropped "
-                                                          "(replay buffer full) while disconnected"}))
-                for frame in frames:
-                    await ws.send(frame)
-                sent = session.sent_seq = last
+                with pump.lock:
+                    entries, lost = outbox.since(pump.sent)
+                    pump.busy = bool(entries or lost)
+                try:
+                    if lost:
+                        await ws.send(P.encode_frame({"type": "notice", "level": "warning", "lost": lost,
+                                                      "text": f"{lost} output messages were dropped "
+                                                              "(replay buffer full) while disconnected"}))
+                    for seq, frame in entries:
+                        await ws.send(frame)
+                        pump.sent = seq
+                finally:
+                    with pump.lock:
+                        pump.busy = False
                 await outbox.changed.wait()
         except (ConnectionClosed, asyncio.CancelledError):
             pass
+
+    @staticmethod
+    def send_direct(session: Session) -> bool:
+        """From the main thread: write the session's messages not sent yet (a cell's reply) on its connection
+        at once, when the pump is not writing; the loop's thread is not woken for them (see
+        :mod:`pod_kernel.wsconn`). Returns whether all went: the pump sends the rest, as ever."""
+        pump = session.pump
+        if pump is None or session.ws is not pump.ws:
+            return False
+        with pump.lock:
+            if pump.busy:
+                return False
+            entries, lost = session.outbox.since(pump.sent)
+            if lost:
+                return False
+            for seq, frame in entries:
+                if not pump.ws.send_now(frame):
+                    return False
+                pump.sent = seq
+        return True
 
     # ------------------------------------------------------------------ bundles in (push)
 

@@ -643,8 +643,10 @@ def test_outbox_unit_flood_tail_and_budgets():
             if i == 150:
                 box.write_stream("b", "stdout", "other request\n")  # its own budget
         box.append({"type": "execute_reply", "id": "a", "status": "ok"})
-        frames, _, _ = box.since(0)
-        msgs = [P.decode_frame(f)[0] for f in frames]
+        entries, lost = box.since(0)
+        assert lost == 0 and [seq for seq, _ in entries] == list(range(1, len(entries) + 1))
+        assert box.since(entries[-2][0]) == (entries[-1:], 0)  # only what came after
+        msgs = [P.decode_frame(f)[0] for _, f in entries]
         a_text = "".join(m["text"] for m in msgs if m["type"] == "stream" and m["id"] == "a")
         lines = a_text.splitlines()
         assert all(len(ln) == 5 for ln in lines)  # head and tail both cut at line boundaries

@@ -12,7 +12,7 @@ from pod_kernel import protocol as P
 
 from ..errors import RemoteError, TransferError
 from .exceptions import rebuild_exception
-from .transport import OutputCallback, ProgressCallback, Transport, _Execution
+from .transport import OutputCallback, ProgressCallback, Transport, _Conn, _Execution
 
 
 @dataclass
@@ -107,23 +107,29 @@ class AsyncSession(Transport):
         return result
 
     async def _aexecute(self, code: str, on_output: OutputCallback | None, options: ExecuteOptions, *,
-                        req_id: str | None = None, answers_input: bool = False) -> ExecuteResult | BaseException:
+                        req_id: str | None = None, answers_input: bool = False,
+                        started: tuple[_Execution, _Conn | None] | None = None) -> ExecuteResult | BaseException:
         """Run ``code``; a remote error is returned (not raised) so the caller raises it where it belongs.
 
         The answer to ``options.check`` is :attr:`ExecuteResult.state`, or the exception's
         ``kt_state``; None from a pod that did not answer. A pod lacking one of
         ``options.requires`` runs nothing and its reply lists them (:attr:`ExecuteResult.missing`).
+        ``started``: the execution :meth:`_start_execute` registered, and the connection it wrote the
+        request on (None: not written yet).
         """
         req_id = req_id or self.new_id()
         t0 = time.perf_counter()
         preceding = self._preceding.get(options.after) if options.after else None
         if preceding is not None:  # the push it follows goes first on the wire (its header, for a bulk push)
             await preceding
-        ex = _Execution(on_output, asyncio.get_running_loop().create_future(),
-                        answers_input=answers_input and on_output is not None)
-        self._executions[req_id] = ex
+        if started is None:
+            ex, sent_on = _Execution(on_output, asyncio.get_running_loop().create_future(),
+                                     answers_input=answers_input and on_output is not None), None
+            self._executions[req_id] = ex
+        else:
+            ex, sent_on = started
         try:
-            reply, payload = await self._until_reply(options.header(req_id, code), ex.reply)
+            reply, payload = await self._until_reply(options.header(req_id, code), ex.reply, sent_on=sent_on)
         finally:
             self._executions.pop(req_id, None)
         state = reply.get("state") if isinstance(reply.get("state"), dict) else None

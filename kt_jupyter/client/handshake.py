@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import secrets
 from typing import Any
 
@@ -12,6 +11,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from pod_kernel import protocol as P
+from pod_kernel.wsconn import DirectWrites
 
 from ..errors import AuthError
 
@@ -25,21 +25,14 @@ HEARTBEAT_INTERVAL_S = P.HEARTBEAT_INTERVAL_S
 HEARTBEAT_TIMEOUT_S = P.HEARTBEAT_TIMEOUT_S
 
 
-class KtClientConnection(ClientConnection):
-    """A client connection whose heartbeat pings never touch the user's ``random`` state.
-
-    websockets draws ping payloads from the global :mod:`random` module: every
-    heartbeat would shift the numbers of a notebook that called ``random.seed``.
-    """
-
-    async def ping(self, data: Any = None) -> Any:
-        """Send a ping; its payload comes from ``os.urandom`` when none is given."""
-        return await super().ping(os.urandom(8) if data is None else data)
+class KtClientConnection(DirectWrites, ClientConnection):
+    """A client connection whose heartbeat pings never touch the user's ``random`` state, and on which the
+    notebook's thread writes a cell's execute itself (see :mod:`pod_kernel.wsconn`)."""
 
 
 async def handshake(url: str, token: str, session_id: str, last_seq: int, *, name: str, open_timeout_s: float,
                     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
-                    heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> tuple[ClientConnection, dict[str, Any]]:
+                    heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> tuple[KtClientConnection, dict[str, Any]]:
     """Connect to the pod kernel at ``url`` as session ``session_id``; returns the connection and its welcome.
 
     ``last_seq``: the last message seen, so the pod replays what came after.
@@ -66,6 +59,7 @@ async def handshake(url: str, token: str, session_id: str, last_seq: int, *, nam
         logger=ws_log,
         create_connection=KtClientConnection,
     )
+    assert isinstance(ws, KtClientConnection)  # what create_connection made
     welcome, _ = P.decode_frame(await ws.recv())
     await _check_proof(ws, welcome, token, nonce, session_id, url, name)
     return ws, welcome

@@ -64,8 +64,12 @@ class Session(AsyncSession):
         outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         done = object()
         req_id = self.new_id()
+        loop = client_loop()
+        # written from this thread when it can be: a push it follows (``after``) goes first, through the loop
+        started = None if options.after else \
+            self._start_execute(loop, req_id, options.header(req_id, code), outputs.put, answers_input=True)
         fut = asyncio.run_coroutine_threadsafe(
-            self._aexecute(code, outputs.put, options, req_id=req_id, answers_input=True), client_loop())
+            self._aexecute(code, outputs.put, options, req_id=req_id, answers_input=True, started=started), loop)
         fut.add_done_callback(lambda _f: outputs.put(done))
         deadline = None if timeout is None else time.monotonic() + timeout
         if while_waiting is not None:

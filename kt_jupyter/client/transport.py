@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from pod_kernel import protocol as P
@@ -28,7 +27,7 @@ from pod_kernel.bulk import BULK_MIN_BYTES, client_transfer, parse_ticket
 
 from ..errors import AuthError, ConnectionLostError, KernelDiedError, KtError, ProtocolMismatchError, TransferError
 from .exceptions import rebuild_exception
-from .handshake import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, OPEN_TIMEOUT_S, handshake
+from .handshake import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, OPEN_TIMEOUT_S, KtClientConnection, handshake
 
 log = logging.getLogger("kt_jupyter.client")
 
@@ -77,7 +76,7 @@ class _Pending:
 
 @dataclass
 class _Conn:
-    ws: ClientConnection
+    ws: KtClientConnection
     closed: asyncio.Future[None]
     welcome: dict[str, Any]
     #: spare bulk tickets the pod gave this connection: a push naming one sends its bytes at once
@@ -189,6 +188,23 @@ class Transport:
         """A fresh request id."""
         return f"{self.session_id[:8]}-{next(self._ids)}"
 
+    def _start_execute(self, loop: asyncio.AbstractEventLoop, req_id: str, header: dict[str, Any],
+                       on_output: OutputCallback | None, answers_input: bool) -> tuple[_Execution, _Conn | None]:
+        """From the caller's thread, before the client loop takes over: register the execution, and write
+        its request on the live connection at once when it can (see :meth:`DirectWrites.send_now`): the
+        loop's thread is not woken to send it. Returns the execution and the connection it went on (None:
+        the loop sends it)."""
+        ex = _Execution(on_output, loop.create_future(), answers_input=answers_input and on_output is not None)
+        self._executions[req_id] = ex  # first: its reply may come before the loop runs anything of ours
+        conn = self._conn
+        if conn is None or conn.closed.done():
+            return ex, None
+        try:
+            frame = P.encode_frame(header)
+        except P.ProtocolError:  # too big for a header: the loop's send says so
+            return ex, None
+        return ex, conn if conn.ws.send_now(frame) else None
+
     async def arequest(self, header: dict[str, Any], *, bundle: P.Bundle | None = None,
                        on_progress: ProgressCallback | None = None, req_id: str | None = None,
                        resend: bool = True, on_sent: Callable[[], None] | None = None) -> Any:
@@ -238,18 +254,23 @@ class Transport:
     async def _until_reply(self, header: dict[str, Any], reply: asyncio.Future[Any],
                            bundle: P.Bundle | None = None, on_progress: ProgressCallback | None = None,
                            once: bool = False, bulk_ready: asyncio.Future[str] | None = None,
-                           on_sent: Callable[[], None] | None = None) -> tuple[Any, bytes]:
+                           on_sent: Callable[[], None] | None = None,
+                           sent_on: _Conn | None = None) -> tuple[Any, bytes]:
         """Send ``header`` (and bundle) and wait for ``reply``, resending after reconnects.
 
         A big bundle goes over the bulk channel when the pod has one: the
         header asks for it, the pod answers with a one-time ticket, and the
-        bytes flow over plain TCP from their own memory.
+        bytes flow over plain TCP from their own memory. ``sent_on``: the
+        connection the request was written on already (by the caller's thread):
+        it is sent again only on a later one.
         """
         while True:
             conn = await self._ensure_conn()
             address = self._bulk_address() if bundle is not None and bundle.nbytes >= BULK_MIN_BYTES else None
             try:
-                if bundle is not None and address is not None and bulk_ready is not None:
+                if conn is sent_on:
+                    pass
+                elif bundle is not None and address is not None and bulk_ready is not None:
                     # a spare ticket: the bytes go at once, else the pod answers the header with a ticket
                     spare = conn.spares.pop() if conn.spares else None
                     bulk_header = dict(header, bulk=True, serialization=bundle.serialization, sizes=bundle.sizes)
@@ -394,7 +415,8 @@ class Transport:
 
     def _fail_all(self, exc: KtError) -> None:
         self._dead = exc if isinstance(exc, KernelDiedError) else None
-        replies: list[asyncio.Future[Any]] = [ex.reply for ex in self._executions.values()]
+        # a copy: a caller's thread may register an execution meanwhile (_start_execute)
+        replies: list[asyncio.Future[Any]] = [ex.reply for ex in list(self._executions.values())]
         replies += [pending.reply for pending in self._pending.values()]
         for reply in replies:
             if not reply.done():
@@ -512,7 +534,7 @@ class Transport:
         log.warning("pod kernel %s: %s", self.name, header.get("text"))
         if self.on_notice is not None:
             self.on_notice(header)
-        for ex in self._executions.values():
+        for ex in list(self._executions.values()):  # a copy: see _fail_all
             if ex.on_output is not None:
                 ex.on_output(header)
 
