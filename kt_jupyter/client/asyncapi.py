@@ -132,6 +132,11 @@ class AsyncSession(Transport):
             reply, payload = await self._until_reply(options.header(req_id, code), ex.reply, sent_on=sent_on)
         finally:
             self._executions.pop(req_id, None)
+        return self._execute_result(reply, payload, options, ex, req_id, t0)
+
+    def _execute_result(self, reply: dict[str, Any], payload: bytes, options: ExecuteOptions, ex: _Execution,
+                        req_id: str, t0: float) -> ExecuteResult | BaseException:
+        """What an execute_reply says: the result, or the remote error to raise (see :meth:`_aexecute`)."""
         state = reply.get("state") if isinstance(reply.get("state"), dict) else None
         requires = list(options.requires)
         if reply.get("status") == "missing" and requires:

@@ -65,9 +65,11 @@ class Session(AsyncSession):
         done = object()
         req_id = self.new_id()
         loop = client_loop()
-        # written from this thread when it can be: a push it follows (``after``) goes first, through the loop
-        started = None if options.after else \
-            self._start_execute(loop, req_id, options.header(req_id, code), outputs.put, answers_input=True)
+        t0 = time.perf_counter()
+        # written from this thread when it can be (a push it follows, ``after``, goes first: through the loop),
+        # and its reply handed to this thread as it arrives, after the outputs before it
+        started = self._start_execute(loop, req_id, options.header(req_id, code), outputs.put, answers_input=True,
+                                      send=not options.after, on_reply=outputs.put)
         fut = asyncio.run_coroutine_threadsafe(
             self._aexecute(code, outputs.put, options, req_id=req_id, answers_input=True, started=started), loop)
         fut.add_done_callback(lambda _f: outputs.put(done))
@@ -91,10 +93,16 @@ class Session(AsyncSession):
             except KeyboardInterrupt:
                 self.interrupt(target=req_id)
                 continue
-            if item is done:
-                result = fut.result()
+            if isinstance(item, tuple):  # the reply (header, payload): finished here, not by the loop
+                header, payload = item
+                result = self._execute_result(header, payload, options, started[0], req_id, t0)
                 if isinstance(result, BaseException):
                     raise result  # raised here, in the caller's thread, never on the client loop
+                return result
+            if item is done:  # the execute failed (or was cancelled) before a reply came
+                result = fut.result()
+                if isinstance(result, BaseException):
+                    raise result
                 return result
             if item.get("type") == "input_request":
                 self._answer_input(req_id, item, on_input)

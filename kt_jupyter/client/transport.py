@@ -61,6 +61,9 @@ class _Execution:
     answers_input: bool = False
     data: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: called on the client loop with the reply as it arrives: a blocking caller finishes the execute in its own
+    #: thread (Session.execute), without waiting for the loop to finish it
+    on_reply: Callable[[tuple[dict[str, Any], bytes]], None] | None = None
 
 
 @dataclass
@@ -189,15 +192,18 @@ class Transport:
         return f"{self.session_id[:8]}-{next(self._ids)}"
 
     def _start_execute(self, loop: asyncio.AbstractEventLoop, req_id: str, header: dict[str, Any],
-                       on_output: OutputCallback | None, answers_input: bool) -> tuple[_Execution, _Conn | None]:
-        """From the caller's thread, before the client loop takes over: register the execution, and write
-        its request on the live connection at once when it can (see :meth:`DirectWrites.send_now`): the
-        loop's thread is not woken to send it. Returns the execution and the connection it went on (None:
+                       on_output: OutputCallback | None, answers_input: bool, *, send: bool = True,
+                       on_reply: Callable[[tuple[dict[str, Any], bytes]], None] | None = None,
+                       ) -> tuple[_Execution, _Conn | None]:
+        """From the caller's thread, before the client loop takes over: register the execution, and (when
+        ``send``) write its request on the live connection at once if it can (see :meth:`DirectWrites.send_now`):
+        the loop's thread is not woken to send it. Returns the execution and the connection it went on (None:
         the loop sends it)."""
-        ex = _Execution(on_output, loop.create_future(), answers_input=answers_input and on_output is not None)
+        ex = _Execution(on_output, loop.create_future(), answers_input=answers_input and on_output is not None,
+                        on_reply=on_reply)
         self._executions[req_id] = ex  # first: its reply may come before the loop runs anything of ours
         conn = self._conn
-        if conn is None or conn.closed.done():
+        if not send or conn is None or conn.closed.done():
             return ex, None
         try:
             frame = P.encode_frame(header)
@@ -482,7 +488,10 @@ class Transport:
     def _on_execute_reply(self, header: dict[str, Any], payload: memoryview) -> None:
         ex = self._executions.get(header.get("id", ""))
         if ex is not None and not ex.reply.done():
-            ex.reply.set_result((header, bytes(payload)))
+            reply = (header, bytes(payload))
+            ex.reply.set_result(reply)
+            if ex.on_reply is not None:
+                ex.on_reply(reply)
         elif ex is None and self.on_unsolicited is not None:
             self.on_unsolicited(header)
 
