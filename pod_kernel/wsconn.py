@@ -17,11 +17,17 @@ import os
 import threading
 from typing import Any
 
+from websockets.asyncio.connection import Connection
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Side, State
 
 #: Frames up to this size may be written from another thread; bigger ones go through the loop.
 DIRECT_MAX_BYTES = 16 << 10
+
+#: Whether this websockets routes every write of its asyncio connections through ``send_data`` (so from 13.0 to
+#: at least 17): only then can the loop's writes be made to wait for a direct one. Otherwise nothing is written
+#: directly.
+SUPPORTED = callable(getattr(Connection, "send_data", None))
 
 
 class DirectWrites:
@@ -62,12 +68,13 @@ class DirectWrites:
         to share). A frame the loop made and has not written yet may follow
         this one: frames of different requests have no order between them.
         """
-        if len(message) > DIRECT_MAX_BYTES:
+        if len(message) > DIRECT_MAX_BYTES or not SUPPORTED:
             return False
         loop, transport, protocol = self.loop, self.transport, self.protocol  # type: ignore[attr-defined]
         with self._write_lock:
-            if (self._direct_rest or protocol.state is not State.OPEN or protocol.expect_continuation_frame
-                    or protocol.extensions or transport.is_closing() or transport.get_write_buffer_size()
+            if (self._direct_rest or protocol.state is not State.OPEN
+                    or getattr(protocol, "expect_continuation_frame", True) or protocol.extensions
+                    or transport.is_closing() or transport.get_write_buffer_size()
                     or transport.get_extra_info("sslcontext") is not None):
                 return False
             sock = transport.get_extra_info("socket")

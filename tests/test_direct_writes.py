@@ -21,6 +21,7 @@ from websockets.server import ServerProtocol
 
 from kt_jupyter.client.handshake import KtClientConnection
 from kt_jupyter.client.loop import client_loop
+from pod_kernel import wsconn
 from pod_kernel.wsconn import DIRECT_MAX_BYTES
 
 
@@ -149,7 +150,13 @@ def test_a_frame_the_socket_takes_in_part_is_finished_before_anything_else():
     assert out[len(sent)] == b"through the loop"
 
 
-def test_no_direct_write_when_it_cannot_go_at_once():
+def test_this_websockets_lets_the_loops_writes_wait_for_a_direct_one():
+    """Every write of websockets' asyncio connection goes through send_data, which DirectWrites wraps; a
+    websockets that changed that would write nothing directly (SUPPORTED false) and fail here, not corrupt frames."""
+    assert wsconn.SUPPORTED
+
+
+def test_no_direct_write_when_it_cannot_go_at_once(monkeypatch):
     async def handler(ws):
         async for _ in ws:
             pass
@@ -163,6 +170,8 @@ def test_no_direct_write_when_it_cannot_go_at_once():
     try:
         assert not ws.send_now(bytes(DIRECT_MAX_BYTES + 1))  # too big: the loop sends it, with flow control
         assert ws.send_now(b"small")
+        monkeypatch.setattr(wsconn, "SUPPORTED", False)
+        assert not ws.send_now(b"small")
     finally:
         _on_loop(ws.close())
         server.close()
