@@ -28,7 +28,7 @@ from typing import Any
 from pod_kernel import coherence
 from pod_kernel import protocol as P
 
-from .backends import KernelHandle, get_backend, kt_home
+from .backends import Backend, KernelHandle, get_backend, kt_home
 from .cells import analyze_cell, filter_pushable
 from .client import (
     ExecuteOptions,
@@ -347,16 +347,38 @@ def connect(compute: Compute | None = None, *, keep: bool = False,
                     say(f"compute {compute.name!r} is already running with {diff}; "
                         f"`%kt restart {compute.name}` applies the new settings")
                 return conn
-            say(f"{why.splitlines()[0]}\nStarting a new pod kernel: the previous one's variables are lost.")
             conn.session.close_quietly()
             conn.code.close()
-            # the spec it was launched with (memory, TTL, ...), with what this cell asked for explicitly
-            compute = conn.compute.with_overrides(**{k: v for k, v in compute.to_dict().items() if k in strict})
-            backend.delete(compute.name)  # its default grace: the container stops and frees its GPU first
+            if _replaced_elsewhere(backend, conn.handle):
+                # another notebook restarted it (`%kt restart`), or the cluster replaced its pod: this one uses
+                # that kernel; stopping it to start yet another would stop that notebook's kernel, and its next
+                # cell this one's, cell after cell
+                say(f"{why.splitlines()[0]}\nA new pod kernel {compute.name!r} runs already (another notebook "
+                    "restarted it, or the cluster replaced its pod); this notebook uses it: the previous one's "
+                    "variables are lost.")
+            else:
+                say(f"{why.splitlines()[0]}\nStarting a new pod kernel: the previous one's variables are lost.")
+                # the spec it was launched with (memory, TTL, ...), with what this cell asked for explicitly
+                compute = conn.compute.with_overrides(**{k: v for k, v in compute.to_dict().items() if k in strict})
+                backend.delete(compute.name)  # its default grace: the container stops and frees its GPU first
         handle = backend.launch(compute, keep=keep, on_event=say)
         conn = ComputeConnection(compute, handle)
         _connections[key] = conn
         return conn
+
+
+def _replaced_elsewhere(backend: Backend, dead: KernelHandle) -> bool:
+    """Whether a live kernel other than ``dead`` now runs under its name (another process started it)."""
+    try:
+        found = backend.find(dead.name)
+    except KtError:  # cannot tell (the cluster does not answer): as before, this notebook starts its own
+        return False
+    if found is None:
+        return False
+    if found.close_hook is not None:  # launch() finds it again; this look leaves no port-forward behind
+        found.close_hook()
+    # a process and when it started (a pod: when it started; the same pod with a restarted container is the dead one)
+    return (found.pid, found.started) != (dead.pid, dead.started)
 
 
 def _resource_diff(wanted: Compute, running: Compute, only: Iterable[str] | None = None) -> str:

@@ -755,6 +755,13 @@ NOTEBOOK = textwrap.dedent("""
             if cmd.get("local"):  # a local cell: what the notebook itself holds
                 print(json.dumps({"ok": True, "result": repr(eval(cmd["code"], ns))}), flush=True)
                 continue
+            if cmd.get("restart"):  # what `%kt restart NAME` does
+                from kt_jupyter.backends import get_backend
+                C.disconnect(cmd["restart"], "local")
+                get_backend("local").delete(cmd["restart"])
+                C.connect(Compute(name=cmd["restart"]), keep=True)
+                print(json.dumps({"ok": True}), flush=True)
+                continue
             conn = C.connect(Compute(name=cmd["compute"]), keep=True)
             outcome = conn.run_cell(cmd["code"], ns)
             data = outcome.result.data if outcome.result else None
@@ -825,6 +832,27 @@ def test_two_notebooks_share_one_compute_by_name(kt_home, local_backend):
         started.close()
         gate.close()
     record("load", "notebooks_sharing_one_compute", 2)
+
+
+def test_a_compute_another_notebook_restarted_is_used_not_replaced(kt_home, local_backend):
+    """Notebook b restarts the compute both use (`%kt restart`: delete, launch). Notebook a's next cell finds its
+    kernel gone and a new one under the name: it uses that one. It used to stop it and start its own, whose
+    death b's next cell then answered the same way: every cell of either notebook lost all state."""
+    a, b = NotebookProcess(kt_home), NotebookProcess(kt_home)
+    try:
+        first = a.run("import os\nos.getpid()")["result"]
+        assert b.run("import os\nos.getpid()")["result"] == first
+        b.proc.stdin.write(json.dumps({"restart": "shared"}) + "\n")
+        b.proc.stdin.flush()
+        b.reply()
+        new = b.run("import os\nkept_by_b = 1\nos.getpid()")["result"]
+        assert new != first
+        for _ in range(2):  # alternating, as two notebooks in use do
+            assert a.run("import os\nos.getpid()")["result"] == new
+            assert b.run("import os\nkept_by_b\nos.getpid()")["result"] == new  # b's variable survived a's cells
+    finally:
+        a.close()
+        b.close()
 
 
 def test_shared_compute_newest_value_wins_and_comes_back(kt_home, local_backend):
