@@ -189,13 +189,32 @@ def connect_group(compute: Compute, *, keep: bool = False,
             why = group.liveness()
             if why is None:
                 return group.in_use()
-            say(f"{why.splitlines()[0]}\nStarting all {group.config.workers} workers again: a distributed "
-                "world cannot go on without a rank, so every worker's variables are lost.")
             _groups.pop(key)
-            delete_group(compute.backend, compute.name, group)
+            if _restarted_elsewhere(group):  # stopping them to start others would stop that notebook's in turn
+                say(f"{why.splitlines()[0]}\nAll {group.config.workers} workers of {compute.name!r} run again "
+                    "already (another notebook restarted them); this notebook uses them: every worker's variables "
+                    "are lost.")
+                group.close()
+            else:
+                say(f"{why.splitlines()[0]}\nStarting all {group.config.workers} workers again: a distributed "
+                    "world cannot go on without a rank, so every worker's variables are lost.")
+                delete_group(compute.backend, compute.name, group)
         group = _attach_or_launch(compute, keep, say)
         _groups[key] = group
         return group.in_use()
+
+
+def _restarted_elsewhere(group: WorkerGroup) -> bool:
+    """Whether every rank of ``group`` now runs as another live kernel (local: another process restarted the
+    group). A Kubernetes group is not told apart (its ranks' handles carry no start time): it is started again."""
+    if group.compute.backend != "local":
+        return False
+    backend = get_backend("local")
+    for rank, conn in enumerate(group.ranks):
+        found = backend.find(rank_name(group.name, rank))
+        if found is None or (found.pid, found.started) == (conn.handle.pid, conn.handle.started):
+            return False
+    return True
 
 
 def _check_same(compute: Compute, workers: int, framework: str) -> None:

@@ -112,3 +112,37 @@ def test_interrupt_during_a_collective_reaches_every_rank_and_the_world_forms_ag
         print(f"interrupt during all_reduce: cell ended in {elapsed_s:.2f} s")
     finally:
         ip.run_line_magic("kt", f"down {NAME}")
+
+
+def test_workers_another_notebook_restarted_are_used_not_replaced(kt_home):
+    """Another notebook restarts a distributed compute this one uses (its `%kt restart`: stop every worker, start
+    them again). This notebook's next use finds its workers gone and new ones under the names: it uses those. It used
+    to stop them and start its own, whose loss the other notebook's next cell answered the same way."""
+    import os
+    import subprocess
+    import sys
+
+    import kt_jupyter as kt
+    from kt_jupyter.backends import get_backend
+
+    compute = kt.Compute(name="ddps").distribute("pytorch", workers=2)
+    group = dg.connect_group(compute)
+    try:
+        old = [conn.handle.pid for conn in group.ranks]
+        other = ("import kt_jupyter as kt\nfrom kt_jupyter import distributed_group as dg\n"
+                 "dg.delete_group('local', 'ddps', grace_period_s=1)\n"
+                 "g = dg.connect_group(kt.Compute(name='ddps').distribute('pytorch', workers=2), keep=True)\n"
+                 "print(' '.join(str(c.handle.pid) for c in g.ranks))\n")
+        done = subprocess.run([sys.executable, "-c", other], check=False, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ))
+        assert done.returncode == 0, done.stderr
+        new = [int(p) for p in done.stdout.split()]
+        assert len(new) == 2 and not set(new) & set(old)
+        events: list[str] = []
+        again = dg.connect_group(compute, on_event=events.append)
+        assert [conn.handle.pid for conn in again.ranks] == new  # used, not replaced
+        assert any("another notebook restarted them" in e for e in events), events
+        backend = get_backend("local")
+        assert [backend.find(dg.rank_name("ddps", r)).pid for r in range(2)] == new
+    finally:
+        dg.delete_group("local", "ddps", dg.forget("local", "ddps"), grace_period_s=1)
