@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from barriers import wait_until
 from figures import bump, record
 from ipshell import run
 from kernels import notebook_kernel_process
@@ -832,6 +833,36 @@ def test_two_notebooks_share_one_compute_by_name(kt_home, local_backend):
         started.close()
         gate.close()
     record("load", "notebooks_sharing_one_compute", 2)
+
+
+def test_a_cell_waiting_for_another_notebooks_cell_says_so(kernel, kt_home):
+    """Two notebooks on one compute: while one's cell runs, the other's cell says why it waits (it used to hang
+    without a word); a notebook's own cells in a row say nothing."""
+    handle, a = kernel
+    b = handle.session()
+    started, gate = Signal(kt_home / "started"), Fifo(kt_home / "gate")
+    try:
+        b.connect()
+        running = threading.Thread(target=a.execute, args=(
+            f"open({str(started.path)!r}, 'w').write('started\\n')\nopen({str(gate.path)!r}).readline()",))
+        running.start()
+        assert started.wait_line(30) == "started"
+        seen: list[dict] = []
+        waiting = threading.Thread(target=b.execute, args=("x = 1",), kwargs={"on_output": seen.append})
+        waiting.start()
+        wait_until(lambda: seen, 30, "a notice")
+        assert seen[0]["type"] == "notice" and seen[0]["level"] == "info"
+        assert seen[0]["text"] == "[kt] a cell of another notebook runs on this pod kernel: this cell runs when it ends"
+        gate.release()
+        running.join(30)
+        waiting.join(30)
+        quiet: list[dict] = []
+        b.execute("y = 2", on_output=quiet.append)
+        assert quiet == []
+    finally:
+        b.close_quietly()
+        started.close()
+        gate.close()
 
 
 def test_a_compute_another_notebook_restarted_is_used_not_replaced(kt_home, local_backend):

@@ -540,7 +540,8 @@ class Transport:
             self._bundle_progress(pending)
 
     def _on_notice(self, header: dict[str, Any], payload: memoryview) -> None:
-        log.warning("pod kernel %s: %s", self.name, header.get("text"))
+        log.log(logging.INFO if header.get("level") == "info" else logging.WARNING, "pod kernel %s: %s", self.name,
+                header.get("text"))
         if self.on_notice is not None:
             self.on_notice(header)
         for ex in list(self._executions.values()):  # a copy: see _fail_all
