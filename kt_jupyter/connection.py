@@ -377,8 +377,9 @@ def _replaced_elsewhere(backend: Backend, dead: KernelHandle) -> bool:
         return False
     if found.close_hook is not None:  # launch() finds it again; this look leaves no port-forward behind
         found.close_hook()
-    # a process and when it started (a pod: when it started; the same pod with a restarted container is the dead one)
-    return (found.pid, found.started) != (dead.pid, dead.started)
+    # a process and when it started; a pod by its name and start time (whole seconds): the same pod with a
+    # restarted container is the dead one
+    return (found.pid, found.started, found.where) != (dead.pid, dead.started, dead.where)
 
 
 def _resource_diff(wanted: Compute, running: Compute, only: Iterable[str] | None = None) -> str:

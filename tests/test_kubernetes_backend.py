@@ -22,22 +22,30 @@ from pathlib import Path
 
 import pytest
 import yaml
+from barriers import wait_until
+from ipshell import run
 from IPython.core.error import UsageError
+from k8s_fake import FakeKubeApiServer, FakePortForwardConnector
+from k8s_fake.cluster import MISSING_IMAGE, NS, SLOW_IMAGE, fake_cluster
 
 from kt_jupyter import connection as conn_mod
 from kt_jupyter.backends import kubernetes_events as ev
 from kt_jupyter.backends.kubernetes import KubernetesBackend
 from kt_jupyter.backends.kubernetes_objects import TEMPLATE_HASH_ANNOTATION
-from kt_jupyter.backends.portforward import (PodTarget, PortForwardConnector, ServiceDNSConnector,
-                                             default_connector)
+from kt_jupyter.backends.portforward import PodTarget, PortForwardConnector, ServiceDNSConnector, default_connector
 from kt_jupyter.compute import POD_KERNEL_PORT, Compute, Image, Volume
-from kt_jupyter.errors import (BackendUnavailable, CrashLoopError, ImagePullError, KernelDiedError,
-                               KubernetesAPIError, LaunchTimeoutError, NotFoundError, OOMKilledError,
-                               UnschedulableError)
+from kt_jupyter.errors import (
+    BackendUnavailable,
+    CrashLoopError,
+    ImagePullError,
+    KernelDiedError,
+    KubernetesAPIError,
+    LaunchTimeoutError,
+    NotFoundError,
+    OOMKilledError,
+    UnschedulableError,
+)
 from kt_jupyter.manifests import label_selector
-from ipshell import run
-from k8s_fake import FakeKubeApiServer, FakePortForwardConnector
-from k8s_fake.cluster import MISSING_IMAGE, NS, SLOW_IMAGE, fake_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,6 +132,28 @@ def test_launch_again_reuses_the_running_kernel_and_another_process_finds_it(clu
     session.close()
     assert other.find("nothing-here") is None
     assert other.get_if_exists(k8s("shared")).url == found.url
+
+
+def test_a_kernel_another_notebook_restarted_is_used_not_replaced(cluster):
+    """Another notebook restarts the compute (`%kt restart`: delete, launch; here a backend object of its own on the
+    same fake cluster). This process's next cell finds its pod gone and a new one under the name: it uses that pod,
+    rather than deleting it and launching yet another (which the other notebook's next cell would answer in turn)."""
+    compute = k8s("restarted")
+    conn = conn_mod.connect(compute)
+    conn.run_cell("x = 1", {})
+    old_pod = cluster.pods(compute)[0]["metadata"]["name"]
+    other = KubernetesBackend(connector=FakePortForwardConnector(cluster.kubelet))
+    assert other.delete("restarted")
+    other.launch(compute)
+    [new_pod] = [p["metadata"]["name"] for p in cluster.pods(compute)]
+    assert new_pod != old_pod
+    wait_until(lambda: conn.handle.liveness() is not None, 30, "the old kernel seen gone")
+    messages: list[str] = []
+    again = conn_mod.connect(compute, on_event=events_of(messages))
+    assert again is not conn and new_pod in again.handle.where
+    assert any("runs already (another notebook restarted it" in m for m in messages), messages
+    assert [p["metadata"]["name"] for p in cluster.pods(compute)] == [new_pod]  # not replaced
+    assert again.run_cell("1 + 1", {}).result.data == {"text/plain": "2"}
 
 
 def test_reapplying_the_same_objects_changes_nothing(cluster):
@@ -554,7 +584,7 @@ def test_debug_wait_cell_attaches_an_ide_through_the_forwarded_port(cluster, ip,
     def run_cell() -> None:
         try:
             run(ip, cell)
-        except BaseException as exc:  # noqa: BLE001 - the test thread reports it
+        except BaseException as exc:
             outcome["error"] = exc
         outcome["done"] = True
 
