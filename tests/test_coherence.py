@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from barriers import wait_until
 from ipshell import run
 
 from kt_jupyter import connection as conn_mod
@@ -154,12 +155,15 @@ def test_one_round_trip_per_cell(ip, monkeypatch):
                            ("v.append(3)", ["execute", "pull"])):
         sent.clear()
         run(ip, "%%kt\n" + cell)
+        # the cell returns once its reply is in, maybe before the client loop ran its execute's coroutine
+        wait_until(lambda: len(sent) >= len(requests), 10, "the cell's requests")  # noqa: B023
         assert sent == requests, cell
         assert outcome(ip).result.state is not None and outcome(ip).skipped_unchanged == ["v"]
     assert ip.user_ns["v"] == [1, 2, 3]
     sent.clear()
     with pytest.raises(ZeroDivisionError):
         run(ip, "%%kt\nw = len(v)\n1/0")
+    wait_until(lambda: len(sent) >= 2, 10, "the cell's requests")
     assert sent == ["execute", "pull"] and ip.user_ns["w"] == 3  # the error's reply answered the check too
     # another notebook on the same compute deletes v: the pod says so instead of running the cell
     other = conn_mod.connections()[0].handle.session()
@@ -169,6 +173,7 @@ def test_one_round_trip_per_cell(ip, monkeypatch):
         other.close()
     sent.clear()
     run(ip, "%%kt\nw = len(v) * 10")
+    wait_until(lambda: len(sent) >= 4, 10, "the cell's requests")
     assert sent == ["execute", "push", "execute", "pull"] and ip.user_ns["w"] == 30
     assert outcome(ip).pushed == ["v"] and outcome(ip).skipped_unchanged == []
 

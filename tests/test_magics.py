@@ -280,7 +280,16 @@ def _kt_callbacks(ip) -> list:
 
 
 def _spares() -> list:
-    return [p for p in psutil.Process().children() if "pod_kernel.spare" in " ".join(p.cmdline())]
+    """This process's live spare pod kernels (an exited child not reaped yet, e.g. an earlier test's kernel, is
+    none: its command line cannot be read)."""
+    spares = []
+    for p in psutil.Process().children():
+        try:
+            if "pod_kernel.spare" in " ".join(p.cmdline()):
+                spares.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return spares
 
 
 def test_reload_registers_once_and_unload_removes_what_load_added(ip):

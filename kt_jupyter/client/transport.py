@@ -271,6 +271,8 @@ class Transport:
         it is sent again only on a later one.
         """
         while True:
+            if reply.done():  # answered already (an execute the caller's thread wrote): nothing to send again
+                return reply.result()
             conn = await self._ensure_conn()
             address = self._bulk_address() if bundle is not None and bundle.nbytes >= BULK_MIN_BYTES else None
             try:
