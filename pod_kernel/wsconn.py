@@ -24,9 +24,9 @@ from websockets.protocol import Side, State
 #: Frames up to this size may be written from another thread; bigger ones go through the loop.
 DIRECT_MAX_BYTES = 16 << 10
 
-#: Whether this websockets routes every write of its asyncio connections through ``send_data`` (so from 13.0 to
-#: at least 17): only then can the loop's writes be made to wait for a direct one. Otherwise nothing is written
-#: directly.
+#: Whether this websockets routes every write of its asyncio connections through ``send_data`` (14.0 and 17.4
+#: were read to check it): only then can the loop's writes be made to wait for a direct one. Otherwise nothing is
+#: written directly.
 SUPPORTED = callable(getattr(Connection, "send_data", None))
 
 
