@@ -205,8 +205,20 @@ def connect_group(compute: Compute, *, keep: bool = False,
 
 
 def _restarted_elsewhere(group: WorkerGroup) -> bool:
-    """Whether every rank of ``group`` now runs as another live kernel (local: another process restarted the
-    group). A Kubernetes group is not told apart (its ranks' handles carry no start time): it is started again."""
+    """Whether every rank of ``group`` now runs as another live kernel: another process restarted the group (or,
+    on Kubernetes, every pod was replaced). Ranks of which some still are the dead group's are started again."""
+    if group.compute.backend == "kubernetes":
+        from .backends import kubernetes_distributed as kd
+
+        try:
+            running = kd.find_group(group.compute)
+        except KtError:  # cannot tell: as before, this notebook starts them again
+            return False
+        if running is None or len(running.pods) != len(group.ranks):
+            return False
+        # a StatefulSet's pods keep their names: a pod is told by when it started (whole seconds)
+        return all(kd.pod_started(pod) not in (0.0, conn.handle.started)
+                   for pod, conn in zip(running.pods, group.ranks))
     if group.compute.backend != "local":
         return False
     backend = get_backend("local")

@@ -265,6 +265,33 @@ def test_two_ranks_on_the_fake_cluster_run_a_gloo_all_reduce(cluster, ip, capsys
         assert not cluster.objects(plural, label_selector(compute)), plural
 
 
+def test_workers_another_notebook_restarted_are_used_not_replaced(cluster):
+    """Another notebook restarts the group (`%kt restart`: delete it, apply it again). This process's next use finds
+    its ranks gone and new pods, all started since: it uses them rather than deleting the group and applying it
+    once more (which the other notebook's next cell would answer in turn)."""
+    import time
+
+    from barriers import wait_until
+
+    compute = kt.Compute(name="ddpr", backend="kubernetes").distribute("pytorch", workers=2)
+    group = connect_group(compute)
+    try:
+        time.sleep(1.1)  # a pod's start time has whole seconds; a person restarts it later than that
+        assert kd.delete_group("ddpr", NS, grace_period_s=1)  # the other notebook's restart, in its own words
+        kd.launch_group(compute)
+        uid = cluster.store.get("statefulsets", NS, "tester-ddpr")["metadata"]["uid"]
+        wait_until(lambda: group.liveness() is not None, 30, "the old ranks seen gone")
+        events: list[str] = []
+        again = connect_group(compute, on_event=events.append)
+        assert any("another notebook restarted them" in e for e in events), events
+        assert cluster.store.get("statefulsets", NS, "tester-ddpr")["metadata"]["uid"] == uid  # not applied again
+        assert [c.handle.where.split()[1] for c in again.ranks] == ["tester-ddpr-0", "tester-ddpr-1"]
+        assert again.liveness() is None
+    finally:
+        forget("kubernetes", "ddpr")
+        kd.delete_group("ddpr", NS, grace_period_s=1)
+
+
 def test_a_rank_that_cannot_start_is_named_and_its_statefulset_deleted(cluster):
     compute = Compute(name="bad", backend="kubernetes", image=MISSING_IMAGE).distribute("pytorch", workers=2)
     with pytest.raises(ImagePullError, match=r"worker rank \d \(bad-r\d\) did not start, so none of the 2 workers"):

@@ -287,6 +287,13 @@ def _stop_workload(kube: KubeApi, compute: Compute, kind: str) -> None:
         pass  # the launch error is what matters
 
 
+def pod_started(pod: dict[str, Any]) -> float:
+    """When ``pod`` started (whole seconds, as the API says it), 0.0 if it has not."""
+    from .kubernetes import _epoch
+
+    return _epoch((pod.get("status") or {}).get("startTime"))
+
+
 def _handle(kube: KubeApi, compute: Compute, rank: int, pod: dict[str, Any], token: str, kind: str) -> KernelHandle:
     backend = _backend()
     name = rank_name(compute.name, rank)
@@ -296,7 +303,7 @@ def _handle(kube: KubeApi, compute: Compute, rank: int, pod: dict[str, Any], tok
                       compute.service_name)
     spec = dict(compute.to_dict(), name=name)  # keeps the group's settings: that is how a rank is known as one
     return KernelHandle(
-        name=name, backend="kubernetes", url=live.forward.url, token=token, pid=None,
+        name=name, backend="kubernetes", url=live.forward.url, token=token, pid=None, started=pod_started(pod),
         where=f"pod {live.pod} on node {ev.node_of(pod)} (namespace {compute.namespace})",
         spec=spec, liveness=live.liveness, close_hook=live.close,
         bulk_resolver=lambda port: backend._bulk_address(rank_compute, live, port))
