@@ -865,6 +865,28 @@ def test_a_cell_waiting_for_another_notebooks_cell_says_so(kernel, kt_home):
         gate.close()
 
 
+def test_a_cell_whose_compute_another_process_deleted_says_so(kt_home, local_backend):
+    """`%kt down` from another notebook while this one's cell runs: the cell's error says the compute was deleted
+    or restarted (it said "exited with code 1", or "status unknown", and showed a log that was not its own)."""
+    a = NotebookProcess(kt_home)
+    started = Signal(kt_home / "started")
+    try:
+        a.run("x = 1")
+        a.send(f"open({str(started.path)!r}, 'w').write('started\\n')\nimport time\ntime.sleep(60)")
+        assert started.wait_line(30) == "started"
+        assert local_backend.delete("shared", grace_period_s=1)  # what the other notebook's `%kt down` does
+        readable, _, _ = select.select([a.proc.stdout], [], [], 60)
+        assert readable, "the cell did not end"
+        reply = json.loads(a.proc.stdout.readline())
+        assert not reply["ok"] and reply["error"].startswith("KernelDiedError: pod kernel 'shared' (pid "), reply
+        assert "and its compute was deleted or restarted (`%kt down`, `%kt restart`" in reply["error"], reply
+        assert "Last log lines" not in reply["error"]
+        assert a.run("import os\nos.getpid()")["result"]  # the next cell runs, on a new kernel
+    finally:
+        a.close()
+        started.close()
+
+
 def test_a_compute_another_notebook_restarted_is_used_not_replaced(kt_home, local_backend):
     """Notebook b restarts the compute both use (`%kt restart`: delete, launch). Notebook a's next cell finds its
     kernel gone and a new one under the name: it uses that one. It used to stop it and start its own, whose

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import psutil
 
 from ..distributed import fold_workers
-from ..errors import ComputeSpecError, LaunchError, NotFoundError
+from ..errors import ComputeSpecError, KtError, LaunchError, NotFoundError
 from . import KernelHandle, KernelInfo, kt_home, spec_mismatch, spec_mismatch_error
 from . import local_registry as registry
 from .local_spare import SparePool
@@ -401,6 +401,14 @@ class LocalBackend:
             return None
         return self._handle(info, raw.decode(errors="replace").strip())
 
+    def _not_registered(self, info: dict[str, Any]) -> bool:
+        """Whether the registry no longer holds the kernel ``info`` describes (deleted, or another one now)."""
+        try:
+            now = self._read_info(info["name"])
+        except KtError:
+            return False
+        return now is None or (now.get("pid"), now.get("started")) != (info["pid"], info["started"])
+
     def _handle(self, info: dict[str, Any], token: str) -> KernelHandle:
         name = info["name"]
 
@@ -409,6 +417,11 @@ class LocalBackend:
                 return None
             proc = self._children.get(info["pid"])
             code = proc.poll() if proc is not None else None
+            if self._not_registered(info):  # its log went with it, or is the next kernel's
+                how = "was stopped" if code is None else describe_exit(code)
+                return (f"pod kernel {name!r} (pid {info['pid']}) {how}, and its compute was deleted or restarted "
+                        "(`%kt down`, `%kt restart`, from this or another notebook or terminal); its variables are "
+                        "lost. The next %%kt cell runs on a new one.")
             return (
                 f"pod kernel {name!r} (pid {info['pid']}) {describe_exit(code)}; its variables are lost. "
                 f"The next %%kt cell starts a new one. Last log lines:\n"
@@ -506,9 +519,11 @@ class LocalBackend:
                 info = self._read_info(name)
             except NotFoundError:  # our entry, files we do not trust: remove it, stop nothing they name
                 info = None
+            # the entry goes first: a notebook whose cell the stop ends then reads that its compute was deleted
+            removed = registry.remove_entry(self.root, name) is not None
             if info is not None and self._alive(info):
                 self._stop(info["pid"], grace_period_s)
-            return registry.remove_entry(self.root, name) is not None
+            return removed
 
     def _stop(self, pid: int, grace_period_s: float) -> None:
         proc = self._children.get(pid)
