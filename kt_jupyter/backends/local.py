@@ -390,7 +390,8 @@ class LocalBackend:
             return False
 
     def find(self, name: str) -> KernelHandle | None:
-        """The live kernel registered under ``name``, or None (stale entries are removed)."""
+        """The live kernel registered under ``name``, or None (a dead one's entry stays until a launch replaces it or
+        ``delete`` removes it)."""
         info = self._read_info(name)
         if info is None:
             return None
