@@ -349,7 +349,7 @@ def connect(compute: Compute | None = None, *, keep: bool = False,
                 return conn
             conn.session.close_quietly()
             conn.code.close()
-            if _replaced_elsewhere(backend, conn.handle):
+            if replaced_elsewhere(backend, conn.handle):
                 # another notebook restarted it (`%kt restart`), or the cluster replaced its pod: this one uses
                 # that kernel; stopping it to start yet another would stop that notebook's kernel, and its next
                 # cell this one's, cell after cell
@@ -367,7 +367,7 @@ def connect(compute: Compute | None = None, *, keep: bool = False,
         return conn
 
 
-def _replaced_elsewhere(backend: Backend, dead: KernelHandle) -> bool:
+def replaced_elsewhere(backend: Backend, dead: KernelHandle) -> bool:
     """Whether a live kernel other than ``dead`` now runs under its name (another process started it)."""
     try:
         found = backend.find(dead.name)

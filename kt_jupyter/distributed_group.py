@@ -29,7 +29,7 @@ from collections.abc import Callable
 from .backends import KernelHandle, get_backend, spec_mismatch, spec_mismatch_error
 from .client import client_loop
 from .compute import Compute
-from .connection import ComputeConnection
+from .connection import ComputeConnection, replaced_elsewhere
 from .distributed import DistributedConfig, rank_name, split_gpus, torch_env
 from .errors import ComputeSpecError, KtError, LaunchError
 
@@ -222,11 +222,7 @@ def _restarted_elsewhere(group: WorkerGroup) -> bool:
     if group.compute.backend != "local":
         return False
     backend = get_backend("local")
-    for rank, conn in enumerate(group.ranks):
-        found = backend.find(rank_name(group.name, rank))
-        if found is None or (found.pid, found.started) == (conn.handle.pid, conn.handle.started):
-            return False
-    return True
+    return all(replaced_elsewhere(backend, conn.handle) for conn in group.ranks)
 
 
 def _check_same(compute: Compute, workers: int, framework: str) -> None:

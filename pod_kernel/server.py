@@ -740,26 +740,25 @@ class PodKernelServer:
                       check=coherence.parse_check(header.get("check")),
                       post_mortem=post_mortem if isinstance(post_mortem, str) else None,
                       requires=[n for n in requires if isinstance(n, str)] if isinstance(requires, list) else [])
-        waits_for = self._others_cells(session)
-        if waits_for:  # a notebook sharing the compute would otherwise see its cell hang, and not know why
-            session.outbox.append({"type": "notice", "id": req_id, "level": "info",
-                                   "text": f"[kt] {waits_for} on this pod kernel: this cell runs when "
-                                           f"{'it ends' if waits_for.startswith('a cell') else 'they end'}"})
+        others = self._others_cells(session)
+        if others:  # a notebook sharing the compute would otherwise see its cell hang, and not know why
+            waits_for = ("a cell of another notebook runs on this pod kernel: this cell runs when it ends"
+                         if others == 1 else
+                         f"{others} cells of other notebooks run or wait on this pod kernel: this cell runs when "
+                         "they end")
+            session.outbox.append({"type": "notice", "id": req_id, "level": "info", "text": f"[kt] {waits_for}"})
         if isinstance(after, str) and after:  # sent right behind a push, before its reply: runs once it is in
             self._in_background(self.pushes.execute_after(after, job))
             return
         self.executor.submit(job)
 
-    def _others_cells(self, session: Session) -> str:
-        """'' when no cell of another session runs or waits; else which do (another notebook's, a terminal's)."""
+    def _others_cells(self, session: Session) -> int:
+        """How many cells of other sessions (another notebook's, a terminal's) run or wait."""
         running = self.executor.current
         jobs = [job for job in list(self.executor.jobs.queue) if isinstance(job, CellJob)]
         if running is not None:
             jobs.insert(0, running)
-        others = sum(1 for job in jobs if job.outbox is not session.outbox)
-        if not others:
-            return ""
-        return "a cell of another notebook runs" if others == 1 else f"{others} cells of other notebooks run or wait"
+        return sum(1 for job in jobs if job.outbox is not session.outbox)
 
     async def on_input_reply(self, session: Session, ws: ServerConnection, header: dict,
                              payload: memoryview) -> None:

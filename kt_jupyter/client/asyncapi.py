@@ -122,14 +122,11 @@ class AsyncSession(Transport):
         preceding = self._preceding.get(options.after) if options.after else None
         if preceding is not None:  # the push it follows goes first on the wire (its header, for a bulk push)
             await preceding
-        if started is None:
-            ex, sent_on = _Execution(on_output, asyncio.get_running_loop().create_future(),
-                                     answers_input=answers_input and on_output is not None), None
-            self._executions[req_id] = ex
-        else:
-            ex, sent_on = started
+        header = options.header(req_id, code)
+        ex, sent_on = started or self._start_execute(asyncio.get_running_loop(), req_id, header, on_output,
+                                                     answers_input, send=False)
         try:
-            reply, payload = await self._until_reply(options.header(req_id, code), ex.reply, sent_on=sent_on)
+            reply, payload = await self._until_reply(header, ex.reply, sent_on=sent_on)
         finally:
             self._executions.pop(req_id, None)
         return self._execute_result(reply, payload, options, ex, req_id, t0)
