@@ -41,7 +41,7 @@ from .metrics import MetricsSampler
 from .outbox import Outbox
 from .pushes import Pushes
 from .rejections import RejectionLog
-from .wsconn import DirectWrites
+from .wsconn import DirectReads, DirectWrites
 
 log = logging.getLogger("pod_kernel.server")
 
@@ -73,8 +73,9 @@ class RequestRefused(Exception):
         self.ename = ename
 
 
-class KtServerConnection(DirectWrites, ServerConnection):
-    """A server connection whose heartbeat pings never touch the user's ``random`` state (see
+class KtServerConnection(DirectReads, DirectWrites, ServerConnection):
+    """A server connection whose heartbeat pings never touch the user's ``random`` state, on which the main thread
+    writes a cell's reply itself, and whose requests a loop reads from an inbox of its own (see
     :mod:`pod_kernel.wsconn`)."""
 
 
@@ -368,7 +369,29 @@ class PodKernelServer:
             assert isinstance(ws, KtServerConnection)  # what serve's create_connection makes
             session.pump = Pump(ws, last_seq)
             pump = asyncio.create_task(self._pump(session, session.pump))
-            async for message in ws:
+
+            def execute_early(message: bytes | str) -> bool:
+                """An execute that comes while this loop waits for a message, and no bundle is coming in: its cell
+                is queued for the main thread as the frame is parsed, not on the loop's next turn."""
+                if inbound is not None or not isinstance(message, bytes):
+                    return False
+                try:
+                    header, _payload = P.decode_frame(message)
+                    if header["type"] != "execute":
+                        return False
+                    P.check_request(header)
+                except P.ProtocolError:
+                    return False  # the loop below closes the connection, as for any frame that breaks the protocol
+                self.last_activity = time.monotonic()
+                try:
+                    self._queue_cell(session, header)
+                except Exception as exc:  # answered as _dispatch answers a request that failed
+                    self._in_background(self._send_error(ws, header["id"], exc))
+                return True
+
+            ws.take_early = execute_early
+            while True:
+                message = await ws.next_message()
                 try:
                     header, payload = P.decode_frame(message)  # it refuses a text frame itself
                     if inbound is not None:
@@ -725,6 +748,10 @@ class PodKernelServer:
 
     async def on_execute(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         """Queue a cell; its output and execute_reply arrive through the session's outbox."""
+        self._queue_cell(session, header)
+
+    def _queue_cell(self, session: Session, header: dict) -> None:
+        """:meth:`on_execute`'s work, on the loop's thread (also straight from a parsed frame: see handle)."""
         req_id = header["id"]
         if req_id in session.seen_exec:  # a client resending after a reconnect
             return

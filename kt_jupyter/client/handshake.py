@@ -11,7 +11,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from pod_kernel import protocol as P
-from pod_kernel.wsconn import DirectWrites
+from pod_kernel.wsconn import DirectReads, DirectWrites
 
 from ..errors import AuthError
 
@@ -25,9 +25,10 @@ HEARTBEAT_INTERVAL_S = P.HEARTBEAT_INTERVAL_S
 HEARTBEAT_TIMEOUT_S = P.HEARTBEAT_TIMEOUT_S
 
 
-class KtClientConnection(DirectWrites, ClientConnection):
-    """A client connection whose heartbeat pings never touch the user's ``random`` state, and on which the
-    notebook's thread writes a cell's execute itself (see :mod:`pod_kernel.wsconn`)."""
+class KtClientConnection(DirectReads, DirectWrites, ClientConnection):
+    """A client connection whose heartbeat pings never touch the user's ``random`` state, on which the
+    notebook's thread writes a cell's execute itself, and whose messages reach the transport as they are parsed
+    (see :mod:`pod_kernel.wsconn`)."""
 
 
 async def handshake(url: str, token: str, session_id: str, last_seq: int, *, name: str, open_timeout_s: float,
@@ -60,7 +61,7 @@ async def handshake(url: str, token: str, session_id: str, last_seq: int, *, nam
         create_connection=KtClientConnection,
     )
     assert isinstance(ws, KtClientConnection)  # what create_connection made
-    welcome, _ = P.decode_frame(await ws.recv())
+    welcome, _ = P.decode_frame(await ws.next_message())
     await _check_proof(ws, welcome, token, nonce, session_id, url, name)
     return ws, welcome
 

@@ -21,7 +21,7 @@ from pod_kernel import protocol as P
 from ..errors import RemoteTimeoutError
 from .asyncapi import AsyncSession, ExecuteOptions, ExecuteResult, execute_options
 from .loop import client_loop
-from .transport import OPEN_TIMEOUT_S, InputCallback, OutputCallback, ProgressCallback, fallback_answer
+from .transport import OPEN_TIMEOUT_S, InputCallback, OutputCallback, ProgressCallback, _Execution, fallback_answer
 
 log = logging.getLogger("kt_jupyter.client")
 
@@ -66,13 +66,21 @@ class Session(AsyncSession):
         req_id = self.new_id()
         loop = client_loop()
         t0 = time.perf_counter()
+
+        def start_watch(ex: _Execution) -> concurrent.futures.Future[Any]:
+            fut = asyncio.run_coroutine_threadsafe(self._aexecute(
+                code, outputs.put, options, req_id=req_id, answers_input=True, started=(ex, ex.sent_on)), loop)
+            fut.add_done_callback(lambda _f: outputs.put(done))
+            return fut
+
         # written from this thread when it can be (a push it follows, ``after``, goes first: through the loop),
-        # and its reply handed to this thread as it arrives, after the outputs before it
-        started = self._start_execute(loop, req_id, options.header(req_id, code), outputs.put, answers_input=True,
-                                      send=not options.after, on_reply=outputs.put)
-        fut = asyncio.run_coroutine_threadsafe(
-            self._aexecute(code, outputs.put, options, req_id=req_id, answers_input=True, started=started), loop)
-        fut.add_done_callback(lambda _f: outputs.put(done))
+        # and its reply handed to this thread as it arrives, after the outputs before it; the coroutine that
+        # would resend it after a reconnect starts only if one happens (see Transport._watch)
+        ex, sent_on = self._start_execute(loop, req_id, options.header(req_id, code), outputs.put,
+                                          answers_input=True, send=not options.after, on_reply=outputs.put,
+                                          start_watch=start_watch)
+        if sent_on is None:  # the loop sends it
+            self._watch(ex)
         deadline = None if timeout is None else time.monotonic() + timeout
         if while_waiting is not None:
             try:
@@ -84,7 +92,8 @@ class Session(AsyncSession):
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 item = outputs.get(timeout=remaining)
             except queue.Empty:
-                if options.check is not None:  # what the cell changed reaches the next cell's reconciliation
+                fut = self._watch(ex)  # collects the reply when it comes
+                if options.check is not None and fut is not None:  # what the cell changed reaches the next cell
                     fut.add_done_callback(self._keep_orphan_state)
                 self.interrupt(target=req_id)
                 raise RemoteTimeoutError(
@@ -95,11 +104,14 @@ class Session(AsyncSession):
                 continue
             if isinstance(item, tuple):  # the reply (header, payload): finished here, not by the loop
                 header, payload = item
-                result = self._execute_result(header, payload, options, started[0], req_id, t0)
+                self._executions.pop(req_id, None)
+                result = self._execute_result(header, payload, options, ex, req_id, t0)
                 if isinstance(result, BaseException):
                     raise result  # raised here, in the caller's thread, never on the client loop
                 return result
             if item is done:  # the execute failed (or was cancelled) before a reply came
+                fut = self._watch(ex)
+                assert fut is not None  # what put ``done``
                 result = fut.result()
                 if isinstance(result, BaseException):
                     raise result

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import functools
 import itertools
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -64,6 +67,12 @@ class _Execution:
     #: called on the client loop with the reply as it arrives: a blocking caller finishes the execute in its own
     #: thread (Session.execute), without waiting for the loop to finish it
     on_reply: Callable[[tuple[dict[str, Any], bytes]], None] | None = None
+    #: starts the coroutine that follows the execute to its end (resends it after a reconnect, reports a failure):
+    #: an execute its caller's thread wrote has none until it needs one (see :meth:`Transport._watch`)
+    start_watch: Callable[[_Execution], concurrent.futures.Future[Any]] | None = None
+    watcher: concurrent.futures.Future[Any] | None = None
+    #: the connection the caller's thread wrote the execute on (None: the loop sends it)
+    sent_on: _Conn | None = None
 
 
 @dataclass
@@ -158,6 +167,7 @@ class Transport:
         self._connect_lock = asyncio.Lock()  # binds to the client loop on first contention
         self._send_lock = asyncio.Lock()
         self._executions: dict[str, _Execution] = {}
+        self._watch_lock = threading.Lock()
         #: pushes started without waiting (Session.start_push) -> done once what must precede a request that
         #: follows them is on the wire: an execute naming one in ``after`` is sent only then
         self._preceding: dict[str, asyncio.Future[None]] = {}
@@ -194,13 +204,14 @@ class Transport:
     def _start_execute(self, loop: asyncio.AbstractEventLoop, req_id: str, header: dict[str, Any],
                        on_output: OutputCallback | None, answers_input: bool, *, send: bool = True,
                        on_reply: Callable[[tuple[dict[str, Any], bytes]], None] | None = None,
+                       start_watch: Callable[[_Execution], concurrent.futures.Future[Any]] | None = None,
                        ) -> tuple[_Execution, _Conn | None]:
         """From the caller's thread, before the client loop takes over: register the execution, and (when
         ``send``) write its request on the live connection at once if it can (see :meth:`DirectWrites.send_now`):
         the loop's thread is not woken to send it. Returns the execution and the connection it went on (None:
-        the loop sends it)."""
+        the loop sends it). ``start_watch``: see :meth:`_watch`."""
         ex = _Execution(on_output, loop.create_future(), answers_input=answers_input and on_output is not None,
-                        on_reply=on_reply)
+                        on_reply=on_reply, start_watch=start_watch)
         self._executions[req_id] = ex  # first: its reply may come before the loop runs anything of ours
         conn = self._conn
         if not send or conn is None or conn.closed.done():
@@ -209,7 +220,31 @@ class Transport:
             frame = P.encode_frame(header)
         except P.ProtocolError:  # too big for a header: the loop's send says so
             return ex, None
-        return ex, conn if conn.ws.send_now(frame) else None
+        if conn.ws.send_now(frame):
+            ex.sent_on = conn
+        return ex, ex.sent_on
+
+    def _watch(self, ex: _Execution) -> concurrent.futures.Future[Any] | None:
+        """The coroutine that follows ``ex`` to its end: started now if it was not (once, from any thread).
+
+        A blocking caller whose thread wrote the execute waits for its reply
+        without one: starting a coroutine wakes the client loop's thread, which
+        then competes with both kernels for the CPU while the cell runs. It is
+        started only when the execute needs more than its reply: the connection
+        dropped (it resends the execute, or reports why it cannot), or the caller
+        gave up waiting (it collects the reply). None for an execute that
+        ``start_watch`` does not describe (the coroutine is its caller's own).
+        """
+        with self._watch_lock:
+            if ex.watcher is None and ex.start_watch is not None:
+                ex.watcher = ex.start_watch(ex)
+            return ex.watcher
+
+    def _watch_all(self) -> None:
+        """A connection dropped, or the kernel is gone: every execute still waiting gets its coroutine."""
+        for ex in list(self._executions.values()):  # a copy: a caller's thread may register one meanwhile
+            if not ex.reply.done():
+                self._watch(ex)
 
     async def arequest(self, header: dict[str, Any], *, bundle: P.Bundle | None = None,
                        on_progress: ProgressCallback | None = None, req_id: str | None = None,
@@ -423,6 +458,7 @@ class Transport:
 
     def _fail_all(self, exc: KtError) -> None:
         self._dead = exc if isinstance(exc, KernelDiedError) else None
+        self._watch_all()  # which reports the failure to a caller whose thread wrote its execute
         # a copy: a caller's thread may register an execution meanwhile (_start_execute)
         replies: list[asyncio.Future[Any]] = [ex.reply for ex in list(self._executions.values())]
         replies += [pending.reply for pending in self._pending.values()]
@@ -434,22 +470,38 @@ class Transport:
     # ------------------------------------------------------------------ receiving
 
     async def _read(self, conn: _Conn) -> None:
-        """Route every frame of one connection until it closes."""
+        """Route every frame of one connection as it arrives (see :class:`DirectReads`), until it closes."""
+        ws = conn.ws
         try:
-            async for message in conn.ws:
-                header, payload = P.decode_frame(message)
-                self._route(header, payload)
-        except (ConnectionClosed, P.ProtocolError) as exc:
-            log.debug("connection to %s ended: %s", self.name, exc)
-            sent = getattr(exc, "sent", None)
+            ws.set_handler(functools.partial(self._on_message, conn))
+            await ws.wait_closed()
+            sent = ws.protocol.close_sent
+            log.debug("connection to %s ended: %s", self.name, ws.protocol.close_exc)
             if sent is not None and sent.reason == "keepalive ping timeout":
                 self.last_drop = (f"it answered no heartbeat for {self.heartbeat_timeout_s:g} s (stopped, "
                                   "hung in native code that holds the GIL, or its network is down)")
         finally:
-            if not conn.closed.done():
-                conn.closed.set_result(None)
-            for pending in self._pending.values():
-                pending.assembler = None  # a bundle cut mid-way is requested again
+            self._ended(conn)
+
+    def _ended(self, conn: _Conn) -> None:
+        """``conn`` is closed, or no longer read: what waited on it is resent or fails."""
+        if not conn.closed.done():
+            conn.closed.set_result(None)
+        self._watch_all()  # after closed is set: an execute registered later sees it, and is not written on it
+        for pending in self._pending.values():
+            pending.assembler = None  # a bundle cut mid-way is requested again
+
+    def _on_message(self, conn: _Conn, message: bytes | str) -> None:
+        """One message of ``conn``, on the client loop as websockets parses it."""
+        if conn.closed.done():  # refused already: what follows on it is not read
+            return
+        try:
+            header, payload = P.decode_frame(message)
+        except P.ProtocolError as exc:
+            self._ended(conn)  # nothing more is routed from it; the next request reconnects
+            conn.ws.refuse(str(exc))
+            return
+        self._route(header, payload)
 
     def _route(self, header: dict[str, Any], payload: memoryview) -> None:
         """Hand one frame to its type's handler, once (a replayed frame seen before is dropped)."""
