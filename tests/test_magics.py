@@ -301,8 +301,13 @@ def test_reload_registers_once_and_unload_removes_what_load_added(ip):
 
     monitor._refresh_after_cells()  # what the first status panel does: the monitors refresh as cells run
     assert monitor._poke in ip.events.callbacks["post_run_cell"]
+    from pod_kernel.transforms import CachingTransformerManager
+
+    assert isinstance(ip.input_transformer_manager, CachingTransformerManager) and "should_run_async" in vars(ip)
     ip.run_line_magic("unload_ext", "kt_jupyter")
     try:
+        assert not isinstance(ip.input_transformer_manager, CachingTransformerManager)  # IPython's own again
+        assert "should_run_async" not in vars(ip)
         assert _kt_callbacks(ip) == []
         assert monitor._poke not in ip.events.callbacks["post_run_cell"] + ip.events.callbacks["pre_run_cell"]
         assert _spares() == []  # the process started ahead for the first cell is gone too

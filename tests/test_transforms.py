@@ -1,10 +1,13 @@
 """pod_kernel/transforms.py: IPython's static transformations kept per source, and the await check skipped.
 
 Both must be invisible: the same transformed text as IPython's own, every time, and
-top-level ``await`` still running in a pod cell.
+top-level ``await`` still running in a pod cell, and in the notebook's own IPython
+(where ``%load_ext kt_jupyter`` installs them).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from IPython.core.inputtransformer2 import TransformerManager
@@ -80,3 +83,44 @@ def test_top_level_await_and_magics_run_on_the_pod(kernel):
     for _ in range(2):  # the second run takes the kept transformation
         assert session.execute(code).data == {"text/plain": "42"}
         assert session.execute("%time y = 1\ny").data == {"text/plain": "1"}
+
+
+def test_installed_on_a_running_ipython_a_cell_run_again_is_not_tokenized_again(monkeypatch):
+    """The notebook's IPython, as ``%load_ext kt_jupyter`` leaves it: the same text, the same answers."""
+    from IPython.testing.globalipapp import get_ipython
+
+    shell = get_ipython()
+    was_installed = isinstance(shell.input_transformer_manager, CachingTransformerManager)
+    transforms.uninstall(shell)  # as IPython made it
+    original = shell.input_transformer_manager
+    cleanup = original.cleanup_transforms
+    tokenized: list[int] = []
+    tokenize = TransformerManager.do_token_transforms
+
+    def counting(self, lines):
+        tokenized.append(1)
+        return tokenize(self, lines)
+
+    monkeypatch.setattr(TransformerManager, "do_token_transforms", counting)
+    expected = {cell: original.transform_cell(cell) for cell in CELLS}
+    transforms.install(shell)
+    try:
+        transforms.install(shell)  # a second install changes nothing
+        manager = shell.input_transformer_manager
+        assert isinstance(manager, CachingTransformerManager) and manager.kt_replaced is original
+        assert manager.cleanup_transforms is cleanup  # the same list: what others register still applies
+        tokenized.clear()
+        for _ in range(3):
+            assert {cell: shell.input_transformer_manager.transform_cell(cell) for cell in CELLS} == expected
+        assert len(tokenized) == len(CELLS)  # the first run of each source only
+        assert shell.run_cell("%%capture out\nprint(6 * 7)").success and "42" in shell.user_ns["out"].stdout
+        assert shell.should_run_async("x = 1", transformed_cell="x = 1\n") is False
+        assert shell.should_run_async("await asyncio.sleep(0)", transformed_cell="await asyncio.sleep(0)\n")
+        shell.user_ns["asyncio"] = asyncio
+        assert shell.run_cell("r = await asyncio.sleep(0, 'awaited')").success
+        assert shell.user_ns["r"] == "awaited"
+    finally:
+        transforms.uninstall(shell)
+    assert shell.input_transformer_manager is original and "should_run_async" not in vars(shell)
+    if was_installed:  # by a %load_ext kt_jupyter of another test in this process
+        transforms.install(shell)

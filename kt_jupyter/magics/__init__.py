@@ -3,8 +3,9 @@
 Loading adds: the :class:`~kt_jupyter.magics.kt.KtMagics` (``%%kt``, ``%kt``),
 their ``pre_run_cell`` callback (the raw text of the running cell), the
 ``%debug`` hook that reaches a failed ``%%kt`` cell's pod kernel, a local pod
-kernel process started ahead, and, in a notebook kernel, JupyterLab's
-debugger extended to pod kernels. Unloading
+kernel process started ahead, IPython's input transformations kept per
+cell source (:func:`pod_kernel.transforms.install`), and, in a notebook kernel,
+JupyterLab's debugger extended to pod kernels. Unloading
 removes each of them; computes and their pod kernels are left running (they
 outlive the notebook kernel by design: ``%kt down`` stops them). Reloading is
 unload, then load: never two callbacks.
@@ -13,6 +14,8 @@ unload, then load: never two callbacks.
 from __future__ import annotations
 
 from typing import Any
+
+from pod_kernel import transforms
 
 #: The name IPython's magics manager registers our Magics class under.
 MAGICS_NAME = "KtMagics"
@@ -27,6 +30,7 @@ def load(shell: Any) -> None:
         unload(shell)
     shell.register_magics(KtMagics(shell))  # its __init__ registers the pre_run_cell callback and the %debug hook
     debug_panel.install(shell)  # JupyterLab's debugger panel reaches %%kt cells' pod kernels too
+    transforms.install(shell)  # a cell run again (a %%kt cell is one long line to IPython) is not tokenized again
 
 
 def unload(shell: Any) -> None:
@@ -50,6 +54,7 @@ def unload(shell: Any) -> None:
     if getattr(hook, "kt_post_mortem", False):
         del shell.debugger  # IPython's own post-mortem again
     debug_panel.uninstall(shell)
+    transforms.uninstall(shell)
     monitor.unhook(shell)  # the monitors' pre/post_run_cell callback
     local = get_backend("local")
     if isinstance(local, LocalBackend):
