@@ -345,3 +345,17 @@ def _defined_in(source: str, name: str, module: str = "__main__") -> object:
 )
 def test_classify_value(value, kind):
     assert classify_value(value) == kind
+
+
+@pytest.mark.parametrize("line,magic", [
+    ("ls -la", True),  # a line magic or alias without %, as IPython runs a one-line cell
+    ("ls", True),
+    ("x = 1", False),  # an assignment: x is a variable then, whatever magics exist
+    ("pass", False),  # a keyword, a builtin: never a magic (IPython's prefilter says the same)
+    ("len(x)", False),
+    ("ls == 2", True),  # a comparison is not an assignment
+])
+def test_a_one_line_cell_is_a_magic_only_as_ipython_would_run_it(line, magic):
+    names = {"ls", "x", "pass", "len"}  # as if the running IPython had magics of these names
+    analysis = analyze_cell(f"# %%kt\n{line}", line_magics=names)
+    assert ("get_ipython" in analysis.reads) is magic, line
