@@ -111,6 +111,10 @@ class DirectWrites:
                 self.transport.write(rest)  # type: ignore[attr-defined]
 
 
+#: Messages a :class:`DirectReads` inbox holds before the connection stops reading (websockets' ``max_queue``
+#: when the connection has one: 16 by default).
+INBOX_HIGH = 16
+
 #: A message handler of :class:`DirectReads`: the message's bytes, or a str for what is not a whole binary message.
 MessageHandler = Callable[[bytes | str], None]
 
@@ -126,7 +130,9 @@ class DirectReads:
     connection as for any frame that breaks the protocol.
 
     Until :meth:`set_handler`, messages wait in an inbox of their own, which
-    :meth:`next_message` reads (the handshake's welcome; a server's requests).
+    :meth:`next_message` reads (the handshake's welcome; a server's requests); as in
+    websockets' own queue, a full inbox stops the connection's reading until the
+    reader catches up, so a peer cannot make it hold more.
     While that reader waits, with nothing queued, :attr:`take_early` may take a
     message at once instead (the pod queues a cell for its main thread so): it
     comes after everything the reader has read, so the order holds.
@@ -141,6 +147,12 @@ class DirectReads:
         self._handler: MessageHandler | None = None
         self._inbox_waiter: asyncio.Future[None] | None = None
         self._fragmented = False
+        # flow control, as websockets' own queue does it: past ``high`` waiting messages the connection stops
+        # reading (the peer's sends then block), and reads again once the reader brought them down to ``low``
+        high = getattr(self, "max_queue_high", None)
+        self._inbox_high = high if isinstance(high, int) and high > 0 else INBOX_HIGH
+        self._inbox_low = self._inbox_high // 4
+        self._reading_paused = False
 
     def process_event(self, event: Any) -> None:
         """websockets calls this for each event parsed (in ``data_received``): data frames are ours."""
@@ -163,6 +175,9 @@ class DirectReads:
                 and self.take_early(message)):
             return
         self._inbox.append(message)
+        if len(self._inbox) >= self._inbox_high and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()  # type: ignore[attr-defined]
         self._wake_reader()
 
     def set_handler(self, handler: MessageHandler) -> None:
@@ -171,6 +186,9 @@ class DirectReads:
         while self._inbox:
             handler(self._inbox.popleft())
         self._handler = handler
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()  # type: ignore[attr-defined]
 
     async def next_message(self) -> bytes | str:
         """The inbox's next message (before :meth:`set_handler`); ConnectionClosed once the connection is."""
@@ -183,7 +201,13 @@ class DirectReads:
                 await self._inbox_waiter
             finally:
                 self._inbox_waiter = None
-        return self._inbox.popleft()
+        message = self._inbox.popleft()
+        if self._reading_paused and len(self._inbox) <= self._inbox_low:
+            self._reading_paused = False
+            transport = self.transport  # type: ignore[attr-defined]
+            if not transport.is_closing():
+                transport.resume_reading()
+        return message
 
     def refuse(self, reason: str) -> None:
         """Close the connection for breaking the protocol (1002), from the loop's thread."""

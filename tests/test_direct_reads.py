@@ -273,3 +273,45 @@ def test_a_direct_execute_given_up_on_is_still_collected(coroutines):
     finally:
         session.close()
         server.close()
+
+
+def test_a_full_inbox_stops_reading_until_the_reader_catches_up():
+    """A peer cannot make the pod hold more than websockets' own queue would (max_queue, 16 messages) while its
+    request loop is busy: the connection stops reading, the peer's sends wait, and nothing is lost."""
+    go = asyncio.Event()
+    seen: dict[str, object] = {}
+    received: list[bytes] = []
+
+    async def handler(ws):
+        await asyncio.wait_for(go.wait(), 20)  # the request loop is busy (as with a long push)
+        seen["inbox"], seen["paused"] = len(ws._inbox), ws._reading_paused
+        try:
+            while len(received) < 200:
+                received.append(await ws.next_message())
+        except ConnectionClosed:
+            pass
+        seen["paused_after"] = ws._reading_paused
+
+    server, port = _server(handler, create_connection=KtServerConnection, max_size=None)
+    try:
+        ws = _on_loop(connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None))
+        sent: list[int] = []
+
+        async def send_all():
+            for i in range(200):
+                await ws.send(i.to_bytes(4, "big") * (16 << 10))  # 64 KiB each, 12.5 MiB in all
+                sent.append(i)
+
+        sender = asyncio.run_coroutine_threadsafe(send_all(), client_loop())
+        _on_loop(asyncio.sleep(1.0))
+        assert len(sent) < 200  # the pod stopped reading: the sender waits
+        client_loop().call_soon_threadsafe(go.set)
+        sender.result(30)
+        _on_loop(asyncio.sleep(0.5))
+        # websockets parses all the frames of one read at once: a few more than the mark may wait
+        assert seen["paused"] is True and 16 <= seen["inbox"] <= 16 + 8, seen
+        assert [int.from_bytes(m[:4], "big") for m in received] == list(range(200))
+        assert seen["paused_after"] is False
+        _on_loop(ws.close())
+    finally:
+        server.close()
