@@ -153,6 +153,7 @@ class DirectReads:
         self._inbox_high = high if isinstance(high, int) and high > 0 else INBOX_HIGH
         self._inbox_low = self._inbox_high // 4
         self._reading_paused = False
+        self._closing: asyncio.Future[None] | None = None
 
     def process_event(self, event: Any) -> None:
         """websockets calls this for each event parsed (in ``data_received``): data frames are ours."""
@@ -186,9 +187,7 @@ class DirectReads:
         while self._inbox:
             handler(self._inbox.popleft())
         self._handler = handler
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resume_reading()  # type: ignore[attr-defined]
+        self._resume_reading()
 
     async def next_message(self) -> bytes | str:
         """The inbox's next message (before :meth:`set_handler`); ConnectionClosed once the connection is."""
@@ -202,17 +201,20 @@ class DirectReads:
             finally:
                 self._inbox_waiter = None
         message = self._inbox.popleft()
-        if self._reading_paused and len(self._inbox) <= self._inbox_low:
-            self._reading_paused = False
-            transport = self.transport  # type: ignore[attr-defined]
-            if not transport.is_closing():
-                transport.resume_reading()
+        if len(self._inbox) <= self._inbox_low:
+            self._resume_reading()
         return message
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()  # type: ignore[attr-defined]  # a closing transport ignores it
 
     def refuse(self, reason: str) -> None:
         """Close the connection for breaking the protocol (1002), from the loop's thread."""
         log.debug("closing a connection that broke the protocol: %s", reason)
-        asyncio.ensure_future(self.close(CloseCode.PROTOCOL_ERROR, reason[:120]))  # type: ignore[attr-defined]
+        closing = self.close(CloseCode.PROTOCOL_ERROR, reason[:120])  # type: ignore[attr-defined]
+        self._closing = asyncio.ensure_future(closing)  # referenced until done: the loop's reference is weak
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)  # type: ignore[misc]

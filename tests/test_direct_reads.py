@@ -170,8 +170,9 @@ class FakePod:
     """A fake pod kernel (a websockets server, not pod_kernel): it passes the handshake as the pod does (the
     token's proof) and answers executes; ``garble`` first connections answer one with a text frame instead."""
 
-    def __init__(self, token: str, garble: int = 0) -> None:
+    def __init__(self, token: str, garble: int = 0, after_welcome: list[dict] | None = None) -> None:
         self.token, self.garble = token, garble
+        self.after_welcome = after_welcome or []
         self.connections = 0
         self.close_codes: list[int | None] = []
         self.executes: list[str] = []
@@ -187,6 +188,9 @@ class FakePod:
             "proof": P.pod_proof(self.token.encode(), headers[P.HEADER_NONCE], sid), "last_seq": self.seq,
             "running": None, "allowed_serialization": ["json"], "started": 0.0, "bulk_port": None,
             "bulk_spares": [], "detached": []}))
+        for header in self.after_welcome:
+            self.seq += 1
+            await ws.send(P.encode_frame(dict(header, seq=self.seq)))
         try:
             async for message in ws:
                 header, _ = P.decode_frame(message)
@@ -314,4 +318,24 @@ def test_a_full_inbox_stops_reading_until_the_reader_catches_up():
         assert seen["paused_after"] is False
         _on_loop(ws.close())
     finally:
+        server.close()
+
+
+def test_a_handler_that_fails_loses_its_message_not_the_connection(caplog):
+    pod = FakePod("t0ken", after_welcome=[{"type": "stream", "id": "nobody-1", "name": "stdout", "text": "hi"}])
+    server, port = _server(pod.handler)
+    session = Session(f"ws://127.0.0.1:{port}", "t0ken", name="fake", accept_pickle=False)
+
+    def broken(header):
+        raise RuntimeError("a bug in a handler")
+
+    session.on_unsolicited = broken  # called for the stream of a request this session did not send
+    try:
+        session.connect()
+        assert session.execute("x = 1", timeout=20).execution_count == 2
+        assert pod.connections == 1 and pod.close_codes == []
+        assert any("a bug in a handler" in (r.exc_text or "") or (r.exc_info and "a bug in a handler" in
+                   str(r.exc_info[1])) for r in caplog.records), caplog.records
+    finally:
+        session.close()
         server.close()

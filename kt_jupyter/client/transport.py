@@ -501,7 +501,10 @@ class Transport:
             self._ended(conn)  # nothing more is routed from it; the next request reconnects
             conn.ws.refuse(str(exc))
             return
-        self._route(header, payload)
+        try:
+            self._route(header, payload)
+        except Exception:  # a handler's bug: that message is lost, the connection and the others go on
+            log.exception("handling a %r message from pod kernel %s failed", header.get("type"), self.name)
 
     def _route(self, header: dict[str, Any], payload: memoryview) -> None:
         """Hand one frame to its type's handler, once (a replayed frame seen before is dropped)."""
