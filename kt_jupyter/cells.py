@@ -189,8 +189,8 @@ def _automagic(source: str, line_magics: Collection[str] | None) -> str | None:
 def _is_line_magic(name: str) -> bool:
     """Whether ``name`` is a line magic or alias of the running IPython not shadowed by one of its variables
     (outside IPython: one of IPython's default aliases)."""
-    from IPython import get_ipython
     from IPython.core.alias import default_aliases
+    from IPython.core.getipython import get_ipython
 
     shell = get_ipython()
     if shell is None:

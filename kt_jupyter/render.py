@@ -57,7 +57,7 @@ def show_output(msg: dict[str, Any]) -> None:
 
 def show_error_output(msg: dict[str, Any]) -> None:
     """An error output of the cell, as IPython shows one: ipykernel's ``error`` message, a terminal's text."""
-    from IPython import get_ipython
+    from IPython.core.getipython import get_ipython
 
     shell = get_ipython()
     lines = "\n".join(str(line) for line in msg.get("traceback") or []).split("\n")
@@ -89,7 +89,7 @@ def notice_level(text: str) -> str:
 def in_notebook() -> bool:
     """Whether output goes to a notebook frontend (an IPython kernel), not a terminal."""
     try:
-        from IPython import get_ipython
+        from IPython.core.getipython import get_ipython
     except ImportError:
         return False
     shell = get_ipython()

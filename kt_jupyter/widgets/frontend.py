@@ -30,7 +30,7 @@ def widgets_available(shell: Any = None) -> bool:
         return True
     if shell is None:
         try:
-            from IPython import get_ipython
+            from IPython.core.getipython import get_ipython
         except ImportError:
             return False
         shell = get_ipython()
@@ -83,7 +83,7 @@ def current_parent() -> dict[str, Any] | None:
 
 def _shell() -> Any:
     try:
-        from IPython import get_ipython
+        from IPython.core.getipython import get_ipython
     except ImportError:
         return None
     return get_ipython()

@@ -374,7 +374,7 @@ def _refresh_after_cells() -> None:
     """Once per IPython shell: poke the monitors as every cell starts and ends (a cell's state, or what a
     `%kt down` did, shows at once)."""
     try:
-        from IPython import get_ipython
+        from IPython.core.getipython import get_ipython
     except ImportError:
         return
     shell = get_ipython()
