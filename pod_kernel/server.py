@@ -487,7 +487,8 @@ class PodKernelServer:
 
     async def _send_error(self, ws: ServerConnection, req_id: str, exc: Exception) -> None:
         # an execute following that push fails with it, unless the push's connection is gone (it comes again)
-        self.pushes.ended(req_id, error=exc, final=ws.close_code is None)
+        # the protocol's close_code: websockets 14.0's connection has none of its own
+        self.pushes.ended(req_id, error=exc, final=ws.protocol.close_code is None)
         payload = b""
         if isinstance(exc, RequestRefused):
             ename, tb = exc.ename, ""

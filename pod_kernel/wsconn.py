@@ -41,6 +41,13 @@ DIRECT_MAX_BYTES = 16 << 10
 #: written directly.
 SUPPORTED = callable(getattr(Connection, "send_data", None))
 
+# DirectReads takes every data frame in ``process_event``, which websockets' asyncio connection calls for each
+# event it parses (13.0 on). Without that hook messages would go to a queue nobody reads: say so at import.
+_READS_HOOK = getattr(Connection, "process_event", None)
+if _READS_HOOK is None:  # pragma: no cover - a websockets we do not know
+    raise ImportError("this websockets' asyncio Connection has no process_event, so kt_jupyter's connections cannot "
+                      "read messages with it (websockets 14.0 to 17.4 have it)")
+
 
 class DirectWrites:
     """Mixin for a websockets asyncio connection (client or server); put it first among the bases."""

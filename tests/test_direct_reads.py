@@ -206,7 +206,7 @@ class FakePod:
                                               "execution_count": self.seq, "seq": self.seq}))
         except ConnectionClosed:
             pass
-        self.close_codes.append(ws.close_code)
+        self.close_codes.append(ws.protocol.close_code)  # (websockets 14.0 has no ws.close_code)
 
 
 @pytest.fixture

@@ -269,7 +269,7 @@ def test_malformed_frames_close_that_connection_and_server_keeps_serving(kernel,
         with pytest.raises(Exception):
             while True:
                 ws.recv(timeout=10)
-        assert ws.close_code == 1002
+        assert ws.protocol.close_code == 1002
     assert s.execute("1 + 1").data == {"text/plain": "2"}
 
 
@@ -280,7 +280,7 @@ def test_text_message_closes_connection(kernel):
         ws.send("text is not our protocol")
         with pytest.raises(Exception):
             ws.recv(timeout=10)
-        assert ws.close_code == 1002
+        assert ws.protocol.close_code == 1002
     assert s.ping() < 5
 
 
