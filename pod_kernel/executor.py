@@ -176,7 +176,7 @@ def _make_shell(executor: Executor):
     from traitlets import Type
     from traitlets.config import Config
 
-    from .transforms import CachingTransformerManager, might_be_async
+    from . import transforms
 
     class KtDisplayPublisher(DisplayPublisher):
         def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kw):
@@ -276,19 +276,12 @@ def _make_shell(executor: Executor):
                 return "\n" + super().transform_cell(body)
             return super().transform_cell(raw_cell)
 
-        def should_run_async(self, raw_cell, *, transformed_cell=None, preprocessing_exc_tuple=None):
-            # IPython compiles the cell once more to find out; without `await` or `async` it cannot be
-            if transformed_cell is not None and not might_be_async(transformed_cell):
-                return False
-            return super().should_run_async(raw_cell, transformed_cell=transformed_cell,
-                                            preprocessing_exc_tuple=preprocessing_exc_tuple)
-
     cfg = Config()
     cfg.HistoryManager.enabled = False
     cfg.InteractiveShell.colors = "nocolor"
     cfg.InteractiveShell.xmode = "Context"
     shell = KtShell.instance(config=cfg)
-    shell.input_transformer_manager = CachingTransformerManager()  # a cell run again is not tokenized again
+    transforms.install(shell)  # a cell run again is not tokenized again; no extra compile of one without await
     # IPython keeps every cell's output in history_manager.outputs, forever: a kernel that lives
     # for days (or one 100 MB print) must not; Out[] / _ still work through the display hook.
     assert shell.history_manager is not None  # made by InteractiveShell.__init__

@@ -72,9 +72,10 @@ def should_run_async(shell: Any, raw_cell: str, *, transformed_cell: str | None 
 
 
 def install(shell: Any) -> None:
-    """Make a running IPython (the notebook's) keep its static transformations per source and skip the extra
-    compile of a cell without ``await``; :func:`uninstall` undoes it. The lists of transformations stay the same
-    objects: one an extension registered before or after is still applied (and turns the keeping off)."""
+    """Make a running IPython (the pod kernel's, the notebook's) keep its static transformations per source and
+    skip the extra compile of a cell without ``await``; :func:`uninstall` undoes it. The lists of
+    transformations stay the same objects: one an extension registered before or after is still applied (and
+    turns the keeping off)."""
     old = shell.input_transformer_manager
     if isinstance(old, CachingTransformerManager):
         return
