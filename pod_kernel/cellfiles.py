@@ -40,6 +40,8 @@ from pathlib import Path
 CELLS_KEPT = 200
 #: Longest cell file name kept from the wire (characters).
 NAME_MAX_CHARS = 100
+#: Cell names whose path :meth:`CellFiles.path` remembers.
+NAMES_KEPT = 256
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 _DEBUGGER_DIR = re.compile(r"ipykernel_[0-9]{1,10}")
@@ -162,17 +164,28 @@ class CellFiles:
         #: whether a debugger listens: each cell's file is written before it runs
         self.eager = False
         self._lock = threading.Lock()  # the main thread writes cells, the thread that starts debugpy kept ones
+        #: cell name -> its path, for the last names seen (a notebook sends the same few again and again)
+        self._named: OrderedDict[str, Path] = OrderedDict()
 
     def path(self, cell_name: str | None, code: str) -> Path:
         """Where a cell's source goes: a debugger's absolute path as it is, else a file in the cells directory."""
         self._counter += 1
-        if cell_name and os.path.isabs(cell_name):
-            return Path(cell_name)
         if cell_name:
-            base = _SAFE_NAME.sub("_", os.path.basename(cell_name))[:NAME_MAX_CHARS] or "cell"
-        else:
-            digest = hashlib.sha1(code.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-            base = f"cell-{self._counter}-{digest}"
+            known = self._named.get(cell_name)
+            if known is None:
+                known = self._named[cell_name] = self._named_path(cell_name)
+                while len(self._named) > NAMES_KEPT:
+                    self._named.popitem(last=False)
+            return known
+        digest = hashlib.sha1(code.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        return self._in_dir(f"cell-{self._counter}-{digest}")
+
+    def _named_path(self, cell_name: str) -> Path:
+        if os.path.isabs(cell_name):
+            return Path(cell_name)
+        return self._in_dir(_SAFE_NAME.sub("_", os.path.basename(cell_name))[:NAME_MAX_CHARS] or "cell")
+
+    def _in_dir(self, base: str) -> Path:
         if base in (".", ".."):
             base = "cell"
         if not base.endswith(".py"):
@@ -189,7 +202,7 @@ class CellFiles:
         A debugger's path (outside the cells directory) and a ``required`` file that cannot be written
         raise CellFileError instead.
         """
-        if path.parent != self.dir:
+        if os.path.dirname(path) != str(self.dir):  # (Path.parent builds a new Path: 30 us a cell, cold)
             write_cell_file(str(path), code)  # kept when the notebook side wrote it already
             return None
         with self._lock:

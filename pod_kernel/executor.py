@@ -11,6 +11,7 @@ and remote traceback whose line numbers are the cell's own.
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
 import logging
 import os
@@ -26,6 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, TextIO
+
+try:  # signal.getsignal without its Enum conversion, which raises and catches a ValueError for our handler
+    from _signal import getsignal as _getsignal  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # pragma: no cover - not CPython
+    _getsignal = signal.getsignal
 
 from . import logfile
 from .calls import call_sink
@@ -330,6 +336,41 @@ HISTORY_CELLS_KEPT = 1000
 HISTORY_NAMES_KEPT = 32
 
 
+Job = CellJob | NamespaceJob | _Stop
+
+
+class JobQueue:
+    """The main thread's jobs, first in first out, from any thread.
+
+    A job waits in a deque; each put also puts a token in a ``SimpleQueue``, on
+    which the main thread waits. That one is C: here a put cost the network
+    thread 8 us and the main thread ran 53 us later, against 26-31 us and 80 us
+    for ``queue.Queue`` (whose waiter, once woken, contends for its condition's lock).
+    """
+
+    def __init__(self) -> None:
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+    def put(self, job: Job) -> None:
+        """Queue ``job`` (any thread)."""
+        self._jobs.append(job)  # before its token: a token taken always finds a job
+        self._tokens.put(None)
+
+    def get(self, timeout: float) -> Job:
+        """The next job (the main thread only); queue.Empty after ``timeout`` seconds without one."""
+        self._tokens.get(timeout=timeout)
+        return self._jobs.popleft()
+
+    def qsize(self) -> int:
+        """How many jobs are queued now."""
+        return len(self._jobs)
+
+    def waiting(self) -> list[Job]:
+        """The jobs queued now, first first (a copy)."""
+        return list(self._jobs)
+
+
 class Executor:
     """The main-thread cell runner of one pod kernel."""
 
@@ -338,7 +379,7 @@ class Executor:
         self.cells_dir = self.cell_files.dir
         self.allow_pickle = allow_pickle
         self.main_ident = threading.get_ident()
-        self.jobs: queue.Queue[CellJob | NamespaceJob | _Stop] = queue.Queue()
+        self.jobs = JobQueue()
         self.current: CellJob | None = None
         self.last_traceback: list[str] = []
         #: whether an IPython event's callbacks run now (their errors are outputs, not the cell's error)
@@ -390,7 +431,7 @@ class Executor:
     def _restore_sigint(self) -> None:
         # pdb's `continue` installs its own SIGINT handler; the next cell gets ours back
         if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) != self._on_sigint:
+                and _getsignal(signal.SIGINT) != self._on_sigint:
             signal.signal(signal.SIGINT, self._on_sigint)
             import pdb
 

@@ -432,7 +432,7 @@ class PodKernelServer:
         """Sessions with no client whose output nobody saw, or whose cell still runs (a notebook that
         restarted, or closed, mid-cell): a reattaching notebook shows that output and announces the cell."""
         running = self.executor.current
-        queued = [job for job in list(self.executor.jobs.queue) if isinstance(job, CellJob)]
+        queued = [job for job in self.executor.jobs.waiting() if isinstance(job, CellJob)]
         report = []
         for sid, s in self.sessions.items():
             if s is joining or s.ws is not None:
@@ -783,7 +783,7 @@ class PodKernelServer:
     def _others_cells(self, session: Session) -> int:
         """How many cells of other sessions (another notebook's, a terminal's) run or wait."""
         running = self.executor.current
-        jobs = [job for job in list(self.executor.jobs.queue) if isinstance(job, CellJob)]
+        jobs = [job for job in self.executor.jobs.waiting() if isinstance(job, CellJob)]
         if running is not None:
             jobs.insert(0, running)
         return sum(1 for job in jobs if job.outbox is not session.outbox)

@@ -636,3 +636,32 @@ def test_sigterm_delivered_to_another_thread_still_stops_an_idle_kernel(local_ba
     assert libc.syscall(234, pid, other, signal.SIGTERM) == 0, ctypes.get_errno()  # tgkill(pid, tid, SIGTERM)
     psutil.Process(pid).wait(timeout=10)  # psutil.TimeoutExpired: the signal was never handled
     session.close()
+
+
+def test_the_job_queue_is_first_in_first_out_across_threads():
+    """Executor.jobs: what several threads put comes out once each, in the order put, and ``waiting`` shows it."""
+    import queue
+
+    from pod_kernel.executor import JobQueue
+
+    jobs = JobQueue()
+    with pytest.raises(queue.Empty):
+        jobs.get(timeout=0.01)
+    jobs.put("a")
+    jobs.put("b")
+    assert jobs.waiting() == ["a", "b"] and jobs.qsize() == 2
+    assert jobs.get(timeout=1) == "a"
+
+    def put_many(who: str) -> None:
+        for i in range(500):
+            jobs.put(f"{who}{i}")
+
+    threads = [threading.Thread(target=put_many, args=(who,)) for who in "xyz"]
+    for t in threads:
+        t.start()
+    got = [jobs.get(timeout=5) for _ in range(1501)]
+    for t in threads:
+        t.join()
+    assert got[0] == "b" and jobs.qsize() == 0
+    for who in "xyz":
+        assert [g for g in got if g[0] == who] == [f"{who}{i}" for i in range(500)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from IPython.core import prefilter
 from IPython.core.inputtransformer2 import TransformerManager
 
 from pod_kernel import transforms
@@ -122,5 +123,113 @@ def test_installed_on_a_running_ipython_a_cell_run_again_is_not_tokenized_again(
     finally:
         transforms.uninstall(shell)
     assert shell.input_transformer_manager is original and "should_run_async" not in vars(shell)
+    assert "prefilter_lines" not in vars(shell.prefilter_manager)
     if was_installed:  # by a %load_ext kt_jupyter of another test in this process
         transforms.install(shell)
+
+
+#: One-line cells as IPython's static transformations leave them, for the prefilter.
+LINES = [
+    "pass", "import os", "from os import path", "  for i in range(3): print(i)", "del x", "if x: y = 1",
+    "assert x, 'message'", "as_of = 1", "None", "True", "True.real", "None*2", "passx = 1", "lambda: 0",
+    "return", "ls", "ls -la", "cd /tmp", "x = 1", "x, y = 1, 2", "f 1", "f(1)", "m", "auto", "print",
+    "get_ipython().run_cell_magic('kt', '--name x', 'pass\\n')",
+    "get_ipython().run_line_magic('time', 'x = 1')", "get_ipython ()", "pass  # PYTHON-MODE",
+]
+
+
+@pytest.fixture
+def shell():
+    """The notebook's IPython with the transformations installed, and its namespace and settings restored."""
+    from IPython.testing.globalipapp import get_ipython
+
+    shell = get_ipython()
+    was_installed = "prefilter_lines" in vars(shell.prefilter_manager)
+    transforms.install(shell)
+    ns = dict(shell.user_ns)
+    autocall, automagic = shell.autocall, shell.automagic
+    checkers = list(shell.prefilter_manager.checkers)
+    try:
+        yield shell
+    finally:
+        shell.user_ns.clear()
+        shell.user_ns.update(ns)
+        shell.autocall, shell.automagic = autocall, automagic
+        shell.prefilter_manager._checkers[:] = checkers
+        for checker in checkers:
+            if isinstance(checker, prefilter.EmacsChecker):
+                checker.enabled = False
+        if not was_installed:
+            transforms.uninstall(shell)
+
+
+def _setups(shell):
+    """The settings and namespaces the quick prefilter must get right: yields a name for each."""
+    from IPython.core.autocall import ExitAutocall
+    from IPython.core.macro import Macro
+
+    yield "as IPython starts"
+    shell.register_magic_function(lambda line: line, "line", "m")
+    shell.register_magic_function(lambda line: line, "line", "get_ipython")
+    shell.user_ns.update(f=print, auto=ExitAutocall(ip=shell), m=Macro("x = 1\n"))
+    yield "a macro, an autocall object, a magic named get_ipython"
+    shell.autocall = 2
+    yield "autocall full"
+    shell.autocall = 0
+    shell.user_ns["get_ipython"] = Macro("x = 2\n")
+    yield "get_ipython rebound to a macro"
+    shell.user_ns["get_ipython"] = shell.get_ipython
+    next(c for c in shell.prefilter_manager.checkers if isinstance(c, prefilter.EmacsChecker)).enabled = True
+    yield "the Emacs checker on"
+
+
+def test_the_quick_prefilter_answers_as_ipythons(shell):
+    """Whenever the quick prefilter keeps a line, IPython's own prefilter returns that very line; and it does
+    keep the lines it is for (a %%kt cell's, a keyword's) as IPython starts."""
+    from IPython.core.prefilter import PrefilterManager
+
+    manager = shell.prefilter_manager
+    quick = vars(manager)["prefilter_lines"]
+    assert isinstance(quick, transforms.QuickPrefilter)
+    kept: dict[str, list[str]] = {}
+    for setup in _setups(shell):
+        kept[setup] = []
+        for line in LINES:
+            theirs = PrefilterManager.prefilter_lines(manager, line)
+            shell._last_input_line = None
+            ours = quick(line)
+            assert ours == theirs, (setup, line)
+            assert shell._last_input_line == line  # the side effect IPython's has
+            if transforms.prefilter_keeps(shell, line):
+                kept[setup].append(line)
+    assert kept["as IPython starts"] == [
+        "pass", "import os", "from os import path", "  for i in range(3): print(i)", "del x", "if x: y = 1",
+        "assert x, 'message'", "None", "True", "lambda: 0", "return",
+        "get_ipython().run_cell_magic('kt', '--name x', 'pass\\n')", "pass  # PYTHON-MODE"]
+    assert kept["autocall full"] == [] and kept["the Emacs checker on"] == []
+    assert "get_ipython().run_cell_magic('kt', '--name x', 'pass\\n')" not in kept["get_ipython rebound to a macro"]
+
+
+def test_the_quick_prefilter_skips_ipythons_checkers_and_yields_to_others(shell, monkeypatch):
+    """A %%kt cell and a keyword line run without IPython's checkers; a checker a user registers turns the
+    quick path off."""
+    from IPython.core.prefilter import PrefilterChecker
+
+    checked: list[str] = []
+
+    class Recording(PrefilterChecker):
+        def check(self, line_info):
+            checked.append(line_info.line)
+
+    for cls in transforms._OWN_CHECKERS:
+        monkeypatch.setattr(cls, "check", lambda self, info: checked.append(info.line))
+    assert shell.run_cell("pass").success
+    assert shell.run_cell("%%capture out\nfor _ in [1]: print(6 * 7)").success  # two lines, then one
+    assert "42" in shell.user_ns["out"].stdout
+    assert checked == []
+    assert shell.run_cell("x = 1").success and checked  # not a line it knows: IPython's checkers ran
+    monkeypatch.undo()
+    checked.clear()
+    shell.prefilter_manager.register_checker(Recording(shell=shell, prefilter_manager=shell.prefilter_manager))
+    assert shell.run_cell("pass").success
+    assert checked == ["pass"]
