@@ -623,13 +623,20 @@ class Executor:
 
         IPython keeps one input name per cell in the namespace forever (its outputs
         it already caps at ``cache_size``); a kernel that runs for days would grow,
-        and every cell's coherence snapshot would walk them all.
+        and every cell's coherence snapshot would walk them all. Its history
+        manager also queues every cell's source for a database writer that this
+        kernel does not run (history is off): that queue is emptied too. ``In``
+        keeps every cell, as in any IPython.
         """
         ns, last = self.namespace, self.shell.execution_count - HISTORY_NAMES_KEPT
         for n in range(self._history_trimmed + 1, last + 1):
             ns.pop(f"_i{n}", None)
             ns.pop(f"_{n}", None)
         self._history_trimmed = max(self._history_trimmed, last)
+        history = self.shell.history_manager
+        if history is not None and not history.enabled and history.db_input_cache:
+            with history.db_input_cache_lock:
+                history.db_input_cache.clear()
 
     def _reply(self, exc: BaseException | None) -> tuple[dict[str, Any], bytes]:
         """The execute_reply fields (and pickled exception) for a cell that ended with ``exc``."""
