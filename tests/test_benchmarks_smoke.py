@@ -32,3 +32,24 @@ def test_benchmark_command_quick_run(tmp_path, kt_home):
     assert "| %%kt (kt_jupyter) |" in proc.stdout and "ipyparallel" in proc.stdout
     rerun = results["unchanged_rerun"]
     assert rerun["first_runs"] > 0 and rerun["reruns"] > 0  # the benchmark checked each rerun sent nothing
+
+
+def test_cell_path_breakdown_quick_run(tmp_path):
+    """benchmarks/cell_path.py: both processes' timestamps are there for every step of every cell, in order (it
+    raises when a step is missing), and the steps of a cell fit inside the cell."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cell_path.py"), "--cells", "20", "--gap-ms", "0", "--json"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, KT_HOME=str(tmp_path / "kt-home")),
+        check=False, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    steps = result["steps"]
+    assert list(steps) == ["c_sn0", "p_dr", "p_parsed", "p_q0", "p_q1", "p_run0", "p_uc0", "p_uc1", "p_sn0", "c_dr",
+                           "c_er", "c_got", "c_t1"]
+    # one clock for both processes: every step of every cell comes after the one before it (a write's bytes
+    # may arrive before the writer's call returns, so intervals start where the write starts)
+    assert all(s["p50_us"] >= 0 for s in steps.values()), steps
+    assert max(s["p50_us"] for s in steps.values()) <= result["total"]["p50_us"]
+    assert set(result["writes"]) == {"c_sn1", "p_sn1"}
+    assert result["local pass"]["p50_us"] > 0 and result["no-op cell magic"]["p50_us"] > 0
