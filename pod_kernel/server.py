@@ -915,10 +915,21 @@ class PodKernelServer:
 def _quiet_websockets_log() -> None:
     """websockets logs every connection opened, closed and refused at INFO: probes, reconnects and
     floods would fill the kernel log. Refusals are logged by :class:`RejectionLog` instead; with
-    ``--log-level DEBUG`` everything stays (tokens redacted)."""
+    ``--log-level DEBUG`` everything stays (tokens redacted). websockets 14 also logs, at ERROR and
+    with a traceback, each connection closed before its handshake (a TCP probe, a port scan), which
+    later versions drop: dropped here too."""
     ws_log = logging.getLogger("websockets.server")
     if not ws_log.isEnabledFor(logging.DEBUG):
         ws_log.setLevel(logging.WARNING)
+        if not any(isinstance(f, _NoFailedHandshakes) for f in ws_log.filters):
+            ws_log.addFilter(_NoFailedHandshakes())
+
+
+class _NoFailedHandshakes(logging.Filter):
+    """Drops websockets' "opening handshake failed" records (see :func:`_quiet_websockets_log`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "opening handshake failed"
 
 
 def _header_problem(request: Request) -> str:

@@ -5,6 +5,8 @@ Pure: frames are handed to the router directly, no socket (the end-to-end paths 
 
 from __future__ import annotations
 
+import pytest
+
 from kt_jupyter.client import Session
 from pod_kernel import protocol as P
 
@@ -28,3 +30,28 @@ def test_a_replayed_frame_is_routed_once_and_an_unknown_type_is_ignored():
     session._route({"type": "from-a-newer-pod", "seq": 2}, memoryview(b""))
     session._route(dict(frame, seq=3, text="again\n"), memoryview(b""))
     assert [m["text"] for m in seen] == ["hi\n", "again\n"] and session.last_seq == 3
+
+
+def test_a_connection_closed_before_the_pods_answer_is_retried_then_reported(monkeypatch):
+    """websockets 14 raises a bare EOFError when the pod's end closes before it answers the handshake (a kernel
+    dying meanwhile; later versions wrap it in InvalidMessage): it is retried like any failed attempt, and the
+    caller learns that the kernel died, not "connection closed while reading HTTP status line"."""
+    from kt_jupyter.client import transport
+    from kt_jupyter.errors import ConnectionLostError, KernelDiedError
+
+    attempts: list[int] = []
+
+    async def closed_before_the_answer(*args, **kwargs):
+        attempts.append(1)
+        raise EOFError("connection closed while reading HTTP status line")
+
+    monkeypatch.setattr(transport, "handshake", closed_before_the_answer)
+    answers = iter([None, None])
+    session = Session("ws://127.0.0.1:9", "token", name="t",
+                      liveness=lambda: next(answers, "pod kernel 't' was killed by SIGKILL"))
+    with pytest.raises(KernelDiedError, match="SIGKILL"):
+        session.connect(timeout=5)
+    assert len(attempts) == 2
+    monkeypatch.setattr(transport, "OPEN_TIMEOUT_S", 0.2)
+    with pytest.raises(ConnectionLostError, match="HTTP status line"):  # no liveness to ask: said at the deadline
+        Session("ws://127.0.0.1:9", "token", name="t").connect(timeout=5)

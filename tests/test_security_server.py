@@ -465,3 +465,33 @@ def test_registry_files_are_private_and_hold_no_env_values(local_backend):
     assert "API_KEY" in json.dumps(info["spec"])  # which variables were set is still shown
     assert local_backend.status("secret").phase == "ready"
     assert not (entry / "kernel.json.tmp").exists()
+
+
+def test_connections_closed_before_their_handshake_leave_no_log_line():
+    """websockets 14 logs each connection closed before its handshake (a TCP probe, a port scan) at ERROR, with a
+    traceback; websockets 17 logs nothing. The pod kernel drops those records with any websockets, and keeps the
+    others (the end-to-end test, test_security.py, runs on the websockets CI installs)."""
+    import logging
+
+    from pod_kernel.server import _quiet_websockets_log
+
+    log = logging.getLogger("websockets.server")
+    level, filters = log.level, list(log.filters)
+    try:
+        log.setLevel(logging.NOTSET)  # as a pod kernel starts, its root logger at INFO
+        _quiet_websockets_log()
+        _quiet_websockets_log()  # once is enough: a second server start adds no second filter
+        assert len(log.filters) == len(filters) + 1
+
+        def record(msg: str, level: int = logging.ERROR) -> logging.LogRecord:
+            try:
+                raise EOFError("connection closed while reading HTTP request line")
+            except EOFError:
+                return log.makeRecord(log.name, level, __file__, 1, msg, (), sys.exc_info())
+
+        assert not log.filter(record("opening handshake failed"))
+        assert log.filter(record("connection handler failed"))  # our handler's crash is still said
+        assert log.filter(record("server listening on %s", logging.WARNING))
+    finally:
+        log.setLevel(level)
+        log.filters[:] = filters

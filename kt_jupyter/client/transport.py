@@ -431,7 +431,9 @@ class Transport:
                 if exc.response.status_code == 426:
                     raise ProtocolMismatchError(body) from None
                 last_error = exc
-            except (TimeoutError, OSError, ConnectionClosed, InvalidHandshake, P.ProtocolError) as exc:
+            except (TimeoutError, OSError, EOFError, ConnectionClosed, InvalidHandshake, P.ProtocolError) as exc:
+                # EOFError: a connection closed before the pod's answer (a kernel that dies meanwhile); websockets
+                # 14 raises it as it is, later versions wrap it in InvalidMessage (an InvalidHandshake)
                 last_error = exc
             if time.monotonic() >= deadline:
                 why = f"{self.last_drop}, and " if reconnecting and self.last_drop else ""
