@@ -30,7 +30,7 @@ SRC_DIR = "/opt/kt/src"
 #: An emptyDir that survives container restarts: dependencies, pip's cache, HOME and the user site.
 CACHE_DIR = "/opt/kt/cache"
 #: What the pod kernel needs besides the standard library, at the oldest versions it works with.
-POD_KERNEL_DEPS = ("websockets>=14", "cloudpickle>=3.0", "ipython>=8.20", "psutil>=5.9")
+POD_KERNEL_DEPS = ("websockets>=14", "cloudpickle>=3.0", "ipython>=9.0", "psutil>=5.9")
 #: The notebook's settings for reaching a package index, passed on to the pod (through its Secret).
 INSTALL_ENV_VARS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "HTTP_PROXY", "HTTPS_PROXY",
                     "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
