@@ -71,43 +71,53 @@ MEANING = {
 WRITES = {"c_sn1": ("c_sn0", "p_dr", "of which the notebook's write call"),
           "p_sn1": ("p_sn0", "c_dr", "of which the pod's write call")}
 
-#: The pod kernel's part: wraps its functions when ``pod_kernel.server`` is imported (a path hook), records.
-POD_SITECUSTOMIZE = '''
-import importlib.abc, importlib.machinery, json, os, sys, time
+class Stamps:
+    """One process's timestamps of the cell that runs now, by step (both processes use it)."""
 
-_OUT, _rows, _now = os.environ["KT_CELL_PATH_STAMPS"], [], {}
+    def __init__(self) -> None:
+        self.now: dict[str, float] = {}
 
+    def mark(self, step: str) -> None:
+        """Stamp ``step`` now, unless it was stamped already for this cell."""
+        self.now.setdefault(step, time.perf_counter())
 
-def _mark(step):
-    _now.setdefault(step, time.perf_counter())
-
-
-def _patch():
-    from pod_kernel import executor, server, wsconn
-
-    def wrap(cls, name, before, after=None, until=None):
-        """Stamp ``before`` as ``name`` starts (the latest call until ``until`` is stamped, if given; else the
-        first) and ``after`` as it returns."""
+    def wrap(self, cls: Any, name: str, before: str, after: str | None = None, until: str | None = None) -> None:
+        """Stamp ``before`` as ``cls.name`` starts (its latest call before ``until`` is stamped, if given; else
+        its first) and ``after`` as it returns."""
         original = getattr(cls, name)
 
-        def wrapper(*args, **kwargs):
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             if until is None:
-                _mark(before)
-            elif until not in _now:
-                _now[before] = time.perf_counter()
+                self.mark(before)
+            elif until not in self.now:
+                self.now[before] = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
                 if after:
-                    _mark(after)
+                    self.mark(after)
         setattr(cls, name, wrapper)
 
+
+#: The pod kernel's part: wraps its functions when ``pod_kernel.server`` is imported (a path hook), records.
+POD_SITECUSTOMIZE = '''
+import importlib.abc, importlib.machinery, json, os, sys
+
+_OUT, _rows = os.environ["KT_CELL_PATH_STAMPS"], []
+
+
+def _patch():
+    from benchmarks.cell_path import Stamps
+    from pod_kernel import executor, server, wsconn
+
+    stamps = Stamps()
+    wrap, _now = stamps.wrap, stamps.now
     wrap(server.KtServerConnection, "data_received", "p_dr", until="p_parsed")  # not a heartbeat's before it
     process_event = wsconn.DirectReads.process_event
 
     def process_event_wrapper(self, event):
         if getattr(event, "opcode", None) is wsconn.Opcode.BINARY:  # a message, not a ping
-            _mark("p_parsed")
+            stamps.mark("p_parsed")
         return process_event(self, event)
     wsconn.DirectReads.process_event = process_event_wrapper
     wrap(server.PodKernelServer, "_queue_cell", "p_q0", "p_q1")
@@ -116,11 +126,11 @@ def _patch():
     run = executor.Executor.run
 
     def run_wrapper(self, job):
-        _mark("p_run0")
+        stamps.mark("p_run0")
         try:
             return run(self, job)
         finally:
-            _mark("p_run1")
+            stamps.mark("p_run1")
             _rows.append(dict(_now))
             _now.clear()
             if len(_rows) % 10 == 0:
@@ -160,9 +170,9 @@ def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="kt-cell-path-"))
     (workdir / "site").mkdir()
     (workdir / "site" / "sitecustomize.py").write_text(textwrap.dedent(POD_SITECUSTOMIZE))
-    stamps = workdir / "pod-stamps.json"
+    pod_file = workdir / "pod-stamps.json"
     os.environ["KT_HOME"] = str(workdir / "kt-home")  # a kernel started ahead elsewhere would have no hook
-    os.environ["KT_CELL_PATH_STAMPS"] = str(stamps)
+    os.environ["KT_CELL_PATH_STAMPS"] = str(pod_file)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(workdir / "site"), str(ROOT),
                                                            os.environ.get("PYTHONPATH")) if p)
     from IPython.testing.globalipapp import get_ipython
@@ -172,27 +182,9 @@ def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
 
     shell = get_ipython()
     shell.run_line_magic("load_ext", "kt_jupyter")  # after PYTHONPATH: its kernel started ahead has the hook
-    now: dict[str, float] = {}
+    stamps = Stamps()
+    now, mark, wrap = stamps.now, stamps.mark, stamps.wrap
     rows: list[dict[str, float]] = []
-
-    def mark(step: str) -> None:
-        now.setdefault(step, time.perf_counter())
-
-    def wrap(cls: Any, name: str, before: str, after: str | None = None, until: str | None = None) -> None:
-        """As the pod's ``wrap`` (see POD_SITECUSTOMIZE)."""
-        original = getattr(cls, name)
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if until is None:
-                mark(before)
-            elif until not in now:
-                now[before] = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                if after:
-                    mark(after)
-        setattr(cls, name, wrapper)
 
     wrap(handshake.KtClientConnection, "data_received", "c_dr", until="c_er")  # the reply's, not a pong's
     wrap(transport.Transport, "_on_execute_reply", "c_er")
@@ -221,7 +213,7 @@ def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
         deadline = time.monotonic() + 10
         pod: list[dict[str, float]] = []
         while time.monotonic() < deadline:  # the pod writes its stamps each 10 cells
-            pod = json.loads(stamps.read_text()) if stamps.exists() else []
+            pod = json.loads(pod_file.read_text()) if pod_file.exists() else []
             if len(pod) >= warmup + cells:
                 break
             time.sleep(0.05)
