@@ -52,11 +52,11 @@ STEPS = ["c_t0", "c_sn0", "p_dr", "p_parsed", "p_q0", "p_q1", "p_run0", "p_uc0",
 #: What each step's interval is, for the table (keyed by the step it ends at).
 MEANING = {
     "c_sn0": "the notebook's work before the request leaves (IPython's and the magic's)",
-    "p_dr": "the request written, the pod's network thread woken with it",
-    "p_parsed": "websockets parses the frame",
+    "p_dr": "the request written, the pod woken with it (its network thread; on a lane, its main thread)",
+    "p_parsed": "websockets parses the frame (on a lane: the frame read)",
     "p_q0": "the execute decoded and checked",
     "p_q1": "the cell queued",
-    "p_run0": "the pod's main thread woken",
+    "p_run0": "the pod's main thread woken (on a lane: already)",
     "p_uc0": "the pod's bookkeeping before the cell",
     "p_uc1": "IPython runs the cell on the pod",
     "p_sn0": "the pod's bookkeeping after the cell, the reply built",
@@ -119,6 +119,9 @@ def _patch():
             stamps.mark("p_parsed")
         return process_event(self, event)
     wsconn.DirectReads.process_event = process_event_wrapper
+    from pod_kernel import lanes  # a lane's execute: read by the main thread itself
+    wrap(lanes.Lane, "read", "p_dr", until="p_parsed")
+    wrap(server.PodKernelServer, "_lane_frame", "p_parsed")
     wrap(server.PodKernelServer, "_queue_cell", "p_q0", "p_q1")
     wrap(executor.Executor, "_user_code", "p_uc0", "p_uc1")
     wrap(wsconn.DirectWrites, "send_now", "p_sn0", "p_sn1")
@@ -177,7 +180,7 @@ def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
     from IPython.testing.globalipapp import get_ipython
 
     from kt_jupyter.client import handshake, session, transport
-    from pod_kernel import wsconn
+    from pod_kernel import lanes, wsconn
 
     shell = get_ipython()
     shell.run_line_magic("load_ext", "kt_jupyter")  # after PYTHONPATH: its kernel started ahead has the hook
@@ -188,6 +191,7 @@ def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
     wrap(handshake.KtClientConnection, "data_received", "c_dr", until="c_er")  # the reply's, not a pong's
     wrap(transport.Transport, "_on_execute_reply", "c_er")
     wrap(wsconn.DirectWrites, "send_now", "c_sn0", "c_sn1")
+    wrap(lanes.ClientLane, "send", "c_sn0", "c_sn1")
     queue_module = session.queue
 
     class StampedQueue(queue_module.SimpleQueue):

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol as P
+from .lanes import ACK
 
 log = logging.getLogger("pod_kernel.bulk")
 
@@ -247,6 +248,8 @@ class Ticket:
     #: a spare ticket (see :meth:`BulkServer.reserve`): set once a push header bound it, or refused it
     bound: threading.Event | None = None
     refused: bool = False
+    #: a lane ticket (see :meth:`BulkServer.issue_lane`): takes the connection that presents it
+    on_lane: Callable[[socket.socket], bool] | None = None
 
     def release(self) -> None:
         """Give the parts' memory back now: maps unmapped, views released (a failed or dropped transfer)."""
@@ -292,6 +295,17 @@ class BulkServer:
         with self._lock:
             self._tickets[ticket] = Ticket(receive, parts, on_done, time.monotonic() + self.ticket_ttl_s,
                                            owner, prepare, {} if digests is None else digests)
+        return ticket.hex()
+
+    def issue_lane(self, owner: object, on_lane: Callable[[socket.socket], bool]) -> str:
+        """A one-time ticket (hex) for a lane (:mod:`pod_kernel.lanes`) of ``owner``'s: the connection that
+        presents it is handed to ``on_lane`` in the accept thread and, when that takes it (True), answered
+        :data:`~pod_kernel.lanes.ACK`. It expires like any ticket, and is revoked with ``owner``."""
+        ticket = secrets.token_bytes(TICKET_BYTES)
+        self.expire()
+        with self._lock:
+            self._tickets[ticket] = Ticket(False, [], _no_report, time.monotonic() + self.ticket_ttl_s, owner,
+                                           on_lane=on_lane)
         return ticket.hex()
 
     def reserve(self, owner: object) -> str | None:
@@ -447,6 +461,15 @@ class BulkServer:
             ticket = self._tickets.pop(state[0], None)
         if ticket is None:
             conn.close()  # unknown, reused, expired or revoked ticket: nothing is read or sent
+            return
+        if ticket.on_lane is not None:
+            try:
+                if ticket.on_lane(conn):
+                    conn.send(ACK)  # one byte into an empty socket: it takes it
+                    return
+            except Exception:  # the client went meanwhile
+                log.debug("a lane could not start", exc_info=True)
+            conn.close()
             return
         conn.settimeout(IDLE_TIMEOUT_S)
         try:

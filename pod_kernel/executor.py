@@ -38,6 +38,7 @@ from .calls import call_sink
 from .cellfiles import CellFileError, CellFiles, write_cell_file  # noqa: F401  (server.py imports it here)
 from .coherence import CellCheck, StateTracker
 from .debugging import DEBUG_SERVER, QUIT_MESSAGE, InputRelay, is_quit, post_mortem, when_a_debugger_starts
+from .lanes import Lane, LaneSet
 from .outbox import Outbox
 from .protocol import exception_payload, type_name
 
@@ -340,27 +341,57 @@ Job = CellJob | NamespaceJob | _Stop
 
 
 class JobQueue:
-    """The main thread's jobs, first in first out, from any thread.
+    """The main thread's jobs, first in first out, from any thread, and the lanes it reads while it waits.
 
-    A job waits in a deque; each put also puts a token in a ``SimpleQueue``, on
-    which the main thread waits. That one is C: here a put cost the network
-    thread 8 us and the main thread ran 53 us later, against 26-31 us and 80 us
-    for ``queue.Queue`` (whose waiter, once woken, contends for its condition's lock).
+    A job waits in a deque. With no lane open, each put also puts a token in a
+    ``SimpleQueue``, on which the main thread waits. That one is C: here a put
+    cost the network thread 8 us and the main thread ran 53 us later, against
+    26-31 us and 80 us for ``queue.Queue`` (whose waiter, once woken, contends
+    for its condition's lock). With lanes (:mod:`pod_kernel.lanes`), the main
+    thread waits in ``poll()`` on them and a wake pipe, which a put writes to
+    while it sleeps there.
     """
 
     def __init__(self) -> None:
         self._jobs: collections.deque[Job] = collections.deque()
         self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.lanes = LaneSet()
+        #: whether the main thread waits on the lanes (True once one was added: from then on, always)
+        self._polling = False
 
     def put(self, job: Job) -> None:
         """Queue ``job`` (any thread)."""
-        self._jobs.append(job)  # before its token: a token taken always finds a job
-        self._tokens.put(None)
+        self._jobs.append(job)  # before its token or wake-up: a woken main thread always finds it
+        if not self._polling:
+            self._tokens.put(None)
+        elif self.lanes.sleeping:
+            self.lanes.wake()
+
+    def add_lane(self, lane: Lane) -> None:
+        """Read ``lane`` while waiting for jobs (any thread)."""
+        self._polling = True
+        self._tokens.put(None)  # a main thread waiting on the tokens wakes, and waits on the lanes from now on
+        self.lanes.add(lane)
 
     def get(self, timeout: float) -> Job:
         """The next job (the main thread only); queue.Empty after ``timeout`` seconds without one."""
-        self._tokens.get(timeout=timeout)
-        return self._jobs.popleft()
+        if not self._polling:
+            self._tokens.get(timeout=timeout)
+            if self._jobs or not self._polling:
+                return self._jobs.popleft()
+        while True:  # a job put before the switch to the lanes may have left a token: harmless, never read again
+            if self._jobs:
+                return self._jobs.popleft()
+            lanes = self.lanes
+            lanes.sleeping = True
+            try:
+                if self._jobs:  # put after the check above, when it did not know we would sleep
+                    continue
+                lanes.wait(timeout)  # reading a lane may queue a cell (a put from this thread)
+            finally:
+                lanes.sleeping = False
+            if not self._jobs:
+                raise queue.Empty
 
     def qsize(self) -> int:
         """How many jobs are queued now."""
@@ -522,6 +553,7 @@ class Executor:
         self._interrupt_pending = False
         self.last_traceback = []
         payload = b""
+        self.jobs.lanes.cell_started(job.outbox)
         try:
             self.current = job
             if job.gate is not None and job.gate.done() and job.gate.exception() is not None:
@@ -578,6 +610,7 @@ class Executor:
                 self.current = None
             self.shell.compile.next_name = None
             self._restore_sigint()
+            self.jobs.lanes.cell_ended()
         self.cells_run += 1
         reply.update(type="execute_reply", id=job.req_id, execution_count=self.shell.execution_count - 1)
         job.outbox.append(reply, payload, now=True)  # the notebook waits for it: written from here at once

@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import traceback
@@ -37,6 +38,7 @@ from .bulk import BULK_MIN_BYTES, SPARES_PER_OWNER, BulkServer, listen_socket
 from .calls import CallRunner
 from .codesync import CodeSync
 from .executor import CellJob, Executor, write_cell_file
+from .lanes import Lane, LaneError
 from .metrics import MetricsSampler
 from .outbox import Outbox
 from .pushes import Pushes
@@ -159,6 +161,8 @@ class PodKernelServer:
         self._tasks: set[asyncio.Task] = set()
         #: pushes an execute may follow (``after``): their outcomes, and the cells queued behind their values
         self.pushes = Pushes(executor)
+        #: executes come from the network thread and, through lanes, the main thread: one is queued at a time
+        self._queue_lock = threading.Lock()
         self.handlers: dict[str, Callable[[Session, ServerConnection, dict, memoryview], Awaitable[None]]] = {
             "execute": self.on_execute,
             "interrupt": self.on_interrupt,
@@ -359,6 +363,8 @@ class PodKernelServer:
                 "bulk_port": self.bulk.port,
                 # pushes that name one send their bytes at once (see pod_kernel/bulk.py)
                 "bulk_spares": [t for t in (self.bulk.reserve(ws) for _ in range(SPARES_PER_OWNER)) if t],
+                # executes straight to the main thread (see pod_kernel/lanes.py)
+                "lane": self.bulk.issue_lane(ws, partial(self._lane_opened, session, ws)),
                 "detached": self._detached_report(session),
             }
         )
@@ -419,14 +425,56 @@ class PodKernelServer:
             if pump is not None:
                 pump.cancel()
             self.bulk.revoke(ws)  # its unused tickets: nobody can present them now; their buffers go at once
-            if session.ws is ws:
+            detached = session.ws is ws
+            if detached:
                 session.ws = None
+            self.executor.jobs.lanes.close_owned_by(ws)  # after session.ws: see _lane_opened
+            if detached:
                 session.detached_seq, session.detached_at = session.sent_seq, time.time()
                 if session.outbox.last_seq == 0 and not session.seen_exec:
                     self.sessions.pop(sid, None)  # nothing to replay: nothing to keep
                 else:
                     self.running_loop.call_later(SESSION_KEEP_S, self._forget_session, sid)
                     self._cap_detached_sessions()
+
+    # ------------------------------------------------------------------ lanes (pod_kernel/lanes.py)
+
+    def _lane_opened(self, session: Session, ws: ServerConnection, sock: socket.socket) -> bool:
+        """A client presented its connection's lane ticket (in the bulk channel's accept thread): the main
+        thread reads that lane from now on, until the connection closes. False: its connection closed (or
+        was replaced) meanwhile."""
+        if session.ws is not ws:
+            return False
+        self.executor.jobs.add_lane(Lane(sock, ws, session.outbox, on_frame=partial(self._lane_frame, session, ws),
+                                         on_broken=partial(self._lane_broken, ws)))
+        if session.ws is not ws:  # closed while it was added: its close may have missed it
+            self.executor.jobs.lanes.close_owned_by(ws)
+            return False
+        return True
+
+    def _lane_frame(self, session: Session, ws: ServerConnection, frame: bytes) -> None:
+        """One frame from a lane (the main thread, or the lane watcher): an execute that runs at once, queued as
+        :meth:`on_execute` queues one; anything else breaks the protocol."""
+        header, _payload = P.decode_frame(frame)
+        if header["type"] != "execute":
+            raise LaneError(f"a lane carries executes only, not {header['type']!r}")
+        P.check_request(header)
+        if header.get("after") is not None:
+            raise LaneError("an execute that follows a push ('after') goes over the WebSocket")
+        self.last_activity = time.monotonic()
+        try:
+            self._queue_cell(session, header)
+        except Exception as exc:  # answered as _dispatch answers a request that failed
+            self.running_loop.call_soon_threadsafe(self._in_background, self._send_error(ws, header["id"], exc))
+
+    def _lane_broken(self, ws: ServerConnection, why: str, refused: bool) -> None:
+        """A lane ended by itself: when it broke the protocol, its connection is closed too (the client sends
+        again, on its next connection, what it had written on either)."""
+        if not refused:
+            return
+        log.warning("closing a connection whose lane broke the protocol: %s", why)
+        if isinstance(ws, KtServerConnection):
+            self.running_loop.call_soon_threadsafe(ws.refuse, f"lane: {why}")
 
     def _detached_report(self, joining: Session) -> list[dict[str, Any]]:
         """Sessions with no client whose output nobody saw, or whose cell still runs (a notebook that
@@ -752,13 +800,15 @@ class PodKernelServer:
         self._queue_cell(session, header)
 
     def _queue_cell(self, session: Session, header: dict) -> None:
-        """:meth:`on_execute`'s work, on the loop's thread (also straight from a parsed frame: see handle)."""
+        """:meth:`on_execute`'s work, on the loop's thread (also straight from a parsed frame: see handle), or on
+        the main thread for an execute from a lane (:meth:`_lane_frame`)."""
         req_id = header["id"]
-        if req_id in session.seen_exec:  # a client resending after a reconnect
-            return
-        session.seen_exec[req_id] = None
-        while len(session.seen_exec) > SEEN_IDS_KEPT:
-            session.seen_exec.pop(next(iter(session.seen_exec)))
+        with self._queue_lock:
+            if req_id in session.seen_exec:  # a client resending after a reconnect (or on its lane and after it)
+                return
+            session.seen_exec[req_id] = None
+            while len(session.seen_exec) > SEEN_IDS_KEPT:
+                session.seen_exec.pop(next(iter(session.seen_exec)))
         cell_name, label = header.get("cell_name"), header.get("cell_label")
         post_mortem, requires, after = header.get("post_mortem"), header.get("requires"), header.get("after")
         job = CellJob(req_id, header["code"], session.outbox,

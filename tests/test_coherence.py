@@ -139,9 +139,10 @@ def test_one_round_trip_per_cell(ip, monkeypatch):
     the pod lost is sent again before the cell runs."""
     from kt_jupyter.client.handshake import KtClientConnection
     from pod_kernel import protocol as P
+    from pod_kernel.lanes import ClientLane
 
     sent: list[str] = []  # request frames, as written (by the caller's thread or the client loop), in order
-    send, send_now = KtClientConnection.send, KtClientConnection.send_now
+    send, send_now, lane_send = KtClientConnection.send, KtClientConnection.send_now, ClientLane.send
 
     def record(frame) -> None:
         kind = P.decode_frame(frame)[0]["type"]
@@ -158,8 +159,15 @@ def test_one_round_trip_per_cell(ip, monkeypatch):
             record(message)
         return written
 
+    def recording_lane(self, frame):
+        written = lane_send(self, frame)
+        if written:
+            record(frame)
+        return written
+
     monkeypatch.setattr(KtClientConnection, "send", recording)
     monkeypatch.setattr(KtClientConnection, "send_now", recording_now)
+    monkeypatch.setattr(ClientLane, "send", recording_lane)  # a cell's execute on its lane (pod_kernel/lanes.py)
     ip.user_ns["v"] = [1, 2]
     run(ip, "%%kt\nw = len(v)")
     assert "push" in sent and ip.user_ns["w"] == 2

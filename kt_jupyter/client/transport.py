@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from pod_kernel import protocol as P
 from pod_kernel.bulk import BULK_MIN_BYTES, client_transfer, parse_ticket
+from pod_kernel.lanes import ClientLane, open_lane
 
 from ..errors import AuthError, ConnectionLostError, KernelDiedError, KtError, ProtocolMismatchError, TransferError
 from .exceptions import rebuild_exception
@@ -93,6 +94,9 @@ class _Conn:
     welcome: dict[str, Any]
     #: spare bulk tickets the pod gave this connection: a push naming one sends its bytes at once
     spares: list[str] = field(default_factory=list)
+    #: this connection's lane ticket until the lane is asked for (see :mod:`pod_kernel.lanes`), and the lane
+    lane_ticket: str | None = None
+    lane: ClientLane | None = None
 
 
 #: Spare bulk tickets a connection keeps at most (the pod hands out two).
@@ -172,6 +176,9 @@ class Transport:
         #: follows them is on the wire: an execute naming one in ``after`` is sent only then
         self._preceding: dict[str, asyncio.Future[None]] = {}
         self._streams: dict[str, OutputCallback] = {}
+        self._lane_tasks: set[asyncio.Future[None]] = set()
+        #: whether an execute was sent in this session (its connections then open a lane)
+        self._runs_cells = False
         self._pending: dict[str, _Pending] = {}
         self._closed = False
         self._dead: KtError | None = None
@@ -213,6 +220,7 @@ class Transport:
         ex = _Execution(on_output, loop.create_future(), answers_input=answers_input and on_output is not None,
                         on_reply=on_reply, start_watch=start_watch)
         self._executions[req_id] = ex  # first: its reply may come before the loop runs anything of ours
+        self._runs_cells = True  # its connections open a lane (see _open_lane)
         conn = self._conn
         if not send or conn is None or conn.closed.done():
             return ex, None
@@ -220,9 +228,45 @@ class Transport:
             frame = P.encode_frame(header)
         except P.ProtocolError:  # too big for a header: the loop's send says so
             return ex, None
+        lane = conn.lane
+        # on the lane only when no request of this session waits for its reply: the pod's main thread reads the
+        # lane at once, maybe before its network thread read what went before on the WebSocket
+        if lane is not None and not self._pending and lane.send(frame):
+            ex.sent_on = conn
+            return ex, conn
+        if lane is None and conn.lane_ticket is not None:  # for the next cells (this one cannot wait for it)
+            loop.call_soon_threadsafe(self._open_lane, conn)
         if conn.ws.send_now(frame):
             ex.sent_on = conn
         return ex, ex.sent_on
+
+    def _open_lane(self, conn: _Conn) -> None:
+        """On the client loop: connect ``conn``'s lane in a worker thread (once); the next executes go on it.
+        Asked for by the first execute, and by each new connection of a session that ran one."""
+        ticket, conn.lane_ticket = conn.lane_ticket, None
+        if ticket is None or conn.closed.done():
+            return
+
+        def connect_lane() -> Any:
+            address = self._bulk_address(conn)  # a port-forward's, on Kubernetes: maybe started now
+            return None if address is None else open_lane(address, ticket)
+
+        async def connect() -> None:
+            try:
+                sock = await asyncio.to_thread(connect_lane)
+            except Exception as exc:  # the WebSocket serves on: executes go on it, as without a lane
+                log.debug("no lane to %s: %s", self.name, exc)
+                return
+            if sock is None:
+                return
+            if conn.closed.done():
+                sock.close()
+            else:
+                conn.lane = ClientLane(sock)
+
+        task = asyncio.ensure_future(connect())
+        self._lane_tasks.add(task)
+        task.add_done_callback(self._lane_tasks.discard)
 
     def _watch(self, ex: _Execution) -> concurrent.futures.Future[Any] | None:
         """The coroutine that follows ``ex`` to its end: started now if it was not (once, from any thread).
@@ -288,6 +332,8 @@ class Transport:
         self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None:
+            if conn.lane is not None:
+                conn.lane.close()
             await conn.ws.close()
 
     # ------------------------------------------------------------------ sending
@@ -362,8 +408,8 @@ class Transport:
             if on_progress is not None:
                 on_progress(sent, total)
 
-    def _bulk_address(self) -> tuple[str, int] | None:
-        conn = self._conn
+    def _bulk_address(self, conn: _Conn | None = None) -> tuple[str, int] | None:
+        conn = conn or self._conn
         port = conn.welcome.get("bulk_port") if conn is not None else None
         if port and self.bulk_resolver is not None:  # reached through a forward (Kubernetes)
             return self.bulk_resolver(int(port))
@@ -454,8 +500,11 @@ class Transport:
         if "pickle" not in self.allowed_serialization:
             self.accept_pickle = False
         closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        conn = _Conn(ws, closed, welcome, _spare_tickets(welcome.get("bulk_spares")))
+        conn = _Conn(ws, closed, welcome, _spare_tickets(welcome.get("bulk_spares")),
+                     lane_ticket=welcome["lane"] if parse_ticket(welcome.get("lane")) is not None else None)
         asyncio.create_task(self._read(conn))
+        if self._runs_cells:
+            self._open_lane(conn)
         return conn
 
     def _fail_all(self, exc: KtError) -> None:
@@ -489,6 +538,8 @@ class Transport:
         """``conn`` is closed, or no longer read: what waited on it is resent or fails."""
         if not conn.closed.done():
             conn.closed.set_result(None)
+        if conn.lane is not None:
+            conn.lane.close()
         self._watch_all()  # after closed is set: an execute registered later sees it, and is not written on it
         for pending in self._pending.values():
             pending.assembler = None  # a bundle cut mid-way is requested again

@@ -1,0 +1,227 @@
+"""Lanes (pod_kernel/lanes.py): a session's executes straight to the pod kernel's main thread.
+
+Real pod kernels and sockets on 127.0.0.1. What must hold: executes go on the lane once it is open, and run
+there even while the pod's network loop is busy; an execute sent on both the lane and the WebSocket runs once;
+a lane ticket opens one lane, for its own connection only, and dies with it; a lane frame that breaks the
+protocol closes the lane and its connection, and the session goes on; a cell that waits behind another
+session's cell is told so at once, lane or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import random
+import socket
+import struct
+import threading
+import time
+import uuid
+
+import pytest
+
+from pod_kernel import protocol as P
+from pod_kernel.executor import JobQueue
+from pod_kernel.lanes import MAX_LANE_FRAME, Lane, LaneError, lane_frame, open_lane
+from tests.test_direct_writes import _block_loop_code
+
+
+def _wait_for_lane(session, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        conn = session._conn
+        if conn is not None and conn.lane is not None:
+            return conn.lane
+        time.sleep(0.01)
+    raise AssertionError("the session opened no lane")
+
+
+def _closed_by_peer(sock: socket.socket, timeout_s: float = 10.0) -> bool:
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _fresh_ticket(handle) -> tuple[object, str, tuple[str, int]]:
+    """A new session, connected, and its connection's lane ticket (the session opens no lane of its own yet)."""
+    session = handle.session()
+    welcome = session.connect()
+    return session, welcome["lane"], ("127.0.0.1", int(welcome["bulk_port"]))
+
+
+def test_cells_go_on_the_lane_and_run_while_the_pods_network_loop_is_busy(kernel, tmp_path):
+    _, session = kernel
+    session.execute("pass")  # the first cell goes on the WebSocket and asks for the lane
+    lane = _wait_for_lane(session)
+    sent = lane.sent
+    assert session.execute("21 * 2").data == {"text/plain": "42"}
+    assert lane.sent == sent + 1
+    # the pod's network thread sleeps 1.5 s: a cell on the lane runs at once all the same (its main thread read
+    # it), and its output and reply come when the network thread is back
+    session.execute(_block_loop_code(1.5))
+    marker = tmp_path / "ran"
+    t0 = time.monotonic()
+    done = threading.Thread(target=session.execute, args=(f"open({str(marker)!r}, 'w').close()",))
+    done.start()
+    while not marker.exists() and time.monotonic() - t0 < 1.2:
+        time.sleep(0.005)
+    assert marker.exists(), "the cell did not run while the pod's network loop was busy"
+    done.join(30)
+    seen: list[str] = []
+    session.execute("print('after')", on_output=lambda m: seen.append(m.get("text", "")))
+    assert seen == ["after\n"]
+
+
+def test_an_execute_on_the_lane_and_again_on_the_websocket_runs_once(kernel):
+    _, session = kernel
+    session.execute("runs = 0")
+    lane = _wait_for_lane(session)
+    frame = P.encode_frame({"type": "execute", "id": f"twice-{uuid.uuid4().hex[:8]}", "code": "runs += 1"})
+    assert lane.send(frame)
+    assert session._conn.ws.send_now(frame)  # as a resend after a reconnect would
+    time.sleep(0.3)
+    assert session.execute("runs").data == {"text/plain": "1"}
+
+
+def test_a_lane_ticket_opens_one_lane_for_its_own_connection_and_dies_with_it(kernel):
+    handle, _ = kernel
+    other, other_ticket, address = _fresh_ticket(handle)
+    session, ticket, _ = _fresh_ticket(handle)
+    try:
+        sock = open_lane(address, ticket)
+        with pytest.raises((LaneError, OSError)):  # used once already
+            open_lane(address, ticket).close()
+        with pytest.raises((LaneError, OSError)):  # not a ticket at all
+            open_lane(address, "00" * 32).close()
+        # an execute on it runs in its session: the reply comes on that session's WebSocket
+        sock.setblocking(True)
+        replies: queue.SimpleQueue = queue.SimpleQueue()
+        session.on_unsolicited = replies.put
+        sock.sendall(lane_frame(P.encode_frame({"type": "execute", "id": "on-a-lane", "code": "lane_ran = 1"})))
+        reply = replies.get(timeout=10)
+        assert reply["type"] == "execute_reply" and reply["id"] == "on-a-lane" and reply["status"] == "ok"
+        # the other connection's ticket still works, once; the lane's connection closing closes the lane
+        open_lane(address, other_ticket).close()
+        session.close()
+        assert _closed_by_peer(sock), "the lane outlived its connection"
+        sock.close()
+        # a ticket whose connection closed before it was used opens nothing
+        third, third_ticket, _ = _fresh_ticket(handle)
+        third.close()
+        time.sleep(0.2)
+        with pytest.raises((LaneError, OSError)):
+            open_lane(address, third_ticket).close()
+    finally:
+        other.close()
+        session.close()
+
+
+def _bad_frames() -> list[tuple[str, bytes]]:
+    execute = {"type": "execute", "id": "x", "code": "lane_bad = 1"}
+    rng = random.Random(21)
+    return [
+        ("not an execute", lane_frame(P.encode_frame({"type": "ping", "id": "p"}))),
+        ("an execute after a push", lane_frame(P.encode_frame(dict(execute, after="push-1")))),
+        ("an execute without code", lane_frame(P.encode_frame({"type": "execute", "id": "x"}))),
+        ("a header that is not JSON", lane_frame(struct.pack(">I", 5) + b"{oops")),
+        ("too big", struct.pack(">I", MAX_LANE_FRAME + 1) + bytes(64)),
+        ("random bytes", rng.randbytes(4096)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_frames())), ids=[name for name, _ in _bad_frames()])
+def test_a_lane_frame_that_breaks_the_protocol_closes_the_lane_and_its_connection(kernel, case):
+    handle, _ = kernel
+    session, ticket, address = _fresh_ticket(handle)
+    try:
+        sock = open_lane(address, ticket)
+        sock.setblocking(True)
+        with contextlib.suppress(OSError):
+            sock.sendall(_bad_frames()[case][1])
+        assert _closed_by_peer(sock), "the lane stayed open"
+        sock.close()
+        deadline = time.monotonic() + 10
+        while session.reconnects == 0 and time.monotonic() < deadline:  # its connection was closed: it reconnects
+            with contextlib.suppress(Exception):
+                session.execute("pass")
+            time.sleep(0.05)
+        assert session.reconnects >= 1
+        assert session.execute("'lane_bad' in globals()").data == {"text/plain": "False"}
+    finally:
+        session.close()
+
+
+def test_a_lane_cell_behind_another_sessions_cell_is_told_so_at_once(kernel):
+    handle, first = kernel
+    second = handle.session()
+    try:
+        for s in (first, second):
+            s.execute("pass")
+            _wait_for_lane(s)
+        long_cell = threading.Thread(target=first.execute, args=("import time; time.sleep(2.0)",))
+        long_cell.start()
+        time.sleep(0.3)  # it runs
+        notices: list[float] = []
+        t0 = time.monotonic()
+        second.execute("pass", on_output=lambda m: notices.append(time.monotonic() - t0)
+                       if m["type"] == "notice" and "another notebook" in m.get("text", "") else None)
+        long_cell.join(30)
+        assert notices and notices[0] < 1.0, f"the waiting cell was told only after {notices} s"
+    finally:
+        second.close()
+
+
+# ---------------------------------------------------------------------- the pod's end, in this process
+
+
+def _lane_pair(frames: list[bytes], broken: list[tuple[str, bool]]) -> tuple[socket.socket, Lane]:
+    a, b = socket.socketpair()
+    return a, Lane(b, owner="conn", session="s", on_frame=frames.append,
+                   on_broken=lambda why, refused: broken.append((why, refused)))
+
+
+def test_a_lane_reads_frames_cut_anywhere_and_several_at_once():
+    frames: list[bytes] = []
+    broken: list[tuple[str, bool]] = []
+    client, lane = _lane_pair(frames, broken)
+    wire = b"".join(lane_frame(b"frame-%d" % i + bytes(i * 97)) for i in range(40))
+    rng = random.Random(3)
+    at = 0
+    while at < len(wire):
+        step = rng.randrange(1, 400)
+        client.sendall(wire[at:at + step])
+        at += step
+        lane.read()
+    assert frames == [b"frame-%d" % i + bytes(i * 97) for i in range(40)]
+    client.close()
+    lane.read()
+    assert broken == [("closed by the client", False)] and lane.closed
+
+
+def test_the_job_queue_wakes_its_waiter_for_jobs_and_lane_frames_in_order():
+    jobs = JobQueue()
+    frames: list[bytes] = []
+    client, lane = _lane_pair(frames, [])
+    got: list = []
+
+    def main() -> None:
+        while len(got) < 200:
+            with contextlib.suppress(queue.Empty):
+                got.append(jobs.get(timeout=0.05))
+
+    lane.on_frame = jobs.put  # a frame queues a job, as the server's does
+    jobs.add_lane(lane)
+    waiter = threading.Thread(target=main)
+    waiter.start()
+    for i in range(100):
+        jobs.put(("put", i))
+        client.sendall(lane_frame(b"%d" % i))
+        time.sleep(0.001 * (i % 3))
+    waiter.join(30)
+    assert [j for j in got if isinstance(j, tuple)] == [("put", i) for i in range(100)]
+    assert [j for j in got if isinstance(j, bytes)] == [b"%d" % i for i in range(100)]
+    client.close()
