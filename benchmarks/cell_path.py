@@ -20,8 +20,10 @@ wrapped, in order of a cell):
 - ``p_run0``: the pod's main thread starts it (``Executor.run``); ``p_uc0``/``p_uc1``:
   IPython runs the cell (``Executor._user_code``); ``p_sn0``/``p_sn1``: the main
   thread writes the reply;
-- ``c_dr``: the notebook's network thread has the reply's bytes;
-  ``c_er``: its handler (``Transport._on_execute_reply``); ``c_got``: the notebook's
+- ``c_dr``: the notebook's network thread has the reply's bytes (on a lane: the
+  notebook's thread reads them, ``ClientLane.read_frames``);
+  ``c_er``: its handler (``Transport._on_execute_reply``; on a lane
+  ``Transport._took_lane_reply``); ``c_got``: the notebook's
   thread has it; ``c_t1``: the cell is done.
 
 Then, for scale, a local ``pass`` and a no-op cell magic, the same way. Prints a
@@ -60,9 +62,9 @@ MEANING = {
     "p_uc0": "the pod's bookkeeping before the cell",
     "p_uc1": "IPython runs the cell on the pod",
     "p_sn0": "the pod's bookkeeping after the cell, the reply built",
-    "c_dr": "the reply written, the notebook's network thread woken with it",
-    "c_er": "websockets parses the reply, it is routed",
-    "c_got": "the notebook's thread woken",
+    "c_dr": "the reply written, the notebook woken with it (its network thread; on a lane, its own thread)",
+    "c_er": "websockets parses the reply, it is routed (on a lane: the frame read and checked)",
+    "c_got": "the notebook's thread woken (on a lane: already)",
     "c_t1": "the notebook's work after the reply",
 }
 #: The writes themselves, apart (the receiver may have the bytes before the writer's system call returns):
@@ -125,6 +127,7 @@ def _patch():
     wrap(server.PodKernelServer, "_queue_cell", "p_q0", "p_q1")
     wrap(executor.Executor, "_user_code", "p_uc0", "p_uc1")
     wrap(wsconn.DirectWrites, "send_now", "p_sn0", "p_sn1")
+    wrap(lanes.Lane, "write", "p_sn0", "p_sn1")
     run = executor.Executor.run
 
     def run_wrapper(self, job):
@@ -179,7 +182,7 @@ def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
                                                            os.environ.get("PYTHONPATH")) if p)
     from IPython.testing.globalipapp import get_ipython
 
-    from kt_jupyter.client import handshake, session, transport
+    from kt_jupyter.client import handshake, transport
     from pod_kernel import lanes, wsconn
 
     shell = get_ipython()
@@ -190,17 +193,11 @@ def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
 
     wrap(handshake.KtClientConnection, "data_received", "c_dr", until="c_er")  # the reply's, not a pong's
     wrap(transport.Transport, "_on_execute_reply", "c_er")
+    wrap(lanes.ClientLane, "read_frames", "c_dr", until="c_er")  # a reply on the lane: read by the notebook's thread
+    wrap(transport.Transport, "_took_lane_reply", "c_er")
     wrap(wsconn.DirectWrites, "send_now", "c_sn0", "c_sn1")
     wrap(lanes.ClientLane, "send", "c_sn0", "c_sn1")
-    queue_module = session.queue
-
-    class StampedQueue(queue_module.SimpleQueue):
-        def get(self, *args: Any, **kwargs: Any) -> Any:
-            item = super().get(*args, **kwargs)
-            mark("c_got")
-            return item
-
-    session.queue = type("queue", (), {"SimpleQueue": StampedQueue, "Empty": queue_module.Empty})  # type: ignore[assignment]
+    wrap(transport.Transport, "take", "c_take", "c_got")  # a `pass` cell's first item is its reply
     cell = "%%kt --name cell-path\npass"
     try:
         for _ in range(warmup):
@@ -221,7 +218,6 @@ def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
                 break
             time.sleep(0.05)
     finally:
-        session.queue = queue_module
         shell.run_line_magic("kt", "down cell-path")
     if len(pod) < warmup + cells:
         raise RuntimeError(f"the pod kernel recorded {len(pod)} cells of {warmup + cells}: was the hook loaded?")

@@ -64,6 +64,8 @@ class CellJob:
     requires: list[str] = field(default_factory=list)
     #: the change queued just before it that sets the values it reads (a push): failed, the cell does not run
     gate: concurrent.futures.Future | None = None
+    #: the lane its client reads its reply from (see :mod:`pod_kernel.lanes`), if any
+    lane: Lane | None = None
 
 
 class _GateFailed(Exception):
@@ -613,7 +615,7 @@ class Executor:
             self.jobs.lanes.cell_ended()
         self.cells_run += 1
         reply.update(type="execute_reply", id=job.req_id, execution_count=self.shell.execution_count - 1)
-        job.outbox.append(reply, payload, now=True)  # the notebook waits for it: written from here at once
+        job.outbox.append(reply, payload, now=True, lane=job.lane)  # the notebook waits: written from here at once
 
     def _check(self, job: CellJob) -> dict[str, Any] | None:
         """What changed for the notebook (see :meth:`StateTracker.check`); None if our check failed (logged):

@@ -65,6 +65,25 @@ def lane_frame(frame: bytes) -> bytes:
     return _LEN.pack(len(frame)) + frame
 
 
+def _whole(chunk: bytes) -> bool:
+    """Whether ``chunk`` is exactly one frame as a lane carries it."""
+    return len(chunk) >= _LEN.size and _LEN.unpack_from(chunk)[0] == len(chunk) - _LEN.size
+
+
+def take_frames(buf: bytearray) -> list[bytes]:
+    """The whole frames at the start of ``buf``, taken out of it; LaneError for a length over the limit."""
+    frames = []
+    while len(buf) >= _LEN.size:
+        (size,) = _LEN.unpack_from(buf)
+        if size > MAX_LANE_FRAME:
+            raise LaneError(f"a lane frame of {size} bytes (at most {MAX_LANE_FRAME})")
+        if len(buf) < _LEN.size + size:
+            break
+        frames.append(bytes(buf[_LEN.size:_LEN.size + size]))
+        del buf[:_LEN.size + size]
+    return frames
+
+
 class _End:
     """One end of a lane: its socket, closed once, under a lock."""
 
@@ -90,7 +109,7 @@ class _End:
 class Lane(_End):
     """The pod's end of one lane: its socket, whose connection it belongs to, and what it read so far.
 
-    ``on_frame(frame)`` takes each whole frame (raising :class:`LaneError`, or
+    ``on_frame(lane, frame)`` takes each whole frame (raising :class:`LaneError`, or
     the protocol's ProtocolError, for one that breaks the protocol);
     ``on_broken(why, refused)`` is called once when the lane ends for any
     reason but :meth:`close`: ``refused`` unless its peer closed it (it broke
@@ -102,7 +121,7 @@ class Lane(_End):
     """
 
     def __init__(self, sock: socket.socket, owner: object, session: object,
-                 on_frame: Callable[[bytes], None], on_broken: Callable[[str, bool], None]) -> None:
+                 on_frame: Callable[[Lane, bytes], None], on_broken: Callable[[str, bool], None]) -> None:
         super().__init__(sock)
         sock.setblocking(False)
         self.fd = sock.fileno()
@@ -132,10 +151,9 @@ class Lane(_End):
                         why, refused = "closed by the client", False
                         self._close_locked()
                         break
-                    whole = len(chunk) >= _LEN.size and _LEN.unpack_from(chunk)[0] == len(chunk) - _LEN.size
-                    if whole and not self._buffer:
+                    if not self._buffer and _whole(chunk):
                         self.executes += 1  # the usual read: one whole frame
-                        self.on_frame(chunk[_LEN.size:])
+                        self.on_frame(self, chunk[_LEN.size:])
                     else:
                         self._buffer += chunk
                         self._frames()
@@ -147,18 +165,32 @@ class Lane(_End):
         if why is not None:
             self.on_broken(why, refused)
 
+    def write(self, frame: bytes) -> bool:
+        """Write ``frame`` (a cell's reply, at most :data:`MAX_LANE_FRAME` bytes) on the lane at once, whole, or
+        not at all (False: it goes on the WebSocket). A lane that takes only part of it is ended, as broken:
+        the client drops the part, and its connection is closed too (see ``on_broken``)."""
+        if len(frame) > MAX_LANE_FRAME:
+            return False
+        data = lane_frame(frame)
+        with self._lock:
+            if self.closed:
+                return False
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return False  # the client reads nothing now: nothing was written
+            except OSError:
+                sent = -1
+            if sent == len(data):
+                return True
+            self._close_locked()
+        self.on_broken("a reply did not fit in the lane", True)
+        return False
+
     def _frames(self) -> None:
-        buf = self._buffer
-        while len(buf) >= _LEN.size:
-            (size,) = _LEN.unpack_from(buf)
-            if size > MAX_LANE_FRAME:
-                raise LaneError(f"a lane frame of {size} bytes (at most {MAX_LANE_FRAME})")
-            if len(buf) < _LEN.size + size:
-                return
-            frame = bytes(buf[_LEN.size:_LEN.size + size])
-            del buf[:_LEN.size + size]
+        for frame in take_frames(self._buffer):
             self.executes += 1
-            self.on_frame(frame)
+            self.on_frame(self, frame)
 
     def _close_locked(self) -> None:
         super()._close_locked()
@@ -360,17 +392,34 @@ def open_lane(address: tuple[str, int], ticket: str, timeout_s: float = ACK_TIME
 
 
 class ClientLane(_End):
-    """The client's end of a lane: frames written whole, from any thread, or not at all."""
+    """The client's end of a lane: frames written whole, from any thread, or not at all; replies read by the
+    one thread that claimed it (:meth:`claim`), which waits on it and on a wake-up (:meth:`wait`)."""
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock)
         self.sent = 0
+        self.replies = 0
+        self._fd = sock.fileno()
+        self._buffer = bytearray()
+        self._wake_r, self._wake_w = socket.socketpair()  # socket objects: a late wake() of a closed one is an error
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._poll_lane = select.poll()
+        self._poll_lane.register(self._fd, select.POLLIN)
+        self._poll_lane.register(self._wake_r.fileno(), select.POLLIN)
+        self._poll_wake = select.poll()
+        self._poll_wake.register(self._wake_r.fileno(), select.POLLIN)
+        self._reader = threading.Lock()
+        #: whether the claiming thread waits in :meth:`wait` now (a wake-up is written only then)
+        self.sleeping = False
+        #: read by the client's loop from now on (a reader left before its reply came): no more claims or sends
+        self.adopted = False
 
     def send(self, frame: bytes) -> bool:
         """Write ``frame`` at once; False (the caller sends it another way) when it is too big, or the lane is
         closed or cannot take all of it now (then it is closed: a frame cut short is dropped by the pod, with
         the lane, and nothing of it runs)."""
-        if len(frame) > MAX_LANE_FRAME:
+        if len(frame) > MAX_LANE_FRAME or self.adopted:
             return False
         data = lane_frame(frame)
         with self._lock:
@@ -385,3 +434,60 @@ class ClientLane(_End):
                 return False
             self.sent += 1
         return True
+
+    def claim(self) -> bool:
+        """Become the thread that reads this lane's replies (False: another one is, or nobody may)."""
+        return not self.adopted and not self.closed and self._reader.acquire(blocking=False)
+
+    def release(self) -> None:
+        """Stop being its reader."""
+        self._reader.release()
+
+    def wake(self) -> None:
+        """Wake the reader from :meth:`wait` (any thread)."""
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full of wake-ups already, or closed
+            pass
+
+    def wait(self, timeout_ms: int, read: bool) -> tuple[list[bytes], bool]:
+        """Wait for a wake-up or (``read``) a frame, at most ``timeout_ms`` (-1: no limit); returns the frames
+        read and whether the lane ended (closed by the pod, or it broke the protocol: then it is closed)."""
+        poll = self._poll_lane if read and not self.closed else self._poll_wake
+        frames: list[bytes] = []
+        ended = False
+        for fd, _events in poll.poll(timeout_ms):
+            if fd == self._fd:
+                frames, ended = self.read_frames()
+            else:
+                try:
+                    while self._wake_r.recv(256):
+                        pass
+                except OSError:
+                    pass
+        if ended:
+            self.close()
+        return frames, ended
+
+    def read_frames(self) -> tuple[list[bytes], bool]:
+        """The whole frames the lane holds now (never waiting) and whether it ended; it is not closed here."""
+        frames: list[bytes] = []
+        with self._lock:
+            if self.closed:
+                return frames, True
+            try:
+                while True:
+                    chunk = self.sock.recv(READ_BYTES)
+                    if not chunk:
+                        return frames, True
+                    if not self._buffer and _whole(chunk):
+                        frames.append(chunk[_LEN.size:])  # the usual read: one whole frame
+                    else:
+                        self._buffer += chunk
+                        frames += take_frames(self._buffer)
+                    if len(chunk) < READ_BYTES:
+                        return frames, False
+            except (BlockingIOError, InterruptedError):
+                return frames, False
+            except (OSError, LaneError):
+                return frames, True

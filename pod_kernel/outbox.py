@@ -167,7 +167,7 @@ class Outbox:
         self.changed = asyncio.Event()
         #: writes what was appended and not sent yet from the calling thread, when the connection can take it
         #: (the server's ``send_direct``); returns whether all of it went. None: only the loop sends
-        self.direct: Callable[[], bool] | None = None
+        self.direct: Callable[[Any], bool] | None = None
 
     @property
     def last_seq(self) -> int:
@@ -195,12 +195,13 @@ class Outbox:
         if arm:
             self._call_in_loop(self._arm_timer)
 
-    def append(self, header: dict[str, Any], payload: bytes = b"", *, now: bool = False) -> int:
+    def append(self, header: dict[str, Any], payload: bytes = b"", *, now: bool = False, lane: Any = None) -> int:
         """Append a sequenced message (pending stream text goes first); return its seq.
 
         ``now``: write it (and anything before it not sent yet) from this thread at once, when its
         connection can take it (see :attr:`direct`): a request's last message, which its client waits
-        for. The loop's thread is woken only for what did not go.
+        for. The loop's thread is woken only for what did not go. ``lane``: where its client reads it
+        when it is all that was not sent yet (a cell's reply; see :mod:`pod_kernel.lanes`).
         """
         with self._lock:
             self._flush_locked()
@@ -212,7 +213,7 @@ class Outbox:
             if direct is None:
                 self._notify_locked()
                 return seq
-        if not direct():
+        if not direct(lane):
             with self._lock:
                 self._notify_locked()
         return seq

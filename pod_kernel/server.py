@@ -452,9 +452,10 @@ class PodKernelServer:
             return False
         return True
 
-    def _lane_frame(self, session: Session, ws: ServerConnection, frame: bytes) -> None:
+    def _lane_frame(self, session: Session, ws: ServerConnection, lane: Lane, frame: bytes) -> None:
         """One frame from a lane (the main thread, or the lane watcher): an execute that runs at once, queued as
-        :meth:`on_execute` queues one; anything else breaks the protocol."""
+        :meth:`on_execute` queues one (with ``lane_reply``, its reply goes back on the lane when it can);
+        anything else breaks the protocol."""
         header, _payload = P.decode_frame(frame)
         if header["type"] != "execute":
             raise LaneError(f"a lane carries executes only, not {header['type']!r}")
@@ -463,7 +464,7 @@ class PodKernelServer:
             raise LaneError("an execute that follows a push ('after') goes over the WebSocket")
         self.last_activity = time.monotonic()
         try:
-            self._queue_cell(session, header)
+            self._queue_cell(session, header, lane if header.get("lane_reply") is True else None)
         except Exception as exc:  # answered as _dispatch answers a request that failed
             self.running_loop.call_soon_threadsafe(self._in_background, self._send_error(ws, header["id"], exc))
 
@@ -572,10 +573,14 @@ class PodKernelServer:
             pass
 
     @staticmethod
-    def send_direct(session: Session) -> bool:
+    def send_direct(session: Session, lane: Lane | None = None) -> bool:
         """From the main thread: write the session's messages not sent yet (a cell's reply) on its connection
         at once, when the pump is not writing; the loop's thread is not woken for them (see
-        :mod:`pod_kernel.wsconn`). Returns whether all went: the pump sends the rest, as ever."""
+        :mod:`pod_kernel.wsconn`). Returns whether all went: the pump sends the rest, as ever.
+
+        With ``lane`` (the reply's client reads it), the reply goes on it once what came before it is written
+        on the WebSocket: the client takes it after all that (its seq says so).
+        """
         pump = session.pump
         if pump is None or session.ws is not pump.ws:
             return False
@@ -585,8 +590,11 @@ class PodKernelServer:
             entries, lost = session.outbox.since(pump.sent)
             if lost:
                 return False
-            for seq, frame in entries:
-                if not pump.ws.send_now(frame):
+            if lane is not None and lane.owner is not pump.ws:
+                lane = None
+            last = len(entries) - 1
+            for i, (seq, frame) in enumerate(entries):
+                if not ((i == last and lane is not None and lane.write(frame)) or pump.ws.send_now(frame)):
                     return False
                 pump.sent = seq
         return True
@@ -799,7 +807,7 @@ class PodKernelServer:
         """Queue a cell; its output and execute_reply arrive through the session's outbox."""
         self._queue_cell(session, header)
 
-    def _queue_cell(self, session: Session, header: dict) -> None:
+    def _queue_cell(self, session: Session, header: dict, lane: Lane | None = None) -> None:
         """:meth:`on_execute`'s work, on the loop's thread (also straight from a parsed frame: see handle), or on
         the main thread for an execute from a lane (:meth:`_lane_frame`)."""
         req_id = header["id"]
@@ -817,7 +825,8 @@ class PodKernelServer:
                       debug_wait=bool(header.get("debug_wait")),
                       check=coherence.parse_check(header.get("check")),
                       post_mortem=post_mortem if isinstance(post_mortem, str) else None,
-                      requires=[n for n in requires if isinstance(n, str)] if isinstance(requires, list) else [])
+                      requires=[n for n in requires if isinstance(n, str)] if isinstance(requires, list) else [],
+                      lane=lane)
         others = self._others_cells(session)
         if others:  # a notebook sharing the compute would otherwise see its cell hang, and not know why
             waits_for = ("a cell of another notebook runs on this pod kernel: this cell runs when it ends"

@@ -20,6 +20,7 @@ import uuid
 
 import pytest
 
+from kt_jupyter.client.loop import client_loop
 from pod_kernel import protocol as P
 from pod_kernel.executor import JobQueue
 from pod_kernel.lanes import MAX_LANE_FRAME, Lane, LaneError, lane_frame, open_lane
@@ -74,6 +75,38 @@ def test_cells_go_on_the_lane_and_run_while_the_pods_network_loop_is_busy(kernel
     seen: list[str] = []
     session.execute("print('after')", on_output=lambda m: seen.append(m.get("text", "")))
     assert seen == ["after\n"]
+
+
+def test_replies_come_on_the_lane_after_every_output_sent_before_them(kernel):
+    """The pod writes the reply on the lane when its outputs went on the WebSocket already: with the notebook's
+    network loop asleep, they are not routed yet when the notebook's thread reads the reply; it waits for them."""
+    _, session = kernel
+    session.execute("pass")
+    _wait_for_lane(session)
+    before = session.lane_replies
+    assert session.execute("6 * 7").data == {"text/plain": "42"}
+    assert session.lane_replies == before + 1
+    for _ in range(3):
+        seen: list[str] = []
+        client_loop().call_soon_threadsafe(time.sleep, 0.4)
+        time.sleep(0.05)
+        session.execute("for i in range(50):\n    print(i, flush=True)\nimport time; time.sleep(0.1)",
+                        on_output=lambda m: seen.append(m.get("text", "")) if m["type"] == "stream" else None)
+        assert "".join(seen) == "".join(f"{i}\n" for i in range(50))
+    assert session.lane_replies == before + 4
+
+
+def test_a_cell_given_up_on_leaves_its_reply_to_the_loop_and_the_next_cells_are_right(kernel):
+    from kt_jupyter.errors import RemoteTimeoutError
+
+    _, session = kernel
+    session.execute("n = 0")
+    lane = _wait_for_lane(session)
+    with pytest.raises(RemoteTimeoutError):
+        session.execute("import time\ntry:\n    time.sleep(5)\nfinally:\n    n = -1", timeout=0.3)
+    assert lane.adopted  # its reply may come on the lane: the client loop reads it now
+    for i in range(1, 6):
+        assert session.execute(f"n = {i}\nn").data == {"text/plain": str(i)}
 
 
 def test_an_execute_on_the_lane_and_again_on_the_websocket_runs_once(kernel):
@@ -180,7 +213,7 @@ def test_a_lane_cell_behind_another_sessions_cell_is_told_so_at_once(kernel):
 
 def _lane_pair(frames: list[bytes], broken: list[tuple[str, bool]]) -> tuple[socket.socket, Lane]:
     a, b = socket.socketpair()
-    return a, Lane(b, owner="conn", session="s", on_frame=frames.append,
+    return a, Lane(b, owner="conn", session="s", on_frame=lambda _lane, frame: frames.append(frame),
                    on_broken=lambda why, refused: broken.append((why, refused)))
 
 
@@ -202,6 +235,29 @@ def test_a_lane_reads_frames_cut_anywhere_and_several_at_once():
     assert broken == [("closed by the client", False)] and lane.closed
 
 
+def test_a_reply_the_lane_cannot_take_whole_ends_it_as_broken():
+    broken: list[tuple[str, bool]] = []
+    client, lane = _lane_pair([], broken)
+    assert lane.write(b"small")
+    assert not lane.write(bytes(MAX_LANE_FRAME + 1))  # too big for the client to take: the WebSocket's
+    assert not lane.closed
+
+    class TakesPart:  # a socket whose buffer has room for part of the frame only
+        def __init__(self, sock):
+            self.sock = sock
+
+        def send(self, data):
+            return self.sock.send(data[:len(data) // 2])
+
+        def close(self):
+            self.sock.close()
+
+    lane.sock = TakesPart(lane.sock)  # type: ignore[assignment]
+    assert not lane.write(b"a reply")
+    assert lane.closed and broken == [("a reply did not fit in the lane", True)]
+    client.close()
+
+
 def test_the_job_queue_wakes_its_waiter_for_jobs_and_lane_frames_in_order():
     jobs = JobQueue()
     frames: list[bytes] = []
@@ -213,7 +269,7 @@ def test_the_job_queue_wakes_its_waiter_for_jobs_and_lane_frames_in_order():
             with contextlib.suppress(queue.Empty):
                 got.append(jobs.get(timeout=0.05))
 
-    lane.on_frame = jobs.put  # a frame queues a job, as the server's does
+    lane.on_frame = lambda _lane, frame: jobs.put(frame)  # a frame queues a job, as the server's does
     jobs.add_lane(lane)
     waiter = threading.Thread(target=main)
     waiter.start()

@@ -21,7 +21,15 @@ from pod_kernel import protocol as P
 from ..errors import RemoteTimeoutError
 from .asyncapi import AsyncSession, ExecuteOptions, ExecuteResult, execute_options
 from .loop import client_loop
-from .transport import OPEN_TIMEOUT_S, InputCallback, OutputCallback, ProgressCallback, _Execution, fallback_answer
+from .transport import (
+    OPEN_TIMEOUT_S,
+    Inbox,
+    InputCallback,
+    OutputCallback,
+    ProgressCallback,
+    _Execution,
+    fallback_answer,
+)
 
 log = logging.getLogger("kt_jupyter.client")
 
@@ -61,7 +69,7 @@ class Session(AsyncSession):
         thread once the request is on its way, before the wait (work that would otherwise follow it).
         """
         options = execute_options(options, fields)
-        outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        outputs = Inbox()
         done = object()
         req_id = self.new_id()
         loop = client_loop()
@@ -78,9 +86,19 @@ class Session(AsyncSession):
         # would resend it after a reconnect starts only if one happens (see Transport._watch)
         ex, sent_on = self._start_execute(loop, req_id, options.header(req_id, code), outputs.put,
                                           answers_input=True, send=not options.after, on_reply=outputs.put,
-                                          start_watch=start_watch)
-        if sent_on is None:  # the loop sends it
-            self._watch(ex)
+                                          start_watch=start_watch, inbox=outputs)
+        try:
+            if sent_on is None:  # the loop sends it
+                self._watch(ex)
+            return self._wait_for_execute(outputs, ex, req_id, options, timeout, on_output, on_input,
+                                          while_waiting, done, t0)
+        finally:
+            self.leave_lane(outputs)  # without its reply, the loop reads the lane it may still come on
+
+    def _wait_for_execute(self, outputs: Inbox, ex: _Execution, req_id: str, options: ExecuteOptions,
+                          timeout: float | None, on_output: OutputCallback | None, on_input: InputCallback | None,
+                          while_waiting: Callable[[], None] | None, done: object, t0: float) -> ExecuteResult:
+        """:meth:`execute`'s wait for its outputs and reply, in the caller's thread."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if while_waiting is not None:
             try:
@@ -90,7 +108,7 @@ class Session(AsyncSession):
         while True:
             try:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                item = outputs.get(timeout=remaining)
+                item = self.take(outputs, req_id, remaining)
             except queue.Empty:
                 fut = self._watch(ex)  # collects the reply when it comes
                 if options.check is not None and fut is not None:  # what the cell changed reaches the next cell
@@ -103,6 +121,7 @@ class Session(AsyncSession):
                 self.interrupt(target=req_id)
                 continue
             if isinstance(item, tuple):  # the reply (header, payload): finished here, not by the loop
+                outputs.replied = True
                 header, payload = item
                 self._executions.pop(req_id, None)
                 result = self._execute_result(header, payload, options, ex, req_id, t0)
@@ -110,6 +129,7 @@ class Session(AsyncSession):
                     raise result  # raised here, in the caller's thread, never on the client loop
                 return result
             if item is done:  # the execute failed (or was cancelled) before a reply came
+                outputs.replied = True  # its coroutine, which followed it to its end, did
                 fut = self._watch(ex)
                 assert fut is not None  # what put ``done``
                 result = fut.result()

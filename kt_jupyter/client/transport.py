@@ -16,6 +16,7 @@ import functools
 import itertools
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -74,6 +75,39 @@ class _Execution:
     watcher: concurrent.futures.Future[Any] | None = None
     #: the connection the caller's thread wrote the execute on (None: the loop sends it)
     sent_on: _Conn | None = None
+
+
+class Inbox:
+    """Where a blocking execute's outputs and reply wait for its thread (:meth:`Transport.take`).
+
+    The client loop puts what it routes; with a lane claimed for the execute
+    (:attr:`lane`), its thread also reads the reply from that lane itself,
+    waiting on it and on a wake-up that a put writes while it sleeps there.
+    """
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Any] = collections.deque()
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        #: the lane this execute's reply may come on (set before the execute is sent, so before any put)
+        self.lane: ClientLane | None = None
+        #: a reply read from the lane, until the outputs sent before it were routed: (header, payload)
+        self.lane_reply: tuple[dict[str, Any], bytes] | None = None
+        #: whether the caller took the execute's reply (or its end)
+        self.replied = False
+
+    def put(self, item: Any) -> None:
+        """From the client loop: an output, or the reply routed from the WebSocket."""
+        self.items.append(item)
+        lane = self.lane
+        if lane is None:
+            self._tokens.put(None)
+        elif lane.sleeping:
+            lane.wake()
+
+    def get(self, timeout: float | None) -> Any:
+        """The next item, without a lane; queue.Empty after ``timeout``."""
+        self._tokens.get(timeout=timeout)
+        return self.items.popleft()
 
 
 @dataclass
@@ -177,6 +211,12 @@ class Transport:
         self._preceding: dict[str, asyncio.Future[None]] = {}
         self._streams: dict[str, OutputCallback] = {}
         self._lane_tasks: set[asyncio.Future[None]] = set()
+        #: last_seq is advanced by the loop and, for a reply read from a lane, by the thread that read it
+        self._seq_lock = threading.Lock()
+        #: the seq of the last sequenced message handed to its handler (a lane's reply waits for those before it)
+        self.routed_seq = 0
+        #: replies the caller's thread read from a lane
+        self.lane_replies = 0
         #: whether an execute was sent in this session (its connections then open a lane)
         self._runs_cells = False
         self._pending: dict[str, _Pending] = {}
@@ -212,11 +252,12 @@ class Transport:
                        on_output: OutputCallback | None, answers_input: bool, *, send: bool = True,
                        on_reply: Callable[[tuple[dict[str, Any], bytes]], None] | None = None,
                        start_watch: Callable[[_Execution], concurrent.futures.Future[Any]] | None = None,
-                       ) -> tuple[_Execution, _Conn | None]:
+                       inbox: Inbox | None = None) -> tuple[_Execution, _Conn | None]:
         """From the caller's thread, before the client loop takes over: register the execution, and (when
         ``send``) write its request on the live connection at once if it can (see :meth:`DirectWrites.send_now`):
         the loop's thread is not woken to send it. Returns the execution and the connection it went on (None:
-        the loop sends it). ``start_watch``: see :meth:`_watch`."""
+        the loop sends it). ``start_watch``: see :meth:`_watch`. ``inbox``: the caller's thread waits there
+        (:meth:`take`), so its reply may come on the connection's lane, which that thread then reads."""
         ex = _Execution(on_output, loop.create_future(), answers_input=answers_input and on_output is not None,
                         on_reply=on_reply, start_watch=start_watch)
         self._executions[req_id] = ex  # first: its reply may come before the loop runs anything of ours
@@ -224,21 +265,148 @@ class Transport:
         conn = self._conn
         if not send or conn is None or conn.closed.done():
             return ex, None
+        lane = conn.lane
+        # on the lane only when no request of this session waits for its reply: the pod's main thread reads the
+        # lane at once, maybe before its network thread read what went before on the WebSocket
+        if lane is not None and not self._pending:
+            if inbox is not None and lane.claim():  # its reply may come back on the lane: this thread reads it
+                inbox.lane = lane
+                header = dict(header, lane_reply=True)
+            try:
+                frame = P.encode_frame(header)
+            except P.ProtocolError:  # too big for a header: the loop's send says so
+                frame = b""
+            if frame and lane.send(frame):
+                ex.sent_on = conn
+                return ex, conn
+            if inbox is not None and inbox.lane is lane:  # nothing was sent: nothing is put yet either
+                inbox.lane = None
+                lane.release()
         try:
             frame = P.encode_frame(header)
         except P.ProtocolError:  # too big for a header: the loop's send says so
             return ex, None
-        lane = conn.lane
-        # on the lane only when no request of this session waits for its reply: the pod's main thread reads the
-        # lane at once, maybe before its network thread read what went before on the WebSocket
-        if lane is not None and not self._pending and lane.send(frame):
-            ex.sent_on = conn
-            return ex, conn
         if lane is None and conn.lane_ticket is not None:  # for the next cells (this one cannot wait for it)
             loop.call_soon_threadsafe(self._open_lane, conn)
         if conn.ws.send_now(frame):
             ex.sent_on = conn
         return ex, ex.sent_on
+
+    def take(self, inbox: Inbox, req_id: str, timeout: float | None) -> Any:
+        """The next output or the reply of execute ``req_id`` (``(header, payload)``), in the order the pod sent
+        them; queue.Empty after ``timeout``. In the execute's caller's thread, which reads the lane, if any."""
+        lane = inbox.lane
+        if lane is None:
+            return inbox.get(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if inbox.items:
+                return inbox.items.popleft()
+            reply = inbox.lane_reply
+            if reply is not None and self.routed_seq >= reply[0]["seq"] - 1:  # what came before it is in
+                inbox.lane_reply = None
+                self._took_lane_reply(reply)
+                return reply
+            wait_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if reply is not None:  # the loop routes the outputs before it, which may not be this execute's
+                wait_ms = 1 if wait_ms < 0 else min(wait_ms, 1)
+            lane.sleeping = True
+            try:
+                if inbox.items:
+                    continue
+                frames, ended = lane.wait(wait_ms, read=reply is None)
+            finally:
+                lane.sleeping = False
+            for frame in frames:
+                self._lane_frame(inbox, req_id, frame)
+            if ended and reply is None and inbox.lane_reply is None:
+                log.debug("the lane to %s ended; the reply comes on the WebSocket", self.name)
+            if (deadline is not None and time.monotonic() >= deadline and not inbox.items
+                    and inbox.lane_reply is None):
+                raise queue.Empty
+
+    def _lane_frame(self, inbox: Inbox, req_id: str, frame: bytes) -> None:
+        """A frame read from the lane: this execute's reply waits in ``inbox``; another's is routed by the loop."""
+        try:
+            header, payload = P.decode_frame(frame)
+            seq = header.get("seq")
+            if header["type"] != "execute_reply" or not isinstance(seq, int):
+                raise P.ProtocolError(f"a lane carries replies only, not {header['type']!r}")
+        except P.ProtocolError as exc:  # the pod broke the protocol: its connection is closed, the reply replayed
+            log.warning("pod kernel %s sent a bad frame on its lane: %s", self.name, exc)
+            conn = self._conn
+            if conn is not None:
+                conn.closed.get_loop().call_soon_threadsafe(conn.ws.refuse, f"lane: {exc}")
+            return
+        if header.get("id") == req_id:
+            inbox.lane_reply = (header, bytes(payload))
+        else:  # a reply to an execute given up on: as if it came on the WebSocket
+            conn = self._conn
+            if conn is not None:
+                conn.closed.get_loop().call_soon_threadsafe(self._route, header, memoryview(bytes(payload)))
+
+    def _took_lane_reply(self, reply: tuple[dict[str, Any], bytes]) -> None:
+        """The caller's thread took its reply from the lane: the loop's replay and watcher know it."""
+        header = reply[0]
+        seq = header["seq"]
+        self.lane_replies += 1
+        with self._seq_lock:
+            self.last_seq = max(self.last_seq, seq)
+            self.routed_seq = max(self.routed_seq, seq)
+        ex = self._executions.get(header.get("id", ""))
+        if ex is None:
+            return
+        with self._watch_lock:
+            ex.start_watch = None  # no coroutine follows it from now on
+            watcher = ex.watcher
+        if watcher is not None:  # one follows it already (a reconnect): it gets the reply too
+            def finish() -> None:
+                if not ex.reply.done():
+                    ex.reply.set_result(reply)
+            ex.reply.get_loop().call_soon_threadsafe(finish)
+
+    def leave_lane(self, inbox: Inbox) -> None:
+        """The execute's caller stops waiting: with its reply, the lane is free for the next; without (it gave
+        up, or failed), the loop reads the lane from now on, where that reply may still come."""
+        lane = inbox.lane
+        if lane is None:
+            return
+        if inbox.replied:
+            lane.release()
+            return
+        lane.adopted = True
+        conn = next((c for c in (self._conn,) if c is not None and c.lane is lane), None)
+        if conn is not None:
+            conn.closed.get_loop().call_soon_threadsafe(self._adopt_lane, conn, lane)
+
+    def _adopt_lane(self, conn: _Conn, lane: ClientLane) -> None:
+        if conn.closed.done() or lane.closed:
+            return
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            frames, ended = lane.read_frames()
+            for frame in frames:
+                try:
+                    header, payload = P.decode_frame(frame)
+                except P.ProtocolError:
+                    ended = True
+                    break
+                self._route(header, payload)
+            if ended:
+                loop.remove_reader(lane.sock.fileno())
+                lane.close()
+        loop.add_reader(lane.sock.fileno(), readable)
+
+    @staticmethod
+    def _close_lane(conn: _Conn) -> None:
+        """On the client loop: close ``conn``'s lane (the loop stops reading it first, if it does)."""
+        lane = conn.lane
+        if lane is None:
+            return
+        if lane.adopted and not lane.closed:
+            asyncio.get_running_loop().remove_reader(lane.sock.fileno())  # before its fd is closed, and reused
+        lane.close()
 
     def _open_lane(self, conn: _Conn) -> None:
         """On the client loop: connect ``conn``'s lane in a worker thread (once); the next executes go on it.
@@ -332,8 +500,7 @@ class Transport:
         self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None:
-            if conn.lane is not None:
-                conn.lane.close()
+            self._close_lane(conn)
             await conn.ws.close()
 
     # ------------------------------------------------------------------ sending
@@ -538,8 +705,7 @@ class Transport:
         """``conn`` is closed, or no longer read: what waited on it is resent or fails."""
         if not conn.closed.done():
             conn.closed.set_result(None)
-        if conn.lane is not None:
-            conn.lane.close()
+        self._close_lane(conn)
         self._watch_all()  # after closed is set: an execute registered later sees it, and is not written on it
         for pending in self._pending.values():
             pending.assembler = None  # a bundle cut mid-way is requested again
@@ -563,12 +729,17 @@ class Transport:
         """Hand one frame to its type's handler, once (a replayed frame seen before is dropped)."""
         seq = header.get("seq")
         if seq is not None:
-            if seq <= self.last_seq:
-                return  # already seen before a reconnect
-            self.last_seq = seq
-        handler = self.handlers.get(header["type"])
-        if handler is not None:
-            handler(header, payload)
+            with self._seq_lock:
+                if seq <= self.last_seq:
+                    return  # already seen before a reconnect (or read from the lane)
+                self.last_seq = seq
+        try:
+            handler = self.handlers.get(header["type"])
+            if handler is not None:
+                handler(header, payload)
+        finally:
+            if seq is not None and seq > self.routed_seq:
+                self.routed_seq = seq
 
     def _on_output(self, header: dict[str, Any], payload: memoryview) -> None:
         kind = header["type"]
