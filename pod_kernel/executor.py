@@ -282,8 +282,12 @@ def _make_shell(executor: Executor):
             # %%kt sends "# %%kt ...\n" + the cell: IPython's one-line rules (automagic, `ls dir`) are the cell's
             header, newline, body = raw_cell.partition("\n")
             if newline and header.startswith("# %%kt"):
-                return "\n" + super().transform_cell(body)
-            return super().transform_cell(raw_cell)
+                return "\n" + self._transform(body)
+            return self._transform(raw_cell)
+
+        def _transform(self, cell):
+            quick = transforms.quick_transform(self, cell)  # without IPython's builtin trap, when it can be
+            return quick if quick is not None else super().transform_cell(cell)
 
     cfg = Config()
     cfg.HistoryManager.enabled = False

@@ -27,6 +27,7 @@ from typing import Any
 
 from IPython.core import inputtransformer2, prefilter
 from IPython.core.inputtransformer2 import TransformerManager
+from IPython.core.interactiveshell import InteractiveShell
 
 #: Sources whose transformed text is kept (most recently run).
 CACHED_CELLS = 64
@@ -51,10 +52,18 @@ class CachingTransformerManager(TransformerManager):
     def __init__(self) -> None:
         super().__init__()
         self._done: OrderedDict[str, str] = OrderedDict()
+        #: copies of the three lists as last checked, and the answer (compared in C: no Python loop per cell)
+        self._checked: tuple[list[Any], list[Any], list[Any], bool] | None = None
 
     def _only_ipythons(self) -> bool:
-        return all(getattr(t, "__module__", None) == inputtransformer2.__name__
-                   for t in (*self.cleanup_transforms, *self.line_transforms, *self.token_transformers))
+        lists = (self.cleanup_transforms, self.line_transforms, self.token_transformers)
+        checked = self._checked
+        if checked is not None and checked[0] == lists[0] and checked[1] == lists[1] and checked[2] == lists[2]:
+            return checked[3]
+        only = all(getattr(t, "__module__", None) == inputtransformer2.__name__ for t in (*lists[0], *lists[1],
+                                                                                         *lists[2]))
+        self._checked = (list(lists[0]), list(lists[1]), list(lists[2]), only)
+        return only
 
     def transform_cell(self, cell: str) -> str:
         """IPython's transformation of ``cell``; the one kept from an earlier run of the same source if any."""
@@ -101,11 +110,18 @@ def prefilter_keeps(shell: Any, line: str) -> bool:
     the line: a keyword is never a macro, an autocall object or an unshadowed
     magic, and ``get_ipython`` is shadowed by the namespace, followed by ``(``.
     """
-    if shell.autocall or shell.prefilter_manager.transformers:
+    manager = shell.prefilter_manager
+    if shell.autocall or manager.transformers:
         return False
-    for checker in shell.prefilter_manager.checkers:
-        if type(checker) not in _OWN_CHECKERS or (type(checker) is prefilter.EmacsChecker and checker.enabled):
+    checkers = manager.checkers
+    verified = vars(manager).get("_kt_own_checkers")  # the list last found to hold IPython's own only
+    if verified is None or verified[0] != checkers:
+        if any(type(checker) not in _OWN_CHECKERS for checker in checkers):
             return False
+        verified = manager._kt_own_checkers = (list(checkers),
+                                               [c for c in checkers if type(c) is prefilter.EmacsChecker])
+    if any(checker.enabled for checker in verified[1]):
+        return False
     if line.startswith(CELL_MAGIC_LINE):
         return type(shell.user_ns.get("get_ipython")) in (types.FunctionType, types.MethodType)
     match = _KEYWORD_LINE.match(line)
@@ -121,17 +137,45 @@ class QuickPrefilter:
         self.original = original
 
     def __call__(self, lines: str, continue_prompt: bool = False) -> str:
+        kept = self.keeps(lines, continue_prompt)
+        return kept if kept is not None else str(self.original(lines, continue_prompt))
+
+    def keeps(self, lines: str, continue_prompt: bool = False) -> str | None:
+        """The line IPython's prefilter returns for ``lines``, when known without running it (with the side
+        effect IPython's has); else None."""
         line = lines.rstrip("\n")
         if not continue_prompt and "\n" not in line and line.strip() and prefilter_keeps(self.shell, line):
             self.shell._last_input_line = line  # as IPython's prefilter_line does
             return line
-        return str(self.original(lines, continue_prompt))
+        return None
+
+
+def quick_transform(shell: Any, raw_cell: str) -> str | None:
+    """IPython's ``transform_cell(raw_cell)`` when it is known without the prefilter (see
+    :class:`QuickPrefilter`), so without entering the builtin trap that IPython enters for it (34 us when the
+    caches went cold between cells, here); None when IPython's own must run. Used by the pod kernel's shell and,
+    after :func:`install`, the notebook's."""
+    manager = shell.input_transformer_manager
+    if not isinstance(manager, CachingTransformerManager) or shell.input_transformers_post:
+        return None
+    cell = str(manager.transform_cell(raw_cell))
+    if len(cell.splitlines()) != 1:  # no prefilter: IPython returns what the static transformations made
+        return cell
+    quick = vars(shell.prefilter_manager).get("prefilter_lines")
+    kept = quick.keeps(cell) if isinstance(quick, QuickPrefilter) else None
+    return None if kept is None else kept + "\n"
+
+
+def _transform_cell(shell: Any, raw_cell: str) -> str:
+    """A shell's ``transform_cell`` after :func:`install`."""
+    quick = quick_transform(shell, raw_cell)
+    return quick if quick is not None else str(type(shell).transform_cell(shell, raw_cell))
 
 
 def install(shell: Any) -> None:
     """Make a running IPython (the pod kernel's, the notebook's) keep its static transformations per source,
     skip the extra compile of a cell without ``await``, and skip the prefilter where its answer is known
-    (:class:`QuickPrefilter`); :func:`uninstall` undoes it. The lists of
+    (:class:`QuickPrefilter`, :func:`quick_transform`); :func:`uninstall` undoes it. The lists of
     transformations stay the same objects: one an extension registered before or after is still applied (and
     turns the keeping off)."""
     old = shell.input_transformer_manager
@@ -144,6 +188,8 @@ def install(shell: Any) -> None:
     shell.input_transformer_manager = new
     if "should_run_async" not in vars(shell):
         shell.should_run_async = types.MethodType(should_run_async, shell)
+    if "transform_cell" not in vars(shell) and type(shell).transform_cell is InteractiveShell.transform_cell:
+        shell.transform_cell = types.MethodType(_transform_cell, shell)  # a subclass's own (the pod's) calls it
     manager = shell.prefilter_manager
     if "prefilter_lines" not in vars(manager):
         manager.prefilter_lines = QuickPrefilter(shell, manager.prefilter_lines)
@@ -157,5 +203,7 @@ def uninstall(shell: Any) -> None:
     patched = vars(shell).get("should_run_async")
     if getattr(patched, "__func__", None) is should_run_async:
         del shell.should_run_async
+    if getattr(vars(shell).get("transform_cell"), "__func__", None) is _transform_cell:
+        del shell.transform_cell
     if isinstance(vars(shell.prefilter_manager).get("prefilter_lines"), QuickPrefilter):
         del shell.prefilter_manager.prefilter_lines

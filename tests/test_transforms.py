@@ -186,12 +186,14 @@ def _setups(shell):
 def test_the_quick_prefilter_answers_as_ipythons(shell):
     """Whenever the quick prefilter keeps a line, IPython's own prefilter returns that very line; and it does
     keep the lines it is for (a %%kt cell's, a keyword's) as IPython starts."""
+    from IPython.core.interactiveshell import InteractiveShell
     from IPython.core.prefilter import PrefilterManager
 
     manager = shell.prefilter_manager
     quick = vars(manager)["prefilter_lines"]
     assert isinstance(quick, transforms.QuickPrefilter)
     kept: dict[str, list[str]] = {}
+    quick_seen: set[str] = set()
     for setup in _setups(shell):
         kept[setup] = []
         for line in LINES:
@@ -202,6 +204,12 @@ def test_the_quick_prefilter_answers_as_ipythons(shell):
             assert shell._last_input_line == line  # the side effect IPython's has
             if transforms.prefilter_keeps(shell, line):
                 kept[setup].append(line)
+            for cell in (line, line + "\n", f"x = 1\n{line}\n"):  # the whole transformation, without the trap
+                fast = transforms.quick_transform(shell, cell)
+                if fast is not None:
+                    assert fast == InteractiveShell.transform_cell(shell, cell), (setup, cell)
+                    quick_seen.add(setup)
+    assert quick_seen >= {"as IPython starts", "autocall full"}  # multi-line cells need no prefilter
     assert kept["as IPython starts"] == [
         "pass", "import os", "from os import path", "  for i in range(3): print(i)", "del x", "if x: y = 1",
         "assert x, 'message'", "None", "True", "lambda: 0", "return",
