@@ -34,7 +34,8 @@ from ..debugging import NotebookInput, install_post_mortem
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError, RemoteError
 from ..names import check_compute_name
 from ..render import RemoteResult, present_error, show_notice, show_output
-from ..widgets import launch_reporter, transfer_reporter
+from ..widgets import Deferred, launch_reporter, transfer_reporter
+from ..widgets.frontend import current_parent
 from . import distributed as kt_dist
 from .args import KtHelpFormatter, cell_line_args, compute_from_args, parse_seconds, transfer_from_args
 
@@ -180,6 +181,7 @@ class KtMagics(Magics):
         except SyntaxError as exc:
             raise present_error(exc, self.shell, count) from None
         events: list[str] = []
+        parent = current_parent()  # this cell: what other threads show for it later goes there
         if kt_dist.wants_workers(args):  # N workers: every rank runs it (pytorch), or a Ray cluster's head
             compute = kt_dist.distributed_compute(args, compute)
             if compute.distributed_config.framework == "pytorch":  # type: ignore[union-attr]
@@ -190,7 +192,7 @@ class KtMagics(Magics):
         else:
             kt_dist.check_not_distributed(compute, any(c.name == compute.name and c.compute.backend == compute.backend
                                                        for c in conn_mod.connections()))
-            connection = self._connect(compute, keep=args.keep, strict=explicit, heard=events)
+            connection = self._connect(compute, keep=args.keep, strict=explicit, heard=events, parent=parent)
         self._say_where(connection, announced=bool(events))
         if args.debug:
             self._announce_debugger(connection, cell_name, source, wait=args.debug == "wait")
@@ -198,7 +200,8 @@ class KtMagics(Magics):
             cell_name = self._debug_panel_file(connection) or cell_name
         # pdb / input() in the cell ask here; a background cell has no input box
         on_input = NotebookInput(allowed=not args.async_)
-        progress = transfer_reporter()
+        # made when a transfer needs it: most cells move nothing big
+        progress = Deferred(lambda into: transfer_reporter(parent=into), parent)
 
         def run() -> conn_mod.CellOutcome:
             return oom.run_cell(  # connection.run_cell, plus a clear OOM error and the opt-in retry
@@ -276,9 +279,12 @@ class KtMagics(Magics):
         return args, compute, explicit
 
     def _connect(self, compute: Compute, keep: bool = False, strict: set[str] | None = None,
-                 heard: list[str] | None = None) -> conn_mod.ComputeConnection:
-        """Connect (launching or reattaching); what the launch said is shown, and appended to ``heard``."""
-        report = launch_reporter(compute.name, compute.backend)
+                 heard: list[str] | None = None, parent: Any = None) -> conn_mod.ComputeConnection:
+        """Connect (launching or reattaching); what the launch said is shown (in the cell of ``parent``, a
+        parent header; by default the one running now), and appended to ``heard``."""
+        # made when a launch says something: most cells find their kernel running
+        report = Deferred(lambda into: launch_reporter(compute.name, compute.backend, into),
+                          current_parent() if parent is None else parent)
 
         def on_event(text: str) -> None:
             if heard is not None:

@@ -14,13 +14,14 @@ Code; plain text in terminal IPython, without ipywidgets, or with
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..render import PROGRESS_MIN_BYTES, TransferProgress, show_notice
-from .frontend import widgets_available
+from .frontend import CURRENT, current_parent, widgets_available
 
-__all__ = ["launch_reporter", "show_picker", "show_status", "transfer_reporter", "widgets_available"]
+__all__ = ["Deferred", "launch_reporter", "show_picker", "show_status", "transfer_reporter", "widgets_available"]
 
 
 def show_status(name: str, backend: str = "local") -> Any:
@@ -64,20 +65,43 @@ def show_picker() -> Any:
     return show_picker_widget(model, text)
 
 
-def launch_reporter(name: str, backend: str = "local") -> Callable[[str], None]:
-    """``on_event`` for launching compute ``name``: a live panel in the cell, else ``[kt] ...`` lines
-    (muted in a notebook; warnings such as "its variables are lost" on stderr)."""
+def launch_reporter(name: str, backend: str = "local", parent: Any = CURRENT) -> Callable[[str], None]:
+    """``on_event`` for launching compute ``name``: a live panel in the cell (the cell of ``parent``, a parent
+    header; by default the one running now), else ``[kt] ...`` lines (muted in a notebook; warnings such as
+    "its variables are lost" on stderr)."""
     if widgets_available():
         from .panel import LaunchReporter
 
-        return LaunchReporter(name, backend)
+        return LaunchReporter(name, backend, parent)
     return show_notice
 
 
-def transfer_reporter(min_bytes: int = PROGRESS_MIN_BYTES) -> Callable[[str, int, int], None]:
-    """``on_progress(direction, done, total)``: progress bars in a notebook, a text line elsewhere."""
+def transfer_reporter(min_bytes: int = PROGRESS_MIN_BYTES, parent: Any = CURRENT) -> Callable[[str, int, int], None]:
+    """``on_progress(direction, done, total)``: progress bars in a notebook (in the cell of ``parent``, by
+    default the one running now), a text line elsewhere."""
     if widgets_available():
         from .progress import TransferReporter
 
-        return TransferReporter(min_bytes)
+        return TransferReporter(min_bytes, parent)
     return TransferProgress(min_bytes=min_bytes)
+
+
+class Deferred:
+    """A reporter made on its first call, not before (most cells launch nothing and move nothing big): ``make``
+    gets the parent header of the cell running when this was made (``parent``, by default now), so what it shows
+    lands in that cell, whichever thread calls it."""
+
+    def __init__(self, make: Callable[[Any], Callable[..., None]], parent: Any = CURRENT) -> None:
+        self._make = make
+        self._parent = current_parent() if parent is CURRENT else parent
+        self._made: Callable[..., None] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any) -> None:
+        made = self._made
+        if made is None:
+            with self._lock:
+                if self._made is None:
+                    self._made = self._make(self._parent)
+                made = self._made
+        made(*args)

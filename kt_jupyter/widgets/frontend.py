@@ -74,6 +74,10 @@ def display_widget(widget: Any, text: str, *, parent: dict[str, Any] | None = No
             shell.reset_thread_parent(token)
 
 
+#: A reporter's ``parent`` default: the parent header of the cell running when it is made.
+CURRENT: Any = object()
+
+
 def current_parent() -> dict[str, Any] | None:
     """The parent header of the cell running now (to display into it later from a thread)."""
     shell = _shell()

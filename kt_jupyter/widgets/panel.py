@@ -19,7 +19,7 @@ from typing import Any
 import ipywidgets as W
 
 from ..render import show_notice
-from .frontend import current_parent, display_widget
+from .frontend import CURRENT, current_parent, display_widget
 from .logs import LogView
 from .metrics import MetricsView
 from .models import is_launch_event
@@ -115,12 +115,12 @@ def show_panel(monitor: ComputeMonitor) -> ComputePanel:
 class LaunchReporter:
     """``on_event`` for a launch: shows the compute's panel at the first event, then adds each event to it."""
 
-    def __init__(self, name: str, backend: str = "local") -> None:
+    def __init__(self, name: str, backend: str = "local", parent: Any = CURRENT) -> None:
         self.name = name
         self.backend = backend
         self.panel: ComputePanel | None = None
         self.monitor: ComputeMonitor | None = None
-        self._parent = current_parent()
+        self._parent = current_parent() if parent is CURRENT else parent
         self._lock = threading.Lock()
 
     def __call__(self, text: str) -> None:

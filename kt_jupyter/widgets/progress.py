@@ -16,7 +16,7 @@ from typing import Any
 import ipywidgets as W
 
 from ..render import PROGRESS_MIN_BYTES
-from .frontend import ModelView, current_parent, display_widget
+from .frontend import CURRENT, ModelView, current_parent, display_widget
 from .models import ProgressModel
 from .status import FG1, FONT
 
@@ -60,10 +60,10 @@ class ProgressView(ModelView, W.HBox):
 class TransferReporter:
     """``on_progress(direction, done, total)`` that shows one bar per transfer (push / pull) in the cell."""
 
-    def __init__(self, min_bytes: int = PROGRESS_MIN_BYTES) -> None:
+    def __init__(self, min_bytes: int = PROGRESS_MIN_BYTES, parent: Any = CURRENT) -> None:
         self.min_bytes = min_bytes
         self.models: dict[str, ProgressModel] = {}
-        self._parent = current_parent()
+        self._parent = current_parent() if parent is CURRENT else parent
         self._lock = threading.Lock()
 
     def __call__(self, direction: str, done: int, total: int) -> None:
