@@ -97,6 +97,24 @@ class _End:
         with self._lock:
             self._close_locked()
 
+    def _write_whole(self, frame: bytes) -> bool | None:
+        """Write ``frame`` after its length at once: True, all of it; None, nothing (closed, or the socket takes
+        nothing now); False, only part of it, or the socket failed: it is closed then."""
+        data = lane_frame(frame)
+        with self._lock:
+            if self.closed:
+                return None
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                sent = -1
+            if sent == len(data):
+                return True
+            self._close_locked()
+            return False
+
     def _close_locked(self) -> None:
         if not self.closed:
             self.closed = True
@@ -171,21 +189,10 @@ class Lane(_End):
         the client drops the part, and its connection is closed too (see ``on_broken``)."""
         if len(frame) > MAX_LANE_FRAME:
             return False
-        data = lane_frame(frame)
-        with self._lock:
-            if self.closed:
-                return False
-            try:
-                sent = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                return False  # the client reads nothing now: nothing was written
-            except OSError:
-                sent = -1
-            if sent == len(data):
-                return True
-            self._close_locked()
-        self.on_broken("a reply did not fit in the lane", True)
-        return False
+        written = self._write_whole(frame)
+        if written is False:
+            self.on_broken("a reply did not fit in the lane", True)
+        return bool(written)
 
     def _frames(self) -> None:
         for frame in take_frames(self._buffer):
@@ -417,22 +424,13 @@ class ClientLane(_End):
 
     def send(self, frame: bytes) -> bool:
         """Write ``frame`` at once; False (the caller sends it another way) when it is too big, or the lane is
-        closed or cannot take all of it now (then it is closed: a frame cut short is dropped by the pod, with
-        the lane, and nothing of it runs)."""
+        closed or cannot take all of it now (one that took part of it is closed: a frame cut short is dropped
+        by the pod, with the lane, and nothing of it runs)."""
         if len(frame) > MAX_LANE_FRAME or self.adopted:
             return False
-        data = lane_frame(frame)
-        with self._lock:
-            if self.closed:
-                return False
-            try:
-                sent = self.sock.send(data)
-            except OSError:
-                sent = -1
-            if sent != len(data):
-                self._close_locked()
-                return False
-            self.sent += 1
+        if not self._write_whole(frame):
+            return False
+        self.sent += 1
         return True
 
     def claim(self) -> bool:
