@@ -19,6 +19,7 @@ import time
 import uuid
 
 import pytest
+from wire import closed_by_peer
 
 from kt_jupyter.client.loop import client_loop
 from pod_kernel import protocol as P
@@ -35,16 +36,6 @@ def _wait_for_lane(session, timeout_s: float = 10.0):
             return conn.lane
         time.sleep(0.01)
     raise AssertionError("the session opened no lane")
-
-
-def _closed_by_peer(sock: socket.socket, timeout_s: float = 10.0) -> bool:
-    sock.settimeout(timeout_s)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def _fresh_ticket(handle) -> tuple[object, str, tuple[str, int]]:
@@ -140,7 +131,7 @@ def test_a_lane_ticket_opens_one_lane_for_its_own_connection_and_dies_with_it(ke
         # the other connection's ticket still works, once; the lane's connection closing closes the lane
         open_lane(address, other_ticket).close()
         session.close()
-        assert _closed_by_peer(sock), "the lane outlived its connection"
+        assert closed_by_peer(sock, 10), "the lane outlived its connection"
         sock.close()
         # a ticket whose connection closed before it was used opens nothing
         third, third_ticket, _ = _fresh_ticket(handle)
@@ -175,7 +166,7 @@ def test_a_lane_frame_that_breaks_the_protocol_closes_the_lane_and_its_connectio
         sock.setblocking(True)
         with contextlib.suppress(OSError):
             sock.sendall(_bad_frames()[case][1])
-        assert _closed_by_peer(sock), "the lane stayed open"
+        assert closed_by_peer(sock, 10), "the lane stayed open"
         sock.close()
         deadline = time.monotonic() + 10
         while session.reconnects == 0 and time.monotonic() < deadline:  # its connection was closed: it reconnects

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import socket
 from typing import Any
 
 from websockets.sync.client import connect as ws_connect
@@ -27,3 +28,14 @@ def handshake(url: str, headers: dict[str, str] | list[tuple[str, str]]) -> Any:
 def raw_connect(url: str, token: str, **headers: str) -> Any:
     """A connection that passed the handshake with ``token`` (the welcome is still to be read)."""
     return handshake(url, upgrade_headers(token, **headers))
+
+
+def closed_by_peer(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the other end closes ``sock`` (or resets it) without sending a byte within ``timeout_s``."""
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False

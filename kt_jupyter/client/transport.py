@@ -268,23 +268,21 @@ class Transport:
         lane = conn.lane
         # on the lane only when no request of this session waits for its reply: the pod's main thread reads the
         # lane at once, maybe before its network thread read what went before on the WebSocket
-        if lane is not None and not self._pending:
-            if inbox is not None and lane.claim():  # its reply may come back on the lane: this thread reads it
-                inbox.lane = lane
-                header = dict(header, lane_reply=True)
-            try:
-                frame = P.encode_frame(header)
-            except P.ProtocolError:  # too big for a header: the loop's send says so
-                frame = b""
-            if frame and lane.send(frame):
-                ex.sent_on = conn
-                return ex, conn
-            if inbox is not None and inbox.lane is lane:  # nothing was sent: nothing is put yet either
-                inbox.lane = None
-                lane.release()
+        on_lane = lane if lane is not None and not self._pending else None
+        if on_lane is not None and inbox is not None and on_lane.claim():
+            inbox.lane = on_lane  # its reply may come back on the lane: this thread reads it (the pod ignores
+            header = dict(header, lane_reply=True)  # lane_reply on an execute that came on the WebSocket)
         try:
             frame = P.encode_frame(header)
         except P.ProtocolError:  # too big for a header: the loop's send says so
+            frame = b""
+        if on_lane is not None and frame and on_lane.send(frame):
+            ex.sent_on = conn
+            return ex, conn
+        if on_lane is not None and inbox is not None and inbox.lane is on_lane:  # nothing sent, nothing put yet
+            inbox.lane = None
+            on_lane.release()
+        if not frame:
             return ex, None
         if lane is None and conn.lane_ticket is not None:  # for the next cells (this one cannot wait for it)
             loop.call_soon_threadsafe(self._open_lane, conn)
@@ -375,8 +373,8 @@ class Transport:
             lane.release()
             return
         lane.adopted = True
-        conn = next((c for c in (self._conn,) if c is not None and c.lane is lane), None)
-        if conn is not None:
+        conn = self._conn
+        if conn is not None and conn.lane is lane:
             conn.closed.get_loop().call_soon_threadsafe(self._adopt_lane, conn, lane)
 
     def _adopt_lane(self, conn: _Conn, lane: ClientLane) -> None:
