@@ -8,9 +8,11 @@ for its next job, reads them itself: one thread woken instead of two, and no
 WebSocket parsing (measured here: 0.39 ms from the write to the cell starting
 over the WebSocket, 0.24 ms over a lane). A cell's reply comes back on it the
 same way, to the notebook's thread, when that thread waits for it
-(``lane_reply``) and everything the session sent before it is on the
-WebSocket; its seq tells the client to take it after all that. Everything
-else (outputs, every other request) stays on the WebSocket.
+(``lane_reply``), together with the cell's outputs that were not sent yet
+when it ended (its last ``print``, its result): that thread routes them
+itself. What the session sent before them is on the WebSocket already; their
+seqs tell the client to take them after all that. Everything else (outputs
+sent while the cell runs, every other request) stays on the WebSocket.
 
 Opening one: the pod hands out a one-time *lane ticket* in its welcome, over
 the authenticated WebSocket; the client connects to the bulk port, sends the
@@ -23,7 +25,8 @@ once: executes are deduplicated by id).
 On the wire a lane carries frames of :mod:`pod_kernel.protocol`, each after
 its length (4 bytes, big-endian), of at most :data:`MAX_LANE_FRAME` bytes:
 from the client, each must be an ``execute`` that runs at once (no
-``after``); from the pod, each is an ``execute_reply``. Anything else breaks the protocol: the pod
+``after``); from the pod, each is an ``execute_reply`` or an output
+(:data:`LANE_OUTPUTS`) of the execute whose reply follows it. Anything else breaks the protocol: the pod
 closes the lane and its WebSocket connection (the client reconnects and sends
 again what did not run), as for a WebSocket frame that breaks it.
 
@@ -51,6 +54,9 @@ MAX_LANE_FRAME = 64 << 10
 ACK = b"\x01"
 #: How long a client waits for the pod's :data:`ACK`.
 ACK_TIMEOUT_S = 5.0
+#: A cell's output messages (``error``: a callback's error after the cell, shown as output): the client routes
+#: them to the cell's caller; a lane carries them before the cell's reply.
+LANE_OUTPUTS = frozenset({"stream", "display", "clear_output", "execute_result", "error"})
 _LEN = struct.Struct(">I")
 #: Bytes read from a lane per recv.
 READ_BYTES = MAX_LANE_FRAME + _LEN.size
@@ -127,10 +133,10 @@ class _End:
         with self._lock:
             self._close_locked()
 
-    def _write_whole(self, frame: bytes) -> bool | None:
-        """Write ``frame`` after its length at once: True, all of it; None, nothing (closed, or the socket takes
-        nothing now); False, only part of it, or the socket failed: it is closed then."""
-        data = lane_frame(frame)
+    def _write_whole(self, frames: list[bytes]) -> bool | None:
+        """Write ``frames``, each after its length, at once: True, all of them; None, nothing (closed, or the
+        socket takes nothing now); False, only part, or the socket failed: it is closed then."""
+        data = b"".join([lane_frame(frame) for frame in frames])
         with self._lock:
             if self.closed:
                 return None
@@ -221,13 +227,14 @@ class Lane(_End):
         if why is not None:
             self.on_broken(why, why != PEER_CLOSED)
 
-    def write(self, frame: bytes) -> bool:
-        """Write ``frame`` (a cell's reply, at most :data:`MAX_LANE_FRAME` bytes) on the lane at once, whole, or
-        not at all (False: it goes on the WebSocket). A lane that takes only part of it is ended, as broken:
-        the client drops the part, and its connection is closed too (see ``on_broken``)."""
-        if len(frame) > MAX_LANE_FRAME:
+    def write(self, frames: list[bytes]) -> bool:
+        """Write ``frames`` (a cell's reply, after its last outputs; at most :data:`MAX_LANE_FRAME` bytes in
+        all) on the lane at once, whole, or not at all (False: they go on the WebSocket). A lane that takes only
+        part of them is ended, as broken: the client drops the part, and its connection is closed too (see
+        ``on_broken``)."""
+        if sum(len(frame) for frame in frames) > MAX_LANE_FRAME:
             return False
-        written = self._write_whole(frame)
+        written = self._write_whole(frames)
         if written is False:
             self.on_broken("a reply did not fit in the lane", True)
         return bool(written)
@@ -424,7 +431,7 @@ class ClientLane(_End):
         by the pod, with the lane, and nothing of it runs)."""
         if len(frame) > MAX_LANE_FRAME or self.adopted:
             return False
-        if not self._write_whole(frame):
+        if not self._write_whole([frame]):
             return False
         self.sent += 1
         return True

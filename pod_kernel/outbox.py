@@ -27,6 +27,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from .lanes import LANE_OUTPUTS
 from .protocol import CHUNK_BYTES, MAX_HEADER_BYTES, ProtocolError, encode_frame
 
 #: Stream text gathered before it is sent without waiting for the timer.
@@ -164,10 +165,13 @@ class Outbox:
         self._stream_limit_chars = stream_limit_chars
         self._streamed: OrderedDict[str, int] = OrderedDict()  # request id -> characters sent live
         self._elided: dict[str, _Elided] = {}
+        #: (request id, first seq) of the outputs of one request that the newest entries are, if they are
+        self._outputs_run: tuple[Any, int] | None = None
         self.changed = asyncio.Event()
         #: writes what was appended and not sent yet from the calling thread, when the connection can take it
-        #: (the server's ``send_direct``); returns whether all of it went. None: only the loop sends
-        self.direct: Callable[[Any], bool] | None = None
+        #: (the server's ``send_direct``, given the lane and the seqs that may go on it: the last outputs and the
+        #: reply); returns whether all of it went. None: only the loop sends
+        self.direct: Callable[[Any, tuple[int, int]], bool] | None = None
 
     @property
     def last_seq(self) -> int:
@@ -200,20 +204,23 @@ class Outbox:
 
         ``now``: write it (and anything before it not sent yet) from this thread at once, when its
         connection can take it (see :attr:`direct`): a request's last message, which its client waits
-        for. The loop's thread is woken only for what did not go. ``lane``: where its client reads it
-        when it is all that was not sent yet (a cell's reply; see :mod:`pod_kernel.lanes`).
+        for. The loop's thread is woken only for what did not go. ``lane``: where its client reads it, and
+        the request's outputs just before it that were not sent yet (a cell's reply and last outputs; see
+        :mod:`pod_kernel.lanes`).
         """
         with self._lock:
             self._flush_locked()
             req_id = header.get("id")
             if req_id in self._elided:
                 self._add_elided_locked(req_id, self._elided.pop(req_id))
+            run = self._outputs_run
+            lane_from = run[1] if run is not None and run[0] == req_id else self._next_seq
             seq = self._add_locked(header, payload)
             direct = self.direct if now else None
             if direct is None:
                 self._notify_locked()
                 return seq
-        if not direct(lane):
+        if not direct(lane, (lane_from, seq)):
             with self._lock:
                 self._notify_locked()
         return seq
@@ -331,6 +338,11 @@ class Outbox:
                 or encode_frame(dict(fit_header(header), seq=seq), payload)
         self._entries.append((seq, frame))
         self._kept_bytes += len(frame)
+        req_id = header.get("id")
+        if header.get("type") not in LANE_OUTPUTS or not isinstance(req_id, str):
+            self._outputs_run = None
+        elif self._outputs_run is None or self._outputs_run[0] != req_id:
+            self._outputs_run = (req_id, seq)
         while self._kept_bytes > self._replay_bytes and len(self._entries) > 1:
             old_seq, old = self._entries.popleft()
             self._kept_bytes -= len(old)

@@ -38,7 +38,7 @@ from .bulk import BULK_MIN_BYTES, SPARES_PER_OWNER, BulkServer, listen_socket
 from .calls import CallRunner
 from .codesync import CodeSync
 from .executor import CellJob, Executor, write_cell_file
-from .lanes import Lane, LaneError
+from .lanes import MAX_LANE_FRAME, Lane, LaneError
 from .metrics import MetricsSampler
 from .outbox import Outbox
 from .pushes import Pushes
@@ -573,13 +573,14 @@ class PodKernelServer:
             pass
 
     @staticmethod
-    def send_direct(session: Session, lane: Lane | None = None) -> bool:
+    def send_direct(session: Session, lane: Lane | None = None, lane_span: tuple[int, int] = (0, 0)) -> bool:
         """From the main thread: write the session's messages not sent yet (a cell's reply) on its connection
         at once, when the pump is not writing; the loop's thread is not woken for them (see
         :mod:`pod_kernel.wsconn`). Returns whether all went: the pump sends the rest, as ever.
 
-        With ``lane`` (the reply's client reads it), the reply goes on it once what came before it is written
-        on the WebSocket: the client takes it after all that (its seq says so).
+        With ``lane`` (the reply's client reads it), the reply (seq ``lane_span[1]``) goes on it, after the
+        messages from seq ``lane_span[0]`` on (the cell's last outputs) as far as they fit, once what came
+        before them is written on the WebSocket: the client takes them after all that (their seqs say so).
         """
         pump = session.pump
         if pump is None or session.ws is not pump.ws:
@@ -590,11 +591,28 @@ class PodKernelServer:
             entries, lost = session.outbox.since(pump.sent)
             if lost:
                 return False
-            if lane is not None and lane.owner is not pump.ws:
-                lane = None
-            last = len(entries) - 1
-            for i, (seq, frame) in enumerate(entries):
-                if not ((i == last and lane is not None and lane.write(frame)) or pump.ws.send_now(frame)):
+            first, reply = lane_span
+            end = len(entries)  # entries[cut:end] go on the lane; those after the reply (another thread's) do not
+            while end and entries[end - 1][0] > reply:
+                end -= 1
+            cut = end
+            if lane is not None and lane.owner is pump.ws and end and entries[end - 1][0] == reply:
+                room = MAX_LANE_FRAME - len(entries[end - 1][1])
+                if room >= 0:
+                    cut -= 1
+                    while cut > 0 and entries[cut - 1][0] >= first and len(entries[cut - 1][1]) <= room:
+                        cut -= 1
+                        room -= len(entries[cut][1])
+            for seq, frame in entries[:cut]:
+                if not pump.ws.send_now(frame):
+                    return False
+                pump.sent = seq
+            rest = entries[cut:]
+            if cut < end and lane is not None and lane.write([frame for _seq, frame in entries[cut:end]]):
+                pump.sent = entries[end - 1][0]
+                rest = entries[end:]
+            for seq, frame in rest:
+                if not pump.ws.send_now(frame):
                     return False
                 pump.sent = seq
         return True

@@ -9,6 +9,7 @@ session's cell is told so at once, lane or not.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import random
@@ -85,6 +86,30 @@ def test_replies_come_on_the_lane_after_every_output_sent_before_them(kernel):
                         on_output=lambda m: seen.append(m.get("text", "")) if m["type"] == "stream" else None)
         assert "".join(seen) == "".join(f"{i}\n" for i in range(50))
     assert session.lane_replies == before + 4
+
+
+def test_a_cells_last_outputs_come_on_the_lane_with_its_reply(kernel):
+    """What a cell printed or returned that was not sent yet when it ended comes on the lane with its reply, and
+    the notebook's thread routes it: the cell is done while the notebook's network loop sleeps. Outputs that do
+    not fit on the lane go on the WebSocket first, and everything arrives in order."""
+    _, session = kernel
+    session.execute("pass")
+    _wait_for_lane(session)
+    loop = client_loop()
+    seen: list[dict] = []
+    loop.call_soon_threadsafe(time.sleep, 2.0)
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    result = session.execute("print('last words')\n6 * 7", on_output=seen.append)
+    took = time.monotonic() - t0
+    assert [m["text"] for m in seen if m["type"] == "stream"] == ["last words\n"]
+    assert result.data == {"text/plain": "42"}
+    assert took < 1.0, f"the cell waited {took:.2f} s for the notebook's sleeping network loop"
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(10)  # the loop is back
+    for _ in range(3):  # 100,000 characters: more than one lane write takes
+        seen.clear()
+        session.execute("print('x' * 100_000)\nprint('end')", on_output=seen.append)
+        assert "".join(m["text"] for m in seen if m["type"] == "stream") == "x" * 100_000 + "\nend\n"
 
 
 def test_a_cell_given_up_on_leaves_its_reply_to_the_loop_and_the_next_cells_are_right(kernel):
@@ -229,9 +254,13 @@ def test_a_lane_reads_frames_cut_anywhere_and_several_at_once():
 def test_a_reply_the_lane_cannot_take_whole_ends_it_as_broken():
     broken: list[tuple[str, bool]] = []
     client, lane = _lane_pair([], broken)
-    assert lane.write(b"small")
-    assert not lane.write(bytes(MAX_LANE_FRAME + 1))  # too big for the client to take: the WebSocket's
+    assert lane.write([b"small"])
+    assert not lane.write([bytes(MAX_LANE_FRAME + 1)])  # too big for the client to take: the WebSocket's
+    assert not lane.write([bytes(MAX_LANE_FRAME // 2), bytes(MAX_LANE_FRAME // 2 + 1)])  # so are these together
+    assert lane.write([b"an output", b"its reply"])
     assert not lane.closed
+    expected = lane_frame(b"small") + lane_frame(b"an output") + lane_frame(b"its reply")
+    assert client.recv(1 << 20) == expected  # all in one write, each after its length
 
     class TakesPart:  # a socket whose buffer has room for part of the frame only
         def __init__(self, sock):
@@ -244,7 +273,7 @@ def test_a_reply_the_lane_cannot_take_whole_ends_it_as_broken():
             self.sock.close()
 
     lane.sock = TakesPart(lane.sock)  # type: ignore[assignment]
-    assert not lane.write(b"a reply")
+    assert not lane.write([b"a reply"])
     assert lane.closed and broken == [("a reply did not fit in the lane", True)]
     client.close()
 

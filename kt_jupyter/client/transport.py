@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from pod_kernel import protocol as P
 from pod_kernel.bulk import BULK_MIN_BYTES, client_transfer, parse_ticket
-from pod_kernel.lanes import ClientLane, open_lane
+from pod_kernel.lanes import LANE_OUTPUTS, ClientLane, open_lane
 
 from ..errors import AuthError, ConnectionLostError, KernelDiedError, KtError, ProtocolMismatchError, TransferError
 from .exceptions import rebuild_exception
@@ -49,8 +49,6 @@ Liveness = Callable[[], str | None]
 Handler = Callable[[dict[str, Any], memoryview], None]
 
 PDB_PROMPT = P.PDB_PROMPT
-#: Output messages of a running cell (``error``: a callback's error after the cell, shown as output).
-OUTPUT_TYPES = ("stream", "display", "clear_output", "execute_result", "error")
 
 
 def fallback_answer(prompt: str) -> str | None:
@@ -90,8 +88,9 @@ class Inbox:
         self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
         #: the lane this execute's reply may come on (set before the execute is sent, so before any put)
         self.lane: ClientLane | None = None
-        #: a reply read from the lane, until the outputs sent before it were routed: (header, payload)
-        self.lane_reply: tuple[dict[str, Any], bytes] | None = None
+        #: what of this execute was read from the lane (its last outputs, then its reply: (header, payload)), until
+        #: the messages sent before them were routed
+        self.lane_held: collections.deque[tuple[dict[str, Any], bytes]] = collections.deque()
         #: whether the caller took the execute's reply (or its end)
         self.replied = False
 
@@ -232,7 +231,7 @@ class Transport:
         self._orphan_states: collections.deque[dict[str, Any]] = collections.deque()
         #: message type -> its handler (types not listed are ignored: a newer pod may send more)
         self.handlers: dict[str, Handler] = {
-            **{kind: self._on_output for kind in OUTPUT_TYPES},
+            **{kind: self._on_output for kind in LANE_OUTPUTS},
             "input_request": self._on_input_request,
             "execute_reply": self._on_execute_reply,
             "reply": self._on_reply,
@@ -297,39 +296,47 @@ class Transport:
         if lane is None:
             return inbox.get(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
+        held = inbox.lane_held
         while True:
             if inbox.items:
                 return inbox.items.popleft()
-            reply = inbox.lane_reply
-            if reply is not None and self.routed_seq >= reply[0]["seq"] - 1:  # what came before it is in
-                inbox.lane_reply = None
-                self._took_lane_reply(reply)
-                return reply
+            # what was read from the lane, once every message before it was routed: an output is routed here
+            # (into this inbox, to be taken first), the reply taken
+            if held and self.routed_seq >= held[0][0]["seq"] - 1:
+                header, payload = held.popleft()
+                if header["type"] == "execute_reply":
+                    self._took_lane_reply((header, payload))
+                    return header, payload
+                self._route(header, memoryview(payload))
+                continue
+            replied = bool(held) and held[-1][0]["type"] == "execute_reply"
             wait_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            if reply is not None:  # the loop routes the outputs before it, which may not be this execute's
+            if held:  # the loop routes the messages before them, which may not be this execute's
                 wait_ms = 1 if wait_ms < 0 else min(wait_ms, 1)
             lane.sleeping = True
             try:
                 if inbox.items:
                     continue
-                frames, ended = lane.wait(wait_ms, read=reply is None)
+                frames, ended = lane.wait(wait_ms, read=not replied)
             finally:
                 lane.sleeping = False
             for frame in frames:
                 self._lane_frame(inbox, req_id, frame)
-            if ended and reply is None and inbox.lane_reply is None:
+            if ended and not replied:
                 log.debug("the lane to %s ended; the reply comes on the WebSocket", self.name)
-            if (deadline is not None and time.monotonic() >= deadline and not inbox.items
-                    and inbox.lane_reply is None):
+            if deadline is not None and time.monotonic() >= deadline and not inbox.items and not held:
                 raise queue.Empty
 
     def _lane_frame(self, inbox: Inbox, req_id: str, frame: bytes) -> None:
-        """A frame read from the lane: this execute's reply waits in ``inbox``; another's is routed by the loop."""
+        """A frame read from the lane: this execute's last outputs and reply wait in ``inbox``; another's are
+        routed by the loop."""
         try:
             header, payload = P.decode_frame(frame)
             seq = header.get("seq")
-            if header["type"] != "execute_reply" or not isinstance(seq, int):
-                raise P.ProtocolError(f"a lane carries replies only, not {header['type']!r}")
+            if header["type"] != "execute_reply" and header["type"] not in LANE_OUTPUTS:
+                raise P.ProtocolError(f"a lane carries replies and outputs only, not {header['type']!r}")
+            if not isinstance(seq, int):
+                raise P.ProtocolError("a lane frame without its seq")
         except P.ProtocolError as exc:  # the pod broke the protocol: its connection is closed, the reply replayed
             log.warning("pod kernel %s sent a bad frame on its lane: %s", self.name, exc)
             conn = self._conn
@@ -337,8 +344,8 @@ class Transport:
                 conn.closed.get_loop().call_soon_threadsafe(conn.ws.refuse, f"lane: {exc}")
             return
         if header.get("id") == req_id:
-            inbox.lane_reply = (header, bytes(payload))
-        else:  # a reply to an execute given up on: as if it came on the WebSocket
+            inbox.lane_held.append((header, bytes(payload)))
+        else:  # an execute given up on: as if it came on the WebSocket
             conn = self._conn
             if conn is not None:
                 conn.closed.get_loop().call_soon_threadsafe(self._route, header, memoryview(bytes(payload)))
@@ -737,7 +744,8 @@ class Transport:
                 handler(header, payload)
         finally:
             if seq is not None and seq > self.routed_seq:
-                self.routed_seq = seq
+                with self._seq_lock:  # the caller's thread routes a lane's outputs too
+                    self.routed_seq = max(self.routed_seq, seq)
 
     def _on_output(self, header: dict[str, Any], payload: memoryview) -> None:
         kind = header["type"]
