@@ -181,6 +181,7 @@ def _make_shell(executor: Executor):
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
     from IPython.core.events import EventManager, available_events
+    from IPython.core.history import HistoryManager
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets import Type
     from traitlets.config import Config
@@ -202,9 +203,16 @@ def _make_shell(executor: Executor):
         def clear_output(self, wait=False):
             executor.emit({"type": "clear_output", "wait": bool(wait)})
 
+    # IPython sets a few traits every cell: a trait's validation and observer dispatch cost more than a `pass`
+    # cell's code. Nothing observes these (IPython, ipykernel, traitlets: checked), so here they are plain
+    # attributes of the same names and defaults, set and read the same way (tests/test_pod_kernel.py).
+    class KtHistoryManager(HistoryManager):
+        _i00 = _i = _ii = _iii = ""
+
     class KtDisplayHook(DisplayHook):
         _data: ClassVar[dict] = {}  # replaced per result by start_displayhook / write_format_data
         _md: ClassVar[dict] = {}
+        exec_result = None  # see KtHistoryManager
 
         def start_displayhook(self):
             self._data, self._md = {}, {}
@@ -256,6 +264,13 @@ def _make_shell(executor: Executor):
         displayhook_class = Type(KtDisplayHook)
         display_pub_class = Type(KtDisplayPublisher)
         compiler_class = Type(KtCompiler)
+        execution_count = 1  # see KtHistoryManager
+        last_execution_succeeded = True
+        last_execution_result = None
+
+        def init_history(self):
+            self.history_manager = KtHistoryManager(shell=self, parent=self)
+            self.configurables.append(self.history_manager)
 
         def init_events(self):
             super().init_events()

@@ -59,6 +59,26 @@ def test_history_names_are_bounded_and_history_kept(kernel):
     assert s.execute("len(get_ipython().history_manager.db_input_cache)").data == {"text/plain": "1"}
 
 
+def test_ipython_per_cell_state_behaves_as_in_ipython(kernel):
+    """The pod's shell keeps IPython's per-cell state in plain attributes, not traits (pod_kernel.executor): it
+    must read as IPython's does: `_i`/`_ii`/`_iii`, the execution count, the last result and success."""
+    _, s = kernel
+    count = int(s.execute("get_ipython().execution_count").data["text/plain"])  # IPython's: this cell's + 1
+    s.execute("a = 1")
+    s.execute("b = 2")
+    s.execute("40 + 2")
+    assert s.execute("_i, _ii, _iii, _").data == {"text/plain": "('40 + 2', 'b = 2', 'a = 1', 42)"}
+    assert s.execute("get_ipython().execution_count").data == {"text/plain": str(count + 5)}
+    assert s.execute(f"_i{count + 2}, Out[{count + 2}]").data == {"text/plain": "('40 + 2', 42)"}
+    with pytest.raises(ZeroDivisionError):
+        s.execute("1 / 0")
+    ip = "get_ipython()"
+    assert s.execute(f"{ip}.last_execution_succeeded").data == {"text/plain": "False"}  # the cell before's
+    s.execute(f"ok = {ip}.last_execution_succeeded; r = {ip}.last_execution_result")
+    assert s.execute("ok, r.success, r.result, r.info.raw_cell[:6]").data == \
+        {"text/plain": "(True, True, False, 'get_ip')"}
+
+
 def test_stream_is_coalesced_not_one_message_per_write(kernel):
     _, s = kernel
     out = []
