@@ -411,6 +411,18 @@ def test_production_port_forward_connector_through_the_fake_api_server(cluster):
     ns = {"blob": bytes(range(256)) * (32 << 10)}  # 8 MiB each way through the forward
     conn.run_cell("echo = blob[::-1]\nn = len(blob)", ns)
     assert ns["n"] == 8 << 20 and ns["echo"] == ns["blob"][::-1]
+    # cells take the lane through the forwarded bulk port too: executes out, their last outputs and replies back
+    session = conn.session
+    session.execute("pass")  # asks for the lane (the cell above followed a push: it went on the WebSocket)
+    deadline = time.monotonic() + 10
+    while (session._conn is None or session._conn.lane is None) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sent, replies = session._conn.lane.sent, session.lane_replies
+    for i in range(3):
+        seen: list[str] = []
+        result = session.execute(f"print('line {i}')\n{i} * 7", on_output=lambda m: seen.append(m.get("text", "")))
+        assert result.data == {"text/plain": str(i * 7)} and seen == [f"line {i}\n", ""]
+    assert (session._conn.lane.sent, session.lane_replies) == (sent + 3, replies + 3)
     conn.session.close()
     again = handle.session()  # a second connection through the same local listener
     again.connect()

@@ -112,6 +112,24 @@ def test_a_cells_last_outputs_come_on_the_lane_with_its_reply(kernel):
         assert "".join(m["text"] for m in seen if m["type"] == "stream") == "x" * 100_000 + "\nend\n"
 
 
+def test_cells_that_follow_a_push_open_the_lane_too(kernel):
+    """An execute that follows a push (``after``) goes through the client loop, not on a lane; it asks for the
+    lane all the same, so a notebook whose cells all push something gets one."""
+    from pod_kernel.protocol import dump_values
+
+    _, session = kernel
+    for i in range(3):
+        push_id, pushed = session.start_push(dump_values({"x": i}, "pickle"))
+        assert session.execute("x * 2", after=push_id).data == {"text/plain": str(2 * i)}
+        pushed.result(10)
+    lane = _wait_for_lane(session)
+    push_id, _pushed = session.start_push(dump_values({"x": 5}, "pickle"))
+    assert session.execute("x * 2", after=push_id).data == {"text/plain": "10"}
+    sent = lane.sent
+    assert session.execute("x + 1").data == {"text/plain": "6"}
+    assert lane.sent == sent + 1
+
+
 def test_a_cell_given_up_on_leaves_its_reply_to_the_loop_and_the_next_cells_are_right(kernel):
     from kt_jupyter.errors import RemoteTimeoutError
 

@@ -262,9 +262,13 @@ class Transport:
         self._executions[req_id] = ex  # first: its reply may come before the loop runs anything of ours
         self._runs_cells = True  # its connections open a lane (see _open_lane)
         conn = self._conn
-        if not send or conn is None or conn.closed.done():
+        if conn is None or conn.closed.done():
             return ex, None
         lane = conn.lane
+        if lane is None and conn.lane_ticket is not None:  # for the next cells (this one cannot wait for it)
+            loop.call_soon_threadsafe(self._open_lane, conn)
+        if not send:
+            return ex, None
         # on the lane only when no request of this session waits for its reply: the pod's main thread reads the
         # lane at once, maybe before its network thread read what went before on the WebSocket
         on_lane = lane if lane is not None and not self._pending else None
@@ -283,8 +287,6 @@ class Transport:
             on_lane.release()
         if not frame:
             return ex, None
-        if lane is None and conn.lane_ticket is not None:  # for the next cells (this one cannot wait for it)
-            loop.call_soon_threadsafe(self._open_lane, conn)
         if conn.ws.send_now(frame):
             ex.sent_on = conn
         return ex, ex.sent_on

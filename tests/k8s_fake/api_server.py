@@ -274,6 +274,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             local = store.port_resolver(ns, name, port) if store.port_resolver else None
             upstream = socket.create_connection(("127.0.0.1", local), timeout=5) if local else None
+            if upstream is not None:  # no read timeout once connected: the kubelet keeps an idle stream for hours
+                upstream.settimeout(None)  # (--streaming-connection-idle-timeout, 4 h by default)
         except OSError:
             upstream = None
         self.send_response(101)
