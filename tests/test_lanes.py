@@ -123,8 +123,9 @@ def test_cells_that_follow_a_push_open_the_lane_too(kernel):
         assert session.execute("x * 2", after=push_id).data == {"text/plain": str(2 * i)}
         pushed.result(10)
     lane = _wait_for_lane(session)
-    push_id, _pushed = session.start_push(dump_values({"x": 5}, "pickle"))
+    push_id, pushed = session.start_push(dump_values({"x": 5}, "pickle"))
     assert session.execute("x * 2", after=push_id).data == {"text/plain": "10"}
+    pushed.result(10)  # no request waits for its reply now: the next execute may take the lane
     sent = lane.sent
     assert session.execute("x + 1").data == {"text/plain": "6"}
     assert lane.sent == sent + 1

@@ -132,6 +132,8 @@ class _Conn:
     lane: ClientLane | None = None
 
 
+#: Seqs not routed yet below the last one routed that a transport remembers at most (see _first_sight).
+MAX_SEQ_GAPS = 1024
 #: Spare bulk tickets a connection keeps at most (the pod hands out two).
 MAX_SPARES = 4
 
@@ -210,8 +212,13 @@ class Transport:
         self._preceding: dict[str, asyncio.Future[None]] = {}
         self._streams: dict[str, OutputCallback] = {}
         self._lane_tasks: set[asyncio.Future[None]] = set()
-        #: last_seq is advanced by the loop and, for a reply read from a lane, by the thread that read it
+        #: last_seq is advanced by the loop and, for what a lane carried, by the thread that read it
         self._seq_lock = threading.Lock()
+        #: seqs below last_seq not routed yet: two threads route (the loop; a cell's caller what its lane carried),
+        #: so one may route a message before another routes those before it (see :meth:`_first_sight`)
+        self._gaps: set[int] = set()
+        #: the seq the last connection asked the pod to replay after
+        self._asked_from = 0
         #: the seq of the last sequenced message handed to its handler (a lane's reply waits for those before it)
         self.routed_seq = 0
         #: replies the caller's thread read from a lane
@@ -306,10 +313,10 @@ class Transport:
             # (into this inbox, to be taken first), the reply taken
             if held and self.routed_seq >= held[0][0]["seq"] - 1:
                 header, payload = held.popleft()
-                if header["type"] == "execute_reply":
-                    self._took_lane_reply((header, payload))
+                if header["type"] != "execute_reply":
+                    self._route(header, memoryview(payload))
+                elif self._took_lane_reply((header, payload)):
                     return header, payload
-                self._route(header, memoryview(payload))
                 continue
             replied = bool(held) and held[-1][0]["type"] == "execute_reply"
             wait_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
@@ -352,17 +359,42 @@ class Transport:
             if conn is not None:
                 conn.closed.get_loop().call_soon_threadsafe(self._route, header, memoryview(bytes(payload)))
 
-    def _took_lane_reply(self, reply: tuple[dict[str, Any], bytes]) -> None:
-        """The caller's thread took its reply from the lane: the loop's replay and watcher know it."""
+    def _first_sight(self, seq: int) -> bool:
+        """Whether message ``seq`` is seen here for the first time (it counts as seen from now on); False for one
+        routed already (a replay after a reconnect, or a copy that came both ways). Under the seq lock."""
+        last = self.last_seq
+        if seq > last:
+            if seq > last + 1:  # those between come later, from the other routing thread (or were lost)
+                self._gaps.update(range(max(last + 1, seq - MAX_SEQ_GAPS), seq))
+                if len(self._gaps) > MAX_SEQ_GAPS:
+                    self._gaps = set(sorted(self._gaps)[-MAX_SEQ_GAPS:])
+            self.last_seq = seq
+            return True
+        if seq in self._gaps:
+            self._gaps.discard(seq)
+            return True
+        return False
+
+    def _replay_from(self) -> int:
+        """The seq a new connection asks the pod to replay after: the last one seen, or before the first one
+        still missing (a lane's message not routed yet when its connection dropped)."""
+        with self._seq_lock:
+            self._asked_from = min(self._gaps) - 1 if self._gaps else self.last_seq
+            return self._asked_from
+
+    def _took_lane_reply(self, reply: tuple[dict[str, Any], bytes]) -> bool:
+        """The caller's thread takes its reply from the lane: the loop's replay and watcher know it. False: the
+        loop routed it already (a replay), into the caller's inbox."""
         header = reply[0]
         seq = header["seq"]
-        self.lane_replies += 1
         with self._seq_lock:
-            self.last_seq = max(self.last_seq, seq)
+            if not self._first_sight(seq):
+                return False
             self.routed_seq = max(self.routed_seq, seq)
+        self.lane_replies += 1
         ex = self._executions.get(header.get("id", ""))
         if ex is None:
-            return
+            return True
         with self._watch_lock:
             ex.start_watch = None  # no coroutine follows it from now on
             watcher = ex.watcher
@@ -371,6 +403,7 @@ class Transport:
                 if not ex.reply.done():
                     ex.reply.set_result(reply)
             ex.reply.get_loop().call_soon_threadsafe(finish)
+        return True
 
     def leave_lane(self, inbox: Inbox) -> None:
         """The execute's caller stops waiting: with its reply, the lane is free for the next; without (it gave
@@ -640,7 +673,7 @@ class Transport:
                 raise dead
             try:
                 ws, welcome = await handshake(
-                    self.url, self._token, self.session_id, self.last_seq, name=self.name,
+                    self.url, self._token, self.session_id, self._replay_from(), name=self.name,
                     open_timeout_s=max(0.05, min(OPEN_TIMEOUT_S, deadline - time.monotonic())),
                     heartbeat_interval_s=self.heartbeat_interval_s, heartbeat_timeout_s=self.heartbeat_timeout_s)
                 break
@@ -737,9 +770,8 @@ class Transport:
         seq = header.get("seq")
         if seq is not None:
             with self._seq_lock:
-                if seq <= self.last_seq:
+                if not self._first_sight(seq):
                     return  # already seen before a reconnect (or read from the lane)
-                self.last_seq = seq
         try:
             handler = self.handlers.get(header["type"])
             if handler is not None:
@@ -829,6 +861,10 @@ class Transport:
             self._bundle_progress(pending)
 
     def _on_notice(self, header: dict[str, Any], payload: memoryview) -> None:
+        lost = header.get("lost")
+        if isinstance(lost, int) and not isinstance(lost, bool):  # the replay's first message: those never come
+            with self._seq_lock:
+                self._gaps = {seq for seq in self._gaps if seq > self._asked_from + lost}
         log.log(logging.INFO if header.get("level") == "info" else logging.WARNING, "pod kernel %s: %s", self.name,
                 header.get("text"))
         if self.on_notice is not None:
