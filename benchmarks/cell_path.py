@@ -1,8 +1,9 @@
 """Where a trivial ``%%kt`` cell's time goes, step by step, in both processes (issue 21, item 3).
 
-    .venv/bin/python benchmarks/cell_path.py [--cells 300] [--gap-ms 5] [--json]
+    .venv/bin/python benchmarks/cell_path.py [--cells 300] [--gap-ms 5] [--code pass] [--json]
 
-It runs ``--cells`` cells of ``%%kt pass`` in one IPython process (IPython's test
+It runs ``--cells`` cells of ``%%kt pass`` (or ``--code``: ``"print(1)"``, a cell
+that outputs something just before its end) in one IPython process (IPython's test
 shell, no kernel), ``--gap-ms`` apart as in a notebook (back to back, with 0, the
 caches stay warm and every step looks two to three times cheaper on a VM), on a
 fresh local pod kernel. Both processes take a ``time.perf_counter()`` timestamp at
@@ -82,9 +83,10 @@ class Stamps:
         """Stamp ``step`` now, unless it was stamped already for this cell."""
         self.now.setdefault(step, time.perf_counter())
 
-    def wrap(self, cls: Any, name: str, before: str, after: str | None = None, until: str | None = None) -> None:
+    def wrap(self, cls: Any, name: str, before: str, after: str | None = None, until: str | None = None,
+             last_return: bool = False) -> None:
         """Stamp ``before`` as ``cls.name`` starts (its latest call before ``until`` is stamped, if given; else
-        its first) and ``after`` as it returns."""
+        its first) and ``after`` as it returns (its first return; its last, with ``last_return``)."""
         original = getattr(cls, name)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -95,7 +97,9 @@ class Stamps:
             try:
                 return original(*args, **kwargs)
             finally:
-                if after:
+                if after and last_return:
+                    self.now[after] = time.perf_counter()
+                elif after:
                     self.mark(after)
         setattr(cls, name, wrapper)
 
@@ -170,7 +174,7 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"p50_us": pct(values, 50) * 1e6, "p90_us": pct(values, 90) * 1e6}
 
 
-def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
+def measure(cells: int, gap_s: float, warmup: int = 20, code: str = "pass") -> dict[str, Any]:
     """Run the cells; returns ``steps`` (each interval's p50/p90 in us), ``total`` and the local cells'."""
     workdir = Path(tempfile.mkdtemp(prefix="kt-cell-path-"))
     (workdir / "site").mkdir()
@@ -197,8 +201,8 @@ def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
     wrap(transport.Transport, "_took_lane_reply", "c_er")
     wrap(wsconn.DirectWrites, "send_now", "c_sn0", "c_sn1")
     wrap(lanes.ClientLane, "send", "c_sn0", "c_sn1")
-    wrap(transport.Transport, "take", "c_take", "c_got")  # a `pass` cell's first item is its reply
-    cell = "%%kt --name cell-path\npass"
+    wrap(transport.Transport, "take", "c_take", "c_got", last_return=True)  # its last item is the reply
+    cell = f"%%kt --name cell-path\n{code}"
     try:
         for _ in range(warmup):
             shell.run_cell(cell)
@@ -229,15 +233,15 @@ def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
             raise RuntimeError(f"step {start} -> {end} was seen in {len(values)} cells of {cells}")
         steps[end] = _stats(values)
     writes = {end: _stats([r[end] - r[start] for r in merged]) for end, (start, _row, _what) in WRITES.items()}
-    result: dict[str, Any] = {"cells": cells, "gap_ms": gap_s * 1e3, "steps": steps, "writes": writes,
+    result: dict[str, Any] = {"cells": cells, "gap_ms": gap_s * 1e3, "code": code, "steps": steps, "writes": writes,
                               "total": _stats([r["c_t1"] - r["c_t0"] for r in merged])}
     shell.register_magic_function(lambda line, cell: None, "cell", "noop")
-    for name, code in (("local pass", "pass"), ("no-op cell magic", "%%noop\npass")):
+    for name, local in (("local pass", "pass"), ("no-op cell magic", "%%noop\npass")):
         times = []
         for _ in range(cells):
             time.sleep(gap_s)
             t0 = time.perf_counter()
-            shell.run_cell(code)
+            shell.run_cell(local)
             times.append(time.perf_counter() - t0)
         result[name] = _stats(times)
     return result
@@ -245,7 +249,7 @@ def measure(cells: int, gap_s: float, warmup: int = 20) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     """The result as a markdown table."""
-    lines = [f"{result['cells']} cells of `%%kt pass`, {result['gap_ms']:g} ms apart, one IPython process",
+    lines = [f"{result['cells']} cells of `%%kt {result['code']}`, {result['gap_ms']:g} ms apart, one IPython process",
              "", "| step | p50 us | p90 us |", "|---|---|---|"]
     for end, stats in result["steps"].items():
         lines.append(f"| {MEANING[end]} | {stats['p50_us']:.0f} | {stats['p90_us']:.0f} |")
@@ -254,7 +258,7 @@ def table(result: dict[str, Any]) -> str:
                 lines.append(f"| ({what}) | {result['writes'][write]['p50_us']:.0f} | "
                              f"{result['writes'][write]['p90_us']:.0f} |")
     for name in ("total", "local pass", "no-op cell magic"):
-        label = "**a `%%kt pass` cell**" if name == "total" else f"a {name} cell"
+        label = f"**a `%%kt {result['code']}` cell**" if name == "total" else f"a {name} cell"
         lines.append(f"| {label} | {result[name]['p50_us']:.0f} | {result[name]['p90_us']:.0f} |")
     return "\n".join(lines)
 
@@ -263,11 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", type=int, default=300, help="cells measured (default 300)")
     p.add_argument("--gap-ms", type=float, default=5.0, help="idle time before each cell (default 5 ms)")
+    p.add_argument("--code", default="pass", help="the cell's one line (default pass; e.g. \"print(1)\")")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     if args.cells < 10:
         p.error("--cells must be at least 10")
-    result = measure(args.cells, max(0.0, args.gap_ms) / 1e3)
+    if "\n" in args.code:
+        p.error("--code is one line")
+    result = measure(args.cells, max(0.0, args.gap_ms) / 1e3, code=args.code)
     print(json.dumps(result) if args.json else table(result))
     return 0
 

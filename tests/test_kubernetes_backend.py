@@ -419,9 +419,10 @@ def test_production_port_forward_connector_through_the_fake_api_server(cluster):
         time.sleep(0.01)
     sent, replies = session._conn.lane.sent, session.lane_replies
     for i in range(3):
-        seen: list[str] = []
-        result = session.execute(f"print('line {i}')\n{i} * 7", on_output=lambda m: seen.append(m.get("text", "")))
-        assert result.data == {"text/plain": str(i * 7)} and seen == [f"line {i}\n", ""]
+        seen: list[dict] = []
+        result = session.execute(f"print('line {i}')\n{i} * 7", on_output=seen.append)
+        assert result.data == {"text/plain": str(i * 7)}
+        assert [(m["type"], m.get("text")) for m in seen] == [("stream", f"line {i}\n"), ("execute_result", None)]
     assert (session._conn.lane.sent, session.lane_replies) == (sent + 3, replies + 3)
     conn.session.close()
     again = handle.session()  # a second connection through the same local listener
