@@ -422,7 +422,7 @@ class ClientLane(_End):
         self._reader = threading.Lock()
         #: whether the claiming thread waits in :meth:`wait` now (a wake-up is written only then)
         self.sleeping = False
-        #: read by the client's loop from now on (a reader left before its reply came): no more claims or sends
+        #: read by the client's loop (a reader left before its reply came), until that reply came: no claims or sends
         self.adopted = False
 
     def send(self, frame: bytes) -> bool:

@@ -142,6 +142,32 @@ def test_a_cell_given_up_on_leaves_its_reply_to_the_loop_and_the_next_cells_are_
     assert lane.adopted  # its reply may come on the lane: the client loop reads it now
     for i in range(1, 6):
         assert session.execute(f"n = {i}\nn").data == {"text/plain": str(i)}
+    deadline = time.monotonic() + 10
+    while lane.adopted and time.monotonic() < deadline:  # that reply came: the loop hands the lane back
+        time.sleep(0.01)
+    sent, replies = lane.sent, session.lane_replies
+    assert session.execute("n").data == {"text/plain": "5"}
+    assert (lane.sent, session.lane_replies) == (sent + 1, replies + 1)
+
+
+def test_a_caller_that_fails_mid_cell_leaves_what_it_read_to_the_loop_and_gets_the_lane_back(kernel):
+    """The caller's output callback raises after its thread read the cell's output and reply from the lane: the
+    loop routes what it read (the reply is not lost on a lane nobody reads) and the next cells take the lane."""
+    _, session = kernel
+    session.execute("pass")
+    lane = _wait_for_lane(session)
+
+    def fail(message):
+        raise RuntimeError("the output callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        session.execute("print('a')\n6 * 7", on_output=fail)
+    deadline = time.monotonic() + 10
+    while lane.adopted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sent, replies = lane.sent, session.lane_replies
+    assert session.execute("6 * 7").data == {"text/plain": "42"}
+    assert (lane.sent, session.lane_replies) == (sent + 1, replies + 1)
 
 
 def test_an_execute_on_the_lane_and_again_on_the_websocket_runs_once(kernel):

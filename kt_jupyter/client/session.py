@@ -93,7 +93,7 @@ class Session(AsyncSession):
             return self._wait_for_execute(outputs, ex, req_id, options, timeout, on_output, on_input,
                                           while_waiting, done, t0)
         finally:
-            self.leave_lane(outputs)  # without its reply, the loop reads the lane it may still come on
+            self.leave_lane(outputs, req_id)  # without its reply, the loop reads the lane it may still come on
 
     def _wait_for_execute(self, outputs: Inbox, ex: _Execution, req_id: str, options: ExecuteOptions,
                           timeout: float | None, on_output: OutputCallback | None, on_input: InputCallback | None,

@@ -405,9 +405,10 @@ class Transport:
             ex.reply.get_loop().call_soon_threadsafe(finish)
         return True
 
-    def leave_lane(self, inbox: Inbox) -> None:
+    def leave_lane(self, inbox: Inbox, req_id: str) -> None:
         """The execute's caller stops waiting: with its reply, the lane is free for the next; without (it gave
-        up, or failed), the loop reads the lane from now on, where that reply may still come."""
+        up, or failed), the loop routes what this thread read of it and reads the lane from now on, where that
+        reply may still come, and hands the lane back to the next cells once it came."""
         lane = inbox.lane
         if lane is None:
             return
@@ -415,17 +416,26 @@ class Transport:
             lane.release()
             return
         lane.adopted = True
+        held, inbox.lane_held = list(inbox.lane_held), collections.deque()
         conn = self._conn
-        if conn is not None and conn.lane is lane:
-            conn.closed.get_loop().call_soon_threadsafe(self._adopt_lane, conn, lane)
+        if conn is not None:
+            conn.closed.get_loop().call_soon_threadsafe(self._adopt_lane, conn, lane, req_id, held)
 
-    def _adopt_lane(self, conn: _Conn, lane: ClientLane) -> None:
-        if conn.closed.done() or lane.closed:
+    def _adopt_lane(self, conn: _Conn, lane: ClientLane, req_id: str,
+                    held: list[tuple[dict[str, Any], bytes]]) -> None:
+        for header, payload in held:
+            self._route(header, memoryview(payload))
+        if conn.lane is not lane or conn.closed.done() or lane.closed:
+            return
+        if any(header["type"] == "execute_reply" and header.get("id") == req_id for header, _ in held):
+            lane.adopted = False  # nothing more comes on it for that execute: the next cells' again
+            lane.release()
             return
         loop = asyncio.get_running_loop()
 
         def readable() -> None:
             frames, ended = lane.read_frames()
+            replied = False
             for frame in frames:
                 try:
                     header, payload = P.decode_frame(frame)
@@ -433,9 +443,14 @@ class Transport:
                     ended = True
                     break
                 self._route(header, payload)
-            if ended:
+                replied = replied or (header["type"] == "execute_reply" and header.get("id") == req_id)
+            if ended or replied:
                 loop.remove_reader(lane.sock.fileno())
+            if ended:
                 lane.close()
+            elif replied:  # nothing more comes on it for that execute: the next cells' again
+                lane.adopted = False
+                lane.release()
         loop.add_reader(lane.sock.fileno(), readable)
 
     @staticmethod
