@@ -444,6 +444,11 @@ class ClientLane(_End):
         """Stop being its reader."""
         self._reader.release()
 
+    def hand_back(self) -> None:
+        """The client's loop stops reading it (the reply it read it for came): the next cells' again."""
+        self.adopted = False
+        self._reader.release()
+
     def wake(self) -> None:
         """Wake the reader from :meth:`wait` (any thread)."""
         self._waker.wake()

@@ -124,6 +124,25 @@ class Inbound:
     refusal: RequestRefused | None = None
 
 
+def _lane_part(entries: list[tuple[int, bytes]], first: int, reply: int) -> tuple[int, int]:
+    """Which of ``entries`` (seq, frame) go on a lane: ``entries[cut:end]``, the reply (seq ``reply``) and the
+    outputs just before it from seq ``first`` on, as many as fit in one lane write with it. Those after the reply
+    (another thread's) do not; none do when the reply is not there, or too big for a lane."""
+    end = len(entries)
+    while end and entries[end - 1][0] > reply:
+        end -= 1
+    if not end or entries[end - 1][0] != reply:
+        return end, end
+    room = MAX_LANE_FRAME - len(entries[end - 1][1])
+    if room < 0:
+        return end, end
+    cut = end - 1
+    while cut > 0 and entries[cut - 1][0] >= first and len(entries[cut - 1][1]) <= room:
+        cut -= 1
+        room -= len(entries[cut][1])
+    return cut, end
+
+
 class PodKernelServer:
     """Serves one compute's executor over WebSockets."""
 
@@ -585,37 +604,29 @@ class PodKernelServer:
         pump = session.pump
         if pump is None or session.ws is not pump.ws:
             return False
+
+        def on_ws(part: list[tuple[int, bytes]]) -> bool:
+            for seq, frame in part:
+                if not pump.ws.send_now(frame):
+                    return False
+                pump.sent = seq
+            return True
+
         with pump.lock:
             if pump.busy:
                 return False
             entries, lost = session.outbox.since(pump.sent)
             if lost:
                 return False
-            first, reply = lane_span
-            end = len(entries)  # entries[cut:end] go on the lane; those after the reply (another thread's) do not
-            while end and entries[end - 1][0] > reply:
-                end -= 1
-            cut = end
-            if lane is not None and lane.owner is pump.ws and end and entries[end - 1][0] == reply:
-                room = MAX_LANE_FRAME - len(entries[end - 1][1])
-                if room >= 0:
-                    cut -= 1
-                    while cut > 0 and entries[cut - 1][0] >= first and len(entries[cut - 1][1]) <= room:
-                        cut -= 1
-                        room -= len(entries[cut][1])
-            for seq, frame in entries[:cut]:
-                if not pump.ws.send_now(frame):
-                    return False
-                pump.sent = seq
-            rest = entries[cut:]
+            if lane is not None and lane.owner is not pump.ws:
+                lane = None
+            cut, end = _lane_part(entries, *lane_span) if lane is not None else (len(entries), len(entries))
+            if not on_ws(entries[:cut]):
+                return False
             if cut < end and lane is not None and lane.write([frame for _seq, frame in entries[cut:end]]):
                 pump.sent = entries[end - 1][0]
-                rest = entries[end:]
-            for seq, frame in rest:
-                if not pump.ws.send_now(frame):
-                    return False
-                pump.sent = seq
-        return True
+                cut = end
+            return on_ws(entries[cut:])
 
     # ------------------------------------------------------------------ bundles in (push)
 

@@ -423,13 +423,18 @@ class Transport:
 
     def _adopt_lane(self, conn: _Conn, lane: ClientLane, req_id: str,
                     held: list[tuple[dict[str, Any], bytes]]) -> None:
+        def route(header: dict[str, Any], payload: memoryview) -> bool:
+            """Route it; whether it is that execute's reply (nothing more comes on the lane for it)."""
+            self._route(header, payload)
+            return header["type"] == "execute_reply" and header.get("id") == req_id
+
+        replied = False
         for header, payload in held:
-            self._route(header, memoryview(payload))
+            replied = route(header, memoryview(payload)) or replied
         if conn.lane is not lane or conn.closed.done() or lane.closed:
             return
-        if any(header["type"] == "execute_reply" and header.get("id") == req_id for header, _ in held):
-            lane.adopted = False  # nothing more comes on it for that execute: the next cells' again
-            lane.release()
+        if replied:
+            lane.hand_back()
             return
         loop = asyncio.get_running_loop()
 
@@ -442,15 +447,13 @@ class Transport:
                 except P.ProtocolError:
                     ended = True
                     break
-                self._route(header, payload)
-                replied = replied or (header["type"] == "execute_reply" and header.get("id") == req_id)
+                replied = route(header, payload) or replied
             if ended or replied:
                 loop.remove_reader(lane.sock.fileno())
             if ended:
                 lane.close()
-            elif replied:  # nothing more comes on it for that execute: the next cells' again
-                lane.adopted = False
-                lane.release()
+            elif replied:
+                lane.hand_back()
         loop.add_reader(lane.sock.fileno(), readable)
 
     @staticmethod
