@@ -382,12 +382,9 @@ def bundle_frames(header: Mapping[str, Any], bundle: Bundle, chunk_bytes: int = 
 MMAP_MIN_BYTES = 1 << 20
 
 
-#: madvise(2) advice Python's mmap module does not name: fault the whole range in now, writable (Linux 5.14+).
-_MADV_POPULATE_WRITE = 23
-
-
-def _buffer(size: int) -> Any:
-    """A writable buffer of ``size`` bytes; big ones are anonymous maps backed by huge pages where the kernel allows.
+def _buffer(size: int, fresh: list[int] | None = None) -> Any:
+    """A writable buffer of ``size`` bytes; big ones are anonymous maps backed by huge pages where the kernel allows
+    (``fresh`` gets the size of each new map).
 
     Fresh memory costs page faults on first touch, and for a new 1 GiB value that
     fault cost, not the copy, is what bounds a transfer. Measured here for 1 GiB:
@@ -399,41 +396,31 @@ def _buffer(size: int) -> Any:
     THP off, or a kernel without MADV_POPULATE_WRITE, pages are touched one by one.
     The map is only reserved here (no memory committed); :func:`_prefault` faults
     it in where the bytes are sure to follow at once (a presented bulk ticket).
-    A map of the same size whose value is gone is reused instead, faulted in
-    already (``recvpool.py``): no fault cost at all.
+    A map of the same size whose value is gone, or a spare faulted in ahead, is
+    used instead, faulted in already (``recvpool.py``): no fault cost at all.
     """
     if size < MMAP_MIN_BYTES:
         return bytearray(size)
-    import mmap
-
     from . import recvpool
 
     reused = recvpool.pool().take(size)  # a map whose value is gone, faulted in already (see recvpool.py)
     if reused is not None:
         return reused
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    buf = mmap.mmap(-1, size, flags=flags)
-    huge = getattr(mmap, "MADV_HUGEPAGE", None)
-    if huge is not None:
-        try:
-            buf.madvise(huge)
-        except OSError:  # THP compiled out: 4 KiB pages it is
-            pass
+    buf = recvpool.new_map(size)
     recvpool.pool().lend(buf)
+    if fresh is not None:
+        fresh.append(size)
     return buf  # else the copy faults pages as chunks arrive (huge pages: 512x fewer faults)
 
 
 def _prefault(buf: Any) -> None:
-    """Fault a big receive buffer's pages in now, in bulk (no-op for small bytearrays)."""
+    """Fault a big receive buffer's pages in now, in bulk, the GIL released (no-op for small bytearrays)."""
     import mmap
 
-    if not isinstance(buf, mmap.mmap):
-        return
-    try:
-        buf.madvise(_MADV_POPULATE_WRITE)
-    except OSError:  # kernel before 5.14: touch a byte per page instead
-        for offset in range(0, len(buf), mmap.PAGESIZE):
-            buf[offset] = 0
+    from . import recvpool
+
+    if isinstance(buf, mmap.mmap):
+        recvpool.populate(buf)
 
 
 @dataclass
@@ -459,7 +446,8 @@ class BundleAssembler:
             raise ProtocolError("a json bundle has exactly one part")
         if self.max_bytes is not None and self.total > self.max_bytes:
             raise ProtocolError(f"bundle of {self.total} bytes exceeds the limit of {self.max_bytes}")
-        self._parts = [_buffer(s) for s in self.sizes]
+        self._fresh: list[int] = []  # sizes of the parts received into new maps: spares follow (recvpool.py)
+        self._parts = [_buffer(s, self._fresh) for s in self.sizes]
         self._skip_empty()
 
     @property
@@ -506,6 +494,12 @@ class BundleAssembler:
         """The complete bundle (raises ProtocolError if bytes are missing)."""
         if not self.done:
             raise ProtocolError(f"bundle incomplete: {self.received} of {self.total} bytes")
+        if self._fresh:  # the next receive of these sizes finds a map faulted in (see recvpool.py)
+            from . import recvpool
+
+            for size in self._fresh:
+                recvpool.pool().ready_spare(size)
+            self._fresh = []
         return Bundle(self.serialization, [memoryview(p) for p in self._parts], dict(self.digests))
 
     def vouch(self) -> int:

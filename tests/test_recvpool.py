@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import weakref
 
 import numpy as np
@@ -102,3 +104,81 @@ def test_a_receive_looks_at_the_newest_maps_of_its_size_only():
     newest = held.pop()  # free, the newest
     del newest
     assert pool.take(SIZE) is not None and pool.reused == 1
+
+
+def _wait_for_spare(pool: recvpool.RecvPool, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while pool.spared < count or pool._making:
+        assert time.monotonic() < deadline, "the spare was never faulted in"
+        time.sleep(0.01)
+
+
+def test_a_name_pushed_again_finds_a_spare_faulted_in_ahead(monkeypatch):
+    """The second push of a name still holds the first value while it arrives: without a spare it would fault
+    fresh pages in; with one it takes memory faulted in ahead, in the background, once the first arrived."""
+    monkeypatch.setattr(recvpool, "SPARE_MIN_BYTES", SIZE)
+    pool = recvpool.RecvPool(cap_bytes=4 * SIZE)
+    first, buf = receive(pool, monkeypatch, 1)
+    _wait_for_spare(pool, 1)
+    assert pool.idle_bytes() == SIZE  # the spare, free, of that size
+    second, other = receive(pool, monkeypatch, 2)  # the first value is still held
+    assert other() is not buf() and pool.reused == 1 and pool.spared == 1  # it took the spare
+    assert int(second[0]) == 2 and int(second[-1]) == 2 and int(first[0]) == 1
+    assert not pool._making and pool.idle_bytes() == 0  # a reused map makes no spare: none is made again
+    del first
+    third, again = receive(pool, monkeypatch, 3)
+    assert again() is buf() and pool.reused == 2 and pool.spared == 1 and int(third[5]) == 3
+
+
+def test_no_spare_without_room_for_it(monkeypatch):
+    monkeypatch.setattr(recvpool, "SPARE_MIN_BYTES", SIZE)
+    small = recvpool.RecvPool(cap_bytes=4 * SIZE)
+    monkeypatch.setattr(recvpool, "SPARE_MIN_BYTES", 2 * SIZE)
+    _value, _buf = receive(small, monkeypatch, 1)  # below the size that gets spares
+    assert small.ready_spare(SIZE) is False and small.spared == 0
+    monkeypatch.setattr(recvpool, "SPARE_MIN_BYTES", SIZE)
+    capped = recvpool.RecvPool(cap_bytes=SIZE // 2)  # the cap cannot hold it
+    assert capped.ready_spare(SIZE) is False
+    tight = recvpool.RecvPool(cap_bytes=4 * SIZE)
+    monkeypatch.setattr(recvpool, "_memory_left", lambda: 2 * SIZE - 1)  # under twice its size left
+    assert tight.ready_spare(SIZE) is False and not tight._making
+    monkeypatch.setattr(recvpool, "_memory_left", lambda: 2 * SIZE)
+    assert tight.ready_spare(SIZE) is True
+    assert tight.ready_spare(SIZE) is False  # one of that size is being made or is free already
+    _wait_for_spare(tight, 1)
+    assert tight.ready_spare(SIZE) is False and tight.idle_bytes() == SIZE
+    monkeypatch.setenv("KT_RECV_POOL_BYTES", "0")
+    assert recvpool.RecvPool().ready_spare(SIZE) is False  # the pool turned off: no spares either
+
+
+def test_populate_lets_other_threads_run():
+    """Faulting a big map in must not stop the process's other threads (its network loop, the cell): Python's
+    mmap.madvise holds the GIL for the whole call (0.2-0.6 s per GiB here); populate releases it. Held, the main
+    thread could take no step in the middle half of the call; three tries, for a busy machine."""
+    size = 256 << 20
+    results = []
+    for _ in range(3):
+        buf = recvpool.new_map(size)
+        span: list[float] = []
+
+        def fault(buf=buf, span=span) -> None:
+            span.append(time.perf_counter())
+            recvpool.populate(buf)
+            span.append(time.perf_counter())
+
+        thread = threading.Thread(target=fault)
+        steps = []
+        thread.start()
+        while thread.is_alive():
+            steps.append(time.perf_counter())
+        thread.join()
+        assert buf[size - 1] == 0 and buf[0] == 0
+        buf.close()
+        start, end = span
+        quarter = (end - start) / 4
+        inside = sum(start + quarter < t < end - quarter for t in steps)
+        results.append((round((end - start) * 1e3, 1), inside))
+        if inside:
+            return
+    raise AssertionError(f"the main thread stalled while a map was faulted in: (ms the call took, steps in its "
+                         f"middle half) {results}")
