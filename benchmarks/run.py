@@ -272,12 +272,13 @@ def bench_kernel_round_trips(reps: int, results: dict[str, Any], worker_counts: 
         km.shutdown_kernel(now=True)
 
 
-def pod_pool(conn: Any, ns: dict[str, Any]) -> tuple[int, int]:
-    """The pod's receive pool: receives that reused a buffer so far, and bytes it keeps idle now."""
-    conn.run_cell("from pod_kernel import recvpool\n_kt_pool = [recvpool.pool().reused, recvpool.pool().idle_bytes()]",
-                  ns)
-    reused, idle = ns.pop("_kt_pool")
-    return int(reused), int(idle)
+def pod_pool(conn: Any, ns: dict[str, Any]) -> tuple[int, int, int]:
+    """The pod's receive pool: receives that reused a buffer so far, spares it faulted in ahead so far, and bytes
+    it keeps idle now."""
+    conn.run_cell("from pod_kernel import recvpool\n_kt_pool = [recvpool.pool().reused, recvpool.pool().spared, "
+                  "recvpool.pool().idle_bytes()]", ns)
+    reused, spared, idle = ns.pop("_kt_pool")
+    return int(reused), int(spared), int(idle)
 
 
 def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int = REPS_TRANSFER) -> dict[str, Any]:
@@ -286,7 +287,7 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int =
 
     no_pull = TransferOptions(no_pull=True)
     base = np.random.default_rng(0).integers(0, 255, size=size, dtype=np.uint8)
-    reused_before, _idle = pod_pool(conn, ns)
+    reused_before, spared_before, _idle = pod_pool(conn, ns)
     gc.collect()
     tcp = [raw_tcp_transfer(base) for _ in range(reps)]
     tcp_fresh = [raw_tcp_transfer(base, fresh=True) for _ in range(reps)]
@@ -348,8 +349,9 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int =
             move()
         peaks[name] = mem.extra()
     ns.pop("b", None)
-    reused, idle = pod_pool(conn, ns)
-    reuse = {"pod_receives_into_reused_buffers": reused - reused_before, "pod_idle_pool_bytes": idle}
+    reused, spared, idle = pod_pool(conn, ns)
+    reuse = {"pod_receives_into_reused_buffers": reused - reused_before,
+             "pod_spares_faulted_ahead": spared - spared_before, "pod_idle_pool_bytes": idle}
     row: dict[str, Any] = {"raw_tcp": rate(size, tcp), "raw_tcp_fresh_memory": rate(size, tcp_fresh), **reuse}
     row.update({name: rate(size, v) for name, v in samples.items()})
     for side in ("push", "pull"):
@@ -564,10 +566,11 @@ def table(results: dict[str, Any]) -> str:
                 f"| {r['kt_push_vs_ipp']:.2f}, {r['kt_pull_vs_ipp']:.2f} "
                 f"| push {pe['notebook']:.2f}, {pe['pod']:.2f}; pull {pu['notebook']:.2f}, {pu['pod']:.2f} |")
         out.append("")
-        out += ["The pod's receives into a reused buffer (recvpool.py; the others faulted fresh memory in), and the "
-                "memory its pool kept idle after the row: " + "; ".join(
+        out += ["The pod's receives into a reused buffer (recvpool.py: one whose value was gone, or a spare it faulted "
+                "in ahead after a receive into fresh memory; the others faulted fresh memory in), the spares it made, "
+                "and the memory its pool kept idle after the row: " + "; ".join(
                     f"{size}: {r['pod_receives_into_reused_buffers']} of {r['kt_push']['reps'] + 1} pushes, "
-                    f"{r['pod_idle_pool_bytes'] / 2**20:.0f} MiB idle"
+                    f"{r.get('pod_spares_faulted_ahead', 0)} spare(s), {r['pod_idle_pool_bytes'] / 2**20:.0f} MiB idle"
                     for size, r in results["transfers"].items() if "pod_idle_pool_bytes" in r), ""]
     if "unchanged_rerun" in results:
         r = results["unchanged_rerun"]
