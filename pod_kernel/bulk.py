@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol as P
+from . import write_tracking
 from .lanes import ACK
 
 log = logging.getLogger("pod_kernel.bulk")
@@ -149,16 +150,21 @@ def send_parts(sock: socket.socket, parts: list[memoryview], progress: ProgressF
     name, then the digests in part order. Both sides then know a big value's
     fingerprint without reading it again: 1 GiB costs ~20 ms more to send and
     saves ~60 ms of hashing on each side. Without xxhash (blake2b would slow the
-    send) the trailer is one zero byte.
+    send) the trailer is one zero byte. A digested part's pages are
+    write-protected before it is read (``write_tracking``), and its digest
+    vouched for once taken: the sender's next fingerprint of an unchanged value
+    reads nothing, as the receiver's does (it seeds its tracker with the trailer).
     """
     prefix, kind = P.hash_kind()
     digesting = prefix == "xxh3:"
+    tracker = write_tracking.tracker()
     total = sum(p.nbytes for p in parts)
     done = 0
     digests: dict[int, bytes] = {}
     for index, part in enumerate(parts):
         view = part.cast("B") if part.format != "B" or part.ndim != 1 else part
         hashing = digesting and _digested(view)
+        guarded = hashing and tracker.protect(view)  # a write from now on is seen, even one during the send
         digest = kind() if hashing else None
         pieces: list[bytes] = []
         report = done + IO_BYTES  # progress every IO_BYTES
@@ -179,6 +185,8 @@ def send_parts(sock: socket.socket, parts: list[memoryview], progress: ProgressF
                 report = done + IO_BYTES
         if hashing:
             digests[index] = b"".join(pieces)
+            if guarded:
+                tracker.seed(view, digests[index], view.obj, protected=guarded)
     name = prefix.encode() if digesting else b""
     sock.sendall(bytes([len(name)]) + name + b"".join(digests[i] for i in sorted(digests)))
     return digests

@@ -85,6 +85,35 @@ def test_big_values_are_fingerprinted_in_transit_not_read_again(ip, monkeypatch)
     assert conn_of().held["made"].fingerprint == P.fingerprint(made.copy())
 
 
+def test_a_big_global_is_not_read_again_on_its_first_unchanged_rerun(ip, monkeypatch):
+    """A big array pushed (or pulled) once crossed the bulk channel with its digests: its memory in the notebook
+    is write-protected then (as the pod's is when it arrives), so the first rerun of a cell that reads it
+    unchanged reads nothing to learn so (it hashed the array, 70-80 ms per GiB here, on the first two reruns).
+    A write in place after that is still seen, and the array sent again."""
+    from pod_kernel import protocol as P
+
+    tracker = write_tracking.tracker()
+    if not tracker.available:  # no userfaultfd here: every rerun hashes, which is always correct
+        return
+    hashed: list[int] = []
+    real = P.buffer_digest
+    monkeypatch.setattr(P, "buffer_digest", lambda data: hashed.append(data.nbytes) or real(data))
+    ip.user_ns["big"] = np.arange(BIG // 8, dtype=np.int64)
+    run(ip, "%%kt --name perf-first\ns = int(big[-1])")
+    assert magics(ip).last_outcome.pushed == ["big"] and hashed == []
+    run(ip, "%%kt --name perf-first\ns = int(big[-2])")
+    assert magics(ip).last_outcome.skipped_unchanged == ["big"] and ip.user_ns["s"] == BIG // 8 - 2
+    assert hashed == []  # vouched for: not read again
+    run(ip, f"%%kt --name perf-first\nimport numpy as np\nmade = np.full({BIG // 8}, 3)")
+    run(ip, "%%kt --name perf-first\nt = int(made[0]) + int(big[0])")
+    assert magics(ip).last_outcome.skipped_unchanged == ["big", "made"] and ip.user_ns["t"] == 3
+    assert hashed == []  # the pulled array too
+    ip.user_ns["big"][3] = -1  # written here in place: seen, and sent again
+    ip.user_ns["made"][0] = 4
+    run(ip, "%%kt --name perf-first\nt = int(made[0]) + int(big[3])")
+    assert sorted(magics(ip).last_outcome.pushed) == ["big", "made"] and ip.user_ns["t"] == 3
+
+
 def test_a_new_mid_size_array_is_sent_at_once_and_fingerprinted_while_the_pod_runs_the_cell(ip, monkeypatch):
     """From 1 MiB (the bulk channel) a value has a head digest: a new array whose head differs from the held
     one's is sent without being hashed first; it is fingerprinted while the pod takes it and runs the cell

@@ -104,3 +104,82 @@ def test_a_received_buffer_seeded_with_its_senders_digest_is_vouched_for_until_w
     assert P.fingerprint(arr) == expected and t.vouched == before + 1  # not read: the seeded digest vouched
     arr[BIG // 3] = 1  # the cell writes it in place
     assert P.fingerprint(arr) != expected
+
+
+def _send(array: np.ndarray, during=None) -> dict[int, bytes]:
+    """Send ``array`` over a socket pair the way the bulk channel does (send_parts); ``during(reader_sock)``
+    runs after the first piece went (the array is being sent)."""
+    from pod_kernel import bulk
+
+    a, b = socket.socketpair()
+    got = bytearray()
+
+    def drain() -> None:
+        while chunk := b.recv(1 << 20):
+            got.extend(chunk)
+
+    import threading
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    real = a.sendall
+    sent = [0]
+
+    def sendall(data) -> None:
+        real(data)
+        sent[0] += 1
+        if sent[0] == 1 and during is not None:
+            during()
+
+    class Sock:
+        def __getattr__(self, name):
+            return getattr(a, name)
+
+    sock = Sock()
+    sock.sendall = sendall  # type: ignore[attr-defined]
+    try:
+        return bulk.send_parts(sock, [memoryview(array)])  # type: ignore[arg-type]
+    finally:
+        a.shutdown(socket.SHUT_WR)
+        reader.join()
+        a.close()
+        b.close()
+
+
+@needs_tracking
+def test_a_sent_array_is_vouched_for_and_a_write_during_its_send_is_seen():
+    """The sender protects a big part before reading it and vouches for the digest it took as it went: its next
+    fingerprint reads nothing. A write made while it is sent (after its piece went) is still seen, and a buffer
+    found rewritten is not protected at its next send (it would pay the page faults each time)."""
+    t = W.tracker()
+    a = np.zeros(BIG // 8)
+    digests = _send(a)
+    expected = P.fingerprint(a.copy())
+    before = t.vouched
+    assert digests and P.fingerprint(a) == expected and t.vouched == before + 1  # not read again
+
+    def write() -> None:
+        a[0] = 9.0  # its piece went already: the digest sent is of the old bytes
+
+    _send(a, during=write)
+    assert P.fingerprint(a) == P.fingerprint(a.copy()) != expected  # seen: hashed again, not vouched for
+    a[1] = 3.0  # rewritten between sends: the next send leaves it unprotected
+    assert not t.protect(memoryview(a))
+    vouched = t.vouched
+    _send(a)
+    assert P.fingerprint(a) == P.fingerprint(a.copy()) and t.vouched == vouched  # hashed: always correct
+
+
+@needs_tracking
+def test_a_protection_armed_again_before_its_digest_is_recorded_vouches_for_nothing():
+    t = W.tracker()
+    a = np.zeros(BIG // 8)
+    view = memoryview(a)
+    first = t.protect(view)
+    assert first
+    a[5] = 1.0  # written after protect: the written mark says so...
+    second = t.protect(view)  # ...until the range is armed again (another send of it), which clears it
+    assert second and second != first
+    assert not t.seed(view, b"digest of the bytes before the write", a, protected=first)  # so: not recorded
+    assert t.seed(view, P.buffer_digest(memoryview(a).cast("B")), a, protected=second)  # the later one is
+    assert P.fingerprint(a) == P.fingerprint(a.copy())
