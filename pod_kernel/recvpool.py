@@ -67,14 +67,31 @@ SPARE_NICE = 10
 MADV_POPULATE_WRITE = 23
 
 
+#: Where this process's cgroup's memory files are (a container sees its own cgroup there).
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: A cgroup v1 limit this big means "no limit" (v1 writes one close to 2**63).
+_NO_LIMIT = 1 << 60
+
+
+def _cgroup_memory() -> tuple[int, int] | None:
+    """(limit, usage) in bytes of this process's cgroup when it has a memory limit (cgroup v2, else v1)."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (CGROUP_ROOT / limit_file).read_text().strip()
+            if not limit.isdigit() or int(limit) >= _NO_LIMIT:  # "max" (v2), or v1's "unlimited"
+                continue
+            return int(limit), int((CGROUP_ROOT / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def _memory_limit() -> int:
     """This process's memory limit: its cgroup's when it has one, else the machine's."""
-    try:
-        raw = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if raw.isdigit():
-            return int(raw)
-    except OSError:
-        pass
+    cgroup = _cgroup_memory()
+    if cgroup is not None:
+        return cgroup[0]
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
@@ -82,17 +99,13 @@ def _memory_limit() -> int:
 
 
 def _memory_left() -> int:
-    """Bytes this process may still fault in: its cgroup's limit less its usage when it has a limit, and at most
-    what the machine has available."""
+    """Bytes this process may still fault in: what the machine has available, and at most its cgroup's limit
+    less its usage when it has a limit."""
     import psutil
 
-    left = psutil.virtual_memory().available
-    with contextlib.suppress(OSError, ValueError):
-        cgroup = Path("/sys/fs/cgroup")
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit.isdigit():
-            left = min(left, int(limit) - int((cgroup / "memory.current").read_text()))
-    return left
+    left = int(psutil.virtual_memory().available)
+    cgroup = _cgroup_memory()
+    return left if cgroup is None else min(left, cgroup[0] - cgroup[1])
 
 
 def new_map(size: int) -> mmap.mmap:

@@ -182,3 +182,20 @@ def test_populate_lets_other_threads_run():
             return
     raise AssertionError(f"the main thread stalled while a map was faulted in: (ms the call took, steps in its "
                          f"middle half) {results}")
+
+
+def test_the_memory_limit_and_what_is_left_come_from_the_cgroup_v2_or_v1(monkeypatch, tmp_path):
+    monkeypatch.setattr(recvpool, "CGROUP_ROOT", tmp_path)
+    (tmp_path / "memory.max").write_text("max\n")  # v2 without a limit: the machine's
+    assert recvpool._cgroup_memory() is None and recvpool._memory_limit() > 0
+    (tmp_path / "memory.max").write_text(f"{8 << 30}\n")
+    (tmp_path / "memory.current").write_text(f"{5 << 30}\n")
+    assert recvpool._memory_limit() == 8 << 30 and recvpool._memory_left() <= 3 << 30
+    (tmp_path / "memory.max").unlink()
+    (tmp_path / "memory").mkdir()  # v1
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "unlimited"
+    (tmp_path / "memory" / "memory.usage_in_bytes").write_text(f"{1 << 30}\n")
+    assert recvpool._cgroup_memory() is None
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{4 << 30}\n")
+    assert recvpool._cgroup_memory() == (4 << 30, 1 << 30) and recvpool.idle_cap_bytes() == (4 << 30) // 8
+    assert recvpool._memory_left() <= 3 << 30
