@@ -71,6 +71,10 @@ _PATH_RE = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/na
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    #: TCP_NODELAY on every connection, as a real API server's: Go's TCP connections have Nagle off by default.
+    #: With it on, a frame written in two pieces (head, then payload) waited out the client's delayed ACK: a
+    #: 1 MiB pull through a port-forward took 47 ms here.
+    disable_nagle_algorithm = True
     server: "FakeKubeApiServer"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
@@ -276,6 +280,7 @@ class _Handler(BaseHTTPRequestHandler):
             upstream = socket.create_connection(("127.0.0.1", local), timeout=5) if local else None
             if upstream is not None:  # no read timeout once connected: the kubelet keeps an idle stream for hours
                 upstream.settimeout(None)  # (--streaming-connection-idle-timeout, 4 h by default)
+                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Go's default, as above
         except OSError:
             upstream = None
         self.send_response(101)
