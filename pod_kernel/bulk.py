@@ -21,12 +21,14 @@ header, or revoked with its connection, ends that connection unread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
 import os
 import queue
 import secrets
+import select
 import selectors
 import socket
 import threading
@@ -58,6 +60,16 @@ IO_BYTES = 8 << 20
 WORKER_IDLE_S = 60.0
 #: Spare tickets (pushes that need no round trip for their ticket) one connection holds at most.
 SPARES_PER_OWNER = 2
+#: After a transfer, its connection waits this long for the next ticket (``KT_BULK_KEEPALIVE_S`` overrides; 0:
+#: none): the client's next transfer skips a TCP connect, the accept thread's wake-up and the hand-off to a
+#: transfer thread (1.3 ms of a 1 MiB push here; a new stream through a Kubernetes port-forward on a cluster).
+#: The welcome tells the client, which reuses one only for half as long (it never finds one just closed).
+KEEPALIVE_S = 30.0
+#: Connections kept waiting for their next ticket at most, in all; more are closed after their transfer.
+MAX_KEPT = 8
+#: What the pod writes after a transfer whose connection it keeps for the next ticket (else it closes it): a
+#: client keeps only a connection it was told is kept, so it never sends a transfer into one being closed.
+KEPT = b"K"
 #: How long a connection that presented a spare ticket waits for the push header that binds it.
 SPARE_BIND_WAIT_S = 30.0
 #: How often the accept thread wakes with nothing to do (expiring tickets and silent connections).
@@ -71,6 +83,16 @@ ACCEPT_WARN_INTERVAL_S = 60.0
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 ProgressFn = Callable[[int, int], None]
+
+
+def keepalive_s() -> float:
+    """How long a connection waits for its next ticket: ``KT_BULK_KEEPALIVE_S`` when it is a number in
+    [0, 3600], else :data:`KEEPALIVE_S`."""
+    try:
+        value = float(os.environ.get("KT_BULK_KEEPALIVE_S", ""))
+    except ValueError:
+        return KEEPALIVE_S
+    return value if 0 <= value <= 3600 else KEEPALIVE_S
 
 
 def ticket_ttl_s() -> float:
@@ -192,6 +214,14 @@ def send_parts(sock: socket.socket, parts: list[memoryview], progress: ProgressF
     return digests
 
 
+class BulkClosed(ConnectionError):
+    """The other end closed a bulk connection before all the parts came."""
+
+    def __init__(self, received: int, total: int) -> None:
+        super().__init__(f"bulk connection closed after {received} of {total} bytes")
+        self.received = received
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     out = bytearray()
     while len(out) < n:
@@ -215,7 +245,7 @@ def recv_parts(sock: socket.socket, parts: list[Any], progress: ProgressFn | Non
             while got < len(part):
                 n = sock.recv_into(view[got:], min(len(part) - got, IO_BYTES))
                 if n == 0:
-                    raise ConnectionError(f"bulk connection closed after {done + got} of {total} bytes")
+                    raise BulkClosed(done + got, total)
                 got += n
                 if progress is not None:
                     progress(done + got, total)
@@ -285,6 +315,11 @@ class BulkServer:
         self._sock = listen_socket(host, bulk_port() if port is None else port)
         self.port = self._sock.getsockname()[1]
         self.ticket_ttl_s = ticket_ttl or ticket_ttl_s()
+        self.keepalive_s = keepalive_s()
+        #: connections waiting for their next ticket (see :data:`KEEPALIVE_S`)
+        self._kept: set[socket.socket] = set()
+        #: connections accepted so far (for tests: a kept connection is not accepted again)
+        self.accepted = 0
         self._tickets: dict[bytes, Ticket] = {}
         #: spare tickets not bound to a push yet (presented or not)
         self._spares: dict[bytes, Ticket] = {}
@@ -438,6 +473,7 @@ class BulkServer:
                 rest.warned_at, rest.failures = now, 0
             return
         rest.reset()
+        self.accepted += 1
         if len(pending) >= MAX_PENDING_HANDSHAKES:
             # the oldest silent connection goes: a real client sends its ticket at once,
             # so a flood of idle connections cannot starve real transfers
@@ -481,46 +517,86 @@ class BulkServer:
             return
         conn.settimeout(IDLE_TIMEOUT_S)
         try:
-            self._workers.run(self._transfer, conn, ticket)
+            self._workers.run(self._serve, conn, ticket)
         except RuntimeError as exc:  # cannot start a thread: fail this transfer, keep serving
             conn.close()
             self._end([ticket], exc)
 
-    def _transfer(self, conn: socket.socket, ticket: Ticket) -> None:
-        error: BaseException | None = None
+    def _serve(self, conn: socket.socket, ticket: Ticket | None) -> None:
+        """Run ``ticket``'s transfer on ``conn``, then those of the tickets it presents next (kept alive, see
+        :data:`KEEPALIVE_S`); the connection is closed when that ends."""
         with conn:
-            if ticket.bound is not None and not ticket.bound.wait(SPARE_BIND_WAIT_S):
-                with self._lock:  # presented, but no push header came to bind it (unless one just did)
-                    given_up = not ticket.bound.is_set()
-                    if given_up:
-                        for token, spare in list(self._spares.items()):
-                            if spare is ticket:
-                                del self._spares[token]
-                if given_up:
+            while ticket is not None:
+                receive = ticket.receive
+                if not self._transfer(conn, ticket):
                     return
-            if ticket.refused:
-                return  # its push was refused, or its connection closed: nothing is read
-            try:
-                if ticket.receive:
-                    if ticket.prepare is not None:
-                        ticket.prepare()  # memory committed now that the bytes are coming, not at the header
-                    recv_parts(conn, ticket.parts, digests=ticket.digests)
-                else:
-                    send_parts(conn, ticket.parts)
-                    conn.shutdown(socket.SHUT_WR)
-                    conn.recv(1)  # wait until the client has read everything
-            except BaseException as exc:  # reported to the request that issued the ticket
-                # its traceback's frames hold views of the buffers: drop them so the memory goes now
-                error = exc.with_traceback(None)
-                error.__context__ = error.__cause__ = None
+                ticket = self._next_ticket(conn)
+                if ticket is None and not receive and self.keepalive_s <= 0:  # as before keep-alives
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_WR)
+                        conn.recv(1)  # wait until the client has read everything
+
+    def _next_ticket(self, conn: socket.socket) -> Ticket | None:
+        """Keep ``conn`` (telling its client: :data:`KEPT`) and take the next ticket it presents within the
+        keep-alive time; None (the connection ends) when none comes, this channel keeps no more connections,
+        or it is not a transfer's (unknown, used, a lane's). A client that is not told so never sends one."""
+        with self._lock:
+            if self.keepalive_s <= 0 or len(self._kept) >= MAX_KEPT or self._closed.is_set():
+                return None
+            self._kept.add(conn)
+        try:
+            conn.sendall(KEPT)
+            conn.settimeout(self.keepalive_s)
+            raw = _recv_exact(conn, TICKET_BYTES)
+            conn.settimeout(IDLE_TIMEOUT_S)
+        except OSError:  # the client closed it, or it stayed silent (a timeout): both end it
+            return None
+        finally:
+            with self._lock:
+                self._kept.discard(conn)
+        with self._lock:
+            ticket = self._tickets.pop(raw, None)
+        return ticket if ticket is not None and ticket.on_lane is None else None  # a lane starts on its own
+
+    def _transfer(self, conn: socket.socket, ticket: Ticket) -> bool:
+        """Run one transfer on ``conn``; whether it ended cleanly, with the connection fit for another."""
+        error: BaseException | None = None
+        if ticket.bound is not None and not ticket.bound.wait(SPARE_BIND_WAIT_S):
+            with self._lock:  # presented, but no push header came to bind it (unless one just did)
+                given_up = not ticket.bound.is_set()
+                if given_up:
+                    for token, spare in list(self._spares.items()):
+                        if spare is ticket:
+                            del self._spares[token]
+            if given_up:
+                return False
+        if ticket.refused:
+            return False  # its push was refused, or its connection closed: nothing is read
+        try:
+            if ticket.receive:
+                if ticket.prepare is not None:
+                    ticket.prepare()  # memory committed now that the bytes are coming, not at the header
+                recv_parts(conn, ticket.parts, digests=ticket.digests)
+            else:
+                send_parts(conn, ticket.parts)  # the client reads exactly what the parts and trailer hold
+        except BaseException as exc:  # reported to the request that issued the ticket
+            # its traceback's frames hold views of the buffers: drop them so the memory goes now
+            error = exc.with_traceback(None)
+            error.__context__ = error.__cause__ = None
         if error is not None or not ticket.receive:
             ticket.release()  # a failed receive's buffers, or a sent bundle's views: nothing keeps them
         ticket.on_done(error)
+        return error is None
 
     def close(self) -> None:
-        """Stop listening."""
+        """Stop listening; connections waiting for their next ticket end."""
         self._closed.set()
         self._sock.close()
+        with self._lock:
+            kept = list(self._kept)
+        for conn in kept:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
 
 class _Workers:
@@ -620,17 +696,111 @@ class _Backoff:
         return max(0.0, min(TICK_S, self.until - time.monotonic())) if self.resting else TICK_S
 
 
+class _Kept:
+    """The client's bulk connections kept for their next transfer, by address (see :data:`KEEPALIVE_S`)."""
+
+    #: connections kept per address at most
+    PER_ADDRESS = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, int], list[tuple[float, socket.socket]]] = {}
+
+    def take(self, address: tuple[str, int], max_idle_s: float) -> socket.socket | None:
+        """A kept connection to ``address`` idle for less than ``max_idle_s`` that the pod has not closed (nor
+        written to: it never does between transfers), newest first; None when there is none."""
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                idle = self._idle.get(address)
+                if not idle:
+                    return None
+                since, sock = idle.pop()
+            if now - since < max_idle_s and _quiet(sock):
+                return sock
+            sock.close()
+
+    def give(self, address: tuple[str, int], sock: socket.socket) -> None:
+        """Keep ``sock`` (its transfer ended cleanly) for the next transfer to ``address``."""
+        with self._lock:
+            idle = self._idle.setdefault(address, [])
+            idle.append((time.monotonic(), sock))
+            extra = idle[:-self.PER_ADDRESS]
+            del idle[:-self.PER_ADDRESS]
+        for _since, old in extra:
+            old.close()
+
+
+def _quiet(sock: socket.socket) -> bool:
+    """Nothing to read and no hang-up on ``sock`` (a kept connection the pod still keeps)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI)
+    return not poller.poll(0)
+
+
+_kept = _Kept()
+
+
 def client_transfer(address: tuple[str, int], ticket: str, *, send: list[memoryview] | None = None,
-                    receive: list[Any] | None = None, progress: ProgressFn | None = None) -> dict[int, bytes]:
+                    receive: list[Any] | None = None, progress: ProgressFn | None = None,
+                    reuse_s: float = 0.0) -> dict[int, bytes]:
     """The client side of one bulk transfer (blocking; run it in a thread); the big parts' digests, sent or
-    received (see :func:`send_parts`)."""
+    received (see :func:`send_parts`). ``reuse_s``: the pod keeps a connection that long for its next ticket
+    (its welcome says; 0: it does not): a connection kept from an earlier transfer is used, for half as long,
+    and this one is kept once it ends cleanly. A kept connection that fails before a byte of the transfer came
+    back (the pod closed it meanwhile) is given up for a new one, and the transfer made again there."""
+    sock = _kept.take(address, reuse_s / 2) if reuse_s > 0 else None
+    if sock is not None:
+        try:
+            return _transfer_on(sock, address, ticket, send, receive, progress, reuse_s)
+        except _Stale:
+            pass
+    sock = socket.create_connection(address, timeout=30)
+    sock.settimeout(IDLE_TIMEOUT_S)  # a transfer that stalls this long fails instead of hanging
+    try:
+        return _transfer_on(sock, address, ticket, send, receive, progress, reuse_s, fresh=True)
+    except _Stale as exc:
+        raise ConnectionError(str(exc)) from None
+
+
+def _told_kept(sock: socket.socket) -> bool:
+    """Whether the pod said it keeps this connection after its transfer (else it closes it: so do we)."""
+    try:
+        return sock.recv(1) == KEPT
+    except OSError:
+        return False
+
+
+class _Stale(Exception):
+    """A kept connection the pod closed before it took the transfer."""
+
+
+def _transfer_on(sock: socket.socket, address: tuple[str, int], ticket: str, send: list[memoryview] | None,
+                 receive: list[Any] | None, progress: ProgressFn | None, reuse_s: float,
+                 fresh: bool = False) -> dict[int, bytes]:
     digests: dict[int, bytes] = {}
-    with socket.create_connection(address, timeout=30) as sock:
-        sock.settimeout(IDLE_TIMEOUT_S)  # a transfer that stalls this long fails instead of hanging
-        sock.sendall(bytes.fromhex(ticket))
-        if send is not None:
-            digests = send_parts(sock, send, progress)
-            sock.shutdown(socket.SHUT_WR)
-        if receive is not None:
-            digests = recv_parts(sock, receive, progress)
-    return digests
+    kept = False
+    try:
+        try:
+            sock.sendall(bytes.fromhex(ticket))
+            if send is not None:
+                digests = send_parts(sock, send, progress)
+            if reuse_s <= 0 and send is not None:
+                sock.shutdown(socket.SHUT_WR)
+            if receive is not None:
+                digests = recv_parts(sock, receive, progress)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            if fresh:
+                raise
+            raise _Stale(str(exc)) from None
+        except BulkClosed as exc:  # EOF before the first byte came back: the pod had closed it
+            if fresh or exc.received:
+                raise
+            raise _Stale(str(exc)) from None
+        if reuse_s > 0 and _told_kept(sock):
+            _kept.give(address, sock)
+            kept = True
+        return digests
+    finally:
+        if not kept:
+            sock.close()

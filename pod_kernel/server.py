@@ -380,6 +380,7 @@ class PodKernelServer:
                 "allowed_serialization": list(self.allowed_serialization),
                 "started": self.started,
                 "bulk_port": self.bulk.port,
+                "bulk_keepalive_s": self.bulk.keepalive_s,  # a bulk connection waits that long for its next ticket
                 # pushes that name one send their bytes at once (see pod_kernel/bulk.py)
                 "bulk_spares": [t for t in (self.bulk.reserve(ws) for _ in range(SPARES_PER_OWNER)) if t],
                 # executes straight to the main thread (see pod_kernel/lanes.py)

@@ -453,6 +453,74 @@ def test_transfers_reuse_their_threads():
         server.close()
 
 
+def test_a_bulk_connection_is_kept_for_the_next_ticket_and_given_up_when_the_pod_closed_it(monkeypatch):
+    """After a clean transfer the connection waits for its next ticket (KEEPALIVE_S): the client's next
+    transfer, either way, skips the connect, the accept and the hand-off. A kept connection the pod closed
+    (it stopped keeping it), or one that breaks before the transfer went, is given up for a new one, and the
+    transfer is made there; one that presents an unknown or a lane ticket is closed, unread. A pod that keeps no
+    more connections says so, and the client does not keep that one."""
+    from pod_kernel import bulk
+
+    server = bulk.BulkServer("127.0.0.1")
+    address = ("127.0.0.1", server.port)
+    try:
+        def push(i: int, reuse_s: float = 30.0) -> None:
+            received, done = [bytearray(2 * MiB)], threading.Event()
+            ticket = server.issue(True, received, lambda _error: done.set())
+            bulk.client_transfer(address, ticket, send=[memoryview(bytes([i]) * (2 * MiB))], reuse_s=reuse_s)
+            assert done.wait(10) and received[0] == bytes([i]) * (2 * MiB)
+
+        def pull(i: int, reuse_s: float = 30.0) -> None:
+            ticket = server.issue(False, [memoryview(bytes([i]) * (2 * MiB))], lambda _error: None)
+            into = [bytearray(2 * MiB)]
+            bulk.client_transfer(address, ticket, receive=into, reuse_s=reuse_s)
+            assert into[0] == bytes([i]) * (2 * MiB)
+
+        for i in range(3):
+            push(i)
+            pull(i)
+        assert server.accepted == 1  # six transfers, one connection
+
+        server.keepalive_s = 0.2  # the pod stops keeping it: the client finds it closed, and connects again
+        push(3)
+        time.sleep(0.6)
+        pull(4, reuse_s=100.0)
+        assert server.accepted == 2
+        server.keepalive_s = 30.0
+
+        monkeypatch.setattr(bulk, "_quiet", lambda sock: True)  # it broke just after the client looked
+        for kept in list(bulk._kept._idle.get(address, [])):
+            kept[1].shutdown(socket.SHUT_RDWR)
+        push(5)
+        assert server.accepted == 3
+        for kept in list(bulk._kept._idle.get(address, [])):
+            kept[1].shutdown(socket.SHUT_RDWR)
+        pull(6)
+        assert server.accepted == 4
+        monkeypatch.undo()
+
+        sock = bulk._kept.take(address, 10.0)
+        assert sock is not None
+        sock.sendall(secrets.token_bytes(bulk.TICKET_BYTES))  # unknown on a kept connection: closed, unread
+        assert sock.recv(1) == b""
+        sock.close()
+        push(7)
+        lane = server.issue_lane(object(), lambda conn: True)
+        sock = bulk._kept.take(address, 10.0)
+        assert sock is not None
+        sock.sendall(bytes.fromhex(lane))  # a lane starts on a connection of its own only
+        assert sock.recv(1) == b""
+        sock.close()
+        monkeypatch.setattr(bulk, "MAX_KEPT", 0)  # keeps none: says nothing, closes it after the transfer
+        before = server.accepted
+        push(8)
+        assert not bulk._kept._idle.get(address)
+        pull(9)
+        assert server.accepted == before + 2
+    finally:
+        server.close()
+
+
 def test_a_presented_spare_waits_for_its_header_and_gives_up_in_time(monkeypatch):
     """A connection that presented a spare ticket waits for the push header that binds it, not forever; a spare
     is bound only by its own connection, and a connection holds SPARES_PER_OWNER at most."""

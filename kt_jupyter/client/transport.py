@@ -146,15 +146,24 @@ def _spare_tickets(value: Any) -> list[str]:
     return [t for t in value if parse_ticket(t) is not None][:MAX_SPARES]
 
 
+def _keepalive_s(welcome: dict[str, Any]) -> float:
+    """How long the pod keeps a bulk connection for its next ticket (its welcome's ``bulk_keepalive_s``, a
+    number in [0, 3600]; 0 when it says nothing else)."""
+    value = welcome.get("bulk_keepalive_s")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3600:
+        return 0.0
+    return float(value)
+
+
 class _Resend(Exception):
     """The connection dropped before a value request was answered: send it again."""
 
 
 def _receive_bulk(asm: P.BundleAssembler, address: tuple[str, int], ticket: str,
-                  progress: ProgressCallback | None) -> None:
+                  progress: ProgressCallback | None, reuse_s: float) -> None:
     """Receive a bundle over the bulk channel straight into its buffers (in a worker thread)."""
     asm.prefault()  # here, off the event loop: faulting 1 GiB in bulk takes 40-300 ms
-    asm.digests.update(client_transfer(address, ticket, receive=asm.parts, progress=progress))
+    asm.digests.update(client_transfer(address, ticket, receive=asm.parts, progress=progress, reuse_s=reuse_s))
     asm.vouch()  # before anything can write to the parts: the next fingerprint of the value reads nothing
 
 
@@ -602,7 +611,8 @@ class Transport:
                         try:
                             # the digests taken as the big parts went: this side's fingerprints of them
                             bundle.digests.update(await asyncio.to_thread(
-                                client_transfer, address, ticket, send=bundle.parts, progress=on_progress))
+                                client_transfer, address, ticket, send=bundle.parts, progress=on_progress,
+                                reuse_s=_keepalive_s(conn.welcome)))
                         except OSError as exc:  # the pod answers a failed transfer, or the connection drops
                             log.debug("bulk push to %s failed: %s", self.name, exc)
                 else:
@@ -646,7 +656,8 @@ class Transport:
         try:
             if asm is None or address is None:
                 raise ConnectionLostError("the connection dropped before the transfer began")
-            await asyncio.to_thread(_receive_bulk, asm, address, ticket, pending.on_progress)
+            await asyncio.to_thread(_receive_bulk, asm, address, ticket, pending.on_progress,
+                                    _keepalive_s(self._conn.welcome if self._conn is not None else {}))
         except Exception as exc:
             if not pending.reply.done():
                 pending.reply.set_exception(TransferError(f"bulk transfer from {self.name!r} failed: {exc}"))
