@@ -705,13 +705,17 @@ class _Kept:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: dict[tuple[str, int], list[tuple[float, socket.socket]]] = {}
+        self._pid = os.getpid()
 
     def take(self, address: tuple[str, int], max_idle_s: float) -> socket.socket | None:
         """A kept connection to ``address`` idle for less than ``max_idle_s`` that the pod has not closed (nor
-        written to: it never does between transfers), newest first; None when there is none."""
+        written to: it never does between transfers), newest first; None when there is none (and always in a
+        forked child: the parent's connections are the parent's)."""
         now = time.monotonic()
         while True:
             with self._lock:
+                if self._pid != os.getpid():
+                    self._idle, self._pid = {}, os.getpid()
                 idle = self._idle.get(address)
                 if not idle:
                     return None
@@ -723,6 +727,9 @@ class _Kept:
     def give(self, address: tuple[str, int], sock: socket.socket) -> None:
         """Keep ``sock`` (its transfer ended cleanly) for the next transfer to ``address``."""
         with self._lock:
+            if self._pid != os.getpid():
+                sock.close()
+                return
             idle = self._idle.setdefault(address, [])
             idle.append((time.monotonic(), sock))
             extra = idle[:-self.PER_ADDRESS]
