@@ -517,18 +517,24 @@ class BulkServer:
             return
         conn.settimeout(IDLE_TIMEOUT_S)
         try:
-            self._workers.run(self._serve, conn, ticket)
+            self._workers.run(self._serve, conn, [ticket])  # a list: _serve empties it (see there)
         except RuntimeError as exc:  # cannot start a thread: fail this transfer, keep serving
             conn.close()
             self._end([ticket], exc)
 
-    def _serve(self, conn: socket.socket, ticket: Ticket | None) -> None:
-        """Run ``ticket``'s transfer on ``conn``, then those of the tickets it presents next (kept alive, see
-        :data:`KEEPALIVE_S`); the connection is closed when that ends."""
+    def _serve(self, conn: socket.socket, first: list[Ticket]) -> None:
+        """Run the transfer of the ticket in ``first`` on ``conn``, then those of the tickets it presents next
+        (kept alive, see :data:`KEEPALIVE_S`); the connection is closed when that ends. A finished transfer's
+        ticket is let go before the connection waits for the next (it holds the transfer's buffers: a received
+        value's memory would stay pinned, and out of the receive pool, for as long as the connection waits);
+        so is ``first``'s, which the worker's arguments would otherwise hold."""
+        ticket: Ticket | None = first.pop()
         with conn:
             while ticket is not None:
                 receive = ticket.receive
-                if not self._transfer(conn, ticket):
+                done = self._transfer(conn, ticket)
+                ticket = None
+                if not done:
                     return
                 ticket = self._next_ticket(conn)
                 if ticket is None and not receive and self.keepalive_s <= 0:  # as before keep-alives

@@ -521,6 +521,32 @@ def test_a_bulk_connection_is_kept_for_the_next_ticket_and_given_up_when_the_pod
         server.close()
 
 
+def test_a_kept_bulk_connection_does_not_hold_what_it_received():
+    """While a connection waits for its next ticket, the buffers of its last transfer are not referenced by it:
+    a pushed value's memory goes (back to the receive pool) when the value goes, not when the connection does."""
+    import gc
+    import mmap
+    import weakref
+
+    from pod_kernel import bulk
+
+    server = bulk.BulkServer("127.0.0.1")
+    try:
+        part = mmap.mmap(-1, 2 * MiB)
+        gone, done = weakref.ref(part), threading.Event()
+        ticket = server.issue(True, [part], lambda _error: done.set())
+        del part
+        bulk.client_transfer(("127.0.0.1", server.port), ticket, send=[memoryview(b"m" * (2 * MiB))], reuse_s=30.0)
+        assert done.wait(10)
+        deadline = time.monotonic() + 5
+        while gone() is not None and time.monotonic() < deadline:  # the ticket's thread lets go as it returns
+            gc.collect()
+            time.sleep(0.01)
+        assert gone() is None and bulk._kept._idle.get(("127.0.0.1", server.port))  # freed, and still kept
+    finally:
+        server.close()
+
+
 def test_a_presented_spare_waits_for_its_header_and_gives_up_in_time(monkeypatch):
     """A connection that presented a spare ticket waits for the push header that binds it, not forever; a spare
     is bound only by its own connection, and a connection holds SPARES_PER_OWNER at most."""
