@@ -61,13 +61,16 @@ class PickerView(ModelView, W.VBox):
         self.line.add_class("kt-pick-line")
         self.launch = W.Button(description="Launch", button_style="primary", icon="rocket",
                                tooltip="start this compute (or reattach to it) and make it the default",
-                               layout=W.Layout(width="110px"))
+                               layout=W.Layout(width="110px", flex="0 0 auto"))
         self.launch.add_class("kt-pick-launch")
         self.set_default = W.Button(description="Set as default", icon="check",
                                     tooltip="use these settings for %%kt cells without options, without launching",
-                                    layout=W.Layout(width="140px"))
+                                    layout=W.Layout(width="140px", flex="0 0 auto"))
         self.set_default.add_class("kt-pick-default")
-        self.progress_box = W.Box(layout=W.Layout(margin="0 0 0 8px"))
+        # the launch's progress takes the room the buttons leave (its text grows with what the launch says):
+        # the buttons never shrink, so their labels are never cut
+        self.progress_box = W.Box(layout=W.Layout(margin="0 0 0 8px", flex="1 1 auto", min_width="0",
+                                                  overflow="hidden"))
         self.message = W.HTML()
         self.message.add_class("kt-pick-message")
         self.refresh = W.Button(description="Refresh", icon="refresh", tooltip="list the computes again",

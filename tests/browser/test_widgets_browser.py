@@ -224,6 +224,13 @@ def test_picker_launches_a_compute_that_cells_then_use(page: Page, clean_lab, ar
     expect(row.locator(".kt-phase")).to_have_attribute("data-kt-phase", "ready")
     expect(row).to_contain_text(re.compile(r"local pid \d+ · age \d+s"))
     expect_no_clipped_labels(picker)
+    # the launch's progress beside the buttons may say a lot (what the launch said, how long it took): it
+    # takes the room they leave, never theirs (CI once caught "Set as default" cut to 121 of 127 px)
+    picker.locator(".kt-pick-default").evaluate(
+        "b => { const s = document.createElement('span'); s.className = 'kt-test-wide';"
+        " s.style.whiteSpace = 'nowrap'; s.textContent = 'x'.repeat(400); b.nextElementSibling.appendChild(s); }")
+    expect_no_clipped_labels(picker)
+    picker.locator(".kt-test-wide").evaluate("s => s.remove()")
     expect(picker.locator(".kt-progress-text")).to_contain_text("ready in", timeout=WIDGET_TIMEOUT_MS)
     pid = re.search(r"local pid (\d+)", row.inner_text()).group(1)
     picker.screenshot(path=str(artifacts / "picker-launched.png"))
