@@ -770,10 +770,7 @@ def client_transfer(address: tuple[str, int], ticket: str, *, send: list[memoryv
             pass
     sock = socket.create_connection(address, timeout=30)
     sock.settimeout(IDLE_TIMEOUT_S)  # a transfer that stalls this long fails instead of hanging
-    try:
-        return _transfer_on(sock, address, ticket, send, receive, progress, reuse_s, fresh=True)
-    except _Stale as exc:
-        raise ConnectionError(str(exc)) from None
+    return _transfer_on(sock, address, ticket, send, receive, progress, reuse_s, fresh=True)
 
 
 def _told_kept(sock: socket.socket) -> bool:
@@ -785,7 +782,8 @@ def _told_kept(sock: socket.socket) -> bool:
 
 
 class _Stale(Exception):
-    """A kept connection the pod closed before it took the transfer."""
+    """A kept connection the pod closed before it took the transfer (a new connection's failures are raised as
+    they are)."""
 
 
 def _transfer_on(sock: socket.socket, address: tuple[str, int], ticket: str, send: list[memoryview] | None,

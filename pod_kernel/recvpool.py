@@ -210,9 +210,8 @@ class RecvPool:
         if self.cap_bytes <= 0 or size < SPARE_MIN_BYTES:
             return False
         with self._lock:
-            kept = [lent for lent in self._lent if not lent.buf.closed and self._free(lent)]
-            if (size in self._making or any(len(lent.buf) == size for lent in kept)
-                    or sum(map(len, (lent.buf for lent in kept))) + sum(self._making) + size > self.cap_bytes):
+            free = list(map(len, self._free_maps()))
+            if size in self._making or size in free or sum(free) + sum(self._making) + size > self.cap_bytes:
                 return False
             self._making.append(size)
         if _memory_left() < 2 * size:
@@ -246,10 +245,14 @@ class RecvPool:
         """Whether only the pool refers to the map: no value, view or bundle is built on it any more."""
         return _references(lent) <= _FREE_REFERENCES
 
+    def _free_maps(self) -> list[mmap.mmap]:
+        """The maps kept and free now (under the lock)."""
+        return [lent.buf for lent in self._lent if not lent.buf.closed and self._free(lent)]
+
     def idle_bytes(self) -> int:
         """Bytes of free maps kept now."""
         with self._lock:
-            return sum(len(lent.buf) for lent in self._lent if not lent.buf.closed and self._free(lent))
+            return sum(map(len, self._free_maps()))
 
     def trim(self, now: float | None = None) -> int:
         """Unmap free maps past :data:`IDLE_TTL_S` or beyond the cap (oldest first); how many went."""

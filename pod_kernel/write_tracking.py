@@ -159,10 +159,7 @@ class WriteTracker:
                 return entry.digest
             # protected from its second hash on, unless it was found written since: a buffer hashed once (a
             # fresh array sent once) or rewritten between hashes never pays the page faults of protection
-            armed = entry is not None and not entry.armed and entry.calm and self._arm(start, end)  # writes seen
-            if armed:
-                self._disarm_others(key, start, end)
-                self._drop_pending(start, end)
+            armed = entry is not None and not entry.armed and entry.calm and self._arm(key, start, end)  # writes seen
         result = compute(data)
         with self._lock:
             calm = entry is None or (not entry.armed and entry.digest == result)
@@ -197,21 +194,17 @@ class WriteTracker:
                 if self._pending.get(key) != protected:  # armed again since: a write before would go unseen
                     return False
                 del self._pending[key]
-            else:
-                if not self._arm(start, end):
-                    return False
-                self._disarm_others(key, start, end)
-                self._drop_pending(start, end)
+            elif not self._arm(key, start, end):
+                return False
             self._entries[key] = _Entry(start, end, digest, ref, armed=True, calm=True)
         weakref.finalize(owner, self._forget, key)
         return True
 
     def protect(self, data: memoryview) -> int:
-        """Write-protect ``data``'s pages now, before its bytes are read for a digest that :meth:`seed`
-        (``protected=True``) records once it is known: a write from now on is seen, even one made while the
-        digest is taken. Not for a buffer found rewritten since its digest before (it would pay the page faults
-        at every send: it is hashed instead). What :meth:`seed` takes as ``protected``; 0 where the range
-        cannot be tracked."""
+        """Write-protect ``data``'s pages now, before its bytes are read for a digest that :meth:`seed` records
+        once it is known: a write from now on is seen, even one made while the digest is taken. Not for a buffer
+        found rewritten since its digest before (it would pay the page faults at every send: it is hashed
+        instead). Returns what :meth:`seed` takes as ``protected``; 0 where the range cannot be tracked."""
         if not self.available or data.nbytes < TRACK_MIN_BYTES or os.getpid() != self._pid:
             return 0
         address = buffer_address(data)
@@ -221,19 +214,17 @@ class WriteTracker:
             entry = self._entries.get(key)
             if entry is not None and entry.owner() is not None and not entry.calm:
                 return 0
-            if not self._arm(start, end):
+            if not self._arm(key, start, end):
                 return 0
             if entry is not None:
                 entry.armed = False  # written marks cleared: it vouches no more (seed replaces it)
-            self._disarm_others(key, start, end)
-            self._drop_pending(start, end)
             if len(self._pending) >= 1024:  # sends that never seeded (failed): forgetting them is always safe
                 self._pending.clear()
             token = self._pending[key] = next(self._protections)
         return token
 
     def _drop_pending(self, start: int, end: int) -> None:
-        """[start, end) was armed: protections pending there lost their written marks."""
+        """[start, end) was armed or unprotected: protections pending there lost their written marks."""
         self._pending = {k: v for k, v in self._pending.items() if not (k[0] < end and start < k[0] + k[1])}
 
     def unprotect(self, buf: Any) -> None:
@@ -249,12 +240,6 @@ class WriteTracker:
             whole = (ctypes.c_uint64 * 2)(start, end - start)
             self._libc.ioctl(self._uffd, _UFFDIO_UNREGISTER, ctypes.byref(whole))  # not registered: a no-op
 
-    def _disarm_others(self, key: tuple[int, int], start: int, end: int) -> None:
-        """Arming [start, end) cleared the written marks of other entries' pages there: they vouch no more."""
-        for other_key, other in self._entries.items():
-            if other_key != key and other.start < end and start < other.end:
-                other.armed = False
-
     def _forget(self, key: tuple[int, int]) -> None:
         with self._lock:
             entry = self._entries.get(key)
@@ -268,15 +253,23 @@ class WriteTracker:
                                      0, 0, _PAGE_IS_WRITTEN, 0, _PAGE_IS_WRITTEN)
         return self._libc.ioctl(self._pagemap, _PAGEMAP_SCAN, ctypes.byref(arg)) == 0
 
-    def _arm(self, start: int, end: int) -> bool:
-        """Write-protect [start, end) (registering it first); False when it is not plain private memory."""
+    def _arm(self, key: tuple[int, int], start: int, end: int) -> bool:
+        """Write-protect [start, end) for ``key`` (registering it first; under the lock); False when it is not
+        plain private memory. Arming clears the written marks of those pages: other entries there vouch no more,
+        and protections pending there (:meth:`protect`) are void."""
         if not _private_anonymous(start, end):
             return False
         register = (ctypes.c_uint64 * 4)(start, end - start, _UFFDIO_REGISTER_MODE_WP, 0)
         if self._libc.ioctl(self._uffd, _UFFDIO_REGISTER, ctypes.byref(register)) != 0:
             return False
         protect = (ctypes.c_uint64 * 3)(start, end - start, _UFFDIO_WRITEPROTECT_MODE_WP)
-        return self._libc.ioctl(self._uffd, _UFFDIO_WRITEPROTECT, ctypes.byref(protect)) == 0
+        if self._libc.ioctl(self._uffd, _UFFDIO_WRITEPROTECT, ctypes.byref(protect)) != 0:
+            return False
+        for other_key, other in self._entries.items():
+            if other_key != key and other.start < end and start < other.end:
+                other.armed = False
+        self._drop_pending(start, end)
+        return True
 
 
 def _pages(address: int, nbytes: int) -> tuple[int, int]:

@@ -130,6 +130,8 @@ class _Conn:
     #: this connection's lane ticket until the lane is asked for (see :mod:`pod_kernel.lanes`), and the lane
     lane_ticket: str | None = None
     lane: ClientLane | None = None
+    #: how long the pod keeps a bulk connection for its next transfer (its welcome's, checked; 0: it does not)
+    bulk_keepalive_s: float = 0.0
 
 
 #: Seqs not routed yet below the last one routed that a transport remembers at most (see _first_sight).
@@ -612,7 +614,7 @@ class Transport:
                             # the digests taken as the big parts went: this side's fingerprints of them
                             bundle.digests.update(await asyncio.to_thread(
                                 client_transfer, address, ticket, send=bundle.parts, progress=on_progress,
-                                reuse_s=_keepalive_s(conn.welcome)))
+                                reuse_s=conn.bulk_keepalive_s))
                         except OSError as exc:  # the pod answers a failed transfer, or the connection drops
                             log.debug("bulk push to %s failed: %s", self.name, exc)
                 else:
@@ -657,7 +659,7 @@ class Transport:
             if asm is None or address is None:
                 raise ConnectionLostError("the connection dropped before the transfer began")
             await asyncio.to_thread(_receive_bulk, asm, address, ticket, pending.on_progress,
-                                    _keepalive_s(self._conn.welcome if self._conn is not None else {}))
+                                    self._conn.bulk_keepalive_s if self._conn is not None else 0.0)
         except Exception as exc:
             if not pending.reply.done():
                 pending.reply.set_exception(TransferError(f"bulk transfer from {self.name!r} failed: {exc}"))
@@ -738,7 +740,8 @@ class Transport:
             self.accept_pickle = False
         closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         conn = _Conn(ws, closed, welcome, _spare_tickets(welcome.get("bulk_spares")),
-                     lane_ticket=welcome["lane"] if parse_ticket(welcome.get("lane")) is not None else None)
+                     lane_ticket=welcome["lane"] if parse_ticket(welcome.get("lane")) is not None else None,
+                     bulk_keepalive_s=_keepalive_s(welcome))
         asyncio.create_task(self._read(conn))
         if self._runs_cells:
             self._open_lane(conn)
