@@ -323,6 +323,36 @@ def test_registry_reattach_from_second_process(kernel, kt_home):
     assert out.stdout.split() == [str(handle.pid), "42"]
 
 
+@pytest.mark.parametrize("pidfds", [True, False])
+def test_a_kernel_another_process_started_is_watched_without_reading_proc_each_cell(local_backend, monkeypatch,
+                                                                                  pidfds):
+    """Every %%kt cell asks whether its kernel lives. One this process did not start (another notebook's, one from
+    before a notebook kernel restart) was checked through psutil each time (150 us a cell): now once, then
+    through a pidfd, which still sees it die (a zombie counts as dead) and never a process that reused its pid."""
+    from kt_jupyter.backends import local
+
+    handle = local_backend.launch(Compute(name="w"))
+    looked: list[int] = []
+    real = local.psutil.Process
+    monkeypatch.setattr(local.psutil, "Process", lambda pid: looked.append(pid) or real(pid))
+    if not pidfds:
+        monkeypatch.delattr(os, "pidfd_open")
+    other = local.LocalBackend()  # another notebook: not its child
+    found = other.find("w")
+    assert found is not None and found.pid == handle.pid
+    first = len(looked)
+    assert first >= 1
+    for _ in range(5):  # five cells
+        assert found.liveness() is None
+    assert len(looked) == (first if pidfds else first + 5)
+    os.kill(handle.pid, signal.SIGKILL)  # the launching backend has not reaped it: a zombie
+    why = wait_until(found.liveness, what="the killed kernel seen as dead")
+    assert "variables are lost" in why
+    assert other._pidfds == {}
+    # a process that reused the pid (another create_time) is not the kernel, watched or not
+    assert not other._alive({"pid": os.getpid(), "create_time": 0.0})
+
+
 def test_launch_twice_returns_same_kernel(local_backend):
     h1 = local_backend.launch(Compute(name="same"))
     h2 = local_backend.launch(Compute(name="same"))
