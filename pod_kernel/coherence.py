@@ -26,11 +26,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import approx_size, fingerprint, type_name
+from .protocol import approx_size, fingerprint, is_immutable, type_name
 
 #: Held values at most this big are fingerprinted after every cell, mentioned or not
 #: (aliases, a method that changes another global); bigger ones only when the cell reached them.
 UNMENTIONED_CHECK_MAX_BYTES = 4 << 20
+
+_ABSENT = object()
 #: IPython's own names in the user namespace (``_``, ``_i3``, ``_7``, dunders) and its fixed entries.
 _IPYTHON_NAME = re.compile(r"_+|_i+|_i?\d+|__\w+__|_oh|_ih|_dh|_exit_code")
 _IPYTHON_FIXED = frozenset({"In", "Out", "get_ipython", "exit", "quit"})
@@ -128,10 +130,10 @@ class StateTracker:
         for name, entry in held.items():
             if name in changed or name in touched:
                 continue
-            if name not in ns:
+            value = ns.get(name, _ABSENT)
+            if value is _ABSENT:
                 missing.append(name)
                 continue
-            value = ns[name]
             pod_id, known_fp, stable = _held_entry(entry)
             if id(value) != pod_id:  # rebound by another session, or a seed-API call
                 changed[name] = describe(name, value, fingerprint_max_bytes)
@@ -140,7 +142,9 @@ class StateTracker:
                 if name in reached:
                     changed[name] = describe(name, value, fingerprint_max_bytes, stable=False)
                 continue
-            if not known_fp or (name not in reached and approx_size(value) > UNMENTIONED_CHECK_MAX_BYTES):
+            if not known_fp or is_immutable(value):  # the same object (its id above): the same content
+                continue
+            if name not in reached and approx_size(value) > UNMENTIONED_CHECK_MAX_BYTES:
                 continue
             now = fingerprint(value)
             if now == known_fp:
@@ -158,6 +162,8 @@ class StateTracker:
                         fingerprint_max_bytes: int) -> None:
         """Held names pickled inside a changed value, or holding one (``ax.figure is fig``), change with it:
         they travel in the same bundle, so the notebook's copies keep sharing their objects."""
+        if not changed:
+            return
         ns = self.namespace
         others = {id(ns[n]): n for n in held if n in ns and n not in changed}
         todo = [n for n in changed if n in ns]

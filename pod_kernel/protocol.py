@@ -62,6 +62,7 @@ optional on both sides: a peer that does not know them goes the old way.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -549,7 +550,15 @@ def fingerprint(value: Any, known: Mapping[tuple[int, int], bytes] | None = None
 
 
 def _out_of_band(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]] | None:
-    """``value``'s cloudpickle stream and its out-of-band buffers (not copied), or None if it does not pickle."""
+    """``value``'s cloudpickle stream and its out-of-band buffers (not copied), or None if it does not pickle.
+
+    Plain data (see :func:`is_plain`) is pickled by the C pickler alone, to the very same bytes: cloudpickle's
+    pickler is that pickler plus a Python call for each object (2.4 us for ``[1, 2, 3]`` here, 0.4 without),
+    and every cell fingerprints the small values either side holds.
+    """
+    if is_plain(value):
+        with contextlib.suppress(RecursionError):  # too deep for the pickler: cloudpickle says so too
+            return pickle.dumps(value, protocol=5), []
     import cloudpickle
 
     buffers: list[pickle.PickleBuffer] = []
@@ -557,6 +566,53 @@ def _out_of_band(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]] | None:
         return cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append), buffers
     except Exception:
         return None
+
+
+#: Types of values that never change in place, whose pickles cloudpickle's and pickle's are the same.
+_ATOMS = frozenset({int, float, complex, bool, type(None), str, bytes})
+#: Containers pickled the same by both (exact types: a subclass may pickle any way it likes).
+_CONTAINERS = frozenset({list, tuple, dict, set, frozenset})
+_FROZEN = frozenset({tuple, frozenset})
+#: Most objects :func:`is_plain` and :func:`is_immutable` look at before saying no.
+PLAIN_OBJECTS_MAX = 10_000
+
+
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is builtin data only: numbers, strings, bytes, None, in lists, tuples, dicts and sets
+    (exact types, at most :data:`PLAIN_OBJECTS_MAX` objects)."""
+    return _made_of(value, _CONTAINERS)
+
+
+def is_immutable(value: Any) -> bool:
+    """Whether ``value`` cannot change in place: an atom (a number, string, bytes, None) or tuples and frozensets
+    of them (exact types, at most :data:`PLAIN_OBJECTS_MAX` objects). One that keeps its ``id`` kept its
+    content."""
+    return _made_of(value, _FROZEN)
+
+
+def _made_of(value: Any, containers: frozenset[type]) -> bool:
+    kind = type(value)
+    if kind in _ATOMS:
+        return True
+    if kind not in containers:
+        return False
+    todo, seen, budget = [value], {id(value)}, PLAIN_OBJECTS_MAX
+    while todo:
+        obj = todo.pop()
+        items = (*obj, *obj.values()) if type(obj) is dict else obj
+        budget -= len(items)
+        if budget < 0:
+            return False
+        for item in items:
+            kind = type(item)
+            if kind in _ATOMS:
+                continue
+            if kind not in containers:
+                return False
+            if id(item) not in seen:
+                seen.add(id(item))
+                todo.append(item)
+    return True
 
 
 #: Bytes of each end of a buffer that :func:`head_digest` reads (a new array of other bytes differs there).
@@ -630,6 +686,8 @@ def approx_size(value: Any) -> int:
     """Bytes a value occupies: ``nbytes`` for arrays and tensors, else ``sys.getsizeof``."""
     import sys
 
+    if type(value) in _ATOMS:  # (a failed getattr costs more than the rest)
+        return sys.getsizeof(value)
     nbytes = getattr(value, "nbytes", None)
     if isinstance(nbytes, int):
         return nbytes
