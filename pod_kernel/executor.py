@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
 import queue
@@ -286,6 +287,12 @@ def _make_shell(executor: Executor):
                 return
             executor.last_traceback = list(stb)
 
+        @contextlib.contextmanager
+        def _tee(self, channel):
+            # IPython 9 wraps sys.stdout/stderr.write for every cell, to copy what it writes into history
+            # outputs, which this kernel does not keep (_NoOutputs): each write would pay for nothing
+            yield
+
         def enable_gui(self, gui=None):
             pass
 
@@ -356,6 +363,8 @@ HISTORY_CELLS_KEPT = 1000
 #: the namespace, so a thousand of them cost ~0.3 ms a cell; the pod's own count is not the notebook's anyway (its
 #: ``In`` and ``Out`` keep the rest, and ``_i``, ``_ii``, ``_iii``, ``_``, ``__``, ``___`` are always there).
 HISTORY_NAMES_KEPT = 32
+#: Cells between two trims of those names (each trim costs ~20 us when the caches went cold between cells).
+HISTORY_TRIM_EVERY = 8
 
 
 Job = CellJob | NamespaceJob | _Stop
@@ -379,13 +388,17 @@ class JobQueue:
         self.lanes = LaneSet()
         #: whether the main thread waits on the lanes (True once one was added: from then on, always)
         self._polling = False
+        #: the thread that waits for jobs (:meth:`get`)
+        self._getter: int | None = None
 
     def put(self, job: Job) -> None:
         """Queue ``job`` (any thread)."""
         self._jobs.append(job)  # before its token or wake-up: a woken main thread always finds it
         if not self._polling:
             self._tokens.put(None)
-        elif self.lanes.sleeping:
+        elif self.lanes.sleeping and threading.get_ident() != self._getter:
+            # (a cell read from a lane is put by the waiting thread itself, which finds it as the read returns: a
+            # wake-up would cost it four system calls, here and at its next wait)
             self.lanes.wake()
 
     def add_lane(self, lane: Lane) -> None:
@@ -396,6 +409,7 @@ class JobQueue:
 
     def get(self, timeout: float) -> Job:
         """The next job (the main thread only); queue.Empty after ``timeout`` seconds without one."""
+        self._getter = threading.get_ident()
         if not self._polling:
             self._tokens.get(timeout=timeout)
             if self._jobs or not self._polling:
@@ -673,7 +687,8 @@ class Executor:
         post_mortem(tb)
 
     def _trim_history(self) -> None:
-        """Forget IPython's per-cell names (``_i7``, ``_7``) of all but the last :data:`HISTORY_NAMES_KEPT` cells.
+        """Forget IPython's per-cell names (``_i7``, ``_7``) of all but the last :data:`HISTORY_NAMES_KEPT` cells
+        (each :data:`HISTORY_TRIM_EVERY` cells).
 
         IPython keeps one input name per cell in the namespace forever (its outputs
         it already caps at ``cache_size``); a kernel that runs for days would grow,
@@ -683,6 +698,8 @@ class Executor:
         keeps every cell, as in any IPython.
         """
         ns, last = self.namespace, self.shell.execution_count - HISTORY_NAMES_KEPT
+        if last - self._history_trimmed < HISTORY_TRIM_EVERY:
+            return
         for n in range(self._history_trimmed + 1, last + 1):
             ns.pop(f"_i{n}", None)
             ns.pop(f"_{n}", None)

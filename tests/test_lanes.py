@@ -349,3 +349,26 @@ def test_the_job_queue_wakes_its_waiter_for_jobs_and_lane_frames_in_order():
     assert [j for j in got if isinstance(j, tuple)] == [("put", i) for i in range(100)]
     assert [j for j in got if isinstance(j, bytes)] == [b"%d" % i for i in range(100)]
     client.close()
+
+
+def test_a_cell_read_from_a_lane_is_queued_without_waking_its_own_reader():
+    """The waiting thread reads a lane's execute and queues it itself: a wake-up would cost it four system calls
+    (the write, and at its next wait a poll that returns at once and two reads). Another thread's put still wakes
+    it at once."""
+    jobs = JobQueue()
+    client, lane = _lane_pair([], [])
+    lane.on_frame = lambda _lane, frame: jobs.put(frame)
+    jobs.add_lane(lane)
+    woken: list[int] = []
+    wake = jobs.lanes.wake
+    jobs.lanes.wake = lambda: woken.append(threading.get_ident()) or wake()  # type: ignore[method-assign]
+    for i in range(3):
+        client.sendall(lane_frame(b"%d" % i))
+        assert jobs.get(timeout=5) == b"%d" % i
+    assert woken == []
+    putter = threading.Timer(0.2, jobs.put, [("put", 1)])
+    putter.start()
+    t0 = time.monotonic()
+    assert jobs.get(timeout=10) == ("put", 1)
+    assert time.monotonic() - t0 < 5 and woken == [putter.ident]
+    client.close()
