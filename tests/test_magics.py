@@ -337,3 +337,22 @@ def test_a_bad_kt_variable_fails_the_cell_that_needs_it_not_the_import(ip, monke
             run(ip, "%%kt\nx = 1")
     finally:
         monkeypatch.delenv("KT_LAUNCH_TIMEOUT")  # before the fixture's `%kt config --reset` builds a default
+
+
+def test_the_kt_line_expands_names_as_ipython_expands_a_magics_line(ip, monkeypatch):
+    """`{expr}` and `$name` in the %%kt line are expanded as IPython expands any magic's line (the magic does it
+    itself, only for a line that has them: IPython copies the whole namespace for every cell)."""
+    run(ip, "where = 'exp'\nsuffix = 2")
+    run(ip, "%%kt --name {where}-$suffix\nhere = 1")
+    assert [c.name for c in conn_mod.connections()] == ["exp-2"]
+    # what IPython itself makes of such a line, through a magic that lets it expand
+    seen: list[str] = []
+    ip.register_magic_function(lambda line, cell: seen.append(line), "cell", "kt_echo")
+    line = "--name {where}-$suffix {suffix * 3} $$x"
+    run(ip, f"%%kt_echo {line}\npass")
+    parsed: list[str] = []
+    real = magics(ip)._parse_line
+    monkeypatch.setattr(magics(ip), "_parse_line",
+                        lambda line: parsed.append(line) or real(f"--name {seen[0].split()[1]}"))
+    run(ip, f"%%kt {line}\npass")
+    assert parsed == seen == ["--name exp-2 6 $x"]
