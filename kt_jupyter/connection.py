@@ -74,6 +74,8 @@ class ComputeConnection(Holdings):
         self.held: dict[str, Held] = {}
         #: names this notebook holds as RemoteRefs to this compute
         self.refs: set[str] = set()
+        #: (pod pid, ``held``) of the last check the pod answered (see :meth:`Holdings._wire_check`)
+        self.held_answered: tuple[int | None, dict[str, Any]] | None = None
         self.cells_run = 0
         #: one cell (or pull, or reset) at a time: ``held`` and the notebook's namespace are written by the
         #: thread holding it (an ``--async`` cell's thread, or the notebook's), never by two at once
@@ -171,7 +173,8 @@ class ComputeConnection(Holdings):
                 for _attempt in range(MISSING_RETRIES + 1):
                     check = self._check(analysis.mentions, transfer, sending=pushing.send if pushing else {})
                     options = ExecuteOptions(cell_name=cell_name, cell_label=cell_label, debug_wait=debug_wait,
-                                             check=check, post_mortem=post_mortem, requires=tuple(requires),
+                                             check=self._wire_check(check), post_mortem=post_mortem,
+                                             requires=tuple(requires),
                                              after=pushing.req_id if pushing else None)
                     try:
                         result = outcome.result = self.session.execute(
@@ -196,6 +199,7 @@ class ComputeConnection(Holdings):
                 outcome.timings_s["execute"] = time.perf_counter() - t1
                 self.cells_run += 1
                 if not _raised_by_cell(exc):  # the connection or the kernel failed: nothing to reconcile now
+                    self.held_answered = None
                     raise
                 # the cell raised (or was interrupted): what it bound before that comes back, as locally
                 self._reconcile(check, getattr(exc, "kt_state", None), user_ns, outcome, transfer, on_output,

@@ -52,18 +52,33 @@ class CellCheck:
     fingerprint_max_bytes: int = 0
 
 
-def parse_check(value: Any) -> CellCheck | None:
+def parse_check(value: Any, kept: Mapping[str, Any] | None = None) -> CellCheck | None:
     """A :class:`CellCheck` from the wire (an execute's ``check``, an inventory's fields), validated; None if absent.
 
-    Names are strings; ``held`` entries are checked again one by one when used.
+    Names are strings; ``held`` entries are checked again one by one when used. A check that says
+    ``held_same`` holds what ``kept`` does (its session's last ``held``, see :func:`held_of`); None without it.
     """
-    if not isinstance(value, Mapping) or not isinstance(value.get("held"), Mapping):
+    if not isinstance(value, Mapping):
+        return None
+    held = value.get("held")
+    if isinstance(held, Mapping):
+        held = {k: v for k, v in held.items() if isinstance(k, str)}
+    elif value.get("held_same") is True and kept is not None:
+        held = dict(kept)  # a copy: a push adds what it set to the check's (pushes.py)
+    else:
         return None
     names = value.get("names")
     limit = value.get("fingerprint_max_bytes")
-    return CellCheck([n for n in names if isinstance(n, str)] if isinstance(names, list) else [],
-                     {k: v for k, v in value["held"].items() if isinstance(k, str)},
+    return CellCheck([n for n in names if isinstance(n, str)] if isinstance(names, list) else [], held,
                      limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0)
+
+
+def held_of(value: Any, check: CellCheck | None, kept: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a session keeps for its next ``held_same`` after a check from the wire (``value``, parsed as
+    ``check``): the ``held`` it carried; else what it kept (a check without ``held``, or none, keeps that)."""
+    if check is not None and isinstance(value, Mapping) and isinstance(value.get("held"), Mapping):
+        return dict(check.held)
+    return kept
 
 
 def is_user_name(name: str) -> bool:

@@ -107,6 +107,9 @@ class Session:
     #: the last seq sent to a client when the last connection dropped (after it: unseen)
     detached_seq: int = 0
     detached_at: float = 0.0
+    #: the ``held`` of this session's last check that carried one: a check saying ``held_same`` means it (the
+    #: notebook leaves out what did not change since; see pod_kernel.coherence.parse_check)
+    held: dict[str, Any] | None = None
 
     @property
     def sent_seq(self) -> int:
@@ -381,6 +384,7 @@ class PodKernelServer:
                 "started": self.started,
                 "bulk_port": self.bulk.port,
                 "bulk_keepalive_s": self.bulk.keepalive_s,  # a bulk connection waits that long for its next ticket
+                "held_same": True,  # a check may say held_same: the held of this session's last one (Session.held)
                 # pushes that name one send their bytes at once (see pod_kernel/bulk.py)
                 "bulk_spares": [t for t in (self.bulk.reserve(ws) for _ in range(SPARES_PER_OWNER)) if t],
                 # executes straight to the main thread (see pod_kernel/lanes.py)
@@ -849,11 +853,13 @@ class PodKernelServer:
                 session.seen_exec.pop(next(iter(session.seen_exec)))
         cell_name, label = header.get("cell_name"), header.get("cell_label")
         post_mortem, requires, after = header.get("post_mortem"), header.get("requires"), header.get("after")
+        check = coherence.parse_check(header.get("check"), session.held)
+        session.held = coherence.held_of(header.get("check"), check, session.held)
         job = CellJob(req_id, header["code"], session.outbox,
                       cell_name if isinstance(cell_name, str) else None,
                       label if isinstance(label, str) else None,
                       debug_wait=bool(header.get("debug_wait")),
-                      check=coherence.parse_check(header.get("check")),
+                      check=check,
                       post_mortem=post_mortem if isinstance(post_mortem, str) else None,
                       requires=[n for n in requires if isinstance(n, str)] if isinstance(requires, list) else [],
                       lane=lane)
@@ -926,7 +932,8 @@ class PodKernelServer:
     async def on_inventory(self, session: Session, ws: ServerConnection, header: dict, payload: memoryview) -> None:
         """Name, type, size and (when asked) content fingerprint of user values."""
         names = header.get("names")
-        check = coherence.parse_check(header)
+        check = coherence.parse_check(header, session.held)
+        session.held = coherence.held_of(header, check, session.held)
         if check is not None:  # after a cell whose execute_reply did not answer the check (an older client)
             state = await asyncio.to_thread(self.executor.state.check, session.outbox, check)
             await ws.send(P.encode_frame(dict(state, type="reply", id=header["id"])))

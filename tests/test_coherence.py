@@ -234,3 +234,75 @@ def test_held_values_are_checked_each_cell_without_hashing_what_cannot_change(mo
     ns["n"] = 8  # rebound: another object
     changed = {d["name"] for d in tracker.sync(owner, held, [], 1 << 20)["changed"]}
     assert changed == {"L", "mixed", "n"}
+
+
+def test_a_cell_sends_what_the_notebook_believes_the_pod_holds_only_when_it_changed(ip, monkeypatch):
+    """Each execute carries what the notebook believes the pod holds (``held``: every value, with its id and
+    fingerprint); unchanged since the pod's last answer, it says ``held_same`` instead and the pod uses the one
+    it kept for this session (50 held values were 3.6 kB of JSON to write and read each cell). The pod still
+    checks every one: a value changed in place through an alias, by a cell that never mentions it, comes back."""
+    from pod_kernel import protocol as P
+
+    checks: list[dict] = []
+    encode = P.encode_frame
+
+    def recording(header, *args, **kwargs):
+        if header.get("type") == "execute":
+            checks.append(header.get("check"))
+        return encode(header, *args, **kwargs)
+
+    monkeypatch.setattr(P, "encode_frame", recording)
+    ip.user_ns.update({f"v{i}": [i] for i in range(20)})
+    run(ip, "%%kt\nt = sum(len(v) for v in [" + ", ".join(f"v{i}" for i in range(20)) + "])\nalias = v3")
+    assert ip.user_ns["t"] == 20
+    run(ip, "%%kt\npass")
+    run(ip, "%%kt\nalias.append('in place')")  # v3 is that list on the pod: never mentioned here
+    assert ip.user_ns["v3"] == [3, "in place"] and ip.user_ns["alias"] is ip.user_ns["v3"]
+    kinds = ["held_same" if c.get("held_same") else len(c["held"]) for c in checks]
+    assert kinds[0] == 0 and kinds[1] == 22 and kinds[2] == "held_same", kinds  # v0..v19, t, alias
+    assert all("held" not in c for c in checks if c.get("held_same"))
+    # held changed (v3 came back): sent whole once, then the same again
+    checks.clear()
+    run(ip, "%%kt\npass")
+    run(ip, "%%kt\npass")
+    assert [len(c["held"]) if "held" in c else "held_same" for c in checks] == [22, "held_same"]
+
+
+def test_a_pod_that_kept_no_held_answers_without_a_state_and_the_notebook_asks_again(ip, monkeypatch):
+    """A check saying ``held_same`` to a pod session that kept none (a pod that restarted under the same
+    address, say) gets no answer in the reply: the notebook asks with the whole check, and sends the next one
+    whole too."""
+    from kt_jupyter.holdings import Holdings
+
+    wire_check = Holdings._wire_check
+    forced: list[dict] = []
+
+    def same_once(self, check):
+        if forced:
+            return wire_check(self, check)
+        forced.append(check)
+        return {"names": check["names"], "held_same": True, "fingerprint_max_bytes": check["fingerprint_max_bytes"]}
+
+    monkeypatch.setattr(Holdings, "_wire_check", same_once)
+    ip.user_ns["L"] = [1]
+    run(ip, "%%kt\nM = L")  # a new pod session: it kept nothing
+    assert forced and outcome(ip).result.state is None and ip.user_ns["M"] == [1]
+    assert conn_mod.connections()[0].held_answered is None
+    run(ip, "%%kt\nM.append(2)")  # L, never mentioned, changed through its alias
+    assert outcome(ip).result.state is not None and ip.user_ns["L"] == [1, 2]
+
+
+def test_a_checks_held_same_means_the_held_its_session_kept():
+    from pod_kernel import coherence
+
+    wire = {"names": ["a"], "held": {"x": [1, "fp", True], 5: []}, "fingerprint_max_bytes": 10}
+    check = coherence.parse_check(wire, None)
+    assert check is not None and check.held == {"x": [1, "fp", True]}
+    kept = coherence.held_of(wire, check, None)
+    assert kept == {"x": [1, "fp", True]}
+    same = coherence.parse_check({"names": [], "held_same": True, "fingerprint_max_bytes": 0}, kept)
+    assert same is not None and same.held == kept and same.held is not kept  # a push adds to its copy
+    assert coherence.held_of({"held_same": True}, same, kept) is kept
+    assert coherence.parse_check({"names": [], "held_same": True}, None) is None  # kept none: no check
+    assert coherence.parse_check({"names": []}, kept) is None  # neither held nor held_same
+    assert coherence.held_of({"names": []}, None, kept) is kept

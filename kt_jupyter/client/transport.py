@@ -212,6 +212,8 @@ class Transport:
         self.last_seq = 0
         self.reconnects = 0
         self.pod_pid: int | None = None
+        #: whether the pod resolves a check's ``held_same`` (its welcome says so)
+        self.pod_held_same = False
         self.allowed_serialization: list[str] = list(P.SERIALIZATIONS)
         self._ids = itertools.count(1)
         self._conn: _Conn | None = None
@@ -735,6 +737,7 @@ class Transport:
             delay = min(delay * 2, 0.5)
         self.last_drop = None
         self.pod_pid = welcome.get("pid")
+        self.pod_held_same = welcome.get("held_same") is True
         self.allowed_serialization = welcome.get("allowed_serialization", self.allowed_serialization)
         if "pickle" not in self.allowed_serialization:
             self.accept_pickle = False
