@@ -31,6 +31,9 @@ _SIZE_UNITS = {
 
 #: Longest quantity string read (Kubernetes' own are far shorter); longer ones are refused unread.
 QUANTITY_MAX_CHARS = 40
+#: A transfer's rate (and ETA) is said once it ran this long (a progress report starts at the transfer's first
+#: report, with bytes moved already: a rate over a few microseconds said 829 GiB/s).
+RATE_MIN_S = 0.1
 #: Largest number a quantity may hold before its unit (Kubernetes quantities are int64 at heart).
 QUANTITY_MAX = Decimal(2**63 - 1)
 

@@ -9,7 +9,7 @@ from html import escape
 from typing import Any
 
 from .errors import CellSyntaxError
-from .quantities import format_bytes
+from .quantities import RATE_MIN_S, format_bytes
 
 #: Transfers smaller than this show no progress line.
 PROGRESS_MIN_BYTES = 8 << 20
@@ -133,11 +133,11 @@ class TransferProgress:
         if not finished and now - self._last_draw < 0.2:
             return
         self._last_draw = now
-        elapsed = max(now - start, 1e-6)
-        rate = done / elapsed
-        eta = (total - done) / rate if rate > 0 else 0.0
-        line = (f"[kt] {direction} {format_bytes(done)} / {format_bytes(total)}"
-                f"  {format_bytes(rate)}/s" + ("" if finished else f"  ETA {eta:.0f} s"))
+        elapsed = now - start
+        line = f"[kt] {direction} {format_bytes(done)} / {format_bytes(total)}"
+        if elapsed >= RATE_MIN_S:
+            rate = done / elapsed
+            line += f"  {format_bytes(rate)}/s" + ("" if finished else f"  ETA {(total - done) / rate:.0f} s")
         if self.stream is None and in_notebook():
             self._draw_in_notebook(direction, line)
         else:

@@ -333,7 +333,26 @@ def test_transfer_progress_rate_and_eta():
         p.done = -1
 
 
-def test_launch_progress_text():
+def test_a_transfers_first_report_says_no_rate_yet():
+    """A report is made at the transfer's first progress call, with bytes moved already: its rate over a few
+    microseconds read '829.1 GiB/s'. No rate or ETA until it ran RATE_MIN_S, in the bar and in the text line."""
+    import io
+
+    from kt_jupyter.quantities import RATE_MIN_S
+    from kt_jupyter.render import TransferProgress
+
+    p = ProgressModel(kind="transfer", label="push")
+    p.update(1 << 20, 16 << 20, now=p._t0 + 1e-5)
+    assert p.rate_bps == 0.0 and p.eta_s is None and p.text == "push 1 MiB / 16 MiB"
+    p.update(8 << 20, 16 << 20, now=p._t0 + 2 * RATE_MIN_S)
+    assert p.rate_bps == pytest.approx((8 << 20) / (2 * RATE_MIN_S)) and "/s · ETA" in p.text
+    out = io.StringIO()
+    line = TransferProgress(stream=out, min_bytes=0)
+    line("push", 1 << 20, 16 << 20)
+    assert out.getvalue() == "\r[kt] push 1 MiB / 16 MiB"
+
+
+
     p = ProgressModel(kind="launch", label="launching 'train'")
     t0 = p._t0
     p.event("pulling image python:3.11\n(details)", now=t0 + 1.5)

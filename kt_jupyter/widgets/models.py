@@ -17,7 +17,7 @@ from typing import Any
 
 from traitlets import Bool, Dict, Enum, Float, HasTraits, Int, TraitError, Tuple, Unicode, validate
 
-from ..quantities import format_bytes
+from ..quantities import RATE_MIN_S, format_bytes
 
 # ---------------------------------------------------------------------- status
 
@@ -384,7 +384,7 @@ class ProgressModel(HasTraits):
             self.elapsed_s = max(now - self._t0, 1e-6)
             self.total = max(int(total), 0)
             self.done = min(max(int(done), 0), self.total) if self.total else max(int(done), 0)
-            self.rate_bps = self.done / self.elapsed_s
+            self.rate_bps = self.done / self.elapsed_s if self.elapsed_s >= RATE_MIN_S else 0.0
             self.finished = bool(self.total) and self.done >= self.total
             left = self.total - self.done
             self.eta_s = 0.0 if self.finished else (left / self.rate_bps if self.rate_bps > 0 else None)
@@ -415,7 +415,8 @@ class ProgressModel(HasTraits):
     def _retext(self) -> None:
         if self.kind == "transfer":
             text = f"{self.label} {format_bytes(self.done)} / {format_bytes(self.total)}"
-            text += f" · {format_bytes(self.rate_bps)}/s"
+            if self.rate_bps > 0:
+                text += f" · {format_bytes(self.rate_bps)}/s"
             if not self.finished and self.eta_s is not None:
                 text += f" · ETA {format_age(self.eta_s)}"
             elif self.finished:
