@@ -31,6 +31,9 @@ from .protocol import approx_size, fingerprint, is_immutable, type_name
 #: Held values at most this big are fingerprinted after every cell, mentioned or not
 #: (aliases, a method that changes another global); bigger ones only when the cell reached them.
 UNMENTIONED_CHECK_MAX_BYTES = 4 << 20
+#: So are those whose fingerprint took at most this long: a costlier one (a DataFrame of strings pickles
+#: for ~25 ms a few MB) is checked only when the cell reached it.
+UNMENTIONED_CHECK_MAX_S = 0.002
 
 _ABSENT = object()
 #: IPython's own names in the user namespace (``_``, ``_i3``, ``_7``, dunders) and its fixed entries.
@@ -94,6 +97,9 @@ class StateTracker:
         self._lock = threading.Lock()
         #: owner (a session's outbox) -> names its cells bound, rebound or deleted since its last sync
         self._pending: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+        #: name -> id of its value, found too big or too slow to check after a cell that did not reach it (its size
+        #: alone can take long: pandas counts every string of a DataFrame); a value bound since is looked at again
+        self._costly: dict[str, int] = {}
 
     def snapshot(self) -> Snapshot:
         """The namespace's names, in order, and ``id()`` of their values (cheap: built in C, no Python step per
@@ -137,6 +143,10 @@ class StateTracker:
         reached = reach(ns, set(mentioned) | touched)
         changed: dict[str, dict[str, Any]] = {}
         deleted, missing, unstable = [], [], []
+        costly = self._costly
+        for name, value_id in list(costly.items()):  # (an inventory's check may run on another thread)
+            if id(ns.get(name, _ABSENT)) != value_id:
+                costly.pop(name, None)  # rebound or deleted since
         for name in sorted(touched):
             if name in ns:
                 changed[name] = describe(name, ns[name], fingerprint_max_bytes)
@@ -159,9 +169,17 @@ class StateTracker:
                 continue
             if not known_fp or is_immutable(value):  # the same object (its id above): the same content
                 continue
-            if name not in reached and approx_size(value) > UNMENTIONED_CHECK_MAX_BYTES:
-                continue
+            unmentioned = name not in reached
+            if unmentioned:
+                if costly.get(name) == id(value):
+                    continue
+                if approx_size(value) > UNMENTIONED_CHECK_MAX_BYTES:
+                    costly[name] = id(value)
+                    continue
+            t0 = time.perf_counter()
             now = fingerprint(value)
+            if unmentioned and time.perf_counter() - t0 > UNMENTIONED_CHECK_MAX_S:
+                costly[name] = id(value)
             if now == known_fp:
                 continue
             if fingerprint(value) != now:  # pickles differently each time: identity is its version

@@ -644,6 +644,9 @@ def head_digest(value: Any) -> str:
 
 #: Buffers at least this big are hashed in :data:`HASH_CHUNK_BYTES` pieces on several threads.
 HASH_PARALLEL_MIN_BYTES = 64 << 20
+#: Buffers at least this big enter a fingerprint as their :func:`buffer_digest`, which the write tracker keeps
+#: while nothing writes to them (a 2 MB array held by a notebook was hashed after every cell).
+BUFFER_DIGEST_MIN_BYTES = 1 << 20
 #: Fixed, so a value's fingerprint does not depend on the machine's core count.
 HASH_CHUNK_BYTES = 16 << 20
 
@@ -661,11 +664,14 @@ def _hash_pool() -> Any:
 
 
 def buffer_digest(data: memoryview) -> bytes:
-    """The digest a big buffer (>= :data:`HASH_PARALLEL_MIN_BYTES`) enters a fingerprint as: the digests of
-    its :data:`HASH_CHUNK_BYTES` pieces, one after the other, hashed on several threads."""
+    """The digest a big buffer (>= :data:`BUFFER_DIGEST_MIN_BYTES`) enters a fingerprint as: the digests of
+    its :data:`HASH_CHUNK_BYTES` pieces, one after the other (hashed on several threads from
+    :data:`HASH_PARALLEL_MIN_BYTES`)."""
     _prefix, kind = hash_kind()
     n = data.nbytes
     pieces = (data[i : i + HASH_CHUNK_BYTES] for i in range(0, n, HASH_CHUNK_BYTES))
+    if n < HASH_PARALLEL_MIN_BYTES:
+        return b"".join(kind(piece).digest() for piece in pieces)
     return b"".join(_hash_pool().map(lambda piece: kind(piece).digest(), pieces))
 
 
@@ -678,7 +684,7 @@ def _hash_buffer(digest: Any, data: memoryview, known: Mapping[tuple[int, int], 
     write tracker vouches for it, or ``known`` has it (digested in transit).
     """
     n = data.nbytes
-    if n < HASH_PARALLEL_MIN_BYTES:
+    if n < BUFFER_DIGEST_MIN_BYTES:
         digest.update(data)
         return
     digest.update(n.to_bytes(8, "little"))

@@ -8,9 +8,10 @@ from ipshell import run
 
 from kt_jupyter import connection as conn_mod
 from kt_jupyter.compute import Compute
+from pod_kernel import protocol as P
 from pod_kernel import write_tracking
 
-BIG = write_tracking.TRACK_MIN_BYTES  # tracked on both sides
+BIG = max(write_tracking.TRACK_MIN_BYTES, P.HASH_PARALLEL_MIN_BYTES)  # tracked on both sides, digested in transit
 
 
 def magics(ip):
@@ -48,11 +49,33 @@ def test_in_place_writes_to_a_big_tracked_global_are_seen_after_unchanged_reruns
     assert ip.user_ns["s"] == 12 and magics(ip).last_outcome.bytes_pushed == 0
 
 
+def test_a_mid_size_array_a_cell_reads_is_not_hashed_again_while_unchanged(ip, monkeypatch):
+    """Each cell fingerprints the values it reads (to send the changed ones): an array of a few MB was hashed at
+    every cell. From 1 MiB it enters fingerprints as its digest, which the write tracker keeps while no page of it
+    is written: hashed twice, then not again until written here."""
+    size = 2 * P.BUFFER_DIGEST_MIN_BYTES
+    hashed: list[int] = []
+    real = P.buffer_digest
+    monkeypatch.setattr(P, "buffer_digest", lambda data: hashed.append(data.nbytes) or real(data))
+    ip.user_ns["mid"] = np.zeros(size, dtype=np.uint8)
+    for _ in range(2):
+        run(ip, "%%kt --name perf-mid\ns = int(mid.sum())")
+    tracker = write_tracking.tracker()
+    assert tracker.available
+    hashed.clear()
+    for _ in range(3):
+        run(ip, "%%kt --name perf-mid\ns = int(mid.sum())")
+        assert magics(ip).last_outcome.skipped_unchanged == ["mid"]
+    assert hashed == []  # not read again to learn that
+    ip.user_ns["mid"][size // 2] = 7  # written here in place: read again (twice: a changed value is hashed
+    run(ip, "%%kt --name perf-mid\ns = int(mid.sum())")  # again, to tell a change from a value unstable), sent
+    assert hashed and set(hashed) == {size} and magics(ip).last_outcome.pushed == ["mid"] and ip.user_ns["s"] == 7
+
+
 def test_big_values_are_fingerprinted_in_transit_not_read_again(ip, monkeypatch):
     """A big array going either way is hashed as its bytes cross the bulk channel (the sender's digests come
     with them); a new array that differs from the one the pod holds is sent without being hashed first, and
     one with the same bytes is not sent at all. Every recorded fingerprint is the array's true one."""
-    from pod_kernel import protocol as P
 
     hashed: list[int] = []
     real = P.buffer_digest
@@ -90,7 +113,6 @@ def test_a_big_global_is_not_read_again_on_its_first_unchanged_rerun(ip, monkeyp
     is write-protected then (as the pod's is when it arrives), so the first rerun of a cell that reads it
     unchanged reads nothing to learn so (it hashed the array, 70-80 ms per GiB here, on the first two reruns).
     A write in place after that is still seen, and the array sent again."""
-    from pod_kernel import protocol as P
 
     tracker = write_tracking.tracker()
     if not tracker.available:  # no userfaultfd here: every rerun hashes, which is always correct
@@ -121,7 +143,6 @@ def test_a_new_mid_size_array_is_sent_at_once_and_fingerprinted_while_the_pod_ru
     is hashed before, and not sent."""
     import inspect
 
-    from pod_kernel import protocol as P
 
     callers: list[str] = []
     real = P.fingerprint

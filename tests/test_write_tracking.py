@@ -21,6 +21,8 @@ from pod_kernel import protocol as P
 from pod_kernel import write_tracking as W
 
 BIG = W.TRACK_MIN_BYTES
+#: what crosses the bulk channel with its digest (bulk.py): sent buffers this big are vouched for at once
+SENT = max(W.TRACK_MIN_BYTES, P.HASH_PARALLEL_MIN_BYTES)
 
 needs_tracking = pytest.mark.skipif(not W.tracker().available, reason="no userfaultfd write protection here")
 
@@ -152,7 +154,7 @@ def test_a_sent_array_is_vouched_for_and_a_write_during_its_send_is_seen():
     fingerprint reads nothing. A write made while it is sent (after its piece went) is still seen, and a buffer
     found rewritten is not protected at its next send (it would pay the page faults each time)."""
     t = W.tracker()
-    a = np.zeros(BIG // 8)
+    a = np.zeros(SENT // 8)
     digests = _send(a)
     expected = P.fingerprint(a.copy())
     before = t.vouched
@@ -173,7 +175,7 @@ def test_a_sent_array_is_vouched_for_and_a_write_during_its_send_is_seen():
 @needs_tracking
 def test_a_protection_armed_again_before_its_digest_is_recorded_vouches_for_nothing():
     t = W.tracker()
-    a = np.zeros(BIG // 8)
+    a = np.zeros(SENT // 8)
     view = memoryview(a)
     first = t.protect(view)
     assert first
