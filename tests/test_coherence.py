@@ -306,3 +306,46 @@ def test_a_checks_held_same_means_the_held_its_session_kept():
     assert coherence.parse_check({"names": [], "held_same": True}, None) is None  # kept none: no check
     assert coherence.parse_check({"names": []}, kept) is None  # neither held nor held_same
     assert coherence.held_of({"names": []}, None, kept) is kept
+
+
+def test_a_held_value_too_costly_to_check_is_checked_only_when_a_cell_reaches_it(monkeypatch):
+    """After a cell that did not reach it, a held value is fingerprinted only if that is cheap: one found too big
+    (its size alone may be slow: pandas counts every string of a DataFrame) or too slow to fingerprint is not looked
+    at again while it is the same object, unless a cell reaches it."""
+    from pod_kernel import coherence
+    from pod_kernel.protocol import fingerprint
+
+    class Owner:
+        pass
+
+    class Slow(list):  # its fingerprint takes longer than UNMENTIONED_CHECK_MAX_S
+        pass
+
+    owner = Owner()
+    ns = {"slow": Slow([1]), "big": bytearray(coherence.UNMENTIONED_CHECK_MAX_BYTES + 1), "small": [1]}
+    held = {name: [id(v), fingerprint(v), True] for name, v in ns.items()}
+    tracker = coherence.StateTracker(ns)
+    looked: list[str] = []
+    sizes: list[str] = []
+    real_size = coherence.approx_size
+
+    def slow_fingerprint(value):
+        looked.append(next(n for n, v in ns.items() if v is value))
+        if type(value) is Slow:
+            time.sleep(coherence.UNMENTIONED_CHECK_MAX_S * 2)
+        return fingerprint(value)
+
+    monkeypatch.setattr(coherence, "fingerprint", slow_fingerprint)
+    monkeypatch.setattr(coherence, "approx_size",
+                        lambda v: sizes.append(next(n for n, x in ns.items() if x is v)) or real_size(v))
+    for _ in range(3):
+        assert tracker.sync(owner, held, [], 1 << 30)["changed"] == []
+    assert looked.count("slow") == 1 and looked.count("small") == 3 and "big" not in looked
+    assert sizes.count("big") == 1  # its size asked once
+    looked.clear()
+    ns["slow"].append(2)  # in place, unmentioned: not seen (too costly); a cell that reaches it sees it
+    assert tracker.sync(owner, held, [], 1 << 30)["changed"] == []
+    assert [d["name"] for d in tracker.sync(owner, held, ["slow"], 1 << 30)["changed"]] == ["slow"]
+    ns["big"] = bytearray(10)  # rebound: another object, looked at again (and reported: its id changed)
+    assert [d["name"] for d in tracker.sync(owner, held, [], 1 << 30)["changed"]] == ["big"]
+    assert "big" not in tracker._costly
