@@ -31,9 +31,9 @@ _SIZE_UNITS = {
 
 #: Longest quantity string read (Kubernetes' own are far shorter); longer ones are refused unread.
 QUANTITY_MAX_CHARS = 40
-#: A transfer's rate (and ETA) is said once it ran this long (a progress report starts at the transfer's first
-#: report, with bytes moved already: a rate over a few microseconds said 829 GiB/s).
-RATE_MIN_S = 0.1
+#: A transfer's rate (and ETA) is said from its second report on, at least this long after its first (a report
+#: starts at the transfer's first progress call, with bytes moved already: its rate then read 829 GiB/s).
+RATE_MIN_S = 0.001
 #: Largest number a quantity may hold before its unit (Kubernetes quantities are int64 at heart).
 QUANTITY_MAX = Decimal(2**63 - 1)
 

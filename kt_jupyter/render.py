@@ -120,7 +120,7 @@ class TransferProgress:
     def __init__(self, stream=None, min_bytes: int = PROGRESS_MIN_BYTES) -> None:
         self.stream = stream
         self.min_bytes = min_bytes
-        self._start: dict[str, float] = {}
+        self._start: dict[str, tuple[float, int]] = {}
         self._display_ids: dict[str, str] = {}
         self._last_draw = 0.0
 
@@ -128,15 +128,16 @@ class TransferProgress:
         if total < self.min_bytes:
             return
         now = time.perf_counter()
-        start = self._start.setdefault(direction, now)
+        # from its first report, with bytes moved already: the rate counts only what moves from then on
+        start, start_done = self._start.setdefault(direction, (now, done))
         finished = done >= total
         if not finished and now - self._last_draw < 0.2:
             return
         self._last_draw = now
         elapsed = now - start
         line = f"[kt] {direction} {format_bytes(done)} / {format_bytes(total)}"
-        if elapsed >= RATE_MIN_S:
-            rate = done / elapsed
+        if done > start_done and elapsed >= RATE_MIN_S:
+            rate = (done - start_done) / elapsed
             line += f"  {format_bytes(rate)}/s" + ("" if finished else f"  ETA {(total - done) / rate:.0f} s")
         if self.stream is None and in_notebook():
             self._draw_in_notebook(direction, line)

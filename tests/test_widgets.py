@@ -334,25 +334,30 @@ def test_transfer_progress_rate_and_eta():
 
 
 def test_a_transfers_first_report_says_no_rate_yet():
-    """A report is made at the transfer's first progress call, with bytes moved already: its rate over a few
-    microseconds read '829.1 GiB/s'. No rate or ETA until it ran RATE_MIN_S, in the bar and in the text line."""
+    """A report is made at the transfer's first progress call, with bytes moved already: its rate then read
+    '829.1 GiB/s'. The rate counts what moved since that first report, in the bar and in the text line."""
     import io
 
-    from kt_jupyter.quantities import RATE_MIN_S
     from kt_jupyter.render import TransferProgress
 
-    p = ProgressModel(kind="transfer", label="push")
-    p.update(1 << 20, 16 << 20, now=p._t0 + 1e-5)
+    p = ProgressModel(start_done=1 << 20, kind="transfer", label="push")
+    p.update(1 << 20, 16 << 20, now=p._t0 + 1e-6)
     assert p.rate_bps == 0.0 and p.eta_s is None and p.text == "push 1 MiB / 16 MiB"
-    p.update(8 << 20, 16 << 20, now=p._t0 + 2 * RATE_MIN_S)
-    assert p.rate_bps == pytest.approx((8 << 20) / (2 * RATE_MIN_S)) and "/s · ETA" in p.text
+    p.update(9 << 20, 16 << 20, now=p._t0 + 0.5)
+    assert p.rate_bps == pytest.approx(16 << 20) and p.text == "push 9 MiB / 16 MiB · 16 MiB/s · ETA 0s"
     out = io.StringIO()
     line = TransferProgress(stream=out, min_bytes=0)
     line("push", 1 << 20, 16 << 20)
     assert out.getvalue() == "\r[kt] push 1 MiB / 16 MiB"
+    time.sleep(0.01)
+    line("push", 16 << 20, 16 << 20)  # 15 MiB in at least 10 ms: at most 1.5 GiB/s
+    last = out.getvalue().split("\r")[-1]
+    assert last.startswith("[kt] push 16 MiB / 16 MiB  ") and last.endswith("/s\n")
+    rate = float(last.split()[7])
+    assert 0 < rate * {"MiB/s": 1 << 20, "GiB/s": 1 << 30}[last.split()[8]] <= (15 << 20) / 0.01
 
 
-
+def test_launch_progress_text():
     p = ProgressModel(kind="launch", label="launching 'train'")
     t0 = p._t0
     p.event("pulling image python:3.11\n(details)", now=t0 + 1.5)

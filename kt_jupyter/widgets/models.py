@@ -359,10 +359,13 @@ class ProgressModel(HasTraits):
     failed = Bool(False, help="Whether it ended in an error.")
     text = Unicode(help="One line that says it all.")
 
-    def __init__(self, **kw: Any) -> None:
+    def __init__(self, start_done: int = 0, **kw: Any) -> None:
+        """``start_done``: bytes moved already when it is made (a reporter makes it at a transfer's first
+        report): the rate counts only what moves from then on."""
         super().__init__(**kw)
         self._lock = threading.RLock()
         self._t0 = time.monotonic()
+        self._start_done = start_done
 
     @validate("done", "total")
     def _not_negative(self, proposal: Any) -> int:
@@ -384,8 +387,9 @@ class ProgressModel(HasTraits):
             self.elapsed_s = max(now - self._t0, 1e-6)
             self.total = max(int(total), 0)
             self.done = min(max(int(done), 0), self.total) if self.total else max(int(done), 0)
-            self.rate_bps = self.done / self.elapsed_s if self.elapsed_s >= RATE_MIN_S else 0.0
             self.finished = bool(self.total) and self.done >= self.total
+            moved = self.done - self._start_done
+            self.rate_bps = moved / self.elapsed_s if moved > 0 and self.elapsed_s >= RATE_MIN_S else 0.0
             left = self.total - self.done
             self.eta_s = 0.0 if self.finished else (left / self.rate_bps if self.rate_bps > 0 else None)
             self._retext()

@@ -72,6 +72,6 @@ class TransferReporter:
         with self._lock:
             model = self.models.get(direction)
             if model is None or model.finished:
-                model = self.models[direction] = ProgressModel(kind="transfer", label=direction)
+                model = self.models[direction] = ProgressModel(start_done=done, kind="transfer", label=direction)
                 display_widget(ProgressView(model), f"[kt] {direction} of {total} bytes", parent=self._parent)
         model.update(done, total)
