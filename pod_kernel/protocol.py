@@ -564,13 +564,24 @@ def _out_of_band(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]] | None:
     if is_plain(value):
         with contextlib.suppress(RecursionError):  # too deep for the pickler: cloudpickle says so too
             return pickle.dumps(value, protocol=5), []
+    buffers: list[pickle.PickleBuffer] = []
+    if _plain_array(value):  # the same bytes and buffers, 2-3x sooner (numpy's reduce is the rest)
+        with contextlib.suppress(Exception):
+            return pickle.dumps(value, protocol=5, buffer_callback=buffers.append), buffers
+        buffers = []
     import cloudpickle
 
-    buffers: list[pickle.PickleBuffer] = []
     try:
         return cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append), buffers
     except Exception:
         return None
+
+
+def _plain_array(value: Any) -> bool:
+    """Whether ``value`` is a numpy array (exactly) of numbers, strings or records without objects: pickled by
+    numpy's own reduce, the same by pickle and cloudpickle."""
+    kind = type(value)
+    return kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not value.dtype.hasobject
 
 
 #: Types of values that never change in place, whose pickles cloudpickle's and pickle's are the same.

@@ -133,11 +133,15 @@ def test_fingerprint_tracks_content():
 
 
 def _cloudpickle_fingerprint(value):
-    """The fingerprint as it was defined before plain data took the C pickler: cloudpickle's stream, hashed."""
+    """The fingerprint as it was defined before plain data took the C pickler: cloudpickle's stream and
+    out-of-band buffers, hashed."""
     import cloudpickle
 
+    buffers: list = []
     prefix, digest = P._hasher()
-    digest.update(cloudpickle.dumps(value, protocol=5))
+    digest.update(cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append))
+    for buf in buffers:
+        P._hash_buffer(digest, buf.raw())
     return prefix + digest.hexdigest()
 
 
@@ -161,7 +165,7 @@ def test_plain_data_is_fingerprinted_by_the_c_pickler_to_the_same_fingerprint(mo
     for value in plain:
         P.fingerprint(value)
     assert calls == []
-    not_plain = [np.zeros(3), [np.zeros(3)], list(range(P.PLAIN_OBJECTS_MAX + 1)), bytearray(b"ab"),
+    not_plain = [[np.zeros(3)], list(range(P.PLAIN_OBJECTS_MAX + 1)), bytearray(b"ab"),
                  type("L", (list,), {})([1]), {"f": len}, [lambda: None], range(3)]
     for value in not_plain:
         assert not P.is_plain(value), value
@@ -172,6 +176,24 @@ def test_plain_data_is_fingerprinted_by_the_c_pickler_to_the_same_fingerprint(mo
     for _ in range(100_000):  # the C pickler gives up: cloudpickle says so too
         deep = [deep]
     assert P.fingerprint(deep) == ""
+
+
+def test_numpy_arrays_are_fingerprinted_by_the_c_pickler_to_the_same_fingerprint(monkeypatch):
+    """A numpy array without objects pickles the same (numpy's reduce, its buffer out of band) without
+    cloudpickle's per-object call: 30 -> 11 us here for each held array after each cell."""
+    import cloudpickle
+
+    arrays = [np.random.default_rng(0).random(250_000), np.arange(10, dtype=np.int32),
+              np.zeros((3, 4), dtype=np.float32).T, np.array([1 + 2j]), np.array(["ab", "c"]),
+              np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]), np.zeros(P.BUFFER_DIGEST_MIN_BYTES + 8)]
+    expected = [_cloudpickle_fingerprint(a) for a in arrays]
+    calls = []
+    real = cloudpickle.dumps
+    monkeypatch.setattr(cloudpickle, "dumps", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert [P.fingerprint(a) for a in arrays] == expected and calls == []
+    for other in (np.array([{"a": 1}], dtype=object), np.ma.masked_array([1, 2]), np.char.chararray((2,))):
+        calls.clear()
+        assert P.fingerprint(other) == _cloudpickle_fingerprint(other) and calls, other
 
 
 def test_immutable_values_are_atoms_and_tuples_of_them():
