@@ -926,6 +926,23 @@ def test_shared_compute_newest_value_wins_and_comes_back(kt_home, local_backend)
         b.close()
 
 
+def test_a_value_another_notebook_changes_in_place_comes_back_to_one_whose_cells_never_mention_it(
+        kt_home, local_backend):
+    """Each notebook's cells send what it holds on the pod once, then say ``held_same``; the pod keeps each
+    session's list and checks it after every cell, so another notebook's in-place change still comes back."""
+    a, b = NotebookProcess(kt_home), NotebookProcess(kt_home)
+    try:
+        a.run("L = [1]")
+        a.run("n = 1")
+        a.run("n = 2")  # a's list of held values is the same from here on
+        b.run("L.append(2)")
+        assert a.run("n")["result"] == "2"  # a cell that does not mention L
+        assert a.local("L") == "[1, 2]"
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_request_the_running_local_kernel_does_not_match_is_a_clear_error(kt_home, local_backend):
     """Another process (a restarted notebook) asking for other resources than the running kernel has."""
     from kt_jupyter.errors import ComputeSpecError
