@@ -34,6 +34,8 @@ UNMENTIONED_CHECK_MAX_BYTES = 4 << 20
 #: So are those whose fingerprint took at most this long: a costlier one (a DataFrame of strings pickles
 #: for ~25 ms a few MB) is checked only when the cell reached it.
 UNMENTIONED_CHECK_MAX_S = 0.002
+#: Values that cannot change in place are kept (see StateTracker._same) up to this size.
+SAME_KEPT_MAX_BYTES = 64 << 10
 
 _ABSENT = object()
 #: IPython's own names in the user namespace (``_``, ``_i3``, ``_7``, dunders) and its fixed entries.
@@ -97,9 +99,15 @@ class StateTracker:
         self._lock = threading.Lock()
         #: owner (a session's outbox) -> names its cells bound, rebound or deleted since its last sync
         self._pending: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-        #: name -> id of its value, found too big or too slow to check after a cell that did not reach it (its size
-        #: alone can take long: pandas counts every string of a DataFrame); a value bound since is looked at again
-        self._costly: dict[str, int] = {}
+        #: name -> (id, weak reference) of its value, found too big or too slow to check after a cell that did not
+        #: reach it (its size alone can take long: pandas counts every string of a DataFrame); a value bound since
+        #: is looked at again. The reference is weak (a cell that deletes a model to load another must get its
+        #: memory back at once): one that cannot be weakly referred to (a list of arrays) is known by its id alone
+        self._costly: dict[str, tuple[int, Any]] = {}
+        #: name -> the small value that cannot change in place (see protocol.is_immutable) last found there with
+        #: the notebook's fingerprint: the same object is the same value. Held here, so that no other value can
+        #: take its address (another notebook's ``x = None`` then ``x = 0.01`` may reuse a float's)
+        self._same: dict[str, Any] = {}
 
     def snapshot(self) -> Snapshot:
         """The namespace's names, in order, and ``id()`` of their values (cheap: built in C, no Python step per
@@ -143,10 +151,12 @@ class StateTracker:
         reached = reach(ns, set(mentioned) | touched)
         changed: dict[str, dict[str, Any]] = {}
         deleted, missing, unstable = [], [], []
-        costly = self._costly
-        for name, value_id in list(costly.items()):  # (an inventory's check may run on another thread)
-            if id(ns.get(name, _ABSENT)) != value_id:
-                costly.pop(name, None)  # rebound or deleted since
+        costly, same = self._costly, self._same
+        for name in [n for n in list(costly) if not self._is_costly(n, ns.get(n, _ABSENT))]:
+            costly.pop(name, None)  # rebound or deleted since (an inventory's check may run on another thread)
+        for name, kept in list(same.items()):
+            if ns.get(name, _ABSENT) is not kept:
+                same.pop(name, None)
         for name in sorted(touched):
             if name in ns:
                 changed[name] = describe(name, ns[name], fingerprint_max_bytes)
@@ -167,20 +177,22 @@ class StateTracker:
                 if name in reached:
                     changed[name] = describe(name, value, fingerprint_max_bytes, stable=False)
                 continue
-            if not known_fp or is_immutable(value):  # the same object (its id above): the same content
+            if not known_fp or same.get(name) is value:  # cannot change in place: the same object, the same value
                 continue
             unmentioned = name not in reached
             if unmentioned:
-                if costly.get(name) == id(value):
+                if self._is_costly(name, value):
                     continue
                 if approx_size(value) > UNMENTIONED_CHECK_MAX_BYTES:
-                    costly[name] = id(value)
+                    self._costly_now(name, value)
                     continue
             t0 = time.perf_counter()
             now = fingerprint(value)
             if unmentioned and time.perf_counter() - t0 > UNMENTIONED_CHECK_MAX_S:
-                costly[name] = id(value)
+                self._costly_now(name, value)
             if now == known_fp:
+                if is_immutable(value) and approx_size(value) <= SAME_KEPT_MAX_BYTES:
+                    same[name] = value
                 continue
             if fingerprint(value) != now:  # pickles differently each time: identity is its version
                 unstable.append(name)
@@ -190,6 +202,17 @@ class StateTracker:
             changed[name] = dict(describe(name, value, 0), fingerprint=now)
         self._add_containers(changed, held, unstable, fingerprint_max_bytes)
         return {"changed": list(changed.values()), "deleted": deleted, "missing": missing, "unstable": unstable}
+
+    def _is_costly(self, name: str, value: Any) -> bool:
+        kept = self._costly.get(name)
+        return kept is not None and kept[0] == id(value) and (kept[1] is None or kept[1]() is value)
+
+    def _costly_now(self, name: str, value: Any) -> None:
+        try:
+            ref = weakref.ref(value)
+        except TypeError:  # (a list, a dict, a tuple: its id, which another value could take once it is gone)
+            ref = None
+        self._costly[name] = (id(value), ref)
 
     def _add_containers(self, changed: dict[str, dict[str, Any]], held: Mapping[str, Any], unstable: list[str],
                         fingerprint_max_bytes: int) -> None:

@@ -229,11 +229,40 @@ def test_held_values_are_checked_each_cell_without_hashing_what_cannot_change(mo
     hashed = []
     monkeypatch.setattr(coherence, "fingerprint", lambda v: hashed.append(v) or fingerprint(v))
     assert tracker.sync(owner, held, [], 1 << 20)["changed"] == []
+    assert len(hashed) == 6  # each once: found with the fingerprint the notebook knows
+    hashed.clear()
+    assert tracker.sync(owner, held, [], 1 << 20)["changed"] == []
     assert sorted(map(repr, hashed)) == sorted(map(repr, [ns["mixed"], ns["L"], ns["d"]]))
     inner.append(3)  # in place, through an alias: no cell mentioned L or mixed
     ns["n"] = 8  # rebound: another object
     changed = {d["name"] for d in tracker.sync(owner, held, [], 1 << 20)["changed"]}
     assert changed == {"L", "mixed", "n"}
+
+
+def test_a_number_another_session_rebinds_twice_is_never_mistaken_for_the_one_it_replaced():
+    """Skipping an unchanged number rests on its identity; another notebook's ``x = None`` then ``x = 0.5`` could
+    give the new float the freed one's address (CPython reuses it at once). The pod keeps the object it
+    vouched for, so no new one can take its place unseen."""
+    from pod_kernel import coherence
+    from pod_kernel.protocol import fingerprint
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    ns = {"x": float("1.25")}
+    held = {"x": [id(ns["x"]), fingerprint(ns["x"]), True]}
+    tracker = coherence.StateTracker(ns)
+    for _ in range(2):
+        assert tracker.sync(owner, held, [], 1 << 20)["changed"] == []
+    for i in range(50):  # another session, between two of this one's cells
+        text = str(0.5 + i)
+        ns["x"] = None  # the float goes back to CPython's free list...
+        ns["x"] = float(text)  # ...and the next float made takes its address, unless it is still held
+        changed = tracker.sync(owner, held, [], 1 << 20)["changed"]
+        assert [d["name"] for d in changed] == ["x"]
+        held = {"x": [changed[0]["id"], changed[0]["fingerprint"], True]}  # the notebook follows
+        assert tracker.sync(owner, held, [], 1 << 20)["changed"] == []
 
 
 def test_a_cell_sends_what_the_notebook_believes_the_pod_holds_only_when_it_changed(ip, monkeypatch):
