@@ -45,6 +45,10 @@ from typing import Any
 #: Buffers at least this big are tracked (pod_kernel.protocol.BUFFER_DIGEST_MIN_BYTES: they enter fingerprints as
 #: their own digest); smaller ones hash in ~0.1 ms.
 TRACK_MIN_BYTES = 1 << 20
+#: Smaller buffers are tracked only outside the heap (malloc gives one of a few MB the heap once its threshold
+#: for a mapping of its own went up): there the pages at its ends hold other objects too, whose writes mark them
+#: written, and the buffer would be hashed again after each cell for nothing.
+TRACK_HEAP_MIN_BYTES = 64 << 20
 
 _SYSCALL_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
 _UFFD_USER_MODE_ONLY = 1
@@ -258,7 +262,7 @@ class WriteTracker:
         """Write-protect [start, end) for ``key`` (registering it first; under the lock); False when it is not
         plain private memory. Arming clears the written marks of those pages: other entries there vouch no more,
         and protections pending there (:meth:`protect`) are void."""
-        if not _private_anonymous(start, end):
+        if not _private_anonymous(start, end, heap=end - start >= TRACK_HEAP_MIN_BYTES):
             return False
         register = (ctypes.c_uint64 * 4)(start, end - start, _UFFDIO_REGISTER_MODE_WP, 0)
         if self._libc.ioctl(self._uffd, _UFFDIO_REGISTER, ctypes.byref(register)) != 0:
@@ -278,8 +282,9 @@ def _pages(address: int, nbytes: int) -> tuple[int, int]:
     return address - address % mmap.PAGESIZE, -(-(address + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
-def _private_anonymous(start: int, end: int) -> bool:
-    """Whether [start, end) lies in private anonymous mappings only (nothing else can write their pages)."""
+def _private_anonymous(start: int, end: int, heap: bool = True) -> bool:
+    """Whether [start, end) lies in private anonymous mappings only (nothing else can write their pages); in
+    the heap only if ``heap``."""
     covered = start
     with open("/proc/self/maps") as maps:
         for line in maps:
@@ -287,7 +292,8 @@ def _private_anonymous(start: int, end: int) -> bool:
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             if hi <= covered or lo >= end:
                 continue
-            if lo > covered or fields[1][3] != "p" or (len(fields) > 5 and fields[5].strip() not in ("", "[heap]")):
+            if lo > covered or fields[1][3] != "p" or (len(fields) > 5 and fields[5].strip() not in
+                                                       ("", "[heap]" if heap else "")):
                 return False
             covered = hi
             if covered >= end:

@@ -3,6 +3,8 @@ for by write tracking instead of hashed, and every in-place write still seen on 
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 from ipshell import run
 
@@ -57,7 +59,10 @@ def test_a_mid_size_array_a_cell_reads_is_not_hashed_again_while_unchanged(ip, m
     hashed: list[int] = []
     real = P.buffer_digest
     monkeypatch.setattr(P, "buffer_digest", lambda data: hashed.append(data.nbytes) or real(data))
-    ip.user_ns["mid"] = np.zeros(size, dtype=np.uint8)
+    # in a mapping of its own: malloc may put an array of a few MB in the heap, whose pages at its ends hold other
+    # objects too, and such a buffer is not tracked (write_tracking.TRACK_HEAP_MIN_BYTES)
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    ip.user_ns["mid"] = np.frombuffer(mem, dtype=np.uint8)
     for _ in range(2):
         run(ip, "%%kt --name perf-mid\ns = int(mid.sum())")
     tracker = write_tracking.tracker()

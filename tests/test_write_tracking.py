@@ -20,7 +20,7 @@ import pytest
 from pod_kernel import protocol as P
 from pod_kernel import write_tracking as W
 
-BIG = W.TRACK_MIN_BYTES
+BIG = W.TRACK_HEAP_MIN_BYTES  # tracked wherever malloc puts it (smaller ones only outside the heap)
 #: what crosses the bulk channel with its digest (bulk.py): sent buffers this big are vouched for at once
 SENT = max(W.TRACK_MIN_BYTES, P.HASH_PARALLEL_MIN_BYTES)
 
