@@ -148,9 +148,17 @@ def test_a_cell_given_up_on_leaves_its_reply_to_the_loop_and_the_next_cells_are_
     deadline = time.monotonic() + 10
     while lane.adopted and time.monotonic() < deadline:  # that reply came: the loop hands the lane back
         time.sleep(0.01)
+    # the lane carries the next cells again: each goes on it; a reply comes back on it when the pod's network loop
+    # is not writing at that moment (else it goes on the WebSocket, as any reply may: a reply just before it that
+    # went that way keeps the loop busy for a while), so within a few cells a little apart
     sent, replies = lane.sent, session.lane_replies
-    assert session.execute("n").data == {"text/plain": "5"}
-    assert (lane.sent, session.lane_replies) == (sent + 1, replies + 1)
+    for i in range(1, 11):
+        assert session.execute("n").data == {"text/plain": "5"}
+        assert lane.sent == sent + i
+        if session.lane_replies > replies:
+            break
+        time.sleep(0.05)
+    assert session.lane_replies == replies + 1
 
 
 def test_a_caller_that_fails_mid_cell_leaves_what_it_read_to_the_loop_and_gets_the_lane_back(kernel):
