@@ -85,23 +85,25 @@ _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 ProgressFn = Callable[[int, int], None]
 
 
+def _env_seconds(name: str, default: float, zero: bool) -> float:
+    """Seconds from the environment variable ``name`` when it is a number up to 3600 (above 0; 0 too if
+    ``zero``), else ``default``."""
+    try:
+        value = float(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if (0 <= value if zero else 0 < value) and value <= 3600 else default
+
+
 def keepalive_s() -> float:
     """How long a connection waits for its next ticket: ``KT_BULK_KEEPALIVE_S`` when it is a number in
     [0, 3600], else :data:`KEEPALIVE_S`."""
-    try:
-        value = float(os.environ.get("KT_BULK_KEEPALIVE_S", ""))
-    except ValueError:
-        return KEEPALIVE_S
-    return value if 0 <= value <= 3600 else KEEPALIVE_S
+    return _env_seconds("KT_BULK_KEEPALIVE_S", KEEPALIVE_S, zero=True)
 
 
 def ticket_ttl_s() -> float:
     """The ticket lifetime: ``KT_BULK_TICKET_TTL_S`` when it is a number in (0, 3600], else :data:`TICKET_TTL_S`."""
-    try:
-        ttl = float(os.environ.get("KT_BULK_TICKET_TTL_S", ""))
-    except ValueError:
-        return TICKET_TTL_S
-    return ttl if 0 < ttl <= 3600 else TICKET_TTL_S
+    return _env_seconds("KT_BULK_TICKET_TTL_S", TICKET_TTL_S, zero=False)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
