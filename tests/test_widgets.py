@@ -597,6 +597,37 @@ def test_views_draw_their_models():
         view.close()  # closing twice is harmless
 
 
+def test_a_view_shows_what_its_model_got_while_the_view_was_built():
+    """The monitor's thread appends log lines and samples while a panel is being built (``%kt status`` right after
+    a cell). A change between a view's first draw and its subscription was lost: a notebook 7 panel kept saying
+    '0 lines' with the cell's output in its model (seen in CI). Each model here changes at that very moment."""
+    from kt_jupyter.widgets.logs import LogView
+    from kt_jupyter.widgets.metrics import MetricsView
+    from kt_jupyter.widgets.status import StatusView
+
+    def changes_as_watched(model, change):
+        subscribe = model.observe
+
+        def racing_observe(handler, *args, **kw):
+            if getattr(handler, "__name__", "") == "_redraw":
+                change()  # the monitor thread, after the view drew the model and before it subscribed
+            subscribe(handler, *args, **kw)
+        model.observe = racing_observe
+        return model
+
+    logs = LogModel(compute_name="v")
+    lv = LogView(changes_as_watched(logs, lambda: logs.append_lines(["[cell] hello from a cell"])))
+    assert "1 of cell output hidden" in lv.hint.value and "only cell output so far" in lv.box.value
+    st = StatusModel(name="v")
+    sv = StatusView(changes_as_watched(st, lambda: st.add_event("starting pod kernel 'v'")))
+    assert "starting pod kernel" in sv.value
+    mm = MetricsModel()
+    mv = MetricsView(changes_as_watched(mm, lambda: mm.add_sample(GPU_SAMPLE)))
+    assert "waiting for the first sample" not in mv.value and "93% · 61°C" in mv.value
+    for view in (lv, sv, mv):
+        view.close()
+
+
 def test_picker_view_follows_model_and_buttons_act(local_backend):
     from kt_jupyter.widgets.picker import PickerView
 

@@ -97,20 +97,23 @@ class ModelView:
     """Mixin of a widget drawn from a model: it redraws on the model's changes and, closed, lets go of it.
 
     A subclass sets :attr:`redraw_on` (the model traits that redraw it; empty: all)
-    and calls :meth:`watch` once built; ``close()`` (once) stops observing, undoes
-    the trait links, then closes the widget.
+    and calls :meth:`watch` once built, which draws it again: the model may have changed
+    after the first draw and before the subscription (the monitor's thread appends
+    lines and samples while a panel is built). ``close()`` (once) stops observing,
+    undoes the trait links, then closes the widget.
     """
 
     redraw_on: tuple[str, ...] = ()
 
     def watch(self, model: Any, links: list[Any] | None = None) -> None:
-        """Redraw on ``model``'s changes; ``links`` (traitlets links) are undone on close."""
+        """Redraw on ``model``'s changes, and once now; ``links`` (traitlets links) are undone on close."""
         from traitlets import All
 
         self.model = model
         self._kt_links = list(links or [])
         self._kt_names = list(self.redraw_on) or All
         model.observe(self._redraw, names=self._kt_names)
+        self._redraw()  # what changed between the first draw and the subscription (an unchanged value sends nothing)
 
     def _redraw(self, _change: Any = None) -> None:  # pragma: no cover - every view defines it
         raise NotImplementedError

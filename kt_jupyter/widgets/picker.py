@@ -97,7 +97,6 @@ class PickerView(ModelView, W.VBox):
                            max_width="660px"), **kw)
         self.add_class("kt-picker")
         self.watch(model, links)
-        self._redraw()
         self._closed = threading.Event()
         threading.Thread(target=self._refresh_live, name="kt-pick-refresh", daemon=True).start()
 

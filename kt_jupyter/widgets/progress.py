@@ -36,7 +36,6 @@ class ProgressView(ModelView, W.HBox):
         super().__init__([self.bar, self.label], layout=W.Layout(align_items="center"), **kw)
         self.add_class("kt-progress")
         self.watch(model)
-        self._redraw()
 
     def _redraw(self, _change: Any = None) -> None:
         m = self.model
