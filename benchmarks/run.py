@@ -142,9 +142,11 @@ def raw_tcp_transfer(payload: np.ndarray, fresh: bool = False) -> float:
     """Seconds to move ``payload`` over loopback TCP into a preallocated buffer (the machine's limit).
 
     ``fresh``: the receiver allocates new memory inside the timed region, as any
-    receiver of a new value must (an anonymous map advised to huge pages and
-    populated by the kernel, the cheapest way measured here); otherwise the
-    buffer was written before timing.
+    receiver of a new value must, in the fastest way measured here: an anonymous
+    map advised to huge pages, faulted in by a second thread in 32 MiB chunks
+    ahead of the bytes, the receive waiting where that thread has not been yet
+    (as kt's receives do: ``BundleAssembler.faulting_in``, where the numbers
+    are); otherwise the buffer was written before timing.
     """
     view = memoryview(payload).cast("B")
     n = view.nbytes
@@ -159,8 +161,14 @@ def raw_tcp_transfer(payload: np.ndarray, fresh: bool = False) -> float:
         conn, _ = srv.accept()
         buf = dest if dest is not None else _fresh_map(n)
         got, mv = 0, memoryview(buf)
+        ahead = None if dest is not None else _FaultAhead(buf)
         while got < n:
-            got += conn.recv_into(mv[got:], min(n - got, 8 << 20))
+            want = min(n - got, 8 << 20)
+            if ahead is not None:
+                ahead.wait(got + want)
+            got += conn.recv_into(mv[got:], want)
+        if ahead is not None:
+            ahead.join()
         conn.close()
         done.set()
 
@@ -178,17 +186,54 @@ def raw_tcp_transfer(payload: np.ndarray, fresh: bool = False) -> float:
 
 
 def _fresh_map(n: int) -> Any:
-    """New memory, faulted in the cheapest way: huge pages where the kernel gives them, populated in bulk."""
+    """New memory, not faulted in yet, advised to huge pages where the kernel gives them."""
     import mmap
 
     buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(AttributeError, OSError):
         buf.madvise(mmap.MADV_HUGEPAGE)
-    try:
-        buf.madvise(23)  # MADV_POPULATE_WRITE (Linux 5.14+)
-    except OSError:
-        buf.write(bytes(n))
     return buf
+
+
+class _FaultAhead:
+    """A thread faulting a new map in, 32 MiB per madvise(MADV_POPULATE_WRITE) call (Linux 5.14+; else a byte
+    written per page), ahead of a receive that waits for it."""
+
+    CHUNK = 32 << 20
+
+    def __init__(self, buf: Any) -> None:
+        import ctypes
+
+        self._held = ctypes.c_char.from_buffer(buf)
+        self._n = len(buf)
+        self._buf = buf
+        self._done = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        base = ctypes.addressof(self._held)
+        for start in range(0, self._n, self.CHUNK):
+            end = min(start + self.CHUNK, self._n)
+            if libc.madvise(base + start, end - start, 23) != 0:
+                for offset in range(start, end, 4096):
+                    self._buf[offset] = 0
+            with self._cond:
+                self._done = end
+                self._cond.notify_all()
+
+    def wait(self, end: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._done >= end)
+
+    def join(self) -> None:
+        self._thread.join()
+        del self._held
 
 
 class IPP:
@@ -411,6 +456,63 @@ def bench_transfers(sizes: list[int], ipp: IPP, results: dict[str, Any], quick: 
     results["transfers"] = rows
 
 
+def bench_first_transfer(size: int, results: dict[str, Any], reps: int = 3) -> None:
+    """The first push and the first pull of a new array into a new pod kernel: no receive buffer of that size to
+    reuse on either side, as when a notebook sends its dataset once. Each sample starts a new compute; raw TCP
+    into fresh memory is measured in turn with them (the transfer rows' samples after their first reuse
+    buffers, and did not show what this costs)."""
+    from kt_jupyter import connection as conn_mod
+    from kt_jupyter.backends import get_backend
+    from kt_jupyter.compute import Compute
+    from kt_jupyter.connection import TransferOptions
+
+    base = np.random.default_rng(1).integers(0, 255, size=size, dtype=np.uint8)
+    samples: dict[str, list[float]] = {"kt_push": [], "kt_pull": [], "raw_tcp_fresh_memory": []}
+
+    def on_new_pod(i: int, side: str) -> float:
+        name = f"bench-first-{side}-{i}"
+        conn = conn_mod.connect(Compute(name=name))
+        ns: dict[str, Any] = {}
+        try:
+            conn.run_cell("import numpy as np", ns)
+            if side == "push":
+                ns["a"] = base + np.uint8(i + 1)
+            else:
+                conn.run_cell(f"b = np.full({size}, {i % 250 + 1}, np.uint8)", ns,
+                              transfer=TransferOptions(no_pull=True))
+            gc.collect()
+            wait_quiet()
+            t0 = time.perf_counter()
+            if side == "push":
+                conn.run_cell("n = a.nbytes", ns)
+            else:
+                conn.pull(["b"], ns)
+            elapsed = time.perf_counter() - t0
+            assert (ns["n"] if side == "push" else ns["b"].nbytes) == size
+            return elapsed
+        finally:
+            ns.clear()
+            conn_mod.disconnect(name)
+            get_backend("local").delete(name)
+
+    def tcp(i: int) -> float:  # a new array sent into new memory, as a push does (the new array takes memory too)
+        payload = base + np.uint8(i + 1)
+        gc.collect()
+        wait_quiet()
+        return raw_tcp_transfer(payload, fresh=True)
+
+    ways: list[tuple[str, Callable[[int], float]]] = [
+        ("kt_push", lambda i: on_new_pod(i, "push")), ("kt_pull", lambda i: on_new_pod(i, "pull")),
+        ("raw_tcp_fresh_memory", tcp)]
+    for i in range(reps):  # each way goes first in turn: the memory the one before freed is the cheapest to get
+        for name, way in ways[i % 3:] + ways[:i % 3]:
+            samples[name].append(way(i))
+    row: dict[str, Any] = {"size_bytes": size, **{k: rate(size, v) for k, v in samples.items()}}
+    for side in ("push", "pull"):
+        row[f"kt_{side}_vs_tcp_fresh"] = row[f"kt_{side}"]["MBps"] / row["raw_tcp_fresh_memory"]["MBps"]
+    results["first_transfer"] = row
+
+
 def bench_unchanged_rerun(size: int, results: dict[str, Any], rounds: int = 3, reruns: int = 5) -> None:
     """The same %%kt cell again with a big unchanged global: the rerun must not resend it.
 
@@ -570,10 +672,10 @@ def table(results: dict[str, Any]) -> str:
                        f"| {rt_[0]['p50_ms']:.2f} | {rt_[1]['p50_ms']:.2f} | {rt_[0]['p95_ms']:.2f}, "
                        f"{rt_[1]['p95_ms']:.2f} |")
         out.append("")
-    if "transfers" in results:
-        def mbps(r: dict[str, float]) -> str:
-            return f"{r['MBps']:.0f} ({r['min_MBps']:.0f}-{r['max_MBps']:.0f})"
+    def mbps(r: dict[str, float]) -> str:
+        return f"{r['MBps']:.0f} ({r['min_MBps']:.0f}-{r['max_MBps']:.0f})"
 
+    if "transfers" in results:
         out += [("MB/s, median of the row's fresh arrays (slowest-fastest; how many: after the size); kt push = a "
                  "%%kt cell reading the array, kt pull = `%kt pull`; ipyparallel = view.push / view.pull"), "",
                 ("| array | raw TCP | raw TCP, fresh memory | kt push | kt pull | ipp push | ipp pull "
@@ -597,6 +699,13 @@ def table(results: dict[str, Any]) -> str:
                     f"{size}: {r['pod_receives_into_reused_buffers']} of {r['kt_push']['reps'] + 1} pushes, "
                     f"{r.get('pod_spares_faulted_ahead', 0)} spare(s), {r['pod_idle_pool_bytes'] / 2**20:.0f} MiB idle"
                     for size, r in results["transfers"].items() if "pod_idle_pool_bytes" in r), ""]
+    if "first_transfer" in results:
+        r = results["first_transfer"]
+        out += [("| first transfer into a new pod kernel (no buffer to reuse) | kt push | kt pull "
+                 "| raw TCP, fresh memory | kt/TCP-fresh push, pull |"), "|---|---|---|---|---|",
+                (f"| {r['size_bytes'] / 2**20:g} MiB, MB/s ({r['kt_push']['reps']}) | {mbps(r['kt_push'])} "
+                 f"| {mbps(r['kt_pull'])} | {mbps(r['raw_tcp_fresh_memory'])} "
+                 f"| {r['kt_push_vs_tcp_fresh']:.2f}, {r['kt_pull_vs_tcp_fresh']:.2f} |"), ""]
     if "unchanged_rerun" in results:
         r = results["unchanged_rerun"]
         out += [("| unchanged global re-run | first run s (median) | rerun s (median) | rerun p95 s | runs | "
@@ -647,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_fn_call(reps, ipp, results)
     finally:
         ipp.stop()
+    bench_first_transfer(8 * 2**20 if args.quick else 2**30, results, reps=1 if args.quick else 3)
     bench_unchanged_rerun(8 * 2**20 if args.quick else 2**30, results)
     bench_hot_reload(5 if args.quick else 30, results)
     bench_cold_start(2 if args.quick else 10, ipp.cold_start_s, results)

@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +217,12 @@ def send_parts(sock: socket.socket, parts: list[memoryview], progress: ProgressF
     return digests
 
 
+#: ``ready(index, end)`` of a receive: waits until part ``index`` may take bytes up to ``end`` (see recv_parts).
+Ready = Callable[[int, int], None]
+#: What a receive ticket's ``prepare`` is: the context the receive runs in, giving its ``ready`` (see Ticket).
+Prepare = Callable[[], AbstractContextManager[Ready]]
+
+
 class BulkClosed(ConnectionError):
     """The other end closed a bulk connection before all the parts came."""
 
@@ -235,17 +242,21 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def recv_parts(sock: socket.socket, parts: list[Any], progress: ProgressFn | None = None,
-               digests: dict[int, bytes] | None = None) -> dict[int, bytes]:
+               digests: dict[int, bytes] | None = None, ready: Ready | None = None) -> dict[int, bytes]:
     """Fill every preallocated part in order, then read the trailer (see :func:`send_parts`); EOF before the
     end is a ConnectionError. Returns the digests of the big parts (into ``digests`` when given) when the
-    sender's hash is this side's, else none."""
+    sender's hash is this side's, else none. ``ready(index, end)``: waits until part ``index`` may take bytes
+    up to ``end`` (its memory faulted in: :meth:`~pod_kernel.protocol.BundleAssembler.faulting_in`)."""
     total = sum(len(p) for p in parts)
     done = 0
-    for part in parts:
+    for index, part in enumerate(parts):
         with memoryview(part) as view:  # released even on failure, so the buffer can be unmapped at once
             got = 0
             while got < len(part):
-                n = sock.recv_into(view[got:], min(len(part) - got, IO_BYTES))
+                want = min(len(part) - got, IO_BYTES)
+                if ready is not None:
+                    ready(index, got + want)
+                n = sock.recv_into(view[got:], want)
                 if n == 0:
                     raise BulkClosed(done + got, total)
                 got += n
@@ -281,8 +292,9 @@ class Ticket:
     expires: float
     #: the connection that asked for it: the ticket is revoked when that connection closes
     owner: object = None
-    #: run in the transfer thread once the ticket is presented (e.g. fault receive buffers in)
-    prepare: Callable[[], None] | None = None
+    #: the context a receive runs in, in the transfer thread once the ticket is presented (the receive buffers
+    #: faulted in ahead of the bytes: :meth:`~pod_kernel.protocol.BundleAssembler.faulting_in`)
+    prepare: Prepare | None = None
     #: a receive fills it: part index -> the digest the sender's trailer gave
     digests: dict[int, bytes] = field(default_factory=dict)
     #: a spare ticket (see :meth:`BulkServer.reserve`): set once a push header bound it, or refused it
@@ -331,7 +343,7 @@ class BulkServer:
         threading.Thread(target=self._accept, name="kt-bulk-accept", daemon=True).start()
 
     def issue(self, receive: bool, parts: list, on_done: Callable[[BaseException | None], None],
-              owner: object = None, prepare: Callable[[], None] | None = None,
+              owner: object = None, prepare: Prepare | None = None,
               digests: dict[int, bytes] | None = None) -> str:
         """A one-time ticket (hex) for a transfer of ``parts``, revoked when ``owner`` closes (see :meth:`revoke`);
         a receive puts the sender's digests of the big parts into ``digests``."""
@@ -366,7 +378,7 @@ class BulkServer:
         return token.hex()
 
     def bind(self, spare: Any, owner: object, parts: list, on_done: Callable[[BaseException | None], None],
-             prepare: Callable[[], None] | None = None, digests: dict[int, bytes] | None = None) -> bool:
+             prepare: Prepare | None = None, digests: dict[int, bytes] | None = None) -> bool:
         """Give ``owner``'s spare ticket (hex, from the wire) a push's buffers, as :meth:`issue` would; from
         now on it expires like any ticket. False (nothing bound) for a ticket that is not such a spare."""
         token = parse_ticket(spare)
@@ -582,9 +594,9 @@ class BulkServer:
             return False  # its push was refused, or its connection closed: nothing is read
         try:
             if ticket.receive:
-                if ticket.prepare is not None:
-                    ticket.prepare()  # memory committed now that the bytes are coming, not at the header
-                recv_parts(conn, ticket.parts, digests=ticket.digests)
+                # memory committed now that the bytes are coming, not at the header
+                with ticket.prepare() if ticket.prepare is not None else contextlib.nullcontext() as ready:
+                    recv_parts(conn, ticket.parts, digests=ticket.digests, ready=ready)
             else:
                 send_parts(conn, ticket.parts)  # the client reads exactly what the parts and trailer hold
         except BaseException as exc:  # reported to the request that issued the ticket
@@ -758,21 +770,22 @@ _kept = _Kept()
 
 def client_transfer(address: tuple[str, int], ticket: str, *, send: list[memoryview] | None = None,
                     receive: list[Any] | None = None, progress: ProgressFn | None = None,
-                    reuse_s: float = 0.0) -> dict[int, bytes]:
+                    reuse_s: float = 0.0, ready: Ready | None = None) -> dict[int, bytes]:
     """The client side of one bulk transfer (blocking; run it in a thread); the big parts' digests, sent or
-    received (see :func:`send_parts`). ``reuse_s``: the pod keeps a connection that long for its next ticket
-    (its welcome says; 0: it does not): a connection kept from an earlier transfer is used, for half as long,
-    and this one is kept once it ends cleanly. A kept connection that fails before a byte of the transfer came
-    back (the pod closed it meanwhile) is given up for a new one, and the transfer made again there."""
+    received (see :func:`send_parts`; ``ready``: see :func:`recv_parts`). ``reuse_s``: the pod keeps a
+    connection that long for its next ticket (its welcome says; 0: it does not): a connection kept from an
+    earlier transfer is used, for half as long, and this one is kept once it ends cleanly. A kept connection
+    that fails before a byte of the transfer came back (the pod closed it meanwhile) is given up for a new one,
+    and the transfer made again there."""
     sock = _kept.take(address, reuse_s / 2) if reuse_s > 0 else None
     if sock is not None:
         try:
-            return _transfer_on(sock, address, ticket, send, receive, progress, reuse_s)
+            return _transfer_on(sock, address, ticket, send, receive, progress, reuse_s, ready)
         except _Stale:
             pass
     sock = socket.create_connection(address, timeout=30)
     sock.settimeout(IDLE_TIMEOUT_S)  # a transfer that stalls this long fails instead of hanging
-    return _transfer_on(sock, address, ticket, send, receive, progress, reuse_s, fresh=True)
+    return _transfer_on(sock, address, ticket, send, receive, progress, reuse_s, ready, fresh=True)
 
 
 def _told_kept(sock: socket.socket) -> bool:
@@ -790,7 +803,7 @@ class _Stale(Exception):
 
 def _transfer_on(sock: socket.socket, address: tuple[str, int], ticket: str, send: list[memoryview] | None,
                  receive: list[Any] | None, progress: ProgressFn | None, reuse_s: float,
-                 fresh: bool = False) -> dict[int, bytes]:
+                 ready: Ready | None = None, fresh: bool = False) -> dict[int, bytes]:
     digests: dict[int, bytes] = {}
     kept = False
     try:
@@ -801,7 +814,7 @@ def _transfer_on(sock: socket.socket, address: tuple[str, int], ticket: str, sen
             if reuse_s <= 0 and send is not None:
                 sock.shutdown(socket.SHUT_WR)
             if receive is not None:
-                digests = recv_parts(sock, receive, progress)
+                digests = recv_parts(sock, receive, progress, ready=ready)
         except (BrokenPipeError, ConnectionResetError) as exc:
             if fresh:
                 raise

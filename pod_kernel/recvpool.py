@@ -38,6 +38,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ MAX_DEFAULT_CAP_BYTES = 4 << 30
 SPARE_MIN_BYTES = 64 << 20
 #: Nice value of the thread that faults a spare in (it yields the CPU to the cell and the transfers).
 SPARE_NICE = 10
+#: Bytes faulted in per madvise call (:func:`populate`): the call holds the process's memory-map lock.
+POPULATE_CHUNK_BYTES = 32 << 20
 #: madvise(2) advice Python's mmap module does not name: fault the whole range in now, writable (Linux 5.14+).
 MADV_POPULATE_WRITE = 23
 
@@ -122,24 +125,42 @@ def new_map(size: int) -> mmap.mmap:
 _libc: Any = None
 
 
-def populate(buf: mmap.mmap) -> None:
-    """Fault every page of ``buf`` in now, in bulk, with the GIL released (``mmap.madvise`` holds it: faulting
-    1 GiB in stalled every other thread of the process for 0.2-0.6 s). The map cannot be closed meanwhile: the
-    call holds an export of it. Kernels before 5.14 get a byte written per page instead."""
+def populate(buf: mmap.mmap, stop: threading.Event | None = None,
+             on_chunk: Callable[[int], None] | None = None) -> None:
+    """Fault every page of ``buf`` in now, with the GIL released (``mmap.madvise`` holds it: faulting 1 GiB in
+    stalled every other thread of the process for 0.2-0.6 s), :data:`POPULATE_CHUNK_BYTES` per call: one call
+    holds the process's memory-map lock throughout, and any ``mprotect`` (write tracking) or ``mmap`` of
+    another thread waited for all of it (1 GiB: 1.25 s here, against 24 ms at most with chunks). ``stop`` set:
+    it ends after the chunk in progress. The map cannot be closed meanwhile: the call holds an export of it.
+    Kernels before 5.14 get a byte written per page instead."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if not len(buf):
+    size = len(buf)
+    if not size:
         return
     held = ctypes.c_char.from_buffer(buf)  # an export: close() fails until it goes, so the pages stay mapped
     try:
-        if _libc.madvise(ctypes.addressof(held), len(buf), MADV_POPULATE_WRITE) == 0:
+        base = ctypes.addressof(held)
+        for start in range(0, size, POPULATE_CHUNK_BYTES):
+            if stop is not None and stop.is_set():
+                return
+            end = min(start + POPULATE_CHUNK_BYTES, size)
+            if _libc.madvise(base + start, end - start, MADV_POPULATE_WRITE) != 0:
+                break  # no MADV_POPULATE_WRITE here: touch the pages instead
+            if on_chunk is not None:
+                on_chunk(end)
+        else:
             return
     finally:
         del held
-    for offset in range(0, len(buf), mmap.PAGESIZE):
+    for offset in range(0, size, mmap.PAGESIZE):
+        if stop is not None and stop.is_set():
+            return
         buf[offset] = 0
+    if on_chunk is not None:
+        on_chunk(size)
 
 
 def idle_cap_bytes() -> int:

@@ -712,11 +712,11 @@ class PodKernelServer:
         # expired (bulk.TICKET_TTL_S) or revoked with this connection; buffers faulted in once presented
         spare = inbound.header.get("ticket")
         if spare is None:
-            ticket = self.bulk.issue(True, asm.parts, done, owner=ws, prepare=asm.prefault, digests=asm.digests)
+            ticket = self.bulk.issue(True, asm.parts, done, owner=ws, prepare=asm.faulting_in, digests=asm.digests)
             await ws.send(P.encode_frame({"type": "bulk_ready", "id": inbound.header["id"], "ticket": ticket}))
             return
         # a spare this connection was given: its bytes follow the header already, no bulk_ready
-        if not self.bulk.bind(spare, ws, asm.parts, done, prepare=asm.prefault, digests=asm.digests):
+        if not self.bulk.bind(spare, ws, asm.parts, done, prepare=asm.faulting_in, digests=asm.digests):
             await self._send_error(ws, inbound.header["id"], RequestRefused(
                 "BulkTicketRefused", "the push names a bulk ticket that is not a spare of this connection"))
             return

@@ -26,11 +26,12 @@ def test_benchmark_command_quick_run(tmp_path, kt_home):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    for key in ("round_trip", "round_trip_held", "transfers", "unchanged_rerun", "hot_reload", "cold_start",
-                "fn_call", "workers"):
+    for key in ("round_trip", "round_trip_held", "transfers", "first_transfer", "unchanged_rerun", "hot_reload",
+                "cold_start", "fn_call", "workers"):
         assert key in results, key
     assert set(results["workers"]["2"]) == {"all_ranks_ready_s", "round_trip"}  # the N-worker rows ran
     assert "| %%kt (kt_jupyter) |" in proc.stdout and "ipyparallel" in proc.stdout
+    assert "| first transfer into a new pod kernel" in proc.stdout
     rerun = results["unchanged_rerun"]
     assert rerun["first_runs"] > 0 and rerun["reruns"] > 0  # the benchmark checked each rerun sent nothing
 

@@ -164,8 +164,9 @@ class _Resend(Exception):
 def _receive_bulk(asm: P.BundleAssembler, address: tuple[str, int], ticket: str,
                   progress: ProgressCallback | None, reuse_s: float) -> None:
     """Receive a bundle over the bulk channel straight into its buffers (in a worker thread)."""
-    asm.prefault()  # here, off the event loop: faulting 1 GiB in bulk takes 40-300 ms
-    asm.digests.update(client_transfer(address, ticket, receive=asm.parts, progress=progress, reuse_s=reuse_s))
+    with asm.faulting_in() as ready:  # new memory faulted in while the bytes arrive, off the event loop
+        asm.digests.update(client_transfer(address, ticket, receive=asm.parts, progress=progress, reuse_s=reuse_s,
+                                           ready=ready))
     asm.vouch()  # before anything can write to the parts: the next fingerprint of the value reads nothing
 
 
