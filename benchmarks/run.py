@@ -458,9 +458,9 @@ def bench_transfers(sizes: list[int], ipp: IPP, results: dict[str, Any], quick: 
 
 def bench_first_transfer(size: int, results: dict[str, Any], reps: int = 3) -> None:
     """The first push and the first pull of a new array into a new pod kernel: no receive buffer of that size to
-    reuse on either side, as when a notebook sends its dataset once. Each sample starts a new compute; raw TCP
-    into fresh memory is measured in turn with them (the transfer rows' samples after their first reuse
-    buffers, and did not show what this costs)."""
+    reuse on either side, as when a notebook sends its dataset once. Each sample starts a new compute, and this
+    process's receive pool is emptied first; raw TCP into fresh memory is measured in turn with them (the
+    transfer rows' samples after their first reuse buffers, and did not show what this costs)."""
     from kt_jupyter import connection as conn_mod
     from kt_jupyter.backends import get_backend
     from kt_jupyter.compute import Compute
@@ -471,6 +471,7 @@ def bench_first_transfer(size: int, results: dict[str, Any], reps: int = 3) -> N
 
     def on_new_pod(i: int, side: str) -> float:
         name = f"bench-first-{side}-{i}"
+        empty_receive_pool()  # this process's, as in a new notebook: a pull would reuse the last pull's buffer
         conn = conn_mod.connect(Compute(name=name))
         ns: dict[str, Any] = {}
         try:
@@ -494,6 +495,16 @@ def bench_first_transfer(size: int, results: dict[str, Any], reps: int = 3) -> N
             ns.clear()
             conn_mod.disconnect(name)
             get_backend("local").delete(name)
+
+    def empty_receive_pool() -> None:
+        from pod_kernel import recvpool
+
+        pool = recvpool.pool()
+        cap, pool.cap_bytes = pool.cap_bytes, 0
+        try:
+            pool.trim()  # every free map is over a cap of 0
+        finally:
+            pool.cap_bytes = cap
 
     def tcp(i: int) -> float:  # a new array sent into new memory, as a push does (the new array takes memory too)
         payload = base + np.uint8(i + 1)

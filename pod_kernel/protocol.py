@@ -414,16 +414,6 @@ def _buffer(size: int, fresh: list[Any] | None = None) -> Any:
     return buf  # else the copy faults pages as chunks arrive (huge pages: 512x fewer faults)
 
 
-def _prefault(buf: Any) -> None:
-    """Fault a big receive buffer's pages in now, the GIL released (no-op for small bytearrays)."""
-    import mmap
-
-    from . import recvpool
-
-    if isinstance(buf, mmap.mmap):
-        recvpool.populate(buf)
-
-
 def _no_wait(_index: int, _end: int) -> None:
     """``ready`` of a receive with nothing to fault in."""
 

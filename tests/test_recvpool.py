@@ -61,7 +61,7 @@ def test_a_reused_buffer_is_unprotected_first_and_its_old_digest_forgotten(monke
     monkeypatch.setattr(recvpool, "_pool", pool)
     monkeypatch.setattr(recvpool, "_pool_pid", os.getpid())
     buf = P._buffer(size)
-    P._prefault(buf)
+    recvpool.populate(buf)
     tracker = W.tracker()
     protected = tracker.seed(memoryview(buf), b"old digest", buf)
     other = P._buffer(size)  # held too

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pod_kernel import protocol as P
+from pod_kernel import recvpool
 from pod_kernel import write_tracking as W
 
 BIG = W.TRACK_HEAP_MIN_BYTES  # tracked wherever malloc puts it (smaller ones only outside the heap)
@@ -96,7 +97,7 @@ def test_after_fork_each_side_sees_its_own_writes():
 def test_a_received_buffer_seeded_with_its_senders_digest_is_vouched_for_until_written():
     t = W.tracker()
     buf = P._buffer(BIG)
-    P._prefault(buf)
+    recvpool.populate(buf)
     arr = np.frombuffer(buf, dtype=np.uint8)
     arr[::4096] = 7  # "received" bytes
     digest = P.buffer_digest(memoryview(arr))
