@@ -143,24 +143,20 @@ def populate(buf: mmap.mmap, stop: threading.Event | None = None,
     held = ctypes.c_char.from_buffer(buf)  # an export: close() fails until it goes, so the pages stay mapped
     try:
         base = ctypes.addressof(held)
+        advise = True
         for start in range(0, size, POPULATE_CHUNK_BYTES):
             if stop is not None and stop.is_set():
                 return
             end = min(start + POPULATE_CHUNK_BYTES, size)
-            if _libc.madvise(base + start, end - start, MADV_POPULATE_WRITE) != 0:
-                break  # no MADV_POPULATE_WRITE here: touch the pages instead
+            if advise and _libc.madvise(base + start, end - start, MADV_POPULATE_WRITE) != 0:
+                advise = False  # no MADV_POPULATE_WRITE here: touch the pages instead
+            if not advise:
+                for offset in range(start, end, mmap.PAGESIZE):
+                    buf[offset] = 0
             if on_chunk is not None:
                 on_chunk(end)
-        else:
-            return
     finally:
         del held
-    for offset in range(0, size, mmap.PAGESIZE):
-        if stop is not None and stop.is_set():
-            return
-        buf[offset] = 0
-    if on_chunk is not None:
-        on_chunk(size)
 
 
 def idle_cap_bytes() -> int:

@@ -222,6 +222,26 @@ def test_populate_goes_in_chunks_so_other_threads_can_change_mappings_meanwhile(
                          f"middle half) {results}")
 
 
+def test_populate_without_madvise_populate_touches_the_pages_chunk_by_chunk(monkeypatch):
+    """A kernel before 5.14 refuses MADV_POPULATE_WRITE: the pages are touched instead, and a receive waiting for
+    them still hears of each chunk as it is done (not only at the end)."""
+    tries = []
+
+    class OldKernel:
+        def madvise(self, *args):
+            tries.append(args)
+            return -1
+
+    monkeypatch.setattr(recvpool, "_libc", OldKernel())
+    chunk = recvpool.POPULATE_CHUNK_BYTES
+    buf = recvpool.new_map(2 * chunk + 4096)
+    ends: list[int] = []
+    recvpool.populate(buf, on_chunk=ends.append)
+    assert ends == [chunk, 2 * chunk, 2 * chunk + 4096] and len(tries) == 1  # asked once, then touched
+    assert buf[0] == 0 and buf[len(buf) - 1] == 0
+    buf.close()
+
+
 def _mprotect(buf, prot: int) -> None:
     import ctypes
 
