@@ -152,11 +152,10 @@ def test_no_spare_without_room_for_it(monkeypatch):
     assert recvpool.RecvPool().ready_spare(SIZE) is False  # the pool turned off: no spares either
 
 
-def test_populate_lets_other_threads_run():
-    """Faulting a big map in must not stop the process's other threads (its network loop, the cell): Python's
-    mmap.madvise holds the GIL for the whole call (0.2-0.6 s per GiB here); populate releases it. Held, the main
-    thread could take no step in the middle half of the call; three tries, for a busy machine."""
-    size = 256 << 20
+def steps_while_populating(size: int, step) -> list[tuple[float, int]]:
+    """Fault a new map of ``size`` in (in a thread) while this thread calls ``step()`` in a loop; three tries, for
+    a busy machine, until a step ended in the middle half of the call. Each try's (ms the call took, steps that
+    ended in its middle half); the last try's count is 0 when none did."""
     results = []
     for _ in range(3):
         buf = recvpool.new_map(size)
@@ -171,6 +170,7 @@ def test_populate_lets_other_threads_run():
         steps = []
         thread.start()
         while thread.is_alive():
+            step()
             steps.append(time.perf_counter())
         thread.join()
         assert buf[size - 1] == 0 and buf[0] == 0
@@ -180,46 +180,32 @@ def test_populate_lets_other_threads_run():
         inside = sum(start + quarter < t < end - quarter for t in steps)
         results.append((round((end - start) * 1e3, 1), inside))
         if inside:
-            return
-    raise AssertionError(f"the main thread stalled while a map was faulted in: (ms the call took, steps in its "
-                         f"middle half) {results}")
+            break
+    return results
+
+
+def test_populate_lets_other_threads_run():
+    """Faulting a big map in must not stop the process's other threads (its network loop, the cell): Python's
+    mmap.madvise holds the GIL for the whole call (0.2-0.6 s per GiB here); populate releases it. Held, the main
+    thread could take no step in the middle half of the call."""
+    results = steps_while_populating(256 << 20, lambda: None)
+    assert results[-1][1], f"the main thread stalled while a map was faulted in: (ms, steps in its middle half) {results}"
 
 
 def test_populate_goes_in_chunks_so_other_threads_can_change_mappings_meanwhile():
     """One madvise over a whole map holds the process's memory-map lock for the whole call: an ``mprotect`` (write
     tracking) or ``mmap`` in another thread waited for all of it (a received 1 GiB's spare held the pod's
     check after the cell 1.75 s). In chunks, one waits for a chunk at most: mappings change in the middle half
-    of the call. Three tries, for a busy machine."""
-    size = 8 * recvpool.POPULATE_CHUNK_BYTES
+    of the call."""
     other = recvpool.new_map(1 << 20)
-    results = []
-    for _ in range(3):
-        buf = recvpool.new_map(size)
-        span: list[float] = []
 
-        def fault(buf=buf, span=span) -> None:
-            span.append(time.perf_counter())
-            recvpool.populate(buf)
-            span.append(time.perf_counter())
+    def change_a_mapping() -> None:
+        _mprotect(other, mmap.PROT_READ)
+        _mprotect(other, mmap.PROT_READ | mmap.PROT_WRITE)
 
-        thread = threading.Thread(target=fault)
-        changed = []
-        thread.start()
-        while thread.is_alive():
-            _mprotect(other, mmap.PROT_READ)
-            _mprotect(other, mmap.PROT_READ | mmap.PROT_WRITE)
-            changed.append(time.perf_counter())
-        thread.join()
-        buf.close()
-        start, end = span
-        quarter = (end - start) / 4
-        inside = sum(start + quarter < t < end - quarter for t in changed)
-        results.append((round((end - start) * 1e3, 1), inside))
-        if inside:
-            other.close()
-            return
-    raise AssertionError(f"no mapping changed while a map was faulted in: (ms the call took, changes in its "
-                         f"middle half) {results}")
+    results = steps_while_populating(8 * recvpool.POPULATE_CHUNK_BYTES, change_a_mapping)
+    other.close()
+    assert results[-1][1], f"no mapping changed while a map was faulted in: (ms, changes in its middle half) {results}"
 
 
 def test_populate_without_madvise_populate_touches_the_pages_chunk_by_chunk(monkeypatch):
