@@ -145,6 +145,20 @@ def _cloudpickle_fingerprint(value):
     return prefix + digest.hexdigest()
 
 
+def count_cloudpickles(monkeypatch) -> list:
+    """The values fingerprints pickle with cloudpickle's pickler (the slower way) from now on."""
+    calls: list = []
+    real = P._fingerprint_pickler()
+
+    class Counting(real):
+        def dump(self, obj):
+            calls.append(obj)
+            return super().dump(obj)
+
+    monkeypatch.setattr(P, "_fingerprint_pickler", lambda: Counting)
+    return calls
+
+
 def test_plain_data_is_fingerprinted_by_the_c_pickler_to_the_same_fingerprint(monkeypatch):
     """Every cell fingerprints the small values both sides hold; plain data skips cloudpickle (6x faster here),
     and must hash exactly as before: the notebook and a pod of another version compare these."""
@@ -157,11 +171,7 @@ def test_plain_data_is_fingerprinted_by_the_c_pickler_to_the_same_fingerprint(mo
     for value in plain:
         assert P.is_plain(value), value
         assert P.fingerprint(value) == _cloudpickle_fingerprint(value), value
-    import cloudpickle
-
-    calls = []
-    real = cloudpickle.dumps
-    monkeypatch.setattr(cloudpickle, "dumps", lambda *a, **k: calls.append(a) or real(*a, **k))
+    calls = count_cloudpickles(monkeypatch)
     for value in plain:
         P.fingerprint(value)
     assert calls == []
@@ -181,19 +191,91 @@ def test_plain_data_is_fingerprinted_by_the_c_pickler_to_the_same_fingerprint(mo
 def test_numpy_arrays_are_fingerprinted_by_the_c_pickler_to_the_same_fingerprint(monkeypatch):
     """A numpy array without objects pickles the same (numpy's reduce, its buffer out of band) without
     cloudpickle's per-object call: 30 -> 11 us here for each held array after each cell."""
-    import cloudpickle
-
     arrays = [np.random.default_rng(0).random(250_000), np.arange(10, dtype=np.int32),
               np.zeros((3, 4), dtype=np.float32).T, np.array([1 + 2j]), np.array(["ab", "c"]),
               np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]), np.zeros(P.BUFFER_DIGEST_MIN_BYTES + 8)]
     expected = [_cloudpickle_fingerprint(a) for a in arrays]
-    calls = []
-    real = cloudpickle.dumps
-    monkeypatch.setattr(cloudpickle, "dumps", lambda *a, **k: calls.append(a) or real(*a, **k))
+    calls = count_cloudpickles(monkeypatch)
     assert [P.fingerprint(a) for a in arrays] == expected and calls == []
     for other in (np.array([{"a": 1}], dtype=object), np.ma.masked_array([1, 2]), np.char.chararray((2,))):
         calls.clear()
         assert P.fingerprint(other) == _cloudpickle_fingerprint(other) and calls, other
+
+
+class _CountingPickle:
+    """The pickle module as protocol.py sees it, counting the pickles of lists (a string array's strings)."""
+
+    def __init__(self) -> None:
+        import pickle
+
+        self._pickle = pickle
+        self.lists = 0
+
+    def dumps(self, value, *args, **kwargs):
+        self.lists += type(value) is list
+        return self._pickle.dumps(value, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._pickle, name)
+
+
+def test_a_dataframes_text_column_is_fingerprinted_by_its_strings_and_not_pickled_again_while_unchanged(monkeypatch):
+    """A cell that read a DataFrame of 100k strings paid 16-39 ms a cell for its fingerprints (the strings
+    pickled each time, on each side). A big object array of exact str enters a fingerprint as its strings'
+    digest, remembered while its pointers stay: the other side's copy, remembering nothing, gives the same one."""
+    import pickle
+
+    pd = pytest.importorskip("pandas")
+    n = 2 * P.STR_ARRAY_MIN_ITEMS
+    df = pd.DataFrame({"x": np.arange(n), "y": [f"s{i}" for i in range(n)]})
+    spy = _CountingPickle()
+    monkeypatch.setattr(P, "pickle", spy)
+    first = P.fingerprint(df)
+    assert spy.lists == 1 and P.fingerprint(df) == first and P.fingerprint(df) == first
+    assert spy.lists == 1  # remembered: the strings were not pickled again
+    copy = pickle.loads(pickle.dumps(df))
+    assert P.fingerprint(copy) == first and spy.lists == 2  # another array: its own strings' digest, the same
+    df.loc[5, "y"] = "changed"  # in place
+    assert P.fingerprint(df) != first
+    df.loc[5, "y"] = "s5"
+    assert P.fingerprint(df) == first
+    assert P.head_digest(df) == P.head_digest(copy)  # the head digest goes the same way
+    mixed = pd.DataFrame({"y": [f"s{i}" for i in range(n - 1)] + [7]})  # not all str: pickled as before
+    before = spy.lists
+    mixed_first = P.fingerprint(mixed)
+    assert P.fingerprint(mixed) == mixed_first
+    mixed.loc[0, "y"] = "t"
+    assert P.fingerprint(mixed) != mixed_first and spy.lists == before
+
+
+def test_a_remembered_string_array_is_never_fooled_by_a_freed_strings_address():
+    """Item replaced by None (its string freed), then by a new string: with nothing holding the old one, the new
+    one may take its address, and the pointers would read as before. The array's copy kept with its digest
+    holds every string it vouched for, so none is freed while remembered."""
+    import gc
+
+    n = P.STR_ARRAY_MIN_ITEMS
+    arr = np.array([f"s{i:05d}" for i in range(n)], dtype=object)
+    first = P.fingerprint(arr)
+    reused = 0
+    for i in range(0, n, 97):
+        head, tail = "t", f"{i:05d}"
+        old = id(arr[i])
+        arr[i] = None  # its string freed, if nothing else holds it
+        arr[i] = head + tail  # one new string of the same size: the allocator's first pick is the block just freed
+        reused += id(arr[i]) == old
+        now = P.fingerprint(arr)
+        assert now != first
+        first = now
+    assert reused == 0  # the strings it vouched for are alive: none of their addresses could be taken
+    reshaped = np.array([f"s{i:05d}" for i in range(n)], dtype=object)
+    flat = P.fingerprint(reshaped)
+    reshaped.shape = (n // 2, 2)  # the same pointers, another shape
+    assert P.fingerprint(reshaped) != flat
+    key = id(reshaped)
+    del reshaped
+    gc.collect()
+    assert key not in P._string_arrays._entries  # forgotten with its array (and the strings it kept)
 
 
 def test_immutable_values_are_atoms_and_tuples_of_them():
