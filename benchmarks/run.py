@@ -196,36 +196,21 @@ def _fresh_map(n: int) -> Any:
 
 
 class _FaultAhead:
-    """A thread faulting a new map in, 32 MiB per madvise(MADV_POPULATE_WRITE) call (Linux 5.14+; else a byte
-    written per page), ahead of a receive that waits for it."""
-
-    CHUNK = 32 << 20
+    """A thread faulting a new map in ahead of a receive that waits for it: ``recvpool.populate``, 32 MiB per
+    madvise(MADV_POPULATE_WRITE) call (the same calls kt's receives make; no kt protocol around them)."""
 
     def __init__(self, buf: Any) -> None:
-        import ctypes
+        from pod_kernel import recvpool
 
-        self._held = ctypes.c_char.from_buffer(buf)
-        self._n = len(buf)
-        self._buf = buf
         self._done = 0
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=recvpool.populate, args=(buf, None, self._advance), daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        base = ctypes.addressof(self._held)
-        for start in range(0, self._n, self.CHUNK):
-            end = min(start + self.CHUNK, self._n)
-            if libc.madvise(base + start, end - start, 23) != 0:
-                for offset in range(start, end, 4096):
-                    self._buf[offset] = 0
-            with self._cond:
-                self._done = end
-                self._cond.notify_all()
+    def _advance(self, end: int) -> None:
+        with self._cond:
+            self._done = end
+            self._cond.notify_all()
 
     def wait(self, end: int) -> None:
         with self._cond:
@@ -233,7 +218,6 @@ class _FaultAhead:
 
     def join(self) -> None:
         self._thread.join()
-        del self._held
 
 
 class IPP:
