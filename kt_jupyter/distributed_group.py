@@ -26,6 +26,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from pod_kernel import waits
+
 from .backends import KernelHandle, get_backend, spec_mismatch, spec_mismatch_error
 from .client import client_loop
 from .compute import Compute
@@ -53,7 +55,7 @@ def call_rank(conn: ComputeConnection, target: dict, kwargs: dict, timeout_s: fl
     fut = asyncio.run_coroutine_threadsafe(conn.session.acall(target, (), kwargs, serialization="json"),
                                            client_loop())
     try:
-        return fut.result(timeout_s)
+        return waits.future_result(fut, timeout_s)
     except concurrent.futures.TimeoutError:
         fut.cancel()
         raise

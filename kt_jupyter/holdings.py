@@ -24,7 +24,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from pod_kernel import coherence
+from pod_kernel import coherence, waits
 from pod_kernel import protocol as P
 from pod_kernel.bulk import BULK_MIN_BYTES
 
@@ -230,7 +230,7 @@ class Holdings:
 
     def _finish_push(self, pushing: _PushInFlight, outcome: CellOutcome) -> None:
         """Wait for a pipelined push's reply (raising its failure) and record what the pod now holds."""
-        reply = pushing.reply.result()
+        reply = waits.future_result(pushing.reply)
         self._record_push(pushing.send, pushing.prints, pushing.bundle, dict(reply.get("ids") or {}), outcome,
                           pushing.heads)
 
@@ -296,8 +296,8 @@ class Holdings:
         self.held_answered = (self.session.pod_pid, check["held"]) if state is not None else None
         if state is None:
             t_sync = time.perf_counter()
-            state = asyncio.run_coroutine_threadsafe(self.session.arequest(dict(check, type="inventory")),
-                                                     client_loop()).result()
+            state = waits.future_result(asyncio.run_coroutine_threadsafe(
+                self.session.arequest(dict(check, type="inventory")), client_loop()))
             outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_sync
         else:
             outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + float(state.get("check_s") or 0)

@@ -39,6 +39,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pod_kernel import waits
 from pod_kernel.calls import UnknownFunction
 
 from . import connection as conn_mod
@@ -437,7 +438,7 @@ def _wait(factory: Callable[[], Any]) -> Any:
 
     fut = asyncio.run_coroutine_threadsafe(run(), loop)
     try:
-        return fut.result()
+        return waits.future_result(fut)  # in slices: a Ctrl-C handled late still cancels the call
     except KeyboardInterrupt:
         fut.cancel()
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from . import waits
 from .calls import call_sink
 from .protocol import PDB_PROMPT
 
@@ -220,10 +221,10 @@ class InputRelay:
         with self._lock:
             self._waiting[input_id] = waiter
         try:
-            job.outbox.append({"type": "input_request", "id": job.req_id, "input_id": input_id,
-                               "prompt": prompt, "password": bool(password)})
-            try:
-                waiter.event.wait()
+            try:  # an interrupt as the request goes (the notebook may see it already) counts as one at the prompt
+                job.outbox.append({"type": "input_request", "id": job.req_id, "input_id": input_id,
+                                   "prompt": prompt, "password": bool(password)})
+                waits.wait_event(waiter.event)  # in slices: an interrupt handled late (see waits) still ends it
             except KeyboardInterrupt:
                 if is_pdb_prompt(prompt):  # pdb swallows KeyboardInterrupt at its prompt: quit it instead
                     sys.stdout.write("q  [interrupted]\n")

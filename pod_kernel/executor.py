@@ -34,7 +34,7 @@ try:  # signal.getsignal without its Enum conversion, which raises and catches a
 except ImportError:  # pragma: no cover - not CPython
     _getsignal = signal.getsignal
 
-from . import logfile
+from . import logfile, waits
 from .calls import call_sink
 from .cellfiles import CellFileError, CellFiles, write_cell_file  # noqa: F401  (server.py imports it here)
 from .coherence import CellCheck, StateTracker
@@ -355,7 +355,7 @@ class _NoOutputs(dict):
 #: Longest the idle main thread waits for a job in one go. A signal sent to the process (the kubelet's SIGTERM) is
 #: delivered to whichever thread does not block it, and Python runs its handler only in the main thread, once that
 #: thread runs again: a main thread blocked for good on an empty queue would never stop (about 1 in 10 SIGTERMs here).
-JOB_WAIT_S = 0.2
+JOB_WAIT_S = waits.MAIN_WAIT_SLICE_S
 
 #: Cells whose traceback labels the pod keeps.
 HISTORY_CELLS_KEPT = 1000

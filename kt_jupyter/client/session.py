@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 from pod_kernel import protocol as P
+from pod_kernel import waits
 
 from ..errors import RemoteTimeoutError
 from .asyncapi import AsyncSession, ExecuteOptions, ExecuteResult, execute_options
@@ -42,7 +43,7 @@ class Session(AsyncSession):
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         fut = asyncio.run_coroutine_threadsafe(coro, client_loop())
         try:
-            return fut.result(timeout)
+            return waits.future_result(fut, timeout)  # in slices: a Ctrl-C handled late still ends it
         except concurrent.futures.TimeoutError:
             fut.cancel()
             raise RemoteTimeoutError(f"no answer from pod kernel {self.name!r} within {timeout:g} s") from None
@@ -132,7 +133,7 @@ class Session(AsyncSession):
                 outputs.replied = True  # its coroutine, which followed it to its end, did
                 fut = self._watch(ex)
                 assert fut is not None  # what put ``done``
-                result = fut.result()
+                result = waits.future_result(fut)
                 if isinstance(result, BaseException):
                     raise result
                 return result

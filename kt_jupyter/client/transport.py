@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import json
@@ -27,6 +28,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from pod_kernel import protocol as P
+from pod_kernel import waits
 from pod_kernel.bulk import BULK_MIN_BYTES, client_transfer, parse_ticket
 from pod_kernel.lanes import LANE_OUTPUTS, ClientLane, open_lane
 
@@ -36,6 +38,8 @@ from .handshake import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, OPEN_TIMEOUT_S
 
 log = logging.getLogger("kt_jupyter.client")
 
+#: Longest an execute's caller waits on its lane in one go (see :mod:`pod_kernel.waits`).
+WAIT_SLICE_MS = int(waits.MAIN_WAIT_SLICE_S * 1000)
 #: How long a dropped connection is retried before giving up.
 RECONNECT_TIMEOUT_S = 30.0
 
@@ -104,9 +108,20 @@ class Inbox:
             lane.wake()
 
     def get(self, timeout: float | None) -> Any:
-        """The next item, without a lane; queue.Empty after ``timeout``."""
-        self._tokens.get(timeout=timeout)
-        return self.items.popleft()
+        """The next item, without a lane; queue.Empty after ``timeout``.
+
+        The wait goes in slices (:mod:`pod_kernel.waits`), and a token only says that an item came: the items are
+        looked at first. A Ctrl-C raised between taking a token and its item (a handler run late, as the wait
+        ends) leaves the item for the next call; it used to be stranded, and the reply with it, for good.
+        """
+        for wait_s in waits.slices(timeout):
+            if self.items:
+                return self.items.popleft()
+            with contextlib.suppress(queue.Empty):
+                self._tokens.get(timeout=wait_s)
+        if self.items:
+            return self.items.popleft()
+        raise queue.Empty
 
 
 @dataclass
@@ -334,7 +349,8 @@ class Transport:
                     return header, payload
                 continue
             replied = bool(held) and held[-1][0]["type"] == "execute_reply"
-            wait_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            wait_ms = WAIT_SLICE_MS if deadline is None else \
+                max(0, min(WAIT_SLICE_MS, int((deadline - time.monotonic()) * 1000)))
             if held:  # the loop routes the messages before them, which may not be this execute's
                 wait_ms = 1 if wait_ms < 0 else min(wait_ms, 1)
             lane.sleeping = True
