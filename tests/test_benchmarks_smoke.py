@@ -55,3 +55,25 @@ def test_cell_path_breakdown_quick_run(tmp_path):
     assert max(s["p50_us"] for s in steps.values()) <= result["total"]["p50_us"]
     assert set(result["writes"]) == {"c_sn1", "p_sn1"}
     assert result["local pass"]["p50_us"] > 0 and result["no-op cell magic"]["p50_us"] > 0
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py, the script a GPU machine runs (a CUDA result back as a CPU tensor, NVML metrics in
+    the panel, a tensor's push and pull against torch's copies), runs its steps here with ``--device cpu``: a
+    %%kt result comes back as a CPU tensor, the panel's model gets samples (without GPU rows), every row reports."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size-mib", "8",
+         "--reps", "1", "--busy-s", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, KT_HOME=str(tmp_path / "kt-home")),
+        check=False, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["checks"]["result comes back as a CPU tensor"]["ok"]
+    metrics = results["checks"]["metrics (dry run: no GPU rows expected)"]
+    assert metrics["ok"] and metrics["detail"]["samples"] >= 2
+    assert all(cpu and cpu != "-" for cpu in metrics["detail"]["cpu"])  # each sample reached the panel's model
+    assert set(results["rows"]) == {"push", "push_to_gpu", "pull_from_gpu"}
+    assert all(row["MBps"] > 0 for row in results["rows"].values())
+    assert set(results["torch_copies_MBps"]) == {"h2d_pageable", "h2d_pinned", "d2h_pageable"}
