@@ -272,12 +272,127 @@ class SerializationRefused(Exception):
     """The pod kernel does not allow this serialization."""
 
 
-def _tensor_from_numpy(array: Any, requires_grad: bool) -> Any:
-    """Rebuild a torch tensor from the numpy array it travelled as."""
+def _tensor_from_numpy(array: Any, requires_grad: bool, parameter: bool = False) -> Any:
+    """Rebuild a torch tensor (an ``nn.Parameter`` when it was one) from the numpy array it travelled as."""
     import torch
 
     tensor = torch.from_numpy(array)
+    if parameter:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
     return tensor.requires_grad_() if requires_grad else tensor
+
+
+def _tensor_from_bits(array: Any, dtype: str, requires_grad: bool, parameter: bool) -> Any:
+    """Rebuild a torch tensor of a dtype numpy lacks (bfloat16, the float8s) from its bits as integers."""
+    import torch
+
+    kind = getattr(torch, dtype, None)
+    if not isinstance(kind, torch.dtype):
+        raise TypeError(f"not a torch dtype: {dtype!r}")
+    tensor = torch.from_numpy(array).view(kind)
+    if parameter:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    return tensor.requires_grad_() if requires_grad else tensor
+
+
+#: The integer type whose bits stand for a tensor element of each size, when numpy lacks the tensor's dtype.
+_BITS_OF_SIZE = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _is_tensor(obj: Any) -> bool:
+    kind = type(obj)
+    return kind.__module__.startswith("torch") and kind.__name__ in ("Tensor", "Parameter")
+
+
+def _reduce_tensor(obj: Any, to_cpu: bool) -> Any:
+    """A torch tensor as the numpy array it travels as (out of band, not copied; a dtype numpy lacks, such as
+    bfloat16, as its bits), or None for torch's own pickling (sparse, quantized or conjugate tensors; a GPU tensor
+    unless ``to_cpu``: then it is copied to the CPU first, so GPU tensors come back as CPU tensors). torch's
+    own pickle copies the memory into the stream, and differs between two equal tensors."""
+    try:
+        parameter = type(obj).__name__ == "Parameter"
+        if obj.device.type != "cpu":
+            if not to_cpu:
+                return None
+            obj = obj.detach().cpu()
+        if obj.is_sparse or obj.is_quantized:
+            return None
+        requires_grad = bool(obj.requires_grad)
+        array, bits_of = _tensor_arrays.array(obj)
+    except Exception:  # a dtype without integers of its size, a conjugate tensor, ...
+        return None
+    if bits_of is not None:
+        return _tensor_from_bits, (array, bits_of, requires_grad, parameter)
+    if parameter:
+        return _tensor_from_numpy, (array, requires_grad, True)
+    return _tensor_from_numpy, (array, requires_grad)
+
+
+def _tensor_as_array(tensor: Any) -> tuple[Any, str | None]:
+    """A CPU tensor's memory as a numpy array, and the name of its dtype when numpy lacks it (then the array
+    holds its bits as integers of its size)."""
+    try:
+        return tensor.detach().numpy(), None
+    except TypeError:  # a dtype numpy lacks
+        import torch
+
+        bits = getattr(torch, _BITS_OF_SIZE[tensor.element_size()])
+        return tensor.detach().view(bits).numpy(), str(tensor.dtype).removeprefix("torch.")
+
+
+#: CPU tensors at least this big keep the array they travel as (see :class:`_TensorArrays`).
+TENSOR_ARRAY_MIN_BYTES = 1 << 20
+#: Tensors :class:`_TensorArrays` keeps an array for at most (the oldest are forgotten first).
+TENSOR_ARRAYS_KEPT = 256
+
+
+class _TensorArrays:
+    """The numpy array each big CPU tensor travels and enters fingerprints as, made once per tensor.
+
+    ``tensor.numpy()`` makes a new array, over a new alias of the tensor, at each call. The write tracker keeps
+    a big buffer's digest only while the object that exported it lives: with a new array every time, an
+    unchanged 100 MiB tensor was hashed again before and after every cell that read it (12 ms each side here).
+    The array is kept while the tensor lives and still has the memory, shape, strides and dtype it was made
+    of (``set_``, ``resize_`` or ``.data =`` give it others: a new array is made).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: id(tensor) -> (weak reference, (data pointer, shape, strides, dtype), (array, dtype name or None))
+        self._entries: dict[int, tuple[Any, tuple[Any, ...], tuple[Any, str | None]]] = {}
+
+    def array(self, tensor: Any) -> tuple[Any, str | None]:
+        """:func:`_tensor_as_array` of ``tensor``, the same array while it is as it was."""
+        if tensor.numel() * tensor.element_size() < TENSOR_ARRAY_MIN_BYTES:
+            return _tensor_as_array(tensor)
+        import weakref
+
+        key = id(tensor)
+        layout = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and entry[0]() is tensor and entry[1] == layout:
+            return entry[2]
+        made = _tensor_as_array(tensor)
+
+        def forget(ref: Any, key: int = key) -> None:
+            with self._lock:
+                if key in self._entries and self._entries[key][0] is ref:
+                    del self._entries[key]
+
+        try:
+            ref = weakref.ref(tensor, forget)
+        except TypeError:
+            return made
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = (ref, layout, made)
+            while len(self._entries) > TENSOR_ARRAYS_KEPT:
+                del self._entries[next(iter(self._entries))]
+        return made
+
+
+_tensor_arrays = _TensorArrays()
 
 
 def _code_reduce_keeping_filename(code: Any) -> Any:
@@ -311,24 +426,11 @@ def _pickler_class() -> type:
             {types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table)
 
         def reducer_override(self, obj: Any) -> Any:
-            if type(obj).__module__.startswith("torch") and type(obj).__name__ in ("Tensor", "Parameter"):
-                reduced = self._reduce_tensor(obj)
+            if _is_tensor(obj):
+                reduced = _reduce_tensor(obj, self.to_cpu)
                 if reduced is not None:
                     return reduced
             return super().reducer_override(obj)
-
-        def _reduce_tensor(self, obj: Any) -> Any:
-            try:
-                if obj.device.type != "cpu":
-                    if not self.to_cpu:
-                        return None
-                    obj = obj.detach().cpu()  # GPU tensors come back as CPU tensors
-                if obj.is_sparse or obj.is_quantized:
-                    return None
-                array = obj.detach().numpy()
-            except Exception:  # dtypes numpy lacks (bfloat16...): torch's own pickling
-                return None
-            return _tensor_from_numpy, (array, bool(obj.requires_grad))
 
     return TensorPickler
 
@@ -631,7 +733,8 @@ STR_ARRAYS_KEPT = 64
 
 @functools.lru_cache(maxsize=1)
 def _fingerprint_pickler() -> type:
-    """cloudpickle's pickler, but an object array of strings goes as its :class:`_StringArrays` digest."""
+    """cloudpickle's pickler, but an object array of strings goes as its :class:`_StringArrays` digest, and a CPU
+    torch tensor as the numpy array it travels as (its memory hashed in place, like an array's)."""
     import cloudpickle
 
     class FingerprintPickler(cloudpickle.Pickler):
@@ -641,6 +744,10 @@ def _fingerprint_pickler() -> type:
                 digest = _string_arrays.digest(obj)
                 if digest is not None:
                     return _strings_of_digest, (digest.hex(), obj.shape)
+            elif _is_tensor(obj):  # its memory as a buffer, as it travels (torch's own pickle copies it in band)
+                reduced = _reduce_tensor(obj, to_cpu=False)
+                if reduced is not None:
+                    return reduced
             return super().reducer_override(obj)
 
     return FingerprintPickler

@@ -186,3 +186,36 @@ def test_a_protection_armed_again_before_its_digest_is_recorded_vouches_for_noth
     assert not t.seed(view, b"digest of the bytes before the write", a, protected=first)  # so: not recorded
     assert t.seed(view, P.buffer_digest(memoryview(a).cast("B")), a, protected=second)  # the later one is
     assert P.fingerprint(a) == P.fingerprint(a.copy())
+
+
+def test_a_big_tensor_enters_fingerprints_as_the_same_array_while_it_is_as_it_was():
+    """The write tracker keeps a digest while the object that exported the buffer lives: a tensor's memory is
+    exported by the array it travels as, kept per tensor (a new one per call made every cell hash it again)."""
+    torch = pytest.importorskip("torch")
+    x = torch.zeros(2 * P.TENSOR_ARRAY_MIN_BYTES // 4)
+
+    def owner() -> object:
+        return P._out_of_band(x)[1][0].raw().obj
+
+    first = owner()
+    assert owner() is first
+    x.set_(torch.ones(len(x)))  # other memory: another array, and its bytes
+    assert owner() is not first and P.fingerprint(x) == P.fingerprint(torch.ones(len(x)))
+    x.data = torch.full((len(x),), 2.0)
+    assert P.fingerprint(x) == P.fingerprint(torch.full((len(x),), 2.0))
+    assert P.fingerprint(x.reshape(2, -1)) != P.fingerprint(x)  # a view of it: its own array, its own shape
+
+
+@needs_tracking
+def test_an_unchanged_tensor_is_vouched_for_and_its_writes_are_seen():
+    torch = pytest.importorskip("torch")
+    t = W.tracker()
+    x = torch.zeros(BIG // 4)
+    first = P.fingerprint(x)
+    assert P.fingerprint(x) == first  # hashed again, and protected from now on
+    before = t.vouched
+    assert P.fingerprint(x) == first and t.vouched == before + 1  # not read again
+    x[len(x) // 2] = 1.0  # in place, by torch
+    assert P.fingerprint(x) == P.fingerprint(x.clone()) != first
+    x.add_(1)
+    assert P.fingerprint(x) == P.fingerprint(x.clone())
