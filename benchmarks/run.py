@@ -36,6 +36,10 @@ REPS_TRANSFER = 5
 #: transfer's time swings by half from one sample to the next on a shared machine.
 SMALL_TRANSFER_BYTES = 8 << 20
 REPS_SMALL_TRANSFER = 21
+#: The torch tensor row's size (a --quick run's): tensors take the path arrays take, save their fingerprints,
+#: which missed them once (torch's own pickle copied each tensor into the stream: 16x slower than an array).
+TENSOR_ROW_BYTES = 100 << 20
+TENSOR_ROW_BYTES_QUICK = 8 << 20
 #: Before timing one side, wait (at most this long) until the processes of the run are idle: a peer that
 #: digests a gigabyte after its call returned (ipyparallel's hub and schedulers do) must not slow the next row.
 QUIET_WAIT_S = 5.0
@@ -328,8 +332,10 @@ def pod_pool(conn: Any, ns: dict[str, Any]) -> tuple[int, int, int]:
     return int(reused), int(spared), int(idle)
 
 
-def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int = REPS_TRANSFER) -> dict[str, Any]:
-    """One row of :func:`bench_transfers`: every way of moving ``size`` bytes, side by side, ``reps`` times."""
+def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int = REPS_TRANSFER,
+                 tensor: bool = False) -> dict[str, Any]:
+    """One row of :func:`bench_transfers`: every way of moving ``size`` bytes, side by side, ``reps`` times; of
+    numpy arrays, or (``tensor``) of torch tensors."""
     from kt_jupyter.connection import TransferOptions
 
     no_pull = TransferOptions(no_pull=True)
@@ -339,8 +345,18 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int =
     tcp = [raw_tcp_transfer(base) for _ in range(reps)]
     tcp_fresh = [raw_tcp_transfer(base, fresh=True) for _ in range(reps)]
 
-    def fresh(i: int) -> np.ndarray:
-        return base + np.uint8(i + 1)  # a new array, other bytes throughout, written before it moves
+    def fresh(i: int) -> Any:
+        array = base + np.uint8(i + 1)  # a new array, other bytes throughout, written before it moves
+        if tensor:
+            import torch
+
+            return torch.from_numpy(array)
+        return array
+
+    def full(i: int) -> str:  # code that makes a fresh value of ``size`` bytes there
+        if tensor:
+            return f"torch.full(({size},), {i % 250}, dtype=torch.uint8)"
+        return f"np.full({size}, {i % 250}, np.uint8)"
 
     # each way: (set up sample i, untimed) -> (move it, timed); peak memory is sampled around the move only
     def kt_push_setup(i: int) -> None:
@@ -351,7 +367,7 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int =
 
     def kt_pull_setup(i: int) -> None:
         ns.pop("b", None)
-        conn.run_cell(f"b = np.full({size}, {i % 250}, np.uint8)", ns, transfer=no_pull)
+        conn.run_cell(f"b = {full(i)}", ns, transfer=no_pull)
 
     def kt_pull() -> None:
         conn.pull(["b"], ns)
@@ -367,7 +383,7 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int =
 
     def ipp_pull_setup(i: int) -> None:
         staged.pop("b", None)
-        ipp.view.execute(f"b = np.full({size}, {i % 250}, np.uint8)", block=True)
+        ipp.view.execute(f"b = {full(i)}", block=True)
 
     def ipp_pull() -> None:
         staged["b"] = ipp.view.pull("b", block=True)
@@ -413,7 +429,8 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int =
 
 
 def bench_transfers(sizes: list[int], ipp: IPP, results: dict[str, Any], quick: bool = False) -> None:
-    """Push and pull of fresh numpy arrays along the user's path: kt vs ipyparallel vs raw loopback TCP.
+    """Push and pull of fresh numpy arrays, and a row of torch tensors, along the user's path: kt vs ipyparallel
+    vs raw loopback TCP.
 
     kt push: a ``%%kt`` cell that reads a fresh array of the notebook (``conn.run_cell``: fingerprint, send,
     run, reconcile). kt pull: ``%kt pull b`` of a fresh array a cell made there (``conn.pull``). ipyparallel:
@@ -427,13 +444,15 @@ def bench_transfers(sizes: list[int], ipp: IPP, results: dict[str, Any], quick: 
 
     conn = conn_mod.connect(Compute(name="bench-xfer"))
     ns: dict[str, Any] = {}
-    conn.run_cell("import numpy as np", ns)
-    ipp.view.execute("import numpy as np", block=True)
+    conn.run_cell("import numpy as np, torch", ns)
+    ipp.view.execute("import numpy as np, torch", block=True)
     rows = {}
     try:
         for size in sizes:
             reps = REPS_SMALL_TRANSFER if size <= SMALL_TRANSFER_BYTES and not quick else REPS_TRANSFER
             rows[f"{size / 2**20:g} MiB"] = transfer_row(size, conn, ns, ipp, reps)
+        size = TENSOR_ROW_BYTES_QUICK if quick else TENSOR_ROW_BYTES  # what ML users move: a torch tensor
+        rows[f"{size / 2**20:g} MiB torch tensor"] = transfer_row(size, conn, ns, ipp, REPS_TRANSFER, tensor=True)
     finally:
         conn_mod.disconnect("bench-xfer")
         get_backend("local").delete("bench-xfer")
@@ -672,7 +691,8 @@ def table(results: dict[str, Any]) -> str:
 
     if "transfers" in results:
         out += [("MB/s, median of the row's fresh arrays (slowest-fastest; how many: after the size); kt push = a "
-                 "%%kt cell reading the array, kt pull = `%kt pull`; ipyparallel = view.push / view.pull"), "",
+                 "%%kt cell reading the array, kt pull = `%kt pull`; ipyparallel = view.push / view.pull; "
+                 "the torch row moves torch tensors (uint8) the same ways"), "",
                 ("| array | raw TCP | raw TCP, fresh memory | kt push | kt pull | ipp push | ipp pull "
                 "| kt/TCP push, pull (target >= 0.8) | kt/TCP-fresh push, pull | kt/ipp push, pull "
                 "| kt peak extra x payload (notebook, pod) |"),

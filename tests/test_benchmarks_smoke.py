@@ -30,6 +30,7 @@ def test_benchmark_command_quick_run(tmp_path, kt_home):
                 "cold_start", "fn_call", "workers"):
         assert key in results, key
     assert set(results["workers"]["2"]) == {"all_ranks_ready_s", "round_trip"}  # the N-worker rows ran
+    assert "8 MiB torch tensor" in results["transfers"]
     assert "| %%kt (kt_jupyter) |" in proc.stdout and "ipyparallel" in proc.stdout
     assert "| first transfer into a new pod kernel" in proc.stdout
     rerun = results["unchanged_rerun"]
