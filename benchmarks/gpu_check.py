@@ -11,7 +11,8 @@ What it checks and measures (``--size-mib``, default 1024; median of ``--reps``)
    sampled from the notebook while that cell runs (``%%kt --async``);
 3. a tensor of ``--size-mib``: push (a cell reading it), push and copy to the GPU (``t.to("cuda")`` in the cell),
    pull of a CUDA tensor (``%kt pull``), against torch's own host-to-device and device-to-host copy speed (pageable
-   and pinned) measured in the same pod kernel.
+   and pinned) measured in the same pod kernel; then a cell that mentions the pulled tensor, unchanged (the pod
+   checks its GPU original for changes: fingerprints of a GPU tensor go by torch's own pickle, a copy to the host).
 
 Prints each result as it comes and writes them to ``--out`` (default ``$OUT/gpu_check.json`` when ``OUT`` is set).
 On the device machine, the packages it lacks travel as wheels: ``./dev gpu-wheels`` (see the README).
@@ -164,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                 check(results, "pulled tensor is a CPU tensor of the size sent", False, ok)
         for name, samples_s in rows.items():
             results["rows"][name] = mbps(size, samples_s)
+        # the notebook holds r (pulled), the pod its GPU original: a cell that mentions it checks it for changes
+        reruns = [nb.timed(f"{kt}\nshape = tuple(r.shape)") for _ in range(max(3, args.reps))]
+        rerun_ms = results["rerun_mentioning_pulled_gpu_tensor_ms"] = [round(x * 1e3, 1) for x in reruns]
+        print(f"cell mentioning the pulled GPU tensor, unchanged, ms: {rerun_ms}", flush=True)
         copies = nb.run(
             f"{kt}\nimport time, statistics\n"
             "def _copy_mbps(src, to, reps):\n"

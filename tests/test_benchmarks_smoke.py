@@ -78,3 +78,4 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert set(results["rows"]) == {"push", "push_to_gpu", "pull_from_gpu"}
     assert all(row["MBps"] > 0 for row in results["rows"].values())
     assert set(results["torch_copies_MBps"]) == {"h2d_pageable", "h2d_pinned", "d2h_pageable"}
+    assert len(results["rerun_mentioning_pulled_gpu_tensor_ms"]) >= 3
