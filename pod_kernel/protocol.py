@@ -342,8 +342,9 @@ def _tensor_as_array(tensor: Any) -> tuple[Any, str | None]:
 
 #: CPU tensors at least this big keep the array they travel as (see :class:`_TensorArrays`).
 TENSOR_ARRAY_MIN_BYTES = 1 << 20
-#: Tensors :class:`_TensorArrays` keeps an array for at most (the oldest are forgotten first).
-TENSOR_ARRAYS_KEPT = 256
+#: Tensors :class:`_TensorArrays` keeps an array for at most (the oldest are forgotten first): a big model has
+#: hundreds of weights of 1 MiB or more (a 7B one ~290), and an entry holds no copy, only views.
+TENSOR_ARRAYS_KEPT = 4096
 
 
 class _TensorArrays:
