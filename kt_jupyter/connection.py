@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
-from pod_kernel import coherence
+from pod_kernel import coherence, waits
 from pod_kernel import protocol as P
 
 from .backends import Backend, KernelHandle, get_backend, kt_home
@@ -110,7 +110,7 @@ class ComputeConnection(Holdings):
             with self._waiting_lock:
                 self.waiting += 1
             try:
-                self.lock.acquire()
+                waits.acquire(self.lock)  # in slices: a Ctrl-C handled late still stops the wait
             finally:
                 with self._waiting_lock:
                     self.waiting -= 1

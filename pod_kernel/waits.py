@@ -12,9 +12,9 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["MAIN_WAIT_SLICE_S", "future_result", "slices", "wait_event"]
+__all__ = ["MAIN_WAIT_SLICE_S", "acquire", "future_result", "slices", "wait_event"]
 
 T = TypeVar("T")
 
@@ -40,6 +40,11 @@ def slices(timeout: float | None) -> Iterator[float]:
 def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
     """``event.wait(timeout)``, in slices."""
     return any(event.wait(s) for s in slices(timeout))
+
+
+def acquire(lock: Any, timeout: float | None = None) -> bool:
+    """``lock.acquire(timeout=timeout)`` (a Lock or an RLock), in slices."""
+    return any(lock.acquire(timeout=s) for s in slices(timeout))
 
 
 def future_result(fut: concurrent.futures.Future[T], timeout: float | None = None) -> T:

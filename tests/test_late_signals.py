@@ -119,3 +119,16 @@ def test_a_kt_fn_call_is_cancelled_when_the_ctrl_c_is_handled_late(cleanup_conne
         remote(100)  # 10 s when the interrupt waits for the call's end
     assert time.monotonic() - t0 < 8.0
     assert remote(2) == 2
+
+
+def test_a_cell_waiting_behind_an_async_cell_stops_when_the_ctrl_c_is_handled_late(ip, ctrl_c):
+    from ipshell import run
+
+    run(ip, "%%kt --async --name late-async\nimport time\nfor _ in range(40):\n    time.sleep(0.1)\n")
+    _sigint_on_another_thread(0.5)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run(ip, "%%kt --name late-async\nafter = 1")  # waits for the --async cell's end (4 s)
+    assert time.monotonic() - t0 < 3.0
+    assert "after" not in ip.user_ns
+    run(ip, "%kt wait")
