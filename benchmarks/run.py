@@ -54,11 +54,12 @@ def pct(values: list[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (k - lo)
 
 
-def rate(size: int, samples_s: list[float]) -> dict[str, float]:
-    """MB/s of moving ``size`` bytes: median, and the slowest and fastest of ``samples_s``."""
+def rate(size: int, samples_s: list[float]) -> dict[str, Any]:
+    """MB/s of moving ``size`` bytes: median, and the slowest and fastest of ``samples_s`` (kept, in ms, in the
+    order taken)."""
     mb = size / 1e6
     return {"MBps": mb / statistics.median(samples_s), "min_MBps": mb / max(samples_s),
-            "max_MBps": mb / min(samples_s), "reps": len(samples_s)}
+            "max_MBps": mb / min(samples_s), "reps": len(samples_s), "samples_ms": [round(x * 1e3, 1) for x in samples_s]}
 
 
 def wait_quiet(max_busy_cores: float = 0.15, window_s: float = 0.25) -> float:
