@@ -376,24 +376,28 @@ class _TensorArrays:
             return entry[2]
         made = _tensor_as_array(tensor)
 
-        def forget(ref: Any, key: int = key) -> None:
-            with self._lock:
-                if key in self._entries and self._entries[key][0] is ref:
-                    del self._entries[key]
-
         try:
-            ref = weakref.ref(tensor, forget)
+            ref = weakref.ref(tensor, functools.partial(_forget_entry, self._entries, key))
         except TypeError:
             return made
         with self._lock:
             self._entries.pop(key, None)
             self._entries[key] = (ref, layout, made)
             while len(self._entries) > TENSOR_ARRAYS_KEPT:
-                del self._entries[next(iter(self._entries))]
+                self._entries.pop(next(iter(self._entries)), None)
         return made
 
 
 _tensor_arrays = _TensorArrays()
+
+
+def _forget_entry(entries: dict[int, tuple[Any, ...]], key: int, ref: Any) -> None:
+    """A weak reference's callback: drop ``entries[key]`` if it is still that reference's. Without a lock: the
+    callback runs wherever the object dies, also in a garbage collection that an allocation started while this
+    thread held the cache's lock (a plain lock waited for itself there, for good)."""
+    entry = entries.get(key)
+    if entry is not None and entry[0] is ref:
+        entries.pop(key, None)
 
 
 def _code_reduce_keeping_filename(code: Any) -> Any:
@@ -796,17 +800,13 @@ class _StringArrays:
         items = arr.ravel().tolist()
         content = kind(pickle.dumps(items, protocol=5)).digest() if all(type(x) is str for x in items) else None
 
-        def forget(ref: Any, key: int = key) -> None:
-            with self._lock:
-                if key in self._entries and self._entries[key][0] is ref:
-                    del self._entries[key]
-
-        entry = (weakref.ref(arr, forget), pointers, content, arr.copy() if content is not None else None)
+        entry = (weakref.ref(arr, functools.partial(_forget_entry, self._entries, key)), pointers, content,
+                 arr.copy() if content is not None else None)
         with self._lock:
             self._entries.pop(key, None)
             self._entries[key] = entry
             while len(self._entries) > STR_ARRAYS_KEPT:
-                del self._entries[next(iter(self._entries))]
+                self._entries.pop(next(iter(self._entries)), None)
         return content
 
 

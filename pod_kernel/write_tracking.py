@@ -171,7 +171,9 @@ class WriteTracker:
             # an entry keeps its first owner, whose finalizer forgets it
             self._entries[key] = _Entry(start, end, result, ref if entry is None else entry.owner, armed, calm)
             if len(self._entries) > 1024:  # owners that died without their callback running
-                self._entries = {k: e for k, e in self._entries.items() if e.owner() is not None}
+                for k, e in self._entries.copy().items():  # a copy: a finalizer may drop an entry meanwhile
+                    if e.owner() is None:
+                        self._entries.pop(k, None)
         if entry is None:
             weakref.finalize(owner, self._forget, key)
         return result
@@ -240,16 +242,19 @@ class WriteTracker:
         with memoryview(buf) as view:
             start, end = _pages(buffer_address(view), view.nbytes)
         with self._lock:
-            self._entries = {k: e for k, e in self._entries.items() if not (e.start < end and start < e.end)}
+            for k, e in self._entries.copy().items():  # a copy: a finalizer may drop an entry meanwhile
+                if e.start < end and start < e.end:
+                    self._entries.pop(k, None)
             self._drop_pending(start, end)
             whole = (ctypes.c_uint64 * 2)(start, end - start)
             self._libc.ioctl(self._uffd, _UFFDIO_UNREGISTER, ctypes.byref(whole))  # not registered: a no-op
 
     def _forget(self, key: tuple[int, int]) -> None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.owner() is None:
-                del self._entries[key]
+        # without the lock: a finalizer runs wherever its object dies, also in a garbage collection that an
+        # allocation started while this thread held the lock (a plain lock waited for itself there, for good)
+        entry = self._entries.get(key)
+        if entry is not None and entry.owner() is None:
+            self._entries.pop(key, None)
 
     def _unwritten(self, start: int, end: int) -> bool:
         """No page of [start, end) written since it was protected (and the range is still ours)."""
@@ -270,7 +275,7 @@ class WriteTracker:
         protect = (ctypes.c_uint64 * 3)(start, end - start, _UFFDIO_WRITEPROTECT_MODE_WP)
         if self._libc.ioctl(self._uffd, _UFFDIO_WRITEPROTECT, ctypes.byref(protect)) != 0:
             return False
-        for other_key, other in self._entries.items():
+        for other_key, other in self._entries.copy().items():
             if other_key != key and other.start < end and start < other.end:
                 other.armed = False
         self._drop_pending(start, end)

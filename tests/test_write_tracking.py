@@ -219,3 +219,33 @@ def test_an_unchanged_tensor_is_vouched_for_and_its_writes_are_seen():
     assert P.fingerprint(x) == P.fingerprint(x.clone()) != first
     x.add_(1)
     assert P.fingerprint(x) == P.fingerprint(x.clone())
+
+
+@needs_tracking
+def test_a_digest_whose_owner_dies_in_a_collection_under_the_trackers_lock_is_dropped():
+    """The tracker's finalizer took its lock: an owner that died in a garbage collection started by an allocation
+    while that thread held the lock waited for it for ever."""
+    import gc
+    import threading
+
+    t = W.tracker()
+    out: list = []
+
+    def scenario() -> None:
+        class Cycle:
+            pass
+
+        c = Cycle()
+        c.me = c
+        c.a = np.zeros(BIG // 8)
+        P.fingerprint(c.a)
+        key = next(k for k, e in t._entries.items() if e.owner() is c.a)
+        del c
+        with t._lock:
+            gc.collect()
+        out.append(key in t._entries)
+
+    thread = threading.Thread(target=scenario, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert out == [False]
