@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import struct
-import threading
 
 import numpy as np
 import pytest
+from collect import dies_in_a_collection_under
 
 from pod_kernel import protocol as P
 
@@ -417,32 +416,6 @@ def test_bulk_trailer_digests_are_taken_only_from_a_sender_of_the_same_hash():
             bulk.recv_parts(right, [bytearray(4)])
 
 
-def _dies_in_a_collection_under(lock, make, present) -> list:
-    """Make an object in a reference cycle (``make``: returns it after giving it a cache entry), let only the
-    cycle hold it, then collect garbage while this thread holds ``lock``: the entry's callback runs right there.
-    In a thread of its own, bounded: a callback that waits for that lock waits for ever."""
-    out: list = []
-
-    def scenario() -> None:
-        class Cycle:
-            pass
-
-        c = Cycle()
-        c.me = c
-        c.value = make()
-        key = id(c.value)
-        assert present(key)
-        del c
-        with lock:
-            gc.collect()
-        out.append(present(key))
-
-    t = threading.Thread(target=scenario, daemon=True)
-    t.start()
-    t.join(20)
-    return out
-
-
 def test_cache_entries_of_objects_that_die_in_a_collection_under_the_caches_lock_are_dropped():
     """The tensor and string-array caches' weak-reference callbacks took the cache's lock: an object that died
     in a garbage collection started by an allocation while that thread held the lock waited for it for ever."""
@@ -453,7 +426,7 @@ def test_cache_entries_of_objects_that_die_in_a_collection_under_the_caches_lock
         P.fingerprint(t)
         return t
 
-    assert _dies_in_a_collection_under(P._tensor_arrays._lock, tensor, lambda k: k in P._tensor_arrays._entries) \
+    assert dies_in_a_collection_under(P._tensor_arrays._lock, tensor, lambda k: k in P._tensor_arrays._entries) \
         == [False]
 
     def strings():
@@ -461,5 +434,5 @@ def test_cache_entries_of_objects_that_die_in_a_collection_under_the_caches_lock
         P.fingerprint(a)
         return a
 
-    assert _dies_in_a_collection_under(P._string_arrays._lock, strings, lambda k: k in P._string_arrays._entries) \
+    assert dies_in_a_collection_under(P._string_arrays._lock, strings, lambda k: k in P._string_arrays._entries) \
         == [False]

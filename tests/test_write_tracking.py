@@ -225,27 +225,15 @@ def test_an_unchanged_tensor_is_vouched_for_and_its_writes_are_seen():
 def test_a_digest_whose_owner_dies_in_a_collection_under_the_trackers_lock_is_dropped():
     """The tracker's finalizer took its lock: an owner that died in a garbage collection started by an allocation
     while that thread held the lock waited for it for ever."""
-    import gc
-    import threading
+    from collect import dies_in_a_collection_under
 
     t = W.tracker()
-    out: list = []
+    keys = []
 
-    def scenario() -> None:
-        class Cycle:
-            pass
+    def array() -> np.ndarray:
+        a = np.zeros(BIG // 8)
+        P.fingerprint(a)
+        keys.append(next(k for k, e in t._entries.items() if e.owner() is a))
+        return a
 
-        c = Cycle()
-        c.me = c
-        c.a = np.zeros(BIG // 8)
-        P.fingerprint(c.a)
-        key = next(k for k, e in t._entries.items() if e.owner() is c.a)
-        del c
-        with t._lock:
-            gc.collect()
-        out.append(key in t._entries)
-
-    thread = threading.Thread(target=scenario, daemon=True)
-    thread.start()
-    thread.join(20)
-    assert out == [False]
+    assert dies_in_a_collection_under(t._lock, array, lambda _id: keys[0] in t._entries) == [False]
