@@ -359,6 +359,10 @@ JOB_WAIT_S = waits.MAIN_WAIT_SLICE_S
 
 #: Cells whose traceback labels the pod keeps.
 HISTORY_CELLS_KEPT = 1000
+#: Request ids of cells interrupted before they started that the executor remembers at most.
+CANCELLED_KEPT = 256
+#: What a cell interrupted before it started ends with.
+INTERRUPTED_BEFORE_START = "interrupted before it started (it waited its turn on the pod); it did not run"
 #: Cells whose IPython history names (``_i7``, ``_7``) stay in the namespace. Every cell's coherence snapshot walks
 #: the namespace, so a thousand of them cost ~0.3 ms a cell; the pod's own count is not the notebook's anyway (its
 #: ``In`` and ``Out`` keep the rest, and ``_i``, ``_ii``, ``_iii``, ``_``, ``__``, ``___`` are always there).
@@ -457,6 +461,9 @@ class Executor:
         self._interrupt_lock = threading.Lock()
         #: a SIGINT came for the current cell before its code started: it stops the cell before it starts
         self._interrupt_pending = False
+        #: request ids of cells interrupted before they became current (queued behind another cell, or behind
+        #: the push they follow): they do not run (the newest CANCELLED_KEPT; one that ended before is harmless)
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         log_out, log_err = sys.stdout, sys.stderr
         sys.stdout = CellStream(self, "stdout", log_out)
         sys.stderr = CellStream(self, "stderr", log_err)
@@ -553,12 +560,19 @@ class Executor:
         self.jobs.put(_Stop())
 
     def interrupt(self, req_id: str | None = None) -> bool:
-        """Raise KeyboardInterrupt in the running cell (the one with ``req_id`` if given)."""
+        """Raise KeyboardInterrupt in the running cell (the one with ``req_id`` if given). A cell ``req_id`` that
+        has not started yet (queued behind another notebook's cell, or behind the push of the values it reads)
+        will not run: it ends with KeyboardInterrupt when its turn comes."""
         with self._interrupt_lock:
             job = self.current
-            if job is None or (req_id is not None and job.req_id != req_id):
+            if job is not None and (req_id is None or job.req_id == req_id):
+                signal.pthread_kill(self.main_ident, signal.SIGINT)
+                return True
+            if req_id is None:
                 return False
-            signal.pthread_kill(self.main_ident, signal.SIGINT)
+            self._cancelled[req_id] = None
+            while len(self._cancelled) > CANCELLED_KEPT:
+                self._cancelled.popitem(last=False)
             return True
 
     def emit(self, header: dict[str, Any], payload: bytes = b"") -> None:
@@ -590,7 +604,10 @@ class Executor:
         payload = b""
         self.jobs.lanes.cell_started(job.outbox)
         try:
-            self.current = job
+            with self._interrupt_lock:
+                self.current = job
+                cancelled = job.req_id in self._cancelled
+                self._cancelled.pop(job.req_id, None)
             if job.gate is not None and job.gate.done() and job.gate.exception() is not None:
                 raise _GateFailed(job.gate.exception())
             lacking = [n for n in job.requires if n not in self.namespace]
@@ -611,10 +628,10 @@ class Executor:
             self._trim_history()
             before = self.state.snapshot()
             try:
-                exc = self._user_code(job, path)
+                exc = self._user_code(job, path, cancelled)
             except KeyboardInterrupt as interrupted:  # before the cell started, or outside IPython's own handling
                 exc = interrupted
-                self.last_traceback = self.last_traceback or ["KeyboardInterrupt: interrupted"]
+                self.last_traceback = self.last_traceback or [f"KeyboardInterrupt: {interrupted or 'interrupted'}"]
             self.state.cell_ended(job.outbox, before)  # also after an error or an interrupt
             sys.stdout.flush()
             tb = exc.__traceback__ if exc is not None else None  # taken first: the reply pickles exc without it
@@ -660,8 +677,10 @@ class Executor:
             log.exception("coherence check failed")
             return None
 
-    def _user_code(self, job: CellJob, path: Path | None) -> BaseException | None:
+    def _user_code(self, job: CellJob, path: Path | None, cancelled: bool = False) -> BaseException | None:
         """The cell itself (after waiting for a debugger if asked): the only frames a SIGINT interrupts."""
+        if cancelled:
+            raise KeyboardInterrupt(INTERRUPTED_BEFORE_START)
         if self._interrupt_pending:
             raise KeyboardInterrupt
         if job.post_mortem is not None:

@@ -157,6 +157,30 @@ def test_interrupt_raises_keyboardinterrupt_and_state_survives(kernel):
     assert s.execute("survivor").data == {"text/plain": "'alive'"}
 
 
+def test_an_interrupted_cell_that_has_not_started_does_not_run(kernel):
+    """Ctrl-C while a cell waits its turn on the pod (behind another notebook's cell, or behind the push of the
+    values it reads): the interrupt found no cell of that id running and was dropped, and the cell ran later
+    all the same. Now it does not run, and says so."""
+    handle, first = kernel
+    second = handle.session()
+    second.connect()
+    started = threading.Event()
+    runner = threading.Thread(target=first.execute, daemon=True,
+                              args=("import time\nprint('holding', flush=True)\ntime.sleep(3)",),
+                              kwargs={"on_output": lambda m: started.set()})
+    runner.start()
+    assert started.wait(30)  # the first notebook's cell holds the pod's main thread for 3 s
+    main = threading.main_thread().ident
+    threading.Timer(0.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()  # Ctrl-C while queued
+    with pytest.raises(KeyboardInterrupt) as info:
+        second.execute("ran_second = True")
+    runner.join(30)
+    assert "before it started" in str(info.value)
+    assert first.execute("'ran_second' in dir()").data == {"text/plain": "False"}
+    assert second.execute("21 * 2").data == {"text/plain": "42"}  # the next cell runs
+    second.close()
+
+
 def test_push_pull_200mb_exact(kernel):
     _, s = kernel
     arr = np.random.default_rng(1).integers(0, 2**63, size=200 * 2**20 // 8, dtype=np.int64)
