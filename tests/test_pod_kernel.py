@@ -181,6 +181,22 @@ def test_an_interrupted_cell_that_has_not_started_does_not_run(kernel):
     second.close()
 
 
+def test_ctrl_c_during_the_work_done_while_a_cell_runs_interrupts_the_cell(kernel):
+    """``while_waiting`` (fingerprinting what a push sent, while the pod runs the cell): a Ctrl-C there escaped
+    the wait, the remote cell ran on unseen (its reply orphaned) and the next cell waited behind it."""
+    _, s = kernel
+
+    def ctrl_c() -> None:
+        time.sleep(0.3)  # the cell is on the pod by now
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        s.execute("import time\nfor _ in range(50):\n    time.sleep(0.1)\ndone = True", while_waiting=ctrl_c)
+    t0 = time.monotonic()
+    assert s.execute("'done' in dir()").data == {"text/plain": "False"}  # interrupted, not finished
+    assert time.monotonic() - t0 < 3
+
+
 def test_push_pull_200mb_exact(kernel):
     _, s = kernel
     arr = np.random.default_rng(1).integers(0, 2**63, size=200 * 2**20 // 8, dtype=np.int64)

@@ -104,6 +104,8 @@ class Session(AsyncSession):
         if while_waiting is not None:
             try:
                 while_waiting()
+            except KeyboardInterrupt:  # as in the wait below: the remote cell is interrupted, its reply waited for
+                self.interrupt(target=req_id)
             except Exception:  # the cell runs on regardless, and is waited for
                 log.exception("work done while a cell runs failed")
         while True:
