@@ -61,6 +61,14 @@ from .holdings import (  # noqa: F401  (RemoteRef, CellOutcome, TransferOptions:
 MISSING_RETRIES = 2
 
 
+def interrupted_before_sending(name: str) -> KeyboardInterrupt:
+    """What a Ctrl-C before a cell went to its pod raises (shown as one line: no frames of ours)."""
+    text = f"interrupted before the cell was sent to compute {name!r}: it did not run there"
+    exc = KeyboardInterrupt(text)
+    exc._render_traceback_ = lambda: [f"KeyboardInterrupt: {text}"]  # type: ignore[attr-defined]
+    return exc
+
+
 class ComputeConnection(Holdings):
     """One compute, connected: the kernel handle, the session, and what the pod holds."""
 
@@ -147,73 +155,80 @@ class ComputeConnection(Holdings):
         ``kt_post_mortem`` and ``kt_compute`` (backend, name). Cells of this
         notebook on one compute run one at a time (:meth:`turn`).
         """
-        with self.turn(on_output):  # an --async cell on this compute ends first
-            transfer = transfer or TransferOptions()
-            t0 = time.perf_counter()
-            analysis = analyze_cell(source)
-            if not self.caught_up:
-                self.catch_up(on_output or (lambda _msg: None))
-            self.sync_code()
-            outcome = CellOutcome(None)
-            # with the globals of the notebook functions it calls: they run in the pod's namespace
-            reads = coherence.reach(user_ns, set(analysis.reads))
-            names = list(dict.fromkeys(list(filter_pushable(reads, user_ns)) + transfer.push))
-            missing = [n for n in transfer.push if n not in user_ns]
-            if missing:
-                raise TransferError(f"--push names {', '.join(missing)}, which the notebook does not define")
-            self._forget_deleted_here(user_ns)
-            # the execute follows the push at once, without waiting for its reply: the pod runs the cell once
-            # the values are in (one round trip less per cell that sends something)
-            requires, pushing = self._push(names, user_ns, outcome, force=set(transfer.push),
-                                           on_progress=on_progress, pipeline=True)
-            outcome.timings_s["push"] = time.perf_counter() - t0
+        on_its_way = False
+        try:
+            with self.turn(on_output):  # an --async cell on this compute ends first
+                transfer = transfer or TransferOptions()
+                t0 = time.perf_counter()
+                analysis = analyze_cell(source)
+                if not self.caught_up:
+                    self.catch_up(on_output or (lambda _msg: None))
+                self.sync_code()
+                outcome = CellOutcome(None)
+                # with the globals of the notebook functions it calls: they run in the pod's namespace
+                reads = coherence.reach(user_ns, set(analysis.reads))
+                names = list(dict.fromkeys(list(filter_pushable(reads, user_ns)) + transfer.push))
+                missing = [n for n in transfer.push if n not in user_ns]
+                if missing:
+                    raise TransferError(f"--push names {', '.join(missing)}, which the notebook does not define")
+                self._forget_deleted_here(user_ns)
+                # the execute follows the push at once, without waiting for its reply: the pod runs the cell once
+                # the values are in (one round trip less per cell that sends something)
+                requires, pushing = self._push(names, user_ns, outcome, force=set(transfer.push),
+                                               on_progress=on_progress, pipeline=True)
+                outcome.timings_s["push"] = time.perf_counter() - t0
 
-            t1 = time.perf_counter()
-            try:
-                for _attempt in range(MISSING_RETRIES + 1):
-                    check = self._check(analysis.mentions, transfer, sending=pushing.send if pushing else {})
-                    options = ExecuteOptions(cell_name=cell_name, cell_label=cell_label, debug_wait=debug_wait,
-                                             check=self._wire_check(check), post_mortem=post_mortem,
-                                             requires=tuple(requires),
-                                             after=pushing.req_id if pushing else None)
-                    try:
-                        result = outcome.result = self.session.execute(
-                            source, on_output, options, timeout=timeout_s, on_input=on_input,
-                            while_waiting=None if pushing is None else partial(self._fingerprint_sent, pushing,
-                                                                              outcome))
-                    finally:
-                        if pushing is not None:  # its failure (the cell did not run) is the one raised
-                            sent, pushing = pushing, None
-                            self._finish_push(sent, outcome)
-                    if not result.missing:
-                        break
-                    # the pod lost values we did not send again (another notebook deleted them): sent now, then run
-                    lost = result.missing
-                    outcome.skipped_unchanged = [n for n in outcome.skipped_unchanged if n not in lost]
-                    requires = [n for n in requires if n not in lost]
-                    self._push(lost, user_ns, outcome, force=set(lost), on_progress=on_progress)
-                else:
-                    raise TransferError(f"compute {self.name!r} keeps losing {', '.join(result.missing)} "
-                                        "before the cell can run (another notebook deletes them?); nothing ran")
-            except BaseException as exc:
+                t1 = time.perf_counter()
+                on_its_way = True  # the execute goes now: from here on an interrupt reaches the pod's cell
+                try:
+                    for _attempt in range(MISSING_RETRIES + 1):
+                        check = self._check(analysis.mentions, transfer, sending=pushing.send if pushing else {})
+                        options = ExecuteOptions(cell_name=cell_name, cell_label=cell_label, debug_wait=debug_wait,
+                                                 check=self._wire_check(check), post_mortem=post_mortem,
+                                                 requires=tuple(requires),
+                                                 after=pushing.req_id if pushing else None)
+                        try:
+                            result = outcome.result = self.session.execute(
+                                source, on_output, options, timeout=timeout_s, on_input=on_input,
+                                while_waiting=None if pushing is None else partial(self._fingerprint_sent, pushing,
+                                                                                  outcome))
+                        finally:
+                            if pushing is not None:  # its failure (the cell did not run) is the one raised
+                                sent, pushing = pushing, None
+                                self._finish_push(sent, outcome)
+                        if not result.missing:
+                            break
+                        # the pod lost values we did not send again (another notebook deleted them): sent now, then run
+                        lost = result.missing
+                        outcome.skipped_unchanged = [n for n in outcome.skipped_unchanged if n not in lost]
+                        requires = [n for n in requires if n not in lost]
+                        self._push(lost, user_ns, outcome, force=set(lost), on_progress=on_progress)
+                    else:
+                        raise TransferError(f"compute {self.name!r} keeps losing {', '.join(result.missing)} "
+                                            "before the cell can run (another notebook deletes them?); nothing ran")
+                except BaseException as exc:
+                    outcome.timings_s["execute"] = time.perf_counter() - t1
+                    self.cells_run += 1
+                    if not _raised_by_cell(exc):  # the connection or the kernel failed: nothing to reconcile now
+                        self.held_answered = None
+                        raise
+                    # the cell raised (or was interrupted): what it bound before that comes back, as locally
+                    self._reconcile(check, getattr(exc, "kt_state", None), user_ns, outcome, transfer, on_output,
+                                    on_progress)
+                    exc = _as_notebook_type(exc, user_ns)
+                    _mark(exc, kt_compute=(self.compute.backend, self.name))
+                    raise exc from None
                 outcome.timings_s["execute"] = time.perf_counter() - t1
                 self.cells_run += 1
-                if not _raised_by_cell(exc):  # the connection or the kernel failed: nothing to reconcile now
-                    self.held_answered = None
-                    raise
-                # the cell raised (or was interrupted): what it bound before that comes back, as locally
-                self._reconcile(check, getattr(exc, "kt_state", None), user_ns, outcome, transfer, on_output,
-                                on_progress)
-                exc = _as_notebook_type(exc, user_ns)
-                _mark(exc, kt_compute=(self.compute.backend, self.name))
-                raise exc from None
-            outcome.timings_s["execute"] = time.perf_counter() - t1
-            self.cells_run += 1
-            t2 = time.perf_counter()
-            self._reconcile(check, outcome.result.state, user_ns, outcome, transfer, on_output, on_progress)
-            outcome.timings_s["pull"] = time.perf_counter() - t2
-            outcome.timings_s["total"] = time.perf_counter() - t0
-            return outcome
+                t2 = time.perf_counter()
+                self._reconcile(check, outcome.result.state, user_ns, outcome, transfer, on_output, on_progress)
+                outcome.timings_s["pull"] = time.perf_counter() - t2
+                outcome.timings_s["total"] = time.perf_counter() - t0
+                return outcome
+        except KeyboardInterrupt as exc:  # Ctrl-C here, not in the remote cell
+            if on_its_way or hasattr(exc, "remote_traceback"):
+                raise
+            raise interrupted_before_sending(self.name) from None
 
     def catch_up(self, on_output: OutputCallback) -> None:
         """Show what the pod printed for notebook sessions that lost their client, and wait for their cells.

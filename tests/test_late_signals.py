@@ -132,3 +132,24 @@ def test_a_cell_waiting_behind_an_async_cell_stops_when_the_ctrl_c_is_handled_la
     assert time.monotonic() - t0 < 3.0
     assert "after" not in ip.user_ns
     run(ip, "%kt wait")
+
+
+class _CtrlCWhilePickled:
+    """A value whose pickling is where the Ctrl-C lands (fingerprinting or dumping it, before the cell goes)."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+def test_a_ctrl_c_before_the_cell_was_sent_says_it_did_not_run(ip):
+    from ipshell import run
+
+    run(ip, "%%kt --name late-before\nx = 1")
+    ip.user_ns["stuck"] = _CtrlCWhilePickled()
+    result = ip.run_cell("%%kt --name late-before\ny = stuck")
+    exc = result.error_in_exec
+    assert isinstance(exc, KeyboardInterrupt) and "did not run" in str(exc)
+    assert exc._render_traceback_() == [f"KeyboardInterrupt: {exc}"]  # one line, no frames of ours
+    del ip.user_ns["stuck"]
+    run(ip, "%%kt --name late-before\nseen = 'y' in dir()")
+    assert ip.user_ns["seen"] is False
