@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
@@ -67,6 +67,15 @@ def interrupted_before_sending(name: str) -> KeyboardInterrupt:
     exc = KeyboardInterrupt(text)
     exc._render_traceback_ = lambda: [f"KeyboardInterrupt: {text}"]  # type: ignore[attr-defined]
     return exc
+
+
+@contextmanager
+def _not_sent_on_interrupt(name: str) -> Iterator[None]:
+    """A Ctrl-C in this block, before a cell went to its pod, says that the cell did not run there."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise interrupted_before_sending(name) from None
 
 
 class ComputeConnection(Holdings):
@@ -155,9 +164,9 @@ class ComputeConnection(Holdings):
         ``kt_post_mortem`` and ``kt_compute`` (backend, name). Cells of this
         notebook on one compute run one at a time (:meth:`turn`).
         """
-        on_its_way = False
-        try:
-            with self.turn(on_output):  # an --async cell on this compute ends first
+        with ExitStack() as turn:
+            with _not_sent_on_interrupt(self.name):  # until the execute goes: then the pod's cell is interrupted
+                turn.enter_context(self.turn(on_output))  # an --async cell on this compute ends first
                 transfer = transfer or TransferOptions()
                 t0 = time.perf_counter()
                 analysis = analyze_cell(source)
@@ -178,57 +187,52 @@ class ComputeConnection(Holdings):
                                                on_progress=on_progress, pipeline=True)
                 outcome.timings_s["push"] = time.perf_counter() - t0
 
-                t1 = time.perf_counter()
-                on_its_way = True  # the execute goes now: from here on an interrupt reaches the pod's cell
-                try:
-                    for _attempt in range(MISSING_RETRIES + 1):
-                        check = self._check(analysis.mentions, transfer, sending=pushing.send if pushing else {})
-                        options = ExecuteOptions(cell_name=cell_name, cell_label=cell_label, debug_wait=debug_wait,
-                                                 check=self._wire_check(check), post_mortem=post_mortem,
-                                                 requires=tuple(requires),
-                                                 after=pushing.req_id if pushing else None)
-                        try:
-                            result = outcome.result = self.session.execute(
-                                source, on_output, options, timeout=timeout_s, on_input=on_input,
-                                while_waiting=None if pushing is None else partial(self._fingerprint_sent, pushing,
-                                                                                  outcome))
-                        finally:
-                            if pushing is not None:  # its failure (the cell did not run) is the one raised
-                                sent, pushing = pushing, None
-                                self._finish_push(sent, outcome)
-                        if not result.missing:
-                            break
-                        # the pod lost values we did not send again (another notebook deleted them): sent now, then run
-                        lost = result.missing
-                        outcome.skipped_unchanged = [n for n in outcome.skipped_unchanged if n not in lost]
-                        requires = [n for n in requires if n not in lost]
-                        self._push(lost, user_ns, outcome, force=set(lost), on_progress=on_progress)
-                    else:
-                        raise TransferError(f"compute {self.name!r} keeps losing {', '.join(result.missing)} "
-                                            "before the cell can run (another notebook deletes them?); nothing ran")
-                except BaseException as exc:
-                    outcome.timings_s["execute"] = time.perf_counter() - t1
-                    self.cells_run += 1
-                    if not _raised_by_cell(exc):  # the connection or the kernel failed: nothing to reconcile now
-                        self.held_answered = None
-                        raise
-                    # the cell raised (or was interrupted): what it bound before that comes back, as locally
-                    self._reconcile(check, getattr(exc, "kt_state", None), user_ns, outcome, transfer, on_output,
-                                    on_progress)
-                    exc = _as_notebook_type(exc, user_ns)
-                    _mark(exc, kt_compute=(self.compute.backend, self.name))
-                    raise exc from None
+            t1 = time.perf_counter()
+            try:
+                for _attempt in range(MISSING_RETRIES + 1):
+                    check = self._check(analysis.mentions, transfer, sending=pushing.send if pushing else {})
+                    options = ExecuteOptions(cell_name=cell_name, cell_label=cell_label, debug_wait=debug_wait,
+                                             check=self._wire_check(check), post_mortem=post_mortem,
+                                             requires=tuple(requires),
+                                             after=pushing.req_id if pushing else None)
+                    try:
+                        result = outcome.result = self.session.execute(
+                            source, on_output, options, timeout=timeout_s, on_input=on_input,
+                            while_waiting=None if pushing is None else partial(self._fingerprint_sent, pushing,
+                                                                              outcome))
+                    finally:
+                        if pushing is not None:  # its failure (the cell did not run) is the one raised
+                            sent, pushing = pushing, None
+                            self._finish_push(sent, outcome)
+                    if not result.missing:
+                        break
+                    # the pod lost values we did not send again (another notebook deleted them): sent now, then run
+                    lost = result.missing
+                    outcome.skipped_unchanged = [n for n in outcome.skipped_unchanged if n not in lost]
+                    requires = [n for n in requires if n not in lost]
+                    self._push(lost, user_ns, outcome, force=set(lost), on_progress=on_progress)
+                else:
+                    raise TransferError(f"compute {self.name!r} keeps losing {', '.join(result.missing)} "
+                                        "before the cell can run (another notebook deletes them?); nothing ran")
+            except BaseException as exc:
                 outcome.timings_s["execute"] = time.perf_counter() - t1
                 self.cells_run += 1
-                t2 = time.perf_counter()
-                self._reconcile(check, outcome.result.state, user_ns, outcome, transfer, on_output, on_progress)
-                outcome.timings_s["pull"] = time.perf_counter() - t2
-                outcome.timings_s["total"] = time.perf_counter() - t0
-                return outcome
-        except KeyboardInterrupt as exc:  # Ctrl-C here, not in the remote cell
-            if on_its_way or hasattr(exc, "remote_traceback"):
-                raise
-            raise interrupted_before_sending(self.name) from None
+                if not _raised_by_cell(exc):  # the connection or the kernel failed: nothing to reconcile now
+                    self.held_answered = None
+                    raise
+                # the cell raised (or was interrupted): what it bound before that comes back, as locally
+                self._reconcile(check, getattr(exc, "kt_state", None), user_ns, outcome, transfer, on_output,
+                                on_progress)
+                exc = _as_notebook_type(exc, user_ns)
+                _mark(exc, kt_compute=(self.compute.backend, self.name))
+                raise exc from None
+            outcome.timings_s["execute"] = time.perf_counter() - t1
+            self.cells_run += 1
+            t2 = time.perf_counter()
+            self._reconcile(check, outcome.result.state, user_ns, outcome, transfer, on_output, on_progress)
+            outcome.timings_s["pull"] = time.perf_counter() - t2
+            outcome.timings_s["total"] = time.perf_counter() - t0
+            return outcome
 
     def catch_up(self, on_output: OutputCallback) -> None:
         """Show what the pod printed for notebook sessions that lost their client, and wait for their cells.
