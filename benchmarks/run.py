@@ -59,7 +59,8 @@ def rate(size: int, samples_s: list[float]) -> dict[str, Any]:
     order taken)."""
     mb = size / 1e6
     return {"MBps": mb / statistics.median(samples_s), "min_MBps": mb / max(samples_s),
-            "max_MBps": mb / min(samples_s), "reps": len(samples_s), "samples_ms": [round(x * 1e3, 1) for x in samples_s]}
+            "max_MBps": mb / min(samples_s), "reps": len(samples_s),
+            "samples_ms": [round(x * 1e3, 1) for x in samples_s]}
 
 
 def wait_quiet(max_busy_cores: float = 0.15, window_s: float = 0.25) -> float:

@@ -74,6 +74,7 @@ import pickle
 import struct
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -276,10 +277,7 @@ def _tensor_from_numpy(array: Any, requires_grad: bool, parameter: bool = False)
     """Rebuild a torch tensor (an ``nn.Parameter`` when it was one) from the numpy array it travelled as."""
     import torch
 
-    tensor = torch.from_numpy(array)
-    if parameter:
-        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
-    return tensor.requires_grad_() if requires_grad else tensor
+    return _as_sent(torch.from_numpy(array), requires_grad, parameter)
 
 
 def _tensor_from_bits(array: Any, dtype: str, requires_grad: bool, parameter: bool) -> Any:
@@ -289,7 +287,12 @@ def _tensor_from_bits(array: Any, dtype: str, requires_grad: bool, parameter: bo
     kind = getattr(torch, dtype, None)
     if not isinstance(kind, torch.dtype):
         raise TypeError(f"not a torch dtype: {dtype!r}")
-    tensor = torch.from_numpy(array).view(kind)
+    return _as_sent(torch.from_numpy(array).view(kind), requires_grad, parameter)
+
+
+def _as_sent(tensor: Any, requires_grad: bool, parameter: bool) -> Any:
+    import torch
+
     if parameter:
         return torch.nn.Parameter(tensor, requires_grad=requires_grad)
     return tensor.requires_grad_() if requires_grad else tensor
@@ -318,14 +321,12 @@ def _reduce_tensor(obj: Any, to_cpu: bool) -> Any:
         if obj.is_sparse or obj.is_quantized:
             return None
         requires_grad = bool(obj.requires_grad)
-        array, bits_of = _tensor_arrays.array(obj)
+        array, bits_of = _tensor_array(obj)
     except Exception:  # a dtype without integers of its size, a conjugate tensor, ...
         return None
     if bits_of is not None:
         return _tensor_from_bits, (array, bits_of, requires_grad, parameter)
-    if parameter:
-        return _tensor_from_numpy, (array, requires_grad, True)
-    return _tensor_from_numpy, (array, requires_grad)
+    return _tensor_from_numpy, (array, requires_grad, parameter)
 
 
 def _tensor_as_array(tensor: Any) -> tuple[Any, str | None]:
@@ -340,55 +341,44 @@ def _tensor_as_array(tensor: Any) -> tuple[Any, str | None]:
         return tensor.detach().view(bits).numpy(), str(tensor.dtype).removeprefix("torch.")
 
 
-#: CPU tensors at least this big keep the array they travel as (see :class:`_TensorArrays`).
+#: CPU tensors at least this big keep the array they travel as (see :func:`_tensor_array`).
 TENSOR_ARRAY_MIN_BYTES = 1 << 20
-#: Tensors :class:`_TensorArrays` keeps an array for at most (the oldest are forgotten first): a big model has
+#: Tensors :func:`_tensor_array` keeps an array for at most (the oldest are forgotten first): a big model has
 #: hundreds of weights of 1 MiB or more (a 7B one ~290), and an entry holds no copy, only views.
 TENSOR_ARRAYS_KEPT = 4096
 
+_MISSING = object()
 
-class _TensorArrays:
-    """The numpy array each big CPU tensor travels and enters fingerprints as, made once per tensor.
 
-    ``tensor.numpy()`` makes a new array, over a new alias of the tensor, at each call. The write tracker keeps
-    a big buffer's digest only while the object that exported it lives: with a new array every time, an
-    unchanged 100 MiB tensor was hashed again before and after every cell that read it (12 ms each side here).
-    The array is kept while the tensor lives and still has the memory, shape, strides and dtype it was made
-    of (``set_``, ``resize_`` or ``.data =`` give it others: a new array is made).
-    """
+class _PerObject:
+    """Something remembered about each of up to ``kept`` live objects (the oldest forgotten first), with a stamp
+    that says the object is still as it was; an entry goes with its object (a weak reference's callback)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept: int) -> None:
+        self.kept = kept
         self._lock = threading.Lock()
-        #: id(tensor) -> (weak reference, (data pointer, shape, strides, dtype), (array, dtype name or None))
-        self._entries: dict[int, tuple[Any, tuple[Any, ...], tuple[Any, str | None]]] = {}
+        #: id(object) -> (weak reference, stamp, what is remembered)
+        self._entries: dict[int, tuple[Any, Any, Any]] = {}
 
-    def array(self, tensor: Any) -> tuple[Any, str | None]:
-        """:func:`_tensor_as_array` of ``tensor``, the same array while it is as it was."""
-        if tensor.numel() * tensor.element_size() < TENSOR_ARRAY_MIN_BYTES:
-            return _tensor_as_array(tensor)
-        import weakref
-
-        key = id(tensor)
-        layout = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-        with self._lock:
-            entry = self._entries.get(key)
-        if entry is not None and entry[0]() is tensor and entry[1] == layout:
+    def get(self, obj: Any, stamp: Any) -> Any:
+        """What was remembered about ``obj`` with this ``stamp``, else :data:`_MISSING`."""
+        entry = self._entries.get(id(obj))
+        if entry is not None and entry[0]() is obj and entry[1] == stamp:
             return entry[2]
-        made = _tensor_as_array(tensor)
+        return _MISSING
 
+    def put(self, obj: Any, stamp: Any, value: Any) -> None:
+        """Remember ``value`` about ``obj`` (nothing when ``obj`` takes no weak reference)."""
+        key = id(obj)
         try:
-            ref = weakref.ref(tensor, functools.partial(_forget_entry, self._entries, key))
+            ref = weakref.ref(obj, functools.partial(_forget_entry, self._entries, key))
         except TypeError:
-            return made
+            return
         with self._lock:
             self._entries.pop(key, None)
-            self._entries[key] = (ref, layout, made)
-            while len(self._entries) > TENSOR_ARRAYS_KEPT:
+            self._entries[key] = (ref, stamp, value)
+            while len(self._entries) > self.kept:
                 self._entries.pop(next(iter(self._entries)), None)
-        return made
-
-
-_tensor_arrays = _TensorArrays()
 
 
 def _forget_entry(entries: dict[int, tuple[Any, ...]], key: int, ref: Any) -> None:
@@ -398,6 +388,28 @@ def _forget_entry(entries: dict[int, tuple[Any, ...]], key: int, ref: Any) -> No
     entry = entries.get(key)
     if entry is not None and entry[0] is ref:
         entries.pop(key, None)
+
+
+_tensor_arrays = _PerObject(TENSOR_ARRAYS_KEPT)
+
+
+def _tensor_array(tensor: Any) -> tuple[Any, str | None]:
+    """:func:`_tensor_as_array` of a CPU tensor, the same array while the tensor is as it was.
+
+    ``tensor.numpy()`` makes a new array, over a new alias of the tensor, at each call. The write tracker keeps
+    a big buffer's digest only while the object that exported it lives: with a new array every time, an
+    unchanged 100 MiB tensor was hashed again before and after every cell that read it (12 ms each side here).
+    The array is kept while the tensor lives and still has the memory, shape, strides and dtype it was made
+    of (``set_``, ``resize_`` or ``.data =`` give it others: a new array is made).
+    """
+    if tensor.numel() * tensor.element_size() < TENSOR_ARRAY_MIN_BYTES:
+        return _tensor_as_array(tensor)
+    layout = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+    made = _tensor_arrays.get(tensor, layout)
+    if made is _MISSING:
+        made = _tensor_as_array(tensor)
+        _tensor_arrays.put(tensor, layout, made)
+    return made
 
 
 def _code_reduce_keeping_filename(code: Any) -> Any:
@@ -730,15 +742,15 @@ def _out_of_band(value: Any, plain: bool | None = None) -> tuple[bytes, list[pic
 
 
 #: Object arrays of at least this many items, all exact ``str``, enter fingerprints (and head digests) as the
-#: digest of their strings' pickle, which :class:`_StringArrays` remembers while the array's pointers stay.
+#: digest of their strings' pickle, which :func:`_strings_digest` remembers while the array's pointers stay.
 STR_ARRAY_MIN_ITEMS = 4096
-#: Object arrays :class:`_StringArrays` remembers at most (the oldest are forgotten first).
+#: Object arrays :func:`_strings_digest` remembers at most (the oldest are forgotten first).
 STR_ARRAYS_KEPT = 64
 
 
 @functools.lru_cache(maxsize=1)
 def _fingerprint_pickler() -> type:
-    """cloudpickle's pickler, but an object array of strings goes as its :class:`_StringArrays` digest, and a CPU
+    """cloudpickle's pickler, but an object array of strings goes as its :func:`_strings_digest`, and a CPU
     torch tensor as the numpy array it travels as (its memory hashed in place, like an array's)."""
     import cloudpickle
 
@@ -746,7 +758,7 @@ def _fingerprint_pickler() -> type:
         def reducer_override(self, obj: Any) -> Any:
             kind = type(obj)
             if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and obj.dtype.kind == "O":
-                digest = _string_arrays.digest(obj)
+                digest = _strings_digest(obj)
                 if digest is not None:
                     return _strings_of_digest, (digest.hex(), obj.shape)
             elif _is_tensor(obj):  # its memory as a buffer, as it travels (torch's own pickle copies it in band)
@@ -764,53 +776,35 @@ def _strings_of_digest(digest: str, shape: tuple[int, ...]) -> Any:
     raise RuntimeError("a fingerprint's stream is never unpickled")
 
 
-class _StringArrays:
-    """The digests of big object arrays of strings (a DataFrame's text column), remembered while the arrays'
-    pointers stay as they were.
+_string_arrays = _PerObject(STR_ARRAYS_KEPT)
+
+
+def _strings_digest(arr: Any) -> bytes | None:
+    """The digest of the strings of a big object array of strings (a DataFrame's text column), remembered while
+    the array's pointers stay as they were; None when it is small, not contiguous or not all exact str.
 
     Pickling 100k strings to fingerprint a DataFrame that a cell read took 11 ms of
     16 here, on each side, every cell. An array whose pointers (8 bytes an item,
     hashed in ~0.1 ms) are the ones it had when all its items were found to be
     exact ``str`` holds the same strings: a ``str`` never changes, and a copy of
-    the array kept here holds every one of them, so none can be freed and
-    another string take its address (an item replaced by None, then by a new
+    the array kept with the digest holds every one of them, so none can be freed
+    and another string take its address (an item replaced by None, then by a new
     string, would otherwise look unchanged). The digest is that of the strings'
     pickle, so both sides, remembering or not, give the same one.
     """
+    if arr.size < STR_ARRAY_MIN_ITEMS or not arr.flags.c_contiguous:
+        return None
+    import ctypes
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        #: id(array) -> (weak reference, pointer digest, strings' digest or None when not all str, kept copy)
-        self._entries: dict[int, tuple[Any, bytes, bytes | None, Any]] = {}
-
-    def digest(self, arr: Any) -> bytes | None:
-        """The strings' digest of ``arr``, or None when it is small, not contiguous or not all exact str."""
-        if arr.size < STR_ARRAY_MIN_ITEMS or not arr.flags.c_contiguous:
-            return None
-        import ctypes
-        import weakref
-
-        _prefix, kind = hash_kind()
-        pointers = kind((ctypes.c_char * arr.nbytes).from_address(arr.ctypes.data)).digest()
-        key = id(arr)
-        with self._lock:
-            entry = self._entries.get(key)
-        if entry is not None and entry[0]() is arr and entry[1] == pointers:
-            return entry[2]
-        items = arr.ravel().tolist()
-        content = kind(pickle.dumps(items, protocol=5)).digest() if all(type(x) is str for x in items) else None
-
-        entry = (weakref.ref(arr, functools.partial(_forget_entry, self._entries, key)), pointers, content,
-                 arr.copy() if content is not None else None)
-        with self._lock:
-            self._entries.pop(key, None)
-            self._entries[key] = entry
-            while len(self._entries) > STR_ARRAYS_KEPT:
-                self._entries.pop(next(iter(self._entries)), None)
-        return content
-
-
-_string_arrays = _StringArrays()
+    _prefix, kind = hash_kind()
+    pointers = kind((ctypes.c_char * arr.nbytes).from_address(arr.ctypes.data)).digest()
+    known = _string_arrays.get(arr, pointers)
+    if known is not _MISSING:
+        return known[0]
+    items = arr.ravel().tolist()
+    content = kind(pickle.dumps(items, protocol=5)).digest() if all(type(x) is str for x in items) else None
+    _string_arrays.put(arr, pointers, (content, arr.copy() if content is not None else None))
+    return content
 
 
 def _plain_array(value: Any) -> bool:

@@ -352,7 +352,7 @@ class Transport:
             wait_ms = WAIT_SLICE_MS if deadline is None else \
                 max(0, min(WAIT_SLICE_MS, int((deadline - time.monotonic()) * 1000)))
             if held:  # the loop routes the messages before them, which may not be this execute's
-                wait_ms = 1 if wait_ms < 0 else min(wait_ms, 1)
+                wait_ms = min(wait_ms, 1)
             lane.sleeping = True
             try:
                 if inbox.items:
