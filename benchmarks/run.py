@@ -31,7 +31,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Each transfer is repeated this many times; the median and the spread (min, max) are reported.
-REPS_TRANSFER = 5
+REPS_TRANSFER = 7
 #: Rows up to this size take more samples (REPS_SMALL_TRANSFER): a sample costs milliseconds, and a 1 MiB
 #: transfer's time swings by half from one sample to the next on a shared machine.
 SMALL_TRANSFER_BYTES = 8 << 20
@@ -343,9 +343,6 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int =
     no_pull = TransferOptions(no_pull=True)
     base = np.random.default_rng(0).integers(0, 255, size=size, dtype=np.uint8)
     reused_before, spared_before, _idle = pod_pool(conn, ns)
-    gc.collect()
-    tcp = [raw_tcp_transfer(base) for _ in range(reps)]
-    tcp_fresh = [raw_tcp_transfer(base, fresh=True) for _ in range(reps)]
 
     def fresh(i: int) -> Any:
         array = base + np.uint8(i + 1)  # a new array, other bytes throughout, written before it moves
@@ -391,17 +388,25 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int =
         staged["b"] = ipp.view.pull("b", block=True)
         assert staged["b"].nbytes == size
 
+    def no_setup(i: int) -> None:
+        pass
+
+    # the limits time themselves (from the first byte sent; not the socket's setup)
+    limits = {"raw_tcp": (no_setup, lambda: raw_tcp_transfer(base)),
+              "raw_tcp_fresh_memory": (no_setup, lambda: raw_tcp_transfer(base, fresh=True))}
     ways = {"kt_push": (kt_push_setup, kt_push), "kt_pull": (kt_pull_setup, kt_pull),
             "ipp_push": (ipp_push_setup, ipp_push), "ipp_pull": (ipp_pull_setup, ipp_pull)}
-    samples: dict[str, list[float]] = {name: [] for name in ways}
-    for i in range(reps):  # interleaved: the load of a shared box falls on every way alike
-        for name, (setup, move) in ways.items():
+    samples: dict[str, list[float]] = {name: [] for name in (*limits, *ways)}
+    # interleaved, the limits too: the load of a shared box (raw TCP's own 1 GiB time swung 0.47-0.74 s in one
+    # row here) falls on every way alike, so the ratios hold when the box's speed drifts
+    for i in range(reps):
+        for name, (setup, move) in {**limits, **ways}.items():
             setup(i)
             gc.collect()
             wait_quiet()
             t0 = time.perf_counter()
-            move()
-            samples[name].append(time.perf_counter() - t0)
+            took = move()
+            samples[name].append(took if name in limits else time.perf_counter() - t0)
     staged.clear()
     ipp.view.execute("del a, b", block=True)
     peaks = {}
@@ -417,8 +422,8 @@ def transfer_row(size: int, conn: Any, ns: dict[str, Any], ipp: IPP, reps: int =
     reused, spared, idle = pod_pool(conn, ns)
     reuse = {"pod_receives_into_reused_buffers": reused - reused_before,
              "pod_spares_faulted_ahead": spared - spared_before, "pod_idle_pool_bytes": idle}
-    row: dict[str, Any] = {"raw_tcp": rate(size, tcp), "raw_tcp_fresh_memory": rate(size, tcp_fresh), **reuse}
-    row.update({name: rate(size, v) for name, v in samples.items()})
+    row: dict[str, Any] = {name: rate(size, v) for name, v in samples.items()}
+    row.update(reuse)
     for side in ("push", "pull"):
         row[f"kt_{side}_vs_tcp"] = row[f"kt_{side}"]["MBps"] / row["raw_tcp"]["MBps"]
         row[f"kt_{side}_vs_tcp_fresh"] = row[f"kt_{side}"]["MBps"] / row["raw_tcp_fresh_memory"]["MBps"]
