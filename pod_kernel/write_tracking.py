@@ -32,6 +32,7 @@ back to hashing, which is always correct.
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import mmap
 import os
@@ -70,6 +71,21 @@ _UFFDIO_UNREGISTER = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x01  # _IOR: the ke
 _UFFDIO_WRITEPROTECT = _iowr(0xAA, 0x06, 24)
 _UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
 _PAGEMAP_SCAN = _iowr(0x66, 16, 96)
+_PROCMAP_QUERY = _iowr(0x66, 17, 104)
+_PROCMAP_QUERY_VMA_SHARED = 1 << 3
+#: Longest mapping name asked for: "[heap]" and "" are the two that matter; a longer one is some other mapping.
+_NAME_BYTES = 64
+
+
+class _ProcmapQuery(ctypes.Structure):
+    """``struct procmap_query`` (linux/fs.h, Linux 6.11+): the mapping that holds one address."""
+
+    _fields_ = [("size", ctypes.c_uint64), ("query_flags", ctypes.c_uint64), ("query_addr", ctypes.c_uint64),
+                ("vma_start", ctypes.c_uint64), ("vma_end", ctypes.c_uint64), ("vma_flags", ctypes.c_uint64),
+                ("vma_page_size", ctypes.c_uint64), ("vma_offset", ctypes.c_uint64), ("inode", ctypes.c_uint64),
+                ("dev_major", ctypes.c_uint32), ("dev_minor", ctypes.c_uint32), ("vma_name_size", ctypes.c_uint32),
+                ("build_id_size", ctypes.c_uint32), ("vma_name_addr", ctypes.c_uint64),
+                ("build_id_addr", ctypes.c_uint64)]
 
 
 class _PyBuffer(ctypes.Structure):
@@ -114,6 +130,9 @@ class WriteTracker:
         self._protections = itertools.count(1)
         self._uffd = -1
         self._pagemap = -1
+        self._maps = -1
+        #: whether the kernel answers PROCMAP_QUERY (else /proc/self/maps is read through)
+        self._query = True
         self._libc: Any = None
         self._pid = os.getpid()
         self.available = self._open()
@@ -136,6 +155,7 @@ class WriteTracker:
                 os.close(fd)
                 return False
             self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self._maps = os.open("/proc/self/maps", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return False
         self._uffd, self._libc = fd, libc
@@ -267,7 +287,7 @@ class WriteTracker:
         """Write-protect [start, end) for ``key`` (registering it first; under the lock); False when it is not
         plain private memory. Arming clears the written marks of those pages: other entries there vouch no more,
         and protections pending there (:meth:`protect`) are void."""
-        if not _private_anonymous(start, end, heap=end - start >= TRACK_HEAP_MIN_BYTES):
+        if not self._private_anonymous(start, end, heap=end - start >= TRACK_HEAP_MIN_BYTES):
             return False
         register = (ctypes.c_uint64 * 4)(start, end - start, _UFFDIO_REGISTER_MODE_WP, 0)
         if self._libc.ioctl(self._uffd, _UFFDIO_REGISTER, ctypes.byref(register)) != 0:
@@ -282,14 +302,38 @@ class WriteTracker:
         return True
 
 
+    def _private_anonymous(self, start: int, end: int, heap: bool = True) -> bool:
+        """Whether [start, end) lies in private anonymous mappings only (nothing else can write their pages); in
+        the heap only if ``heap``. Asks the kernel for the mappings there (PROCMAP_QUERY, ~5 us each) where it
+        answers: reading /proc/self/maps through cost 1-2.5 ms in a process with torch loaded (~650 mappings),
+        at every fresh 1 MiB value a cell read twice."""
+        if not self._query:
+            return _private_anonymous(start, end, heap)
+        name = ctypes.create_string_buffer(_NAME_BYTES)
+        query = _ProcmapQuery(size=ctypes.sizeof(_ProcmapQuery), vma_name_addr=ctypes.addressof(name))
+        covered = start
+        while covered < end:
+            query.query_flags, query.query_addr, query.vma_name_size = 0, covered, _NAME_BYTES  # the one holding it
+            if self._libc.ioctl(self._maps, _PROCMAP_QUERY, ctypes.byref(query)) != 0:
+                if ctypes.get_errno() in (errno.ENOENT, errno.ENAMETOOLONG):  # a hole; a long name: not plain
+                    return False
+                self._query = False  # an older kernel (ENOTTY, EINVAL): read the maps from now on
+                return _private_anonymous(start, end, heap)
+            label = name.value if query.vma_name_size else b""
+            if (query.vma_flags & _PROCMAP_QUERY_VMA_SHARED or query.inode or query.dev_major or query.dev_minor
+                    or label not in (b"", b"[heap]" if heap else b"")):
+                return False
+            covered = query.vma_end
+        return True
+
+
 def _pages(address: int, nbytes: int) -> tuple[int, int]:
     """The page-aligned range holding [address, address + nbytes)."""
     return address - address % mmap.PAGESIZE, -(-(address + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def _private_anonymous(start: int, end: int, heap: bool = True) -> bool:
-    """Whether [start, end) lies in private anonymous mappings only (nothing else can write their pages); in
-    the heap only if ``heap``."""
+    """:meth:`WriteTracker._private_anonymous` from /proc/self/maps, on kernels without PROCMAP_QUERY."""
     covered = start
     with open("/proc/self/maps") as maps:
         for line in maps:
