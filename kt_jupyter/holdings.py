@@ -98,11 +98,17 @@ class Held:
 HEAD_MIN_BYTES = BULK_MIN_BYTES
 
 
+def _big(value: Any, min_bytes: int = HEAD_MIN_BYTES) -> bool:
+    """Whether ``value`` says it holds ``min_bytes`` or more (an array, a tensor: ``nbytes``); a value without
+    ``nbytes`` (a DataFrame) could take long just to size."""
+    nbytes = getattr(value, "nbytes", None)
+    return isinstance(nbytes, int) and nbytes >= min_bytes
+
+
 def _head(value: Any) -> str:
     """A big array's head digest (see :attr:`Held.head`); '' for anything else: a small value fingerprints in
-    little time, and a value without ``nbytes`` (a DataFrame) could take long just to size."""
-    nbytes = getattr(value, "nbytes", None)
-    return P.head_digest(value) if isinstance(nbytes, int) and nbytes >= HEAD_MIN_BYTES else ""
+    little time."""
+    return P.head_digest(value) if _big(value) else ""
 
 
 @dataclass
@@ -218,13 +224,12 @@ class Holdings:
     @staticmethod
     def _fingerprint_sent(pushing: _PushInFlight, outcome: CellOutcome) -> None:
         """Fingerprint what a pipelined push sent without one, while the pod takes it and runs the cell (this
-        thread would only wait): not after the cell. A bundle with parts the bulk channel digests in transit
-        waits for those digests instead (:meth:`_record_push`)."""
-        if any(size >= P.HASH_PARALLEL_MIN_BYTES for size in pushing.bundle.sizes):
-            return
+        thread would only wait): not after the cell. An array the bulk channel digests in transit (1 MiB+)
+        waits for its digest instead (:meth:`_record_push`)."""
+        bulk = pushing.bundle.nbytes >= BULK_MIN_BYTES
         t_fp = time.perf_counter()
         for name, value in pushing.send.items():
-            if name not in pushing.prints:
+            if name not in pushing.prints and not (bulk and _big(value, P.BUFFER_DIGEST_MIN_BYTES)):
                 pushing.prints[name] = P.fingerprint(value)
         outcome.timings_s["coherence"] = outcome.timings_s.get("coherence", 0.0) + time.perf_counter() - t_fp
 

@@ -161,14 +161,17 @@ MAX_DIGEST_PREFIX = 16
 
 
 def _digested(part: Any) -> bool:
-    """Whether a part of this size travels with its digest (see :func:`send_parts`)."""
-    return memoryview(part).nbytes >= P.HASH_PARALLEL_MIN_BYTES
+    """Whether a part of this size travels with its digest (see :func:`send_parts`): every part a fingerprint
+    takes as its digest (:data:`~pod_kernel.protocol.BUFFER_DIGEST_MIN_BYTES`, 1 MiB). From 64 MiB only, the
+    receiver of a fresh 1-16 MiB array hashed it twice on the cell's path (when it took it, when the cell
+    ended): a 16 MiB push cell spent 7 of its 22 ms there."""
+    return memoryview(part).nbytes >= P.BUFFER_DIGEST_MIN_BYTES
 
 
 def send_parts(sock: socket.socket, parts: list[memoryview], progress: ProgressFn | None = None) -> dict[int, bytes]:
     """Write every part in order (no copies beyond the kernel's), then the trailer; returns the digests sent.
 
-    Each part of at least :data:`~pod_kernel.protocol.HASH_PARALLEL_MIN_BYTES` is
+    Each part of at least :data:`~pod_kernel.protocol.BUFFER_DIGEST_MIN_BYTES` is
     hashed as it goes (:func:`~pod_kernel.protocol.buffer_digest`, a piece just
     before it is sent, so it is read from memory once), and the trailer after
     the last part carries those digests: the length of the hash's name, the

@@ -83,7 +83,8 @@ from . import write_tracking
 
 log = logging.getLogger("pod_kernel.protocol")
 
-PROTOCOL_VERSION = 3
+#: 4: every bulk part of BUFFER_DIGEST_MIN_BYTES+ carries its digest in the trailer (3: from 64 MiB)
+PROTOCOL_VERSION = 4
 
 #: Largest JSON header a peer accepts; a frame declaring more is malformed.
 MAX_HEADER_BYTES = 1 << 20

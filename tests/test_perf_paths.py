@@ -171,35 +171,45 @@ def test_a_big_global_is_not_read_again_on_its_first_unchanged_rerun(ip, monkeyp
     assert sorted(magics(ip).last_outcome.pushed) == ["big", "made"] and ip.user_ns["t"] == 3
 
 
-def test_a_new_mid_size_array_is_sent_at_once_and_fingerprinted_while_the_pod_runs_the_cell(ip, monkeypatch):
+def test_a_new_mid_size_array_is_sent_at_once_and_fingerprinted_from_its_digest_in_transit(ip, monkeypatch):
     """From 1 MiB (the bulk channel) a value has a head digest: a new array whose head differs from the held
-    one's is sent without being hashed first; it is fingerprinted while the pod takes it and runs the cell
-    (the notebook's thread would only wait), not before the push nor after the cell. One with the same bytes
+    one's is sent without being hashed first, and its bytes are hashed only as they go (the bulk trailer's
+    digest): neither side reads them again for its fingerprint, the pod's tracker vouches for them from their
+    arrival (before: the pod hashed a fresh 1-64 MiB array twice on the cell's path). One with the same bytes
     is hashed before, and not sent."""
     import inspect
 
-
     callers: list[str] = []
-    real = P.fingerprint
+    hashed: list[int] = []
+    real, real_digest = P.fingerprint, P.buffer_digest
 
     def spy(value, *args, **kwargs):
         if isinstance(value, np.ndarray):
             callers.append(inspect.stack()[1].function)
         return real(value, *args, **kwargs)
 
+    def digest_spy(data):
+        hashed.append(data.nbytes)
+        return real_digest(data)
+
     monkeypatch.setattr(conn_mod.P, "fingerprint", spy)
+    monkeypatch.setattr(P, "buffer_digest", digest_spy)
     mid = np.arange(2 * 2**20 // 8, dtype=np.int64)
     ip.user_ns["mid"] = mid
+    run(ip, "%%kt --name perf-mid\nfrom pod_kernel import write_tracking\nv0 = write_tracking.tracker().vouched")
     run(ip, "%%kt --name perf-mid\ns = int(mid[-1])")
-    assert magics(ip).last_outcome.pushed == ["mid"] and callers == ["_fingerprint_sent"]
+    assert magics(ip).last_outcome.pushed == ["mid"] and callers == ["_record_push"] and hashed == []
     conn = next(c for c in conn_mod.connections() if c.name == "perf-mid")
-    assert conn.held["mid"].fingerprint == real(mid.copy())
+    assert conn.held["mid"].fingerprint == real(mid.copy())  # (hashes the copy: the spy sees it)
     callers.clear()
+    hashed.clear()
     ip.user_ns["mid"] = mid + 1
-    run(ip, "%%kt --name perf-mid\ns = int(mid[-1])")
+    run(ip, "%%kt --name perf-mid\ns = int(mid[-1])\nv = write_tracking.tracker().vouched - v0")
     assert ip.user_ns["s"] == len(mid) and magics(ip).last_outcome.pushed == ["mid"]
-    assert callers == ["_fingerprint_sent"]
+    assert callers == ["_record_push"] and hashed == []
     assert conn.held["mid"].fingerprint == real(ip.user_ns["mid"].copy())
+    if write_tracking.tracker().available:  # the pod (this machine's kernel): taken, checked, taken, unread
+        assert ip.user_ns["v"] >= 3
     callers.clear()
     ip.user_ns["mid"] = ip.user_ns["mid"].copy()  # a new array, the same bytes: hashed first, not sent
     run(ip, "%%kt --name perf-mid\ns = int(mid[0])")
