@@ -18,10 +18,11 @@ by the notebook's stale copy.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from functools import partial
 from typing import Any
 
@@ -203,7 +204,11 @@ class ComputeConnection(Holdings):
                     finally:
                         if pushing is not None:  # its failure (the cell did not run) is the one raised
                             sent, pushing = pushing, None
-                            self._finish_push(sent, outcome)
+                            if isinstance(sys.exc_info()[1], KeyboardInterrupt):  # a Ctrl-C may have cut it short:
+                                with suppress(Exception):  # then the pod holds none of it, and the next cell
+                                    self._finish_push(sent, outcome)  # sends it again
+                            else:
+                                self._finish_push(sent, outcome)
                     if not result.missing:
                         break
                     # the pod lost values we did not send again (another notebook deleted them): sent now, then run

@@ -5,6 +5,8 @@ IPython's test shell with real pod kernel processes; each test is a pattern from
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 
 import numpy as np
@@ -45,6 +47,34 @@ def test_interrupted_cell_keeps_what_it_assigned(ip):
     # a name the given-up cell bound comes back too (its reply, read late, is reconciled with the next cell)
     assert ip.user_ns["fresh"] == "bound"
 
+
+
+def test_ctrl_c_while_the_values_a_cell_reads_are_on_their_way_ends_their_transfer(ip):
+    """A Ctrl-C during a push (its bytes paced here to take 3.2 s, as through a slow port-forward) ended the
+    cell only once every byte had gone ("interrupted before it started"). Now the bulk transfer is cut short at
+    once: the cell did not run, the pod holds none of it, and the next cell sends it again."""
+    run(ip, "%%kt --name abort-push\nready = 1")
+    conn = next(c for c in conn_mod.connections() if c.name == "abort-push")
+    big = np.ones(64 << 20, dtype=np.uint8)  # reported in 8 pieces of 8 MiB, each held 0.4 s below
+    ip.user_ns["big"] = big
+
+    def slow(_side: str, done: int, total: int) -> None:
+        if done < total:
+            time.sleep(0.4)
+
+    main = threading.main_thread().ident
+    assert main is not None
+    threading.Timer(0.6, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt) as info:
+        conn.run_cell("ran = big.nbytes", ip.user_ns, on_progress=slow)
+    took = time.monotonic() - t0
+    assert "while the values it reads were being sent" in str(info.value)
+    assert took < 2.0, f"the push ran on for {took:.1f} s"  # all of it: 3.2 s
+    run(ip, "%%kt --name abort-push\nthere = [n for n in ('big', 'ran') if n in dir()]")
+    assert ip.user_ns["there"] == [] and "ran" not in ip.user_ns
+    done = conn.run_cell("n = big.nbytes", ip.user_ns)
+    assert done.pushed == ["big"] and ip.user_ns["n"] == big.nbytes
 
 def test_in_place_changes_come_back(ip):
     ip.user_ns.update(L=[3, 1, 2], arr=np.zeros(4), d={"a": 1})

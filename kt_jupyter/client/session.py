@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from pod_kernel import protocol as P
 from pod_kernel import waits
 
-from ..errors import RemoteTimeoutError
+from ..errors import RemoteError, RemoteTimeoutError
 from .asyncapi import AsyncSession, ExecuteOptions, ExecuteResult, execute_options
 from .loop import client_loop
 from .transport import (
@@ -35,6 +35,10 @@ from .transport import (
 log = logging.getLogger("kt_jupyter.client")
 
 T = TypeVar("T")
+
+#: What a cell interrupted while the values it reads were still on their way ends with.
+INTERRUPTED_WHILE_SENDING = ("interrupted while the values it reads were being sent; it did not run (the next cell "
+                             "that reads them sends them again)")
 
 
 class Session(AsyncSession):
@@ -101,11 +105,12 @@ class Session(AsyncSession):
                           while_waiting: Callable[[], None] | None, done: object, t0: float) -> ExecuteResult:
         """:meth:`execute`'s wait for its outputs and reply, in the caller's thread."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        cut_short = False  # a Ctrl-C ended the push this cell follows (its values did not all arrive)
         if while_waiting is not None:
             try:
                 while_waiting()
             except KeyboardInterrupt:  # as in the wait below: the remote cell is interrupted, its reply waited for
-                self.interrupt(target=req_id)
+                cut_short = self._interrupt_execute(req_id, options)
             except Exception:  # the cell runs on regardless, and is waited for
                 log.exception("work done while a cell runs failed")
         while True:
@@ -121,13 +126,15 @@ class Session(AsyncSession):
                     f"cell on {self.name!r} did not finish within {timeout:g} s; it was interrupted"
                 ) from None
             except KeyboardInterrupt:
-                self.interrupt(target=req_id)
+                cut_short = self._interrupt_execute(req_id, options) or cut_short
                 continue
             if isinstance(item, tuple):  # the reply (header, payload): finished here, not by the loop
                 outputs.replied = True
                 header, payload = item
                 self._executions.pop(req_id, None)
                 result = self._execute_result(header, payload, options, ex, req_id, t0)
+                if cut_short and isinstance(result, RemoteError) and result.ename == "PushFailed":
+                    raise KeyboardInterrupt(INTERRUPTED_WHILE_SENDING) from None
                 if isinstance(result, BaseException):
                     raise result  # raised here, in the caller's thread, never on the client loop
                 return result
@@ -144,6 +151,13 @@ class Session(AsyncSession):
                 continue
             if on_output is not None:
                 on_output(item)
+
+    def _interrupt_execute(self, req_id: str, options: ExecuteOptions) -> bool:
+        """A Ctrl-C during execute ``req_id``: the remote cell is interrupted, and the push it follows ended if
+        its bytes are still on their way (the cell cannot start before them; a 2 GiB push through a
+        port-forward took tens of seconds). True when that push was cut short."""
+        self.interrupt(target=req_id)
+        return options.after is not None and self.abort_transfer(options.after)
 
     def _keep_orphan_state(self, fut: concurrent.futures.Future[Any]) -> None:
         if fut.cancelled() or fut.exception() is not None:

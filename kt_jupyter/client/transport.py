@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from pod_kernel import protocol as P
 from pod_kernel import waits
-from pod_kernel.bulk import BULK_MIN_BYTES, client_transfer, parse_ticket
+from pod_kernel.bulk import BULK_MIN_BYTES, Abort, client_transfer, parse_ticket
 from pod_kernel.lanes import LANE_OUTPUTS, ClientLane, open_lane
 
 from ..errors import AuthError, ConnectionLostError, KernelDiedError, KtError, ProtocolMismatchError, TransferError
@@ -133,6 +133,8 @@ class _Pending:
     assembler: P.BundleAssembler | None = None
     header: dict[str, Any] = field(default_factory=dict)
     bulk_ready: asyncio.Future[str] | None = None
+    #: ends the bulk transfer of a push in flight (:meth:`Transport.abort_transfer`)
+    abort: Abort | None = None
 
 
 @dataclass
@@ -561,11 +563,13 @@ class Transport:
         header = dict(header, id=req_id)
         while True:
             loop = asyncio.get_running_loop()
-            pending = _Pending(loop.create_future(), on_progress, bulk_ready=loop.create_future())
+            pending = _Pending(loop.create_future(), on_progress, bulk_ready=loop.create_future(),
+                               abort=None if bundle is None else Abort())
             self._pending[req_id] = pending
             try:
                 reply, _payload = await self._until_reply(header, pending.reply, bundle, on_progress, once=True,
-                                                          bulk_ready=pending.bulk_ready, on_sent=on_sent)
+                                                          bulk_ready=pending.bulk_ready, on_sent=on_sent,
+                                                          abort=pending.abort)
                 return reply
             except _Resend:
                 if not resend:
@@ -598,7 +602,7 @@ class Transport:
                            bundle: P.Bundle | None = None, on_progress: ProgressCallback | None = None,
                            once: bool = False, bulk_ready: asyncio.Future[str] | None = None,
                            on_sent: Callable[[], None] | None = None,
-                           sent_on: _Conn | None = None) -> tuple[Any, bytes]:
+                           sent_on: _Conn | None = None, abort: Abort | None = None) -> tuple[Any, bytes]:
         """Send ``header`` (and bundle) and wait for ``reply``, resending after reconnects.
 
         A big bundle goes over the bulk channel when the pod has one: the
@@ -633,7 +637,7 @@ class Transport:
                             # the digests taken as the big parts went: this side's fingerprints of them
                             bundle.digests.update(await asyncio.to_thread(
                                 client_transfer, address, ticket, send=bundle.parts, progress=on_progress,
-                                reuse_s=conn.bulk_keepalive_s))
+                                reuse_s=conn.bulk_keepalive_s, abort=abort))
                         except OSError as exc:  # the pod answers a failed transfer, or the connection drops
                             log.debug("bulk push to %s failed: %s", self.name, exc)
                 else:
@@ -664,6 +668,16 @@ class Transport:
             sent = min(total, sent + P.CHUNK_BYTES)
             if on_progress is not None:
                 on_progress(sent, total)
+
+    def abort_transfer(self, req_id: str) -> bool:
+        """End the bulk transfer of request ``req_id`` now, from any thread (a Ctrl-C while a push is on its
+        way): the pod sees it cut short and fails the push, and the cell that follows it. False when that request
+        has no bulk transfer to end."""
+        pending = self._pending.get(req_id)
+        if pending is None or pending.abort is None:
+            return False
+        pending.abort.set()
+        return True
 
     def _bulk_address(self, conn: _Conn | None = None) -> tuple[str, int] | None:
         conn = conn or self._conn
