@@ -76,6 +76,32 @@ def test_ctrl_c_while_the_values_a_cell_reads_are_on_their_way_ends_their_transf
     done = conn.run_cell("n = big.nbytes", ip.user_ns)
     assert done.pushed == ["big"] and ip.user_ns["n"] == big.nbytes
 
+
+def test_ctrl_c_during_a_pull_ends_its_transfer(ip):
+    """``%kt pull`` of a big value, Ctrl-C: the notebook got its prompt back at once, but the bytes went on
+    arriving in the background (to be dropped) for as long as the rest took. Now the transfer ends with it."""
+    run(ip, "%%kt --name abort-pull\nready = 1")
+    conn = next(c for c in conn_mod.connections() if c.name == "abort-pull")
+    conn.run_cell("import numpy as np\nb = np.ones(64 << 20, dtype=np.uint8)", ip.user_ns,
+                  transfer=conn_mod.TransferOptions(no_pull=True))
+    calls: list[float] = []
+
+    def slow(done: int, total: int) -> None:  # each receive held 0.2 s: 64 MiB takes seconds
+        calls.append(time.monotonic())
+        if done < total:
+            time.sleep(0.2)
+
+    main = threading.main_thread().ident
+    assert main is not None
+    threading.Timer(0.6, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        conn.pull(["b"], ip.user_ns, on_progress=slow)
+    interrupted = time.monotonic()
+    time.sleep(1.0)
+    assert [t for t in calls if t > interrupted + 0.5] == [], "the transfer went on after the Ctrl-C"
+    assert calls and "b" not in ip.user_ns
+    assert conn.pull(["b"], ip.user_ns) == ["b"] and ip.user_ns["b"].nbytes == 64 << 20
+
 def test_in_place_changes_come_back(ip):
     ip.user_ns.update(L=[3, 1, 2], arr=np.zeros(4), d={"a": 1})
     run(ip, "%%kt\nL.sort()\narr[0] = 7\nd['b'] = 2")

@@ -165,14 +165,14 @@ class AsyncSession(Transport):
 
     async def apull(self, names: Iterable[str], *, serialization: str = "pickle",
                     on_progress: ProgressCallback | None = None,
-                    known: dict[tuple[int, int], bytes] | None = None) -> dict[str, Any]:
+                    known: dict[tuple[int, int], bytes] | None = None, req_id: str | None = None) -> dict[str, Any]:
         """Fetch named values (big ones over the bulk channel when there is one). ``known`` gets the digests
         the pod sent with their big buffers, for :func:`pod_kernel.protocol.fingerprint` (valid while the
-        values live)."""
+        values live). ``req_id``: the request's id (to :meth:`abort_transfer` it)."""
         header: dict[str, Any] = {"type": "pull", "names": list(names), "serialization": serialization}
         if self._bulk_address() is not None:
             header["bulk"] = True
-        bundle = await self.arequest(header, on_progress=on_progress)
+        bundle = await self.arequest(header, on_progress=on_progress, req_id=req_id)
         values = await asyncio.to_thread(self._load, bundle)
         if known is not None:
             known.update(bundle.known_digests())

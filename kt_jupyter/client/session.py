@@ -272,8 +272,15 @@ class Session(AsyncSession):
     def pull(self, names: Iterable[str], *, serialization: str = "pickle",
              on_progress: ProgressCallback | None = None,
              known: dict[tuple[int, int], bytes] | None = None) -> dict[str, Any]:
-        """Fetch named values from the pod kernel's namespace (``known``: see :meth:`apull`)."""
-        return self._run(self.apull(names, serialization=serialization, on_progress=on_progress, known=known))
+        """Fetch named values from the pod kernel's namespace (``known``: see :meth:`apull`). A Ctrl-C ends the
+        transfer at once (it ran on in the background, its bytes dropped, for up to a second here)."""
+        req_id = self.new_id()
+        try:
+            return self._run(self.apull(names, serialization=serialization, on_progress=on_progress, known=known,
+                                        req_id=req_id))
+        except KeyboardInterrupt:
+            self.abort_transfer(req_id)
+            raise
 
     def inventory(self, names: Iterable[str] | None = None, *, fingerprints: bool = False) -> list[dict[str, Any]]:
         """Name, type, size (and content fingerprint when asked) of the pod's values."""

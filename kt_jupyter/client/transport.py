@@ -179,11 +179,11 @@ class _Resend(Exception):
 
 
 def _receive_bulk(asm: P.BundleAssembler, address: tuple[str, int], ticket: str,
-                  progress: ProgressCallback | None, reuse_s: float) -> None:
+                  progress: ProgressCallback | None, reuse_s: float, abort: Abort | None) -> None:
     """Receive a bundle over the bulk channel straight into its buffers (in a worker thread)."""
     with asm.faulting_in() as ready:  # new memory faulted in while the bytes arrive, off the event loop
         asm.digests.update(client_transfer(address, ticket, receive=asm.parts, progress=progress, reuse_s=reuse_s,
-                                           ready=ready))
+                                           ready=ready, abort=abort))
     asm.vouch()  # before anything can write to the parts: the next fingerprint of the value reads nothing
 
 
@@ -564,7 +564,7 @@ class Transport:
         while True:
             loop = asyncio.get_running_loop()
             pending = _Pending(loop.create_future(), on_progress, bulk_ready=loop.create_future(),
-                               abort=None if bundle is None else Abort())
+                               abort=Abort() if bundle is not None or header.get("bulk") else None)
             self._pending[req_id] = pending
             try:
                 reply, _payload = await self._until_reply(header, pending.reply, bundle, on_progress, once=True,
@@ -692,7 +692,7 @@ class Transport:
             if asm is None or address is None:
                 raise ConnectionLostError("the connection dropped before the transfer began")
             await asyncio.to_thread(_receive_bulk, asm, address, ticket, pending.on_progress,
-                                    self._conn.bulk_keepalive_s if self._conn is not None else 0.0)
+                                    self._conn.bulk_keepalive_s if self._conn is not None else 0.0, pending.abort)
         except Exception as exc:
             if not pending.reply.done():
                 pending.reply.set_exception(TransferError(f"bulk transfer from {self.name!r} failed: {exc}"))
