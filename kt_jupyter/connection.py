@@ -47,6 +47,7 @@ from .errors import (
     KtError,
     RemoteError,
     TransferError,
+    interrupted,
 )
 from .holdings import (  # noqa: F401  (RemoteRef, CellOutcome, TransferOptions: imported from here too)
     DEFAULT_PULL_LIMIT_BYTES,
@@ -64,10 +65,7 @@ MISSING_RETRIES = 2
 
 def interrupted_before_sending(name: str) -> KeyboardInterrupt:
     """What a Ctrl-C before a cell went to its pod raises (shown as one line: no frames of ours)."""
-    text = f"interrupted before the cell was sent to compute {name!r}: it did not run there"
-    exc = KeyboardInterrupt(text)
-    exc._render_traceback_ = lambda: [f"KeyboardInterrupt: {text}"]  # type: ignore[attr-defined]
-    return exc
+    return interrupted(f"interrupted before the cell was sent to compute {name!r}: it did not run there")
 
 
 @contextmanager
@@ -291,7 +289,11 @@ class ComputeConnection(Holdings):
         names = list(names)
         with self.turn():
             known: dict[tuple[int, int], bytes] = {}
-            values = self.session.pull(names, on_progress=on_progress, known=known)
+            try:
+                values = self.session.pull(names, on_progress=on_progress, known=known)
+            except KeyboardInterrupt:
+                raise interrupted(f"interrupted: {', '.join(names)} not brought back from compute "
+                                  f"{self.name!r} (the notebook's are as they were)") from None
             for name, value in values.items():
                 user_ns[name] = value
                 # not known to be the pod's object: sent again when read

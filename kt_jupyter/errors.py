@@ -129,3 +129,11 @@ class CellSyntaxError(KtError):
 
 
 CellSyntaxError.__name__ = CellSyntaxError.__qualname__ = "SyntaxError"
+
+
+def interrupted(text: str) -> KeyboardInterrupt:
+    """A KeyboardInterrupt that says what the Ctrl-C left where, shown by IPython as that one line (no frames
+    of ours: they say nothing to the user)."""
+    exc = KeyboardInterrupt(text)
+    exc._render_traceback_ = lambda: [f"KeyboardInterrupt: {text}"]  # type: ignore[attr-defined]
+    return exc

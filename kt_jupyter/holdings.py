@@ -30,7 +30,7 @@ from pod_kernel.bulk import BULK_MIN_BYTES
 
 from .client import ExecuteResult, OutputCallback, Session, client_loop
 from .compute import Compute
-from .errors import KtError, RemoteError, TransferError
+from .errors import KtError, RemoteError, TransferError, interrupted
 from .quantities import format_bytes
 
 #: Values larger than this stay on the pod as RemoteRefs unless pulled explicitly.
@@ -340,7 +340,23 @@ class Holdings:
                 continue
             else:
                 small[name] = d
-        self._pull_values(small, user_ns, outcome, stays, on_progress)
+        try:
+            self._pull_values(small, user_ns, outcome, stays, on_progress)
+        except KeyboardInterrupt:
+            # the cell ran: what it bound that did not come back stays on the pod, as a RemoteRef (the notebook's
+            # older value, pushed again by the next cell that reads it, overwrote the pod's new one)
+            left = [name for name in small if name not in outcome.pulled]
+            stays += [RemoteRef(name, self.name, small[name]["type"], small[name]["size"],
+                                reason="not brought back: interrupted") for name in left]
+            self._leave_refs(stays, user_ns, outcome, on_output)
+            raise interrupted(f"interrupted while the cell's results came back from compute {self.name!r} (the "
+                              f"cell ran); left there as RemoteRefs: {', '.join(left)} (`%kt pull NAME` fetches one)"
+                              ) from None
+        self._leave_refs(stays, user_ns, outcome, on_output)
+
+    def _leave_refs(self, stays: list[RemoteRef], user_ns: MutableMapping[str, Any], outcome: CellOutcome,
+                    on_output: OutputCallback | None) -> None:
+        """The notebook holds these names as RemoteRefs to values the pod keeps; the user is told which."""
         for ref in stays:
             user_ns[ref.name] = ref
             outcome.refs.append(ref.name)

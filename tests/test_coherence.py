@@ -94,13 +94,39 @@ def test_ctrl_c_during_a_pull_ends_its_transfer(ip):
     main = threading.main_thread().ident
     assert main is not None
     threading.Timer(0.6, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         conn.pull(["b"], ip.user_ns, on_progress=slow)
     interrupted = time.monotonic()
+    assert "interrupted: b not brought back" in str(info.value)
     time.sleep(1.0)
     assert [t for t in calls if t > interrupted + 0.5] == [], "the transfer went on after the Ctrl-C"
     assert calls and "b" not in ip.user_ns
     assert conn.pull(["b"], ip.user_ns) == ["b"] and ip.user_ns["b"].nbytes == 64 << 20
+
+
+def test_ctrl_c_while_a_cells_results_come_back_leaves_them_on_the_pod_as_remote_refs(ip):
+    """The cell ran and bound a new ``x``; a Ctrl-C while ``x`` came back left the notebook's older ``x``, and
+    the next cell that read it pushed it over the pod's new one: the cell's result was lost, silently. Now what
+    did not come back stays on the pod, a RemoteRef in the notebook, and the Ctrl-C says so in one line."""
+    ip.user_ns["x"] = np.zeros(10)
+    run(ip, "%%kt --name abort-results\nimport numpy as np\ny = x.sum()")
+    conn = next(c for c in conn_mod.connections() if c.name == "abort-results")
+
+    def slow(side: str, done: int, total: int) -> None:  # each receive of the result held 0.2 s
+        if side == "pull" and done < total:
+            time.sleep(0.2)
+
+    main = threading.main_thread().ident
+    assert main is not None
+    threading.Timer(0.8, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt) as info:
+        conn.run_cell("x = np.ones(64 << 20, dtype=np.uint8)", ip.user_ns, on_progress=slow)
+    assert "(the cell ran); left there as RemoteRefs: x" in str(info.value)
+    assert info.value._render_traceback_() == [f"KeyboardInterrupt: {info.value}"]  # one line, no frames of ours
+    assert isinstance(ip.user_ns["x"], conn_mod.RemoteRef)
+    done = conn.run_cell("n = x.nbytes", ip.user_ns)
+    assert done.pushed == [] and ip.user_ns["n"] == 64 << 20  # the pod's x, not the notebook's old one
+    assert conn.pull(["x"], ip.user_ns) == ["x"] and ip.user_ns["x"].nbytes == 64 << 20
 
 def test_in_place_changes_come_back(ip):
     ip.user_ns.update(L=[3, 1, 2], arr=np.zeros(4), d={"a": 1})

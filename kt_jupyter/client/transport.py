@@ -696,6 +696,7 @@ class Transport:
         except Exception as exc:
             if not pending.reply.done():
                 pending.reply.set_exception(TransferError(f"bulk transfer from {self.name!r} failed: {exc}"))
+                pending.reply.exception()  # retrieved: its request may have ended meanwhile (a Ctrl-C, a close)
             return
         asm.received = asm.total
         if not pending.reply.done():
