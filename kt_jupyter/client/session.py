@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from pod_kernel import protocol as P
 from pod_kernel import waits
 
-from ..errors import RemoteError, RemoteTimeoutError
+from ..errors import RemoteError, RemoteTimeoutError, interrupted
 from .asyncapi import AsyncSession, ExecuteOptions, ExecuteResult, execute_options
 from .loop import client_loop
 from .transport import (
@@ -134,7 +134,7 @@ class Session(AsyncSession):
                 self._executions.pop(req_id, None)
                 result = self._execute_result(header, payload, options, ex, req_id, t0)
                 if cut_short and isinstance(result, RemoteError) and result.ename == "PushFailed":
-                    raise KeyboardInterrupt(INTERRUPTED_WHILE_SENDING) from None
+                    raise interrupted(INTERRUPTED_WHILE_SENDING) from None
                 if isinstance(result, BaseException):
                     raise result  # raised here, in the caller's thread, never on the client loop
                 return result
