@@ -833,8 +833,15 @@ class Abort:
             self.is_set = True
             sock = self._sock
         if sock is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # closed meanwhile (its transfer failed): nothing to end
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def release(self) -> bool:
+        """The transfer is over: its connection is no longer this abort's to end (it may carry the next
+        transfer). False when it was aborted first: the connection must not be kept."""
+        with self._lock:
+            self._sock = None
+            return not self.is_set
 
 
 def _transfer_on(sock: socket.socket, address: tuple[str, int], ticket: str, send: list[memoryview] | None,
@@ -862,7 +869,8 @@ def _transfer_on(sock: socket.socket, address: tuple[str, int], ticket: str, sen
             if fresh or not stale:
                 raise
             raise _Stale(str(exc)) from None
-        if reuse_s > 0 and _told_kept(sock):
+        # an aborted transfer's connection is never kept; a kept one is never aborted (another transfer's now)
+        if reuse_s > 0 and _told_kept(sock) and (abort is None or abort.release()):
             _kept.give(address, sock)
             kept = True
         return digests

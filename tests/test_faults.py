@@ -453,6 +453,56 @@ def test_transfers_reuse_their_threads():
         server.close()
 
 
+
+def test_an_abort_ends_its_own_transfer_at_once_and_never_another():
+    """bulk.Abort (a Ctrl-C in the notebook) shuts its transfer's connection down from another thread: the send
+    stops within a piece and the pod's receive fails. A connection kept after its transfer ended is no longer
+    that abort's: a late Ctrl-C must not cut the next transfer on it. An abort set before the transfer began
+    sends nothing."""
+    from pod_kernel import bulk
+
+    server = bulk.BulkServer("127.0.0.1")
+    address = ("127.0.0.1", server.port)
+    try:
+        def push(i: int, abort: bulk.Abort | None = None) -> None:
+            received, done = [bytearray(2 * MiB)], threading.Event()
+            ticket = server.issue(True, received, lambda _error: done.set())
+            bulk.client_transfer(address, ticket, send=[memoryview(bytes([i]) * (2 * MiB))], reuse_s=30.0,
+                                 abort=abort)
+            assert done.wait(10) and received[0] == bytes([i]) * (2 * MiB)
+
+        late = bulk.Abort()
+        push(1, late)
+        late.set()  # after its transfer: the kept connection carries the next one
+        push(2)
+        assert server.accepted == 1
+
+        errors: list[BaseException | None] = []
+        ended = threading.Event()
+        ticket = server.issue(True, [bytearray(64 * MiB)], lambda error: (errors.append(error), ended.set()))
+        abort = bulk.Abort()
+
+        def paced(_done: int, _total: int) -> None:  # 8 pieces of 8 MiB, 0.3 s each: 2.4 s in all
+            time.sleep(0.3)
+
+        threading.Timer(0.4, abort.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(bulk.TransferAborted):
+            bulk.client_transfer(address, ticket, send=[memoryview(bytearray(64 * MiB))], progress=paced,
+                                 reuse_s=30.0, abort=abort)
+        assert time.monotonic() - t0 < 1.2
+        assert ended.wait(10) and isinstance(errors[0], ConnectionError)  # the pod's receive failed
+        push(3)  # the aborted connection was not kept; the next transfer works
+
+        ended.clear()
+        ticket = server.issue(True, [bytearray(2 * MiB)], lambda _error: ended.set())
+        early = bulk.Abort()
+        early.set()
+        with pytest.raises(bulk.TransferAborted):
+            bulk.client_transfer(address, ticket, send=[memoryview(bytes(2 * MiB))], reuse_s=30.0, abort=early)
+    finally:
+        server.close()
+
 def test_a_bulk_connection_is_kept_for_the_next_ticket_and_given_up_when_the_pod_closed_it(monkeypatch):
     """After a clean transfer the connection waits for its next ticket (KEEPALIVE_S): the client's next
     transfer, either way, skips the connect, the accept and the hand-off. A kept connection the pod closed
