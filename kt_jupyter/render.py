@@ -6,7 +6,7 @@ import re
 import sys
 import time
 from html import escape
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import CellSyntaxError
 from .quantities import RATE_MIN_S, format_bytes
@@ -111,6 +111,19 @@ def show_notice(text: str, level: str | None = None) -> None:
                           "text/html": f'<pre class="kt-notice" style="{MUTED_STYLE}">{escape(line)}</pre>'})
 
 
+class ProgressReporter(Protocol):
+    """``on_progress(direction, done, total)`` of transfers, which can end the ones that will not finish."""
+
+    def __call__(self, direction: str, done: int, total: int) -> None: ...
+
+    def stop(self, why: str) -> None: ...
+
+
+def stopped_because(exc: BaseException) -> str:
+    """Why a transfer stopped, in a word or two, for its progress line."""
+    return "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed ({type(exc).__name__})"
+
+
 class TransferProgress:
     """A one-line progress report (bytes, rate, ETA) for transfers over a few MB.
 
@@ -146,6 +159,20 @@ class TransferProgress:
             stream.write("\r" + line + ("\n" if finished else ""))
             stream.flush()
         if finished:
+            self._start.pop(direction, None)
+            self._display_ids.pop(direction, None)
+
+    def stop(self, why: str) -> None:
+        """Transfers that will not finish (a Ctrl-C, a failure) end their line saying so: a stale ETA stays
+        otherwise, and on a terminal the error went on the same line."""
+        for direction in list(self._start):
+            line = f"[kt] {direction} stopped: {why}"
+            if self.stream is None and in_notebook() and direction in self._display_ids:
+                self._draw_in_notebook(direction, line)
+            else:
+                stream = self.stream or sys.stderr
+                stream.write("\r" + line + "\n")
+                stream.flush()
             self._start.pop(direction, None)
             self._display_ids.pop(direction, None)
 

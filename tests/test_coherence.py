@@ -78,6 +78,35 @@ def test_ctrl_c_while_the_values_a_cell_reads_are_on_their_way_ends_their_transf
     assert done.pushed == ["big"] and ip.user_ns["n"] == big.nbytes
 
 
+
+def test_a_ctrl_c_on_a_kt_cell_pushing_a_big_value_stops_its_progress_bar(ip, monkeypatch):
+    """Through the magic, as a notebook holds it: the cell's progress reporter (paced, as a slow link) is told
+    the push stopped, and the cell ends with the one-line KeyboardInterrupt."""
+    from kt_jupyter.magics import kt as kt_magic
+
+    class Paced:
+        def __init__(self) -> None:
+            self.stopped: list[str] = []
+
+        def __call__(self, direction: str, done: int, total: int) -> None:
+            if done < total:
+                time.sleep(0.4)
+
+        def stop(self, why: str) -> None:
+            self.stopped.append(why)
+
+    made: list[Paced] = []
+    monkeypatch.setattr(kt_magic, "transfer_reporter", lambda **_kw: made.append(Paced()) or made[-1])
+    run(ip, "%%kt --name abort-bar\nready = 1")
+    ip.user_ns["big"] = np.ones(64 << 20, dtype=np.uint8)
+    main = threading.main_thread().ident
+    assert main is not None
+    threading.Timer(0.6, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt) as info:
+        run(ip, "%%kt --name abort-bar\nn = big.nbytes")
+    assert "while the values it reads were being sent" in str(info.value)
+    assert made[-1].stopped == ["interrupted"] and all(not m.stopped for m in made[:-1])  # this cell's only
+
 def test_ctrl_c_during_a_pull_ends_its_transfer(ip):
     """``%kt pull`` of a big value, Ctrl-C: the notebook got its prompt back at once, but the bytes went on
     arriving in the background (to be dropped) for as long as the rest took. Now the transfer ends with it."""

@@ -34,7 +34,7 @@ from ..compute import Compute
 from ..debugging import NotebookInput, install_post_mortem
 from ..errors import BackendUnavailable, ComputeSpecError, KtError, NotFoundError, RemoteError
 from ..names import check_compute_name
-from ..render import RemoteResult, present_error, show_notice, show_output
+from ..render import RemoteResult, present_error, show_notice, show_output, stopped_because
 from ..widgets import Deferred, launch_reporter, transfer_reporter
 from ..widgets.frontend import current_parent
 from . import distributed as kt_dist
@@ -216,6 +216,7 @@ class KtMagics(Magics):
         try:
             outcome = self.last_outcome = run()
         except BaseException as exc:  # shown as IPython shows a local cell's error (colours, no frames of ours)
+            progress.stop(stopped_because(exc))
             raise present_error(exc, self.shell, count) from None
         result = outcome.result
         if result is not None and result.data and not cell.rstrip().endswith(";"):
@@ -572,7 +573,11 @@ class KtMagics(Magics):
                                  f"can no longer be fetched; run the cell that makes them again")
             connection = self._connect(compute)
             progress = transfer_reporter()
-            pulled += connection.pull(names, ns, on_progress=functools.partial(progress, "pull"))
+            try:
+                pulled += connection.pull(names, ns, on_progress=functools.partial(progress, "pull"))
+            except BaseException as exc:
+                progress.stop(stopped_because(exc))
+                raise
         print(f"[kt] pulled {', '.join(pulled)}")
         return
 

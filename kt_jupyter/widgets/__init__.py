@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..render import PROGRESS_MIN_BYTES, TransferProgress, show_notice
+from ..render import PROGRESS_MIN_BYTES, ProgressReporter, TransferProgress, show_notice
 from .frontend import CURRENT, current_parent, widgets_available
 
 __all__ = ["Deferred", "launch_reporter", "show_picker", "show_status", "transfer_reporter", "widgets_available"]
@@ -76,7 +76,7 @@ def launch_reporter(name: str, backend: str = "local", parent: Any = CURRENT) ->
     return show_notice
 
 
-def transfer_reporter(min_bytes: int = PROGRESS_MIN_BYTES, parent: Any = CURRENT) -> Callable[[str, int, int], None]:
+def transfer_reporter(min_bytes: int = PROGRESS_MIN_BYTES, parent: Any = CURRENT) -> ProgressReporter:
     """``on_progress(direction, done, total)``: progress bars in a notebook (in the cell of ``parent``, by
     default the one running now), a text line elsewhere."""
     if widgets_available():
@@ -105,3 +105,9 @@ class Deferred:
                     self._made = self._make(self._parent)
                 made = self._made
         made(*args)
+
+    def stop(self, why: str) -> None:
+        """What was made (a transfer reporter) stops its unfinished transfers, saying why."""
+        stop = getattr(self._made, "stop", None)
+        if stop is not None:
+            stop(why)

@@ -411,9 +411,9 @@ class ProgressModel(HasTraits):
             self.failed = bool(error)
             if error:
                 self.message = error.strip().splitlines()[0]
-            if self.kind == "transfer" and self.total:
+            if self.kind == "transfer" and self.total and not error:
                 self.done = self.total
-                self.eta_s = 0.0
+            self.eta_s = 0.0 if self.kind == "transfer" else self.eta_s
             self._retext()
 
     def _retext(self) -> None:
@@ -421,7 +421,9 @@ class ProgressModel(HasTraits):
             text = f"{self.label} {format_bytes(self.done)} / {format_bytes(self.total)}"
             if self.rate_bps > 0:
                 text += f" · {format_bytes(self.rate_bps)}/s"
-            if not self.finished and self.eta_s is not None:
+            if self.failed:  # where it stopped, and why
+                text += f" · stopped: {self.message}"
+            elif not self.finished and self.eta_s is not None:
                 text += f" · ETA {format_age(self.eta_s)}"
             elif self.finished:
                 text += f" · done in {self.elapsed_s:.1f} s"

@@ -74,3 +74,10 @@ class TransferReporter:
                 model = self.models[direction] = ProgressModel(start_done=done, kind="transfer", label=direction)
                 display_widget(ProgressView(model), f"[kt] {direction} of {total} bytes", parent=self._parent)
         model.update(done, total)
+
+    def stop(self, why: str) -> None:
+        """Bars of transfers that will not finish (a Ctrl-C, a failure) turn red and say why."""
+        with self._lock:
+            for model in self.models.values():
+                if not model.finished:
+                    model.finish(error=why)
