@@ -18,7 +18,6 @@ by the notebook's stale copy.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
@@ -199,14 +198,16 @@ class ComputeConnection(Holdings):
                             source, on_output, options, timeout=timeout_s, on_input=on_input,
                             while_waiting=None if pushing is None else partial(self._fingerprint_sent, pushing,
                                                                               outcome))
+                    except KeyboardInterrupt:
+                        if pushing is not None:  # a Ctrl-C may have cut it short: then the pod holds none of it,
+                            sent, pushing = pushing, None  # and the next cell that reads it sends it again
+                            with suppress(Exception):
+                                self._finish_push(sent, outcome)
+                        raise
                     finally:
                         if pushing is not None:  # its failure (the cell did not run) is the one raised
                             sent, pushing = pushing, None
-                            if isinstance(sys.exc_info()[1], KeyboardInterrupt):  # a Ctrl-C may have cut it short:
-                                with suppress(Exception):  # then the pod holds none of it, and the next cell
-                                    self._finish_push(sent, outcome)  # sends it again
-                            else:
-                                self._finish_push(sent, outcome)
+                            self._finish_push(sent, outcome)
                     if not result.missing:
                         break
                     # the pod lost values we did not send again (another notebook deleted them): sent now, then run

@@ -133,7 +133,7 @@ class _Pending:
     assembler: P.BundleAssembler | None = None
     header: dict[str, Any] = field(default_factory=dict)
     bulk_ready: asyncio.Future[str] | None = None
-    #: ends the bulk transfer of a push in flight (:meth:`Transport.abort_transfer`)
+    #: ends the bulk transfer of a push or pull in flight (:meth:`Transport.abort_transfer`)
     abort: Abort | None = None
 
 
@@ -670,9 +670,9 @@ class Transport:
                 on_progress(sent, total)
 
     def abort_transfer(self, req_id: str) -> bool:
-        """End the bulk transfer of request ``req_id`` now, from any thread (a Ctrl-C while a push is on its
-        way): the pod sees it cut short and fails the push, and the cell that follows it. False when that request
-        has no bulk transfer to end."""
+        """End the bulk transfer of request ``req_id`` now, from any thread (a Ctrl-C while a push or a pull is
+        on its way): the pod sees it cut short and fails the request (a push: and the cell that follows it). False
+        when that request has no bulk transfer to end."""
         pending = self._pending.get(req_id)
         if pending is None or pending.abort is None:
             return False

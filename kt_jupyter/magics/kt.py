@@ -203,20 +203,23 @@ class KtMagics(Magics):
         progress = Deferred(lambda into: transfer_reporter(parent=into), parent)
 
         def run() -> conn_mod.CellOutcome:
-            return oom.run_cell(  # connection.run_cell, plus a clear OOM error and the opt-in retry
-                connection, source, self.shell.user_ns, retry_oom=args.retry_oom, keep=args.keep,
-                on_event=show_notice,
-                transfer=transfer, on_output=show_output, on_progress=progress,
-                cell_name=cell_name, cell_label=label, timeout_s=timeout_s,
-                on_input=on_input, debug_wait=args.debug == "wait",
-            )
+            try:
+                return oom.run_cell(  # connection.run_cell, plus a clear OOM error and the opt-in retry
+                    connection, source, self.shell.user_ns, retry_oom=args.retry_oom, keep=args.keep,
+                    on_event=show_notice,
+                    transfer=transfer, on_output=show_output, on_progress=progress,
+                    cell_name=cell_name, cell_label=label, timeout_s=timeout_s,
+                    on_input=on_input, debug_wait=args.debug == "wait",
+                )
+            except BaseException as exc:  # a transfer it leaves unfinished says so (a --async cell's too)
+                progress.stop(stopped_because(exc))
+                raise
 
         if args.async_:
             return self._start_async(run, label, compute.name)
         try:
             outcome = self.last_outcome = run()
         except BaseException as exc:  # shown as IPython shows a local cell's error (colours, no frames of ours)
-            progress.stop(stopped_because(exc))
             raise present_error(exc, self.shell, count) from None
         result = outcome.result
         if result is not None and result.data and not cell.rstrip().endswith(";"):

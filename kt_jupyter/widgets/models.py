@@ -411,9 +411,10 @@ class ProgressModel(HasTraits):
             self.failed = bool(error)
             if error:
                 self.message = error.strip().splitlines()[0]
-            if self.kind == "transfer" and self.total and not error:
-                self.done = self.total
-            self.eta_s = 0.0 if self.kind == "transfer" else self.eta_s
+            if self.kind == "transfer":
+                self.eta_s = 0.0
+                if self.total and not error:  # one that failed stays where it stopped
+                    self.done = self.total
             self._retext()
 
     def _retext(self) -> None:
