@@ -263,6 +263,44 @@ def test_ctrl_c_cancels_a_call_and_a_map_on_the_pod():
     print(f"two Ctrl-C, each until cancelled on the pod: {time.perf_counter() - t0:.2f} s")
 
 
+
+def nbytes_of(array):
+    return array.nbytes
+
+
+def test_ctrl_c_while_a_calls_big_argument_is_on_its_way_ends_its_transfer(monkeypatch):
+    """A kt.fn call with a big argument, Ctrl-C: the call was cancelled, but the thread sending the argument went
+    on to its last byte (through a port-forward: as long as the whole upload). A cancelled request now ends its
+    bulk transfer."""
+    import numpy as np
+
+    from pod_kernel import bulk
+
+    remote = kt.fn(nbytes_of, name="abort-arg").to(kt.Compute())
+    remote.serialization = "pickle"
+    assert remote(np.ones(8, np.uint8)) == 8
+    reports: list[float] = []
+    real = bulk.send_parts
+
+    def paced_send(sock, parts, progress=None):
+        def paced(_done: int, _total: int) -> None:  # 8 reports of 8 MiB, 0.3 s each: 2.4 s in all
+            reports.append(time.monotonic())
+            time.sleep(0.3)
+
+        return real(sock, parts, paced)
+
+    monkeypatch.setattr(bulk, "send_parts", paced_send)
+    main = threading.main_thread().ident
+    assert main is not None
+    threading.Timer(0.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        remote(np.ones(64 << 20, np.uint8))
+    interrupted = time.monotonic()
+    time.sleep(1.0)
+    assert reports and [t for t in reports if t > interrupted + 0.5] == [], "the argument went on being sent"
+    monkeypatch.undo()
+    assert remote(np.ones(16, np.uint8)) == 16
+
 async def blocking_coroutine(phase):
     import threading
     import time

@@ -578,6 +578,10 @@ class Transport:
                         "it may or may not have run remotely"
                     ) from None
                 continue
+            except asyncio.CancelledError:  # given up (a Ctrl-C on a kt.fn call, a timeout): so are its bytes, whose
+                if pending.abort is not None:  # thread would move them all otherwise
+                    pending.abort.set()
+                raise
             finally:
                 self._pending.pop(req_id, None)
 
