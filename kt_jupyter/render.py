@@ -152,27 +152,23 @@ class TransferProgress:
         if done > start_done and elapsed >= RATE_MIN_S:
             rate = (done - start_done) / elapsed
             line += f"  {format_bytes(rate)}/s" + ("" if finished else f"  ETA {(total - done) / rate:.0f} s")
-        if self.stream is None and in_notebook():
-            self._draw_in_notebook(direction, line)
-        else:
-            stream = self.stream or sys.stderr
-            stream.write("\r" + line + ("\n" if finished else ""))
-            stream.flush()
-        if finished:
-            self._start.pop(direction, None)
-            self._display_ids.pop(direction, None)
+        self._show(direction, line, last=finished)
 
     def stop(self, why: str) -> None:
         """Transfers that will not finish (a Ctrl-C, a failure) end their line saying so: a stale ETA stays
         otherwise, and on a terminal the error went on the same line."""
         for direction in list(self._start):
-            line = f"[kt] {direction} stopped: {why}"
-            if self.stream is None and in_notebook() and direction in self._display_ids:
-                self._draw_in_notebook(direction, line)
-            else:
-                stream = self.stream or sys.stderr
-                stream.write("\r" + line + "\n")
-                stream.flush()
+            self._show(direction, f"[kt] {direction} stopped: {why}", last=True)
+
+    def _show(self, direction: str, line: str, last: bool) -> None:
+        """Draw ``line`` for ``direction`` (in place); ``last``: the transfer's line ends there."""
+        if self.stream is None and in_notebook():
+            self._draw_in_notebook(direction, line)
+        else:
+            stream = self.stream or sys.stderr
+            stream.write("\r" + line + ("\n" if last else ""))
+            stream.flush()
+        if last:
             self._start.pop(direction, None)
             self._display_ids.pop(direction, None)
 
